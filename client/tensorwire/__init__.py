@@ -1,0 +1,44 @@
+"""tensorwire: use a remote GPU from Python, with NumPy and no torch."""
+
+from tensorwire._base import USE_CLIENT_DEFAULT
+from tensorwire.client import Client
+from tensorwire.errors import (
+    CancelledError,
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+    ResourceExhaustedError,
+    TensorwireError,
+    UnauthenticatedError,
+    UnavailableError,
+    UnimplementedError,
+)
+from tensorwire.types import DeviceInfo, GradResult, ModelInfo, ServerInfo, TensorSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "USE_CLIENT_DEFAULT",
+    "CancelledError",
+    "Client",
+    "DeadlineExceededError",
+    "DeviceInfo",
+    "FailedPreconditionError",
+    "GradResult",
+    "InternalError",
+    "InvalidArgumentError",
+    "ModelInfo",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "ResourceExhaustedError",
+    "ServerInfo",
+    "TensorSpec",
+    "TensorwireError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "UnimplementedError",
+    "__version__",
+]

@@ -1,0 +1,145 @@
+"""Client: the blocking tensorwire client."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf.message import Message
+
+from tensorwire._base import (
+    USE_CLIENT_DEFAULT,
+    BaseClient,
+    Inputs,
+    Timeout,
+    method_path,
+    safe_deserializer,
+)
+from tensorwire.codec import Received
+from tensorwire.types import GradResult, ServerInfo
+from tensorwire.v1 import tensorwire_pb2 as pb
+
+M = TypeVar("M", bound=Message)
+
+
+class Client(BaseClient):
+    """A connection to a tensorwire server; use it as a context manager.
+
+    ``timeout`` is the default deadline in seconds of every call (None: no deadline);
+    each method takes its own ``timeout`` too. Errors are ``tensorwire.TensorwireError``
+    subclasses with the server's message and the ``grpc.RpcError`` as their cause.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 60.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        super().__init__(target, timeout=timeout)
+        opts = self._options(options)
+        self._channel = (
+            grpc.secure_channel(target, credentials, options=opts)
+            if credentials is not None
+            else grpc.insecure_channel(target, options=opts)
+        )
+        self._methods = {
+            name: self._channel.unary_unary(
+                method_path(name),
+                request_serializer=None,  # requests arrive encoded
+                response_deserializer=safe_deserializer(cls),
+                _registered_method=True,
+            )
+            for name, cls in (
+                ("Info", pb.InfoResponse),
+                ("Infer", pb.InferResponse),
+                ("Grad", pb.GradResponse),
+                ("Call", pb.CallResponse),
+            )
+        }
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel; calls made afterwards raise RuntimeError."""
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def _invoke(self, method: str, request: bytes, timeout: Timeout) -> Received[Any]:
+        self._check_open()
+        try:
+            result = self._methods[method](request, timeout=self._timeout(timeout))
+        except grpc.RpcError as exc:
+            raise self._error(exc) from exc
+        return self._unwrap(result)
+
+    def info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
+        """The server's versions, device, models with signatures, and Call functions."""
+        return self._finish_info(self._invoke("Info", self._prepare_info(), timeout))
+
+    def infer(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        outputs: Sequence[str] | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> dict[str, np.ndarray]:
+        """Run ``model`` on ``inputs`` (an array, a sequence bound by position, or a dict
+        by name); return its outputs (or the ``outputs`` named) by name."""
+        request = self._prepare_infer(model, inputs, outputs)
+        return self._finish_infer(self._invoke("Infer", request, timeout))
+
+    def grad(
+        self,
+        model: str,
+        inputs: Inputs,
+        *,
+        wrt: str | Sequence[str] | None = None,
+        grad_outputs: np.ndarray | Mapping[str, Any] | None = None,
+        param_grads: bool = False,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> GradResult:
+        """Outputs of ``model`` and gradients w.r.t. the inputs named in ``wrt`` (default:
+        every floating point input). A non-scalar output needs ``grad_outputs`` (one
+        array, or a dict by output name): the vector of a vector-Jacobian product.
+        ``param_grads`` adds the gradients of the model's parameters."""
+        request = self._prepare_grad(model, inputs, wrt, grad_outputs, param_grads)
+        return self._finish_grad(self._invoke("Grad", request, timeout))
+
+    def call(
+        self, function: str, *args: Any, timeout: Timeout = USE_CLIENT_DEFAULT, **kwargs: Any
+    ) -> np.ndarray | tuple[np.ndarray, ...]:
+        """Run an allowlisted torch function (``"matmul"``, ``"linalg.svd"``, ...) on
+        arrays and plain values; one array back, or a tuple for several results."""
+        request = self._prepare_call(function, args, kwargs)
+        return self._finish_call(self._invoke("Call", request, timeout))
+
+    def call_grad(
+        self,
+        function: str,
+        *args: Any,
+        wrt: int | Sequence[int] = 0,
+        grad_outputs: np.ndarray | Mapping[str, Any] | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        **kwargs: Any,
+    ) -> GradResult:
+        """Like ``call`` with gradients w.r.t. the positional arguments in ``wrt``;
+        ``grads`` is keyed by position as a string ("0", "1")."""
+        request = self._prepare_call_grad(function, args, kwargs, wrt, grad_outputs)
+        return self._finish_grad(self._invoke("Grad", request, timeout))

@@ -1,0 +1,187 @@
+"""The one codec: NumPy arrays and Call arguments <-> tensorwire.v1 wire messages.
+
+Torch-free, shared by the client and the server. Encoding copies a payload at most
+once (to little-endian C order when it is not already); decoding returns a view of
+the received bytes, validated before anything is allocated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+from google.protobuf.message import DecodeError, Message
+
+from tensorwire import _framing
+from tensorwire.dtypes import NUMPY_BY_WIRE, dtype_name, wire_dtype
+from tensorwire.errors import InvalidArgumentError
+from tensorwire.v1 import tensorwire_pb2 as pb
+
+M = TypeVar("M", bound=Message)
+
+# Messages whose payloads add up to less than this travel through plain protobuf:
+# splicing costs a few microseconds that only pay off once copies cost more.
+INLINE_LIMIT = 64 * 1024
+_INT64_MAX = 2**63 - 1
+
+# A Call argument: tensors and plain values only, never callables or code.
+Arg = np.ndarray | bool | int | float | str | None | Sequence["Arg"]
+
+
+def as_wire_array(arr: np.ndarray) -> np.ndarray:
+    """``arr`` as little-endian C-contiguous, copying only when it is not already."""
+    target = arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype
+    if arr.dtype == target and arr.flags.c_contiguous:
+        return arr
+    return np.asarray(arr.astype(target, order="C", copy=True))
+
+
+def _element_count(shape: Sequence[int], name: str) -> int:
+    count = 1
+    for dim in shape:
+        if dim < 0:
+            raise InvalidArgumentError(f"{name}: negative dimension in shape {list(shape)}")
+        count *= dim
+    if count > _INT64_MAX:
+        raise InvalidArgumentError(f"{name}: shape {list(shape)} has more than 2**63-1 elements")
+    return count
+
+
+def decode_array(tensor: pb.Tensor, payload: _framing.Buffer, name: str) -> np.ndarray:
+    """A read-only view of ``payload`` as the array ``tensor`` describes, after
+    checking dtype, shape and length; InvalidArgumentError naming ``name`` if not."""
+    dtype = NUMPY_BY_WIRE.get(tensor.dtype)
+    if dtype is None:
+        if tensor.dtype == pb.DTYPE_UNSPECIFIED:
+            raise InvalidArgumentError(f"{name}: no dtype given")
+        raise InvalidArgumentError(f"{name}: {dtype_name(tensor.dtype)} is not supported")
+    shape = tuple(tensor.shape)
+    expected = _element_count(shape, name) * dtype.itemsize
+    got = memoryview(payload).nbytes
+    if got != expected:
+        raise InvalidArgumentError(
+            f"{name}: payload has {got} bytes but {dtype_name(tensor.dtype)} {list(shape)} "
+            f"needs {expected}"
+        )
+    arr = np.frombuffer(payload, dtype=dtype).reshape(shape)
+    if dtype.kind == "b" and arr.size and arr.view(np.uint8).max() > 1:
+        raise InvalidArgumentError(f"{name}: bool payload holds bytes other than 0 and 1")
+    return arr
+
+
+@dataclass
+class Encoder:
+    """Builds one outgoing message: tensors are written as placeholders and their
+    memory kept aside, then ``finish`` serializes with one copy per payload byte."""
+
+    _slots: list[tuple[pb.Tensor, memoryview]] = field(default_factory=list)
+
+    def tensor(self, out: pb.Tensor, arr: np.ndarray) -> None:
+        """Describe ``arr`` in ``out`` and queue its bytes."""
+        try:
+            out.dtype = wire_dtype(arr.dtype)  # type: ignore[assignment]
+        except ValueError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+        out.shape[:] = arr.shape
+        wire = as_wire_array(arr)
+        # Cast through uint8 so ml_dtypes and bool arrays export a plain byte buffer.
+        data = memoryview(wire.reshape(-1).view(np.uint8))
+        out.data = _framing.placeholder(len(self._slots))
+        self._slots.append((out, data))
+
+    def named(self, out: pb.NamedTensor, name: str, arr: np.ndarray) -> None:
+        """Fill ``out`` with ``name`` and ``arr``."""
+        out.name = name
+        self.tensor(out.tensor, arr)
+
+    def value(self, out: pb.Value, arg: Any, name: str) -> None:
+        """Fill ``out`` with a Call argument; InvalidArgumentError for other types."""
+        if arg is None:
+            out.none_value = True
+        elif isinstance(arg, bool | np.bool_):
+            out.bool_value = bool(arg)
+        elif isinstance(arg, int | np.integer):
+            out.int_value = int(arg)
+        elif isinstance(arg, float | np.floating) and not isinstance(arg, np.ndarray):
+            out.float_value = float(arg)
+        elif isinstance(arg, str):
+            out.string_value = arg
+        elif isinstance(arg, np.ndarray):
+            self.tensor(out.tensor, arg)
+        elif isinstance(arg, list | tuple):
+            out.list_value.SetInParent()
+            for i, item in enumerate(arg):
+                self.value(out.list_value.values.add(), item, f"{name}[{i}]")
+        else:
+            raise InvalidArgumentError(
+                f"{name}: a {type(arg).__name__} cannot be sent; use arrays, numbers, "
+                "strings, None or lists of them"
+            )
+
+    def finish(self, message: Message) -> bytes:
+        """Serialize ``message``, whose tensors were all filled by this encoder."""
+        total = sum(data.nbytes for _, data in self._slots)
+        if total < INLINE_LIMIT:
+            for out, data in self._slots:
+                out.data = data.tobytes()
+            return message.SerializeToString()
+        small = message.SerializeToString()
+        return _framing.put_payloads(small, message.DESCRIPTOR, [d for _, d in self._slots])
+
+
+@dataclass(frozen=True)
+class Received(Generic[M]):
+    """A parsed message and, for a large one, the payload views its placeholders index."""
+
+    message: M
+    payloads: list[memoryview] | None = None
+
+    def array(self, tensor: pb.Tensor, name: str) -> np.ndarray:
+        """The array a Tensor of this message holds (a read-only view)."""
+        if self.payloads is None or not tensor.data:
+            return decode_array(tensor, tensor.data, name)
+        index = _framing.placeholder_index(tensor.data)
+        return decode_array(tensor, self.payloads[index], name)
+
+    def named(self, tensors: Sequence[pb.NamedTensor], what: str) -> list[tuple[str, np.ndarray]]:
+        """Decode a repeated NamedTensor field; ``what`` names it in errors."""
+        return [
+            (nt.name, self.array(nt.tensor, f"{what} {nt.name or i!r}"))
+            for i, nt in enumerate(tensors)
+        ]
+
+    def value(self, value: pb.Value, name: str) -> Arg:
+        """Decode one Call argument."""
+        kind = value.WhichOneof("kind")
+        if kind == "tensor":
+            return self.array(value.tensor, name)
+        if kind == "list_value":
+            return [self.value(v, f"{name}[{i}]") for i, v in enumerate(value.list_value.values)]
+        if kind == "none_value":
+            return None
+        if kind is None:
+            raise InvalidArgumentError(f"{name}: empty value")
+        result: Arg = getattr(value, kind)
+        return result
+
+    def arguments(
+        self, args: Sequence[pb.Value], kwargs: Mapping[str, pb.Value]
+    ) -> tuple[list[Arg], dict[str, Arg]]:
+        """Decode positional and keyword Call arguments."""
+        return (
+            [self.value(v, f"argument {i}") for i, v in enumerate(args)],
+            {k: self.value(v, f"argument {k!r}") for k, v in kwargs.items()},
+        )
+
+
+def receive(cls: type[M], raw: bytes) -> Received[M]:
+    """Parse ``raw`` as ``cls``; payloads of a large message stay views into ``raw``."""
+    try:
+        if len(raw) < INLINE_LIMIT:
+            return Received(cls.FromString(raw))
+        small, payloads = _framing.take_payloads(raw, cls.DESCRIPTOR)
+        return Received(cls.FromString(small), payloads)
+    except DecodeError as exc:
+        raise InvalidArgumentError(f"malformed {cls.DESCRIPTOR.name}: {exc}") from None

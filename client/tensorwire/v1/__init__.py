@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC stubs for tensorwire.v1 (made by scripts/gen-proto)."""

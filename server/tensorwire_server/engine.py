@@ -1,0 +1,445 @@
+"""The torch engine: binds inputs, runs models and functions, takes gradients.
+
+It knows nothing of gRPC: it takes and returns NumPy arrays and raises the
+``tensorwire.errors`` classes, so it can be tested and reused without a transport.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from tensorwire.dtypes import WIRE_BY_NAME
+from tensorwire.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    TensorwireError,
+)
+from tensorwire_server.functions import FUNCTIONS, Function
+from tensorwire_server.models import Model, TensorSpec
+from tensorwire_server.tensors import is_differentiable, to_device, to_numpy
+
+log = logging.getLogger(__name__)
+
+Named = list[tuple[str, np.ndarray]]
+_MAX_MESSAGE = 2000  # characters of an exception message passed on to the client
+
+
+@dataclass(frozen=True)
+class DeviceSummary:
+    """The device the engine runs on, with its memory in bytes."""
+
+    name: str
+    description: str
+    total_memory: int
+    free_memory: int
+
+
+@dataclass(frozen=True)
+class GradOutcome:
+    """Outputs, input gradients (named as asked) and parameter gradients."""
+
+    outputs: Named
+    grads: Named
+    param_grads: Named
+
+
+class Engine:
+    """Runs models, gradients and allowlisted functions on one device."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        models: Mapping[str, Model],
+        functions: Mapping[str, Function] = FUNCTIONS,
+    ) -> None:
+        self.device = device
+        self.models = dict(models)
+        self.functions = functions
+        for model in self.models.values():
+            model.module.to(device)
+            try:
+                model.module.eval()
+            except NotImplementedError:
+                pass  # torch.export modules keep the mode they were exported in
+
+    # ------------------------------------------------------------------ description
+
+    def describe_device(self) -> DeviceSummary:
+        """The device's name, description and memory now."""
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            return DeviceSummary(
+                str(self.device), torch.cuda.get_device_name(self.device), total, free
+            )
+        page = os.sysconf("SC_PAGE_SIZE")
+        description = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+        return DeviceSummary(
+            "cpu",
+            description,
+            os.sysconf("SC_PHYS_PAGES") * page,
+            os.sysconf("SC_AVPHYS_PAGES") * page,
+        )
+
+    # ------------------------------------------------------------------ operations
+
+    def infer(self, model_name: str, inputs: Named, outputs: Sequence[str] = ()) -> Named:
+        """Run ``model_name`` forward under inference mode; return the chosen outputs."""
+        model = self._model(model_name)
+        bound = _bind(model, inputs)
+        with self._memory_guard(f"model {model.name!r}"), torch.inference_mode():
+            tensors = [(name, to_device(arr, self.device)) for name, arr in bound]
+            result = self._user_code(f"model {model.name!r}", lambda: _invoke(model, tensors))
+            named = _name_outputs(result, model.outputs, f"model {model.name!r}")
+            return [(n, to_numpy(t, n)) for n, t in _select(named, outputs, model.name)]
+
+    def call(self, function_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Named:
+        """Run one allowlisted function; tensors in ``args``/``kwargs`` are arrays."""
+        function = self._function(function_name)
+        what = f"function {function.name!r}"
+        with self._memory_guard(what), torch.inference_mode():
+            targs, tkwargs = self._torch_arguments(args, kwargs)
+            result = self._user_code(what, lambda: function.fn(*targs, **tkwargs))
+            return [(n, to_numpy(t, n)) for n, t in _name_outputs(result, (), what)]
+
+    def grad_model(
+        self,
+        model_name: str,
+        inputs: Named,
+        wrt: Sequence[str] = (),
+        grad_outputs: Sequence[tuple[str, np.ndarray]] = (),
+        param_grads: bool = False,
+    ) -> GradOutcome:
+        """Outputs of ``model_name`` and gradients w.r.t. inputs ``wrt`` (and parameters)."""
+        model = self._model(model_name)
+        bound = _bind(model, inputs)
+        what = f"model {model.name!r}"
+        with self._memory_guard(what):
+            leaves = [(name, to_device(arr, self.device)) for name, arr in bound]
+            params = list(model.named_parameters()) if param_grads else []
+            return self._grad(
+                what,
+                lambda tensors: _invoke(model, tensors),
+                leaves,
+                wrt,
+                grad_outputs,
+                params,
+                model.outputs,
+            )
+
+    def grad_function(
+        self,
+        function_name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        wrt: Sequence[str] = (),
+        grad_outputs: Sequence[tuple[str, np.ndarray]] = (),
+    ) -> GradOutcome:
+        """Outputs of a function and gradients w.r.t. its positional tensor arguments,
+        named by position ("0", "1", ...)."""
+        function = self._function(function_name)
+        what = f"function {function.name!r}"
+        with self._memory_guard(what):
+            targs, tkwargs = self._torch_arguments(args, kwargs)
+            positions = [i for i, a in enumerate(targs) if isinstance(a, torch.Tensor)]
+            leaves = [(str(i), targs[i]) for i in positions]
+
+            def run(tensors: list[tuple[str, torch.Tensor]]) -> Any:
+                call_args = list(targs)
+                for i, (_, tensor) in zip(positions, tensors, strict=True):
+                    call_args[i] = tensor
+                return function.fn(*call_args, **tkwargs)
+
+            return self._grad(what, run, leaves, wrt, grad_outputs, [], ())
+
+    # ------------------------------------------------------------------ internals
+
+    def _model(self, name: str) -> Model:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise NotFoundError(
+                f"model {name!r} not found; models: {', '.join(sorted(self.models))}"
+            ) from None
+
+    def _function(self, name: str) -> Function:
+        try:
+            return self.functions[name]
+        except KeyError:
+            raise NotFoundError(
+                f"function {name!r} is not on the allowlist; Info lists the "
+                f"{len(self.functions)} functions"
+            ) from None
+
+    def _torch_arguments(
+        self, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> tuple[list[Any], dict[str, Any]]:
+        targs = [self._torch_value(a) for a in args]
+        tkwargs = {k: self._torch_value(v) for k, v in kwargs.items()}
+        if isinstance(tkwargs.get("dtype"), str):
+            name = tkwargs["dtype"]
+            if name not in WIRE_BY_NAME:
+                raise InvalidArgumentError(f"argument 'dtype': unknown dtype {name!r}")
+            tkwargs["dtype"] = getattr(torch, name)
+        return targs, tkwargs
+
+    def _torch_value(self, value: Any) -> Any:
+        if isinstance(value, np.ndarray):
+            return to_device(value, self.device)
+        if isinstance(value, list):
+            return [self._torch_value(v) for v in value]
+        return value
+
+    def _grad(
+        self,
+        what: str,
+        run: Callable[[list[tuple[str, torch.Tensor]]], Any],
+        leaves: list[tuple[str, torch.Tensor]],
+        wrt: Sequence[str],
+        grad_outputs: Sequence[tuple[str, np.ndarray]],
+        params: list[tuple[str, torch.nn.Parameter]],
+        declared: tuple[TensorSpec, ...],
+    ) -> GradOutcome:
+        by_name = dict(leaves)
+        if wrt:
+            for name in wrt:
+                if name not in by_name:
+                    raise InvalidArgumentError(
+                        f"wrt names {name!r}, which is not an input of {what}; inputs: "
+                        f"{', '.join(by_name) or 'none'}"
+                    )
+        else:
+            wrt = [n for n, t in leaves if is_differentiable(t)]
+            if not wrt and not params:
+                dtypes = ", ".join(f"input {n!r} has dtype {_dtype(t)}" for n, t in leaves)
+                raise FailedPreconditionError(
+                    f"{what} has no floating point input to differentiate: {dtypes or 'no inputs'}"
+                )
+        for name in wrt:
+            if not is_differentiable(by_name[name]):
+                raise FailedPreconditionError(
+                    f"input {name!r} has dtype {_dtype(by_name[name])}; "
+                    "gradients need a floating point or complex input"
+                )
+        wanted = set(wrt)
+        tensors = [
+            (n, t.detach().requires_grad_(True) if n in wanted else t) for n, t in leaves
+        ]
+        sources = [t for n, t in tensors if n in wanted] + [p for _, p in params]
+        with torch.enable_grad():
+            result = self._user_code(what, lambda: run(tensors))
+            named = _name_outputs(result, declared, what)
+            roots, seeds = self._grad_roots(named, grad_outputs, what)
+            if roots:
+                grads = self._user_code(
+                    f"gradient of {what}",
+                    lambda: torch.autograd.grad(
+                        roots, sources, seeds, allow_unused=True, materialize_grads=True
+                    ),
+                )
+            else:  # no output depends differentiably on anything: every gradient is zero
+                grads = tuple(torch.zeros_like(s) for s in sources)
+        names = [*wrt, *(n for n, _ in params)]
+        pairs = [(n, to_numpy(g, n)) for n, g in zip(names, grads, strict=True)]
+        return GradOutcome(
+            outputs=[(n, to_numpy(t, n)) for n, t in named],
+            grads=pairs[: len(wrt)],
+            param_grads=pairs[len(wrt) :],
+        )
+
+    def _grad_roots(
+        self,
+        named: list[tuple[str, torch.Tensor]],
+        grad_outputs: Sequence[tuple[str, np.ndarray]],
+        what: str,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The outputs to differentiate and the vector for each."""
+        outputs = dict(named)
+        if not grad_outputs:
+            if len(named) != 1 or named[0][1].numel() != 1:
+                shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in named)
+                raise InvalidArgumentError(
+                    f"{what} has outputs {shapes}; without grad_outputs the single output "
+                    "must be a scalar"
+                )
+            name, out = named[0]
+            pairs = [(out, torch.ones_like(out))]
+        else:
+            pairs = []
+            for name, arr in grad_outputs:
+                if not name and len(named) == 1:
+                    name = named[0][0]  # one unnamed vector for the one output
+                if name not in outputs:
+                    raise InvalidArgumentError(
+                        f"grad_outputs names {name!r}, which is not an output of {what}; "
+                        f"outputs: {', '.join(outputs)}"
+                    )
+                out = outputs[name]
+                if tuple(arr.shape) != tuple(out.shape):
+                    raise InvalidArgumentError(
+                        f"grad_outputs {name!r} has shape {list(arr.shape)} but output {name!r} "
+                        f"has shape {list(out.shape)}"
+                    )
+                pairs.append((out, to_device(arr, self.device).to(out.dtype)))
+        differentiable = [(o, s) for o, s in pairs if o.requires_grad]
+        return [o for o, _ in differentiable], [s for _, s in differentiable]
+
+    @staticmethod
+    def _user_code(what: str, thunk: Callable[[], Any]) -> Any:
+        """Run model, function or autograd code: its exceptions are the caller's input
+        problem (INVALID_ARGUMENT) unless they are out-of-memory."""
+        try:
+            return thunk()
+        except (TensorwireError, MemoryError, torch.OutOfMemoryError):
+            raise
+        except Exception as exc:
+            if _is_out_of_memory(exc):
+                raise
+            message = str(exc).strip()[:_MAX_MESSAGE]
+            raise InvalidArgumentError(f"{what} raised {type(exc).__name__}: {message}") from exc
+
+    @contextmanager
+    def _memory_guard(self, what: str) -> Iterator[None]:
+        """Turn out-of-memory anywhere in a request into RESOURCE_EXHAUSTED and give the
+        allocator's cache back, so the next request finds memory."""
+        try:
+            yield
+        except Exception as exc:
+            if not _is_out_of_memory(exc):
+                raise
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            free = self.describe_device().free_memory
+            first = str(exc).strip().splitlines()[0][:_MAX_MESSAGE] if str(exc).strip() else ""
+            raise ResourceExhaustedError(
+                f"{what} ran out of {self.device.type} memory ({free} bytes free now): {first}"
+            ) from exc
+
+
+def _dtype(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def _bind(model: Model, inputs: Named) -> Named:
+    """Inputs in the model's order, checked against its signature."""
+    what = f"model {model.name!r}"
+    names = [n for n, _ in inputs]
+    if model.variadic:
+        if not all(names):
+            raise InvalidArgumentError(f"{what} takes named inputs only; give every input a name")
+        duplicates = {n for n in names if names.count(n) > 1}
+        if duplicates:
+            raise InvalidArgumentError(f"input {sorted(duplicates)[0]!r} given more than once")
+        return list(inputs)
+    specs = model.inputs
+    expected = ", ".join(s.name for s in specs) or "none"
+    if any(names) and not all(names):
+        raise InvalidArgumentError("inputs must be all named or all positional, not a mix")
+    if not any(names):
+        if len(inputs) != len(specs):
+            raise InvalidArgumentError(
+                f"{what} takes {len(specs)} input(s) ({expected}), got {len(inputs)}"
+            )
+        ordered = [(s.name, arr) for s, (_, arr) in zip(specs, inputs, strict=True)]
+    else:
+        given = dict(inputs)
+        if len(given) != len(inputs):
+            duplicate = next(n for n in names if names.count(n) > 1)
+            raise InvalidArgumentError(f"input {duplicate!r} given more than once")
+        known = {s.name for s in specs}
+        for name in names:
+            if name not in known:
+                raise InvalidArgumentError(f"{what} has no input {name!r}; its inputs: {expected}")
+        missing = [s.name for s in specs if s.name not in given]
+        if missing:
+            raise InvalidArgumentError(f"{what} is missing input(s) {', '.join(map(repr, missing))}")
+        ordered = [(s.name, given[s.name]) for s in specs]
+    for spec, (name, arr) in zip(specs, ordered, strict=True):
+        _check_spec(spec, arr, what)
+    return ordered
+
+
+def _check_spec(spec: TensorSpec, arr: np.ndarray, what: str) -> None:
+    dtype = arr.dtype.name
+    if spec.dtype is not None and dtype != spec.dtype:
+        raise InvalidArgumentError(
+            f"input {spec.name!r} has dtype {dtype} but {what} expects {spec.dtype}"
+        )
+    if spec.shape is not None and (
+        len(spec.shape) != arr.ndim
+        or any(want not in (-1, got) for want, got in zip(spec.shape, arr.shape, strict=True))
+    ):
+        raise InvalidArgumentError(
+            f"input {spec.name!r} has shape {list(arr.shape)} but {what} expects "
+            f"{list(spec.shape)} (-1: any size)"
+        )
+
+
+def _invoke(model: Model, tensors: list[tuple[str, torch.Tensor]]) -> Any:
+    if model.variadic:
+        return model.module(**dict(tensors))
+    return model.module(*(t for _, t in tensors))
+
+
+def _name_outputs(
+    result: Any, declared: tuple[TensorSpec, ...], what: str
+) -> list[tuple[str, torch.Tensor]]:
+    """Name a model's or function's result: a tensor, tuple, named tuple or dict."""
+    if isinstance(result, torch.Tensor | int | float | bool | complex):
+        return [(declared[0].name if len(declared) == 1 else "output", _as_tensor(result, what))]
+    if isinstance(result, Mapping):
+        return [(str(k), _as_tensor(v, what)) for k, v in result.items()]
+    if isinstance(result, tuple | list):
+        fields = getattr(result, "_fields", None)
+        if fields is not None:
+            names = list(fields)
+        elif len(declared) == len(result):
+            names = [s.name for s in declared]
+        else:
+            names = [f"output_{i}" for i in range(len(result))]
+        return [(n, _as_tensor(v, what)) for n, v in zip(names, result, strict=True)]
+    raise FailedPreconditionError(f"{what} returned a {type(result).__name__}, which cannot travel")
+
+
+def _as_tensor(value: Any, what: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, int | float | bool | complex):
+        return torch.as_tensor(value)
+    raise FailedPreconditionError(f"{what} returned a {type(value).__name__}, which cannot travel")
+
+
+def _select(
+    named: list[tuple[str, torch.Tensor]], wanted: Sequence[str], model: str
+) -> list[tuple[str, torch.Tensor]]:
+    if not wanted:
+        return named
+    outputs = dict(named)
+    for name in wanted:
+        if name not in outputs:
+            raise InvalidArgumentError(
+                f"model {model!r} has no output {name!r}; outputs: {', '.join(outputs)}"
+            )
+    return [(n, outputs[n]) for n in wanted]
+
+
+__all__ = ["DeviceSummary", "Engine", "GradOutcome"]

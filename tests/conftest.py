@@ -1,0 +1,54 @@
+"""Shared fixtures: real servers on 127.0.0.1:0 and clients talking real gRPC to them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tensorwire import Client
+from tensorwire_server.server import create_server
+from tensorwire_server.settings import Settings
+
+TESTS = Path(__file__).parent
+# Test-only models, served by factory (tests/ is on sys.path under pytest).
+TOY_MODELS = {
+    "quadratic": "toy_models:quadratic",
+    "two_heads": "toy_models:two_heads",
+    "raises": "toy_models:raises",
+    "hog": "toy_models:hog",
+}
+
+
+def start(settings: Settings) -> Iterator[str]:
+    """Start a server with ``settings`` on a free loopback port; yield its address."""
+    server, port = create_server(settings)
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+@pytest.fixture(scope="session")
+def address() -> Iterator[str]:
+    """A CPU server with the built-in models and the toy models."""
+    yield from start(Settings(host="127.0.0.1", port=0, device="cpu", models=TOY_MODELS))
+
+
+@pytest.fixture
+def client(address: str) -> Iterator[Client]:
+    """A client of the session's server."""
+    with Client(address, timeout=60) as c:
+        yield c
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,74 @@
+"""Operator-style Python models the tests serve by ``module:factory``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tensorwire_server.models import Model, TensorSpec
+
+
+class Quadratic(nn.Module):
+    """Scalar output: sum((A x)**2) + b . x, float64."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.a = nn.Parameter(torch.randn(5, 5, generator=g, dtype=torch.float64))
+        self.b = nn.Parameter(torch.randn(5, generator=g, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ((x @ self.a.T) ** 2).sum() + x @ self.b
+
+
+def quadratic() -> nn.Module:
+    return Quadratic()
+
+
+class TwoHeads(nn.Module):
+    """Two named outputs from two inputs."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"sum": x + y, "prod": torch.sin(x) * y}
+
+
+def two_heads() -> Model:
+    return Model(
+        "two_heads",
+        TwoHeads(),
+        (TensorSpec("x", "float64", (-1,)), TensorSpec("y", "float64", (-1,))),
+        (TensorSpec("sum"), TensorSpec("prod")),
+        description="x + y and sin(x) * y",
+    )
+
+
+class Raises(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError("this model refuses every input")
+
+
+def raises() -> nn.Module:
+    return Raises()
+
+
+class Hog(nn.Module):
+    """Asks for far more memory than any machine has."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.empty(1 << 58, dtype=torch.uint8, device=x.device)
+
+
+def hog() -> nn.Module:
+    return Hog()
+
+
+class BrokenParameters(nn.Module):
+    def named_parameters(self, *args: object, **kwargs: object):  # type: ignore[override]
+        raise RuntimeError("a server-side bug")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def broken_info() -> nn.Module:
+    return BrokenParameters()
