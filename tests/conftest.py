@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tensorwire import Client
 from tensorwire_server.server import create_server
 from tensorwire_server.settings import Settings
@@ -19,6 +18,7 @@ TOY_MODELS = {
     "two_heads": "toy_models:two_heads",
     "raises": "toy_models:raises",
     "hog": "toy_models:hog",
+    "sleeper": "toy_models:sleeper",
 }
 
 

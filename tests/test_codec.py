@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from tensorwire import InvalidArgumentError, codec
 from tensorwire.dtypes import NAMES, NUMPY_BY_WIRE
 from tensorwire.v1 import tensorwire_pb2 as pb
@@ -39,7 +38,9 @@ def roundtrip(arr: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("dtype", list(NUMPY_BY_WIRE.values()), ids=NAMES)
 @pytest.mark.parametrize("shape", [(), (0,), (3, 0, 2), (7,), (5, 3), (40_000,)])
-def test_every_dtype_and_shape_roundtrips_bit_exact(dtype: np.dtype, shape: tuple[int, ...]) -> None:
+def test_every_dtype_and_shape_roundtrips_bit_exact(
+    dtype: np.dtype, shape: tuple[int, ...]
+) -> None:
     arr = sample(dtype, shape)
     out = roundtrip(arr)
     assert out.dtype == dtype and out.shape == arr.shape

@@ -11,7 +11,6 @@ import grpc
 import numpy as np
 import pytest
 from conftest import start
-
 from tensorwire import (
     Client,
     FailedPreconditionError,
@@ -31,27 +30,67 @@ X = np.ones((2, 16), np.float32)
 CASES: list[tuple[str, Callable[[Client], Any], type[TensorwireError], str]] = [
     ("unknown model", lambda c: c.infer("nope", X), NotFoundError, "model 'nope' not found"),
     ("unknown function", lambda c: c.call("os.system", "ls"), NotFoundError, "'os.system'"),
-    ("too many inputs", lambda c: c.infer("mlp", [X, X]), InvalidArgumentError,
-     r"takes 1 input\(s\) \(input\), got 2"),
+    (
+        "too many inputs",
+        lambda c: c.infer("mlp", [X, X]),
+        InvalidArgumentError,
+        r"takes 1 input\(s\) \(input\), got 2",
+    ),
     ("wrong name", lambda c: c.infer("mlp", {"x": X}), InvalidArgumentError, "no input 'x'"),
-    ("missing input", lambda c: c.infer("two_heads", {"x": np.ones(2)}), InvalidArgumentError,
-     "missing input\\(s\\) 'y'"),
-    ("wrong dtype", lambda c: c.infer("mlp", X.astype(np.float16)), InvalidArgumentError,
-     "input 'input' has dtype float16 but model 'mlp' expects float32"),
-    ("wrong shape", lambda c: c.infer("mlp", np.ones((2, 15), np.float32)), InvalidArgumentError,
-     r"input 'input' has shape \[2, 15\]"),
-    ("wrong rank", lambda c: c.infer("mlp", np.ones(16, np.float32)), InvalidArgumentError,
-     r"input 'input' has shape \[16\]"),
-    ("grad on int", lambda c: c.grad("quadratic", np.arange(5)), FailedPreconditionError,
-     "input 'x' has dtype int64"),
-    ("model raises", lambda c: c.infer("raises", X), InvalidArgumentError,
-     "model 'raises' raised ValueError: this model refuses every input"),
-    ("function raises", lambda c: c.call("matmul", np.ones((2, 3)), np.ones((2, 3))),
-     InvalidArgumentError, "function 'matmul' raised RuntimeError"),
-    ("bad kwarg", lambda c: c.call("softmax", X, dimm=1), InvalidArgumentError,
-     "function 'softmax' raised TypeError"),
-    ("out of memory", lambda c: c.infer("hog", X), ResourceExhaustedError,
-     "model 'hog' ran out of cpu memory"),
+    (
+        "missing input",
+        lambda c: c.infer("two_heads", {"x": np.ones(2)}),
+        InvalidArgumentError,
+        "missing input\\(s\\) 'y'",
+    ),
+    (
+        "wrong dtype",
+        lambda c: c.infer("mlp", X.astype(np.float16)),
+        InvalidArgumentError,
+        "input 'input' has dtype float16 but model 'mlp' expects float32",
+    ),
+    (
+        "wrong shape",
+        lambda c: c.infer("mlp", np.ones((2, 15), np.float32)),
+        InvalidArgumentError,
+        r"input 'input' has shape \[2, 15\]",
+    ),
+    (
+        "wrong rank",
+        lambda c: c.infer("mlp", np.ones(16, np.float32)),
+        InvalidArgumentError,
+        r"input 'input' has shape \[16\]",
+    ),
+    (
+        "grad on int",
+        lambda c: c.grad("quadratic", np.arange(5)),
+        FailedPreconditionError,
+        "input 'x' has dtype int64",
+    ),
+    (
+        "model raises",
+        lambda c: c.infer("raises", X),
+        InvalidArgumentError,
+        "model 'raises' raised ValueError: this model refuses every input",
+    ),
+    (
+        "function raises",
+        lambda c: c.call("matmul", np.ones((2, 3)), np.ones((2, 3))),
+        InvalidArgumentError,
+        "function 'matmul' raised RuntimeError",
+    ),
+    (
+        "bad kwarg",
+        lambda c: c.call("softmax", X, dimm=1),
+        InvalidArgumentError,
+        "function 'softmax' raised TypeError",
+    ),
+    (
+        "out of memory",
+        lambda c: c.infer("hog", X),
+        ResourceExhaustedError,
+        "model 'hog' ran out of cpu memory",
+    ),
 ]
 
 
@@ -82,8 +121,10 @@ def infer_request(dtype: int, shape: list[int], data: bytes) -> bytes:
 @pytest.mark.parametrize(
     ("payload", "match"),
     [
-        (infer_request(pb.DTYPE_FLOAT32, [2, 16], b"\0" * 4),
-         r"input 0: payload has 4 bytes but float32 \[2, 16\] needs 128"),
+        (
+            infer_request(pb.DTYPE_FLOAT32, [2, 16], b"\0" * 4),
+            r"input 0: payload has 4 bytes but float32 \[2, 16\] needs 128",
+        ),
         (infer_request(99, [1], b"\0"), "input 0: unknown dtype 99"),
         (infer_request(pb.DTYPE_FLOAT32, [2, -16], b""), "input 0: negative dimension"),
         (b"\x12\xff\xff\x03garbage", "malformed InferRequest"),
@@ -122,5 +163,8 @@ def test_a_server_bug_is_internal_generic_and_logged(caplog: pytest.LogCaptureFi
 
 
 def test_unreachable_server_names_the_target() -> None:
-    with Client("127.0.0.1:1", timeout=2) as c, pytest.raises(UnavailableError, match="127.0.0.1:1"):
+    with (
+        Client("127.0.0.1:1", timeout=2) as c,
+        pytest.raises(UnavailableError, match=r"127\.0\.0\.1:1"),
+    ):
         c.info()

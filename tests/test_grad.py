@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from toy_models import Quadratic
-
 from tensorwire import Client, FailedPreconditionError, InvalidArgumentError
 from tensorwire_server.models import builtin_models
+from toy_models import Quadratic
 
 RNG = np.random.default_rng(4)
 
@@ -84,7 +83,9 @@ def test_function_gradients_by_position(client: Client) -> None:
     np.testing.assert_allclose(det.grads["0"], np.linalg.det(a) * np.linalg.inv(a).T, rtol=1e-10)
     softmax = client.call_grad("softmax", a, dim=-1, grad_outputs=v[:, :1].repeat(4, 1))
     at = torch.from_numpy(a).requires_grad_(True)
-    (want,) = torch.autograd.grad(torch.softmax(at, -1), at, torch.from_numpy(v[:, :1].repeat(4, 1)))
+    (want,) = torch.autograd.grad(
+        torch.softmax(at, -1), at, torch.from_numpy(v[:, :1].repeat(4, 1))
+    )
     np.testing.assert_allclose(softmax.grads["0"], want.numpy(), rtol=1e-10)
 
 

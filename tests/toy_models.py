@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-
 from tensorwire_server.models import Model, TensorSpec
+from torch import nn
 
 
 class Quadratic(nn.Module):
@@ -72,3 +71,17 @@ class BrokenParameters(nn.Module):
 
 def broken_info() -> nn.Module:
     return BrokenParameters()
+
+
+class Sleeper(nn.Module):
+    """Sleeps for x seconds (a float64 scalar), then returns it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import time
+
+        time.sleep(float(x))
+        return x
+
+
+def sleeper() -> nn.Module:
+    return Sleeper()

@@ -120,7 +120,7 @@ class BaseClient:
 
     @staticmethod
     def _prepare_info() -> bytes:
-        return pb.InfoRequest().SerializeToString()
+        return bytes(pb.InfoRequest().SerializeToString())
 
     @staticmethod
     def _finish_info(received: Received[pb.InfoResponse]) -> ServerInfo:

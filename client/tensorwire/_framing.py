@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from functools import cache
+from typing import Any
 
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 
 from tensorwire.errors import InvalidArgumentError
 from tensorwire.v1 import tensorwire_pb2 as pb
 
 Buffer = bytes | memoryview
+# Message descriptors come from upb or pure Python; both have the same shape.
+Descriptor = Any
 
 _TENSOR = pb.Tensor.DESCRIPTOR
 _DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number

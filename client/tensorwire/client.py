@@ -53,7 +53,6 @@ class Client(BaseClient):
                 method_path(name),
                 request_serializer=None,  # requests arrive encoded
                 response_deserializer=safe_deserializer(cls),
-                _registered_method=True,
             )
             for name, cls in (
                 ("Info", pb.InfoResponse),

@@ -87,7 +87,7 @@ class Encoder:
         out.shape[:] = arr.shape
         wire = as_wire_array(arr)
         # Cast through uint8 so ml_dtypes and bool arrays export a plain byte buffer.
-        data = memoryview(wire.reshape(-1).view(np.uint8))
+        data = memoryview(wire.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         out.data = _framing.placeholder(len(self._slots))
         self._slots.append((out, data))
 
@@ -126,7 +126,7 @@ class Encoder:
         if total < INLINE_LIMIT:
             for out, data in self._slots:
                 out.data = data.tobytes()
-            return message.SerializeToString()
+            return bytes(message.SerializeToString())
         small = message.SerializeToString()
         return _framing.put_payloads(small, message.DESCRIPTOR, [d for _, d in self._slots])
 

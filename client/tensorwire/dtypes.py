@@ -45,9 +45,7 @@ def wire_dtype(dtype: np.dtype) -> int:
     try:
         return _WIRE_BY_KEY[key]
     except KeyError:
-        raise ValueError(
-            f"dtype {dtype} cannot travel; supported: {', '.join(NAMES)}"
-        ) from None
+        raise ValueError(f"dtype {dtype} cannot travel; supported: {', '.join(NAMES)}") from None
 
 
 def dtype_name(wire: int) -> str:

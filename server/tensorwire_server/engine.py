@@ -10,13 +10,12 @@ import logging
 import os
 import platform
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-
 from tensorwire.dtypes import WIRE_BY_NAME
 from tensorwire.errors import (
     FailedPreconditionError,
@@ -25,6 +24,7 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     TensorwireError,
 )
+
 from tensorwire_server.functions import FUNCTIONS, Function
 from tensorwire_server.models import Model, TensorSpec
 from tensorwire_server.tensors import is_differentiable, to_device, to_numpy
@@ -68,10 +68,9 @@ class Engine:
         self.functions = functions
         for model in self.models.values():
             model.module.to(device)
-            try:
+            # torch.export modules keep the mode they were exported in.
+            with suppress(NotImplementedError):
                 model.module.eval()
-            except NotImplementedError:
-                pass  # torch.export modules keep the mode they were exported in
 
     # ------------------------------------------------------------------ description
 
@@ -232,9 +231,7 @@ class Engine:
                     "gradients need a floating point or complex input"
                 )
         wanted = set(wrt)
-        tensors = [
-            (n, t.detach().requires_grad_(True) if n in wanted else t) for n, t in leaves
-        ]
+        tensors = [(n, t.detach().requires_grad_(True) if n in wanted else t) for n, t in leaves]
         sources = [t for n, t in tensors if n in wanted] + [p for _, p in params]
         with torch.enable_grad():
             result = self._user_code(what, lambda: run(tensors))
@@ -371,9 +368,11 @@ def _bind(model: Model, inputs: Named) -> Named:
                 raise InvalidArgumentError(f"{what} has no input {name!r}; its inputs: {expected}")
         missing = [s.name for s in specs if s.name not in given]
         if missing:
-            raise InvalidArgumentError(f"{what} is missing input(s) {', '.join(map(repr, missing))}")
+            raise InvalidArgumentError(
+                f"{what} is missing input(s) {', '.join(map(repr, missing))}"
+            )
         ordered = [(s.name, given[s.name]) for s in specs]
-    for spec, (name, arr) in zip(specs, ordered, strict=True):
+    for spec, (_, arr) in zip(specs, ordered, strict=True):
         _check_spec(spec, arr, what)
     return ordered
 

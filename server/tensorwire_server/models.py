@@ -7,12 +7,12 @@ import inspect
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import torch
-from torch import nn
-
 from tensorwire.dtypes import WIRE_BY_NAME
+from torch import nn
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class MLP(nn.Module):
         super().__init__()
         generator = torch.Generator().manual_seed(0)
         layers: list[nn.Module] = []
-        for i, (fan_in, fan_out) in enumerate(zip(sizes, sizes[1:], strict=False)):
+        for i, (fan_in, fan_out) in enumerate(pairwise(sizes)):
             linear = nn.Linear(fan_in, fan_out, dtype=dtype)
             with torch.no_grad():
                 bound = fan_in**-0.5
@@ -90,25 +90,43 @@ class MLP(nn.Module):
         self.layers = nn.Sequential(*layers)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return self.layers(input)
+        out: torch.Tensor = self.layers(input)
+        return out
 
 
 def builtin_models() -> dict[str, Model]:
     """The models every server serves with no configuration, freshly built."""
     any_tensor = TensorSpec("input")
     models = [
-        Model("identity", Identity(), (any_tensor,), (TensorSpec("output"),), "builtin",
-              "Returns its one input unchanged, any dtype and shape."),
-        Model("echo", Echo(), (), (), "builtin",
-              "Returns every input under its own name, any number, dtype and shape.",
-              variadic=True),
+        Model(
+            "identity",
+            Identity(),
+            (any_tensor,),
+            (TensorSpec("output"),),
+            "builtin",
+            "Returns its one input unchanged, any dtype and shape.",
+        ),
+        Model(
+            "echo",
+            Echo(),
+            (),
+            (),
+            "builtin",
+            "Returns every input under its own name, any number, dtype and shape.",
+            variadic=True,
+        ),
     ]
     for name, dtype in (("mlp", "float32"), ("mlp64", "float64")):
         mlp = MLP(dtype=getattr(torch, dtype))
         models.append(
-            Model(name, mlp, (TensorSpec("input", dtype, (-1, 16)),),
-                  (TensorSpec("output", dtype, (-1, 4)),), "builtin",
-                  f"A 16-32-32-4 tanh MLP in {dtype} with fixed seeded weights.")
+            Model(
+                name,
+                mlp,
+                (TensorSpec("input", dtype, (-1, 16)),),
+                (TensorSpec("output", dtype, (-1, 4)),),
+                "builtin",
+                f"A 16-32-32-4 tanh MLP in {dtype} with fixed seeded weights.",
+            )
         )
     return {m.name: m for m in models}
 
@@ -124,14 +142,14 @@ def load_model(name: str, source: str) -> Model:
         return _load_export(name, source)
     if os.path.isfile(source):
         return _load_torchscript(name, source)
-    if ":" in source and not os.path.sep in source:
+    if ":" in source and os.path.sep not in source:
         return _load_factory(name, source)
     raise ValueError(f"model {name!r}: {source!r} is not a file nor a module:factory")
 
 
 def _load_torchscript(name: str, path: str) -> Model:
     try:
-        module = torch.jit.load(path, map_location="cpu")
+        module = torch.jit.load(path, map_location="cpu")  # type: ignore[no-untyped-call]
     except Exception as exc:
         raise ValueError(f"model {name!r}: cannot load TorchScript {path!r}: {exc}") from exc
     arguments = module.forward.schema.arguments[1:]  # the first is self

@@ -9,12 +9,12 @@ from typing import Any
 import grpc
 import torch
 from google.protobuf.message import Message
-
-import tensorwire_server
 from tensorwire.codec import Encoder, Received, receive
 from tensorwire.dtypes import WIRE_BY_NAME
 from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.v1 import tensorwire_pb2 as pb
+
+import tensorwire_server
 from tensorwire_server.engine import Engine, GradOutcome, Named
 from tensorwire_server.models import TensorSpec
 
@@ -55,7 +55,7 @@ class TensorServicer:
             )
         for name in sorted(engine.functions):
             response.functions.add(name=name, description=engine.functions[name].description)
-        return response.SerializeToString()
+        return bytes(response.SerializeToString())
 
     def Infer(self, request: Received[pb.InferRequest]) -> bytes:
         message = request.message
@@ -73,7 +73,9 @@ class TensorServicer:
         outcome: GradOutcome
         if message.WhichOneof("target") == "function":
             if message.param_grads:
-                raise InvalidArgumentError("param_grads needs a model; functions have no parameters")
+                raise InvalidArgumentError(
+                    "param_grads needs a model; functions have no parameters"
+                )
             args, kwargs = request.arguments(message.args, message.kwargs)
             outcome = self.engine.grad_function(
                 message.function, args, kwargs, list(message.wrt), grad_outputs
@@ -151,7 +153,7 @@ def _guarded(method: str, behavior: Callable[[Any], bytes]) -> Callable[[Any, An
     return handle
 
 
-def tensor_service_handler(servicer: TensorServicer) -> grpc.GenericRpcHandler:
+def tensor_service_handler(servicer: TensorServicer) -> grpc.GenericRpcHandler[Any, Any]:
     """Every TensorService method, named from the service descriptor, with our codec."""
     handlers = {}
     for method in SERVICE.methods:

@@ -1,0 +1,43 @@
+"""The client's public surface: exports, deadlines, the closed guard."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorwire
+from tensorwire import USE_CLIENT_DEFAULT, Client, DeadlineExceededError, TensorwireError
+
+
+def test_all_names_exist_and_errors_share_one_base() -> None:
+    for name in tensorwire.__all__:
+        assert hasattr(tensorwire, name), name
+    errors = [getattr(tensorwire, n) for n in tensorwire.__all__ if n.endswith("Error")]
+    assert all(issubclass(e, TensorwireError) for e in errors)
+    assert len({e.code for e in errors}) == len(errors)
+
+
+def test_per_call_and_default_deadlines(address: str) -> None:
+    with Client(address, timeout=0.3) as c:
+        with pytest.raises(DeadlineExceededError):
+            c.infer("sleeper", np.array(2.0))
+        assert c.infer("sleeper", np.array(0.5), timeout=10)["output"] == 0.5
+        assert c.infer("sleeper", np.array(0.0), timeout=USE_CLIENT_DEFAULT)["output"] == 0.0
+    with Client(address, timeout=None) as c:
+        assert c.infer("sleeper", np.array(0.5))["output"] == 0.5
+
+
+def test_closed_client_refuses_calls(address: str) -> None:
+    c = Client(address)
+    with c:
+        c.info()
+    assert c.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        c.info()
+    c.close()  # closing twice is harmless
+
+
+def test_arguments_that_cannot_travel_are_refused_before_sending(client: Client) -> None:
+    with pytest.raises(tensorwire.InvalidArgumentError, match="cannot be sent"):
+        client.call("sum", np.ones(3), dim=object())
+    with pytest.raises(tensorwire.InvalidArgumentError, match="cannot travel"):
+        client.infer("identity", np.array(["text"]))
