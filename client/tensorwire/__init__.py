@@ -1,6 +1,7 @@
 """tensorwire: use a remote GPU from Python, with NumPy and no torch."""
 
 from tensorwire._base import USE_CLIENT_DEFAULT
+from tensorwire.aio import AsyncClient
 from tensorwire.client import Client
 from tensorwire.errors import (
     CancelledError,
@@ -22,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "USE_CLIENT_DEFAULT",
+    "AsyncClient",
     "CancelledError",
     "Client",
     "DeadlineExceededError",

@@ -39,6 +39,15 @@ Timeout = float | None | _UseClientDefault
 Inputs = np.ndarray | Sequence[Any] | Mapping[str, Any]
 
 
+#: The response message of each TensorService method.
+RESPONSES: Final[dict[str, type[Message]]] = {
+    "Info": pb.InfoResponse,
+    "Infer": pb.InferResponse,
+    "Grad": pb.GradResponse,
+    "Call": pb.CallResponse,
+}
+
+
 def method_path(name: str) -> str:
     """The gRPC path of a TensorService method."""
     return f"/{SERVICE.full_name}/{name}"
@@ -103,8 +112,9 @@ class BaseClient:
         return self.timeout if isinstance(timeout, _UseClientDefault) else timeout
 
     def _error(self, exc: grpc.RpcError) -> TensorwireError:
-        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
+        # grpc.Call (sync) and grpc.aio.AioRpcError share code() and details() but no base.
+        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
+        details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
         cls = error_class(code.name)
         if cls is UnavailableError:
             details = f"{self.target}: {details}"

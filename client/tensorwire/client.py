@@ -11,6 +11,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from tensorwire._base import (
+    RESPONSES,
     USE_CLIENT_DEFAULT,
     BaseClient,
     Inputs,
@@ -20,7 +21,6 @@ from tensorwire._base import (
 )
 from tensorwire.codec import Received
 from tensorwire.types import GradResult, ServerInfo
-from tensorwire.v1 import tensorwire_pb2 as pb
 
 M = TypeVar("M", bound=Message)
 
@@ -54,12 +54,7 @@ class Client(BaseClient):
                 request_serializer=None,  # requests arrive encoded
                 response_deserializer=safe_deserializer(cls),
             )
-            for name, cls in (
-                ("Info", pb.InfoResponse),
-                ("Infer", pb.InferResponse),
-                ("Grad", pb.GradResponse),
-                ("Call", pb.CallResponse),
-            )
+            for name, cls in RESPONSES.items()
         }
 
     def __enter__(self) -> Client:
