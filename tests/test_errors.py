@@ -80,6 +80,12 @@ CASES: list[tuple[str, Callable[[Client], Any], type[TensorwireError], str]] = [
         "function 'matmul' raised RuntimeError",
     ),
     (
+        "out= refused",
+        lambda c: c.call("add", X, X, out=X),
+        InvalidArgumentError,
+        "argument 'out' is not allowed",
+    ),
+    (
         "bad kwarg",
         lambda c: c.call("softmax", X, dimm=1),
         InvalidArgumentError,

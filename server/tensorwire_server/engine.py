@@ -183,6 +183,9 @@ class Engine:
     def _torch_arguments(
         self, args: Sequence[Any], kwargs: Mapping[str, Any]
     ) -> tuple[list[Any], dict[str, Any]]:
+        if "out" in kwargs:
+            # On the CPU inputs alias the request's bytes; out= would write into them.
+            raise InvalidArgumentError("argument 'out' is not allowed: results come back new")
         targs = [self._torch_value(a) for a in args]
         tkwargs = {k: self._torch_value(v) for k, v in kwargs.items()}
         if isinstance(tkwargs.get("dtype"), str):
