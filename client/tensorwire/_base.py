@@ -101,6 +101,18 @@ class BaseClient:
         """Whether ``close`` has been called."""
         return self._closed
 
+    @staticmethod
+    def _bind_methods(channel: Any) -> dict[str, Any]:
+        """Callables for every method on a grpc or grpc.aio channel, with our codec."""
+        return {
+            name: channel.unary_unary(
+                method_path(name),
+                request_serializer=None,  # requests arrive encoded
+                response_deserializer=safe_deserializer(cls),
+            )
+            for name, cls in RESPONSES.items()
+        }
+
     def _options(self, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
         return [*CHANNEL_OPTIONS, *extra]
 

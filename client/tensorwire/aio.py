@@ -11,13 +11,10 @@ import grpc.aio
 import numpy as np
 
 from tensorwire._base import (
-    RESPONSES,
     USE_CLIENT_DEFAULT,
     BaseClient,
     Inputs,
     Timeout,
-    method_path,
-    safe_deserializer,
 )
 from tensorwire.codec import Received
 from tensorwire.types import GradResult, ServerInfo
@@ -45,14 +42,7 @@ class AsyncClient(BaseClient):
             if credentials is not None
             else grpc.aio.insecure_channel(target, options=opts)
         )
-        self._methods = {
-            name: self._channel.unary_unary(
-                method_path(name),
-                request_serializer=None,  # requests arrive encoded
-                response_deserializer=safe_deserializer(cls),
-            )
-            for name, cls in RESPONSES.items()
-        }
+        self._methods = self._bind_methods(self._channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -11,13 +11,10 @@ import numpy as np
 from google.protobuf.message import Message
 
 from tensorwire._base import (
-    RESPONSES,
     USE_CLIENT_DEFAULT,
     BaseClient,
     Inputs,
     Timeout,
-    method_path,
-    safe_deserializer,
 )
 from tensorwire.codec import Received
 from tensorwire.types import GradResult, ServerInfo
@@ -48,14 +45,7 @@ class Client(BaseClient):
             if credentials is not None
             else grpc.insecure_channel(target, options=opts)
         )
-        self._methods = {
-            name: self._channel.unary_unary(
-                method_path(name),
-                request_serializer=None,  # requests arrive encoded
-                response_deserializer=safe_deserializer(cls),
-            )
-            for name, cls in RESPONSES.items()
-        }
+        self._methods = self._bind_methods(self._channel)
 
     def __enter__(self) -> Client:
         return self
