@@ -26,6 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers
+
 import tensorwire as tw
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from tensorwire import Client
 from tensorwire_server.server import create_server
 from tensorwire_server.settings import Settings

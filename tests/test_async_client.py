@@ -7,6 +7,7 @@ import inspect
 
 import numpy as np
 import pytest
+
 from tensorwire import AsyncClient, Client, DeadlineExceededError, NotFoundError
 
 PUBLIC = ["info", "infer", "grad", "call", "call_grad", "close"]

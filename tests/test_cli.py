@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+
 from tensorwire import Client
 from tensorwire_server.settings import Settings
 

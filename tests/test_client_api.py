@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 import tensorwire
 from tensorwire import USE_CLIENT_DEFAULT, Client, DeadlineExceededError, TensorwireError
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from tensorwire import InvalidArgumentError, codec
 from tensorwire.dtypes import NAMES, NUMPY_BY_WIRE
 from tensorwire.v1 import tensorwire_pb2 as pb

@@ -7,6 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
+
 from tensorwire import Client, InvalidArgumentError, NotFoundError
 from tensorwire_server.models import builtin_models
 

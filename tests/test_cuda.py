@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import start
+
 from tensorwire import Client
 from tensorwire_server.settings import Settings
 from tensorwire_server.tensors import resolve_device, to_device, to_numpy
@@ -58,8 +59,9 @@ def test_gpu_results_equal_cpu_results(gpu_address: str, address: str, name: str
 
 
 def test_every_dtype_roundtrips_on_the_gpu(gpu_address: str) -> None:
-    from tensorwire.dtypes import NUMPY_BY_WIRE
     from test_codec import sample
+
+    from tensorwire.dtypes import NUMPY_BY_WIRE
 
     with Client(gpu_address) as c:
         for dtype in NUMPY_BY_WIRE.values():

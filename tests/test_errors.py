@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import start
+
 from tensorwire import (
     Client,
     FailedPreconditionError,

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from tensorwire_server.functions import FUNCTIONS, Function
 
 Case = tuple[str, tuple[Any, ...], dict[str, Any]]

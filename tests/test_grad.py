@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from toy_models import Quadratic
+
 from tensorwire import Client, FailedPreconditionError, InvalidArgumentError
 from tensorwire_server.models import builtin_models
-from toy_models import Quadratic
 
 RNG = np.random.default_rng(4)
 

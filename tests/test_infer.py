@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 from conftest import start
+from toy_models import TwoHeads
+
 from tensorwire import Client, InvalidArgumentError
 from tensorwire_server.models import MLP, builtin_models
 from tensorwire_server.settings import Settings
-from toy_models import TwoHeads
 
 
 def test_info_describes_server_models_and_functions(client: Client) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_codec import sample
+
 from tensorwire import Client
 from tensorwire.dtypes import NAMES, NUMPY_BY_WIRE
-from test_codec import sample
 
 
 @pytest.mark.parametrize("dtype", list(NUMPY_BY_WIRE.values()), ids=NAMES)

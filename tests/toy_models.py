@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from tensorwire_server.models import Model, TensorSpec
 from torch import nn
+
+from tensorwire_server.models import Model, TensorSpec
 
 
 class Quadratic(nn.Module):

@@ -7,7 +7,7 @@ response -> result) here.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -15,7 +15,7 @@ import numpy as np
 from google.protobuf.message import Message
 
 from tensorwire.channel import CHANNEL_OPTIONS
-from tensorwire.codec import Encoder, Received, receive
+from tensorwire.codec import Encoder, Received, receiver
 from tensorwire.dtypes import NAME_BY_WIRE
 from tensorwire.errors import TensorwireError, UnavailableError, error_class
 from tensorwire.types import DeviceInfo, GradResult, ModelInfo, ServerInfo, TensorSpec
@@ -51,18 +51,6 @@ RESPONSES: Final[dict[str, type[Message]]] = {
 def method_path(name: str) -> str:
     """The gRPC path of a TensorService method."""
     return f"/{SERVICE.full_name}/{name}"
-
-
-def safe_deserializer(cls: type[M]) -> Callable[[bytes], Received[M] | TensorwireError]:
-    """A response parser that returns its error instead of raising inside gRPC."""
-
-    def deserialize(raw: bytes) -> Received[M] | TensorwireError:
-        try:
-            return receive(cls, raw)
-        except TensorwireError as exc:
-            return exc
-
-    return deserialize
 
 
 def _named_inputs(inputs: Inputs) -> list[tuple[str, np.ndarray]]:
@@ -108,7 +96,7 @@ class BaseClient:
             name: channel.unary_unary(
                 method_path(name),
                 request_serializer=None,  # requests arrive encoded
-                response_deserializer=safe_deserializer(cls),
+                response_deserializer=receiver(cls),
             )
             for name, cls in RESPONSES.items()
         }

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
-from google.protobuf.message import Message
 
 from tensorwire._base import (
     USE_CLIENT_DEFAULT,
@@ -18,8 +17,6 @@ from tensorwire._base import (
 )
 from tensorwire.codec import Received
 from tensorwire.types import GradResult, ServerInfo
-
-M = TypeVar("M", bound=Message)
 
 
 class Client(BaseClient):

@@ -7,7 +7,7 @@ the received bytes, validated before anything is allocated.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError, Message
 
 from tensorwire import _framing
 from tensorwire.dtypes import NUMPY_BY_WIRE, dtype_name, wire_dtype
-from tensorwire.errors import InvalidArgumentError
+from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.v1 import tensorwire_pb2 as pb
 
 M = TypeVar("M", bound=Message)
@@ -174,6 +174,19 @@ class Received(Generic[M]):
             [self.value(v, f"argument {i}") for i, v in enumerate(args)],
             {k: self.value(v, f"argument {k!r}") for k, v in kwargs.items()},
         )
+
+
+def receiver(cls: type[M]) -> Callable[[bytes], Received[M] | TensorwireError]:
+    """A gRPC deserializer for ``cls`` that returns a malformed message's error instead
+    of raising: gRPC would turn an exception there into an opaque INTERNAL/UNKNOWN."""
+
+    def deserialize(raw: bytes) -> Received[M] | TensorwireError:
+        try:
+            return receive(cls, raw)
+        except TensorwireError as exc:
+            return exc
+
+    return deserialize
 
 
 def receive(cls: type[M], raw: bytes) -> Received[M]:

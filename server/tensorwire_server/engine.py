@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from tensorwire.dtypes import WIRE_BY_NAME
 from tensorwire.errors import (
     FailedPreconditionError,
@@ -24,7 +25,6 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     TensorwireError,
 )
-
 from tensorwire_server.functions import FUNCTIONS, Function
 from tensorwire_server.models import Model, TensorSpec
 from tensorwire_server.tensors import is_differentiable, to_device, to_numpy

@@ -11,8 +11,9 @@ from itertools import pairwise
 from typing import Any
 
 import torch
-from tensorwire.dtypes import WIRE_BY_NAME
 from torch import nn
+
+from tensorwire.dtypes import WIRE_BY_NAME
 
 
 @dataclass(frozen=True)

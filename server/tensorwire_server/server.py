@@ -9,9 +9,9 @@ from concurrent import futures
 
 import grpc
 import torch
-from tensorwire.channel import CHANNEL_OPTIONS
 
 import tensorwire_server
+from tensorwire.channel import CHANNEL_OPTIONS
 from tensorwire_server.engine import Engine
 from tensorwire_server.models import load_models
 from tensorwire_server.servicer import TensorServicer, tensor_service_handler

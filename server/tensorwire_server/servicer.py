@@ -8,13 +8,12 @@ from typing import Any
 
 import grpc
 import torch
-from google.protobuf.message import Message
-from tensorwire.codec import Encoder, Received, receive
+
+import tensorwire_server
+from tensorwire.codec import Encoder, Received, receiver
 from tensorwire.dtypes import WIRE_BY_NAME
 from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.v1 import tensorwire_pb2 as pb
-
-import tensorwire_server
 from tensorwire_server.engine import Engine, GradOutcome, Named
 from tensorwire_server.models import TensorSpec
 
@@ -119,19 +118,6 @@ def _spec(spec: TensorSpec) -> pb.TensorSpec:
     )
 
 
-def _deserializer(cls: type[Message]) -> Callable[[bytes], object]:
-    """Parse a request without raising: gRPC would turn an exception here into an
-    opaque INTERNAL, so a malformed request is handed on as its error instead."""
-
-    def deserialize(raw: bytes) -> object:
-        try:
-            return receive(cls, raw)
-        except TensorwireError as exc:
-            return exc
-
-    return deserialize
-
-
 def _guarded(method: str, behavior: Callable[[Any], bytes]) -> Callable[[Any, Any], bytes]:
     """The one error mapping: tensorwire errors become their status with their message;
     anything else is a server bug, logged with its traceback and answered INTERNAL."""
@@ -161,7 +147,7 @@ def tensor_service_handler(servicer: TensorServicer) -> grpc.GenericRpcHandler[A
         cls = getattr(pb, request_class.name)
         handlers[method.name] = grpc.unary_unary_rpc_method_handler(
             _guarded(f"{SERVICE.name}.{method.name}", getattr(servicer, method.name)),
-            request_deserializer=_deserializer(cls),
+            request_deserializer=receiver(cls),
             response_serializer=bytes,  # the servicer already encoded the response
         )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)

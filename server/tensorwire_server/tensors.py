@@ -7,6 +7,7 @@ import warnings
 import ml_dtypes
 import numpy as np
 import torch
+
 from tensorwire.errors import FailedPreconditionError
 
 # Request payloads are read-only views of the received bytes, handed to torch without a
