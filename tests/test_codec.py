@@ -24,10 +24,9 @@ def sample(dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def roundtrip(arr: np.ndarray) -> np.ndarray:
-    encoder = codec.Encoder()
-    request = pb.InferRequest(model="m")
-    encoder.named(request.inputs.add(), "x", arr)
-    raw = encoder.finish(request)
+    encoder = codec.Encoder(pb.InferRequest(model="m"))
+    encoder.named(encoder.message.inputs.add(), "x", arr)
+    raw = encoder.finish()
     # Anyone's protobuf parses what the splicing serializer writes.
     plain = pb.InferRequest.FromString(raw)
     assert plain.inputs[0].tensor.shape == list(arr.shape)
@@ -68,12 +67,11 @@ def test_layouts_roundtrip_as_values(make, rows: int) -> None:  # type: ignore[n
 
 def test_large_payload_decodes_as_a_view_of_the_received_bytes() -> None:
     arr = RNG.standard_normal((512, 512))
-    encoder = codec.Encoder()
-    request = pb.InferRequest()
-    encoder.named(request.inputs.add(), "x", arr)
+    encoder = codec.Encoder(pb.InferRequest())
+    encoder.named(encoder.message.inputs.add(), "x", arr)
     # An aligned C-contiguous little-endian array is queued without a copy.
     assert np.shares_memory(np.frombuffer(encoder._slots[0][1], np.uint8), arr)
-    raw = encoder.finish(request)
+    raw = encoder.finish()
     received = codec.receive(pb.InferRequest, raw)
     [(_, out)] = received.named(received.message.inputs, "input")
     assert np.shares_memory(out, np.frombuffer(raw, np.uint8))
@@ -82,13 +80,13 @@ def test_large_payload_decodes_as_a_view_of_the_received_bytes() -> None:
 
 def test_nested_values_roundtrip() -> None:
     a, b = RNG.standard_normal((300, 30)), RNG.standard_normal(3)
-    encoder = codec.Encoder()
-    request = pb.CallRequest(function="f")
+    encoder = codec.Encoder(pb.CallRequest(function="f"))
+    request = encoder.message
     args = [a, [b, 1, [2.5, None]], "ij,jk->ik", True]
     for i, arg in enumerate(args):
         encoder.value(request.args.add(), arg, str(i))
     encoder.value(request.kwargs["dim"], (0, -1), "dim")
-    received = codec.receive(pb.CallRequest, encoder.finish(request))
+    received = codec.receive(pb.CallRequest, encoder.finish())
     got, kwargs = received.arguments(received.message.args, received.message.kwargs)
     np.testing.assert_array_equal(got[0], a)
     np.testing.assert_array_equal(got[1][0], b)
@@ -98,9 +96,9 @@ def test_nested_values_roundtrip() -> None:
 
 def test_unsupported_argument_types_are_refused() -> None:
     with pytest.raises(InvalidArgumentError, match="function"):
-        codec.Encoder().value(pb.Value(), print, "fn")
+        codec.Encoder(pb.Value()).value(pb.Value(), print, "fn")
     with pytest.raises(InvalidArgumentError, match="cannot travel"):
-        codec.Encoder().tensor(pb.Tensor(), np.array(["a"]))
+        codec.Encoder(pb.Value()).tensor(pb.Tensor(), np.array(["a"]))
 
 
 def tensor(dtype: int, shape: list[int], data: bytes) -> pb.Tensor:

@@ -10,6 +10,7 @@ from tensorwire.errors import (
     InternalError,
     InvalidArgumentError,
     NotFoundError,
+    OutOfRangeError,
     PermissionDeniedError,
     ResourceExhaustedError,
     TensorwireError,
@@ -17,7 +18,15 @@ from tensorwire.errors import (
     UnavailableError,
     UnimplementedError,
 )
-from tensorwire.types import DeviceInfo, GradResult, ModelInfo, ServerInfo, TensorSpec
+from tensorwire.types import (
+    DeviceInfo,
+    GradResult,
+    ModelInfo,
+    Progress,
+    ProgressCallback,
+    ServerInfo,
+    TensorSpec,
+)
 
 __version__ = "0.1.0"
 
@@ -34,7 +43,10 @@ __all__ = [
     "InvalidArgumentError",
     "ModelInfo",
     "NotFoundError",
+    "OutOfRangeError",
     "PermissionDeniedError",
+    "Progress",
+    "ProgressCallback",
     "ResourceExhaustedError",
     "ServerInfo",
     "TensorSpec",

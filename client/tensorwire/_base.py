@@ -1,24 +1,36 @@
 """What Client and AsyncClient share: request building, response decoding, errors.
 
 The twins differ only in how they wait for the transport, so every method is split
-into a ``_prepare_*`` (arguments -> encoded request) and a ``_finish_*`` (decoded
-response -> result) here.
+into a ``_prepare_*`` (arguments -> request encoder) and a ``_finish_*`` (decoded
+response -> result) here, and the choice between the unary and the streaming path
+(``_wants_stream``) is made here once for both.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf.message import Message
 
+from tensorwire import streaming
 from tensorwire.channel import CHANNEL_OPTIONS
 from tensorwire.codec import Encoder, Received, receiver
 from tensorwire.dtypes import NAME_BY_WIRE
 from tensorwire.errors import TensorwireError, UnavailableError, error_class
-from tensorwire.types import DeviceInfo, GradResult, ModelInfo, ServerInfo, TensorSpec
+from tensorwire.streaming import DEFAULT_CHUNK_SIZE, Advance, StreamReceiver
+from tensorwire.types import (
+    DeviceInfo,
+    GradResult,
+    ModelInfo,
+    Progress,
+    ProgressCallback,
+    ServerInfo,
+    TensorSpec,
+)
 from tensorwire.v1 import tensorwire_pb2 as pb
 
 M = TypeVar("M", bound=Message)
@@ -48,6 +60,14 @@ RESPONSES: Final[dict[str, type[Message]]] = {
 }
 
 
+#: The methods that carry tensors; each has a ``<name>Stream`` twin for large messages.
+STREAMED: Final = ("Infer", "Grad", "Call")
+
+#: Requests with at least this many payload bytes travel as a stream. Measured on
+#: loopback (docs/performance.md): below it the unary path's lower setup cost wins.
+DEFAULT_STREAM_THRESHOLD: Final = 4 << 20
+
+
 def method_path(name: str) -> str:
     """The gRPC path of a TensorService method."""
     return f"/{SERVICE.full_name}/{name}"
@@ -64,8 +84,42 @@ def _named_inputs(inputs: Inputs) -> list[tuple[str, np.ndarray]]:
 
 
 def _owned(received: Received[Any], tensors: Sequence[pb.NamedTensor]) -> dict[str, np.ndarray]:
+    arrays = received.named(tensors, "output")
+    if received.owned:  # a stream's buffers: already private and writable
+        return dict(arrays)
     # One copy: the received bytes are gRPC's and immutable; the caller gets its own.
-    return {name: np.array(view) for name, view in received.named(tensors, "output")}
+    return {name: np.array(view) for name, view in arrays}
+
+
+class _Reporter:
+    """Turns byte counts into Progress calls, and keeps the callback's own exception
+    so that it, not the cancellation it causes, is what the caller sees."""
+
+    def __init__(self, callback: ProgressCallback | None) -> None:
+        self.callback = callback
+        self.error: BaseException | None = None
+
+    def stage(self, stage: Literal["upload", "download"]) -> Advance | None:
+        callback = self.callback
+        if callback is None:
+            return None
+
+        def advance(done: int, total: int) -> None:
+            try:
+                callback(Progress(stage, done, total))
+            except BaseException as exc:
+                self.error = exc
+                raise
+
+        return advance
+
+    def whole(self, encoder: Encoder[Any], received: Received[Any]) -> None:
+        """Report a unary call, whose bytes move in one piece each way."""
+        if self.callback is not None:
+            sizes = {"upload": encoder.payload_bytes, "download": received.payload_bytes}
+            for stage, size in sizes.items():
+                self.callback(Progress(stage, 0, size))  # type: ignore[arg-type]
+                self.callback(Progress(stage, size, size))  # type: ignore[arg-type]
 
 
 def _spec(spec: pb.TensorSpec) -> TensorSpec:
@@ -79,9 +133,20 @@ def _spec(spec: pb.TensorSpec) -> TensorSpec:
 class BaseClient:
     """Target, default timeout and the encode/decode halves of every method."""
 
-    def __init__(self, target: str, *, timeout: float | None = 60.0) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 60.0,
+        stream_threshold: int = DEFAULT_STREAM_THRESHOLD,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of bytes, not {chunk_size}")
         self.target = target
         self.timeout = timeout
+        self.stream_threshold = stream_threshold
+        self.chunk_size = chunk_size
         self._closed = False
 
     @property
@@ -91,15 +156,15 @@ class BaseClient:
 
     @staticmethod
     def _bind_methods(channel: Any) -> dict[str, Any]:
-        """Callables for every method on a grpc or grpc.aio channel, with our codec."""
-        return {
-            name: channel.unary_unary(
-                method_path(name),
-                request_serializer=None,  # requests arrive encoded
-                response_deserializer=receiver(cls),
-            )
+        """Callables for every method on a grpc or grpc.aio channel, with our codec:
+        requests arrive encoded, and stream parts stay raw for a StreamReceiver."""
+        methods = {
+            name: channel.unary_unary(method_path(name), response_deserializer=receiver(cls))
             for name, cls in RESPONSES.items()
         }
+        for name in STREAMED:
+            methods[f"{name}Stream"] = channel.stream_stream(method_path(f"{name}Stream"))
+        return methods
 
     def _options(self, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
         return [*CHANNEL_OPTIONS, *extra]
@@ -110,6 +175,26 @@ class BaseClient:
 
     def _timeout(self, timeout: Timeout) -> float | None:
         return self.timeout if isinstance(timeout, _UseClientDefault) else timeout
+
+    def _wants_stream(self, encoder: Encoder[Any]) -> bool:
+        return encoder.payload_bytes >= self.stream_threshold
+
+    @staticmethod
+    def _deadline(timeout: float | None) -> float | None:
+        return None if timeout is None else time.monotonic() + timeout
+
+    @staticmethod
+    def _remaining(deadline: float | None) -> float | None:
+        # A unary call refused as too large is asked again as a stream, within the
+        # time the caller gave the whole call.
+        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+    def _stream_call(
+        self, method: str, encoder: Encoder[Any], reporter: _Reporter
+    ) -> tuple[Any, StreamReceiver[Any]]:
+        """The request parts of a streamed call and the receiver for its response."""
+        parts = streaming.parts(encoder, self.chunk_size, reporter.stage("upload"))
+        return parts, StreamReceiver(RESPONSES[method], advance=reporter.stage("download"))
 
     def _error(self, exc: grpc.RpcError) -> TensorwireError:
         # grpc.Call (sync) and grpc.aio.AioRpcError share code() and details() but no base.
@@ -129,8 +214,8 @@ class BaseClient:
     # ------------------------------------------------------------------ Info
 
     @staticmethod
-    def _prepare_info() -> bytes:
-        return bytes(pb.InfoRequest().SerializeToString())
+    def _prepare_info() -> Encoder[pb.InfoRequest]:
+        return Encoder(pb.InfoRequest())
 
     @staticmethod
     def _finish_info(received: Received[pb.InfoResponse]) -> ServerInfo:
@@ -162,12 +247,13 @@ class BaseClient:
     # ------------------------------------------------------------------ Infer
 
     @staticmethod
-    def _prepare_infer(model: str, inputs: Inputs, outputs: Sequence[str] | None) -> bytes:
-        encoder = Encoder()
-        request = pb.InferRequest(model=model, outputs=list(outputs or ()))
+    def _prepare_infer(
+        model: str, inputs: Inputs, outputs: Sequence[str] | None
+    ) -> Encoder[pb.InferRequest]:
+        encoder = Encoder(pb.InferRequest(model=model, outputs=list(outputs or ())))
         for name, arr in _named_inputs(inputs):
-            encoder.named(request.inputs.add(), name, arr)
-        return encoder.finish(request)
+            encoder.named(encoder.message.inputs.add(), name, arr)
+        return encoder
 
     @staticmethod
     def _finish_infer(received: Received[pb.InferResponse]) -> dict[str, np.ndarray]:
@@ -182,13 +268,12 @@ class BaseClient:
         wrt: str | Sequence[str] | None,
         grad_outputs: np.ndarray | Mapping[str, Any] | None,
         param_grads: bool,
-    ) -> bytes:
-        encoder = Encoder()
-        request = pb.GradRequest(model=model, param_grads=param_grads, wrt=_names(wrt))
+    ) -> Encoder[pb.GradRequest]:
+        encoder = Encoder(pb.GradRequest(model=model, param_grads=param_grads, wrt=_names(wrt)))
         for name, arr in _named_inputs(inputs):
-            encoder.named(request.inputs.add(), name, arr)
-        _grad_outputs(encoder, request, grad_outputs)
-        return encoder.finish(request)
+            encoder.named(encoder.message.inputs.add(), name, arr)
+        _grad_outputs(encoder, grad_outputs)
+        return encoder
 
     @staticmethod
     def _prepare_call_grad(
@@ -197,13 +282,12 @@ class BaseClient:
         kwargs: Mapping[str, Any],
         wrt: int | Sequence[int],
         grad_outputs: np.ndarray | Mapping[str, Any] | None,
-    ) -> bytes:
-        encoder = Encoder()
+    ) -> Encoder[pb.GradRequest]:
         positions = [wrt] if isinstance(wrt, int) else list(wrt)
-        request = pb.GradRequest(function=function, wrt=[str(int(i)) for i in positions])
-        _arguments(encoder, request, args, kwargs)
-        _grad_outputs(encoder, request, grad_outputs)
-        return encoder.finish(request)
+        encoder = Encoder(pb.GradRequest(function=function, wrt=[str(int(i)) for i in positions]))
+        _arguments(encoder, args, kwargs)
+        _grad_outputs(encoder, grad_outputs)
+        return encoder
 
     @staticmethod
     def _finish_grad(received: Received[pb.GradResponse]) -> GradResult:
@@ -217,11 +301,12 @@ class BaseClient:
     # ------------------------------------------------------------------ Call
 
     @staticmethod
-    def _prepare_call(function: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> bytes:
-        encoder = Encoder()
-        request = pb.CallRequest(function=function)
-        _arguments(encoder, request, args, kwargs)
-        return encoder.finish(request)
+    def _prepare_call(
+        function: str, args: Sequence[Any], kwargs: Mapping[str, Any]
+    ) -> Encoder[pb.CallRequest]:
+        encoder = Encoder(pb.CallRequest(function=function))
+        _arguments(encoder, args, kwargs)
+        return encoder
 
     @staticmethod
     def _finish_call(received: Received[pb.CallResponse]) -> np.ndarray | tuple[np.ndarray, ...]:
@@ -236,8 +321,9 @@ def _names(wrt: str | Sequence[str] | None) -> list[str]:
 
 
 def _grad_outputs(
-    encoder: Encoder, request: pb.GradRequest, grad_outputs: np.ndarray | Mapping[str, Any] | None
+    encoder: Encoder[pb.GradRequest], grad_outputs: np.ndarray | Mapping[str, Any] | None
 ) -> None:
+    request = encoder.message
     if grad_outputs is None:
         return
     if not isinstance(grad_outputs, Mapping):
@@ -248,9 +334,8 @@ def _grad_outputs(
         encoder.named(request.grad_outputs.add(), str(name), np.asarray(value))
 
 
-def _arguments(
-    encoder: Encoder, request: Any, args: Sequence[Any], kwargs: Mapping[str, Any]
-) -> None:
+def _arguments(encoder: Encoder[Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    request = encoder.message
     for i, arg in enumerate(args):
         encoder.value(request.args.add(), arg, f"argument {i}")
     for key, arg in kwargs.items():

@@ -11,7 +11,7 @@ before protobuf parses the now small message. Any protobuf peer reads the result
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from functools import cache
 from typing import Any
 
@@ -28,6 +28,9 @@ _TENSOR = pb.Tensor.DESCRIPTOR
 _DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
 _MAX_DEPTH = 64
 PLACEHOLDER_SIZE = 4
+# Field numbers shared by every *Part message of the streaming RPCs.
+PART_HEADER = 1
+PART_CHUNK = 2
 
 
 def placeholder(index: int) -> bytes:
@@ -170,3 +173,74 @@ def put_payloads(small: bytes, desc: Descriptor, payloads: list[memoryview]) -> 
     parts: list[Buffer] = []
     _reframe(memoryview(small), 0, len(small), desc, swap, parts, 0)
     return b"".join(parts)
+
+
+def strip_payloads(
+    small: bytes, desc: Descriptor, payloads: list[memoryview]
+) -> tuple[bytes, list[memoryview]]:
+    """A stream header: ``small`` with every placeholder emptied, and the payloads in
+    the order their tensors occur in it (the order their chunks travel in)."""
+    ordered: list[memoryview] = []
+
+    def swap(body: memoryview) -> bytes:
+        ordered.append(payloads[placeholder_index(bytes(body))])
+        return b""
+
+    parts: list[Buffer] = []
+    _reframe(memoryview(small), 0, len(small), desc, swap, parts, 0)
+    return b"".join(parts), ordered
+
+
+def number_payloads(header: Buffer, desc: Descriptor) -> tuple[bytes, int]:
+    """A received stream header with each tensor's empty data replaced by the
+    placeholder of its position in the stream; also the count of tensors."""
+    count = 0
+
+    def swap(body: memoryview) -> bytes:
+        nonlocal count
+        if body.nbytes:
+            raise InvalidArgumentError(
+                "malformed stream: a header tensor carries inline data; payloads travel "
+                "in the chunks that follow the header"
+            )
+        count += 1
+        return placeholder(count - 1)
+
+    parts: list[Buffer] = []
+    view = memoryview(header)
+    _reframe(view, 0, view.nbytes, desc, swap, parts, 0)
+    return b"".join(parts), count
+
+
+def split_part(raw: bytes) -> tuple[int, memoryview]:
+    """The field number and body (a view, no copy) of a serialized *Part message:
+    a oneof of a header message (field 1) and a bytes chunk (field 2)."""
+    view = memoryview(raw)
+    found: tuple[int, memoryview] | None = None
+    pos, end = 0, view.nbytes
+    while pos < end:
+        key, pos = _read_varint(view, pos, end)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == 2:
+            size, pos = _read_varint(view, pos, end)
+            if pos + size > end:
+                raise InvalidArgumentError("malformed stream part: field runs past the end")
+            if number in (PART_HEADER, PART_CHUNK):
+                found = (number, view[pos : pos + size])  # the last of a oneof wins
+            pos += size
+        elif wire_type == 0:
+            _, pos = _read_varint(view, pos, end)
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        else:
+            raise InvalidArgumentError(f"malformed stream part: wire type {wire_type}")
+    if pos > end:
+        raise InvalidArgumentError("malformed stream part: field runs past the end")
+    if found is None:
+        raise InvalidArgumentError("malformed stream: a part with neither header nor chunk")
+    return found
+
+
+def part(number: int, pieces: Sequence[Buffer], size: int) -> bytes:
+    """Serialize a *Part message whose field ``number`` holds ``pieces`` joined (one copy)."""
+    return b"".join([_varint(number << 3 | 2), _varint(size), *pieces])

@@ -11,13 +11,18 @@ import grpc.aio
 import numpy as np
 
 from tensorwire._base import (
+    DEFAULT_STREAM_THRESHOLD,
+    STREAMED,
     USE_CLIENT_DEFAULT,
     BaseClient,
     Inputs,
     Timeout,
+    _Reporter,
 )
-from tensorwire.codec import Received
-from tensorwire.types import GradResult, ServerInfo
+from tensorwire.codec import Encoder, Received
+from tensorwire.errors import OutOfRangeError
+from tensorwire.streaming import DEFAULT_CHUNK_SIZE
+from tensorwire.types import GradResult, ProgressCallback, ServerInfo
 
 
 class AsyncClient(BaseClient):
@@ -34,8 +39,12 @@ class AsyncClient(BaseClient):
         timeout: float | None = 60.0,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        stream_threshold: int = DEFAULT_STREAM_THRESHOLD,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
-        super().__init__(target, timeout=timeout)
+        super().__init__(
+            target, timeout=timeout, stream_threshold=stream_threshold, chunk_size=chunk_size
+        )
         opts = self._options(options)
         self._channel = (
             grpc.aio.secure_channel(target, credentials, options=opts)
@@ -61,13 +70,48 @@ class AsyncClient(BaseClient):
             self._closed = True
             await self._channel.close(grace=None)
 
-    async def _invoke(self, method: str, request: bytes, timeout: Timeout) -> Received[Any]:
+    async def _invoke(
+        self,
+        method: str,
+        encoder: Encoder[Any],
+        timeout: Timeout,
+        progress: ProgressCallback | None = None,
+    ) -> Received[Any]:
         self._check_open()
+        reporter = _Reporter(progress)
+        deadline = self._deadline(self._timeout(timeout))
+        if method in STREAMED and self._wants_stream(encoder):
+            return await self._stream(method, encoder, deadline, reporter)
         try:
-            result = await self._methods[method](request, timeout=self._timeout(timeout))
+            result = await self._methods[method](
+                encoder.finish(), timeout=self._remaining(deadline)
+            )
         except grpc.RpcError as exc:
+            error = self._error(exc)
+            if not isinstance(error, OutOfRangeError) or method not in STREAMED:
+                raise error from exc
+            # The response is too large for one message: ask again as a stream.
+            return await self._stream(method, encoder, deadline, reporter)
+        received = self._unwrap(result)
+        reporter.whole(encoder, received)
+        return received
+
+    async def _stream(
+        self, method: str, encoder: Encoder[Any], deadline: float | None, reporter: _Reporter
+    ) -> Received[Any]:
+        parts, receiver = self._stream_call(method, encoder, reporter)
+        call = self._methods[f"{method}Stream"](parts, timeout=self._remaining(deadline))
+        try:
+            async for raw in call:
+                receiver.feed(raw)
+            return receiver.finish()
+        except grpc.RpcError as exc:
+            if reporter.error is not None:  # the progress callback raised while uploading
+                raise reporter.error from None
             raise self._error(exc) from exc
-        return self._unwrap(result)
+        except BaseException:
+            call.cancel()  # our own error (or the caller's): stop the server's work too
+            raise
 
     async def info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
         """See ``Client.info``."""
@@ -80,10 +124,11 @@ class AsyncClient(BaseClient):
         *,
         outputs: Sequence[str] | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
+        progress: ProgressCallback | None = None,
     ) -> dict[str, np.ndarray]:
         """See ``Client.infer``."""
         request = self._prepare_infer(model, inputs, outputs)
-        return self._finish_infer(await self._invoke("Infer", request, timeout))
+        return self._finish_infer(await self._invoke("Infer", request, timeout, progress))
 
     async def grad(
         self,
@@ -94,17 +139,23 @@ class AsyncClient(BaseClient):
         grad_outputs: np.ndarray | Mapping[str, Any] | None = None,
         param_grads: bool = False,
         timeout: Timeout = USE_CLIENT_DEFAULT,
+        progress: ProgressCallback | None = None,
     ) -> GradResult:
         """See ``Client.grad``."""
         request = self._prepare_grad(model, inputs, wrt, grad_outputs, param_grads)
-        return self._finish_grad(await self._invoke("Grad", request, timeout))
+        return self._finish_grad(await self._invoke("Grad", request, timeout, progress))
 
     async def call(
-        self, function: str, *args: Any, timeout: Timeout = USE_CLIENT_DEFAULT, **kwargs: Any
+        self,
+        function: str,
+        *args: Any,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+        progress: ProgressCallback | None = None,
+        **kwargs: Any,
     ) -> np.ndarray | tuple[np.ndarray, ...]:
         """See ``Client.call``."""
         request = self._prepare_call(function, args, kwargs)
-        return self._finish_call(await self._invoke("Call", request, timeout))
+        return self._finish_call(await self._invoke("Call", request, timeout, progress))
 
     async def call_grad(
         self,
@@ -113,8 +164,9 @@ class AsyncClient(BaseClient):
         wrt: int | Sequence[int] = 0,
         grad_outputs: np.ndarray | Mapping[str, Any] | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
+        progress: ProgressCallback | None = None,
         **kwargs: Any,
     ) -> GradResult:
         """See ``Client.call_grad``."""
         request = self._prepare_call_grad(function, args, kwargs, wrt, grad_outputs)
-        return self._finish_grad(await self._invoke("Grad", request, timeout))
+        return self._finish_grad(await self._invoke("Grad", request, timeout, progress))

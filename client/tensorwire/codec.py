@@ -7,7 +7,7 @@ the received bytes, validated before anything is allocated.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -49,16 +49,22 @@ def _element_count(shape: Sequence[int], name: str) -> int:
     return count
 
 
-def decode_array(tensor: pb.Tensor, payload: _framing.Buffer, name: str) -> np.ndarray:
-    """A read-only view of ``payload`` as the array ``tensor`` describes, after
-    checking dtype, shape and length; InvalidArgumentError naming ``name`` if not."""
+def layout(tensor: pb.Tensor, name: str) -> tuple[np.dtype[Any], tuple[int, ...], int]:
+    """The NumPy dtype, shape and byte size ``tensor`` declares, after checking them;
+    InvalidArgumentError naming ``name`` if they are not valid."""
     dtype = NUMPY_BY_WIRE.get(tensor.dtype)
     if dtype is None:
         if tensor.dtype == pb.DTYPE_UNSPECIFIED:
             raise InvalidArgumentError(f"{name}: no dtype given")
         raise InvalidArgumentError(f"{name}: {dtype_name(tensor.dtype)} is not supported")
     shape = tuple(tensor.shape)
-    expected = _element_count(shape, name) * dtype.itemsize
+    return dtype, shape, _element_count(shape, name) * dtype.itemsize
+
+
+def decode_array(tensor: pb.Tensor, payload: _framing.Buffer, name: str) -> np.ndarray:
+    """A view of ``payload`` as the array ``tensor`` describes, after checking dtype,
+    shape and length; InvalidArgumentError naming ``name`` if not."""
+    dtype, shape, expected = layout(tensor, name)
     got = memoryview(payload).nbytes
     if got != expected:
         raise InvalidArgumentError(
@@ -71,12 +77,43 @@ def decode_array(tensor: pb.Tensor, payload: _framing.Buffer, name: str) -> np.n
     return arr
 
 
-@dataclass
-class Encoder:
-    """Builds one outgoing message: tensors are written as placeholders and their
-    memory kept aside, then ``finish`` serializes with one copy per payload byte."""
+def tensors_in(message: Message, path: str = "") -> Iterator[tuple[str, pb.Tensor]]:
+    """Every Tensor inside ``message`` at any depth, with a name for error messages."""
+    for fd, value in message.ListFields():
+        if fd.message_type is None:
+            continue
+        where = f"{path}.{fd.name}" if path else fd.name
+        items: Iterable[tuple[str, Any]]
+        if fd.message_type.GetOptions().map_entry:
+            items = ((f"{where}[{k!r}]", v) for k, v in value.items())
+        elif fd.is_repeated:
+            items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
+        else:
+            items = ((where, value),)
+        for name, item in items:
+            if not isinstance(item, Message):
+                continue
+            if isinstance(item, pb.Tensor):
+                yield name, item
+            else:
+                if isinstance(item, pb.NamedTensor) and item.name:
+                    name = f"{where} {item.name!r}"
+                yield from tensors_in(item, name)
 
+
+@dataclass
+class Encoder(Generic[M]):
+    """Builds one outgoing ``message``: tensors are written as placeholders and their
+    memory kept aside, then ``finish`` serializes it with one copy per payload byte
+    (or ``tensorwire.streaming.parts`` splits it into a stream)."""
+
+    message: M
     _slots: list[tuple[pb.Tensor, memoryview]] = field(default_factory=list)
+
+    @property
+    def payload_bytes(self) -> int:
+        """The tensor payload bytes queued so far."""
+        return sum(data.nbytes for _, data in self._slots)
 
     def tensor(self, out: pb.Tensor, arr: np.ndarray) -> None:
         """Describe ``arr`` in ``out`` and queue its bytes."""
@@ -120,23 +157,40 @@ class Encoder:
                 "strings, None or lists of them"
             )
 
-    def finish(self, message: Message) -> bytes:
-        """Serialize ``message``, whose tensors were all filled by this encoder."""
-        total = sum(data.nbytes for _, data in self._slots)
-        if total < INLINE_LIMIT:
+    def finish(self) -> bytes:
+        """Serialize the message, whose tensors were all filled by this encoder."""
+        if self.payload_bytes < INLINE_LIMIT:
             for out, data in self._slots:
                 out.data = data.tobytes()
-            return bytes(message.SerializeToString())
-        small = message.SerializeToString()
-        return _framing.put_payloads(small, message.DESCRIPTOR, [d for _, d in self._slots])
+            return bytes(self.message.SerializeToString())
+        small = self.message.SerializeToString()
+        return _framing.put_payloads(small, self.message.DESCRIPTOR, self._payloads())
+
+    def header(self) -> tuple[bytes, list[memoryview]]:
+        """The message as a stream header (every Tensor's data empty) and the
+        payloads in the order their chunks follow it."""
+        small = self.message.SerializeToString()
+        return _framing.strip_payloads(small, self.message.DESCRIPTOR, self._payloads())
+
+    def _payloads(self) -> list[memoryview]:
+        return [data for _, data in self._slots]
 
 
 @dataclass(frozen=True)
 class Received(Generic[M]):
-    """A parsed message and, for a large one, the payload views its placeholders index."""
+    """A parsed message and, for a large one, the payload views its placeholders index.
+    ``owned``: the payloads are private writable buffers (a stream's), not gRPC's bytes."""
 
     message: M
     payloads: list[memoryview] | None = None
+    owned: bool = False
+
+    @property
+    def payload_bytes(self) -> int:
+        """The tensor payload bytes the message carries."""
+        if self.payloads is not None:
+            return sum(p.nbytes for p in self.payloads)
+        return sum(len(t.data) for _, t in tensors_in(self.message))
 
     def array(self, tensor: pb.Tensor, name: str) -> np.ndarray:
         """The array a Tensor of this message holds (a read-only view)."""

@@ -26,6 +26,12 @@ class InvalidArgumentError(TensorwireError):
     code = "INVALID_ARGUMENT"
 
 
+class OutOfRangeError(InvalidArgumentError):
+    """A unary response too large for one gRPC message; the client streams instead."""
+
+    code = "OUT_OF_RANGE"
+
+
 class NotFoundError(TensorwireError):
     """An unknown model, function or other named thing (NOT_FOUND)."""
 
@@ -90,6 +96,7 @@ _BY_CODE: dict[str, type[TensorwireError]] = {
     cls.code: cls
     for cls in (
         InvalidArgumentError,
+        OutOfRangeError,
         NotFoundError,
         FailedPreconditionError,
         ResourceExhaustedError,
@@ -104,7 +111,6 @@ _BY_CODE: dict[str, type[TensorwireError]] = {
 }
 # Codes with no class of their own.
 _BY_CODE.update(
-    OUT_OF_RANGE=InvalidArgumentError,
     ALREADY_EXISTS=FailedPreconditionError,
     ABORTED=UnavailableError,
 )

@@ -1,8 +1,10 @@
-"""Typed results the client returns: server description and gradient results."""
+"""Typed results and callbacks of the client: server description, gradients, progress."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -62,3 +64,25 @@ class GradResult:
     outputs: dict[str, np.ndarray]
     grads: dict[str, np.ndarray]
     param_grads: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far one transfer of a call has got, in tensor payload bytes.
+
+    ``stage`` is "upload" (the request) or "download" (the response). A streamed
+    transfer reports after every chunk; a small one at its start and its end.
+    """
+
+    stage: Literal["upload", "download"]
+    done: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        """``done / total``, and 1.0 for a transfer with nothing to move."""
+        return self.done / self.total if self.total else 1.0
+
+
+#: A progress callback: called with each Progress; an exception it raises ends the call.
+ProgressCallback = Callable[[Progress], None]

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-builtins", action="store_true", help="do not serve built-in models")
     parser.add_argument("--workers", type=int, help="request threads (default 16)")
+    parser.add_argument(
+        "--chunk-size", type=int, help="payload bytes per streamed chunk (default 1 MiB)"
+    )
     parser.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
     args = parser.parse_args(argv)
     try:
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             models={**base.models, **extra} or None,
             builtins=False if args.no_builtins else None,
             workers=args.workers,
+            chunk_size=args.chunk_size,
             log_level=args.log_level,
         )
         serve(settings)

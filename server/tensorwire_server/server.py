@@ -42,7 +42,9 @@ def create_server(settings: Settings, engine: Engine | None = None) -> tuple[grp
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="tensorwire"),
         options=SERVER_OPTIONS,
     )
-    server.add_generic_rpc_handlers((tensor_service_handler(TensorServicer(engine)),))
+    server.add_generic_rpc_handlers(
+        (tensor_service_handler(TensorServicer(engine, settings.chunk_size)),)
+    )
     address = f"{settings.host}:{settings.port}"
     port = server.add_insecure_port(address)
     if port == 0:

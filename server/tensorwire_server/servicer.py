@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, Final
 
 import grpc
 import torch
+from google.protobuf.message import Message
 
 import tensorwire_server
+from tensorwire import streaming
 from tensorwire.codec import Encoder, Received, receiver
 from tensorwire.dtypes import WIRE_BY_NAME
-from tensorwire.errors import InvalidArgumentError, TensorwireError
+from tensorwire.errors import InvalidArgumentError, OutOfRangeError, TensorwireError
+from tensorwire.streaming import DEFAULT_CHUNK_SIZE, StreamReceiver
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire_server.engine import Engine, GradOutcome, Named
 from tensorwire_server.models import TensorSpec
@@ -20,15 +24,21 @@ from tensorwire_server.models import TensorSpec
 log = logging.getLogger(__name__)
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TensorService"]
+# Payload bytes a unary response may hold: protobuf caps a message at 2 GiB - 1, and
+# the rest of the message needs room too. Larger responses go through *Stream.
+UNARY_LIMIT: Final = 2**31 - 2**20
+
+Behavior = Callable[[Received[Any]], Encoder[Any]]
 
 
 class TensorServicer:
     """Implements tensorwire.v1.TensorService over an Engine; translates only."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
         self.engine = engine
+        self.chunk_size = chunk_size
 
-    def Info(self, request: Received[pb.InfoRequest]) -> bytes:
+    def Info(self, request: Received[pb.InfoRequest]) -> Encoder[pb.InfoResponse]:
         engine = self.engine
         device = engine.describe_device()
         response = pb.InfoResponse(
@@ -54,19 +64,18 @@ class TensorServicer:
             )
         for name in sorted(engine.functions):
             response.functions.add(name=name, description=engine.functions[name].description)
-        return bytes(response.SerializeToString())
+        return Encoder(response)
 
-    def Infer(self, request: Received[pb.InferRequest]) -> bytes:
+    def Infer(self, request: Received[pb.InferRequest]) -> Encoder[pb.InferResponse]:
         message = request.message
         outputs = self.engine.infer(
             message.model, request.named(message.inputs, "input"), list(message.outputs)
         )
-        encoder = Encoder()
-        response = pb.InferResponse(model=message.model)
-        _fill(encoder, response.outputs, outputs)
-        return encoder.finish(response)
+        encoder = Encoder(pb.InferResponse(model=message.model))
+        _fill(encoder, encoder.message.outputs, outputs)
+        return encoder
 
-    def Grad(self, request: Received[pb.GradRequest]) -> bytes:
+    def Grad(self, request: Received[pb.GradRequest]) -> Encoder[pb.GradResponse]:
         message = request.message
         grad_outputs = request.named(message.grad_outputs, "grad_outputs")
         outcome: GradOutcome
@@ -87,24 +96,23 @@ class TensorServicer:
                 grad_outputs,
                 message.param_grads,
             )
-        encoder = Encoder()
-        response = pb.GradResponse()
+        encoder = Encoder(pb.GradResponse())
+        response = encoder.message
         _fill(encoder, response.outputs, outcome.outputs)
         _fill(encoder, response.grads, outcome.grads)
         _fill(encoder, response.param_grads, outcome.param_grads)
-        return encoder.finish(response)
+        return encoder
 
-    def Call(self, request: Received[pb.CallRequest]) -> bytes:
+    def Call(self, request: Received[pb.CallRequest]) -> Encoder[pb.CallResponse]:
         message = request.message
         args, kwargs = request.arguments(message.args, message.kwargs)
         outputs = self.engine.call(message.function, args, kwargs)
-        encoder = Encoder()
-        response = pb.CallResponse()
-        _fill(encoder, response.outputs, outputs)
-        return encoder.finish(response)
+        encoder = Encoder(pb.CallResponse())
+        _fill(encoder, encoder.message.outputs, outputs)
+        return encoder
 
 
-def _fill(encoder: Encoder, field: Any, tensors: Named) -> None:
+def _fill(encoder: Encoder[Any], field: Any, tensors: Named) -> None:
     for name, arr in tensors:
         encoder.named(field.add(), name, arr)
 
@@ -118,36 +126,75 @@ def _spec(spec: TensorSpec) -> pb.TensorSpec:
     )
 
 
-def _guarded(method: str, behavior: Callable[[Any], bytes]) -> Callable[[Any, Any], bytes]:
+@contextmanager
+def _statuses(method: str, context: grpc.ServicerContext) -> Iterator[None]:
     """The one error mapping: tensorwire errors become their status with their message;
     anything else is a server bug, logged with its traceback and answered INTERNAL."""
+    try:
+        yield
+    except TensorwireError as exc:
+        # The caller's mistake, not the server's: debug level, no traceback.
+        log.debug("%s: %s %s", method, exc.code, exc.message)
+        context.abort(grpc.StatusCode[exc.code], exc.message)
+    except Exception:
+        log.exception("%s failed with a server error", method)
+        context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error")
 
-    def handle(request: Any, context: grpc.ServicerContext) -> bytes:
-        try:
+
+def _unary(method: str, behavior: Behavior) -> Callable[[Any, grpc.ServicerContext], bytes]:
+    def handle(request: Received[Any] | TensorwireError, context: grpc.ServicerContext) -> bytes:
+        with _statuses(method, context):
             if isinstance(request, TensorwireError):
                 raise request
-            return behavior(request)
-        except TensorwireError as exc:
-            # The caller's mistake, not the server's: debug level, no traceback.
-            log.debug("%s: %s %s", method, exc.code, exc.message)
-            context.abort(grpc.StatusCode[exc.code], exc.message)
-        except Exception:
-            log.exception("%s failed with a server error", method)
-            context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error")
-        raise AssertionError("unreachable")  # context.abort always raises
+            encoder = behavior(request)
+            if encoder.payload_bytes > UNARY_LIMIT:
+                raise OutOfRangeError(
+                    f"the response holds {encoder.payload_bytes} payload bytes, more than "
+                    f"one message carries; {method}Stream streams it"
+                )
+            return encoder.finish()
+        raise AssertionError("unreachable")  # _statuses aborts, and abort raises
+
+    return handle
+
+
+def _streaming(
+    method: str, request_class: type[Message], behavior: Behavior, chunk_size: int
+) -> Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]:
+    def handle(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        with _statuses(method, context):
+            receiver = StreamReceiver(request_class)
+            try:
+                for raw in requests:
+                    receiver.feed(raw)
+            except grpc.RpcError:
+                # The client cancelled or went away: nobody is left to answer, and what
+                # the receiver allocated goes with it.
+                log.debug("%s: the client cancelled mid-stream", method)
+                return
+            encoder = behavior(receiver.finish())
+            del receiver  # the request's buffers live on only through the engine's outputs
+        yield from streaming.parts(encoder, chunk_size)
 
     return handle
 
 
 def tensor_service_handler(servicer: TensorServicer) -> grpc.GenericRpcHandler[Any, Any]:
     """Every TensorService method, named from the service descriptor, with our codec."""
-    handlers = {}
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in SERVICE.methods:
-        request_class = pb.DESCRIPTOR.message_types_by_name[method.input_type.name]
-        cls = getattr(pb, request_class.name)
-        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-            _guarded(f"{SERVICE.name}.{method.name}", getattr(servicer, method.name)),
-            request_deserializer=receiver(cls),
-            response_serializer=bytes,  # the servicer already encoded the response
-        )
+        name = f"{SERVICE.name}.{method.name}"
+        if method.client_streaming:
+            # InferStream streams InferRequestPart, whose header is an InferRequest.
+            request_class = getattr(pb, method.input_type.name.removesuffix("Part"))
+            behavior = getattr(servicer, method.name.removesuffix("Stream"))
+            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
+                _streaming(name, request_class, behavior, servicer.chunk_size)
+            )
+        else:
+            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+                _unary(name, getattr(servicer, method.name)),
+                request_deserializer=receiver(getattr(pb, method.input_type.name)),
+                response_serializer=bytes,  # the servicer already encoded the response
+            )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)

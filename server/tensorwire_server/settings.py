@@ -7,6 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from tensorwire.streaming import DEFAULT_CHUNK_SIZE
+
 ENV_PREFIX = "TENSORWIRE_"
 
 
@@ -27,6 +29,8 @@ class Settings:
     builtins: bool = True
     #: Threads answering requests.
     workers: int = 16
+    #: Payload bytes per chunk message of a streamed response.
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     #: Logging level name.
     log_level: str = "INFO"
 
@@ -41,6 +45,12 @@ class Settings:
                 values[f.name] = _parse(f.name, raw, f.type)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(
+                f"chunk_size must be a positive number of bytes, not {self.chunk_size}"
+            )
 
 
 def _parse(name: str, raw: str, kind: Any) -> Any:

@@ -229,3 +229,51 @@ class CallResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     def __init__(self, outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class InferRequestPart(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: InferRequest
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[InferRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class InferResponsePart(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: InferResponse
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[InferResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class GradRequestPart(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: GradRequest
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[GradRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class GradResponsePart(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: GradResponse
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[GradResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class CallRequestPart(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: CallRequest
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[CallRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class CallResponsePart(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: CallResponse
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[CallResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...

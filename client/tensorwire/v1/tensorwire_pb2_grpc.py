@@ -56,6 +56,21 @@ class TensorServiceStub:
                 request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.CallRequest.SerializeToString,
                 response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.CallResponse.FromString,
                 _registered_method=True)
+        self.InferStream = channel.stream_stream(
+                '/tensorwire.v1.TensorService/InferStream',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.InferRequestPart.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.InferResponsePart.FromString,
+                _registered_method=True)
+        self.GradStream = channel.stream_stream(
+                '/tensorwire.v1.TensorService/GradStream',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.GradRequestPart.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.GradResponsePart.FromString,
+                _registered_method=True)
+        self.CallStream = channel.stream_stream(
+                '/tensorwire.v1.TensorService/CallStream',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.CallRequestPart.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.CallResponsePart.FromString,
+                _registered_method=True)
 
 
 class TensorServiceServicer:
@@ -99,6 +114,40 @@ class TensorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def InferStream(self, request_iterator, context):
+        """InferStream, GradStream and CallStream are Infer, Grad and Call for requests and
+        responses of any size, far past protobuf's 2 GiB message limit. Each direction is
+        a stream of parts: first a header, the ordinary request or response with the
+        `data` of every Tensor left empty, then chunks carrying the payloads of those
+        tensors back to back, in the order their Tensor messages occur in the serialized
+        header, split at any byte. The receiver preallocates every tensor from the
+        header and copies chunks into place. Besides the statuses of the unary twins:
+        INVALID_ARGUMENT    a chunk before the header, a second header, a header
+        tensor with inline data, or a stream that ends short of
+        (or runs past) the bytes the header declares;
+        RESOURCE_EXHAUSTED  the tensors the header declares cannot be allocated.
+        A stream cut off by the client frees what the server had allocated for it.
+        Clients use these above a size threshold; a unary response that would not fit
+        in one message is refused with OUT_OF_RANGE, and the client asks again here.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GradStream(self, request_iterator, context):
+        """GradStream is Grad over streams of parts; see InferStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CallStream(self, request_iterator, context):
+        """CallStream is Call over streams of parts; see InferStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TensorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +170,21 @@ def add_TensorServiceServicer_to_server(servicer, server):
                     servicer.Call,
                     request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.CallRequest.FromString,
                     response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.CallResponse.SerializeToString,
+            ),
+            'InferStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.InferStream,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.InferRequestPart.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.InferResponsePart.SerializeToString,
+            ),
+            'GradStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GradStream,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.GradRequestPart.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.GradResponsePart.SerializeToString,
+            ),
+            'CallStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.CallStream,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.CallRequestPart.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.CallResponsePart.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -233,6 +297,87 @@ class TensorService:
             '/tensorwire.v1.TensorService/Call',
             tensorwire_dot_v1_dot_tensorwire__pb2.CallRequest.SerializeToString,
             tensorwire_dot_v1_dot_tensorwire__pb2.CallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def InferStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tensorwire.v1.TensorService/InferStream',
+            tensorwire_dot_v1_dot_tensorwire__pb2.InferRequestPart.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.InferResponsePart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GradStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tensorwire.v1.TensorService/GradStream',
+            tensorwire_dot_v1_dot_tensorwire__pb2.GradRequestPart.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.GradResponsePart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CallStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tensorwire.v1.TensorService/CallStream',
+            tensorwire_dot_v1_dot_tensorwire__pb2.CallRequestPart.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.CallResponsePart.FromString,
             options,
             channel_credentials,
             insecure,
