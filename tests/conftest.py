@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,6 +37,33 @@ def start(settings: Settings) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         server.stop(grace=None)
+
+
+@contextmanager
+def spawn_server(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
+    """Run ``tensorwire-server --port 0 FLAGS`` as its own process (for its exit code,
+    signals or memory); yield it, its address and its log lines so far once it
+    listens; kill it after."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tensorwire_server", "--port", "0", *flags],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        lines: list[str] = []
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            lines.append(line)
+            if match := re.search(r"listening on (\S+)", line):
+                yield proc, match.group(1), lines
+                return
+        pytest.fail("server did not start: " + "".join(lines))
+    finally:
+        proc.kill()
+        proc.wait(30)
 
 
 @pytest.fixture(scope="session")

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
+from conftest import spawn_server
 
 from tensorwire import Client
 from tensorwire_server.settings import Settings
@@ -29,30 +27,13 @@ def test_settings_read_the_environment_then_overrides() -> None:
 
 
 def test_server_command_logs_its_device_serves_and_stops_cleanly() -> None:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorwire_server", "--port", "0", "--device", "auto"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        lines: list[str] = []
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()  # type: ignore[union-attr]
-            lines.append(line)
-            if match := re.search(r"listening on 127\.0\.0\.1:(\d+)", line):
-                break
-        else:
-            pytest.fail("server did not start: " + "".join(lines))
+    with spawn_server("--device", "auto") as (proc, address, lines):
+        assert address.startswith("127.0.0.1:")
         assert "device cpu" in lines[0]  # auto picks the CPU here and says so first
-        with Client(f"127.0.0.1:{match.group(1)}", timeout=30) as c:
+        with Client(address, timeout=30) as c:
             assert "mlp" in c.info().models
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-    finally:
-        proc.kill()
 
 
 def test_bad_model_option_exits_with_a_message() -> None:

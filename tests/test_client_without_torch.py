@@ -12,7 +12,7 @@ SCRIPT = textwrap.dedent(
     sys.modules["torch"] = None  # any "import torch" now raises ImportError
     import numpy as np
     import tensorwire as tw
-    from tensorwire import codec, dtypes, errors, types
+    from tensorwire import cli, codec, dtypes, errors, streaming, types
     assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules if sys.modules[m])
     assert not any(m.startswith("tensorwire_server") for m in sys.modules)
     with tw.Client(sys.argv[1], timeout=30) as c:
@@ -22,6 +22,8 @@ SCRIPT = textwrap.dedent(
         g = c.grad("mlp", x, grad_outputs=np.ones((2, 4), np.float32))
         assert g.grads["input"].shape == (2, 16)
         assert c.call("matmul", np.eye(2), np.ones((2, 2))).tolist() == [[1, 1], [1, 1]]
+    with tw.Client(sys.argv[1], timeout=30, stream_threshold=0, chunk_size=3) as c:
+        assert c.infer("identity", np.arange(10))["output"].tolist() == list(range(10))
     print("ok")
     """
 )

@@ -65,7 +65,7 @@ STREAMED: Final = ("Infer", "Grad", "Call")
 
 #: Requests with at least this many payload bytes travel as a stream. Measured on
 #: loopback (docs/performance.md): below it the unary path's lower setup cost wins.
-DEFAULT_STREAM_THRESHOLD: Final = 4 << 20
+DEFAULT_STREAM_THRESHOLD: Final = 2 << 20
 
 
 def method_path(name: str) -> str:

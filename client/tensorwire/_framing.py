@@ -26,6 +26,7 @@ Descriptor = Any
 
 _TENSOR = pb.Tensor.DESCRIPTOR
 _DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+_DATA_KEY = bytes([_DATA << 3 | 2])
 _MAX_DEPTH = 64
 PLACEHOLDER_SIZE = 4
 # Field numbers shared by every *Part message of the streaming RPCs.
@@ -104,6 +105,7 @@ def _reframe(
     is_tensor = desc.full_name == _TENSOR.full_name
     total = 0
     pos = run = start  # run: where the current stretch of untouched fields began
+    swapped_data = False
     while pos < end:
         field_start = pos
         key, pos = _read_varint(buf, pos, end)
@@ -121,6 +123,7 @@ def _reframe(
             if pos > end:
                 raise InvalidArgumentError("malformed message: field runs past the end")
             swapped = is_tensor and number == _DATA
+            swapped_data = swapped_data or swapped
             if swapped or number in carriers:
                 if run < field_start:
                     out.append(buf[run:field_start])
@@ -145,6 +148,14 @@ def _reframe(
     if run < end:
         out.append(buf[run:end])
         total += end - run
+    if is_tensor and not swapped_data:
+        # proto3 writers leave an empty data field out; it is a (zero-byte) payload
+        # all the same, so it is swapped like one and counts in a stream's order.
+        new = swap(memoryview(b""))
+        new_size = memoryview(new).nbytes
+        for piece in (_DATA_KEY, _varint(new_size), new):
+            out.append(piece)
+        total += len(_DATA_KEY) + len(_varint(new_size)) + new_size
     return total
 
 

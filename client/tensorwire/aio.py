@@ -105,12 +105,14 @@ class AsyncClient(BaseClient):
             async for raw in call:
                 receiver.feed(raw)
             return receiver.finish()
-        except grpc.RpcError as exc:
-            if reporter.error is not None:  # the progress callback raised while uploading
+        except BaseException as exc:
+            call.cancel()  # whatever went wrong, stop the server's work too
+            if reporter.error is not None and reporter.error is not exc:
+                # The progress callback raised while gRPC was taking the upload, which
+                # cancelled the call: the callback's error is the one to report.
                 raise reporter.error from None
-            raise self._error(exc) from exc
-        except BaseException:
-            call.cancel()  # our own error (or the caller's): stop the server's work too
+            if isinstance(exc, grpc.RpcError):
+                raise self._error(exc) from exc
             raise
 
     async def info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:

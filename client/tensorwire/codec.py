@@ -95,9 +95,10 @@ def tensors_in(message: Message, path: str = "") -> Iterator[tuple[str, pb.Tenso
                 continue
             if isinstance(item, pb.Tensor):
                 yield name, item
+            elif isinstance(item, pb.NamedTensor):
+                if item.HasField("tensor"):
+                    yield (f"{where} {item.name!r}" if item.name else name), item.tensor
             else:
-                if isinstance(item, pb.NamedTensor) and item.name:
-                    name = f"{where} {item.name!r}"
                 yield from tensors_in(item, name)
 
 
@@ -162,7 +163,11 @@ class Encoder(Generic[M]):
         if self.payload_bytes < INLINE_LIMIT:
             for out, data in self._slots:
                 out.data = data.tobytes()
-            return bytes(self.message.SerializeToString())
+            raw = bytes(self.message.SerializeToString())
+            # Put the placeholders back: the message may yet be sent as a stream.
+            for index, (out, _) in enumerate(self._slots):
+                out.data = _framing.placeholder(index)
+            return raw
         small = self.message.SerializeToString()
         return _framing.put_payloads(small, self.message.DESCRIPTOR, self._payloads())
 

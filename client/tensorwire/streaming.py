@@ -120,6 +120,12 @@ class StreamReceiver(Generic[M]):
             )
         return Received(self._message, self._views, owned=True)
 
+    def close(self) -> None:
+        """Let go of every buffer this receiver allocated (a finished message keeps
+        its own references)."""
+        self._views = []
+        self._message = None
+
     def _start(self, header: memoryview) -> None:
         small, count = _framing.number_payloads(header, self._cls.DESCRIPTOR)
         try:

@@ -34,9 +34,12 @@ Behavior = Callable[[Received[Any]], Encoder[Any]]
 class TensorServicer:
     """Implements tensorwire.v1.TensorService over an Engine; translates only."""
 
-    def __init__(self, engine: Engine, chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(
+        self, engine: Engine, chunk_size: int = DEFAULT_CHUNK_SIZE, unary_limit: int = UNARY_LIMIT
+    ) -> None:
         self.engine = engine
         self.chunk_size = chunk_size
+        self.unary_limit = unary_limit
 
     def Info(self, request: Received[pb.InfoRequest]) -> Encoder[pb.InfoResponse]:
         engine = self.engine
@@ -141,13 +144,15 @@ def _statuses(method: str, context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error")
 
 
-def _unary(method: str, behavior: Behavior) -> Callable[[Any, grpc.ServicerContext], bytes]:
+def _unary(
+    method: str, behavior: Behavior, limit: int
+) -> Callable[[Any, grpc.ServicerContext], bytes]:
     def handle(request: Received[Any] | TensorwireError, context: grpc.ServicerContext) -> bytes:
         with _statuses(method, context):
             if isinstance(request, TensorwireError):
                 raise request
             encoder = behavior(request)
-            if encoder.payload_bytes > UNARY_LIMIT:
+            if encoder.payload_bytes > limit:
                 raise OutOfRangeError(
                     f"the response holds {encoder.payload_bytes} payload bytes, more than "
                     f"one message carries; {method}Stream streams it"
@@ -167,13 +172,18 @@ def _streaming(
             try:
                 for raw in requests:
                     receiver.feed(raw)
-            except grpc.RpcError:
-                # The client cancelled or went away: nobody is left to answer, and what
-                # the receiver allocated goes with it.
+                request = receiver.finish()
+            except grpc.RpcError as exc:
+                # The client cancelled or went away: nobody is left to answer. gRPC
+                # keeps this exception in the call's state, so its traceback (and this
+                # frame with the receiver) must not keep the payload alive.
+                exc.__traceback__ = None
                 log.debug("%s: the client cancelled mid-stream", method)
                 return
-            encoder = behavior(receiver.finish())
-            del receiver  # the request's buffers live on only through the engine's outputs
+            finally:
+                receiver.close()  # on success `request` holds the buffers, and only it
+            encoder = behavior(request)
+            del request  # from here on the buffers live only through the engine's outputs
         yield from streaming.parts(encoder, chunk_size)
 
     return handle
@@ -193,7 +203,7 @@ def tensor_service_handler(servicer: TensorServicer) -> grpc.GenericRpcHandler[A
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(name, getattr(servicer, method.name)),
+                _unary(name, getattr(servicer, method.name), servicer.unary_limit),
                 request_deserializer=receiver(getattr(pb, method.input_type.name)),
                 response_serializer=bytes,  # the servicer already encoded the response
             )
