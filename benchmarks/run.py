@@ -1,17 +1,22 @@
 """One command, one table: tensorwire against its floors and a peer, measured in one run.
 
-    .venv/bin/python benchmarks/run.py [--sizes 1M,64M,1G] [--repeats 3]
+    .venv/bin/python benchmarks/run.py [--sizes 1M,64M,1G,3G] [--repeats 3]
+        [--plot docs/benchmarks.png] [--json results.json]
 
-Every party runs as its own process on 127.0.0.1: raw TCP (one way; the floor),
-a bare grpcio unary echo, torch.distributed.rpc (TensorPipe) returning the tensor, and
+Every party runs as its own process on 127.0.0.1: raw TCP (one way; the floor), a bare
+grpcio unary echo, torch.distributed.rpc (TensorPipe) returning the tensor, and
 tensorwire's identity model through Client and AsyncClient. Round-trip throughput is
 (bytes sent + bytes received) / best time; the TCP floor is one-way bytes / best time.
+Peak RSS growth is VmHWM, reset before each size, over the payload size. On a machine
+with CUDA, the request path's host-to-device (and the response path's device-to-host)
+bandwidth is measured against torch's own pinned-memory copy.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import multiprocessing as mp
 import re
 import socket
@@ -19,7 +24,11 @@ import statistics
 import subprocess
 import sys
 import time
+import zlib
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -30,6 +39,22 @@ import peers
 import tensorwire as tw
 
 UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+# One gRPC message (and protobuf) cannot carry more: the echo floor stops here.
+ONE_MESSAGE = 2**31 - 1
+
+TCP = "raw TCP, one way (floor)"
+ECHO = "grpcio unary echo (floor)"
+RPC = "torch.distributed.rpc identity (peer)"
+CLIENT = "tensorwire Client identity"
+ASYNC = "tensorwire AsyncClient identity"
+SERVER_RSS = "tensorwire server peak RSS growth / payload"
+CLIENT_RSS = "tensorwire client peak RSS growth / payload"
+GPU_H2D = "GPU host-to-device, request path"
+GPU_H2D_FLOOR = "GPU host-to-device, torch pinned copy (floor)"
+GPU_D2H = "GPU device-to-host, response path"
+GPU_D2H_FLOOR = "GPU device-to-host, torch pinned copy (floor)"
+
+Rows = dict[str, dict[int, float]]
 
 
 def parse_size(text: str) -> int:
@@ -44,7 +69,7 @@ def human(n: float) -> str:
     return f"{n:.0f} B"
 
 
-def best_of(repeats: int, fn) -> float:  # type: ignore[no-untyped-def]
+def best_of(repeats: int, fn: Callable[[], object]) -> float:
     fn()  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -54,7 +79,7 @@ def best_of(repeats: int, fn) -> float:  # type: ignore[no-untyped-def]
     return best
 
 
-def start_process(target, *args):  # type: ignore[no-untyped-def]
+def start_process(target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=target, args=(*args, child), daemon=True)
@@ -76,26 +101,34 @@ def start_tensorwire() -> tuple[subprocess.Popen[str], str]:
     raise RuntimeError("tensorwire server did not start")
 
 
-def peak_rss_reset(pid: int) -> None:
+def reset_peak_rss(pid: int | str) -> None:
     Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
-def peak_rss(pid: int) -> int:
+def peak_rss(pid: int | str) -> int:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
 
 
+def make_payload(size: int) -> np.ndarray:
+    """``size`` bytes of a random 1 MiB block repeated: not compressible, fast to make."""
+    block = np.frombuffer(np.random.default_rng(0).bytes(min(size, 1 << 20)), np.uint8)
+    return np.resize(block, size)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="1M,64M,1G")
+    parser.add_argument("--sizes", default="1M,64M,1G,3G")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--latency-calls", type=int, default=2000)
     parser.add_argument("--no-rpc", action="store_true", help="skip torch.distributed.rpc")
+    parser.add_argument("--plot", type=Path, help="write a PNG of throughput against size")
+    parser.add_argument("--json", type=Path, help="write every figure as JSON")
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
-    rows: dict[str, dict[int, float]] = {}
+    rows: Rows = {}
+    notes: list[str] = []
 
-    # Floors: raw TCP one way, and a bare grpcio unary echo.
     tcp, port_pipe = start_process(peers.tcp_sink)
     tcp_sock = socket.create_connection(("127.0.0.1", port_pipe.recv()))
     echo, port_pipe = start_process(peers.grpc_echo_server)
@@ -107,14 +140,22 @@ def main() -> None:
     client = tw.Client(tw_address, timeout=None)
     try:
         for size in sizes:
-            measure_size(rows, size, args.repeats, tcp_sock, echo_call, client, tw_proc.pid)
+            repeats = args.repeats if size < (1 << 30) else max(1, args.repeats - 1)
+            payload = make_payload(size)
+            measure_floors(rows, size, repeats, payload, tcp_sock, echo_call)
+            notes += measure_tensorwire(rows, size, repeats, payload, client, tw_proc.pid)
+            del payload
             print(f"  measured {human(size)}", file=sys.stderr)
         if not args.no_rpc:
-            rows["torch.distributed.rpc identity (peer)"] = measure_rpc(sizes, args.repeats)
-        # Small-request latency: [1, 16] float32 through tensorwire, its bytes through echo.
+            rows[RPC] = measure_rpc(sizes, args.repeats)
         small = np.ones((1, 16), np.float32)
-        lat_tw = latencies(args.latency_calls, lambda: client.infer("identity", small))
-        lat_echo = latencies(args.latency_calls, lambda: echo_call(small.tobytes()))
+        latency = interleaved_latencies(
+            args.latency_calls,
+            lambda: client.infer("identity", small),
+            lambda: echo_call(small.tobytes()),
+        )
+        if gpu := measure_gpu([s for s in sizes if s <= (1 << 30)], args.repeats):
+            rows.update(gpu)
     finally:
         client.close()
         channel.close()
@@ -123,34 +164,59 @@ def main() -> None:
         tw_proc.wait(30)
         for proc in (tcp, echo):
             proc.kill()
-    report(rows, sizes, lat_tw, lat_echo)
+    report(rows, sizes, latency, notes)
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "latency_us": latency}, indent=1))
+    if args.plot:
+        plot(rows, sizes, args.plot)
 
 
-def measure_size(rows, size, repeats, tcp_sock, echo_call, client, server_pid):  # type: ignore[no-untyped-def]
-    payload = np.full(size, 7, dtype=np.uint8)
-    raw = payload.tobytes()
-    rows.setdefault("raw TCP, one way (floor)", {})[size] = size / peers.tcp_send_seconds(
-        tcp_sock, memoryview(payload), repeats
-    )
-    rows.setdefault("grpcio unary echo (floor)", {})[size] = (
-        2 * size / best_of(repeats, lambda: echo_call(raw))
-    )
-    peak_rss_reset(server_pid)
-    before = peak_rss(server_pid)
-    rows.setdefault("tensorwire Client identity", {})[size] = (
-        2 * size / best_of(repeats, lambda: client.infer("identity", payload))
-    )
-    rows.setdefault("tensorwire server peak RSS growth / payload", {})[size] = (
-        peak_rss(server_pid) - before
-    ) / size
+def measure_floors(
+    rows: Rows, size: int, repeats: int, payload: np.ndarray, tcp_sock: Any, echo_call: Any
+) -> None:
+    view = memoryview(payload)
+    rows.setdefault(TCP, {})[size] = size / peers.tcp_send_seconds(tcp_sock, view, repeats)
+    if size <= ONE_MESSAGE:
+        raw = payload.tobytes()
+        rows.setdefault(ECHO, {})[size] = 2 * size / best_of(repeats, lambda: echo_call(raw))
+        del raw
 
-    async def async_round() -> None:
+
+def measure_tensorwire(
+    rows: Rows, size: int, repeats: int, payload: np.ndarray, client: tw.Client, server_pid: int
+) -> list[str]:
+    notes = []
+    reset_peak_rss(server_pid)
+    server_before = peak_rss(server_pid)
+    reset_peak_rss("self")
+    client_before = peak_rss("self")
+    results: list[np.ndarray] = []
+
+    def round_trip() -> None:
+        results[:] = []  # the previous result goes before the next arrives
+        results.append(client.infer("identity", payload)["output"])
+
+    rows.setdefault(CLIENT, {})[size] = 2 * size / best_of(repeats, round_trip)
+    rows.setdefault(SERVER_RSS, {})[size] = (peak_rss(server_pid) - server_before) / size
+    rows.setdefault(CLIENT_RSS, {})[size] = (peak_rss("self") - client_before) / size
+    if size > ONE_MESSAGE:
+        sent, got = zlib.crc32(payload), zlib.crc32(results[0])
+        verdict = "intact" if sent == got and results[0].shape == payload.shape else "CORRUPT"
+        notes.append(f"{human(size)} round trip {verdict}: crc32 sent {sent:08x}, got {got:08x}")
+    results.clear()
+
+    async def async_best() -> float:
         async with tw.AsyncClient(client.target, timeout=None) as ac:
-            await ac.infer("identity", payload)
+            best = float("inf")
+            for i in range(repeats + 1):  # the first is a warm-up
+                start = time.perf_counter()
+                await ac.infer("identity", payload)
+                if i:
+                    best = min(best, time.perf_counter() - start)
+            return best
 
-    rows.setdefault("tensorwire AsyncClient identity", {})[size] = (
-        2 * size / best_of(repeats, lambda: asyncio.run(async_round()))
-    )
+    rows.setdefault(ASYNC, {})[size] = 2 * size / asyncio.run(async_best())
+    return notes
 
 
 def measure_rpc(sizes: list[int], repeats: int) -> dict[int, float]:
@@ -163,41 +229,132 @@ def measure_rpc(sizes: list[int], repeats: int) -> dict[int, float]:
     ]
     for w in workers:
         w.start()
-    if not parent.poll(600):
+    if not parent.poll(1200):
         raise RuntimeError("torch.distributed.rpc did not finish")
-    results = parent.recv()
+    results: dict[int, float] = parent.recv()
     for w in workers:
         w.join(60)
     return {s: 2 * s / t for s, t in results.items()}
 
 
-def report(rows, sizes, lat_tw, lat_echo) -> None:  # type: ignore[no-untyped-def]
+def measure_gpu(sizes: list[int], repeats: int) -> Rows:
+    """Host-to-device through the server's own request path against a plain pinned
+    copy, and device-to-host likewise; empty without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    from tensorwire_server.tensors import to_device, to_numpy
+
+    device = torch.device("cuda:0")
+    rows: Rows = {GPU_H2D: {}, GPU_H2D_FLOOR: {}, GPU_D2H: {}, GPU_D2H_FLOOR: {}}
+    for size in sizes:
+        host = make_payload(size)
+        pinned = torch.from_numpy(host).pin_memory()
+        on_device = pinned.to(device)
+
+        def synced(fn: Callable[[], object]) -> Callable[[], None]:
+            def run() -> None:
+                fn()
+                torch.cuda.synchronize(device)
+
+            return run
+
+        h2d = partial(to_device, host, device)
+        h2d_floor = partial(pinned.to, device, non_blocking=True)
+        d2h = partial(to_numpy, on_device, "x")
+        d2h_floor = partial(pinned.copy_, on_device, non_blocking=True)
+        rows[GPU_H2D][size] = size / best_of(repeats, synced(h2d))
+        rows[GPU_H2D_FLOOR][size] = size / best_of(repeats, synced(h2d_floor))
+        rows[GPU_D2H][size] = size / best_of(repeats, d2h)
+        rows[GPU_D2H_FLOOR][size] = size / best_of(repeats, synced(d2h_floor))
+        del pinned, on_device
+    return rows
+
+
+def interleaved_latencies(
+    calls: int, ours: Callable[[], object], floor: Callable[[], object]
+) -> dict[str, float]:
+    """p50/p99 of both, sampled alternately so that drift on a shared machine hits both."""
+    for _ in range(200):
+        ours()
+        floor()
+    a: list[float] = []
+    b: list[float] = []
+    for _ in range(calls):
+        for fn, samples in ((ours, a), (floor, b)):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    qa, qb = statistics.quantiles(a, n=100), statistics.quantiles(b, n=100)
+    return {
+        "tensorwire_p50": qa[49] * 1e6,
+        "tensorwire_p99": qa[98] * 1e6,
+        "echo_p50": qb[49] * 1e6,
+        "echo_p99": qb[98] * 1e6,
+    }
+
+
+def report(rows: Rows, sizes: list[int], latency: dict[str, float], notes: list[str]) -> None:
     print(f"\n| path | {' | '.join(human(s) for s in sizes)} |")
     print(f"|---|{'---|' * len(sizes)}")
     for name, by_size in rows.items():
-        cells = [f"{by_size[s]:.2f}x" if "RSS" in name else f"{human(by_size[s])}/s" for s in sizes]
+        cells = [
+            "n/a"
+            if s not in by_size
+            else f"{by_size[s]:.2f}x"
+            if "RSS" in name
+            else f"{human(by_size[s])}/s"
+            for s in sizes
+        ]
         print(f"| {name} | {' | '.join(cells)} |")
-    floor = rows["raw TCP, one way (floor)"]
-    for name in ("tensorwire Client identity", "tensorwire AsyncClient identity"):
-        ratios = ", ".join(f"{human(s)}: {rows[name][s] / floor[s]:.2f}" for s in sizes)
-        print(f"\n{name} / raw TCP: {ratios}")
+    print()
+    for name in (CLIENT, ASYNC):
+        for label, base in ((TCP, rows[TCP]), (RPC, rows.get(RPC, {}))):
+            ratios = ", ".join(
+                f"{human(s)}: {rows[name][s] / base[s]:.2f}" for s in sizes if s in base
+            )
+            if ratios:
+                print(f"- {name} / {label}: {ratios}")
+    if GPU_H2D in rows:
+        ratios = ", ".join(
+            f"{human(s)}: {rows[GPU_H2D][s] / rows[GPU_H2D_FLOOR][s]:.2f}" for s in rows[GPU_H2D]
+        )
+        print(f"- GPU request path / torch pinned copy: {ratios}")
+    for note in notes:
+        print(f"- {note}")
     print(
-        f"\nsmall request [1,16] float32: tensorwire p50 {lat_tw[0] * 1e6:.0f} us, "
-        f"p99 {lat_tw[1] * 1e6:.0f} us; grpcio echo p50 {lat_echo[0] * 1e6:.0f} us, "
-        f"p99 {lat_echo[1] * 1e6:.0f} us; p50 ratio {lat_tw[0] / lat_echo[0]:.2f}"
+        f"- small request [1,16] float32: tensorwire p50 {latency['tensorwire_p50']:.0f} us, "
+        f"p99 {latency['tensorwire_p99']:.0f} us; grpcio echo p50 {latency['echo_p50']:.0f} us, "
+        f"p99 {latency['echo_p99']:.0f} us; p50 ratio "
+        f"{latency['tensorwire_p50'] / latency['echo_p50']:.2f}"
     )
 
 
-def latencies(calls: int, fn) -> tuple[float, float]:  # type: ignore[no-untyped-def]
-    for _ in range(100):
-        fn()
-    samples = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    cuts = statistics.quantiles(samples, n=100)
-    return cuts[49], cuts[98]
+def plot(rows: Rows, sizes: list[int], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        sys.exit("--plot needs matplotlib: pip install -e '.[bench]'")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, by_size in rows.items():
+        if "RSS" in name:
+            continue
+        xs = [s for s in sizes if s in by_size]
+        ax.plot(xs, [by_size[s] / UNITS["G"] for s in xs], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [human(s) for s in sizes])
+    ax.set_xlabel("tensor size")
+    ax.set_ylabel("throughput, GiB/s (round trip; TCP one way)")
+    ax.set_title("tensorwire on loopback, every row from one run")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"\nplot written to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -36,11 +36,18 @@ _WIRE_BY_KEY: Final[dict[tuple[str, int, str], int]] = {
     (d.kind, d.itemsize, d.name): w for w, d, _ in _TABLE
 }
 
+_WIRE_BY_DTYPE: Final[dict[np.dtype, int]] = {d: w for w, d, _ in _TABLE}
+
 NAMES: Final[tuple[str, ...]] = tuple(n for _, _, n in _TABLE)
 
 
 def wire_dtype(dtype: np.dtype) -> int:
     """The wire DType for a NumPy dtype of either byte order; ValueError if none."""
+    # The common case first: a native dtype from the table, without building a key
+    # (a dtype's name is computed on each access, a few microseconds per tensor).
+    wire = _WIRE_BY_DTYPE.get(dtype)
+    if wire is not None:
+        return wire
     key = (dtype.kind, dtype.itemsize, dtype.newbyteorder("=").name)
     try:
         return _WIRE_BY_KEY[key]
