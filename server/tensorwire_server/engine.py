@@ -351,13 +351,16 @@ def _bind(model: Model, inputs: Named) -> Named:
             raise InvalidArgumentError(f"input {sorted(duplicates)[0]!r} given more than once")
         return list(inputs)
     specs = model.inputs
-    expected = ", ".join(s.name for s in specs) or "none"
+
+    def expected() -> str:  # built only for error messages: this runs on every request
+        return ", ".join(s.name for s in specs) or "none"
+
     if any(names) and not all(names):
         raise InvalidArgumentError("inputs must be all named or all positional, not a mix")
     if not any(names):
         if len(inputs) != len(specs):
             raise InvalidArgumentError(
-                f"{what} takes {len(specs)} input(s) ({expected}), got {len(inputs)}"
+                f"{what} takes {len(specs)} input(s) ({expected()}), got {len(inputs)}"
             )
         ordered = [(s.name, arr) for s, (_, arr) in zip(specs, inputs, strict=True)]
     else:
@@ -368,7 +371,9 @@ def _bind(model: Model, inputs: Named) -> Named:
         known = {s.name for s in specs}
         for name in names:
             if name not in known:
-                raise InvalidArgumentError(f"{what} has no input {name!r}; its inputs: {expected}")
+                raise InvalidArgumentError(
+                    f"{what} has no input {name!r}; its inputs: {expected()}"
+                )
         missing = [s.name for s in specs if s.name not in given]
         if missing:
             raise InvalidArgumentError(
@@ -381,10 +386,9 @@ def _bind(model: Model, inputs: Named) -> Named:
 
 
 def _check_spec(spec: TensorSpec, arr: np.ndarray, what: str) -> None:
-    dtype = arr.dtype.name
-    if spec.dtype is not None and dtype != spec.dtype:
+    if spec.dtype is not None and arr.dtype.name != spec.dtype:
         raise InvalidArgumentError(
-            f"input {spec.name!r} has dtype {dtype} but {what} expects {spec.dtype}"
+            f"input {spec.name!r} has dtype {arr.dtype.name} but {what} expects {spec.dtype}"
         )
     if spec.shape is not None and (
         len(spec.shape) != arr.ndim
