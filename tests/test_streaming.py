@@ -86,20 +86,17 @@ def test_grad_and_call_stream_and_agree_with_the_unary_path(
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, 16))
     a = rng.standard_normal((6, 6)) + 6 * np.eye(6)
-    streamed = [
-        streamer.grad("mlp64", x, grad_outputs=np.ones((3, 4)), param_grads=True),
-        streamer.call_grad("linalg.det", a),
-        streamer.call("linalg.svd", a),
-        streamer.call("einsum", "ij,jk->ik", a, a),
-        streamer.call("cat", [x, x], dim=0),
-    ]
-    unary = [
-        client.grad("mlp64", x, grad_outputs=np.ones((3, 4)), param_grads=True),
-        client.call_grad("linalg.det", a),
-        client.call("linalg.svd", a),
-        client.call("einsum", "ij,jk->ik", a, a),
-        client.call("cat", [x, x], dim=0),
-    ]
+
+    def calls(c: Client) -> list[Any]:
+        return [
+            c.grad("mlp64", x, grad_outputs=np.ones((3, 4)), param_grads=True),
+            c.call_grad("linalg.det", a),
+            c.call("linalg.svd", a),
+            c.call("einsum", "ij,jk->ik", a, a),
+            c.call("cat", [x, x], dim=0),
+        ]
+
+    streamed, unary = calls(streamer), calls(client)
     assert repr(streamed) == repr(unary)
 
 

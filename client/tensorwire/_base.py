@@ -20,7 +20,7 @@ from tensorwire import streaming
 from tensorwire.channel import CHANNEL_OPTIONS
 from tensorwire.codec import Encoder, Received, receiver
 from tensorwire.dtypes import NAME_BY_WIRE
-from tensorwire.errors import TensorwireError, UnavailableError, error_class
+from tensorwire.errors import OutOfRangeError, TensorwireError, UnavailableError, error_class
 from tensorwire.streaming import DEFAULT_CHUNK_SIZE, Advance, StreamReceiver
 from tensorwire.types import (
     DeviceInfo,
@@ -166,9 +166,6 @@ class BaseClient:
             methods[f"{name}Stream"] = channel.stream_stream(method_path(f"{name}Stream"))
         return methods
 
-    def _options(self, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
-        return [*CHANNEL_OPTIONS, *extra]
-
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"{type(self).__name__} for {self.target} is closed")
@@ -188,6 +185,37 @@ class BaseClient:
         # A unary call refused as too large is asked again as a stream, within the
         # time the caller gave the whole call.
         return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+
+    @staticmethod
+    def _open_channel(
+        api: Any,
+        target: str,
+        credentials: grpc.ChannelCredentials | None,
+        options: Sequence[tuple[str, Any]],
+    ) -> Any:
+        """A channel from ``api`` (grpc or grpc.aio, which share these two calls)."""
+        opts = [*CHANNEL_OPTIONS, *options]
+        if credentials is not None:
+            return api.secure_channel(target, credentials, options=opts)
+        return api.insecure_channel(target, options=opts)
+
+    def _fetch_again(self, method: str, exc: grpc.RpcError) -> TensorwireError | None:
+        """The error to raise for a failed unary call, or None when the response was
+        only too large for one message and the call should be made as a stream."""
+        error = self._error(exc)
+        if isinstance(error, OutOfRangeError) and method in STREAMED:
+            return None
+        return error
+
+    def _stream_failure(self, exc: BaseException, reporter: _Reporter) -> BaseException:
+        """What a streamed call that failed with ``exc`` raises."""
+        if reporter.error is not None and reporter.error is not exc:
+            # The progress callback raised while gRPC was taking the upload, which
+            # cancelled the call: the callback's error is the one to report.
+            return reporter.error
+        if isinstance(exc, grpc.RpcError):
+            return self._error(exc)
+        return exc
 
     def _stream_call(
         self, method: str, encoder: Encoder[Any], reporter: _Reporter

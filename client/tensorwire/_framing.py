@@ -11,7 +11,7 @@ before protobuf parses the now small message. Any protobuf peer reads the result
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import cache
 from typing import Any
 
@@ -26,7 +26,6 @@ Descriptor = Any
 
 _TENSOR = pb.Tensor.DESCRIPTOR
 _DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
-_DATA_KEY = bytes([_DATA << 3 | 2])
 _MAX_DEPTH = 64
 PLACEHOLDER_SIZE = 4
 # Field numbers shared by every *Part message of the streaming RPCs.
@@ -88,6 +87,39 @@ def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """Walk the fields of the message in ``buf[start:end]``: for each, its number, where
+    it starts, where its key (and for a length-delimited field, its length) ends, and
+    where it ends. Only length-delimited fields (wire type 2) have a body between the
+    last two; InvalidArgumentError for anything malformed."""
+    pos = start
+    while pos < end:
+        field_start = pos
+        key, pos = _read_varint(buf, pos, end)
+        number, wire_type = key >> 3, key & 7
+        body = pos
+        if wire_type == 0:
+            _, pos = _read_varint(buf, pos, end)
+            body = pos
+        elif wire_type == 1:
+            pos = body = pos + 8
+        elif wire_type == 5:
+            pos = body = pos + 4
+        elif wire_type == 2:
+            size, body = _read_varint(buf, pos, end)
+            pos = body + size
+        else:
+            raise InvalidArgumentError(f"malformed message: wire type {wire_type}")
+        if pos > end:
+            raise InvalidArgumentError("malformed message: field runs past the end")
+        yield number, wire_type, field_start, body, pos
+
+
+def _length_prefixed(number: int, body: Buffer) -> list[Buffer]:
+    """Field ``number`` (wire type 2) holding ``body``, as pieces to join."""
+    return [_varint(number << 3 | 2), _varint(memoryview(body).nbytes), body]
+
+
 def _reframe(
     buf: memoryview,
     start: int,
@@ -104,58 +136,37 @@ def _reframe(
     carriers = _carriers(desc)
     is_tensor = desc.full_name == _TENSOR.full_name
     total = 0
-    pos = run = start  # run: where the current stretch of untouched fields began
+    run = start  # where the current stretch of untouched fields began
     swapped_data = False
-    while pos < end:
-        field_start = pos
-        key, pos = _read_varint(buf, pos, end)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 0:
-            _, pos = _read_varint(buf, pos, end)
-        elif wire_type == 1:
-            pos += 8
-        elif wire_type == 5:
-            pos += 4
-        elif wire_type == 2:
-            key_end = pos
-            size, pos = _read_varint(buf, pos, end)
-            body, pos = pos, pos + size
-            if pos > end:
-                raise InvalidArgumentError("malformed message: field runs past the end")
-            swapped = is_tensor and number == _DATA
-            swapped_data = swapped_data or swapped
-            if swapped or number in carriers:
-                if run < field_start:
-                    out.append(buf[run:field_start])
-                    total += field_start - run
-                parts: list[Buffer]
-                if swapped:
-                    new = swap(buf[body:pos])
-                    parts, new_size = [new], memoryview(new).nbytes
-                else:
-                    parts = []
-                    new_size = _reframe(buf, body, pos, carriers[number], swap, parts, depth + 1)
-                prefix = _varint(new_size)
-                out.append(buf[field_start:key_end])
-                out.append(prefix)
-                out.extend(parts)
-                total += key_end - field_start + len(prefix) + new_size
-                run = pos
+    for number, wire_type, field_start, body, field_end in _fields(buf, start, end):
+        if wire_type != 2:
+            continue
+        swapped = is_tensor and number == _DATA
+        if not (swapped or number in carriers):
+            continue
+        if run < field_start:
+            out.append(buf[run:field_start])
+            total += field_start - run
+        pieces: list[Buffer]
+        if swapped:
+            swapped_data = True
+            pieces = _length_prefixed(number, swap(buf[body:field_end]))
         else:
-            raise InvalidArgumentError(f"malformed message: wire type {wire_type}")
-        if pos > end:
-            raise InvalidArgumentError("malformed message: field runs past the end")
+            inner: list[Buffer] = []
+            size = _reframe(buf, body, field_end, carriers[number], swap, inner, depth + 1)
+            pieces = [_varint(number << 3 | 2), _varint(size), *inner]
+        out.extend(pieces)
+        total += sum(memoryview(p).nbytes for p in pieces)
+        run = field_end
     if run < end:
         out.append(buf[run:end])
         total += end - run
     if is_tensor and not swapped_data:
         # proto3 writers leave an empty data field out; it is a (zero-byte) payload
         # all the same, so it is swapped like one and counts in a stream's order.
-        new = swap(memoryview(b""))
-        new_size = memoryview(new).nbytes
-        for piece in (_DATA_KEY, _varint(new_size), new):
-            out.append(piece)
-        total += len(_DATA_KEY) + len(_varint(new_size)) + new_size
+        pieces = _length_prefixed(_DATA, swap(memoryview(b"")))
+        out.extend(pieces)
+        total += sum(memoryview(p).nbytes for p in pieces)
     return total
 
 
@@ -228,30 +239,15 @@ def split_part(raw: bytes) -> tuple[int, memoryview]:
     a oneof of a header message (field 1) and a bytes chunk (field 2)."""
     view = memoryview(raw)
     found: tuple[int, memoryview] | None = None
-    pos, end = 0, view.nbytes
-    while pos < end:
-        key, pos = _read_varint(view, pos, end)
-        number, wire_type = key >> 3, key & 7
-        if wire_type == 2:
-            size, pos = _read_varint(view, pos, end)
-            if pos + size > end:
-                raise InvalidArgumentError("malformed stream part: field runs past the end")
-            if number in (PART_HEADER, PART_CHUNK):
-                found = (number, view[pos : pos + size])  # the last of a oneof wins
-            pos += size
-        elif wire_type == 0:
-            _, pos = _read_varint(view, pos, end)
-        elif wire_type in (1, 5):
-            pos += 8 if wire_type == 1 else 4
-        else:
-            raise InvalidArgumentError(f"malformed stream part: wire type {wire_type}")
-    if pos > end:
-        raise InvalidArgumentError("malformed stream part: field runs past the end")
+    for number, wire_type, _, body, field_end in _fields(view, 0, view.nbytes):
+        if wire_type == 2 and number in (PART_HEADER, PART_CHUNK):
+            found = (number, view[body:field_end])  # the last of a oneof wins
     if found is None:
         raise InvalidArgumentError("malformed stream: a part with neither header nor chunk")
     return found
 
 
 def part(number: int, pieces: Sequence[Buffer], size: int) -> bytes:
-    """Serialize a *Part message whose field ``number`` holds ``pieces`` joined (one copy)."""
+    """Serialize a *Part message whose field ``number`` holds ``pieces`` (``size`` bytes
+    in all) joined: one copy."""
     return b"".join([_varint(number << 3 | 2), _varint(size), *pieces])

@@ -20,7 +20,6 @@ from tensorwire._base import (
     _Reporter,
 )
 from tensorwire.codec import Encoder, Received
-from tensorwire.errors import OutOfRangeError
 from tensorwire.streaming import DEFAULT_CHUNK_SIZE
 from tensorwire.types import GradResult, ProgressCallback, ServerInfo
 
@@ -45,12 +44,7 @@ class AsyncClient(BaseClient):
         super().__init__(
             target, timeout=timeout, stream_threshold=stream_threshold, chunk_size=chunk_size
         )
-        opts = self._options(options)
-        self._channel = (
-            grpc.aio.secure_channel(target, credentials, options=opts)
-            if credentials is not None
-            else grpc.aio.insecure_channel(target, options=opts)
-        )
+        self._channel = self._open_channel(grpc.aio, target, credentials, options)
         self._methods = self._bind_methods(self._channel)
 
     async def __aenter__(self) -> AsyncClient:
@@ -87,8 +81,8 @@ class AsyncClient(BaseClient):
                 encoder.finish(), timeout=self._remaining(deadline)
             )
         except grpc.RpcError as exc:
-            error = self._error(exc)
-            if not isinstance(error, OutOfRangeError) or method not in STREAMED:
+            error = self._fetch_again(method, exc)
+            if error is not None:
                 raise error from exc
             # The response is too large for one message: ask again as a stream.
             return await self._stream(method, encoder, deadline, reporter)
@@ -107,13 +101,11 @@ class AsyncClient(BaseClient):
             return receiver.finish()
         except BaseException as exc:
             call.cancel()  # whatever went wrong, stop the server's work too
-            if reporter.error is not None and reporter.error is not exc:
-                # The progress callback raised while gRPC was taking the upload, which
-                # cancelled the call: the callback's error is the one to report.
-                raise reporter.error from None
-            if isinstance(exc, grpc.RpcError):
-                raise self._error(exc) from exc
-            raise
+            failure = self._stream_failure(exc, reporter)
+            if failure is exc:
+                raise
+            # A status keeps the RpcError as its cause; the callback's own error stands alone.
+            raise failure from (None if failure is reporter.error else exc)
 
     async def info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
         """See ``Client.info``."""
