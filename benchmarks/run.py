@@ -49,7 +49,8 @@ CLIENT = "tensorwire Client identity"
 ASYNC = "tensorwire AsyncClient identity"
 SERVER_RSS = "tensorwire server peak RSS growth / payload"
 CLIENT_RSS = "tensorwire client peak RSS growth / payload"
-GPU_H2D = "GPU host-to-device, request path"
+GPU_H2D = "GPU host-to-device, unary request path"
+GPU_H2D_STREAM = "GPU host-to-device, streamed request (chunks in, staged while arriving)"
 GPU_H2D_FLOOR = "GPU host-to-device, torch pinned copy (floor)"
 GPU_D2H = "GPU device-to-host, response path"
 GPU_D2H_FLOOR = "GPU device-to-host, torch pinned copy (floor)"
@@ -247,7 +248,8 @@ def measure_gpu(sizes: list[int], repeats: int) -> Rows:
     from tensorwire_server.tensors import to_device, to_numpy
 
     device = torch.device("cuda:0")
-    rows: Rows = {GPU_H2D: {}, GPU_H2D_FLOOR: {}, GPU_D2H: {}, GPU_D2H_FLOOR: {}}
+    names = (GPU_H2D, GPU_H2D_STREAM, GPU_H2D_FLOOR, GPU_D2H, GPU_D2H_FLOOR)
+    rows: Rows = {name: {} for name in names}
     for size in sizes:
         host = make_payload(size)
         pinned = torch.from_numpy(host).pin_memory()
@@ -265,11 +267,47 @@ def measure_gpu(sizes: list[int], repeats: int) -> Rows:
         d2h = partial(to_numpy, on_device, "x")
         d2h_floor = partial(pinned.copy_, on_device, non_blocking=True)
         rows[GPU_H2D][size] = size / best_of(repeats, synced(h2d))
+        chunks = request_parts(host)
+        rows[GPU_H2D_STREAM][size] = size / best_of(repeats, partial(staged_upload, chunks))
+        del chunks
         rows[GPU_H2D_FLOOR][size] = size / best_of(repeats, synced(h2d_floor))
         rows[GPU_D2H][size] = size / best_of(repeats, d2h)
         rows[GPU_D2H_FLOOR][size] = size / best_of(repeats, synced(d2h_floor))
         del pinned, on_device
     return rows
+
+
+def request_parts(host: np.ndarray) -> list[bytes]:
+    """The parts of a streamed identity request carrying ``host``, as they arrive."""
+    from tensorwire.codec import Encoder
+    from tensorwire.streaming import parts
+    from tensorwire.v1 import tensorwire_pb2 as pb
+
+    encoder = Encoder(pb.InferRequest(model="identity"))
+    encoder.named(encoder.message.inputs.add(), "x", host)
+    return list(parts(encoder))
+
+
+def staged_upload(chunks: list[bytes]) -> None:
+    """Feed a received stream to the server's receiver with a device stager, until its
+    tensor is usable on the GPU: the request path's host-to-device share."""
+    import torch
+
+    from tensorwire.streaming import StreamReceiver
+    from tensorwire.v1 import tensorwire_pb2 as pb
+    from tensorwire_server.staging import CudaStager
+    from tensorwire_server.tensors import to_device
+
+    device = torch.device("cuda:0")
+    stager = CudaStager(device)
+    receiver = StreamReceiver(pb.InferRequest, stager.allocate, landed=stager.landed)
+    for raw in chunks:
+        receiver.feed(raw)
+    request = receiver.finish()
+    with stager.using():
+        to_device(request.array(request.message.inputs[0].tensor, "x"), device)
+        torch.cuda.synchronize(device)
+    stager.close()
 
 
 def interleaved_latencies(
@@ -316,11 +354,12 @@ def report(rows: Rows, sizes: list[int], latency: dict[str, float], notes: list[
             )
             if ratios:
                 print(f"- {name} / {label}: {ratios}")
-    if GPU_H2D in rows:
-        ratios = ", ".join(
-            f"{human(s)}: {rows[GPU_H2D][s] / rows[GPU_H2D_FLOOR][s]:.2f}" for s in rows[GPU_H2D]
-        )
-        print(f"- GPU request path / torch pinned copy: {ratios}")
+    for path in (GPU_H2D, GPU_H2D_STREAM):
+        if path in rows:
+            ratios = ", ".join(
+                f"{human(s)}: {rows[path][s] / rows[GPU_H2D_FLOOR][s]:.2f}" for s in rows[path]
+            )
+            print(f"- {path} / torch pinned copy: {ratios}")
     for note in notes:
         print(f"- {note}")
     print(

@@ -325,6 +325,35 @@ def test_stream_header_order_follows_the_serialized_header() -> None:
     assert pb.InferRequestPart.DESCRIPTOR.fields_by_name["header"].number == _framing.PART_HEADER
 
 
+def test_landed_names_each_allocation_and_covers_it_in_ascending_ranges() -> None:
+    """What a device stager relies on: ``landed(k, start, stop)`` speaks of the k-th
+    array ``allocate`` returned, whatever order the stream carries them in, and the
+    ranges of each tile it from 0 to its end in order."""
+    encoder = codec.Encoder(pb.CallRequest(function="f"))
+    arrays = {k: np.arange(i * 5 + 1, dtype=np.int16) for i, k in enumerate("zyxwv")}
+    for key, arr in arrays.items():
+        encoder.value(encoder.message.kwargs[key], arr, key)
+    allocated: list[np.ndarray] = []
+    covered: dict[int, int] = {}
+
+    def allocate(dtype: np.dtype, shape: tuple[int, ...], name: str) -> np.ndarray:
+        allocated.append(np.empty(shape, dtype))
+        return allocated[-1]
+
+    def landed(k: int, start: int, stop: int) -> None:
+        assert start == covered.get(k, 0) and stop <= allocated[k].nbytes
+        covered[k] = stop
+        # Every byte reported has been written: it already equals the sent array's.
+        sent = next(a for a in arrays.values() if a.nbytes == allocated[k].nbytes)
+        assert allocated[k].view(np.uint8)[:stop].tobytes() == sent.view(np.uint8)[:stop].tobytes()
+
+    receiver = streaming.StreamReceiver(pb.CallRequest, allocate, landed=landed)
+    for raw in streaming.parts(encoder, 3):
+        receiver.feed(raw)
+    receiver.finish()
+    assert covered == {k: a.nbytes for k, a in enumerate(allocated)}
+
+
 # ---------------------------------------------------------------- memory
 
 

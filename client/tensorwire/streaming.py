@@ -31,6 +31,10 @@ Advance = Callable[[int, int], None]
 #: Allocates the destination of one streamed tensor: (dtype, shape, name) -> array.
 Allocate = Callable[[np.dtype[Any], tuple[int, ...], str], np.ndarray]
 
+#: Hears that bytes [start, stop) of the k-th array ``Allocate`` returned have arrived:
+#: (k, start, stop). Each array fills in order, so the ranges of one k ascend without gaps.
+Landed = Callable[[int, int, int], None]
+
 
 def allocate_host(dtype: np.dtype[Any], shape: tuple[int, ...], name: str) -> np.ndarray:
     """A fresh host array; RESOURCE_EXHAUSTED when the memory is not there."""
@@ -85,13 +89,19 @@ class StreamReceiver(Generic[M]):
     """
 
     def __init__(
-        self, cls: type[M], allocate: Allocate = allocate_host, advance: Advance | None = None
+        self,
+        cls: type[M],
+        allocate: Allocate = allocate_host,
+        advance: Advance | None = None,
+        landed: Landed | None = None,
     ) -> None:
         self._cls = cls
         self._allocate = allocate
         self._advance = advance
+        self._landed = landed
         self._message: M | None = None
         self._views: list[memoryview] = []
+        self._allocated: list[int] = []  # per view (stream order), its allocation index
         self._slot = 0  # the view being filled
         self._offset = 0  # bytes of it filled
         self.total = 0
@@ -124,6 +134,7 @@ class StreamReceiver(Generic[M]):
         """Let go of every buffer this receiver allocated (a finished message keeps
         its own references)."""
         self._views = []
+        self._allocated = []
         self._message = None
 
     def _start(self, header: memoryview) -> None:
@@ -135,16 +146,18 @@ class StreamReceiver(Generic[M]):
                 f"malformed {self._cls.DESCRIPTOR.name} stream header: {exc}"
             ) from None
         views: list[memoryview | None] = [None] * count
-        for name, tensor in tensors_in(message):
+        allocated = [0] * count
+        for k, (name, tensor) in enumerate(tensors_in(message)):
             dtype, shape, _ = layout(tensor, name)
             arr = self._allocate(dtype, shape, name)
             # A flat byte view, writable: chunks land here and nowhere else.
-            views[_framing.placeholder_index(tensor.data)] = memoryview(
-                arr.reshape(-1).view(np.uint8)  # type: ignore[arg-type]
-            )
+            slot = _framing.placeholder_index(tensor.data)
+            views[slot] = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            allocated[slot] = k
         if any(v is None for v in views):  # pragma: no cover - the two walks agree
             raise InvalidArgumentError("malformed stream header: a tensor out of place")
         self._views = [v for v in views if v is not None]
+        self._allocated = allocated
         self.total = sum(v.nbytes for v in self._views)
         self._message = message
         if self._advance is not None:
@@ -162,6 +175,8 @@ class StreamReceiver(Generic[M]):
             view = self._views[self._slot]
             take = min(view.nbytes - self._offset, size - pos)
             view[self._offset : self._offset + take] = body[pos : pos + take]
+            if self._landed is not None:
+                self._landed(self._allocated[self._slot], self._offset, self._offset + take)
             pos += take
             self._offset += take
             if self._offset == view.nbytes:

@@ -20,6 +20,7 @@ from tensorwire.streaming import DEFAULT_CHUNK_SIZE, StreamReceiver
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire_server.engine import Engine, GradOutcome, Named
 from tensorwire_server.models import TensorSpec
+from tensorwire_server.staging import stager_for
 
 log = logging.getLogger(__name__)
 
@@ -164,15 +165,22 @@ def _unary(
 
 
 def _streaming(
-    method: str, request_class: type[Message], behavior: Behavior, chunk_size: int
+    method: str,
+    request_class: type[Message],
+    behavior: Behavior,
+    servicer: TensorServicer,
 ) -> Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]:
     def handle(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         with _statuses(method, context):
-            receiver = StreamReceiver(request_class)
+            stager = stager_for(servicer.engine.device)
+            receiver = StreamReceiver(request_class, stager.allocate, landed=stager.landed)
             try:
                 for raw in requests:
                     receiver.feed(raw)
                 request = receiver.finish()
+                with stager.using():
+                    encoder = behavior(request)
+                del request  # from here on the buffers live only through the outputs
             except grpc.RpcError as exc:
                 # The client cancelled or went away: nobody is left to answer. gRPC
                 # keeps this exception in the call's state, so its traceback (and this
@@ -182,9 +190,8 @@ def _streaming(
                 return
             finally:
                 receiver.close()  # on success `request` holds the buffers, and only it
-            encoder = behavior(request)
-            del request  # from here on the buffers live only through the engine's outputs
-        yield from streaming.parts(encoder, chunk_size)
+                stager.close()
+        yield from streaming.parts(encoder, servicer.chunk_size)
 
     return handle
 
@@ -199,7 +206,7 @@ def tensor_service_handler(servicer: TensorServicer) -> grpc.GenericRpcHandler[A
             request_class = getattr(pb, method.input_type.name.removesuffix("Part"))
             behavior = getattr(servicer, method.name.removesuffix("Stream"))
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _streaming(name, request_class, behavior, servicer.chunk_size)
+                _streaming(name, request_class, behavior, servicer)
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(

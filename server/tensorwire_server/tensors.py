@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from tensorwire.errors import FailedPreconditionError
+from tensorwire_server.staging import PINNED_LIMIT, staged
 
 # Request payloads are read-only views of the received bytes, handed to torch without a
 # copy. Nothing writes to them (inputs are copied to the device, or used under
@@ -46,26 +47,44 @@ def from_numpy(arr: np.ndarray) -> torch.Tensor:
 
 
 def to_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
-    """``arr`` as a tensor on ``device``: no copy on the CPU; on CUDA, staged through
-    pinned memory so the host-to-device copy runs asynchronously."""
+    """``arr`` as a tensor on ``device``: no copy on the CPU; on CUDA, the copy a
+    streamed request already made (staging), else staged through pinned memory so the
+    host-to-device copy runs asynchronously."""
     host = from_numpy(arr)
     if device.type != "cuda":
         return host
+    on_device = staged(arr)
+    if on_device is not None and on_device.device == device:
+        return on_device.view(host.dtype).view(host.shape)
+    if host.nbytes > PINNED_LIMIT:
+        return host.to(device)
     # The caching host allocator keeps the pinned block alive until the copy finishes.
-    staged = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
-    staged.copy_(host)
-    return staged.to(device, non_blocking=True)
+    pinned = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    pinned.copy_(host)
+    return pinned.to(device, non_blocking=True)
 
 
 def to_numpy(tensor: torch.Tensor, name: str) -> np.ndarray:
-    """``tensor.detach().cpu().numpy()``, for every dtype that can travel."""
-    host = tensor.detach().cpu().resolve_conj().resolve_neg()
+    """``tensor.detach().cpu().numpy()``, for every dtype that can travel; from a GPU
+    into pinned memory, which copies at full bus speed."""
+    host = _to_host(tensor.detach().resolve_conj().resolve_neg())
     if host.dtype == torch.bfloat16:
         return host.view(torch.int16).numpy().view(_BFLOAT16)
     try:
         return host.numpy()
     except TypeError as exc:
         raise FailedPreconditionError(f"output {name!r}: {host.dtype} cannot travel") from exc
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    if not tensor.is_cuda or tensor.nbytes > PINNED_LIMIT:
+        return tensor.cpu()
+    # The numpy array keeps the pinned block; it returns to torch's cache once the
+    # response holding it is sent.
+    pinned = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    pinned.copy_(tensor, non_blocking=True)
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return pinned
 
 
 def is_differentiable(tensor: torch.Tensor) -> bool:
