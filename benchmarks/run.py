@@ -295,11 +295,12 @@ def staged_upload(chunks: list[bytes]) -> None:
 
     from tensorwire.streaming import StreamReceiver
     from tensorwire.v1 import tensorwire_pb2 as pb
+    from tensorwire_server.limits import Limits
     from tensorwire_server.staging import CudaStager
     from tensorwire_server.tensors import to_device
 
     device = torch.device("cuda:0")
-    stager = CudaStager(device)
+    stager = CudaStager(device, Limits())
     receiver = StreamReceiver(pb.InferRequest, stager.allocate, landed=stager.landed)
     for raw in chunks:
         receiver.feed(raw)

@@ -43,7 +43,7 @@ def start(settings: Settings) -> Iterator[str]:
 def spawn_server(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
     """Run ``tensorwire-server --port 0 FLAGS`` as its own process (for its exit code,
     signals or memory); yield it, its address and its log lines so far once it
-    listens; kill it after."""
+    serves; kill it after."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tensorwire_server", "--port", "0", *flags],
@@ -53,12 +53,15 @@ def spawn_server(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str, list
     )
     try:
         lines: list[str] = []
+        address = ""
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             line = proc.stderr.readline()  # type: ignore[union-attr]
             lines.append(line)
             if match := re.search(r"listening on (\S+)", line):
-                yield proc, match.group(1), lines
+                address = match.group(1)
+            if "server serving" in line:  # models loaded: TensorService answers
+                yield proc, address, lines
                 return
         pytest.fail("server did not start: " + "".join(lines))
     finally:

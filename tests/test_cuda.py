@@ -21,6 +21,7 @@ from tensorwire.channel import CHANNEL_OPTIONS
 from tensorwire.dtypes import NAMES, NUMPY_BY_WIRE
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire_server.settings import Settings
+from tensorwire_server.limits import Limits
 from tensorwire_server.staging import COPY_BATCH, CudaStager
 from tensorwire_server.tensors import resolve_device, to_device, to_numpy
 
@@ -107,7 +108,7 @@ def test_streamed_payloads_are_on_the_device_when_the_stream_ends(pinned_limit: 
     encoder = codec.Encoder(pb.InferRequest(model="echo"))
     for name, arr in inputs.items():
         encoder.named(encoder.message.inputs.add(), name, arr)
-    stager = CudaStager(device, pinned_limit)
+    stager = CudaStager(device, Limits(), pinned_limit)
     receiver = streaming.StreamReceiver(pb.InferRequest, stager.allocate, landed=stager.landed)
     for raw in streaming.parts(encoder, (1 << 20) + 3):
         receiver.feed(raw)

@@ -44,9 +44,18 @@ CLIENT_CHUNK = 5
 
 @pytest.fixture(scope="module")
 def small_chunks() -> Iterator[str]:
-    """A server that streams its responses in 7-byte chunks."""
+    """A server that streams its responses in 7-byte chunks, its limits lifted so that
+    the allocator itself meets absurd headers."""
     yield from start(
-        Settings(host="127.0.0.1", port=0, device="cpu", models=TOY_MODELS, chunk_size=SERVER_CHUNK)
+        Settings(
+            host="127.0.0.1",
+            port=0,
+            device="cpu",
+            models=TOY_MODELS,
+            chunk_size=SERVER_CHUNK,
+            max_request_bytes=2**62,
+            max_tensor_elements=2**62,
+        )
     )
 
 

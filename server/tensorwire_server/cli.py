@@ -32,6 +32,37 @@ def main(argv: list[str] | None = None) -> int:
         "--chunk-size", type=int, help="payload bytes per streamed chunk (default 1 MiB)"
     )
     parser.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    security = parser.add_argument_group(
+        "security", "TLS files and tokens (docs/security.md); tokens never on the command line"
+    )
+    security.add_argument("--tls-cert", metavar="PEM", help="certificate chain: serve TLS")
+    security.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
+    security.add_argument(
+        "--tls-client-ca", metavar="PEM", help="require client certificates signed by this CA"
+    )
+    security.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow plain text on an address other than loopback",
+    )
+    security.add_argument(
+        "--tokens-file", metavar="FILE", help="bearer tokens, one 'NAME SCOPES TOKEN' per line"
+    )
+    limits = parser.add_argument_group("limits", "what one request may ask of the server")
+    limits.add_argument("--max-request-bytes", type=int, help="payload bytes (default 8 GiB)")
+    limits.add_argument("--max-tensor-elements", type=int, help="elements per tensor (2**32)")
+    limits.add_argument(
+        "--max-concurrent-requests", type=int, help="RPCs in progress at once (default 64)"
+    )
+    limits.add_argument(
+        "--max-stream-seconds", type=float, help="time a request stream may take (3600)"
+    )
+    limits.add_argument(
+        "--default-deadline", type=float, help="seconds a call with no deadline may queue (600)"
+    )
+    limits.add_argument(
+        "--shutdown-grace", type=float, help="seconds in-flight requests get after SIGTERM (30)"
+    )
     args = parser.parse_args(argv)
     try:
         extra = dict(parse_model_option(option) for option in args.model)
@@ -45,6 +76,17 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             chunk_size=args.chunk_size,
             log_level=args.log_level,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
+            insecure=True if args.insecure else None,
+            tokens_file=args.tokens_file,
+            max_request_bytes=args.max_request_bytes,
+            max_tensor_elements=args.max_tensor_elements,
+            max_concurrent_requests=args.max_concurrent_requests,
+            max_stream_seconds=args.max_stream_seconds,
+            default_deadline=args.default_deadline,
+            shutdown_grace=args.shutdown_grace,
         )
         serve(settings)
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""Building and running the gRPC server."""
+"""Building and running the gRPC server: services, security, health, lifecycle."""
 
 from __future__ import annotations
 
@@ -9,12 +9,17 @@ from concurrent import futures
 
 import grpc
 import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 import tensorwire_server
 from tensorwire.channel import CHANNEL_OPTIONS
 from tensorwire_server.engine import Engine
+from tensorwire_server.gate import Gate, Lifecycle
+from tensorwire_server.limits import Limits
 from tensorwire_server.models import load_models
-from tensorwire_server.servicer import TensorServicer, tensor_service_handler
+from tensorwire_server.security import Tokens, is_loopback, server_credentials
+from tensorwire_server.servicer import SERVICE, TensorServicer, tensor_service_handler
 from tensorwire_server.settings import Settings
 from tensorwire_server.tensors import resolve_device
 
@@ -28,6 +33,15 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
+# The services health reports on: the server as a whole ("") and each of its own.
+HEALTH_SERVICES = ("", SERVICE.full_name)
+_HEALTH = {
+    Lifecycle.STARTING: health_pb2.HealthCheckResponse.NOT_SERVING,
+    Lifecycle.SERVING: health_pb2.HealthCheckResponse.SERVING,
+    Lifecycle.DRAINING: health_pb2.HealthCheckResponse.NOT_SERVING,
+    Lifecycle.STOPPED: health_pb2.HealthCheckResponse.NOT_SERVING,
+}
+
 
 def build_engine(settings: Settings) -> Engine:
     """The engine the settings describe: device chosen, models loaded."""
@@ -35,28 +49,115 @@ def build_engine(settings: Settings) -> Engine:
     return Engine(device, load_models(settings.models, builtins=settings.builtins))
 
 
+class TensorwireServer:
+    """A tensorwire gRPC server, bound but not started: TensorService, health and
+    reflection on one port, every RPC behind one Gate."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
+        self.settings = settings
+        self.health = health.HealthServicer()
+        self.lifecycle = Lifecycle(self._report)
+        self._report(Lifecycle.STARTING)
+        tokens = Tokens.load(settings.tokens_file, settings.tokens)
+        limits = Limits(
+            settings.max_request_bytes, settings.max_tensor_elements, settings.max_stream_seconds
+        )
+        self.servicer = TensorServicer(engine, settings.chunk_size, limits=limits)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(
+                max_workers=settings.workers, thread_name_prefix="tensorwire"
+            ),
+            options=[
+                *SERVER_OPTIONS,
+                # A unary request larger than this is refused by gRPC before it is read.
+                ("grpc.max_receive_message_length", min(settings.max_request_bytes, 2**31 - 1)),
+            ],
+            interceptors=[Gate(tokens, self.lifecycle, settings.default_deadline)],
+            maximum_concurrent_rpcs=settings.max_concurrent_requests,
+        )
+        self.server.add_generic_rpc_handlers((tensor_service_handler(self.servicer),))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (
+                SERVICE.full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            self.server,
+        )
+        self.port = self._bind(settings, tokens)
+        if engine is not None:
+            self.lifecycle.move(Lifecycle.SERVING)
+
+    def _bind(self, settings: Settings, tokens: Tokens) -> int:
+        address = f"{settings.host}:{settings.port}"
+        credentials = server_credentials(
+            settings.tls_cert, settings.tls_key, settings.tls_client_ca
+        )
+        if credentials is not None:
+            port = self.server.add_secure_port(address, credentials)
+        elif is_loopback(settings.host):
+            port = self.server.add_insecure_port(address)
+        elif not settings.insecure:
+            raise ValueError(
+                f"refusing to listen in plain text on {settings.host}, which is reachable "
+                "from other machines: give tls_cert and tls_key, or insecure=true "
+                "(--insecure) if a trusted network or proxy protects it"
+            )
+        else:
+            log.warning(
+                "listening in PLAIN TEXT on %s: requests%s cross the network unencrypted",
+                settings.host,
+                " and tokens" if tokens else "",
+            )
+            port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise OSError(f"could not bind {address}")
+        if not tokens and not is_loopback(settings.host):
+            log.warning("no tokens: anyone who reaches %s can use this server", address)
+        return port
+
+    def _report(self, state: str) -> None:
+        for service in HEALTH_SERVICES:
+            self.health.set(service, _HEALTH[state])
+
+    def start(self) -> None:
+        """Start answering; TensorService waits (UNAVAILABLE) until ``ready``."""
+        self.server.start()
+
+    def ready(self, engine: Engine) -> None:
+        """Serve requests with ``engine``: models loaded and warm."""
+        self.servicer.engine = engine
+        self.lifecycle.move(Lifecycle.SERVING)
+
+    def stop(self, grace: float | None) -> None:
+        """Report NOT_SERVING, refuse new requests, give in-flight ones ``grace``
+        seconds to finish, then release device memory."""
+        self.lifecycle.move(Lifecycle.DRAINING)
+        self.server.stop(grace).wait()
+        self.lifecycle.move(Lifecycle.STOPPED)
+        if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+            torch.cuda.empty_cache()
+
+
 def create_server(settings: Settings, engine: Engine | None = None) -> tuple[grpc.Server, int]:
-    """A started-ready (not started) server and the port it bound; port 0 picks one."""
-    engine = engine or build_engine(settings)
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="tensorwire"),
-        options=SERVER_OPTIONS,
-    )
-    server.add_generic_rpc_handlers(
-        (tensor_service_handler(TensorServicer(engine, settings.chunk_size)),)
-    )
-    address = f"{settings.host}:{settings.port}"
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise OSError(f"could not bind {address}")
-    return server, port
+    """A ready (not started) server and the port it bound; port 0 picks one."""
+    server = TensorwireServer(settings, engine or build_engine(settings))
+    return server.server, server.port
 
 
 def serve(settings: Settings) -> None:
-    """Run until SIGINT or SIGTERM, then finish in-flight requests and stop."""
+    """Listen at once (health NOT_SERVING), load the models, serve until SIGINT or
+    SIGTERM, then drain: NOT_SERVING, in-flight requests finish, exit."""
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    server = TensorwireServer(settings)
+    server.start()
+    log.info("listening on %s:%d", settings.host, server.port)
     engine = build_engine(settings)
     device = engine.describe_device()
     log.info(
@@ -67,12 +168,8 @@ def serve(settings: Settings) -> None:
         device.description,
     )
     log.info("models: %s", ", ".join(sorted(engine.models)))
-    server, port = create_server(settings, engine)
-    server.start()
-    log.info("listening on %s:%d", settings.host, port)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    server.ready(engine)
     stop.wait()
-    log.info("stopping: finishing in-flight requests")
-    server.stop(grace=10).wait()
+    log.info("stopping: finishing in-flight requests (up to %g s)", settings.shutdown_grace)
+    server.stop(settings.shutdown_grace)
+    log.info("stopped")

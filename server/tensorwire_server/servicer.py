@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Final
@@ -15,10 +17,16 @@ import tensorwire_server
 from tensorwire import streaming
 from tensorwire.codec import Encoder, Received, receiver
 from tensorwire.dtypes import WIRE_BY_NAME
-from tensorwire.errors import InvalidArgumentError, OutOfRangeError, TensorwireError
+from tensorwire.errors import (
+    InvalidArgumentError,
+    OutOfRangeError,
+    TensorwireError,
+    UnavailableError,
+)
 from tensorwire.streaming import DEFAULT_CHUNK_SIZE, StreamReceiver
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire_server.engine import Engine, GradOutcome, Named
+from tensorwire_server.limits import Limits
 from tensorwire_server.models import TensorSpec
 from tensorwire_server.staging import stager_for
 
@@ -36,11 +44,27 @@ class TensorServicer:
     """Implements tensorwire.v1.TensorService over an Engine; translates only."""
 
     def __init__(
-        self, engine: Engine, chunk_size: int = DEFAULT_CHUNK_SIZE, unary_limit: int = UNARY_LIMIT
+        self,
+        engine: Engine | None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        unary_limit: int = UNARY_LIMIT,
+        limits: Limits | None = None,
     ) -> None:
-        self.engine = engine
+        self._engine = engine
         self.chunk_size = chunk_size
         self.unary_limit = unary_limit
+        self.limits = limits or Limits()
+
+    @property
+    def engine(self) -> Engine:
+        """The engine; UNAVAILABLE until the server has one (its models still loading)."""
+        if self._engine is None:
+            raise UnavailableError("the server is starting: models are loading")
+        return self._engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        self._engine = engine
 
     def Info(self, request: Received[pb.InfoRequest]) -> Encoder[pb.InfoResponse]:
         engine = self.engine
@@ -146,14 +170,15 @@ def _statuses(method: str, context: grpc.ServicerContext) -> Iterator[None]:
 
 
 def _unary(
-    method: str, behavior: Behavior, limit: int
+    method: str, behavior: Behavior, servicer: TensorServicer
 ) -> Callable[[Any, grpc.ServicerContext], bytes]:
     def handle(request: Received[Any] | TensorwireError, context: grpc.ServicerContext) -> bytes:
         with _statuses(method, context):
             if isinstance(request, TensorwireError):
                 raise request
+            servicer.limits.received(request)
             encoder = behavior(request)
-            if encoder.payload_bytes > limit:
+            if encoder.payload_bytes > servicer.unary_limit:
                 raise OutOfRangeError(
                     f"the response holds {encoder.payload_bytes} payload bytes, more than "
                     f"one message carries; {method}Stream streams it"
@@ -172,11 +197,19 @@ def _streaming(
 ) -> Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]:
     def handle(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         with _statuses(method, context):
-            stager = stager_for(servicer.engine.device)
+            limits = servicer.limits
+            stager = stager_for(servicer.engine.device, limits)
             receiver = StreamReceiver(request_class, stager.allocate, landed=stager.landed)
+            # A client that stops sending holds a worker thread: past the limit, cut it.
+            watchdog = threading.Timer(limits.max_stream_seconds, context.cancel)
+            watchdog.daemon = True
+            watchdog.start()
+            started = time.monotonic()
             try:
                 for raw in requests:
                     receiver.feed(raw)
+                    limits.stream_time(time.monotonic() - started)
+                watchdog.cancel()
                 request = receiver.finish()
                 with stager.using():
                     encoder = behavior(request)
@@ -186,9 +219,10 @@ def _streaming(
                 # keeps this exception in the call's state, so its traceback (and this
                 # frame with the receiver) must not keep the payload alive.
                 exc.__traceback__ = None
-                log.debug("%s: the client cancelled mid-stream", method)
+                log.debug("%s: the stream was cancelled mid-way", method)
                 return
             finally:
+                watchdog.cancel()
                 receiver.close()  # on success `request` holds the buffers, and only it
                 stager.close()
         yield from streaming.parts(encoder, servicer.chunk_size)
@@ -210,7 +244,7 @@ def tensor_service_handler(servicer: TensorServicer) -> grpc.GenericRpcHandler[A
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(name, getattr(servicer, method.name), servicer.unary_limit),
+                _unary(name, getattr(servicer, method.name), servicer),
                 request_deserializer=receiver(getattr(pb, method.input_type.name)),
                 response_serializer=bytes,  # the servicer already encoded the response
             )

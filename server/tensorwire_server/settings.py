@@ -34,6 +34,34 @@ class Settings:
     #: Logging level name.
     log_level: str = "INFO"
 
+    # Transport security and authentication (docs/security.md).
+    #: PEM certificate chain and private key files: serve TLS.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    #: PEM file of the CA that signs client certificates: mutual TLS, required.
+    tls_client_ca: str | None = None
+    #: Listen in plain text on an address other than loopback (refused otherwise).
+    insecure: bool = False
+    #: File of bearer tokens, one ``NAME SCOPES TOKEN`` per line; none: no authentication.
+    tokens_file: str | None = None
+    #: The same lines (``;``-separated), from TENSORWIRE_TOKENS only: never a flag.
+    tokens: str | None = field(default=None, repr=False)
+
+    # Limits: each breach answered with a clear status before memory is committed.
+    #: Payload bytes one request may carry (unary or streamed).
+    max_request_bytes: int = 8 << 30
+    #: Elements one request tensor may have.
+    max_tensor_elements: int = 1 << 32
+    #: RPCs in progress at once (running or waiting for a worker); more get
+    #: RESOURCE_EXHAUSTED at once.
+    max_concurrent_requests: int = 64
+    #: Seconds a streamed request may take to arrive.
+    max_stream_seconds: float = 3600.0
+    #: Seconds a call without a deadline of its own may wait for a worker.
+    default_deadline: float = 600.0
+    #: Seconds in-flight requests get to finish after SIGTERM.
+    shutdown_grace: float = 30.0
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, replaced by TENSORWIRE_* variables, replaced by non-None overrides."""
@@ -47,10 +75,20 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 1:
-            raise ValueError(
-                f"chunk_size must be a positive number of bytes, not {self.chunk_size}"
-            )
+        positive = (
+            "chunk_size",
+            "max_request_bytes",
+            "max_tensor_elements",
+            "max_concurrent_requests",
+            "max_stream_seconds",
+            "default_deadline",
+            "workers",
+        )
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.shutdown_grace < 0:
+            raise ValueError(f"shutdown_grace must not be negative, not {self.shutdown_grace}")
 
 
 def _parse(name: str, raw: str, kind: Any) -> Any:
@@ -58,6 +96,8 @@ def _parse(name: str, raw: str, kind: Any) -> Any:
     try:
         if kind == "int":
             return int(raw)
+        if kind == "float":
+            return float(raw)
         if kind == "bool":
             if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 raise ValueError(raw)

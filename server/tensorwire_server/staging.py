@@ -22,6 +22,7 @@ import torch
 
 from tensorwire.errors import ResourceExhaustedError
 from tensorwire.streaming import allocate_host
+from tensorwire_server.limits import Limits
 
 #: Largest tensor staged through pinned host memory on its way to or from a GPU.
 #: torch's caching host allocator reuses pinned blocks (no cudaHostAlloc per request)
@@ -39,11 +40,25 @@ _STAGED: ContextVar[dict[int, torch.Tensor] | None] = ContextVar("staged", defau
 
 
 class Stager:
-    """The destination of one streamed request's payloads. Host memory on the CPU."""
+    """The destination of one streamed request's payloads, within ``limits``. Host
+    memory on the CPU."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.declared = 0  # payload bytes allocated so far
 
     def allocate(self, dtype: np.dtype[Any], shape: tuple[int, ...], name: str) -> np.ndarray:
-        """The buffer one tensor's chunks are written into."""
+        """The buffer one tensor's chunks are written into, once the limits allow it."""
+        self.admit(dtype, shape, name)
         return allocate_host(dtype, shape, name)
+
+    def admit(self, dtype: np.dtype[Any], shape: tuple[int, ...], name: str) -> int:
+        """Check one more tensor against the limits; its size in bytes."""
+        self.limits.tensor(name, shape)
+        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        self.declared += nbytes
+        self.limits.request_bytes(self.declared)
+        return nbytes
 
     def landed(self, index: int, start: int, stop: int) -> None:
         """Bytes [start, stop) of the ``index``-th buffer have arrived."""
@@ -64,7 +79,10 @@ class CudaStager(Stager):
     their copies still run as chunks arrive, synchronously, as the driver stages them.
     """
 
-    def __init__(self, device: torch.device, pinned_limit: int = PINNED_LIMIT) -> None:
+    def __init__(
+        self, device: torch.device, limits: Limits, pinned_limit: int = PINNED_LIMIT
+    ) -> None:
+        super().__init__(limits)
         self.device = device
         self.pinned_limit = pinned_limit
         self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
@@ -74,7 +92,7 @@ class CudaStager(Stager):
         self._addresses: dict[int, torch.Tensor] = {}
 
     def allocate(self, dtype: np.dtype[Any], shape: tuple[int, ...], name: str) -> np.ndarray:
-        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        nbytes = self.admit(dtype, shape, name)
         try:
             host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=nbytes <= self.pinned_limit)
             on_device = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
@@ -126,8 +144,8 @@ def staged(arr: np.ndarray) -> torch.Tensor | None:
     return on_device
 
 
-def stager_for(device: torch.device) -> Stager:
+def stager_for(device: torch.device, limits: Limits) -> Stager:
     """The stager a streamed request to ``device`` lands in."""
     if device.type == "cuda":
-        return CudaStager(device)
-    return Stager()
+        return CudaStager(device, limits)
+    return Stager(limits)

@@ -1,0 +1,51 @@
+"""The request limits, checked from what a request declares before memory is committed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tensorwire.codec import Received, tensors_in
+from tensorwire.errors import DeadlineExceededError, ResourceExhaustedError
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server (the settings of the same names)."""
+
+    max_request_bytes: int = 8 << 30
+    max_tensor_elements: int = 1 << 32
+    max_stream_seconds: float = 3600.0
+
+    def tensor(self, name: str, shape: tuple[int, ...]) -> None:
+        """Refuse a tensor with more elements than allowed."""
+        count = 1
+        for dim in shape:
+            count *= dim
+        if count > self.max_tensor_elements:
+            raise ResourceExhaustedError(
+                f"{name}: {count} elements, more than the server's max_tensor_elements "
+                f"({self.max_tensor_elements})"
+            )
+
+    def request_bytes(self, total: int) -> None:
+        """Refuse a request whose payloads add up to more than allowed."""
+        if total > self.max_request_bytes:
+            raise ResourceExhaustedError(
+                f"the request carries {total} payload bytes, more than the server's "
+                f"max_request_bytes ({self.max_request_bytes})"
+            )
+
+    def received(self, request: Received[Any]) -> None:
+        """Check every tensor of a unary request (its bytes gRPC already bounded); the
+        rest of each tensor's description is the decoder's to check."""
+        for name, tensor in tensors_in(request.message):
+            self.tensor(name, tuple(tensor.shape))
+
+    def stream_time(self, seconds: float) -> None:
+        """Refuse a stream that has taken longer than allowed to arrive."""
+        if seconds > self.max_stream_seconds:
+            raise DeadlineExceededError(
+                f"the request stream took more than the server's max_stream_seconds "
+                f"({self.max_stream_seconds:g} s) to arrive"
+            )

@@ -1,0 +1,165 @@
+"""Who may call what: bearer tokens with scopes, the scope each RPC needs, and TLS.
+
+Tokens come from a file or the environment, never from the command line (``ps`` would
+show them). Only their SHA-256 digests are kept, compared in constant time; a token is
+named in logs by the name its line gives, never by its value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import grpc
+
+#: Every scope a token can hold; ``*`` in a token file grants all of them.
+SCOPES: Final = ("infer", "grad", "call", "tensors", "train", "admin")
+
+#: Methods anyone may call, token or not: orchestrators probe health without one.
+PUBLIC: Final = "public"
+#: Methods any valid token may call, whatever its scopes.
+AUTHENTICATED: Final = "authenticated"
+
+#: The scope each RPC needs, by full method path. A method missing here needs
+#: ``admin``: new RPCs are closed until someone decides who may call them.
+METHOD_SCOPES: Final[Mapping[str, str]] = {
+    "/tensorwire.v1.TensorService/Info": AUTHENTICATED,
+    "/tensorwire.v1.TensorService/Infer": "infer",
+    "/tensorwire.v1.TensorService/InferStream": "infer",
+    "/tensorwire.v1.TensorService/Grad": "grad",
+    "/tensorwire.v1.TensorService/GradStream": "grad",
+    "/tensorwire.v1.TensorService/Call": "call",
+    "/tensorwire.v1.TensorService/CallStream": "call",
+    "/grpc.health.v1.Health/Check": PUBLIC,
+    "/grpc.health.v1.Health/Watch": PUBLIC,
+    "/grpc.health.v1.Health/List": PUBLIC,
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo": AUTHENTICATED,
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo": AUTHENTICATED,
+}
+
+_MIN_TOKEN_LENGTH = 16
+
+
+def scope_of(method: str) -> str:
+    """The scope ``method`` (a full path, /package.Service/Method) needs."""
+    return METHOD_SCOPES.get(method, "admin")
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A caller, as its token's line names it."""
+
+    name: str
+    scopes: frozenset[str]
+
+
+class Tokens:
+    """Bearer tokens and what each may do. Empty: authentication is off."""
+
+    def __init__(self, entries: Iterable[tuple[str, frozenset[str], str]] = ()) -> None:
+        self._digests: list[tuple[bytes, Identity]] = []
+        for name, scopes, token in entries:
+            if len(token) < _MIN_TOKEN_LENGTH:
+                raise ValueError(
+                    f"token {name!r} is shorter than {_MIN_TOKEN_LENGTH} characters; "
+                    "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+            self._digests.append((_digest(token), Identity(name, scopes)))
+
+    def __bool__(self) -> bool:
+        return bool(self._digests)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def identify(self, token: str) -> Identity | None:
+        """The identity ``token`` belongs to, or None. Every entry is compared, in
+        constant time, so the time taken says nothing about which one (nearly) matched."""
+        presented = _digest(token)
+        found = None
+        for digest, identity in self._digests:
+            if hmac.compare_digest(presented, digest):
+                found = identity
+        return found
+
+    @classmethod
+    def parse(cls, text: str, source: str) -> Tokens:
+        """Tokens from ``text``: one per line (or ``;``-separated), ``NAME SCOPES TOKEN``
+        with SCOPES comma-separated or ``*``; ``#`` starts a comment."""
+        entries = []
+        for number, raw in enumerate(text.replace(";", "\n").splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            fields = line.split()
+            if len(fields) != 3:
+                # Never echo the line: it holds a token.
+                raise ValueError(f"{source} line {number}: expected NAME SCOPES TOKEN")
+            name, scope_list, token = fields
+            scopes = frozenset(SCOPES) if scope_list == "*" else frozenset(scope_list.split(","))
+            unknown = sorted(scopes - set(SCOPES))
+            if unknown:
+                raise ValueError(
+                    f"{source} line {number}: unknown scope {', '.join(unknown)}; "
+                    f"scopes are {', '.join(SCOPES)} or *"
+                )
+            entries.append((name, scopes, token))
+        return cls(entries)
+
+    @classmethod
+    def load(cls, path: str | None, inline: str | None) -> Tokens:
+        """Tokens from the file at ``path`` and from ``inline`` (the environment)."""
+        text = ""
+        if path:
+            try:
+                text = Path(path).read_text()
+            except OSError as exc:
+                raise ValueError(f"cannot read tokens file {path}: {exc.strerror}") from None
+        tokens = cls.parse(text, f"tokens file {path}") if path else cls()
+        if inline:
+            tokens._digests += cls.parse(inline, "TENSORWIRE_TOKENS")._digests
+        return tokens
+
+
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+def server_credentials(
+    cert: str | None, key: str | None, client_ca: str | None
+) -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files, requiring client certificates signed by
+    ``client_ca`` when it is given (mutual TLS); None for plain text."""
+    if not (cert or key or client_ca):
+        return None
+    if not (cert and key):
+        raise ValueError("TLS needs both tls_cert and tls_key")
+    pair = (_read(key, "tls_key"), _read(cert, "tls_cert"))
+    if client_ca is None:
+        return grpc.ssl_server_credentials([pair])
+    return grpc.ssl_server_credentials(
+        [pair], root_certificates=_read(client_ca, "tls_client_ca"), require_client_auth=True
+    )
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (a listening address) is reachable from this machine only."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
