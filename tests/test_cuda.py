@@ -20,8 +20,8 @@ from tensorwire._base import method_path
 from tensorwire.channel import CHANNEL_OPTIONS
 from tensorwire.dtypes import NAMES, NUMPY_BY_WIRE
 from tensorwire.v1 import tensorwire_pb2 as pb
-from tensorwire_server.settings import Settings
 from tensorwire_server.limits import Limits
+from tensorwire_server.settings import Settings
 from tensorwire_server.staging import COPY_BATCH, CudaStager
 from tensorwire_server.tensors import resolve_device, to_device, to_numpy
 

@@ -86,3 +86,12 @@ class Sleeper(nn.Module):
 
 def sleeper() -> nn.Module:
     return Sleeper()
+
+
+def slow_to_load() -> nn.Module:
+    """Takes TENSORWIRE_TEST_LOAD_SECONDS to load: a server's starting state lasts."""
+    import os
+    import time
+
+    time.sleep(float(os.environ.get("TENSORWIRE_TEST_LOAD_SECONDS", "0")))
+    return Sleeper()

@@ -8,8 +8,9 @@ later) can be reached around it; tests walk the service descriptors to prove it.
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -47,6 +48,30 @@ class Lifecycle:
             self._on_change(state)
 
 
+class InFlight:
+    """How many requests are running, so that a drain can wait for them and not for
+    long-lived streams such as health watches."""
+
+    def __init__(self) -> None:
+        self._count = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._idle:
+            self._count += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._idle:
+            self._count -= 1
+            if not self._count:
+                self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until none run, at most ``timeout`` seconds; whether none run."""
+        with self._idle:
+            return self._idle.wait_for(lambda: not self._count, timeout)
+
+
 class Gate(_Interceptor):
     """Admits an RPC or answers it with a clear status before any of it runs."""
 
@@ -54,6 +79,7 @@ class Gate(_Interceptor):
         self.tokens = tokens
         self.lifecycle = lifecycle
         self.default_deadline = default_deadline
+        self.in_flight = InFlight()
 
     def intercept_service(
         self,
@@ -68,7 +94,8 @@ class Gate(_Interceptor):
         method: str = details.method
         scope = scope_of(method)
         reject = self._state(method, scope) or self._caller(method, scope, details)
-        return _guarded(handler, reject, arrived + self.default_deadline)
+        counter = None if scope == PUBLIC else self.in_flight
+        return _guarded(handler, reject, arrived + self.default_deadline, counter)
 
     def _state(self, method: str, scope: str) -> Reject | None:
         state = self.lifecycle.state
@@ -110,10 +137,13 @@ def _bearer(metadata: Any) -> str | None:
 
 
 def _guarded(
-    handler: grpc.RpcMethodHandler[Any, Any], reject: Reject | None, default_deadline: float
+    handler: grpc.RpcMethodHandler[Any, Any],
+    reject: Reject | None,
+    default_deadline: float,
+    counter: InFlight | None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """``handler`` with the gate's verdict and the queue deadline checked first, in the
-    worker thread, before the behavior sees its request."""
+    worker thread, before the behavior sees its request; counted while it runs."""
 
     def check(context: grpc.ServicerContext) -> None:
         if reject is not None:
@@ -127,10 +157,15 @@ def _guarded(
                 "the deadline passed while the request waited for a worker; it did not run",
             )
 
-    def wrap(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Any:
+    def wrap(behavior: Callable[[Any, grpc.ServicerContext], Any], streams: bool) -> Any:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
             check(context)
-            return behavior(request, context)
+            if counter is None:
+                return behavior(request, context)
+            if streams:
+                return _counted(counter, behavior(request, context))
+            with counter:
+                return behavior(request, context)
 
         return run
 
@@ -144,9 +179,15 @@ def _guarded(
         behavior = getattr(handler, attribute)
         if behavior is not None:
             wrapped: grpc.RpcMethodHandler[Any, Any] = make(
-                wrap(behavior),
+                wrap(behavior, handler.response_streaming),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
             )
             return wrapped
     return handler  # pragma: no cover - every handler has one of the four kinds
+
+
+def _counted(counter: InFlight, responses: Iterator[Any]) -> Iterator[Any]:
+    # A streaming response runs as gRPC draws from it: counted from first draw to last.
+    with counter:
+        yield from responses

@@ -63,6 +63,7 @@ class TensorwireServer:
             settings.max_request_bytes, settings.max_tensor_elements, settings.max_stream_seconds
         )
         self.servicer = TensorServicer(engine, settings.chunk_size, limits=limits)
+        self.gate = Gate(tokens, self.lifecycle, settings.default_deadline)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(
                 max_workers=settings.workers, thread_name_prefix="tensorwire"
@@ -72,7 +73,7 @@ class TensorwireServer:
                 # A unary request larger than this is refused by gRPC before it is read.
                 ("grpc.max_receive_message_length", min(settings.max_request_bytes, 2**31 - 1)),
             ],
-            interceptors=[Gate(tokens, self.lifecycle, settings.default_deadline)],
+            interceptors=[self.gate],
             maximum_concurrent_rpcs=settings.max_concurrent_requests,
         )
         self.server.add_generic_rpc_handlers((tensor_service_handler(self.servicer),))
@@ -133,8 +134,11 @@ class TensorwireServer:
     def stop(self, grace: float | None) -> None:
         """Report NOT_SERVING, refuse new requests, give in-flight ones ``grace``
         seconds to finish, then release device memory."""
-        self.lifecycle.move(Lifecycle.DRAINING)
-        self.server.stop(grace).wait()
+        self.lifecycle.move(Lifecycle.DRAINING)  # the gate refuses new requests now
+        # Wait for requests, not for health watches or other long-lived streams.
+        if not self.gate.in_flight.wait_idle(grace):
+            log.warning("requests still running after %g s; cancelling them", grace)
+        self.server.stop(0).wait()
         self.lifecycle.move(Lifecycle.STOPPED)
         if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             torch.cuda.empty_cache()

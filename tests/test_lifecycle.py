@@ -1,0 +1,137 @@
+"""A server's life as health reports it: starting while models load, SERVING, then on
+SIGTERM draining (NOT_SERVING) while in-flight requests finish, and a clean exit."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tensorwire import Client
+from tensorwire.channel import CHANNEL_OPTIONS
+from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.v1 import tensorwire_pb2_grpc as pb_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_health_goes_starting_serving_draining_and_in_flight_requests_finish() -> None:
+    tests = os.path.dirname(__file__)
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+        "TENSORWIRE_TEST_LOAD_SECONDS": "2",
+    }
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorwire_server",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--model",
+            "slow=toy_models:slow_to_load",
+            "--shutdown-grace",
+            "20",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    log: list[str] = []
+    try:
+        address = ""
+        while not address and proc.poll() is None:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            log.append(line)
+            if match := re.search(r"listening on (\S+)", line):
+                address = match.group(1)
+        assert address, "".join(log)
+        reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)  # type: ignore[arg-type]
+        reader.start()
+        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            seen: list[Any] = []
+            watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=60)
+
+            def follow() -> None:
+                with contextlib.suppress(grpc.RpcError):  # the server went away
+                    seen.extend(r.status for r in watch)
+
+            watcher = threading.Thread(target=follow)
+            watcher.start()
+
+            # Starting: listening, health NOT_SERVING, TensorService UNAVAILABLE.
+            check = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
+            assert check.status == NOT_SERVING
+            try:
+                pb_grpc.TensorServiceStub(channel).Info(pb.InfoRequest(), timeout=10)
+                raise AssertionError("TensorService answered while starting")
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+                assert "starting" in exc.details()  # type: ignore[attr-defined]
+
+            deadline = time.monotonic() + 60
+            while SERVING not in seen and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert SERVING in seen, seen
+
+            # Draining: a 2 s request in flight when SIGTERM comes finishes, health
+            # turns NOT_SERVING, new requests are refused, and the process exits 0.
+            result: dict[str, Any] = {}
+
+            def slow_call() -> None:
+                with Client(address, timeout=30) as c:
+                    result["y"] = c.infer("slow", np.float64(2.0))["output"]
+
+            caller = threading.Thread(target=slow_call)
+            caller.start()
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            caller.join(30)
+            assert float(result["y"]) == 2.0
+            assert proc.wait(30) == 0
+            watcher.join(10)
+        assert seen[0] == NOT_SERVING and seen[-1] == NOT_SERVING
+        assert seen.index(SERVING) < len(seen) - 1, seen
+        reader.join(10)
+        text = "".join(log)
+        for state in ("server serving", "server draining", "server stopped"):
+            assert state in text, text
+    finally:
+        proc.kill()
+        proc.wait(30)
+
+
+def test_reflection_lists_and_describes_every_service(address: str) -> None:
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        requests = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="tensorwire.v1.TensorService"
+            ),
+        ]
+        listed, described = stub.ServerReflectionInfo(iter(requests), timeout=10)
+    names = {s.name for s in listed.list_services_response.service}
+    assert names == {
+        "tensorwire.v1.TensorService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    assert described.file_descriptor_response.file_descriptor_proto
