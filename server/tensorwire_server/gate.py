@@ -20,6 +20,7 @@ from tensorwire_server.security import AUTHENTICATED, PUBLIC, Tokens, scope_of
 log = logging.getLogger(__name__)
 
 Reject = tuple[grpc.StatusCode, str]
+_CENTURY = 100 * 365 * 86400.0
 
 if TYPE_CHECKING:  # grpc-stubs makes the class generic; grpc's own is not subscriptable
     _Interceptor = grpc.ServerInterceptor[Any, Any]
@@ -149,8 +150,10 @@ def _guarded(
         if reject is not None:
             context.abort(*reject)
         remaining = context.time_remaining()
-        if (remaining is not None and remaining <= 0) or (
-            remaining is None and time.monotonic() > default_deadline
+        # A call without a deadline reports gRPC's infinite future, centuries away.
+        unbounded = remaining is None or remaining > _CENTURY
+        if (not unbounded and remaining <= 0) or (
+            unbounded and time.monotonic() > default_deadline
         ):
             context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -33,6 +33,11 @@ SERVER_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
 ]
 
+# A unary message holds its names, dtypes and shapes beside max_request_bytes of
+# payload; protobuf caps one message at 2 GiB - 1 (larger requests stream).
+_SLACK = 1 << 20
+_CAP = 2**31 - 1
+
 # The services health reports on: the server as a whole ("") and each of its own.
 HEALTH_SERVICES = ("", SERVICE.full_name)
 _HEALTH = {
@@ -69,9 +74,9 @@ class TensorwireServer:
                 max_workers=settings.workers, thread_name_prefix="tensorwire"
             ),
             options=[
-                *SERVER_OPTIONS,
+                *(o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"),
                 # A unary request larger than this is refused by gRPC before it is read.
-                ("grpc.max_receive_message_length", min(settings.max_request_bytes, 2**31 - 1)),
+                ("grpc.max_receive_message_length", min(settings.max_request_bytes + _SLACK, _CAP)),
             ],
             interceptors=[self.gate],
             maximum_concurrent_rpcs=settings.max_concurrent_requests,

@@ -200,8 +200,9 @@ def _streaming(
             limits = servicer.limits
             stager = stager_for(servicer.engine.device, limits)
             receiver = StreamReceiver(request_class, stager.allocate, landed=stager.landed)
-            # A client that stops sending holds a worker thread: past the limit, cut it.
-            watchdog = threading.Timer(limits.max_stream_seconds, context.cancel)
+            # A client that stops sending holds a worker thread: a second past the limit
+            # (a part arriving late gets DEADLINE_EXCEEDED instead), cut it.
+            watchdog = threading.Timer(limits.max_stream_seconds + 1, context.cancel)
             watchdog.daemon = True
             watchdog.start()
             started = time.monotonic()
