@@ -58,7 +58,7 @@ def spawn_server(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str, list
         while time.monotonic() < deadline and proc.poll() is None:
             line = proc.stderr.readline()  # type: ignore[union-attr]
             lines.append(line)
-            if match := re.search(r"listening on (\S+)", line):
+            if match := re.search(r"listening on ([\w.:\[\]-]+)", line):
                 address = match.group(1)
             if "server serving" in line:  # models loaded: TensorService answers
                 yield proc, address, lines

@@ -32,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         "--chunk-size", type=int, help="payload bytes per streamed chunk (default 1 MiB)"
     )
     parser.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
+    parser.add_argument("--log-format", choices=("text", "json"), help="log lines (text)")
+    parser.add_argument(
+        "--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port"
+    )
     security = parser.add_argument_group(
         "security", "TLS files and tokens (docs/security.md); tokens never on the command line"
     )
@@ -76,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
             chunk_size=args.chunk_size,
             log_level=args.log_level,
+            log_format=args.log_format,
+            metrics_port=args.metrics_port,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,

@@ -11,10 +11,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from tensorwire_server import observe
+from tensorwire_server.observe import Call, Metrics
 from tensorwire_server.security import AUTHENTICATED, PUBLIC, Tokens, scope_of
 
 log = logging.getLogger(__name__)
@@ -76,10 +79,13 @@ class InFlight:
 class Gate(_Interceptor):
     """Admits an RPC or answers it with a clear status before any of it runs."""
 
-    def __init__(self, tokens: Tokens, lifecycle: Lifecycle, default_deadline: float) -> None:
+    def __init__(
+        self, tokens: Tokens, lifecycle: Lifecycle, default_deadline: float, metrics: Metrics
+    ) -> None:
         self.tokens = tokens
         self.lifecycle = lifecycle
         self.default_deadline = default_deadline
+        self.metrics = metrics
         self.in_flight = InFlight()
 
     def intercept_service(
@@ -94,9 +100,12 @@ class Gate(_Interceptor):
             return None  # gRPC answers UNIMPLEMENTED
         method: str = details.method
         scope = scope_of(method)
-        reject = self._state(method, scope) or self._caller(method, scope, details)
+        call = Call(method, observe.request_id(details.invocation_metadata))
+        reject = self._state(method, scope) or self._caller(call, scope, details)
         counter = None if scope == PUBLIC else self.in_flight
-        return _guarded(handler, reject, arrived + self.default_deadline, counter)
+        return _guarded(
+            handler, reject, arrived + self.default_deadline, counter, call, self.metrics
+        )
 
     def _state(self, method: str, scope: str) -> Reject | None:
         state = self.lifecycle.state
@@ -106,7 +115,8 @@ class Gate(_Interceptor):
             return grpc.StatusCode.UNAVAILABLE, "the server is starting: models are loading"
         return grpc.StatusCode.UNAVAILABLE, "the server is shutting down"
 
-    def _caller(self, method: str, scope: str, details: grpc.HandlerCallDetails) -> Reject | None:
+    def _caller(self, call: Call, scope: str, details: grpc.HandlerCallDetails) -> Reject | None:
+        method = call.method
         if not self.tokens or scope == PUBLIC:
             return None
         token = _bearer(details.invocation_metadata)
@@ -119,6 +129,7 @@ class Gate(_Interceptor):
         if identity is None:
             log.info("%s: refused an unknown token", method)
             return grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid"
+        call.caller = identity.name
         if scope != AUTHENTICATED and scope not in identity.scopes:
             log.info("%s: token %r lacks scope %r", method, identity.name, scope)
             return (
@@ -142,9 +153,12 @@ def _guarded(
     reject: Reject | None,
     default_deadline: float,
     counter: InFlight | None,
+    call: Call,
+    metrics: Metrics,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """``handler`` with the gate's verdict and the queue deadline checked first, in the
-    worker thread, before the behavior sees its request; counted while it runs."""
+    worker thread, before the behavior sees its request; counted while it runs, and
+    recorded (metrics, access log) when it ends."""
 
     def check(context: grpc.ServicerContext) -> None:
         if reject is not None:
@@ -160,17 +174,41 @@ def _guarded(
                 "the deadline passed while the request waited for a worker; it did not run",
             )
 
-    def wrap(behavior: Callable[[Any, grpc.ServicerContext], Any], streams: bool) -> Any:
-        def run(request: Any, context: grpc.ServicerContext) -> Any:
+    @contextmanager
+    def recorded(context: grpc.ServicerContext) -> Iterator[None]:
+        call.started = time.perf_counter()
+        token = observe.set_current(call)
+        metrics.running.inc()
+        code = "UNKNOWN"
+        try:
             check(context)
             if counter is None:
-                return behavior(request, context)
-            if streams:
-                return _counted(counter, behavior(request, context))
-            with counter:
+                yield
+            else:
+                with counter:
+                    yield
+            code = "OK"
+        except BaseException:
+            code = _code(context)
+            raise
+        finally:
+            metrics.running.dec()
+            metrics.finish(call, code)
+            observe.reset_current(token)
+
+    def wrap(behavior: Callable[[Any, grpc.ServicerContext], Any], streams: bool) -> Any:
+        def run(request: Any, context: grpc.ServicerContext) -> Any:
+            _tag(context, call.request_id)
+            with recorded(context):
                 return behavior(request, context)
 
-        return run
+        def run_streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            # gRPC draws the responses on this thread: recorded from first to last.
+            _tag(context, call.request_id)
+            with recorded(context):
+                yield from behavior(request, context)
+
+        return run_streaming if streams else run
 
     kinds = (
         ("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -190,7 +228,15 @@ def _guarded(
     return handler  # pragma: no cover - every handler has one of the four kinds
 
 
-def _counted(counter: InFlight, responses: Iterator[Any]) -> Iterator[Any]:
-    # A streaming response runs as gRPC draws from it: counted from first draw to last.
-    with counter:
-        yield from responses
+def _code(context: grpc.ServicerContext) -> str:
+    """The status an aborted call ends with: what abort set, else a server error."""
+    code = context.code()  # type: ignore[attr-defined]
+    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+
+
+def _tag(context: grpc.ServicerContext, request_id: str) -> None:
+    # Initial metadata reaches a streaming client before its first response; trailing
+    # metadata comes with every status, errors included.
+    pair = ((observe.REQUEST_ID, request_id),)
+    context.send_initial_metadata(pair)
+    context.set_trailing_metadata(pair)

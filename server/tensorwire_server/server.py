@@ -18,6 +18,7 @@ from tensorwire_server.engine import Engine
 from tensorwire_server.gate import Gate, Lifecycle
 from tensorwire_server.limits import Limits
 from tensorwire_server.models import load_models
+from tensorwire_server.observe import JsonFormatter, Metrics
 from tensorwire_server.security import Tokens, is_loopback, server_credentials
 from tensorwire_server.servicer import SERVICE, TensorServicer, tensor_service_handler
 from tensorwire_server.settings import Settings
@@ -68,11 +69,15 @@ class TensorwireServer:
             settings.max_request_bytes, settings.max_tensor_elements, settings.max_stream_seconds
         )
         self.servicer = TensorServicer(engine, settings.chunk_size, limits=limits)
-        self.gate = Gate(tokens, self.lifecycle, settings.default_deadline)
+        self.metrics = Metrics(engine.device if engine is not None else None)
+        self.gate = Gate(tokens, self.lifecycle, settings.default_deadline, self.metrics)
+        executor = futures.ThreadPoolExecutor(
+            max_workers=settings.workers, thread_name_prefix="tensorwire"
+        )
+        # RPCs that arrived and wait for a worker: the executor's own queue.
+        self.metrics.waiting.set_function(executor._work_queue.qsize)
         self.server = grpc.server(
-            futures.ThreadPoolExecutor(
-                max_workers=settings.workers, thread_name_prefix="tensorwire"
-            ),
+            executor,
             options=[
                 *(o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"),
                 # A unary request larger than this is refused by gRPC before it is read.
@@ -92,6 +97,7 @@ class TensorwireServer:
             self.server,
         )
         self.port = self._bind(settings, tokens)
+        self.metrics_port: int | None = None
         if engine is not None:
             self.lifecycle.move(Lifecycle.SERVING)
 
@@ -128,12 +134,16 @@ class TensorwireServer:
             self.health.set(service, _HEALTH[state])
 
     def start(self) -> None:
-        """Start answering; TensorService waits (UNAVAILABLE) until ``ready``."""
+        """Start answering (TensorService waits, UNAVAILABLE, until ``ready``) and
+        expose metrics if a port is set."""
         self.server.start()
+        if self.settings.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
 
     def ready(self, engine: Engine) -> None:
         """Serve requests with ``engine``: models loaded and warm."""
         self.servicer.engine = engine
+        self.metrics.memory.device = engine.device
         self.lifecycle.move(Lifecycle.SERVING)
 
     def stop(self, grace: float | None) -> None:
@@ -144,6 +154,7 @@ class TensorwireServer:
         if not self.gate.in_flight.wait_idle(grace):
             log.warning("requests still running after %g s; cancelling them", grace)
         self.server.stop(0).wait()
+        self.metrics.close()
         self.lifecycle.move(Lifecycle.STOPPED)
         if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             torch.cuda.empty_cache()
@@ -158,15 +169,20 @@ def create_server(settings: Settings, engine: Engine | None = None) -> tuple[grp
 def serve(settings: Settings) -> None:
     """Listen at once (health NOT_SERVING), load the models, serve until SIGINT or
     SIGTERM, then drain: NOT_SERVING, in-flight requests finish, exit."""
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    handler = logging.StreamHandler()
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler])
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     server = TensorwireServer(settings)
     server.start()
     log.info("listening on %s:%d", settings.host, server.port)
+    if server.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics", settings.host, server.metrics_port)
     engine = build_engine(settings)
     device = engine.describe_device()
     log.info(

@@ -25,6 +25,7 @@ from tensorwire.errors import (
 )
 from tensorwire.streaming import DEFAULT_CHUNK_SIZE, StreamReceiver
 from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire_server import observe
 from tensorwire_server.engine import Engine, GradOutcome, Named
 from tensorwire_server.limits import Limits
 from tensorwire_server.models import TensorSpec
@@ -65,6 +66,28 @@ class TensorServicer:
     @engine.setter
     def engine(self, engine: Engine) -> None:
         self._engine = engine
+
+    def note(self, request: Received[Any]) -> None:
+        """Tell the call's record what is asked of whom, with how many bytes."""
+        call = observe.current()
+        if call is None:
+            return
+        message = request.message
+        target = getattr(message, "model", "") or getattr(message, "function", "")
+        # Only names the server knows become metric labels: a client inventing names
+        # must not grow the metrics without bound.
+        engine = self.engine
+        call.target = target if target in engine.models or target in engine.functions else ""
+        if target and not call.target:
+            call.target = "unknown"
+        call.bytes_in = request.payload_bytes
+
+    @staticmethod
+    def answered(response: Encoder[Any]) -> None:
+        """Tell the call's record how many bytes its answer carries."""
+        call = observe.current()
+        if call is not None:
+            call.bytes_out = response.payload_bytes
 
     def Info(self, request: Received[pb.InfoRequest]) -> Encoder[pb.InfoResponse]:
         engine = self.engine
@@ -176,8 +199,10 @@ def _unary(
         with _statuses(method, context):
             if isinstance(request, TensorwireError):
                 raise request
+            servicer.note(request)
             servicer.limits.received(request)
             encoder = behavior(request)
+            servicer.answered(encoder)
             if encoder.payload_bytes > servicer.unary_limit:
                 raise OutOfRangeError(
                     f"the response holds {encoder.payload_bytes} payload bytes, more than "
@@ -212,8 +237,10 @@ def _streaming(
                     limits.stream_time(time.monotonic() - started)
                 watchdog.cancel()
                 request = receiver.finish()
+                servicer.note(request)
                 with stager.using():
                     encoder = behavior(request)
+                servicer.answered(encoder)
                 del request  # from here on the buffers live only through the outputs
             except grpc.RpcError as exc:
                 # The client cancelled or went away: nobody is left to answer. gRPC

@@ -33,6 +33,10 @@ class Settings:
     chunk_size: int = DEFAULT_CHUNK_SIZE
     #: Logging level name.
     log_level: str = "INFO"
+    #: Log lines as ``text`` or ``json`` (one object per line, with request ids).
+    log_format: str = "text"
+    #: Port of the Prometheus metrics endpoint (HTTP, on ``host``); none: no endpoint.
+    metrics_port: int | None = None
 
     # Transport security and authentication (docs/security.md).
     #: PEM certificate chain and private key files: serve TLS.
@@ -87,12 +91,14 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.shutdown_grace < 0:
             raise ValueError(f"shutdown_grace must not be negative, not {self.shutdown_grace}")
 
 
 def _parse(name: str, raw: str, kind: Any) -> Any:
-    kind = str(kind)
+    kind = str(kind).removesuffix(" | None")
     try:
         if kind == "int":
             return int(raw)

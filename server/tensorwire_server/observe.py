@@ -1,0 +1,240 @@
+"""What operators see: Prometheus metrics, one access log record per request, and the
+request id that ties a client's error to the server's log.
+
+The Gate opens a ``Call`` record for every RPC; the servicer adds what only it knows
+(the model or function, payload bytes) through ``current()``; the Gate closes the
+record with its status code, and the record becomes metrics and a log line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import torch
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+access_log = logging.getLogger("tensorwire_server.access")
+
+#: Metadata key of the request id, sent back in every response's initial metadata.
+REQUEST_ID: Final = "x-request-id"
+_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+@dataclass
+class Call:
+    """One RPC as it is being answered."""
+
+    method: str
+    request_id: str
+    caller: str = ""
+    target: str = ""  # model or function
+    bytes_in: int = 0
+    bytes_out: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+_CURRENT: ContextVar[Call | None] = ContextVar("call", default=None)
+
+
+def current() -> Call | None:
+    """The call being answered on this thread, if any."""
+    return _CURRENT.get()
+
+
+def request_id(metadata: Any) -> str:
+    """The client's own ``x-request-id`` if it is a sane token, else a fresh one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID and isinstance(value, str) and _SAFE_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+class Metrics:
+    """The server's Prometheus metrics, in a registry of its own (tests run several
+    servers in one process)."""
+
+    def __init__(self, device: Any = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "tensorwire_requests",
+            "RPCs answered, by method, model or function, and status code.",
+            ["method", "target", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "tensorwire_request_seconds",
+            "Time from a worker taking an RPC to its last response byte.",
+            ["method"],
+            buckets=(
+                0.0005,
+                0.001,
+                0.0025,
+                0.005,
+                0.01,
+                0.025,
+                0.05,
+                0.1,
+                0.25,
+                0.5,
+                1,
+                2.5,
+                5,
+                10,
+                30,
+                60,
+                300,
+            ),
+            registry=r,
+        )
+        self.payload = Counter(
+            "tensorwire_payload_bytes",
+            "Tensor payload bytes received (in) and sent (out).",
+            ["direction"],
+            registry=r,
+        )
+        self.waiting = Gauge(
+            "tensorwire_queue_depth", "RPCs arrived and waiting for a worker thread.", registry=r
+        )  # the server points it at its executor's queue
+        self.running = Gauge("tensorwire_in_flight", "RPCs being worked on.", registry=r)
+        self.batch = Histogram(
+            "tensorwire_batch_size",
+            "Requests run together in one forward pass, by model.",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.memory = _DeviceMemory(device)
+        r.register(self.memory)
+
+    def finish(self, call: Call, code: str) -> None:
+        """Record a finished call and write its access log line."""
+        seconds = time.perf_counter() - call.started
+        self.requests.labels(call.method, call.target, code).inc()
+        self.latency.labels(call.method).observe(seconds)
+        self.payload.labels("in").inc(call.bytes_in)
+        self.payload.labels("out").inc(call.bytes_out)
+        access_log.info(
+            "%s %s %s %.1f ms in=%d out=%d",
+            call.method,
+            call.target or "-",
+            code,
+            seconds * 1e3,
+            call.bytes_in,
+            call.bytes_out,
+            extra={
+                "request_id": call.request_id,
+                "method": call.method,
+                "target": call.target,
+                "code": code,
+                "seconds": round(seconds, 6),
+                "bytes_in": call.bytes_in,
+                "bytes_out": call.bytes_out,
+                "caller": call.caller,
+            },
+        )
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose the metrics over HTTP at ``host:port``; the port bound."""
+        server, _ = start_http_server(port, host, registry=self.registry)
+        self._http = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint, if one runs."""
+        http = getattr(self, "_http", None)
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+
+
+class _DeviceMemory(Collector):
+    """Device memory in use and at its peak, read at each scrape."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        used, peak = _memory(self.device)
+        yield GaugeMetricFamily(
+            "tensorwire_device_memory_bytes", "Device memory in use by tensors.", value=used
+        )
+        yield GaugeMetricFamily(
+            "tensorwire_device_memory_peak_bytes",
+            "Peak device memory in use by tensors since the server started.",
+            value=peak,
+        )
+
+
+def _memory(device: Any) -> tuple[int, int]:
+    if device is not None and device.type == "cuda":
+        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    # The CPU's tensors live in the process: its resident and peak resident memory.
+    status = _proc_status()
+    return status.get("VmRSS", 0), status.get("VmHWM", 0)
+
+
+def _proc_status() -> dict[str, int]:
+    values = {}
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if rest.strip().endswith("kB"):
+                    values[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    return values
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the access fields."""
+
+    _FIELDS = (
+        "request_id",
+        "method",
+        "target",
+        "code",
+        "seconds",
+        "bytes_in",
+        "bytes_out",
+        "caller",
+    )
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        call = current()
+        if call is not None:
+            entry["request_id"] = call.request_id
+        for name in self._FIELDS:
+            if hasattr(record, name):
+                entry[name] = getattr(record, name)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def set_current(call: Call | None) -> Any:
+    """Make ``call`` the current one; a token for ``reset_current``."""
+    return _CURRENT.set(call)
+
+
+def reset_current(token: Any) -> None:
+    """Restore the call current before ``set_current``."""
+    _CURRENT.reset(token)
