@@ -95,3 +95,14 @@ def slow_to_load() -> nn.Module:
 
     time.sleep(float(os.environ.get("TENSORWIRE_TEST_LOAD_SECONDS", "0")))
     return Sleeper()
+
+
+class DeviceFailure(nn.Module):
+    """Fails as a poisoned CUDA context does: with a sticky CUDA error."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def device_failure() -> nn.Module:
+    return DeviceFailure()

@@ -24,6 +24,7 @@ from tensorwire.errors import (
     NotFoundError,
     ResourceExhaustedError,
     TensorwireError,
+    UnavailableError,
 )
 from tensorwire_server.functions import FUNCTIONS, Function
 from tensorwire_server.models import Model, TensorSpec
@@ -66,6 +67,9 @@ class Engine:
         self.device = device
         self.models = dict(models)
         self.functions = functions
+        #: Hears, once, that the device failed for good (the server stops serving).
+        self.on_device_failure: Callable[[str], None] | None = None
+        self.failure: str | None = None
         for model in self.models.values():
             model.module.to(device)
             # torch.export modules keep the mode they were exported in.
@@ -303,10 +307,22 @@ class Engine:
         except (TensorwireError, MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as exc:
-            if _is_out_of_memory(exc):
+            if _is_out_of_memory(exc) or _is_device_failure(exc):
                 raise
             message = str(exc).strip()[:_MAX_MESSAGE]
             raise InvalidArgumentError(f"{what} raised {type(exc).__name__}: {message}") from exc
+
+    def _fail(self, what: str, exc: BaseException) -> None:
+        reason = str(exc).strip().splitlines()[0][:_MAX_MESSAGE]
+        log.critical("%s: the device failed and cannot recover: %s", what, reason)
+        if self.failure is None:
+            self.failure = reason
+            if self.on_device_failure is not None:
+                self.on_device_failure(reason)
+        raise UnavailableError(
+            f"{what}: the server's {self.device.type} device failed ({reason}); "
+            "this server must be restarted"
+        ) from exc
 
     @contextmanager
     def _memory_guard(self, what: str) -> Iterator[None]:
@@ -315,6 +331,8 @@ class Engine:
         try:
             yield
         except Exception as exc:
+            if _is_device_failure(exc):
+                self._fail(what, exc)
             if not _is_out_of_memory(exc):
                 raise
             if self.device.type == "cuda":
@@ -324,6 +342,12 @@ class Engine:
             raise ResourceExhaustedError(
                 f"{what} ran out of {self.device.type} memory ({free} bytes free now): {first}"
             ) from exc
+
+
+def _is_device_failure(exc: BaseException) -> bool:
+    # A CUDA error (illegal address, device-side assert, ...) is sticky: the context is
+    # poisoned and every later kernel fails too. Out-of-memory is not one of them.
+    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
 
 
 def _dtype(tensor: torch.Tensor) -> str:

@@ -39,6 +39,7 @@ class Lifecycle:
     SERVING = "serving"
     DRAINING = "draining"
     STOPPED = "stopped"
+    FAILED = "failed"  # the device failed for good: an orchestrator must restart us
 
     def __init__(self, on_change: Callable[[str], None] | None = None) -> None:
         self.state = self.STARTING
@@ -113,6 +114,8 @@ class Gate(_Interceptor):
             return None
         if state == Lifecycle.STARTING:
             return grpc.StatusCode.UNAVAILABLE, "the server is starting: models are loading"
+        if state == Lifecycle.FAILED:
+            return grpc.StatusCode.UNAVAILABLE, "the server's device failed; it must be restarted"
         return grpc.StatusCode.UNAVAILABLE, "the server is shutting down"
 
     def _caller(self, call: Call, scope: str, details: grpc.HandlerCallDetails) -> Reject | None:

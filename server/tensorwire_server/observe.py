@@ -108,13 +108,6 @@ class Metrics:
             "tensorwire_queue_depth", "RPCs arrived and waiting for a worker thread.", registry=r
         )  # the server points it at its executor's queue
         self.running = Gauge("tensorwire_in_flight", "RPCs being worked on.", registry=r)
-        self.batch = Histogram(
-            "tensorwire_batch_size",
-            "Requests run together in one forward pass, by model.",
-            ["model"],
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-            registry=r,
-        )
         self.memory = _DeviceMemory(device)
         r.register(self.memory)
 

@@ -46,6 +46,7 @@ _HEALTH = {
     Lifecycle.SERVING: health_pb2.HealthCheckResponse.SERVING,
     Lifecycle.DRAINING: health_pb2.HealthCheckResponse.NOT_SERVING,
     Lifecycle.STOPPED: health_pb2.HealthCheckResponse.NOT_SERVING,
+    Lifecycle.FAILED: health_pb2.HealthCheckResponse.NOT_SERVING,
 }
 
 
@@ -99,7 +100,7 @@ class TensorwireServer:
         self.port = self._bind(settings, tokens)
         self.metrics_port: int | None = None
         if engine is not None:
-            self.lifecycle.move(Lifecycle.SERVING)
+            self.ready(engine)
 
     def _bind(self, settings: Settings, tokens: Tokens) -> int:
         address = f"{settings.host}:{settings.port}"
@@ -144,6 +145,7 @@ class TensorwireServer:
         """Serve requests with ``engine``: models loaded and warm."""
         self.servicer.engine = engine
         self.metrics.memory.device = engine.device
+        engine.on_device_failure = lambda _: self.lifecycle.move(Lifecycle.FAILED)
         self.lifecycle.move(Lifecycle.SERVING)
 
     def stop(self, grace: float | None) -> None:
