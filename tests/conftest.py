@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,7 +44,7 @@ def start(settings: Settings) -> Iterator[str]:
 def spawn_server(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
     """Run ``tensorwire-server --port 0 FLAGS`` as its own process (for its exit code,
     signals or memory); yield it, its address and its log lines so far once it
-    serves; kill it after."""
+    serves; kill it after. Its later log lines keep arriving in the list."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "tensorwire_server", "--port", "0", *flags],
@@ -61,6 +62,9 @@ def spawn_server(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str, list
             if match := re.search(r"listening on ([\w.:\[\]-]+)", line):
                 address = match.group(1)
             if "server serving" in line:  # models loaded: TensorService answers
+                # Keep reading: a server blocked on a full stderr pipe would hang.
+                drain = threading.Thread(target=lines.extend, args=(proc.stderr,), daemon=True)
+                drain.start()
                 yield proc, address, lines
                 return
         pytest.fail("server did not start: " + "".join(lines))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
 
@@ -113,7 +114,9 @@ def test_json_logs_name_each_request_by_its_id() -> None:
         request_id = dict(failed.value.trailing_metadata())["x-request-id"]  # type: ignore[attr-defined]
         proc.terminate()
         proc.wait(30)
-        lines += proc.stderr.readlines()  # type: ignore[union-attr]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "server stopped" not in "".join(lines):
+            time.sleep(0.05)  # the last lines are still on their way from the pipe
     records = [json.loads(line) for line in lines if line.strip()]
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
     (access,) = [r for r in records if r.get("request_id") == request_id]

@@ -1,0 +1,103 @@
+"""Soak: 32 clients send a mix of requests for 60 s. No unexpected error, and the
+server's memory after the soak is within 10% of its memory after warm-up."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import spawn_server
+
+from tensorwire import Client, InvalidArgumentError, NotFoundError
+
+CLIENTS = 32
+WARM_UP = 10.0
+SOAK = 60.0
+
+
+def _rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
+
+
+def _one(c: Client, rng: np.random.Generator, i: int) -> None:
+    """One request of the mix; checks its answer. Expected errors are part of the mix."""
+    kind = i % 8
+    if kind == 0:
+        x = rng.standard_normal((int(rng.integers(1, 64)), 16)).astype(np.float32)
+        assert c.infer("mlp", x)["output"].shape == (x.shape[0], 4)
+    elif kind == 1:
+        x = rng.standard_normal((8, 16))
+        g = c.grad("mlp64", x, grad_outputs=np.ones((8, 4)))
+        assert g.grads["input"].shape == x.shape
+    elif kind == 2:
+        a = rng.standard_normal((32, 32))
+        np.testing.assert_allclose(c.call("matmul", a, np.eye(32)), a)
+    elif kind == 3:
+        x = rng.integers(0, 255, 3 << 20, dtype=np.uint8)  # streamed both ways
+        assert np.array_equal(c.infer("identity", x)["output"], x)
+    elif kind == 4:
+        try:
+            c.infer("no-such-model", np.ones(3))
+            raise AssertionError("an unknown model answered")
+        except NotFoundError:
+            pass
+    elif kind == 5:
+        try:
+            c.infer("mlp", np.ones((2, 3), np.float32))
+            raise AssertionError("a wrong shape answered")
+        except InvalidArgumentError:
+            pass
+    else:
+        x = rng.standard_normal(int(rng.integers(0, 5000)))
+        assert np.array_equal(c.infer("identity", x)["output"], x)
+
+
+def _drive(address: str, seconds: float, errors: list[BaseException], seed: int) -> int:
+    rng = np.random.default_rng(seed)
+    done = 0
+    deadline = time.monotonic() + seconds
+    with Client(address, timeout=60) as c:
+        while time.monotonic() < deadline:
+            try:
+                _one(c, rng, done + seed)
+            except BaseException as exc:
+                errors.append(exc)
+                return done
+            done += 1
+    return done
+
+
+def _phase(address: str, seconds: float) -> tuple[int, list[BaseException]]:
+    errors: list[BaseException] = []
+    counts = [0] * CLIENTS
+
+    def run(k: int) -> None:
+        counts[k] = _drive(address, seconds, errors, k)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 120)
+    return sum(counts), errors
+
+
+@pytest.mark.timeout(300)
+def test_32_clients_for_60_seconds_no_errors_and_flat_memory() -> None:
+    with spawn_server("--device", "cpu", "--workers", "16") as (proc, address, _):
+        warmed, errors = _phase(address, WARM_UP)
+        assert not errors, errors[:3]
+        after_warm_up = _rss(proc.pid)
+        done, errors = _phase(address, SOAK)
+        assert not errors, errors[:3]
+        after_soak = _rss(proc.pid)
+        assert done > warmed  # the soak ran, all 32 clients through it
+        assert after_soak <= after_warm_up * 1.10, (
+            f"server RSS {after_warm_up >> 20} MiB after warm-up, {after_soak >> 20} MiB "
+            f"after {done} requests"
+        )
