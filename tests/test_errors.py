@@ -175,3 +175,12 @@ def test_unreachable_server_names_the_target() -> None:
         pytest.raises(UnavailableError, match=r"127\.0\.0\.1:1"),
     ):
         c.info()
+
+
+def test_status_messages_are_clipped_to_travel() -> None:
+    from tensorwire_server.servicer import _clip
+
+    assert _clip("short") == "short"
+    long = "é" * 5000  # 10 000 bytes of UTF-8
+    clipped = _clip(long)
+    assert len(clipped.encode()) < 2100 and clipped.endswith("... (5000 characters)")

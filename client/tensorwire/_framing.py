@@ -74,10 +74,13 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _read_varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+def _read_varint(buf: memoryview, pos: int, end: int, limit: int = 10) -> tuple[int, int]:
+    """The varint at ``pos`` of at most ``limit`` bytes, and where it ends. Keys and
+    lengths take at most 5, as protobuf's parsers allow: this walker re-encodes the
+    ones it splices, so a longer one would pass here and nowhere else."""
     value = shift = 0
     while True:
-        if pos >= end or shift > 63:
+        if pos >= end or shift >= 7 * limit:
             raise InvalidArgumentError("malformed message: truncated or overlong varint")
         byte = buf[pos]
         pos += 1
@@ -95,7 +98,7 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, i
     pos = start
     while pos < end:
         field_start = pos
-        key, pos = _read_varint(buf, pos, end)
+        key, pos = _read_varint(buf, pos, end, 5)
         number, wire_type = key >> 3, key & 7
         body = pos
         if wire_type == 0:
@@ -106,7 +109,7 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, i
         elif wire_type == 5:
             pos = body = pos + 4
         elif wire_type == 2:
-            size, body = _read_varint(buf, pos, end)
+            size, body = _read_varint(buf, pos, end, 5)
             pos = body + size
         else:
             raise InvalidArgumentError(f"malformed message: wire type {wire_type}")

@@ -25,6 +25,13 @@ M = TypeVar("M", bound=Message)
 # splicing costs a few microseconds that only pay off once copies cost more.
 INLINE_LIMIT = 64 * 1024
 _INT64_MAX = 2**63 - 1
+# The most dimensions a NumPy array can have: 64 since NumPy 2, 32 before.
+_MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
+# An error message travels as gRPC metadata, which clients cap (8 KiB by default): past
+# that they get RESOURCE_EXHAUSTED instead of the error. So a client-supplied name is
+# quoted up to SHOWN characters, and a list of names up to LISTED of them.
+SHOWN = 100
+LISTED = 10
 
 # A Call argument: tensors and plain values only, never callables or code.
 Arg = np.ndarray | bool | int | float | str | None | Sequence["Arg"]
@@ -38,14 +45,40 @@ def as_wire_array(arr: np.ndarray) -> np.ndarray:
     return np.asarray(arr.astype(target, order="C", copy=True))
 
 
-def _element_count(shape: Sequence[int], name: str) -> int:
+def shown(name: str) -> str:
+    """A client-supplied ``name`` quoted for an error message, cut short if long."""
+    if len(name) <= SHOWN:
+        return repr(name)
+    return f"{name[:SHOWN]!r}... ({len(name)} characters)"
+
+
+def listed(names: Iterable[str]) -> str:
+    """Names for an error message, comma-separated; at most LISTED, each cut short."""
+    items = list(names)
+    text = ", ".join(n if len(n) <= SHOWN else f"{n[:SHOWN]}..." for n in items[:LISTED])
+    return text + (f", ... ({len(items)} in all)" if len(items) > LISTED else "")
+
+
+def _element_count(shape: Sequence[int], name: str, itemsize: int) -> int:
+    if len(shape) > _MAX_DIMS:
+        raise InvalidArgumentError(
+            f"{name}: shape has {len(shape)} dimensions, more than the {_MAX_DIMS} an array "
+            "can have"
+        )
     count = 1
+    extent = itemsize  # bytes, counting 0 as 1: NumPy refuses past 2**63-1 even when empty
     for dim in shape:
         if dim < 0:
             raise InvalidArgumentError(f"{name}: negative dimension in shape {list(shape)}")
         count *= dim
+        extent *= dim or 1
     if count > _INT64_MAX:
         raise InvalidArgumentError(f"{name}: shape {list(shape)} has more than 2**63-1 elements")
+    if extent > _INT64_MAX:
+        raise InvalidArgumentError(
+            f"{name}: shape {list(shape)} is too large for an array: its nonzero dimensions "
+            "span more than 2**63-1 bytes"
+        )
     return count
 
 
@@ -58,7 +91,7 @@ def layout(tensor: pb.Tensor, name: str) -> tuple[np.dtype[Any], tuple[int, ...]
             raise InvalidArgumentError(f"{name}: no dtype given")
         raise InvalidArgumentError(f"{name}: {dtype_name(tensor.dtype)} is not supported")
     shape = tuple(tensor.shape)
-    return dtype, shape, _element_count(shape, name) * dtype.itemsize
+    return dtype, shape, _element_count(shape, name, dtype.itemsize) * dtype.itemsize
 
 
 def decode_array(tensor: pb.Tensor, payload: _framing.Buffer, name: str) -> np.ndarray:
@@ -85,7 +118,7 @@ def tensors_in(message: Message, path: str = "") -> Iterator[tuple[str, pb.Tenso
         where = f"{path}.{fd.name}" if path else fd.name
         items: Iterable[tuple[str, Any]]
         if fd.message_type.GetOptions().map_entry:
-            items = ((f"{where}[{k!r}]", v) for k, v in value.items())
+            items = ((f"{where}[{shown(k)}]", v) for k, v in value.items())
         elif fd.is_repeated:
             items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
         else:
@@ -97,7 +130,7 @@ def tensors_in(message: Message, path: str = "") -> Iterator[tuple[str, pb.Tenso
                 yield name, item
             elif isinstance(item, pb.NamedTensor):
                 if item.HasField("tensor"):
-                    yield (f"{where} {item.name!r}" if item.name else name), item.tensor
+                    yield (f"{where} {shown(item.name)}" if item.name else name), item.tensor
             else:
                 yield from tensors_in(item, name)
 
@@ -207,7 +240,7 @@ class Received(Generic[M]):
     def named(self, tensors: Sequence[pb.NamedTensor], what: str) -> list[tuple[str, np.ndarray]]:
         """Decode a repeated NamedTensor field; ``what`` names it in errors."""
         return [
-            (nt.name, self.array(nt.tensor, f"{what} {nt.name or i!r}"))
+            (nt.name, self.array(nt.tensor, f"{what} {shown(nt.name) if nt.name else i}"))
             for i, nt in enumerate(tensors)
         ]
 
@@ -231,7 +264,7 @@ class Received(Generic[M]):
         """Decode positional and keyword Call arguments."""
         return (
             [self.value(v, f"argument {i}") for i, v in enumerate(args)],
-            {k: self.value(v, f"argument {k!r}") for k, v in kwargs.items()},
+            {k: self.value(v, f"argument {shown(k)}") for k, v in kwargs.items()},
         )
 
 

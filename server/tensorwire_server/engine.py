@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tensorwire.codec import listed, shown
 from tensorwire.dtypes import WIRE_BY_NAME
 from tensorwire.errors import (
     FailedPreconditionError,
@@ -112,7 +113,7 @@ class Engine:
         what = f"function {function.name!r}"
         with self._memory_guard(what), torch.inference_mode():
             targs, tkwargs = self._torch_arguments(args, kwargs)
-            result = self._user_code(what, lambda: function.fn(*targs, **tkwargs))
+            result = self._user_code(what, lambda: function(*targs, **tkwargs))
             return [(n, to_numpy(t, n)) for n, t in _name_outputs(result, (), what)]
 
     def grad_model(
@@ -161,7 +162,7 @@ class Engine:
                 call_args = list(targs)
                 for i, (_, tensor) in zip(positions, tensors, strict=True):
                     call_args[i] = tensor
-                return function.fn(*call_args, **tkwargs)
+                return function(*call_args, **tkwargs)
 
             return self._grad(what, run, leaves, wrt, grad_outputs, [], ())
 
@@ -172,7 +173,7 @@ class Engine:
             return self.models[name]
         except KeyError:
             raise NotFoundError(
-                f"model {name!r} not found; models: {', '.join(sorted(self.models))}"
+                f"model {shown(name)} not found; models: {listed(sorted(self.models))}"
             ) from None
 
     def _function(self, name: str) -> Function:
@@ -180,7 +181,7 @@ class Engine:
             return self.functions[name]
         except KeyError:
             raise NotFoundError(
-                f"function {name!r} is not on the allowlist; Info lists the "
+                f"function {shown(name)} is not on the allowlist; Info lists the "
                 f"{len(self.functions)} functions"
             ) from None
 
@@ -195,7 +196,7 @@ class Engine:
         if isinstance(tkwargs.get("dtype"), str):
             name = tkwargs["dtype"]
             if name not in WIRE_BY_NAME:
-                raise InvalidArgumentError(f"argument 'dtype': unknown dtype {name!r}")
+                raise InvalidArgumentError(f"argument 'dtype': unknown dtype {shown(name)}")
             tkwargs["dtype"] = getattr(torch, name)
         return targs, tkwargs
 
@@ -221,25 +222,30 @@ class Engine:
             for name in wrt:
                 if name not in by_name:
                     raise InvalidArgumentError(
-                        f"wrt names {name!r}, which is not an input of {what}; inputs: "
-                        f"{', '.join(by_name) or 'none'}"
+                        f"wrt names {shown(name)}, which is not an input of {what}; inputs: "
+                        f"{listed(by_name) or 'none'}"
                     )
+            repeated = _first_duplicate(wrt)
+            if repeated is not None:
+                raise InvalidArgumentError(f"wrt names {shown(repeated)} more than once")
         else:
             wrt = [n for n, t in leaves if is_differentiable(t)]
             if not wrt and not params:
-                dtypes = ", ".join(f"input {n!r} has dtype {_dtype(t)}" for n, t in leaves)
+                dtypes = listed(f"input {shown(n)} has dtype {_dtype(t)}" for n, t in leaves)
                 raise FailedPreconditionError(
                     f"{what} has no floating point input to differentiate: {dtypes or 'no inputs'}"
                 )
         for name in wrt:
             if not is_differentiable(by_name[name]):
                 raise FailedPreconditionError(
-                    f"input {name!r} has dtype {_dtype(by_name[name])}; "
+                    f"input {shown(name)} has dtype {_dtype(by_name[name])}; "
                     "gradients need a floating point or complex input"
                 )
         wanted = set(wrt)
         tensors = [(n, t.detach().requires_grad_(True) if n in wanted else t) for n, t in leaves]
-        sources = [t for n, t in tensors if n in wanted] + [p for _, p in params]
+        # In wrt's order, which names the gradients, whatever the inputs' order.
+        prepared = dict(tensors)
+        sources = [prepared[n] for n in wrt] + [p for _, p in params]
         with torch.enable_grad():
             result = self._user_code(what, lambda: run(tensors))
             named = _name_outputs(result, declared, what)
@@ -271,7 +277,7 @@ class Engine:
         outputs = dict(named)
         if not grad_outputs:
             if len(named) != 1 or named[0][1].numel() != 1:
-                shapes = ", ".join(f"{n} {list(t.shape)}" for n, t in named)
+                shapes = listed(f"{n} {list(t.shape)}" for n, t in named)
                 raise InvalidArgumentError(
                     f"{what} has outputs {shapes}; without grad_outputs the single output "
                     "must be a scalar"
@@ -285,14 +291,14 @@ class Engine:
                     name = named[0][0]  # one unnamed vector for the one output
                 if name not in outputs:
                     raise InvalidArgumentError(
-                        f"grad_outputs names {name!r}, which is not an output of {what}; "
-                        f"outputs: {', '.join(outputs)}"
+                        f"grad_outputs names {shown(name)}, which is not an output of "
+                        f"{what}; outputs: {listed(outputs)}"
                     )
                 out = outputs[name]
                 if tuple(arr.shape) != tuple(out.shape):
                     raise InvalidArgumentError(
-                        f"grad_outputs {name!r} has shape {list(arr.shape)} but output {name!r} "
-                        f"has shape {list(out.shape)}"
+                        f"grad_outputs {shown(name)} has shape {list(arr.shape)} but output "
+                        f"{shown(name)} has shape {list(out.shape)}"
                     )
                 pairs.append((out, to_device(arr, self.device).to(out.dtype)))
         differentiable = [(o, s) for o, s in pairs if o.requires_grad]
@@ -363,6 +369,16 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+def _first_duplicate(names: Sequence[str]) -> str | None:
+    """The first name that occurs again, in linear time: a request may hold many."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            return name
+        seen.add(name)
+    return None
+
+
 def _bind(model: Model, inputs: Named) -> Named:
     """Inputs in the model's order, checked against its signature."""
     what = f"model {model.name!r}"
@@ -370,9 +386,9 @@ def _bind(model: Model, inputs: Named) -> Named:
     if model.variadic:
         if not all(names):
             raise InvalidArgumentError(f"{what} takes named inputs only; give every input a name")
-        duplicates = {n for n in names if names.count(n) > 1}
-        if duplicates:
-            raise InvalidArgumentError(f"input {sorted(duplicates)[0]!r} given more than once")
+        duplicate = _first_duplicate(names)
+        if duplicate is not None:
+            raise InvalidArgumentError(f"input {shown(duplicate)} given more than once")
         return list(inputs)
     specs = model.inputs
 
@@ -390,13 +406,13 @@ def _bind(model: Model, inputs: Named) -> Named:
     else:
         given = dict(inputs)
         if len(given) != len(inputs):
-            duplicate = next(n for n in names if names.count(n) > 1)
-            raise InvalidArgumentError(f"input {duplicate!r} given more than once")
+            duplicate = _first_duplicate(names) or ""
+            raise InvalidArgumentError(f"input {shown(duplicate)} given more than once")
         known = {s.name for s in specs}
         for name in names:
             if name not in known:
                 raise InvalidArgumentError(
-                    f"{what} has no input {name!r}; its inputs: {expected()}"
+                    f"{what} has no input {shown(name)}; its inputs: {expected()}"
                 )
         missing = [s.name for s in specs if s.name not in given]
         if missing:
@@ -467,7 +483,7 @@ def _select(
     for name in wanted:
         if name not in outputs:
             raise InvalidArgumentError(
-                f"model {model!r} has no output {name!r}; outputs: {', '.join(outputs)}"
+                f"model {model!r} has no output {shown(name)}; outputs: {listed(outputs)}"
             )
     return [(n, outputs[n]) for n in wanted]
 

@@ -18,6 +18,15 @@ class Function:
     name: str  # wire name: the torch path without "torch.", e.g. "linalg.svd"
     fn: Callable[..., Any]  # the torch callable itself (or a tiny wrapper only where needed)
     description: str  # one line
+    # Raises for arguments on which ``fn`` would hang or crash the process instead of
+    # raising (torch bugs); takes ``fn``'s arguments. None for almost every function.
+    check: Callable[..., None] | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """``fn`` on the arguments, once ``check`` has passed them."""
+        if self.check is not None:
+            self.check(*args, **kwargs)
+        return self.fn(*args, **kwargs)
 
 
 # The allowlist, as (wire name, one-line description). Rules for adding an entry:
@@ -389,6 +398,40 @@ def _index_select(input: torch.Tensor, dim: int, index: torch.Tensor) -> torch.T
     return torch.index_select(input, dim, index)
 
 
+def _argument(args: tuple[Any, ...], kwargs: Mapping[str, Any], position: int, name: str) -> Any:
+    """The argument a function call passes at ``position`` or as ``name``, if any."""
+    return args[position] if position < len(args) else kwargs.get(name)
+
+
+def _check_int32(value: Any, what: str) -> None:
+    """Raise ValueError if ``value`` (an int or a list of ints) leaves C int's range."""
+    for item in value if isinstance(value, list | tuple) else (value,):
+        if isinstance(item, int) and not -(2**31) <= item < 2**31:
+            raise ValueError(f"{what} {item} is out of range [-2**31, 2**31)")
+
+
+def _check_max_pool1d(*args: Any, **kwargs: Any) -> None:
+    # On the CPU without autograd, a kernel_size of 2**32 or more runs for hours (torch
+    # truncates it to 32 bits in one place only) and 2**63-1 crashes the process.
+    for position, name in enumerate(("kernel_size", "stride", "padding", "dilation"), start=1):
+        _check_int32(_argument(args, kwargs, position, name), f"max_pool1d: {name}")
+
+
+def _check_matrix_power(*args: Any, **kwargs: Any) -> None:
+    # n = -2**63 has no positive counterpart: torch loops on it forever.
+    n = _argument(args, kwargs, 1, "n")
+    if isinstance(n, int) and n < -(2**63 - 1):
+        raise ValueError(f"linalg.matrix_power: n must be greater than {-(2**63)}")
+
+
+# Entries torch hangs on or crashes with, for some arguments, instead of raising: their
+# arguments are checked before torch sees them.
+_CHECKS: Final[Mapping[str, Callable[..., None]]] = {
+    "nn.functional.max_pool1d": _check_max_pool1d,
+    "linalg.matrix_power": _check_matrix_power,
+}
+
+
 # Entries whose torch callable needs a guard: an `inplace` flag removed, dropout removed, or
 # indices checked before they can reach a CUDA kernel.
 _WRAPPERS: Final[Mapping[str, Callable[..., Any]]] = {
@@ -424,10 +467,10 @@ def _build() -> dict[str, Function]:
         if not description or "\n" in description:
             raise ValueError(f"{name!r}: the description must be one non-empty line")
         fn = _WRAPPERS.get(name) or _resolve(name)
-        functions[name] = Function(name=name, fn=fn, description=description)
-    unused = set(_WRAPPERS) - set(functions)
+        functions[name] = Function(name, fn, description, _CHECKS.get(name))
+    unused = (set(_WRAPPERS) | set(_CHECKS)) - set(functions)
     if unused:
-        raise ValueError(f"wrappers for names not on the allowlist: {sorted(unused)}")
+        raise ValueError(f"wrappers or checks for names not on the allowlist: {sorted(unused)}")
     return functions
 
 

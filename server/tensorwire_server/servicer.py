@@ -186,10 +186,19 @@ def _statuses(method: str, context: grpc.ServicerContext) -> Iterator[None]:
     except TensorwireError as exc:
         # The caller's mistake, not the server's: debug level, no traceback.
         log.debug("%s: %s %s", method, exc.code, exc.message)
-        context.abort(grpc.StatusCode[exc.code], exc.message)
+        context.abort(grpc.StatusCode[exc.code], _clip(exc.message))
     except Exception:
         log.exception("%s failed with a server error", method)
         context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error")
+
+
+def _clip(message: str, limit: int = 2000) -> str:
+    """``message`` short enough to travel: a status past gRPC's metadata limit (about
+    8 KiB, after escaping) would reach the client as a different error altogether."""
+    if len(message.encode()) <= limit:
+        return message
+    cut = message.encode()[:limit].decode(errors="ignore")
+    return f"{cut}... ({len(message)} characters)"
 
 
 def _unary(
