@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
 import tensorwire
-from tensorwire import USE_CLIENT_DEFAULT, Client, DeadlineExceededError, TensorwireError
+from tensorwire import (
+    USE_CLIENT_DEFAULT,
+    AsyncClient,
+    Client,
+    DeadlineExceededError,
+    TensorwireError,
+)
 
 
 def test_all_names_exist_and_errors_share_one_base() -> None:
@@ -15,6 +23,24 @@ def test_all_names_exist_and_errors_share_one_base() -> None:
     errors = [getattr(tensorwire, n) for n in tensorwire.__all__ if n.endswith("Error")]
     assert all(issubclass(e, TensorwireError) for e in errors)
     assert len({e.code for e in errors}) == len(errors)
+
+
+def test_twins_take_the_same_keyword_only_settings() -> None:
+    signature = inspect.signature(Client)
+    assert signature == inspect.signature(AsyncClient)
+    settings = list(signature.parameters)[1:]
+    assert settings[:8] == [
+        "timeout",
+        "retries",
+        "tls",
+        "root_certificates",
+        "certificate_chain",
+        "private_key",
+        "server_name",
+        "token",
+    ]
+    kinds = {signature.parameters[name].kind for name in settings}
+    assert kinds == {inspect.Parameter.KEYWORD_ONLY}
 
 
 def test_per_call_and_default_deadlines(address: str) -> None:

@@ -211,7 +211,8 @@ def test_unreachable_target_exits_1_with_unavailable(
 ) -> None:
     target = f"127.0.0.1:{free_port()}"
     assert main(["--target", target, "--timeout", "30", "info"]) == 1
-    assert capsys.readouterr().err.startswith(f"tensorwire: UNAVAILABLE: {target}")
+    prefix = f"tensorwire: UNAVAILABLE: cannot reach tensorwire server at {target}: "
+    assert capsys.readouterr().err.startswith(prefix)
     args = ["--input", save(tmp_path / "x.npy", np.ones(3)), "--output", str(tmp_path / "y.npy")]
     assert main(["--target", target, "--timeout", "30", "infer", "identity", *args]) == 1
     assert capsys.readouterr().err.startswith("tensorwire: UNAVAILABLE: ")
@@ -283,6 +284,20 @@ def test_progress_bar_blanks_leftovers_and_close_ends_an_open_line() -> None:
     assert len(second) >= len(first)
     bar.close()  # the call failed midway: the line still ends
     assert stream.getvalue().endswith("GiB/s\n")
+
+
+def test_progress_bar_draws_a_retried_stage_on_a_new_line() -> None:
+    stream, clock = io.StringIO(), FakeClock()
+    bar = ProgressBar(stream, clock=clock, interval=0.1)
+    bar(Progress("upload", 0, 100))
+    clock.now += 1.0
+    bar(Progress("upload", 60, 100))  # the server went away here: the call is retried
+    bar(Progress("upload", 0, 100))
+    bar(Progress("upload", 100, 100))
+    first, second = stream.getvalue().split("\n")[:2]
+    assert " 60%  60/100 B" in first.rsplit("\r", 1)[1]
+    assert "100%  100/100 B" in second.rsplit("\r", 1)[1]
+    assert stream.getvalue().count("\n") == 2
 
 
 def test_python_dash_m_tensorwire_runs_infer(address: str, tmp_path: Path) -> None:

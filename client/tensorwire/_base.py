@@ -1,26 +1,30 @@
-"""What Client and AsyncClient share: request building, response decoding, errors.
+"""What Client and AsyncClient share: request building, response decoding, errors,
+retries and credentials.
 
 The twins differ only in how they wait for the transport, so every method is split
 into a ``_prepare_*`` (arguments -> request encoder) and a ``_finish_*`` (decoded
-response -> result) here, and the choice between the unary and the streaming path
-(``_wants_stream``) is made here once for both.
+response -> result) here; the choice between the unary and the streaming path, and
+whether and when a failed attempt is made again, are decided here once for both.
+The twins keep only their loops: ``time.sleep`` against ``await asyncio.sleep``.
 """
 
 from __future__ import annotations
 
+import random
 import time
-from collections.abc import Mapping, Sequence
-from typing import Any, Final, Literal, TypeVar
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, Literal, NoReturn, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf.message import Message
 
 from tensorwire import streaming
-from tensorwire.channel import CHANNEL_OPTIONS
+from tensorwire.channel import CHANNEL_OPTIONS, CLIENT_OPTIONS, Pem, client_security
 from tensorwire.codec import Encoder, Received, receiver
 from tensorwire.dtypes import NAME_BY_WIRE
-from tensorwire.errors import OutOfRangeError, TensorwireError, UnavailableError, error_class
+from tensorwire.errors import TensorwireError, UnavailableError, error_class
 from tensorwire.streaming import DEFAULT_CHUNK_SIZE, Advance, StreamReceiver
 from tensorwire.types import (
     DeviceInfo,
@@ -51,21 +55,59 @@ Timeout = float | None | _UseClientDefault
 Inputs = np.ndarray | Sequence[Any] | Mapping[str, Any]
 
 
-#: The response message of each TensorService method.
-RESPONSES: Final[dict[str, type[Message]]] = {
-    "Info": pb.InfoResponse,
-    "Infer": pb.InferResponse,
-    "Grad": pb.GradResponse,
-    "Call": pb.CallResponse,
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a TensorService method answers and how it may be sent."""
+
+    #: The response message.
+    response: type[Message]
+    #: It has a ``<name>Stream`` twin for messages too large for one.
+    streamed: bool
+    #: Sending it twice does no harm (its answer is a pure function of the request),
+    #: so an attempt that reached no server may be made again.
+    idempotent: bool
+
+
+#: Every TensorService method the clients call; a ``<name>Stream`` twin shares its entry.
+METHODS: Final[dict[str, MethodSpec]] = {
+    "Info": MethodSpec(pb.InfoResponse, streamed=False, idempotent=True),
+    "Infer": MethodSpec(pb.InferResponse, streamed=True, idempotent=True),
+    "Grad": MethodSpec(pb.GradResponse, streamed=True, idempotent=True),
+    "Call": MethodSpec(pb.CallResponse, streamed=True, idempotent=True),
 }
 
+#: The response message of each TensorService method.
+RESPONSES: Final[dict[str, type[Message]]] = {n: s.response for n, s in METHODS.items()}
 
 #: The methods that carry tensors; each has a ``<name>Stream`` twin for large messages.
-STREAMED: Final = ("Infer", "Grad", "Call")
+STREAMED: Final = tuple(name for name, spec in METHODS.items() if spec.streamed)
 
 #: Requests with at least this many payload bytes travel as a stream. Measured on
 #: loopback (docs/performance.md): below it the unary path's lower setup cost wins.
 DEFAULT_STREAM_THRESHOLD: Final = 2 << 20
+
+#: The status codes worth another attempt. UNAVAILABLE means no server took the call
+#: (refused, reset, starting up, draining); every other status is an answer (a bad
+#: request, no memory) or the caller's own limit (DEADLINE_EXCEEDED, CANCELLED), which
+#: sending again would not change.
+RETRY_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+#: Attempts made after the first, by default, when one fails with a RETRY_CODES status.
+DEFAULT_RETRIES: Final = 4
+
+#: Backoff before retry n: up to BACKOFF_INITIAL * BACKOFF_MULTIPLIER**(n-1) seconds,
+#: never more than BACKOFF_MAX (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2, 2, ...).
+BACKOFF_INITIAL: Final = 0.05
+BACKOFF_MULTIPLIER: Final = 2.0
+BACKOFF_MAX: Final = 2.0
+
+
+def backoff(retry: int, rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait before retry number ``retry`` (1, 2, ...), with "full jitter":
+    uniform below the exponential ceiling, so that clients cut off together by one
+    failure do not all come back at the same instant."""
+    ceiling = BACKOFF_INITIAL * BACKOFF_MULTIPLIER ** min(max(retry - 1, 0), 64)
+    return rand() * min(BACKOFF_MAX, ceiling)
 
 
 def method_path(name: str) -> str:
@@ -122,6 +164,46 @@ class _Reporter:
                 self.callback(Progress(stage, size, size))  # type: ignore[arg-type]
 
 
+class _Retry(Exception):
+    """Ends an attempt that should be made again after ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.delay = delay
+
+
+@dataclass
+class _Call:
+    """One method call across its attempts: what it sends and how far it got."""
+
+    method: str
+    encoder: Encoder[Any]
+    reporter: _Reporter
+    deadline: float | None
+    #: It goes to the ``<method>Stream`` twin: a large request, or a response found
+    #: too large for one message (then every later attempt streams too).
+    streamed: bool
+    attempts: int = 0
+    #: The current attempt received response data: it must not be made again.
+    responded: bool = False
+    #: The details of the last UNAVAILABLE, for the error should a later attempt time out.
+    unavailable: str | None = None
+
+    def remaining(self) -> float | None:
+        """Seconds left of the whole call's deadline (None: no deadline)."""
+        return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
+
+
+def _code(exc: grpc.RpcError) -> grpc.StatusCode:
+    # grpc.Call (sync) and grpc.aio.AioRpcError share code() and details() but no base.
+    code = exc.code() if hasattr(exc, "code") else None
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
+
+
+def _details(exc: grpc.RpcError) -> str:
+    return (exc.details() if hasattr(exc, "details") else None) or str(exc)
+
+
 def _spec(spec: pb.TensorSpec) -> TensorSpec:
     return TensorSpec(
         spec.name,
@@ -131,28 +213,73 @@ def _spec(spec: pb.TensorSpec) -> TensorSpec:
 
 
 class BaseClient:
-    """Target, default timeout and the encode/decode halves of every method."""
+    """Target, timeout, retries, credentials, and the encode/decode halves of every
+    method; ``_GRPC`` (grpc or grpc.aio) makes the channel."""
+
+    _GRPC: ClassVar[Any]
 
     def __init__(
         self,
         target: str,
         *,
         timeout: float | None = 60.0,
+        retries: int = DEFAULT_RETRIES,
+        tls: bool | None = None,
+        root_certificates: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
         stream_threshold: int = DEFAULT_STREAM_THRESHOLD,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of bytes, not {chunk_size}")
+        if retries < 0:
+            raise ValueError(f"retries must be 0 (no retries) or more, not {retries}")
+        credentials, security_options, metadata = client_security(
+            target,
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            server_name=server_name,
+            token=token,
+            credentials=credentials,
+        )
         self.target = target
         self.timeout = timeout
+        self.retries = retries
         self.stream_threshold = stream_threshold
         self.chunk_size = chunk_size
+        self._secure = credentials is not None
+        self._metadata = metadata or None
         self._closed = False
+        self._channel = self._open_channel(credentials, [*security_options, *options])
+        self._methods = self._bind_methods(self._channel)
+
+    def __repr__(self) -> str:
+        # Never the token: reprs end up in logs and tracebacks.
+        token = ", token=<hidden>" if self._metadata else ""
+        closed = ", closed" if self._closed else ""
+        return f"{type(self).__name__}({self.target!r}, secure={self._secure}{token}{closed})"
 
     @property
     def closed(self) -> bool:
         """Whether ``close`` has been called."""
         return self._closed
+
+    def _open_channel(
+        self, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
+    ) -> Any:
+        """A channel from ``_GRPC`` (grpc and grpc.aio share these two calls)."""
+        # One value per key, the last given winning: the caller's over ours.
+        opts = list(dict([*CHANNEL_OPTIONS, *CLIENT_OPTIONS, *options]).items())
+        if credentials is not None:
+            return self._GRPC.secure_channel(self.target, credentials, options=opts)
+        return self._GRPC.insecure_channel(self.target, options=opts)
 
     @staticmethod
     def _bind_methods(channel: Any) -> dict[str, Any]:
@@ -176,62 +303,90 @@ class BaseClient:
     def _wants_stream(self, encoder: Encoder[Any]) -> bool:
         return encoder.payload_bytes >= self.stream_threshold
 
-    @staticmethod
-    def _deadline(timeout: float | None) -> float | None:
-        return None if timeout is None else time.monotonic() + timeout
+    # ------------------------------------------------------------ attempts
 
-    @staticmethod
-    def _remaining(deadline: float | None) -> float | None:
-        # A unary call refused as too large is asked again as a stream, within the
-        # time the caller gave the whole call.
-        return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    def _begin(
+        self,
+        method: str,
+        encoder: Encoder[Any],
+        timeout: Timeout,
+        progress: ProgressCallback | None,
+    ) -> _Call:
+        """A new call of ``method``; its deadline covers every attempt and backoff."""
+        self._check_open()
+        seconds = self._timeout(timeout)
+        deadline = None if seconds is None else time.monotonic() + seconds
+        streamed = METHODS[method].streamed and self._wants_stream(encoder)
+        return _Call(method, encoder, _Reporter(progress), deadline, streamed)
 
-    @staticmethod
-    def _open_channel(
-        api: Any,
-        target: str,
-        credentials: grpc.ChannelCredentials | None,
-        options: Sequence[tuple[str, Any]],
-    ) -> Any:
-        """A channel from ``api`` (grpc or grpc.aio, which share these two calls)."""
-        opts = [*CHANNEL_OPTIONS, *options]
-        if credentials is not None:
-            return api.secure_channel(target, credentials, options=opts)
-        return api.insecure_channel(target, options=opts)
+    def _next_attempt(self, call: _Call) -> None:
+        self._check_open()  # closed while backing off
+        call.attempts += 1
+        call.responded = False
 
-    def _fetch_again(self, method: str, exc: grpc.RpcError) -> TensorwireError | None:
-        """The error to raise for a failed unary call, or None when the response was
-        only too large for one message and the call should be made as a stream."""
-        error = self._error(exc)
-        if isinstance(error, OutOfRangeError) and method in STREAMED:
-            return None
-        return error
+    def _unary_done(self, call: _Call, result: Received[M] | TensorwireError) -> Received[M]:
+        received = self._unwrap(result)
+        call.reporter.whole(call.encoder, received)
+        return received
 
-    def _stream_failure(self, exc: BaseException, reporter: _Reporter) -> BaseException:
-        """What a streamed call that failed with ``exc`` raises."""
-        if reporter.error is not None and reporter.error is not exc:
+    def _unary_failed(self, call: _Call, exc: grpc.RpcError) -> None:
+        """Return when the response was only too large for one message, having
+        switched ``call`` to the stream; else raise the error, or _Retry."""
+        if _code(exc) is grpc.StatusCode.OUT_OF_RANGE and METHODS[call.method].streamed:
+            call.streamed = True
+            return
+        self._retry_or_raise(call, exc)
+
+    def _stream_parts(self, call: _Call) -> tuple[Iterator[bytes], StreamReceiver[Any]]:
+        """The request parts of a streamed attempt and the receiver for its response;
+        every attempt sends the request from its start, and reports progress from 0."""
+        reporter = call.reporter
+        parts = streaming.parts(call.encoder, self.chunk_size, reporter.stage("upload"))
+        return parts, StreamReceiver(RESPONSES[call.method], advance=reporter.stage("download"))
+
+    def _stream_failed(self, call: _Call, exc: BaseException) -> NoReturn:
+        """Raise what a streamed attempt that failed with ``exc`` raises, or _Retry."""
+        error = call.reporter.error
+        if error is not None and error is not exc:
             # The progress callback raised while gRPC was taking the upload, which
             # cancelled the call: the callback's error is the one to report.
-            return reporter.error
+            raise error from None
         if isinstance(exc, grpc.RpcError):
-            return self._error(exc)
-        return exc
+            self._retry_or_raise(call, exc)
+        raise exc
 
-    def _stream_call(
-        self, method: str, encoder: Encoder[Any], reporter: _Reporter
-    ) -> tuple[Any, StreamReceiver[Any]]:
-        """The request parts of a streamed call and the receiver for its response."""
-        parts = streaming.parts(encoder, self.chunk_size, reporter.stage("upload"))
-        return parts, StreamReceiver(RESPONSES[method], advance=reporter.stage("download"))
+    def _retry_or_raise(self, call: _Call, exc: grpc.RpcError) -> NoReturn:
+        """Raise _Retry when ``call`` may be made again, after a backoff that ends
+        before its deadline; else the error ``exc`` maps to."""
+        if (
+            _code(exc) in RETRY_CODES
+            and METHODS[call.method].idempotent
+            and not call.responded  # the server answered in part: it was reached
+            and call.attempts <= self.retries
+        ):
+            call.unavailable = _details(exc)
+            delay = backoff(call.attempts)
+            if call.deadline is None or time.monotonic() + delay < call.deadline:
+                raise _Retry(delay)
+        raise self._error(exc, call) from exc
 
-    def _error(self, exc: grpc.RpcError) -> TensorwireError:
-        # grpc.Call (sync) and grpc.aio.AioRpcError share code() and details() but no base.
-        code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-        details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    def _error(self, exc: grpc.RpcError, call: _Call) -> TensorwireError:
+        code = _code(exc)
+        details = _details(exc)
         cls = error_class(code.name)
-        if cls is UnavailableError:
+        if code is grpc.StatusCode.UNAVAILABLE:
+            details = self._unreachable(details, call.attempts)
+        elif cls is UnavailableError:
             details = f"{self.target}: {details}"
+        elif code is grpc.StatusCode.DEADLINE_EXCEEDED and call.unavailable is not None:
+            # The time ran out on a retry: say why there were retries at all.
+            before = self._unreachable(call.unavailable, 1)
+            details = f"{details} on attempt {call.attempts}; before it: {before}"
         return cls(details)
+
+    def _unreachable(self, details: str, attempts: int) -> str:
+        tried = f" (after {attempts} attempts)" if attempts > 1 else ""
+        return f"cannot reach tensorwire server at {self.target}: {details}{tried}"
 
     @staticmethod
     def _unwrap(result: Received[M] | TensorwireError) -> Received[M]:

@@ -2,50 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import grpc.aio
 import numpy as np
 
 from tensorwire._base import (
-    DEFAULT_STREAM_THRESHOLD,
-    STREAMED,
     USE_CLIENT_DEFAULT,
     BaseClient,
     Inputs,
     Timeout,
-    _Reporter,
+    _Call,
+    _Retry,
 )
 from tensorwire.codec import Encoder, Received
-from tensorwire.streaming import DEFAULT_CHUNK_SIZE
 from tensorwire.types import GradResult, ProgressCallback, ServerInfo
 
 
 class AsyncClient(BaseClient):
     """A connection to a tensorwire server for asyncio code; ``async with`` it.
 
-    Every method is the coroutine twin of ``Client``'s, with the same arguments,
-    results and errors.
+    Every method is the coroutine twin of ``Client``'s, with the same constructor
+    arguments, results, errors and retries.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = 60.0,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        stream_threshold: int = DEFAULT_STREAM_THRESHOLD,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-    ) -> None:
-        super().__init__(
-            target, timeout=timeout, stream_threshold=stream_threshold, chunk_size=chunk_size
-        )
-        self._channel = self._open_channel(grpc.aio, target, credentials, options)
-        self._methods = self._bind_methods(self._channel)
+    _GRPC: ClassVar[Any] = grpc.aio
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -71,41 +56,39 @@ class AsyncClient(BaseClient):
         timeout: Timeout,
         progress: ProgressCallback | None = None,
     ) -> Received[Any]:
-        self._check_open()
-        reporter = _Reporter(progress)
-        deadline = self._deadline(self._timeout(timeout))
-        if method in STREAMED and self._wants_stream(encoder):
-            return await self._stream(method, encoder, deadline, reporter)
-        try:
-            result = await self._methods[method](
-                encoder.finish(), timeout=self._remaining(deadline)
-            )
-        except grpc.RpcError as exc:
-            error = self._fetch_again(method, exc)
-            if error is not None:
-                raise error from exc
-            # The response is too large for one message: ask again as a stream.
-            return await self._stream(method, encoder, deadline, reporter)
-        received = self._unwrap(result)
-        reporter.whole(encoder, received)
-        return received
+        call = self._begin(method, encoder, timeout, progress)
+        while True:
+            try:
+                return await self._attempt(call)
+            except _Retry as retry:
+                await asyncio.sleep(retry.delay)
 
-    async def _stream(
-        self, method: str, encoder: Encoder[Any], deadline: float | None, reporter: _Reporter
-    ) -> Received[Any]:
-        parts, receiver = self._stream_call(method, encoder, reporter)
-        call = self._methods[f"{method}Stream"](parts, timeout=self._remaining(deadline))
+    async def _attempt(self, call: _Call) -> Received[Any]:
+        self._next_attempt(call)
+        if not call.streamed:
+            try:
+                result = await self._methods[call.method](
+                    call.encoder.finish(), timeout=call.remaining(), metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                self._unary_failed(call, exc)  # returns only to ask again as a stream
+            else:
+                return self._unary_done(call, result)
+        return await self._stream(call)
+
+    async def _stream(self, call: _Call) -> Received[Any]:
+        parts, receiver = self._stream_parts(call)
+        rpc = self._methods[f"{call.method}Stream"](
+            parts, timeout=call.remaining(), metadata=self._metadata
+        )
         try:
-            async for raw in call:
+            async for raw in rpc:
+                call.responded = True
                 receiver.feed(raw)
             return receiver.finish()
         except BaseException as exc:
-            call.cancel()  # whatever went wrong, stop the server's work too
-            failure = self._stream_failure(exc, reporter)
-            if failure is exc:
-                raise
-            # A status keeps the RpcError as its cause; the callback's own error stands alone.
-            raise failure from (None if failure is reporter.error else exc)
+            rpc.cancel()  # whatever went wrong, stop the server's work too
+            self._stream_failed(call, exc)
 
     async def info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
         """See ``Client.info``."""

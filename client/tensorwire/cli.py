@@ -1,9 +1,13 @@
 """The tensorwire command: describe a server, or run a model on .npy/.npz files.
 
-    tensorwire [--target HOST:PORT] [--timeout SECONDS] info [--json]
-    tensorwire [--target HOST:PORT] [--timeout SECONDS] infer MODEL
+    tensorwire [--target HOST:PORT] [--timeout SECONDS] [CONNECTION] info [--json]
+    tensorwire [--target HOST:PORT] [--timeout SECONDS] [CONNECTION] infer MODEL
         --input SPEC [--input SPEC ...] --output PATH [--outputs NAME ...]
         [--progress | --no-progress]
+
+CONNECTION: [--tls] [--tls-ca FILE] [--tls-cert FILE --tls-key FILE]
+[--server-name NAME] [--token-file FILE]. The token is read from a file or from
+$TENSORWIRE_TOKEN, never from the command line, where ps would show it.
 
 Exit status: 0 on success, 1 when the server or the connection failed, 2 for a
 usage error (bad flags, a missing or unreadable file, a pickled array).
@@ -33,6 +37,8 @@ from tensorwire.errors import TensorwireError
 from tensorwire.types import ModelInfo, Progress, ServerInfo, TensorSpec
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
+#: The environment variable holding the bearer token when --token-file is not given.
+TOKEN_ENV: Final = "TENSORWIRE_TOKEN"
 #: Info moves a few kilobytes: without --timeout it still gives up on a stuck server.
 INFO_TIMEOUT: Final = 60.0
 
@@ -69,6 +75,7 @@ class ProgressBar:
 
     Draws at most once per ``interval`` seconds of ``clock``, but always the start
     and the end (100%) of each stage; ``close`` ends a line a failed call left open.
+    A stage that starts again from 0 (a retried upload) gets a new line.
     """
 
     WIDTH: Final = 24
@@ -87,11 +94,14 @@ class ProgressBar:
         self._started = 0.0
         self._drawn_at = 0.0
         self._finished = False
+        self._done = 0  # bytes of the last report, to tell a restarted stage
         self._width = 0  # of the last line drawn, to blank what a shorter one leaves
 
     def __call__(self, progress: Progress) -> None:
         now = self.clock()
-        if progress.stage != self._stage:
+        again = progress.done == 0 and self._done > 0
+        self._done = progress.done
+        if progress.stage != self._stage or again:
             self.close()
             self._stage, self._started, self._finished = progress.stage, now, False
         elif self._finished:
@@ -354,9 +364,48 @@ def format_info(info: ServerInfo, target: str) -> str:
 # ---------------------------------------------------------------------- commands
 
 
+def read_token(args: argparse.Namespace) -> str | None:
+    """The bearer token: from --token-file, else $TENSORWIRE_TOKEN, else none."""
+    if args.token_file is None:
+        return os.environ.get(TOKEN_ENV, "").strip() or None
+    path = Path(args.token_file)
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise UsageError(f"--token-file {path}: cannot read: {reason}") from None
+    if not token:
+        raise UsageError(f"--token-file {path}: the file is empty")
+    return token
+
+
+def connect(args: argparse.Namespace, timeout: float | None) -> Client:
+    """A client of --target with the connection flags' TLS and token."""
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise UsageError("--tls-cert and --tls-key go together: a certificate and its key")
+    if args.server_name is not None and not (args.tls or args.tls_ca or args.tls_cert):
+        raise UsageError("--server-name names the server's TLS certificate: add --tls or --tls-ca")
+    try:
+        return Client(
+            args.target,
+            timeout=timeout,
+            tls=True if args.tls else None,
+            root_certificates=args.tls_ca,
+            certificate_chain=args.tls_cert,
+            private_key=args.tls_key,
+            server_name=args.server_name,
+            token=read_token(args),
+        )
+    except OSError as exc:  # a certificate or key file
+        where = f"{exc.filename}: cannot read: " if exc.filename else ""
+        raise UsageError(f"{where}{exc.strerror or exc}") from None
+    except ValueError as exc:  # contradicting flags, or a token bound for plain text
+        raise UsageError(str(exc)) from None
+
+
 def _info(args: argparse.Namespace) -> int:
     timeout = INFO_TIMEOUT if args.timeout is None else args.timeout
-    with Client(args.target, timeout=timeout) as client:
+    with connect(args, timeout) as client:
         info = client.info()
     if args.json:
         print(json.dumps(dataclasses.asdict(info), indent=2))
@@ -374,7 +423,7 @@ def _infer(args: argparse.Namespace) -> int:
     show = sys.stderr.isatty() if args.progress is None else args.progress
     bar = ProgressBar(sys.stderr) if show else None
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with connect(args, args.timeout) as client:
             outputs = client.infer(args.model, inputs, outputs=args.outputs, progress=bar)
     finally:
         if bar is not None:
@@ -409,6 +458,42 @@ def _positive(text: str) -> float:
     return value
 
 
+class _RefuseToken(argparse.Action):
+    """--token VALUE: refused, without repeating the value."""
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        parser.error(
+            "--token: a token on the command line shows in ps and shell history; "
+            f"use --token-file FILE or ${TOKEN_ENV}"
+        )
+
+
+def _connection_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connection")
+    group.add_argument(
+        "--tls", action="store_true", help="use TLS, trusting the system's CAs (or --tls-ca)"
+    )
+    group.add_argument(
+        "--tls-ca", metavar="FILE", help="PEM file of the CAs to trust (implies TLS)"
+    )
+    group.add_argument(
+        "--tls-cert", metavar="FILE", help="PEM file of a client certificate chain (with --tls-key)"
+    )
+    group.add_argument("--tls-key", metavar="FILE", help="PEM file of the client certificate's key")
+    group.add_argument(
+        "--server-name",
+        metavar="NAME",
+        help="the name the server's certificate carries, when not the target's host",
+    )
+    group.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"file holding the bearer token sent on every call (default: ${TOKEN_ENV})",
+    )
+    # Named, so that it is not taken as an abbreviation of --token-file.
+    group.add_argument("--token", nargs="?", action=_RefuseToken, help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the tensorwire command."""
     parser = argparse.ArgumentParser(
@@ -428,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"deadline of the call (default: none for infer, {INFO_TIMEOUT:g} s for info)",
     )
+    _connection_flags(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = commands.add_parser("info", help="describe the server: device, models, functions")

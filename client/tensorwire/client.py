@@ -2,24 +2,23 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import grpc
 import numpy as np
 
 from tensorwire._base import (
-    DEFAULT_STREAM_THRESHOLD,
-    STREAMED,
     USE_CLIENT_DEFAULT,
     BaseClient,
     Inputs,
     Timeout,
-    _Reporter,
+    _Call,
+    _Retry,
 )
 from tensorwire.codec import Encoder, Received
-from tensorwire.streaming import DEFAULT_CHUNK_SIZE
 from tensorwire.types import GradResult, ProgressCallback, ServerInfo
 
 
@@ -30,27 +29,27 @@ class Client(BaseClient):
     each method takes its own ``timeout`` too. Errors are ``tensorwire.TensorwireError``
     subclasses with the server's message and the ``grpc.RpcError`` as their cause.
 
+    A call that finds no server (UNAVAILABLE) is made again up to ``retries`` times,
+    after a jittered exponential backoff, within its deadline; no other error is
+    retried, nor a call once part of its response has arrived. When retries run out,
+    UnavailableError names the target.
+
+    TLS: ``root_certificates`` (the CAs to trust; default: the system's), and for a
+    client certificate ``certificate_chain`` and ``private_key``: each PEM bytes or a
+    path. ``tls`` None uses TLS when any is given, True with the system's CAs, False
+    never. ``server_name`` is the name the server's certificate must carry when it is
+    not the target's host. ``token`` travels on every call as ``authorization: Bearer``;
+    plain text carries it only to this machine (ValueError otherwise). ``credentials``
+    replaces all of the TLS arguments with gRPC channel credentials of your own.
+
     Requests with ``stream_threshold`` payload bytes or more, and responses too large
     for one message, travel as streams of ``chunk_size``-byte chunks, so tensors of
     any size that fits in memory go both ways. Methods that move tensors take a
-    ``progress`` callback, called with a ``tensorwire.Progress`` as bytes move.
+    ``progress`` callback, called with a ``tensorwire.Progress`` as bytes move; a
+    retried upload reports its stage again from 0.
     """
 
-    def __init__(
-        self,
-        target: str,
-        *,
-        timeout: float | None = 60.0,
-        credentials: grpc.ChannelCredentials | None = None,
-        options: Sequence[tuple[str, Any]] = (),
-        stream_threshold: int = DEFAULT_STREAM_THRESHOLD,
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
-    ) -> None:
-        super().__init__(
-            target, timeout=timeout, stream_threshold=stream_threshold, chunk_size=chunk_size
-        )
-        self._channel = self._open_channel(grpc, target, credentials, options)
-        self._methods = self._bind_methods(self._channel)
+    _GRPC: ClassVar[Any] = grpc
 
     def __enter__(self) -> Client:
         return self
@@ -76,39 +75,39 @@ class Client(BaseClient):
         timeout: Timeout,
         progress: ProgressCallback | None = None,
     ) -> Received[Any]:
-        self._check_open()
-        reporter = _Reporter(progress)
-        deadline = self._deadline(self._timeout(timeout))
-        if method in STREAMED and self._wants_stream(encoder):
-            return self._stream(method, encoder, deadline, reporter)
-        try:
-            result = self._methods[method](encoder.finish(), timeout=self._remaining(deadline))
-        except grpc.RpcError as exc:
-            error = self._fetch_again(method, exc)
-            if error is not None:
-                raise error from exc
-            # The response is too large for one message: ask again as a stream.
-            return self._stream(method, encoder, deadline, reporter)
-        received = self._unwrap(result)
-        reporter.whole(encoder, received)
-        return received
+        call = self._begin(method, encoder, timeout, progress)
+        while True:
+            try:
+                return self._attempt(call)
+            except _Retry as retry:
+                time.sleep(retry.delay)
 
-    def _stream(
-        self, method: str, encoder: Encoder[Any], deadline: float | None, reporter: _Reporter
-    ) -> Received[Any]:
-        parts, receiver = self._stream_call(method, encoder, reporter)
-        call = self._methods[f"{method}Stream"](parts, timeout=self._remaining(deadline))
+    def _attempt(self, call: _Call) -> Received[Any]:
+        self._next_attempt(call)
+        if not call.streamed:
+            try:
+                result = self._methods[call.method](
+                    call.encoder.finish(), timeout=call.remaining(), metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                self._unary_failed(call, exc)  # returns only to ask again as a stream
+            else:
+                return self._unary_done(call, result)
+        return self._stream(call)
+
+    def _stream(self, call: _Call) -> Received[Any]:
+        parts, receiver = self._stream_parts(call)
+        rpc = self._methods[f"{call.method}Stream"](
+            parts, timeout=call.remaining(), metadata=self._metadata
+        )
         try:
-            for raw in call:
+            for raw in rpc:
+                call.responded = True
                 receiver.feed(raw)
             return receiver.finish()
         except BaseException as exc:
-            call.cancel()  # whatever went wrong, stop the server's work too
-            failure = self._stream_failure(exc, reporter)
-            if failure is exc:
-                raise
-            # A status keeps the RpcError as its cause; the callback's own error stands alone.
-            raise failure from (None if failure is reporter.error else exc)
+            rpc.cancel()  # whatever went wrong, stop the server's work too
+            self._stream_failed(call, exc)
 
     def info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
         """The server's versions, device, models with signatures, and Call functions."""
