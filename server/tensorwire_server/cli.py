@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import fields
 
 from tensorwire_server.models import parse_model_option
 from tensorwire_server.server import serve
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     security.add_argument(
         "--insecure",
         action="store_true",
+        default=None,  # not given: the environment decides
         help="allow plain text on an address other than loopback",
     )
     security.add_argument(
@@ -71,28 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         extra = dict(parse_model_option(option) for option in args.model)
         base = Settings.from_env()
+        # Flags named after settings (--max-request-bytes -> max_request_bytes) pass
+        # straight through; None means "not given", so the environment's value stays.
+        named = {f.name for f in fields(Settings)}
+        overrides = {k: v for k, v in vars(args).items() if k in named}
         settings = Settings.from_env(
-            host=args.host,
-            port=args.port,
-            device=args.device,
+            **overrides,
             models={**base.models, **extra} or None,
             builtins=False if args.no_builtins else None,
-            workers=args.workers,
-            chunk_size=args.chunk_size,
-            log_level=args.log_level,
-            log_format=args.log_format,
-            metrics_port=args.metrics_port,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_client_ca=args.tls_client_ca,
-            insecure=True if args.insecure else None,
-            tokens_file=args.tokens_file,
-            max_request_bytes=args.max_request_bytes,
-            max_tensor_elements=args.max_tensor_elements,
-            max_concurrent_requests=args.max_concurrent_requests,
-            max_stream_seconds=args.max_stream_seconds,
-            default_deadline=args.default_deadline,
-            shutdown_grace=args.shutdown_grace,
         )
         serve(settings)
     except ValueError as exc:
