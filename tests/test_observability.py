@@ -76,6 +76,8 @@ def test_counters_latency_and_bytes_move_with_requests(observed: tuple[str, int]
     assert moved_in == 5 * x.nbytes and moved_out == 3 * x.nbytes
     count = f'tensorwire_request_seconds_count{{method="{INFER}"}}'
     assert after[count] - before.get(count, 0) == 5
+    batches = 'tensorwire_batch_size_count{model="identity"}'
+    assert after[batches] - before.get(batches, 0) == 3
     assert after["tensorwire_in_flight"] == 0
     assert after["tensorwire_queue_depth"] == 0
     assert after["tensorwire_device_memory_bytes"] > 0

@@ -41,6 +41,8 @@ class Call:
     target: str = ""  # model or function
     bytes_in: int = 0
     bytes_out: int = 0
+    #: Requests in the forward pass that served this one (0: no model ran).
+    batch: int = 0
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -107,6 +109,14 @@ class Metrics:
         self.waiting = Gauge(
             "tensorwire_queue_depth", "RPCs arrived and waiting for a worker thread.", registry=r
         )  # the server points it at its executor's queue
+        self.batch = Histogram(
+            "tensorwire_batch_size",
+            "Requests run together in one forward pass, by model (1 until dynamic "
+            "batching groups them).",
+            ["model"],
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
         self.running = Gauge("tensorwire_in_flight", "RPCs being worked on.", registry=r)
         self.memory = _DeviceMemory(device)
         r.register(self.memory)
@@ -118,6 +128,8 @@ class Metrics:
         self.latency.labels(call.method).observe(seconds)
         self.payload.labels("in").inc(call.bytes_in)
         self.payload.labels("out").inc(call.bytes_out)
+        if call.batch and code == "OK":
+            self.batch.labels(call.target).observe(call.batch)
         access_log.info(
             "%s %s %s %.1f ms in=%d out=%d",
             call.method,

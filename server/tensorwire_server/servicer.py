@@ -81,6 +81,8 @@ class TensorServicer:
         if target and not call.target:
             call.target = "unknown"
         call.bytes_in = request.payload_bytes
+        # Every request runs its own forward pass for now: batches of one.
+        call.batch = 1 if getattr(message, "model", "") in engine.models else 0
 
     @staticmethod
     def answered(response: Encoder[Any]) -> None:
