@@ -12,11 +12,9 @@ import grpc
 import numpy as np
 import pytest
 from conftest import TOY_MODELS, start
-from test_streaming import _chunk, _header
+from test_streaming import _chunk, _header, _send
 
 from tensorwire import Client, ResourceExhaustedError
-from tensorwire._base import method_path
-from tensorwire.channel import CHANNEL_OPTIONS
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire_server.settings import Settings
 
@@ -36,11 +34,9 @@ def limited() -> Iterator[str]:
     )
 
 
-def stream(address: str, parts: Iterator[bytes], timeout: float = 20) -> grpc.RpcError:
-    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
-        call = channel.stream_stream(method_path("InferStream"))(parts, timeout=timeout)
-        with pytest.raises(grpc.RpcError) as info:
-            list(call)
+def stream(address: str, parts: Iterator[bytes]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        _send(address, parts)
     return info.value
 
 

@@ -3,25 +3,19 @@ server's memory after the soak is within 10% of its memory after warm-up."""
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import spawn_server
+from test_streaming import _rss
 
 from tensorwire import Client, InvalidArgumentError, NotFoundError
 
 CLIENTS = 32
 WARM_UP = 10.0
 SOAK = 60.0
-
-
-def _rss(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
 
 
 def _one(c: Client, rng: np.random.Generator, i: int) -> None:

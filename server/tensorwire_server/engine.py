@@ -101,7 +101,7 @@ class Engine:
         """Run ``model_name`` forward under inference mode; return the chosen outputs."""
         model = self._model(model_name)
         bound = _bind(model, inputs)
-        with self._memory_guard(f"model {model.name!r}"), torch.inference_mode():
+        with self._device_guard(f"model {model.name!r}"), torch.inference_mode():
             tensors = [(name, to_device(arr, self.device)) for name, arr in bound]
             result = self._user_code(f"model {model.name!r}", lambda: _invoke(model, tensors))
             named = _name_outputs(result, model.outputs, f"model {model.name!r}")
@@ -111,7 +111,7 @@ class Engine:
         """Run one allowlisted function; tensors in ``args``/``kwargs`` are arrays."""
         function = self._function(function_name)
         what = f"function {function.name!r}"
-        with self._memory_guard(what), torch.inference_mode():
+        with self._device_guard(what), torch.inference_mode():
             targs, tkwargs = self._torch_arguments(args, kwargs)
             result = self._user_code(what, lambda: function(*targs, **tkwargs))
             return [(n, to_numpy(t, n)) for n, t in _name_outputs(result, (), what)]
@@ -128,7 +128,7 @@ class Engine:
         model = self._model(model_name)
         bound = _bind(model, inputs)
         what = f"model {model.name!r}"
-        with self._memory_guard(what):
+        with self._device_guard(what):
             leaves = [(name, to_device(arr, self.device)) for name, arr in bound]
             params = list(model.named_parameters()) if param_grads else []
             return self._grad(
@@ -153,7 +153,7 @@ class Engine:
         named by position ("0", "1", ...)."""
         function = self._function(function_name)
         what = f"function {function.name!r}"
-        with self._memory_guard(what):
+        with self._device_guard(what):
             targs, tkwargs = self._torch_arguments(args, kwargs)
             positions = [i for i, a in enumerate(targs) if isinstance(a, torch.Tensor)]
             leaves = [(str(i), targs[i]) for i in positions]
@@ -331,9 +331,10 @@ class Engine:
         ) from exc
 
     @contextmanager
-    def _memory_guard(self, what: str) -> Iterator[None]:
+    def _device_guard(self, what: str) -> Iterator[None]:
         """Turn out-of-memory anywhere in a request into RESOURCE_EXHAUSTED and give the
-        allocator's cache back, so the next request finds memory."""
+        allocator's cache back, so the next request finds memory; a device that failed
+        for good into UNAVAILABLE, once reported to ``on_device_failure``."""
         try:
             yield
         except Exception as exc:

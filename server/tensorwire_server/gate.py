@@ -44,6 +44,8 @@ class Lifecycle:
     def __init__(self, on_change: Callable[[str], None] | None = None) -> None:
         self.state = self.STARTING
         self._on_change = on_change
+        if on_change is not None:
+            on_change(self.state)
 
     def move(self, state: str) -> None:
         """Enter ``state``."""
@@ -102,13 +104,13 @@ class Gate(_Interceptor):
         method: str = details.method
         scope = scope_of(method)
         call = Call(method, observe.request_id(details.invocation_metadata))
-        reject = self._state(method, scope) or self._caller(call, scope, details)
+        reject = self._state(scope) or self._caller(call, scope, details)
         counter = None if scope == PUBLIC else self.in_flight
         return _guarded(
             handler, reject, arrived + self.default_deadline, counter, call, self.metrics
         )
 
-    def _state(self, method: str, scope: str) -> Reject | None:
+    def _state(self, scope: str) -> Reject | None:
         state = self.lifecycle.state
         if scope == PUBLIC or state == Lifecycle.SERVING:
             return None

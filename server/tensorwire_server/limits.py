@@ -17,8 +17,8 @@ class Limits:
     max_tensor_elements: int = 1 << 32
     max_stream_seconds: float = 3600.0
 
-    def tensor(self, name: str, shape: tuple[int, ...]) -> None:
-        """Refuse a tensor with more elements than allowed."""
+    def tensor(self, name: str, shape: tuple[int, ...]) -> int:
+        """Refuse a tensor with more elements than allowed; its element count."""
         count = 1
         for dim in shape:
             count *= dim
@@ -27,6 +27,7 @@ class Limits:
                 f"{name}: {count} elements, more than the server's max_tensor_elements "
                 f"({self.max_tensor_elements})"
             )
+        return count
 
     def request_bytes(self, total: int) -> None:
         """Refuse a request whose payloads add up to more than allowed."""
@@ -36,11 +37,16 @@ class Limits:
                 f"max_request_bytes ({self.max_request_bytes})"
             )
 
-    def received(self, request: Received[Any]) -> None:
-        """Check every tensor of a unary request (its bytes gRPC already bounded); the
-        rest of each tensor's description is the decoder's to check."""
+    def received(self, request: Received[Any]) -> int:
+        """Check every tensor of a unary request (its bytes gRPC already bounded; the
+        rest of each tensor's description is the decoder's to check); its payload bytes,
+        counted on the same walk."""
+        inline = 0
         for name, tensor in tensors_in(request.message):
             self.tensor(name, tuple(tensor.shape))
+            inline += len(tensor.data)
+        # A spliced message's tensors hold placeholders; its payloads are views.
+        return inline if request.payloads is None else request.payload_bytes
 
     def stream_time(self, seconds: float) -> None:
         """Refuse a stream that has taken longer than allowed to arrive."""

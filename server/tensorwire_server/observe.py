@@ -120,6 +120,7 @@ class Metrics:
         self.running = Gauge("tensorwire_in_flight", "RPCs being worked on.", registry=r)
         self.memory = _DeviceMemory(device)
         r.register(self.memory)
+        self._http: Any = None  # the HTTP endpoint, once ``serve`` starts one
 
     def finish(self, call: Call, code: str) -> None:
         """Record a finished call and write its access log line."""
@@ -139,29 +140,29 @@ class Metrics:
             call.bytes_in,
             call.bytes_out,
             extra={
-                "request_id": call.request_id,
-                "method": call.method,
-                "target": call.target,
-                "code": code,
-                "seconds": round(seconds, 6),
-                "bytes_in": call.bytes_in,
-                "bytes_out": call.bytes_out,
-                "caller": call.caller,
+                "fields": {
+                    "request_id": call.request_id,
+                    "method": call.method,
+                    "target": call.target,
+                    "code": code,
+                    "seconds": round(seconds, 6),
+                    "bytes_in": call.bytes_in,
+                    "bytes_out": call.bytes_out,
+                    "caller": call.caller,
+                }
             },
         )
 
     def serve(self, host: str, port: int) -> int:
         """Expose the metrics over HTTP at ``host:port``; the port bound."""
-        server, _ = start_http_server(port, host, registry=self.registry)
-        self._http = server
-        return int(server.server_port)
+        self._http, _ = start_http_server(port, host, registry=self.registry)
+        return int(self._http.server_port)
 
     def close(self) -> None:
         """Stop the HTTP endpoint, if one runs."""
-        http = getattr(self, "_http", None)
-        if http is not None:
-            http.shutdown()
-            http.server_close()
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
 
 
 class _DeviceMemory(Collector):
@@ -204,18 +205,8 @@ def _proc_status() -> dict[str, int]:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message and the access fields."""
-
-    _FIELDS = (
-        "request_id",
-        "method",
-        "target",
-        "code",
-        "seconds",
-        "bytes_in",
-        "bytes_out",
-        "caller",
-    )
+    """One JSON object per line: time, level, logger, message, the request id of the
+    call being answered, and an access record's fields."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -227,9 +218,7 @@ class JsonFormatter(logging.Formatter):
         call = current()
         if call is not None:
             entry["request_id"] = call.request_id
-        for name in self._FIELDS:
-            if hasattr(record, name):
-                entry[name] = getattr(record, name)
+        entry.update(getattr(record, "fields", {}))  # an access record's own keys
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)

@@ -41,6 +41,8 @@ _CAP = 2**31 - 1
 
 # The services health reports on: the server as a whole ("") and each of its own.
 HEALTH_SERVICES = ("", SERVICE.full_name)
+# The services reflection describes: every one the server offers.
+REFLECTED = (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
 _HEALTH = {
     Lifecycle.STARTING: health_pb2.HealthCheckResponse.NOT_SERVING,
     Lifecycle.SERVING: health_pb2.HealthCheckResponse.SERVING,
@@ -64,7 +66,6 @@ class TensorwireServer:
         self.settings = settings
         self.health = health.HealthServicer()
         self.lifecycle = Lifecycle(self._report)
-        self._report(Lifecycle.STARTING)
         tokens = Tokens.load(settings.tokens_file, settings.tokens)
         limits = Limits(
             settings.max_request_bytes, settings.max_tensor_elements, settings.max_stream_seconds
@@ -89,14 +90,7 @@ class TensorwireServer:
         )
         self.server.add_generic_rpc_handlers((tensor_service_handler(self.servicer),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE.full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ),
-            self.server,
-        )
+        reflection.enable_server_reflection(REFLECTED, self.server)
         self.port = self._bind(settings, tokens)
         self.metrics_port: int | None = None
         if engine is not None:

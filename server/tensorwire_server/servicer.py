@@ -67,22 +67,24 @@ class TensorServicer:
     def engine(self, engine: Engine) -> None:
         self._engine = engine
 
-    def note(self, request: Received[Any]) -> None:
-        """Tell the call's record what is asked of whom, with how many bytes."""
+    def admit(self, request: Received[Any], unary: bool) -> None:
+        """Tell the call's record what is asked of whom; check a unary request against
+        the limits (a streamed one was checked as its buffers were allocated); then
+        record its payload bytes. One walk of the message for all of it."""
         call = observe.current()
-        if call is None:
-            return
         message = request.message
-        target = getattr(message, "model", "") or getattr(message, "function", "")
-        # Only names the server knows become metric labels: a client inventing names
-        # must not grow the metrics without bound.
-        engine = self.engine
-        call.target = target if target in engine.models or target in engine.functions else ""
-        if target and not call.target:
-            call.target = "unknown"
-        call.bytes_in = request.payload_bytes
-        # Every request runs its own forward pass for now: batches of one.
-        call.batch = 1 if getattr(message, "model", "") in engine.models else 0
+        if call is not None:
+            target = getattr(message, "model", "") or getattr(message, "function", "")
+            engine = self.engine
+            # Only names the server knows become metric labels: a client inventing
+            # names must not grow the metrics without bound.
+            known = target in engine.models or target in engine.functions
+            call.target = target if known or not target else "unknown"
+            # Every request runs its own forward pass for now: batches of one.
+            call.batch = 1 if getattr(message, "model", "") in engine.models else 0
+        payload_bytes = self.limits.received(request) if unary else request.payload_bytes
+        if call is not None:
+            call.bytes_in = payload_bytes
 
     @staticmethod
     def answered(response: Encoder[Any]) -> None:
@@ -210,8 +212,7 @@ def _unary(
         with _statuses(method, context):
             if isinstance(request, TensorwireError):
                 raise request
-            servicer.note(request)
-            servicer.limits.received(request)
+            servicer.admit(request, unary=True)
             encoder = behavior(request)
             servicer.answered(encoder)
             if encoder.payload_bytes > servicer.unary_limit:
@@ -248,7 +249,7 @@ def _streaming(
                     limits.stream_time(time.monotonic() - started)
                 watchdog.cancel()
                 request = receiver.finish()
-                servicer.note(request)
+                servicer.admit(request, unary=False)
                 with stager.using():
                     encoder = behavior(request)
                 servicer.answered(encoder)

@@ -54,8 +54,7 @@ class Stager:
 
     def admit(self, dtype: np.dtype[Any], shape: tuple[int, ...], name: str) -> int:
         """Check one more tensor against the limits; its size in bytes."""
-        self.limits.tensor(name, shape)
-        nbytes = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        nbytes = self.limits.tensor(name, shape) * dtype.itemsize
         self.declared += nbytes
         self.limits.request_bytes(self.declared)
         return nbytes
