@@ -118,6 +118,8 @@ def tensors_in(message: Message, path: str = "") -> Iterator[tuple[str, pb.Tenso
         where = f"{path}.{fd.name}" if path else fd.name
         items: Iterable[tuple[str, Any]]
         if fd.message_type.GetOptions().map_entry:
+            if fd.message_type.fields_by_name["value"].message_type is None:
+                continue  # a map of scalars, such as batch sizes: no tensors there
             items = ((f"{where}[{shown(k)}]", v) for k, v in value.items())
         elif fd.is_repeated:
             items = ((f"{where}[{i}]", v) for i, v in enumerate(value))

@@ -97,7 +97,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., any_shape: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "description", "inputs", "outputs", "variadic", "parameter_count")
+    __slots__ = ("name", "kind", "description", "inputs", "outputs", "variadic", "parameter_count", "state", "reason", "versions", "max_batch_size", "dynamic_batching", "instances", "precision", "max_queue_size")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,14 @@ class ModelInfo(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     VARIADIC_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_COUNT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    DYNAMIC_BATCHING_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
+    MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     description: str
@@ -112,7 +120,68 @@ class ModelInfo(_message.Message):
     outputs: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     variadic: bool
     parameter_count: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., variadic: _Optional[bool] = ..., parameter_count: _Optional[int] = ...) -> None: ...
+    state: str
+    reason: str
+    versions: _containers.RepeatedCompositeFieldContainer[ModelVersion]
+    max_batch_size: int
+    dynamic_batching: DynamicBatching
+    instances: _containers.RepeatedScalarFieldContainer[str]
+    precision: str
+    max_queue_size: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., variadic: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., dynamic_batching: _Optional[_Union[DynamicBatching, _Mapping]] = ..., instances: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., max_queue_size: _Optional[int] = ...) -> None: ...
+
+class ModelVersion(_message.Message):
+    __slots__ = ("version", "state", "reason", "statistics")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    state: str
+    reason: str
+    statistics: VersionStatistics
+    def __init__(self, version: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., statistics: _Optional[_Union[VersionStatistics, _Mapping]] = ...) -> None: ...
+
+class DynamicBatching(_message.Message):
+    __slots__ = ("max_queue_delay_seconds", "preferred_batch_sizes")
+    MAX_QUEUE_DELAY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREFERRED_BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    max_queue_delay_seconds: float
+    preferred_batch_sizes: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, max_queue_delay_seconds: _Optional[float] = ..., preferred_batch_sizes: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class VersionStatistics(_message.Message):
+    __slots__ = ("model", "version", "request_count", "failure_count", "inference_count", "execution_count", "queue_seconds", "compute_seconds", "batch_sizes", "rejected_count", "expired_count")
+    class BatchSizesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INFERENCE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZES_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    request_count: int
+    failure_count: int
+    inference_count: int
+    execution_count: int
+    queue_seconds: float
+    compute_seconds: float
+    batch_sizes: _containers.ScalarMap[int, int]
+    rejected_count: int
+    expired_count: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., request_count: _Optional[int] = ..., failure_count: _Optional[int] = ..., inference_count: _Optional[int] = ..., execution_count: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., batch_sizes: _Optional[_Mapping[int, int]] = ..., rejected_count: _Optional[int] = ..., expired_count: _Optional[int] = ...) -> None: ...
 
 class FunctionInfo(_message.Message):
     __slots__ = ("name", "description")
@@ -153,25 +222,29 @@ class InfoResponse(_message.Message):
     def __init__(self, server_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionInfo, _Mapping]]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("model", "inputs", "outputs")
+    __slots__ = ("model", "inputs", "outputs", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     outputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    version: int
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class InferResponse(_message.Message):
-    __slots__ = ("model", "outputs")
+    __slots__ = ("model", "outputs", "version")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     outputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, model: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    version: int
+    def __init__(self, model: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GradRequest(_message.Message):
-    __slots__ = ("model", "function", "inputs", "args", "kwargs", "wrt", "grad_outputs", "param_grads")
+    __slots__ = ("model", "function", "inputs", "args", "kwargs", "wrt", "grad_outputs", "param_grads", "model_version")
     class KwargsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +260,7 @@ class GradRequest(_message.Message):
     WRT_FIELD_NUMBER: _ClassVar[int]
     GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAM_GRADS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     model: str
     function: str
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
@@ -195,7 +269,8 @@ class GradRequest(_message.Message):
     wrt: _containers.RepeatedScalarFieldContainer[str]
     grad_outputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     param_grads: bool
-    def __init__(self, model: _Optional[str] = ..., function: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., wrt: _Optional[_Iterable[str]] = ..., grad_outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., param_grads: _Optional[bool] = ...) -> None: ...
+    model_version: int
+    def __init__(self, model: _Optional[str] = ..., function: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., wrt: _Optional[_Iterable[str]] = ..., grad_outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., param_grads: _Optional[bool] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class GradResponse(_message.Message):
     __slots__ = ("outputs", "grads", "param_grads")
@@ -229,6 +304,44 @@ class CallResponse(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     def __init__(self, outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class ModelStatisticsRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class ModelStatisticsResponse(_message.Message):
+    __slots__ = ("statistics",)
+    STATISTICS_FIELD_NUMBER: _ClassVar[int]
+    statistics: _containers.RepeatedCompositeFieldContainer[VersionStatistics]
+    def __init__(self, statistics: _Optional[_Iterable[_Union[VersionStatistics, _Mapping]]] = ...) -> None: ...
+
+class LoadRequest(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    def __init__(self, model: _Optional[str] = ...) -> None: ...
+
+class LoadResponse(_message.Message):
+    __slots__ = ("model",)
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    model: ModelInfo
+    def __init__(self, model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class UnloadRequest(_message.Message):
+    __slots__ = ("model", "version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class UnloadResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class InferRequestPart(_message.Message):
     __slots__ = ("header", "chunk")

@@ -71,6 +71,21 @@ class TensorServiceStub:
                 request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.CallRequestPart.SerializeToString,
                 response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.CallResponsePart.FromString,
                 _registered_method=True)
+        self.ModelStatistics = channel.unary_unary(
+                '/tensorwire.v1.TensorService/ModelStatistics',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.ModelStatisticsRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.ModelStatisticsResponse.FromString,
+                _registered_method=True)
+        self.Load = channel.unary_unary(
+                '/tensorwire.v1.TensorService/Load',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.LoadRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.LoadResponse.FromString,
+                _registered_method=True)
+        self.Unload = channel.unary_unary(
+                '/tensorwire.v1.TensorService/Unload',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.UnloadRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.UnloadResponse.FromString,
+                _registered_method=True)
 
 
 class TensorServiceServicer:
@@ -148,6 +163,41 @@ class TensorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelStatistics(self, request, context):
+        """ModelStatistics reports, for each version of each model, how many requests it
+        answered and how many failed, how many forward passes ran and with which batch
+        sizes, and the time spent waiting in the model's queue and computing. An empty
+        model names every model, a version of 0 every version. NOT_FOUND for an unknown
+        model or version.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Load(self, request, context):
+        """Load reads a model from the server's model repository and serves it: every
+        version its folder holds now, loaded beside the versions already serving, which
+        then give way (requests in flight on them finish first). FAILED_PRECONDITION
+        unless the server runs with model_control "explicit"; NOT_FOUND when the
+        repository has no such model; INVALID_ARGUMENT naming the reason when the model
+        fails to load, in which case what was serving goes on serving. Needs the admin
+        scope when the server checks tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unload(self, request, context):
+        """Unload stops serving a model (or one of its versions): new requests get
+        NOT_FOUND at once, requests in flight finish, then its memory is released and
+        the call returns. FAILED_PRECONDITION unless the server runs with model_control
+        "explicit"; NOT_FOUND for a model or version that is not loaded. Needs the admin
+        scope when the server checks tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TensorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +235,21 @@ def add_TensorServiceServicer_to_server(servicer, server):
                     servicer.CallStream,
                     request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.CallRequestPart.FromString,
                     response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.CallResponsePart.SerializeToString,
+            ),
+            'ModelStatistics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ModelStatistics,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.ModelStatisticsRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.ModelStatisticsResponse.SerializeToString,
+            ),
+            'Load': grpc.unary_unary_rpc_method_handler(
+                    servicer.Load,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.LoadRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.LoadResponse.SerializeToString,
+            ),
+            'Unload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unload,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.UnloadRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.UnloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -378,6 +443,87 @@ class TensorService:
             '/tensorwire.v1.TensorService/CallStream',
             tensorwire_dot_v1_dot_tensorwire__pb2.CallRequestPart.SerializeToString,
             tensorwire_dot_v1_dot_tensorwire__pb2.CallResponsePart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStatistics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/ModelStatistics',
+            tensorwire_dot_v1_dot_tensorwire__pb2.ModelStatisticsRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.ModelStatisticsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Load(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/Load',
+            tensorwire_dot_v1_dot_tensorwire__pb2.LoadRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.LoadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/Unload',
+            tensorwire_dot_v1_dot_tensorwire__pb2.UnloadRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.UnloadResponse.FromString,
             options,
             channel_credentials,
             insecure,
