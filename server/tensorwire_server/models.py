@@ -150,27 +150,39 @@ def load_model(name: str, source: str) -> Model:
 
 def _load_torchscript(name: str, path: str) -> Model:
     try:
-        module = torch.jit.load(path, map_location="cpu")  # type: ignore[no-untyped-call]
+        module, inputs = read_torchscript(path)
     except Exception as exc:
         raise ValueError(f"model {name!r}: cannot load TorchScript {path!r}: {exc}") from exc
-    arguments = module.forward.schema.arguments[1:]  # the first is self
-    inputs = tuple(TensorSpec(a.name) for a in arguments)
     return Model(name, module, inputs, (), "torchscript", f"TorchScript model from {path}")
 
 
 def _load_export(name: str, path: str) -> Model:
     try:
-        program = torch.export.load(path)
+        module, inputs = read_export(path)
     except Exception as exc:
         raise ValueError(f"model {name!r}: cannot load torch.export {path!r}: {exc}") from exc
+    return Model(name, module, inputs, (), "export", f"torch.export program from {path}")
+
+
+def read_torchscript(path: str | os.PathLike[str]) -> tuple[nn.Module, tuple[TensorSpec, ...]]:
+    """A TorchScript file's module (on the CPU) and its inputs, named after the
+    arguments of its ``forward``; raises whatever loading raises."""
+    module = torch.jit.load(path, map_location="cpu")  # type: ignore[no-untyped-call]
+    arguments = module.forward.schema.arguments[1:]  # the first is self
+    return module, tuple(TensorSpec(a.name) for a in arguments)
+
+
+def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, tuple[TensorSpec, ...]]:
+    """A torch.export file's module and its inputs, with the dtypes and shapes it was
+    exported for; raises whatever loading raises."""
+    program = torch.export.load(path)
     placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
     inputs = tuple(
         _spec_from_meta(user_input, placeholders[user_input].meta.get("val"))
         for user_input in program.graph_signature.user_inputs
         if isinstance(user_input, str)
     )
-    module = program.module()
-    return Model(name, module, inputs, (), "export", f"torch.export program from {path}")
+    return program.module(), inputs
 
 
 def _spec_from_meta(name: str, value: Any) -> TensorSpec:
@@ -179,6 +191,20 @@ def _spec_from_meta(name: str, value: Any) -> TensorSpec:
     dtype = str(value.dtype).removeprefix("torch.")
     shape = tuple(d if isinstance(d, int) else -1 for d in value.shape)
     return TensorSpec(name, dtype if dtype in WIRE_BY_NAME else None, shape)
+
+
+def forward_signature(module: nn.Module) -> tuple[tuple[TensorSpec, ...], bool]:
+    """A Python module's inputs, named after the positional arguments of its
+    ``forward``, and whether it takes keyword arguments of any names (variadic)."""
+    parameters = inspect.signature(module.forward).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return (), True
+    inputs = tuple(
+        TensorSpec(p.name)
+        for p in parameters
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    )
+    return inputs, False
 
 
 def _load_factory(name: str, target: str) -> Model:
@@ -193,15 +219,9 @@ def _load_factory(name: str, target: str) -> Model:
         return made
     if not isinstance(made, nn.Module):
         raise ValueError(f"model {name!r}: {target} returned {type(made).__name__}, not a Module")
-    parameters = inspect.signature(made.forward).parameters.values()
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        return Model(name, made, (), (), "python", f"Python model from {target}", variadic=True)
-    inputs = tuple(
-        TensorSpec(p.name)
-        for p in parameters
-        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    )
-    return Model(name, made, inputs, (), "python", f"Python model from {target}")
+    inputs, variadic = forward_signature(made)
+    description = f"Python model from {target}"
+    return Model(name, made, inputs, (), "python", description, variadic=variadic)
 
 
 def parse_model_option(option: str) -> tuple[str, str]:
