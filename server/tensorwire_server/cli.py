@@ -28,6 +28,23 @@ def main(argv: list[str] | None = None) -> int:
         help="serve a model: a .pt2 torch.export file, a TorchScript file or module:factory",
     )
     parser.add_argument("--no-builtins", action="store_true", help="do not serve built-in models")
+    parser.add_argument("--model-repo", metavar="DIR", help="serve a model repository")
+    parser.add_argument(
+        "--model-control",
+        choices=("none", "explicit"),
+        help="explicit: Load and Unload RPCs change models while serving (default none)",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        default=None,
+        help="exit when any model fails to load (default: report it and serve the rest)",
+    )
+    parser.add_argument(
+        "--no-dynamic-batching",
+        action="store_true",
+        help="run every request alone, even for models configured to batch",
+    )
     parser.add_argument("--workers", type=int, help="request threads (default 16)")
     parser.add_argument(
         "--chunk-size", type=int, help="payload bytes per streamed chunk (default 1 MiB)"
@@ -81,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             **overrides,
             models={**base.models, **extra} or None,
             builtins=False if args.no_builtins else None,
+            dynamic_batching=False if args.no_dynamic_batching else None,
         )
         serve(settings)
     except ValueError as exc:

@@ -9,9 +9,10 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,6 +30,8 @@ from tensorwire.errors import (
 )
 from tensorwire_server.functions import FUNCTIONS, Function
 from tensorwire_server.models import Model, TensorSpec
+from tensorwire_server.registry import Instance, ModelRegistry, ServedVersion
+from tensorwire_server.repository import ModelConfig
 from tensorwire_server.tensors import is_differentiable, to_device, to_numpy
 
 log = logging.getLogger(__name__)
@@ -48,34 +51,61 @@ class DeviceSummary:
 
 
 @dataclass(frozen=True)
+class Inference:
+    """A model's outputs, the version that made them and the rows of the forward pass
+    that ran them (more than the request's own when it was batched)."""
+
+    outputs: Named
+    version: int
+    batch: int
+
+
+@dataclass(frozen=True)
 class GradOutcome:
     """Outputs, input gradients (named as asked) and parameter gradients."""
 
     outputs: Named
     grads: Named
     param_grads: Named
+    version: int = 0
 
 
 class Engine:
-    """Runs models, gradients and allowlisted functions on one device."""
+    """Runs models, gradients and allowlisted functions. Functions and requests'
+    tensors live on ``device``; each model's instances on the devices its
+    configuration (or ``devices``, by default just ``device``) names."""
 
     def __init__(
         self,
         device: torch.device,
-        models: Mapping[str, Model],
+        models: Mapping[str, Model] = {},
         functions: Mapping[str, Function] = FUNCTIONS,
+        devices: Sequence[torch.device] = (),
     ) -> None:
         self.device = device
-        self.models = dict(models)
         self.functions = functions
         #: Hears, once, that the device failed for good (the server stops serving).
         self.on_device_failure: Callable[[str], None] | None = None
         self.failure: str | None = None
-        for model in self.models.values():
-            model.module.to(device)
-            # torch.export modules keep the mode they were exported in.
-            with suppress(NotImplementedError):
-                model.module.eval()
+        self.registry = ModelRegistry(devices or [device], self._forward)
+        for model in models.values():
+            self.serve(model)
+
+    def serve(self, model: Model, config: ModelConfig | None = None, version: int = 1) -> None:
+        """Serve one loaded model (as version 1, unbatched, by default)."""
+        config = config or ModelConfig(
+            model.name, model.description, model.inputs, model.outputs, variadic=model.variadic
+        )
+        self.registry.install(self.registry.serve(config, {version: model}))
+
+    @property
+    def models(self) -> dict[str, Model]:
+        """The newest serving version of every model, by name."""
+        return {
+            name: newest.model
+            for name, entry in self.registry.entries().items()
+            if (newest := entry.newest()) is not None
+        }
 
     # ------------------------------------------------------------------ description
 
@@ -97,15 +127,35 @@ class Engine:
 
     # ------------------------------------------------------------------ operations
 
-    def infer(self, model_name: str, inputs: Named, outputs: Sequence[str] = ()) -> Named:
-        """Run ``model_name`` forward under inference mode; return the chosen outputs."""
-        model = self._model(model_name)
-        bound = _bind(model, inputs)
-        with self._device_guard(f"model {model.name!r}"), torch.inference_mode():
-            tensors = [(name, to_device(arr, self.device)) for name, arr in bound]
-            result = self._user_code(f"model {model.name!r}", lambda: _invoke(model, tensors))
-            named = _name_outputs(result, model.outputs, f"model {model.name!r}")
-            return [(n, to_numpy(t, n)) for n, t in _select(named, outputs, model.name)]
+    def infer(
+        self,
+        model_name: str,
+        inputs: Named,
+        outputs: Sequence[str] = (),
+        version: int = 0,
+        deadline: float | None = None,
+    ) -> Inference:
+        """Run a model forward under inference mode (batched with other requests when
+        its configuration says so); return the chosen outputs. ``version`` 0 runs the
+        newest; ``deadline`` (``time.monotonic()``) bounds the time queued."""
+        with self.registry.using(model_name, version) as served:
+            bound = _bind(served.model, inputs)
+            if served.batcher is not None:
+                named, batch = served.batcher.submit(bound, deadline)
+            else:
+                named, batch = served.run(bound, deadline)
+            return Inference(_select(named, outputs, served.name), served.version, batch)
+
+    def _forward(self, served: ServedVersion, instance: Instance, inputs: Named) -> Named:
+        """One forward pass of ``served`` on ``instance``: arrays in, arrays out."""
+        model = served.model
+        what = f"model {model.name!r}"
+        with self._device_guard(what), torch.inference_mode(), instance.context():
+            tensors = [(name, to_device(arr, instance.device)) for name, arr in inputs]
+            with _autocast(instance.device, served.autocast):
+                result = self._user_code(what, lambda: _invoke(model, instance.module, tensors))
+            named = _name_outputs(result, model.outputs, what)
+            return [(n, to_numpy(_declared(t, n, model.outputs), n)) for n, t in named]
 
     def call(self, function_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Named:
         """Run one allowlisted function; tensors in ``args``/``kwargs`` are arrays."""
@@ -123,23 +173,40 @@ class Engine:
         wrt: Sequence[str] = (),
         grad_outputs: Sequence[tuple[str, np.ndarray]] = (),
         param_grads: bool = False,
+        version: int = 0,
     ) -> GradOutcome:
-        """Outputs of ``model_name`` and gradients w.r.t. inputs ``wrt`` (and parameters)."""
-        model = self._model(model_name)
-        bound = _bind(model, inputs)
-        what = f"model {model.name!r}"
-        with self._device_guard(what):
-            leaves = [(name, to_device(arr, self.device)) for name, arr in bound]
-            params = list(model.named_parameters()) if param_grads else []
-            return self._grad(
-                what,
-                lambda tensors: _invoke(model, tensors),
-                leaves,
-                wrt,
-                grad_outputs,
-                params,
-                model.outputs,
-            )
+        """Outputs of ``model_name`` and gradients w.r.t. inputs ``wrt`` (and parameters).
+        Never batched: each request runs its own forward and backward pass."""
+        with self.registry.using(model_name, version) as served, served.busy() as instance:
+            model = served.model
+            bound = _bind(model, inputs)
+            what = f"model {model.name!r}"
+            started = time.monotonic()
+            ok = False
+            try:
+                with self._device_guard(what), instance.context():
+                    leaves = [(name, to_device(arr, instance.device)) for name, arr in bound]
+                    params = (
+                        [(n, p) for n, p in instance.module.named_parameters() if p.requires_grad]
+                        if param_grads
+                        else []
+                    )
+                    with _autocast(instance.device, served.autocast):
+                        outcome = self._grad(
+                            what,
+                            lambda tensors: _invoke(model, instance.module, tensors),
+                            leaves,
+                            wrt,
+                            grad_outputs,
+                            params,
+                            model.outputs,
+                        )
+                ok = True
+                return replace(outcome, version=served.version)
+            finally:
+                rows = served.rows(bound)
+                served.stats.executed(rows, time.monotonic() - started)
+                served.stats.answered(ok)
 
     def grad_function(
         self,
@@ -167,14 +234,6 @@ class Engine:
             return self._grad(what, run, leaves, wrt, grad_outputs, [], ())
 
     # ------------------------------------------------------------------ internals
-
-    def _model(self, name: str) -> Model:
-        try:
-            return self.models[name]
-        except KeyError:
-            raise NotFoundError(
-                f"model {shown(name)} not found; models: {listed(sorted(self.models))}"
-            ) from None
 
     def _function(self, name: str) -> Function:
         try:
@@ -441,10 +500,26 @@ def _check_spec(spec: TensorSpec, arr: np.ndarray, what: str) -> None:
         )
 
 
-def _invoke(model: Model, tensors: list[tuple[str, torch.Tensor]]) -> Any:
+def _invoke(model: Model, module: torch.nn.Module, tensors: list[tuple[str, torch.Tensor]]) -> Any:
     if model.variadic:
-        return model.module(**dict(tensors))
-    return model.module(*(t for _, t in tensors))
+        return module(**dict(tensors))
+    return module(*(t for _, t in tensors))
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    """Mixed precision for a model configured for it; nothing otherwise."""
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _declared(tensor: torch.Tensor, name: str, declared: tuple[TensorSpec, ...]) -> torch.Tensor:
+    """An output in the dtype its signature declares (autocast may compute it in a
+    narrower one)."""
+    for spec in declared:
+        if spec.name == name and spec.dtype is not None and _dtype(tensor) != spec.dtype:
+            return tensor.to(getattr(torch, spec.dtype))
+    return tensor
 
 
 def _name_outputs(
@@ -475,9 +550,7 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
     raise FailedPreconditionError(f"{what} returned a {type(value).__name__}, which cannot travel")
 
 
-def _select(
-    named: list[tuple[str, torch.Tensor]], wanted: Sequence[str], model: str
-) -> list[tuple[str, torch.Tensor]]:
+def _select(named: Named, wanted: Sequence[str], model: str) -> Named:
     if not wanted:
         return named
     outputs = dict(named)

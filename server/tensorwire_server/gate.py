@@ -178,6 +178,8 @@ def _guarded(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 "the deadline passed while the request waited for a worker; it did not run",
             )
+        # The same deadline bounds the time it may wait in a model's queue.
+        call.deadline = default_deadline if unbounded else time.monotonic() + remaining
 
     @contextmanager
     def recorded(context: grpc.ServicerContext) -> Iterator[None]:

@@ -43,6 +43,8 @@ class Call:
     bytes_out: int = 0
     #: Requests in the forward pass that served this one (0: no model ran).
     batch: int = 0
+    #: When (``time.monotonic()``) the caller stops waiting; None: never.
+    deadline: float | None = None
     started: float = field(default_factory=time.perf_counter)
 
 

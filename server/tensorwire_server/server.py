@@ -17,12 +17,12 @@ from tensorwire.channel import CHANNEL_OPTIONS
 from tensorwire_server.engine import Engine
 from tensorwire_server.gate import Gate, Lifecycle
 from tensorwire_server.limits import Limits
-from tensorwire_server.models import load_models
+from tensorwire_server.loading import ModelControl
 from tensorwire_server.observe import JsonFormatter, Metrics
+from tensorwire_server.registry import server_devices
 from tensorwire_server.security import Tokens, is_loopback, server_credentials
 from tensorwire_server.servicer import SERVICE, TensorServicer, tensor_service_handler
 from tensorwire_server.settings import Settings
-from tensorwire_server.tensors import resolve_device
 
 log = logging.getLogger("tensorwire_server")
 
@@ -53,9 +53,12 @@ _HEALTH = {
 
 
 def build_engine(settings: Settings) -> Engine:
-    """The engine the settings describe: device chosen, models loaded."""
-    device = resolve_device(settings.device)
-    return Engine(device, load_models(settings.models, builtins=settings.builtins))
+    """The engine the settings describe: devices chosen, models loaded (a model that
+    fails is logged and reported in Info; ValueError instead when strict)."""
+    devices = server_devices(settings.device)
+    engine = Engine(devices[0], devices=devices)
+    ModelControl(engine, settings).load_all()
+    return engine
 
 
 class TensorwireServer:
@@ -138,6 +141,7 @@ class TensorwireServer:
     def ready(self, engine: Engine) -> None:
         """Serve requests with ``engine``: models loaded and warm."""
         self.servicer.engine = engine
+        self.servicer.control = ModelControl(engine, self.settings)
         self.metrics.memory.device = engine.device
         engine.on_device_failure = lambda _: self.lifecycle.move(Lifecycle.FAILED)
         self.lifecycle.move(Lifecycle.SERVING)
@@ -188,7 +192,7 @@ def serve(settings: Settings) -> None:
         device.name,
         device.description,
     )
-    log.info("models: %s", ", ".join(sorted(engine.models)))
+    log.info("models: %s", ", ".join(engine.registry.names()))
     server.ready(engine)
     stop.wait()
     log.info("stopping: finishing in-flight requests (up to %g s)", settings.shutdown_grace)

@@ -15,10 +15,12 @@ from google.protobuf.message import Message
 
 import tensorwire_server
 from tensorwire import streaming
-from tensorwire.codec import Encoder, Received, receiver
+from tensorwire.codec import Encoder, Received, receiver, shown
 from tensorwire.dtypes import WIRE_BY_NAME
 from tensorwire.errors import (
+    FailedPreconditionError,
     InvalidArgumentError,
+    NotFoundError,
     OutOfRangeError,
     TensorwireError,
     UnavailableError,
@@ -28,8 +30,11 @@ from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire_server import observe
 from tensorwire_server.engine import Engine, GradOutcome, Named
 from tensorwire_server.limits import Limits
+from tensorwire_server.loading import ModelControl
 from tensorwire_server.models import TensorSpec
+from tensorwire_server.registry import FAILED, READY, ModelEntry
 from tensorwire_server.staging import stager_for
+from tensorwire_server.statistics import StatsSnapshot
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +55,11 @@ class TensorServicer:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         unary_limit: int = UNARY_LIMIT,
         limits: Limits | None = None,
+        control: ModelControl | None = None,
     ) -> None:
         self._engine = engine
+        #: Loads and unloads models while serving; None: models are fixed.
+        self.control = control
         self.chunk_size = chunk_size
         self.unary_limit = unary_limit
         self.limits = limits or Limits()
@@ -78,10 +86,8 @@ class TensorServicer:
             engine = self.engine
             # Only names the server knows become metric labels: a client inventing
             # names must not grow the metrics without bound.
-            known = target in engine.models or target in engine.functions
+            known = target in engine.registry or target in engine.functions
             call.target = target if known or not target else "unknown"
-            # Every request runs its own forward pass for now: batches of one.
-            call.batch = 1 if getattr(message, "model", "") in engine.models else 0
         payload_bytes = self.limits.received(request) if unary else request.payload_bytes
         if call is not None:
             call.bytes_in = payload_bytes
@@ -106,28 +112,26 @@ class TensorServicer:
                 free_memory_bytes=device.free_memory,
             ),
         )
-        for name in sorted(engine.models):
-            model = engine.models[name]
-            response.models.add(
-                name=name,
-                kind=model.kind,
-                description=model.description,
-                inputs=[_spec(s) for s in model.inputs],
-                outputs=[_spec(s) for s in model.outputs],
-                variadic=model.variadic,
-                parameter_count=model.parameter_count(),
-            )
+        for _, entry in sorted(engine.registry.entries().items()):
+            response.models.append(_model_info(entry))
         for name in sorted(engine.functions):
             response.functions.add(name=name, description=engine.functions[name].description)
         return Encoder(response)
 
     def Infer(self, request: Received[pb.InferRequest]) -> Encoder[pb.InferResponse]:
         message = request.message
-        outputs = self.engine.infer(
-            message.model, request.named(message.inputs, "input"), list(message.outputs)
+        call = observe.current()
+        inference = self.engine.infer(
+            message.model,
+            request.named(message.inputs, "input"),
+            list(message.outputs),
+            message.version,
+            call.deadline if call is not None else None,
         )
-        encoder = Encoder(pb.InferResponse(model=message.model))
-        _fill(encoder, encoder.message.outputs, outputs)
+        if call is not None:
+            call.batch = inference.batch
+        encoder = Encoder(pb.InferResponse(model=message.model, version=inference.version))
+        _fill(encoder, encoder.message.outputs, inference.outputs)
         return encoder
 
     def Grad(self, request: Received[pb.GradRequest]) -> Encoder[pb.GradResponse]:
@@ -150,6 +154,7 @@ class TensorServicer:
                 list(message.wrt),
                 grad_outputs,
                 message.param_grads,
+                message.model_version,
             )
         encoder = Encoder(pb.GradResponse())
         response = encoder.message
@@ -165,6 +170,88 @@ class TensorServicer:
         encoder = Encoder(pb.CallResponse())
         _fill(encoder, encoder.message.outputs, outputs)
         return encoder
+
+    def ModelStatistics(
+        self, request: Received[pb.ModelStatisticsRequest]
+    ) -> Encoder[pb.ModelStatisticsResponse]:
+        message = request.message
+        entries = self.engine.registry.entries()
+        if message.model:
+            entry = entries.get(message.model)
+            if entry is None:
+                raise NotFoundError(f"model {shown(message.model)} not found")
+            entries = {message.model: entry}
+        response = pb.ModelStatisticsResponse()
+        for _, entry in sorted(entries.items()):
+            for number, served in entry.versions.items():
+                if message.version in (0, number):
+                    response.statistics.append(_statistics(served.stats.snapshot()))
+        if message.version and not response.statistics:
+            raise NotFoundError(f"model {shown(message.model)} has no version {message.version}")
+        return Encoder(response)
+
+    def Load(self, request: Received[pb.LoadRequest]) -> Encoder[pb.LoadResponse]:
+        entry = self._control.load(request.message.model)
+        return Encoder(pb.LoadResponse(model=_model_info(entry)))
+
+    def Unload(self, request: Received[pb.UnloadRequest]) -> Encoder[pb.UnloadResponse]:
+        message = request.message
+        self._control.unload(message.model, message.version)
+        return Encoder(pb.UnloadResponse())
+
+    @property
+    def _control(self) -> ModelControl:
+        if self.control is None:
+            raise FailedPreconditionError("this server cannot load or unload models")
+        return self.control
+
+
+def _model_info(entry: ModelEntry) -> pb.ModelInfo:
+    config = entry.config
+    newest = entry.newest()
+    model = newest.model if newest is not None else None
+    info = pb.ModelInfo(
+        name=config.name,
+        kind=model.kind if model is not None else "",
+        description=(model.description if model is not None else "") or config.description,
+        inputs=[_spec(s) for s in (model.inputs if model is not None else config.inputs)],
+        outputs=[_spec(s) for s in (model.outputs if model is not None else config.outputs)],
+        variadic=config.variadic,
+        parameter_count=model.parameter_count() if model is not None else 0,
+        state=entry.state,
+        reason=entry.reason,
+        max_batch_size=config.max_batch_size,
+        instances=[str(i.device) for i in newest.instances] if newest is not None else [],
+        precision=config.precision,
+        max_queue_size=config.max_queue_size,
+    )
+    if newest is not None and newest.batcher is not None and config.batching is not None:
+        info.dynamic_batching.max_queue_delay_seconds = config.batching.max_queue_delay
+        info.dynamic_batching.preferred_batch_sizes.extend(config.batching.preferred_batch_sizes)
+    for number, served in entry.versions.items():
+        info.versions.add(
+            version=number, state=READY, statistics=_statistics(served.stats.snapshot())
+        )
+    for number, reason in sorted(entry.failures.items(), reverse=True):
+        if number:
+            info.versions.add(version=number, state=FAILED, reason=reason)
+    return info
+
+
+def _statistics(snapshot: StatsSnapshot) -> pb.VersionStatistics:
+    return pb.VersionStatistics(
+        model=snapshot.model,
+        version=snapshot.version,
+        request_count=snapshot.requests,
+        failure_count=snapshot.failures,
+        inference_count=snapshot.inferences,
+        execution_count=snapshot.executions,
+        queue_seconds=snapshot.queue_seconds,
+        compute_seconds=snapshot.compute_seconds,
+        batch_sizes=snapshot.batch_sizes,
+        rejected_count=snapshot.rejected,
+        expired_count=snapshot.expired,
+    )
 
 
 def _fill(encoder: Encoder[Any], field: Any, tensors: Named) -> None:

@@ -27,6 +27,18 @@ class Settings:
     models: Mapping[str, str] = field(default_factory=dict)
     #: Serve the built-in models (identity, echo, mlp, mlp64).
     builtins: bool = True
+    #: A model repository: a folder of models, each with a model.toml and numbered
+    #: version folders (README, "Model repository").
+    model_repo: str | None = None
+    #: ``none``: the models loaded at start serve until exit; ``explicit``: the Load
+    #: and Unload RPCs (admin scope) add, replace and remove models while serving.
+    model_control: str = "none"
+    #: Refuse to start when any model or version fails to load (else: logged, reported
+    #: in Info, and the others serve).
+    strict: bool = False
+    #: Batch concurrent requests to the models configured for it (the built-in MLPs
+    #: and repository models with [dynamic_batching]); false: every request alone.
+    dynamic_batching: bool = True
     #: Threads answering requests.
     workers: int = 16
     #: Payload bytes per chunk message of a streamed response.
@@ -93,6 +105,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
+        if self.model_control not in ("none", "explicit"):
+            raise ValueError(f"model_control must be none or explicit, not {self.model_control!r}")
         if self.shutdown_grace < 0:
             raise ValueError(f"shutdown_grace must not be negative, not {self.shutdown_grace}")
 

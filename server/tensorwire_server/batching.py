@@ -1,0 +1,301 @@
+"""Dynamic batching: concurrent requests to one model version stacked into one forward
+pass on one of its instances, and the outputs split back.
+
+There is no batching thread. A request that finds an instance idle leads: it gathers
+the queue's compatible requests into a batch (waiting up to the queue delay for
+company), runs it, wakes each request with its rows of the outputs, and hands the
+instance to the request now at the head of the queue, whose thread leads the next
+batch. So a request costs one wake-up, an idle model adds no delay at all, and under
+load batches grow by themselves while an instance is busy.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from tensorwire.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    TensorwireError,
+)
+from tensorwire_server.repository import Batching
+from tensorwire_server.statistics import VersionStats
+
+Named = list[tuple[str, np.ndarray]]
+I = TypeVar("I")  # noqa: E741 -- an instance of the model, whatever the registry makes it
+
+# Errors a request's own inputs can cause: in a batch, the batch is re-run one request
+# at a time so that only the request at fault fails.
+_OWN_ERRORS = (InvalidArgumentError, FailedPreconditionError, ResourceExhaustedError)
+
+
+class _Pending:
+    """One request in the queue, and then its answer."""
+
+    __slots__ = (
+        "batch",
+        "deadline",
+        "done",
+        "enqueued",
+        "error",
+        "finished",
+        "inputs",
+        "key",
+        "lead",
+        "outputs",
+        "queued",
+        "rows",
+    )
+
+    def __init__(self, inputs: Named, key: object, rows: int, deadline: float | None) -> None:
+        self.inputs = inputs
+        self.key = key
+        self.rows = rows
+        self.deadline = deadline
+        self.enqueued = time.monotonic()
+        self.queued = True
+        self.finished = False
+        self.done = threading.Event()
+        self.outputs: Named = []
+        self.error: BaseException | None = None
+        self.batch = 0
+        self.lead: object | None = None  # an instance handed to this request's thread
+
+
+class Batcher(Generic[I]):
+    """Batches one model version's requests over its instances.
+
+    ``execute(instance, inputs)`` runs one forward pass and returns its outputs as
+    arrays; the batcher stacks inputs along the first dimension, splits outputs the
+    same way, and isolates a request whose inputs make the forward fail.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        instances: Sequence[I],
+        execute: Callable[[I, Named], Named],
+        max_batch_size: int,
+        batching: Batching,
+        max_queue_size: int,
+        stats: VersionStats,
+    ) -> None:
+        self.model = model
+        self.execute = execute
+        self.max_batch_size = max_batch_size
+        self.delay = batching.max_queue_delay
+        self.preferred = frozenset(batching.preferred_batch_sizes)
+        # A batch this big runs at once, without waiting out the delay.
+        self.enough = min(max(self.preferred, default=max_batch_size), max_batch_size)
+        self.max_queue_size = max_queue_size
+        self.stats = stats
+        self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
+        self._queue: deque[_Pending] = deque()
+        self._idle: list[I] = list(instances)
+
+    def queued(self) -> int:
+        """Requests waiting for a forward pass now."""
+        with self._lock:
+            return len(self._queue)
+
+    def submit(self, inputs: Named, deadline: float | None) -> tuple[Named, int]:
+        """Run ``inputs`` (bound and checked against the signature) in a batch; return
+        this request's outputs and the rows of the forward pass that made them.
+        ``deadline`` is a ``time.monotonic()`` instant: a request still queued then
+        gets DeadlineExceededError and never runs."""
+        rows, key = _batchable(inputs, self.max_batch_size)
+        pending = _Pending(inputs, key, rows, deadline)
+        with self._lock:
+            if len(self._queue) >= self.max_queue_size:
+                self.stats.rejected()
+                raise ResourceExhaustedError(
+                    f"model {self.model!r} has {len(self._queue)} requests queued, its "
+                    "max_queue_size: try again later"
+                )
+            self._queue.append(pending)
+            instance = self._idle.pop() if self._idle else None
+            self._arrived.notify()  # a leader waiting out the delay counts rows again
+        if instance is not None:
+            self._lead(instance)
+        return self._await(pending)
+
+    def _await(self, pending: _Pending) -> tuple[Named, int]:
+        while True:
+            timeout = None if pending.deadline is None else pending.deadline - time.monotonic()
+            if not pending.done.wait(None if timeout is None else max(timeout, 0.0)):
+                with self._lock:
+                    if pending.queued:
+                        self._expire(pending)
+                pending.deadline = None  # it runs already: wait for its outputs
+                continue
+            if pending.lead is not None:
+                with self._lock:  # another leader may have answered it meanwhile
+                    instance, pending.lead = pending.lead, None
+                    if not pending.finished:
+                        pending.done.clear()
+                self._lead(instance)  # type: ignore[arg-type]
+                continue
+            if pending.error is not None:
+                raise pending.error
+            return pending.outputs, pending.batch
+
+    def _expire(self, pending: _Pending) -> None:
+        """Drop a queued request whose deadline has passed (the lock is held)."""
+        self._queue.remove(pending)
+        pending.queued = False
+        waited = time.monotonic() - pending.enqueued
+        self.stats.expired(waited)
+        pending.error = DeadlineExceededError(
+            f"the deadline passed after {waited:.3f} s in model {self.model!r}'s queue; "
+            "the request did not run"
+        )
+        pending.finished = True
+        pending.done.set()
+
+    def _lead(self, instance: I) -> None:
+        """Run the next batch on ``instance``, then hand it on (or leave it idle)."""
+        with self._lock:
+            batch = self._gather()
+        if batch:
+            self._run(instance, batch)
+        with self._lock:
+            if not self._queue:
+                self._idle.append(instance)
+                return
+            head = self._queue[0]
+            head.lead = instance
+            head.done.set()
+
+    def _gather(self) -> list[_Pending]:
+        """Take the head's batch from the queue, first waiting up to the delay for it
+        to grow (the lock is held)."""
+        while True:
+            now = time.monotonic()
+            for pending in [p for p in self._queue if p.deadline is not None and p.deadline <= now]:
+                self._expire(pending)
+            if not self._queue:
+                return []
+            head = self._queue[0]
+            rows = sum(p.rows for p in self._queue if p.key == head.key)
+            wait = head.enqueued + self.delay - now
+            if wait <= 0 or rows >= self.enough or rows in self.preferred or head.key is None:
+                break
+            self._arrived.wait(wait)
+        batch: list[_Pending] = []
+        rest: deque[_Pending] = deque()
+        total = 0
+        for pending in self._queue:
+            fits = pending.key == head.key and total + pending.rows <= self.max_batch_size
+            if pending is head or (fits and head.key is not None):
+                batch.append(pending)
+                total += pending.rows
+                pending.queued = False
+            else:
+                rest.append(pending)
+        self._queue = rest
+        return batch
+
+    def _run(self, instance: I, batch: list[_Pending]) -> None:
+        started = time.monotonic()
+        rows = sum(p.rows for p in batch)
+        try:
+            if len(batch) == 1:
+                results: list[Named | BaseException] = [self.execute(instance, batch[0].inputs)]
+            else:
+                stacked = [
+                    (name, np.concatenate([p.inputs[i][1] for p in batch]))
+                    for i, (name, _) in enumerate(batch[0].inputs)
+                ]
+                results = list(_split(self.execute(instance, stacked), batch, rows))
+        except _OWN_ERRORS as exc:
+            if len(batch) == 1:
+                results = [exc]
+            else:  # somebody's inputs broke the batch: find out whose
+                self.stats.executed(rows, time.monotonic() - started)
+                self._one_by_one(instance, batch, started)
+                return
+        except _SplitError:
+            self.stats.executed(rows, time.monotonic() - started)
+            self._one_by_one(instance, batch, started)
+            return
+        except Exception as exc:  # the device failed, or a server bug: nobody's fault
+            results = [_copy(exc, i) for i in range(len(batch))]
+        self.stats.executed(rows, time.monotonic() - started)
+        for pending, result in zip(batch, results, strict=True):
+            self._answer(pending, result, rows, started)
+
+    def _one_by_one(self, instance: I, batch: list[_Pending], started: float) -> None:
+        for pending in batch:
+            began = time.monotonic()
+            result: Named | BaseException
+            try:
+                result = self.execute(instance, pending.inputs)
+            except Exception as exc:
+                result = exc
+            self.stats.executed(pending.rows, time.monotonic() - began)
+            self._answer(pending, result, pending.rows, started)
+
+    def _answer(
+        self, pending: _Pending, result: Named | BaseException, rows: int, started: float
+    ) -> None:
+        self.stats.answered(not isinstance(result, BaseException), started - pending.enqueued)
+        with self._lock:
+            if isinstance(result, BaseException):
+                pending.error = result
+            else:
+                pending.outputs = result
+                pending.batch = rows
+            pending.finished = True
+            pending.done.set()
+
+
+class _SplitError(Exception):
+    """A batch's outputs do not share its first dimension: they cannot be split."""
+
+
+def _batchable(inputs: Named, max_batch_size: int) -> tuple[int, object]:
+    """The request's rows, and the key requests must share to be stacked with it
+    (None: it runs alone, as a request larger than a batch or without a common first
+    dimension does)."""
+    arrays = [arr for _, arr in inputs]
+    if not arrays or any(arr.ndim == 0 for arr in arrays):
+        return 1, None
+    rows = arrays[0].shape[0]
+    if rows == 0 or rows > max_batch_size or any(arr.shape[0] != rows for arr in arrays):
+        return rows, None
+    return rows, tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in inputs)
+
+
+def _split(outputs: Named, batch: list[_Pending], rows: int) -> list[Named]:
+    """Each request's rows of every output (views: no copy)."""
+    if any(arr.ndim == 0 or arr.shape[0] != rows for _, arr in outputs):
+        raise _SplitError
+    split: list[Named] = []
+    start = 0
+    for pending in batch:
+        stop = start + pending.rows
+        split.append([(name, arr[start:stop]) for name, arr in outputs])
+        start = stop
+    return split
+
+
+def _copy(exc: Exception, index: int) -> BaseException:
+    """``exc`` for one more request: each raises its own object."""
+    if index == 0:
+        return exc
+    if isinstance(exc, TensorwireError):
+        return type(exc)(exc.message)
+    return copy.copy(exc)
+
+
+__all__ = ["Batcher"]
