@@ -1,4 +1,5 @@
-"""The tensorwire command against a real server: info, infer, files, errors, progress.
+"""The tensorwire command against a real server: info, infer, stats, load and unload,
+files, errors, progress.
 
 Most tests call ``main`` in-process (fast); one runs ``python -m tensorwire``.
 A .npy --output for a model that returns several outputs is a usage error (exit 2):
@@ -13,13 +14,17 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import start
+from repo_fixtures import make_repository
 
-from tensorwire import Client, Progress
-from tensorwire.cli import ProgressBar, main, write_outputs
+from tensorwire import Client, Progress, VersionStatistics
+from tensorwire.cli import ProgressBar, format_statistics, main, write_outputs
+from tensorwire_server.settings import Settings
 
 
 def save(path: Path, arr: np.ndarray) -> str:
@@ -47,6 +52,8 @@ def test_info_prints_versions_device_models_and_functions(
     assert "device:    cpu (" in out
     assert "  mlp (input: float32[?, 16]) -> (output: float32[?, 4])" in out
     assert "builtin, 1,732 parameters: A 16-32-32-4 tanh MLP" in out
+    assert "      READY; version 1; batch <= 1024, dynamic (delay " in out
+    assert "      READY; version 1; on cpu\n" in out  # identity: no batching
     assert "  echo (**named) -> (?)" in out
     assert "  two_heads (x: float64[?], y: float64[?]) -> (sum: any, prod: any)" in out
     assert "functions: " in out
@@ -324,3 +331,162 @@ def test_the_command_does_not_import_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------------- stats
+
+
+def stats_row(out: str, model: str, version: int) -> list[str]:
+    """The cells of ``model`` ``version``'s row of a stats table."""
+    lines = out.splitlines()
+    assert lines[0].split()[:6] == [
+        "model",
+        "version",
+        "requests",
+        "failures",
+        "inferences",
+        "executions",
+    ]
+    for line in lines[1:]:
+        cells = line.split()
+        if cells[:2] == [model, str(version)]:
+            return cells
+    raise AssertionError(f"no row for {model} {version} in:\n{out}")
+
+
+def test_stats_prints_a_row_per_version(
+    address: str, client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for _ in range(2):
+        client.infer("mlp64", np.ones((7, 16)))
+    assert main(["--target", address, "stats", "mlp64", "--version", "1"]) == 0
+    out = capsys.readouterr().out
+    (stats,) = client.model_statistics("mlp64", 1)
+    assert len(out.splitlines()) == 2  # the header and one version
+    cells = stats_row(out, "mlp64", 1)
+    assert cells[2:6] == [
+        str(stats.requests),
+        str(stats.failures),
+        str(stats.inferences),
+        str(stats.executions),
+    ]
+    assert float(cells[6]) >= 0 and float(cells[7]) > 0  # mean queue and compute ms
+    assert f"7:{stats.batch_sizes[7]}" in cells[8:]
+    # Every model, every version, sorted by model.
+    assert main(["--target", address, "stats"]) == 0
+    out = capsys.readouterr().out
+    models = [line.split()[0] for line in out.splitlines()[1:]]
+    assert models == sorted(models) and {"identity", "mlp", "mlp64"} <= set(models)
+    stats_row(out, "identity", 1)
+
+
+def test_stats_json_is_the_client_result(
+    address: str, client: Client, capsys: pytest.CaptureFixture[str]
+) -> None:
+    client.infer("mlp", np.ones((3, 16), np.float32))
+    assert main(["--target", address, "stats", "mlp", "--json"]) == 0
+    (data,) = json.loads(capsys.readouterr().out)
+    (stats,) = client.model_statistics("mlp")
+    assert data["model"] == "mlp" and data["version"] == 1
+    assert data["requests"] == stats.requests and data["executions"] == stats.executions
+    assert {int(k): v for k, v in data["batch_sizes"].items()} == stats.batch_sizes
+
+
+def test_stats_errors(address: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--target", address, "stats", "no_such_model"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tensorwire: NOT_FOUND: ") and "no_such_model" in err
+    assert main(["--target", address, "stats", "mlp", "--version", "2"]) == 1
+    assert capsys.readouterr().err.startswith("tensorwire: NOT_FOUND: ")
+    for command in ("stats", "unload"):
+        with pytest.raises(SystemExit) as exc:
+            main(["--target", address, command, "mlp", "--version", "-1"])
+        assert exc.value.code == 2 and "must be 0 or more" in capsys.readouterr().err
+
+
+def test_format_statistics_means_and_notes() -> None:
+    busy = VersionStatistics(
+        model="scaler",
+        version=2,
+        requests=4,
+        failures=2,
+        inferences=6,
+        executions=2,
+        queue_seconds=0.004,
+        compute_seconds=0.010,
+        batch_sizes={4: 1, 2: 1},
+        rejected=1,
+        expired=1,
+    )
+    idle = VersionStatistics(model="scaler", version=1)
+    lines = format_statistics([busy, idle]).splitlines()
+    assert lines[0].startswith("model   version  requests")  # "model" padded to "scaler"
+    assert lines[1].split() == ["scaler", "2", "4", "2", "6", "2", "1.000", "5.000", "2:1", "4:1"]
+    assert lines[2].split() == ["scaler", "1", "0", "0", "0", "0", "-", "-", "-"]
+    assert lines[3] == (
+        "scaler version 2: 1 rejected (queue full), 1 expired (deadline passed in the queue)"
+    )
+    assert len(lines) == 4
+    end = lines[0].index("executions") + len("executions")  # numbers align right
+    assert lines[1][end - 2 : end + 1] == " 2 " and lines[2][end - 2 : end + 1] == " 0 "
+    assert format_statistics([]) == "no model versions serving"
+
+
+# ---------------------------------------------------------------------- load, unload
+
+
+@pytest.fixture
+def repo_address(tmp_path: Path) -> Iterator[str]:
+    """A CPU server over a fresh repository (scaler, regressor) with explicit control."""
+    repo = make_repository(tmp_path / "repo")
+    yield from start(
+        Settings(
+            host="127.0.0.1",
+            port=0,
+            device="cpu",
+            builtins=False,
+            model_repo=str(repo),
+            model_control="explicit",
+        )
+    )
+
+
+def test_unload_and_load_change_what_infer_runs(
+    repo_address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    args = ["--input", save(tmp_path / "x.npy", x), "--output", str(tmp_path / "y.npy")]
+    assert main(["--target", repo_address, "info"]) == 0
+    out = capsys.readouterr().out
+    assert "      READY; versions 2, 1; batch <= 32, dynamic (delay 1 ms); on cpu\n" in out
+    assert "      READY; versions 2, 1; batch <= 8; on cpu\n" in out  # regressor
+
+    assert main(["--target", repo_address, "unload", "scaler", "--version", "2"]) == 0
+    assert capsys.readouterr().out == "scaler: unloaded version 2\n"
+    assert infer(repo_address, "scaler", "--version", "2", *args) == 1
+    assert capsys.readouterr().err.startswith("tensorwire: NOT_FOUND: ")
+    assert infer(repo_address, "scaler", *args) == 0  # the newest left: version 1
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), x * 2)
+    capsys.readouterr()
+    assert main(["--target", repo_address, "unload", "scaler", "--version", "2"]) == 1
+    assert capsys.readouterr().err.startswith("tensorwire: NOT_FOUND: ")
+
+    assert main(["--target", repo_address, "load", "scaler"]) == 0
+    assert capsys.readouterr().out == "scaler: loaded, serving versions 2, 1\n"
+    assert infer(repo_address, "scaler", "--version", "2", *args) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), x * 3)
+    capsys.readouterr()
+
+    assert main(["--target", repo_address, "unload", "regressor"]) == 0
+    assert capsys.readouterr().out == "regressor: unloaded every version\n"
+    assert main(["--target", repo_address, "load", "no_such_model"]) == 1
+    assert capsys.readouterr().err.startswith("tensorwire: NOT_FOUND: ")
+
+
+def test_load_and_unload_without_explicit_control_exit_1(
+    address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in (["load", "mlp"], ["unload", "mlp"], ["unload", "mlp", "--version", "1"]):
+        assert main(["--target", address, *command]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("tensorwire: FAILED_PRECONDITION: ") and "explicit" in err

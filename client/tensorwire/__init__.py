@@ -20,12 +20,15 @@ from tensorwire.errors import (
 )
 from tensorwire.types import (
     DeviceInfo,
+    DynamicBatching,
     GradResult,
     ModelInfo,
+    ModelVersion,
     Progress,
     ProgressCallback,
     ServerInfo,
     TensorSpec,
+    VersionStatistics,
 )
 
 __version__ = "0.1.0"
@@ -37,11 +40,13 @@ __all__ = [
     "Client",
     "DeadlineExceededError",
     "DeviceInfo",
+    "DynamicBatching",
     "FailedPreconditionError",
     "GradResult",
     "InternalError",
     "InvalidArgumentError",
     "ModelInfo",
+    "ModelVersion",
     "NotFoundError",
     "OutOfRangeError",
     "PermissionDeniedError",
@@ -54,5 +59,6 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",
+    "VersionStatistics",
     "__version__",
 ]

@@ -24,16 +24,24 @@ from tensorwire import streaming
 from tensorwire.channel import CHANNEL_OPTIONS, CLIENT_OPTIONS, Pem, client_security
 from tensorwire.codec import Encoder, Received, receiver
 from tensorwire.dtypes import NAME_BY_WIRE
-from tensorwire.errors import TensorwireError, UnavailableError, error_class
+from tensorwire.errors import (
+    InvalidArgumentError,
+    TensorwireError,
+    UnavailableError,
+    error_class,
+)
 from tensorwire.streaming import DEFAULT_CHUNK_SIZE, Advance, StreamReceiver
 from tensorwire.types import (
     DeviceInfo,
+    DynamicBatching,
     GradResult,
     ModelInfo,
+    ModelVersion,
     Progress,
     ProgressCallback,
     ServerInfo,
     TensorSpec,
+    VersionStatistics,
 )
 from tensorwire.v1 import tensorwire_pb2 as pb
 
@@ -69,11 +77,18 @@ class MethodSpec:
 
 
 #: Every TensorService method the clients call; a ``<name>Stream`` twin shares its entry.
+#: Load and Unload change what the server serves, so they are never sent again on
+#: their own: a Load made twice reads the model from disk twice (and may pick up a
+#: folder changed in between), and an Unload made twice answers NOT_FOUND. Whoever
+#: administers the server decides whether to repeat them.
 METHODS: Final[dict[str, MethodSpec]] = {
     "Info": MethodSpec(pb.InfoResponse, streamed=False, idempotent=True),
     "Infer": MethodSpec(pb.InferResponse, streamed=True, idempotent=True),
     "Grad": MethodSpec(pb.GradResponse, streamed=True, idempotent=True),
     "Call": MethodSpec(pb.CallResponse, streamed=True, idempotent=True),
+    "ModelStatistics": MethodSpec(pb.ModelStatisticsResponse, streamed=False, idempotent=True),
+    "Load": MethodSpec(pb.LoadResponse, streamed=False, idempotent=False),
+    "Unload": MethodSpec(pb.UnloadResponse, streamed=False, idempotent=False),
 }
 
 #: The response message of each TensorService method.
@@ -209,6 +224,57 @@ def _spec(spec: pb.TensorSpec) -> TensorSpec:
         spec.name,
         NAME_BY_WIRE.get(spec.dtype),
         None if spec.any_shape else tuple(spec.shape),
+    )
+
+
+def _statistics(m: pb.VersionStatistics) -> VersionStatistics:
+    return VersionStatistics(
+        model=m.model,
+        version=m.version,
+        requests=m.request_count,
+        failures=m.failure_count,
+        inferences=m.inference_count,
+        executions=m.execution_count,
+        queue_seconds=m.queue_seconds,
+        compute_seconds=m.compute_seconds,
+        batch_sizes=dict(sorted(m.batch_sizes.items())),
+        rejected=m.rejected_count,
+        expired=m.expired_count,
+    )
+
+
+def _model_info(m: pb.ModelInfo) -> ModelInfo:
+    batching = None
+    if m.HasField("dynamic_batching"):
+        batching = DynamicBatching(
+            m.dynamic_batching.max_queue_delay_seconds,
+            tuple(m.dynamic_batching.preferred_batch_sizes),
+        )
+    return ModelInfo(
+        m.name,
+        m.kind,
+        m.description,
+        tuple(_spec(s) for s in m.inputs),
+        tuple(_spec(s) for s in m.outputs),
+        m.variadic,
+        m.parameter_count,
+        # A server from before model states lists only models that serve.
+        state=m.state or "READY",
+        reason=m.reason,
+        versions=tuple(
+            ModelVersion(
+                v.version,
+                v.state,
+                v.reason,
+                _statistics(v.statistics) if v.HasField("statistics") else None,
+            )
+            for v in m.versions
+        ),
+        max_batch_size=m.max_batch_size,
+        dynamic_batching=batching,
+        instances=tuple(m.instances),
+        precision=m.precision,
+        max_queue_size=m.max_queue_size,
     )
 
 
@@ -412,18 +478,7 @@ class BaseClient:
                 m.device.total_memory_bytes,
                 m.device.free_memory_bytes,
             ),
-            models={
-                model.name: ModelInfo(
-                    model.name,
-                    model.kind,
-                    model.description,
-                    tuple(_spec(s) for s in model.inputs),
-                    tuple(_spec(s) for s in model.outputs),
-                    model.variadic,
-                    model.parameter_count,
-                )
-                for model in m.models
-            },
+            models={model.name: _model_info(model) for model in m.models},
             functions={f.name: f.description for f in m.functions},
         )
 
@@ -431,9 +486,12 @@ class BaseClient:
 
     @staticmethod
     def _prepare_infer(
-        model: str, inputs: Inputs, outputs: Sequence[str] | None
+        model: str, inputs: Inputs, outputs: Sequence[str] | None, version: int = 0
     ) -> Encoder[pb.InferRequest]:
-        encoder = Encoder(pb.InferRequest(model=model, outputs=list(outputs or ())))
+        request = pb.InferRequest(
+            model=model, outputs=list(outputs or ()), version=_version(version)
+        )
+        encoder = Encoder(request)
         for name, arr in _named_inputs(inputs):
             encoder.named(encoder.message.inputs.add(), name, arr)
         return encoder
@@ -451,8 +509,12 @@ class BaseClient:
         wrt: str | Sequence[str] | None,
         grad_outputs: np.ndarray | Mapping[str, Any] | None,
         param_grads: bool,
+        version: int = 0,
     ) -> Encoder[pb.GradRequest]:
-        encoder = Encoder(pb.GradRequest(model=model, param_grads=param_grads, wrt=_names(wrt)))
+        request = pb.GradRequest(
+            model=model, param_grads=param_grads, wrt=_names(wrt), model_version=_version(version)
+        )
+        encoder = Encoder(request)
         for name, arr in _named_inputs(inputs):
             encoder.named(encoder.message.inputs.add(), name, arr)
         _grad_outputs(encoder, grad_outputs)
@@ -495,6 +557,48 @@ class BaseClient:
     def _finish_call(received: Received[pb.CallResponse]) -> np.ndarray | tuple[np.ndarray, ...]:
         outputs = tuple(_owned(received, received.message.outputs).values())
         return outputs[0] if len(outputs) == 1 else outputs
+
+    # ------------------------------------------------------------------ ModelStatistics
+
+    @staticmethod
+    def _prepare_model_statistics(model: str, version: int) -> Encoder[pb.ModelStatisticsRequest]:
+        return Encoder(pb.ModelStatisticsRequest(model=model, version=_version(version)))
+
+    @staticmethod
+    def _finish_model_statistics(
+        received: Received[pb.ModelStatisticsResponse],
+    ) -> list[VersionStatistics]:
+        return [_statistics(s) for s in received.message.statistics]
+
+    # ------------------------------------------------------------------ Load, Unload
+
+    @staticmethod
+    def _prepare_load_model(model: str) -> Encoder[pb.LoadRequest]:
+        return Encoder(pb.LoadRequest(model=model))
+
+    @staticmethod
+    def _finish_load_model(received: Received[pb.LoadResponse]) -> ModelInfo:
+        return _model_info(received.message.model)
+
+    @staticmethod
+    def _prepare_unload_model(model: str, version: int) -> Encoder[pb.UnloadRequest]:
+        return Encoder(pb.UnloadRequest(model=model, version=_version(version)))
+
+    @staticmethod
+    def _finish_unload_model(received: Received[pb.UnloadResponse]) -> None:
+        return None
+
+
+def _version(version: int) -> int:
+    """``version`` checked before sending, as the codec checks tensors: a whole number
+    from 0 (the newest, or every version, as the method says) to the int64 limit."""
+    if (
+        isinstance(version, bool)
+        or not isinstance(version, int | np.integer)
+        or not 0 <= version < 1 << 63
+    ):
+        raise InvalidArgumentError(f"version must be a whole number, 0 or more, not {version!r}")
+    return int(version)
 
 
 def _names(wrt: str | Sequence[str] | None) -> list[str]:

@@ -20,7 +20,13 @@ from tensorwire._base import (
     _Retry,
 )
 from tensorwire.codec import Encoder, Received
-from tensorwire.types import GradResult, ProgressCallback, ServerInfo
+from tensorwire.types import (
+    GradResult,
+    ModelInfo,
+    ProgressCallback,
+    ServerInfo,
+    VersionStatistics,
+)
 
 
 class AsyncClient(BaseClient):
@@ -100,11 +106,12 @@ class AsyncClient(BaseClient):
         inputs: Inputs,
         *,
         outputs: Sequence[str] | None = None,
+        version: int = 0,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         progress: ProgressCallback | None = None,
     ) -> dict[str, np.ndarray]:
         """See ``Client.infer``."""
-        request = self._prepare_infer(model, inputs, outputs)
+        request = self._prepare_infer(model, inputs, outputs, version)
         return self._finish_infer(await self._invoke("Infer", request, timeout, progress))
 
     async def grad(
@@ -115,11 +122,12 @@ class AsyncClient(BaseClient):
         wrt: str | Sequence[str] | None = None,
         grad_outputs: np.ndarray | Mapping[str, Any] | None = None,
         param_grads: bool = False,
+        version: int = 0,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         progress: ProgressCallback | None = None,
     ) -> GradResult:
         """See ``Client.grad``."""
-        request = self._prepare_grad(model, inputs, wrt, grad_outputs, param_grads)
+        request = self._prepare_grad(model, inputs, wrt, grad_outputs, param_grads, version)
         return self._finish_grad(await self._invoke("Grad", request, timeout, progress))
 
     async def call(
@@ -147,3 +155,23 @@ class AsyncClient(BaseClient):
         """See ``Client.call_grad``."""
         request = self._prepare_call_grad(function, args, kwargs, wrt, grad_outputs)
         return self._finish_grad(await self._invoke("Grad", request, timeout, progress))
+
+    async def model_statistics(
+        self, model: str = "", version: int = 0, *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> list[VersionStatistics]:
+        """See ``Client.model_statistics``."""
+        request = self._prepare_model_statistics(model, version)
+        received = await self._invoke("ModelStatistics", request, timeout)
+        return self._finish_model_statistics(received)
+
+    async def load_model(self, model: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
+        """See ``Client.load_model``."""
+        request = self._prepare_load_model(model)
+        return self._finish_load_model(await self._invoke("Load", request, timeout))
+
+    async def unload_model(
+        self, model: str, version: int = 0, *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> None:
+        """See ``Client.unload_model``."""
+        request = self._prepare_unload_model(model, version)
+        self._finish_unload_model(await self._invoke("Unload", request, timeout))

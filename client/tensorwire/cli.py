@@ -1,9 +1,13 @@
-"""The tensorwire command: describe a server, or run a model on .npy/.npz files.
+"""The tensorwire command: describe a server, run a model on .npy/.npz files, show
+model statistics, or load and unload models.
 
     tensorwire [--target HOST:PORT] [--timeout SECONDS] [CONNECTION] info [--json]
     tensorwire [--target HOST:PORT] [--timeout SECONDS] [CONNECTION] infer MODEL
-        --input SPEC [--input SPEC ...] --output PATH [--outputs NAME ...]
-        [--progress | --no-progress]
+        [--version N] --input SPEC [--input SPEC ...] --output PATH
+        [--outputs NAME ...] [--progress | --no-progress]
+    tensorwire [...] stats [MODEL] [--version N] [--json]
+    tensorwire [...] load MODEL
+    tensorwire [...] unload MODEL [--version N]
 
 CONNECTION: [--tls] [--tls-ca FILE] [--tls-cert FILE --tls-key FILE]
 [--server-name NAME] [--token-file FILE]. The token is read from a file or from
@@ -34,7 +38,7 @@ from tensorwire import __version__
 from tensorwire.client import Client
 from tensorwire.dtypes import NAMES, wire_dtype
 from tensorwire.errors import TensorwireError
-from tensorwire.types import ModelInfo, Progress, ServerInfo, TensorSpec
+from tensorwire.types import ModelInfo, Progress, ServerInfo, TensorSpec, VersionStatistics
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 #: The environment variable holding the bearer token when --token-file is not given.
@@ -338,6 +342,38 @@ def _signature(model: ModelInfo) -> str:
     return f"({inputs}) -> ({outputs})"
 
 
+def _seconds(seconds: float) -> str:
+    """A short duration: "0.5 ms", "12 ms", "1.5 s"."""
+    if seconds >= 1:
+        return f"{seconds:g} s"
+    return f"{seconds * 1000:.3g} ms"
+
+
+def _serving(model: ModelInfo) -> str:
+    """How ``model`` serves, in one line: state, versions, batching, devices."""
+    ready = [str(v.version) for v in model.versions if v.state == "READY"]
+    failed = [str(v.version) for v in model.versions if v.state != "READY"]
+    parts = [model.state]
+    if ready:
+        parts.append(f"version{'s' if len(ready) > 1 else ''} {', '.join(ready)}")
+    if failed:
+        parts.append(f"failed version{'s' if len(failed) > 1 else ''} {', '.join(failed)}")
+    if model.max_batch_size:
+        batching = f"batch <= {model.max_batch_size}"
+        dynamic = model.dynamic_batching
+        if dynamic is not None:
+            batching += f", dynamic (delay {_seconds(dynamic.max_queue_delay)}"
+            if dynamic.preferred_batch_sizes:
+                batching += f", preferred {'/'.join(map(str, dynamic.preferred_batch_sizes))}"
+            batching += ")"
+        parts.append(batching)
+    if model.instances:
+        parts.append("on " + ", ".join(model.instances))
+    if model.precision and model.precision != "float32":  # float32: as loaded
+        parts.append(f"autocast {model.precision}")
+    return "; ".join(parts)
+
+
 def format_info(info: ServerInfo, target: str) -> str:
     """A server's description as text for people."""
     device = info.device
@@ -356,8 +392,68 @@ def format_info(info: ServerInfo, target: str) -> str:
         model = info.models[name]
         params = f", {model.parameter_count:,} parameters" if model.parameter_count else ""
         lines.append(f"  {name} {_signature(model)}")
-        lines.append(f"      {model.kind}{params}: {model.description}")
+        lines.append(f"      {model.kind or 'not loaded'}{params}: {model.description}")
+        lines.append(f"      {_serving(model)}")
+        if model.reason:
+            lines.append(f"      reason: {model.reason}")
     lines.append(f"functions: {len(info.functions)} (tensorwire info --json lists them)")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- stats
+
+#: The columns of the stats table: header and cell of a version's statistics.
+_STATS_COLUMNS: Final[tuple[tuple[str, Callable[[VersionStatistics], str]], ...]] = (
+    ("model", lambda s: s.model),
+    ("version", lambda s: str(s.version)),
+    ("requests", lambda s: str(s.requests)),
+    ("failures", lambda s: str(s.failures)),
+    ("inferences", lambda s: str(s.inferences)),
+    ("executions", lambda s: str(s.executions)),
+    # Mean wait per request answered, and mean time per forward pass.
+    (
+        "mean queue ms",
+        lambda s: f"{1000 * s.queue_seconds / s.requests:.3f}" if s.requests else "-",
+    ),
+    (
+        "mean compute ms",
+        lambda s: f"{1000 * s.compute_seconds / s.executions:.3f}" if s.executions else "-",
+    ),
+    (
+        "batch sizes (rows:passes)",
+        lambda s: " ".join(f"{rows}:{n}" for rows, n in sorted(s.batch_sizes.items())) or "-",
+    ),
+)
+#: Columns aligned left; the others are numbers, aligned right.
+_TEXT_COLUMNS: Final = frozenset({"model", "batch sizes (rows:passes)"})
+
+
+def format_statistics(statistics: Sequence[VersionStatistics]) -> str:
+    """Model statistics as a table for people, one row per version: counts, the mean
+    queue wait per request and compute time per forward pass in milliseconds, and
+    how many forward passes ran with each batch size. Rejected (queue full) and
+    expired (deadline passed in the queue) requests, counted among the failures, are
+    noted under the table when there were any."""
+    if not statistics:
+        return "no model versions serving"
+    rows = [[cell(s) for _, cell in _STATS_COLUMNS] for s in statistics]
+    headers = [header for header, _ in _STATS_COLUMNS]
+    widths = [max(len(r[i]) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        aligned = (
+            c.ljust(w) if h in _TEXT_COLUMNS else c.rjust(w)
+            for h, c, w in zip(headers, cells, widths, strict=True)
+        )
+        return "  ".join(aligned).rstrip()
+
+    lines = [line(headers), *(line(r) for r in rows)]
+    for s in statistics:
+        if s.rejected or s.expired:
+            lines.append(
+                f"{s.model} version {s.version}: {s.rejected} rejected (queue full), "
+                f"{s.expired} expired (deadline passed in the queue)"
+            )
     return "\n".join(lines)
 
 
@@ -414,6 +510,35 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stats(args: argparse.Namespace) -> int:
+    timeout = INFO_TIMEOUT if args.timeout is None else args.timeout
+    with connect(args, timeout) as client:
+        statistics = client.model_statistics(args.model, args.version)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(s) for s in statistics], indent=2))
+    else:
+        print(format_statistics(statistics))
+    return 0
+
+
+def _load(args: argparse.Namespace) -> int:
+    with connect(args, args.timeout) as client:
+        model = client.load_model(args.model)
+    versions = ", ".join(str(v.version) for v in model.versions if v.state == "READY")
+    print(f"{model.name}: loaded, serving version{'s' if ',' in versions else ''} {versions}")
+    if model.reason:
+        print(f"{model.name}: {model.reason}")
+    return 0
+
+
+def _unload(args: argparse.Namespace) -> int:
+    with connect(args, args.timeout) as client:
+        client.unload_model(args.model, args.version)
+    what = f"version {args.version}" if args.version else "every version"
+    print(f"{args.model}: unloaded {what}")
+    return 0
+
+
 def _infer(args: argparse.Namespace) -> int:
     path = Path(args.output)
     kind = _output_kind(path)
@@ -424,7 +549,9 @@ def _infer(args: argparse.Namespace) -> int:
     bar = ProgressBar(sys.stderr) if show else None
     try:
         with connect(args, args.timeout) as client:
-            outputs = client.infer(args.model, inputs, outputs=args.outputs, progress=bar)
+            outputs = client.infer(
+                args.model, inputs, outputs=args.outputs, version=args.version, progress=bar
+            )
     finally:
         if bar is not None:
             bar.close()
@@ -446,6 +573,16 @@ def _infer(args: argparse.Namespace) -> int:
     described = ", ".join(f"{name} {arr.dtype}{list(arr.shape)}" for name, arr in outputs.items())
     print(f"{args.model}: {described} -> {path}")
     return 0
+
+
+def _version_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a version number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
 
 
 def _positive(text: str) -> float:
@@ -511,7 +648,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_positive,
         metavar="SECONDS",
-        help=f"deadline of the call (default: none for infer, {INFO_TIMEOUT:g} s for info)",
+        help=f"deadline of the call (default: {INFO_TIMEOUT:g} s for info and stats, else none)",
     )
     _connection_flags(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -553,7 +690,55 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="show transfer progress on stderr (default: when stderr is a terminal)",
     )
+    infer.add_argument(
+        "--version",
+        type=_version_number,
+        default=0,
+        metavar="N",
+        help="run version N of the model (default: the newest serving)",
+    )
     infer.set_defaults(run=_infer)
+
+    stats = commands.add_parser(
+        "stats",
+        help="show what each model version has done: requests, batches, timings",
+        description="Show the statistics of every version of MODEL (default: every model).",
+    )
+    stats.add_argument("model", metavar="MODEL", nargs="?", default="", help="the model's name")
+    stats.add_argument(
+        "--version",
+        type=_version_number,
+        default=0,
+        metavar="N",
+        help="only version N (default: every version)",
+    )
+    stats.add_argument("--json", action="store_true", help="print JSON instead of text")
+    stats.set_defaults(run=_stats)
+
+    load = commands.add_parser(
+        "load",
+        help="(re)load a model from the server's model repository",
+        description="Load MODEL from the server's model repository, every version its "
+        "folder holds now; the server must run with --model-control explicit.",
+    )
+    load.add_argument("model", metavar="MODEL", help="the model's folder name in the repository")
+    load.set_defaults(run=_load)
+
+    unload = commands.add_parser(
+        "unload",
+        help="stop serving a model, or one version of it",
+        description="Stop serving MODEL (or its --version N) once requests in flight end; "
+        "the server must run with --model-control explicit.",
+    )
+    unload.add_argument("model", metavar="MODEL", help="the model's name")
+    unload.add_argument(
+        "--version",
+        type=_version_number,
+        default=0,
+        metavar="N",
+        help="unload only version N (default: every version)",
+    )
+    unload.set_defaults(run=_unload)
     return parser
 
 

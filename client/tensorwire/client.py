@@ -19,7 +19,13 @@ from tensorwire._base import (
     _Retry,
 )
 from tensorwire.codec import Encoder, Received
-from tensorwire.types import GradResult, ProgressCallback, ServerInfo
+from tensorwire.types import (
+    GradResult,
+    ModelInfo,
+    ProgressCallback,
+    ServerInfo,
+    VersionStatistics,
+)
 
 
 class Client(BaseClient):
@@ -31,7 +37,8 @@ class Client(BaseClient):
 
     A call that finds no server (UNAVAILABLE) is made again up to ``retries`` times,
     after a jittered exponential backoff, within its deadline; no other error is
-    retried, nor a call once part of its response has arrived. When retries run out,
+    retried, nor a call once part of its response has arrived, nor ``load_model`` and
+    ``unload_model``, which change what the server serves. When retries run out,
     UnavailableError names the target.
 
     TLS: ``root_certificates`` (the CAs to trust; default: the system's), and for a
@@ -119,12 +126,15 @@ class Client(BaseClient):
         inputs: Inputs,
         *,
         outputs: Sequence[str] | None = None,
+        version: int = 0,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         progress: ProgressCallback | None = None,
     ) -> dict[str, np.ndarray]:
         """Run ``model`` on ``inputs`` (an array, a sequence bound by position, or a dict
-        by name); return its outputs (or the ``outputs`` named) by name."""
-        request = self._prepare_infer(model, inputs, outputs)
+        by name); return its outputs (or the ``outputs`` named) by name. ``version``
+        pins a version of the model (0: the newest serving); one not loaded is
+        NotFoundError."""
+        request = self._prepare_infer(model, inputs, outputs, version)
         return self._finish_infer(self._invoke("Infer", request, timeout, progress))
 
     def grad(
@@ -135,14 +145,16 @@ class Client(BaseClient):
         wrt: str | Sequence[str] | None = None,
         grad_outputs: np.ndarray | Mapping[str, Any] | None = None,
         param_grads: bool = False,
+        version: int = 0,
         timeout: Timeout = USE_CLIENT_DEFAULT,
         progress: ProgressCallback | None = None,
     ) -> GradResult:
         """Outputs of ``model`` and gradients w.r.t. the inputs named in ``wrt`` (default:
         every floating point input). A non-scalar output needs ``grad_outputs`` (one
         array, or a dict by output name): the vector of a vector-Jacobian product.
-        ``param_grads`` adds the gradients of the model's parameters."""
-        request = self._prepare_grad(model, inputs, wrt, grad_outputs, param_grads)
+        ``param_grads`` adds the gradients of the model's parameters; ``version`` pins
+        a version of the model, as for ``infer``."""
+        request = self._prepare_grad(model, inputs, wrt, grad_outputs, param_grads, version)
         return self._finish_grad(self._invoke("Grad", request, timeout, progress))
 
     def call(
@@ -172,3 +184,33 @@ class Client(BaseClient):
         ``grads`` is keyed by position as a string ("0", "1")."""
         request = self._prepare_call_grad(function, args, kwargs, wrt, grad_outputs)
         return self._finish_grad(self._invoke("Grad", request, timeout, progress))
+
+    def model_statistics(
+        self, model: str = "", version: int = 0, *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> list[VersionStatistics]:
+        """What each version of ``model`` (default: every model) has done since it was
+        loaded: requests, failures, forward passes, batch sizes, time queued and
+        computing; one entry per version (``version`` 0: every version), sorted by
+        model, newest version first. NotFoundError for an unknown model or version."""
+        request = self._prepare_model_statistics(model, version)
+        return self._finish_model_statistics(self._invoke("ModelStatistics", request, timeout))
+
+    def load_model(self, model: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
+        """Have the server (re)load ``model`` from its model repository: every version
+        its folder holds now, which replace the versions serving once loaded; return
+        the model as it now serves. FailedPreconditionError unless the server runs with
+        model control "explicit"; NotFoundError when the repository has no such model;
+        InvalidArgumentError when it fails to load (what served goes on serving).
+        Never retried by the client, even when no server was reached."""
+        request = self._prepare_load_model(model)
+        return self._finish_load_model(self._invoke("Load", request, timeout))
+
+    def unload_model(
+        self, model: str, version: int = 0, *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> None:
+        """Stop serving ``model``, or only its ``version`` (0: every version); returns
+        once requests in flight have finished and its memory is released.
+        FailedPreconditionError unless the server runs with model control "explicit";
+        NotFoundError for a model or version not loaded. Never retried by the client."""
+        request = self._prepare_unload_model(model, version)
+        self._finish_unload_model(self._invoke("Unload", request, timeout))

@@ -20,8 +20,62 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class VersionStatistics:
+    """What one version of a model has done since it was loaded.
+
+    ``requests`` counts Infer and Grad requests answered, ``failures`` those answered
+    with an error (``rejected``: refused for a full queue, ``expired``: deadline passed
+    in the queue, both included). ``inferences`` counts rows run (whole requests for a
+    model without a batch dimension), ``executions`` forward passes (a batch once).
+    ``queue_seconds`` and ``compute_seconds`` are totals; ``batch_sizes`` maps a batch
+    size in rows to the number of forward passes run with it.
+    """
+
+    model: str
+    version: int
+    requests: int = 0
+    failures: int = 0
+    inferences: int = 0
+    executions: int = 0
+    queue_seconds: float = 0.0
+    compute_seconds: float = 0.0
+    batch_sizes: dict[int, int] = field(default_factory=dict)
+    rejected: int = 0
+    expired: int = 0
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One version of a model: ``state`` "READY" (serving, with its ``statistics``)
+    or "FAILED" (not loaded; ``reason`` says why)."""
+
+    version: int
+    state: str
+    reason: str = ""
+    statistics: VersionStatistics | None = None
+
+
+@dataclass(frozen=True)
+class DynamicBatching:
+    """How a model groups concurrent requests into one forward pass: the first
+    request of a batch waits up to ``max_queue_delay`` seconds for others to join,
+    and a batch of one of ``preferred_batch_sizes`` rows runs at once."""
+
+    max_queue_delay: float
+    preferred_batch_sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelInfo:
-    """A model the server serves, with its signature."""
+    """A model the server serves, with its signature and how it is served.
+
+    ``state`` is "READY" when at least one version serves, else "FAILED" with the
+    ``reason``; ``versions`` lists the serving versions newest first, then the failed.
+    ``max_batch_size`` is the most rows one forward pass takes (0: no batch dimension);
+    ``dynamic_batching`` None: requests never grouped. ``instances`` names the device
+    of each copy of the model, ``precision`` its compute dtype, and ``max_queue_size``
+    how many requests may wait for it at once (0: unknown).
+    """
 
     name: str
     kind: str
@@ -30,6 +84,14 @@ class ModelInfo:
     outputs: tuple[TensorSpec, ...]
     variadic: bool
     parameter_count: int
+    state: str = "READY"
+    reason: str = ""
+    versions: tuple[ModelVersion, ...] = ()
+    max_batch_size: int = 0
+    dynamic_batching: DynamicBatching | None = None
+    instances: tuple[str, ...] = ()
+    precision: str = ""
+    max_queue_size: int = 0
 
 
 @dataclass(frozen=True)
