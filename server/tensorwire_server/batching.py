@@ -208,29 +208,26 @@ class Batcher(Generic[I]):
     def _run(self, instance: I, batch: list[_Pending]) -> None:
         started = time.monotonic()
         rows = sum(p.rows for p in batch)
+        results: list[Named | BaseException] | None
         try:
             if len(batch) == 1:
-                results: list[Named | BaseException] = [self.execute(instance, batch[0].inputs)]
+                results = [self.execute(instance, batch[0].inputs)]
             else:
                 stacked = [
                     (name, np.concatenate([p.inputs[i][1] for p in batch]))
                     for i, (name, _) in enumerate(batch[0].inputs)
                 ]
                 results = list(_split(self.execute(instance, stacked), batch, rows))
-        except _OWN_ERRORS as exc:
-            if len(batch) == 1:
-                results = [exc]
-            else:  # somebody's inputs broke the batch: find out whose
-                self.stats.executed(rows, time.monotonic() - started)
-                self._one_by_one(instance, batch, started)
-                return
-        except _SplitError:
-            self.stats.executed(rows, time.monotonic() - started)
-            self._one_by_one(instance, batch, started)
-            return
+        except (*_OWN_ERRORS, _SplitError) as exc:
+            # Alone, the request's own error. In a batch, somebody's inputs broke it (or
+            # its outputs cannot be split): run the requests one by one to find whose.
+            results = [exc] if len(batch) == 1 else None
         except Exception as exc:  # the device failed, or a server bug: nobody's fault
             results = [_copy(exc, i) for i in range(len(batch))]
         self.stats.executed(rows, time.monotonic() - started)
+        if results is None:
+            self._one_by_one(instance, batch, started)
+            return
         for pending, result in zip(batch, results, strict=True):
             self._answer(pending, result, rows, started)
 

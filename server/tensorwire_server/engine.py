@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import platform
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
@@ -29,7 +28,7 @@ from tensorwire.errors import (
     UnavailableError,
 )
 from tensorwire_server.functions import FUNCTIONS, Function
-from tensorwire_server.models import Model, TensorSpec
+from tensorwire_server.models import Model, TensorSpec, trainable
 from tensorwire_server.registry import Instance, ModelRegistry, ServedVersion
 from tensorwire_server.repository import ModelConfig
 from tensorwire_server.tensors import is_differentiable, to_device, to_numpy
@@ -93,19 +92,8 @@ class Engine:
 
     def serve(self, model: Model, config: ModelConfig | None = None, version: int = 1) -> None:
         """Serve one loaded model (as version 1, unbatched, by default)."""
-        config = config or ModelConfig(
-            model.name, model.description, model.inputs, model.outputs, variadic=model.variadic
-        )
+        config = config or ModelConfig.of(model)
         self.registry.install(self.registry.serve(config, {version: model}))
-
-    @property
-    def models(self) -> dict[str, Model]:
-        """The newest serving version of every model, by name."""
-        return {
-            name: newest.model
-            for name, entry in self.registry.entries().items()
-            if (newest := entry.newest()) is not None
-        }
 
     # ------------------------------------------------------------------ description
 
@@ -177,36 +165,24 @@ class Engine:
     ) -> GradOutcome:
         """Outputs of ``model_name`` and gradients w.r.t. inputs ``wrt`` (and parameters).
         Never batched: each request runs its own forward and backward pass."""
-        with self.registry.using(model_name, version) as served, served.busy() as instance:
+        with self.registry.using(model_name, version) as served:
             model = served.model
             bound = _bind(model, inputs)
             what = f"model {model.name!r}"
-            started = time.monotonic()
-            ok = False
-            try:
-                with self._device_guard(what), instance.context():
-                    leaves = [(name, to_device(arr, instance.device)) for name, arr in bound]
-                    params = (
-                        [(n, p) for n, p in instance.module.named_parameters() if p.requires_grad]
-                        if param_grads
-                        else []
+            with served.alone(bound) as instance, self._device_guard(what), instance.context():
+                leaves = [(name, to_device(arr, instance.device)) for name, arr in bound]
+                params = list(trainable(instance.module)) if param_grads else []
+                with _autocast(instance.device, served.autocast):
+                    outcome = self._grad(
+                        what,
+                        lambda tensors: _invoke(model, instance.module, tensors),
+                        leaves,
+                        wrt,
+                        grad_outputs,
+                        params,
+                        model.outputs,
                     )
-                    with _autocast(instance.device, served.autocast):
-                        outcome = self._grad(
-                            what,
-                            lambda tensors: _invoke(model, instance.module, tensors),
-                            leaves,
-                            wrt,
-                            grad_outputs,
-                            params,
-                            model.outputs,
-                        )
-                ok = True
-                return replace(outcome, version=served.version)
-            finally:
-                rows = served.rows(bound)
-                served.stats.executed(rows, time.monotonic() - started)
-                served.stats.answered(ok)
+            return replace(outcome, version=served.version)
 
     def grad_function(
         self,

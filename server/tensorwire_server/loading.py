@@ -35,14 +35,10 @@ def builtin_config(model: Model, dynamic_batching: bool) -> ModelConfig:
     """How a built-in model is served: the MLPs batch concurrent requests with no
     queue delay (an idle server answers at once; a busy one batches what waits)."""
     batched = model.name in _BATCHED_BUILTINS
-    return ModelConfig(
-        model.name,
-        model.description,
-        model.inputs,
-        model.outputs,
+    return ModelConfig.of(
+        model,
         max_batch_size=BUILTIN_MAX_BATCH if batched else 0,
         batching=Batching() if batched and dynamic_batching else None,
-        variadic=model.variadic,
     )
 
 
@@ -71,15 +67,11 @@ class ModelControl:
                 config = builtin_config(model, settings.dynamic_batching)
                 entries.append(self.engine.registry.serve(config, {1: model}))
         for name, source in settings.models.items():
-            config = ModelConfig(name)
             try:
                 model = load_model(name, source)
-                config = replace(
-                    config, inputs=model.inputs, outputs=model.outputs, variadic=model.variadic
-                )
-                entries.append(self.engine.registry.serve(config, {1: model}))
+                entries.append(self.engine.registry.serve(ModelConfig.of(model), {1: model}))
             except ValueError as exc:
-                entries.append(ModelEntry(config, failures={0: str(exc)}))
+                entries.append(ModelEntry(ModelConfig(name), failures={0: str(exc)}))
         if self.root is not None:
             try:
                 names = model_names(self.root)

@@ -46,11 +46,16 @@ class Model:
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The trainable parameters by qualified name."""
-        return ((n, p) for n, p in self.module.named_parameters() if p.requires_grad)
+        return trainable(self.module)
 
     def parameter_count(self) -> int:
         """How many trainable scalars the model has."""
         return sum(p.numel() for _, p in self.named_parameters())
+
+
+def trainable(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``module``'s parameters that take gradients, by qualified name."""
+    return ((n, p) for n, p in module.named_parameters() if p.requires_grad)
 
 
 # ----------------------------------------------------------------------------- built-ins

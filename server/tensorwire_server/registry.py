@@ -143,34 +143,27 @@ class ServedVersion:
                 )
             self._running += 1
         try:
-            with self.busy() as instance:
-                started = time.monotonic()
-                ok = False
-                try:
-                    outputs = self._forward(self, instance, inputs)
-                    ok = True
-                finally:
-                    rows = self.rows(inputs)
-                    self.stats.executed(rows, time.monotonic() - started)
-                    self.stats.answered(ok)
-            return outputs, rows
+            with self.alone(inputs) as instance:
+                return self._forward(self, instance, inputs), _rows(inputs, self.config)
         finally:
             with self._lock:
                 self._running -= 1
 
     @contextmanager
-    def busy(self) -> Iterator[Instance]:
-        """The least busy instance, counted busy while the block runs."""
+    def alone(self, inputs: Named) -> Iterator[Instance]:
+        """The least busy instance, counted busy while the block runs one request's
+        own pass (a forward, or a forward and backward), which the statistics count."""
         instance = self.pick()
         instance.busy += 1  # a hint for balancing: a lost update only skews the choice
+        started = time.monotonic()
+        ok = False
         try:
             yield instance
+            ok = True
         finally:
             instance.busy -= 1
-
-    def rows(self, inputs: Named) -> int:
-        """Rows a request runs (1 for a model without a batch dimension)."""
-        return _rows(inputs, self.config.max_batch_size)
+            self.stats.executed(_rows(inputs, self.config), time.monotonic() - started)
+            self.stats.answered(ok)
 
     def queued(self) -> int:
         """Requests waiting in the batcher's queue."""
@@ -376,9 +369,9 @@ class ModelRegistry:
         return list(dict.fromkeys(devices))
 
 
-def _rows(inputs: Named, max_batch_size: int) -> int:
+def _rows(inputs: Named, config: ModelConfig) -> int:
     """Rows a request runs: its first dimension for a model with a batch dimension."""
-    if max_batch_size > 0 and inputs and inputs[0][1].ndim > 0:
+    if config.max_batch_size > 0 and inputs and inputs[0][1].ndim > 0:
         return int(inputs[0][1].shape[0])
     return 1
 

@@ -20,10 +20,11 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import tomllib
 from torch import nn
 
 from tensorwire.dtypes import WIRE_BY_NAME
@@ -34,11 +35,6 @@ from tensorwire_server.models import (
     read_export,
     read_torchscript,
 )
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10 reads TOML with the tomli backport
-    import tomli as tomllib
 
 CONFIG_FILE = "model.toml"
 PRECISIONS = ("float32", "float16", "bfloat16")
@@ -102,7 +98,19 @@ class ModelConfig:
     path: Path | None = None
     #: The model's inputs are keyword arguments of any names (built-in echo).
     variadic: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, model: Model, **settings: Any) -> ModelConfig:
+        """The configuration of a model loaded outside a repository: its own name,
+        description and signature, with ``settings`` for the rest."""
+        return cls(
+            model.name,
+            model.description,
+            model.inputs,
+            model.outputs,
+            variadic=model.variadic,
+            **settings,
+        )
 
 
 def model_names(root: Path) -> list[str]:
@@ -581,7 +589,3 @@ def resolve_factory(config: ModelConfig) -> Callable[[], object]:
     if not callable(function):
         raise TypeError(f"{config.factory} is a {type(function).__name__}, not a function")
     return function  # type: ignore[no-any-return]
-
-
-#: Builds a built-in model's module; the registry serves built-ins like the rest.
-Factory = Callable[[], nn.Module]

@@ -31,8 +31,9 @@ from tensorwire_server import observe
 from tensorwire_server.engine import Engine, GradOutcome, Named
 from tensorwire_server.limits import Limits
 from tensorwire_server.loading import ModelControl
-from tensorwire_server.models import TensorSpec
+from tensorwire_server.models import Model, TensorSpec
 from tensorwire_server.registry import FAILED, READY, ModelEntry
+from tensorwire_server.repository import ModelConfig
 from tensorwire_server.staging import stager_for
 from tensorwire_server.statistics import StatsSnapshot
 
@@ -209,22 +210,26 @@ class TensorServicer:
 def _model_info(entry: ModelEntry) -> pb.ModelInfo:
     config = entry.config
     newest = entry.newest()
-    model = newest.model if newest is not None else None
+    # The signature the newest version's files carry, else the configuration's.
+    signature: Model | ModelConfig = newest.model if newest is not None else config
     info = pb.ModelInfo(
         name=config.name,
-        kind=model.kind if model is not None else "",
-        description=(model.description if model is not None else "") or config.description,
-        inputs=[_spec(s) for s in (model.inputs if model is not None else config.inputs)],
-        outputs=[_spec(s) for s in (model.outputs if model is not None else config.outputs)],
+        description=config.description,
+        inputs=[_spec(s) for s in signature.inputs],
+        outputs=[_spec(s) for s in signature.outputs],
         variadic=config.variadic,
-        parameter_count=model.parameter_count() if model is not None else 0,
         state=entry.state,
         reason=entry.reason,
         max_batch_size=config.max_batch_size,
-        instances=[str(i.device) for i in newest.instances] if newest is not None else [],
         precision=config.precision,
         max_queue_size=config.max_queue_size,
     )
+    if newest is not None:
+        model = newest.model
+        info.kind = model.kind
+        info.description = model.description or config.description
+        info.parameter_count = model.parameter_count()
+        info.instances.extend(str(i.device) for i in newest.instances)
     if newest is not None and newest.batcher is not None and config.batching is not None:
         info.dynamic_batching.max_queue_delay_seconds = config.batching.max_queue_delay
         info.dynamic_batching.preferred_batch_sizes.extend(config.batching.preferred_batch_sizes)
