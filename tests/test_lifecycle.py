@@ -131,6 +131,7 @@ def test_reflection_lists_and_describes_every_service(address: str) -> None:
     names = {s.name for s in listed.list_services_response.service}
     assert names == {
         "tensorwire.v1.TensorService",
+        "inference.GRPCInferenceService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
     }

@@ -234,7 +234,11 @@ def test_every_served_method_has_a_scope_and_is_enforced(guarded: str) -> None:
     with grpc.insecure_channel(guarded, options=CHANNEL_OPTIONS) as channel:
         methods = served_methods(channel)
         services = {path.split("/")[1] for path, _, _ in methods}
-        assert {"tensorwire.v1.TensorService", "grpc.health.v1.Health"} <= services
+        assert {
+            "tensorwire.v1.TensorService",
+            "inference.GRPCInferenceService",
+            "grpc.health.v1.Health",
+        } <= services
         for method in methods:
             path = method[0]
             assert path in METHOD_SCOPES, f"{path} has no scope of its own"
