@@ -192,8 +192,19 @@ def test_every_service_method_declares_whether_it_may_be_sent_again() -> None:
         assert name in METHODS, f"{method.name}: add it to tensorwire._base.METHODS"
         assert METHODS[name].streamed or name == method.name
     # Admin actions are never sent twice: a second Load re-reads the files, a second
-    # Unload finds nothing to unload.
-    assert {n for n, s in METHODS.items() if not s.idempotent} == {"Load", "Unload"}
+    # Unload finds nothing to unload. Nor is what makes, frees or changes a session's
+    # state: a second Put holds the tensor twice, a second Step trains twice.
+    assert {n for n, s in METHODS.items() if not s.idempotent} == {
+        "Load",
+        "Unload",
+        "OpenSession",
+        "CloseSession",
+        "Put",
+        "Free",
+        "Run",
+        "CreateTrainer",
+        "Step",
+    }
 
 
 # ---------------------------------------------------------------------- retries

@@ -3,6 +3,7 @@
 from tensorwire._base import USE_CLIENT_DEFAULT
 from tensorwire.aio import AsyncClient
 from tensorwire.client import Client
+from tensorwire.codec import Handle, Ref
 from tensorwire.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -18,6 +19,16 @@ from tensorwire.errors import (
     UnavailableError,
     UnimplementedError,
 )
+from tensorwire.remote import (
+    AsyncRemoteTensor,
+    AsyncTrainer,
+    Program,
+    ProgramResult,
+    RemoteGradResult,
+    RemoteTensor,
+    StepRef,
+    Trainer,
+)
 from tensorwire.types import (
     DeviceInfo,
     DynamicBatching,
@@ -27,6 +38,8 @@ from tensorwire.types import (
     Progress,
     ProgressCallback,
     ServerInfo,
+    SessionInfo,
+    SessionsSummary,
     TensorSpec,
     VersionStatistics,
 )
@@ -36,6 +49,8 @@ __version__ = "0.1.0"
 __all__ = [
     "USE_CLIENT_DEFAULT",
     "AsyncClient",
+    "AsyncRemoteTensor",
+    "AsyncTrainer",
     "CancelledError",
     "Client",
     "DeadlineExceededError",
@@ -43,6 +58,7 @@ __all__ = [
     "DynamicBatching",
     "FailedPreconditionError",
     "GradResult",
+    "Handle",
     "InternalError",
     "InvalidArgumentError",
     "ModelInfo",
@@ -50,12 +66,21 @@ __all__ = [
     "NotFoundError",
     "OutOfRangeError",
     "PermissionDeniedError",
+    "Program",
+    "ProgramResult",
     "Progress",
     "ProgressCallback",
+    "Ref",
+    "RemoteGradResult",
+    "RemoteTensor",
     "ResourceExhaustedError",
     "ServerInfo",
+    "SessionInfo",
+    "SessionsSummary",
+    "StepRef",
     "TensorSpec",
     "TensorwireError",
+    "Trainer",
     "UnauthenticatedError",
     "UnavailableError",
     "UnimplementedError",

@@ -10,27 +10,33 @@ The twins keep only their loops: ``time.sleep`` against ``await asyncio.sleep``.
 
 from __future__ import annotations
 
+import copy
 import random
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Literal, NoReturn, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, NoReturn, Self, TypeVar
 
 import grpc
 import numpy as np
 from google.protobuf.message import Message
 
 from tensorwire import streaming
-from tensorwire.channel import CHANNEL_OPTIONS, CLIENT_OPTIONS, Pem, client_security
-from tensorwire.codec import Encoder, Received, receiver
+from tensorwire._session import SESSION_KEY, Held, SessionState
+from tensorwire.channel import CHANNEL_OPTIONS, CLIENT_OPTIONS, Pem, SecretMetadata, client_security
+from tensorwire.codec import Encoder, Handle, Received, Ref, as_handle, receiver
 from tensorwire.dtypes import NAME_BY_WIRE
 from tensorwire.errors import (
+    InternalError,
     InvalidArgumentError,
+    NotFoundError,
     TensorwireError,
     UnavailableError,
     error_class,
 )
 from tensorwire.streaming import DEFAULT_CHUNK_SIZE, Advance, StreamReceiver
+from tensorwire.targets import ROUND_ROBIN, Target, parse_target, pinned, replicas
 from tensorwire.types import (
     DeviceInfo,
     DynamicBatching,
@@ -40,10 +46,15 @@ from tensorwire.types import (
     Progress,
     ProgressCallback,
     ServerInfo,
+    SessionInfo,
+    SessionsSummary,
     TensorSpec,
     VersionStatistics,
 )
 from tensorwire.v1 import tensorwire_pb2 as pb
+
+if TYPE_CHECKING:
+    from tensorwire.remote import Program
 
 M = TypeVar("M", bound=Message)
 SERVICE: Final = pb.DESCRIPTOR.services_by_name["TensorService"]
@@ -89,6 +100,19 @@ METHODS: Final[dict[str, MethodSpec]] = {
     "ModelStatistics": MethodSpec(pb.ModelStatisticsResponse, streamed=False, idempotent=True),
     "Load": MethodSpec(pb.LoadResponse, streamed=False, idempotent=False),
     "Unload": MethodSpec(pb.UnloadResponse, streamed=False, idempotent=False),
+    # Sessions. What creates, frees or changes state is never sent twice: a Put made
+    # twice holds the tensor twice, a Step made twice trains twice. Infer, Grad and
+    # Call with keep, and Run with keep, make handles: each call says so (``_Via``).
+    "OpenSession": MethodSpec(pb.OpenSessionResponse, streamed=False, idempotent=False),
+    "CloseSession": MethodSpec(pb.CloseSessionResponse, streamed=False, idempotent=False),
+    "DescribeSession": MethodSpec(pb.DescribeSessionResponse, streamed=False, idempotent=True),
+    "Put": MethodSpec(pb.PutResponse, streamed=True, idempotent=False),
+    "Get": MethodSpec(pb.GetResponse, streamed=True, idempotent=True),
+    "Free": MethodSpec(pb.FreeResponse, streamed=False, idempotent=False),
+    "Run": MethodSpec(pb.RunResponse, streamed=False, idempotent=False),
+    "CreateTrainer": MethodSpec(pb.CreateTrainerResponse, streamed=False, idempotent=False),
+    "Step": MethodSpec(pb.StepResponse, streamed=False, idempotent=False),
+    "Parameters": MethodSpec(pb.ParametersResponse, streamed=False, idempotent=True),
 }
 
 #: The response message of each TensorService method.
@@ -106,6 +130,9 @@ DEFAULT_STREAM_THRESHOLD: Final = 2 << 20
 #: request, no memory) or the caller's own limit (DEADLINE_EXCEEDED, CANCELLED), which
 #: sending again would not change.
 RETRY_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE})
+
+#: Seconds ``close`` waits for CloseSession, and a check for a lost session waits.
+SESSION_CALL_TIMEOUT: Final = 2.0
 
 #: Attempts made after the first, by default, when one fails with a RETRY_CODES status.
 DEFAULT_RETRIES: Final = 4
@@ -130,14 +157,20 @@ def method_path(name: str) -> str:
     return f"/{SERVICE.full_name}/{name}"
 
 
-def _named_inputs(inputs: Inputs) -> list[tuple[str, np.ndarray]]:
+def _tensor(value: Any) -> np.ndarray | Handle:
+    """An array to send, or the Handle of a remote tensor (sent as a handle)."""
+    handle = as_handle(value)
+    return np.asarray(value) if handle is None else handle
+
+
+def _named_inputs(inputs: Inputs) -> list[tuple[str, np.ndarray | Handle]]:
     if isinstance(inputs, np.ndarray):
         return [("", inputs)]
     if isinstance(inputs, Mapping):
-        return [(str(name), np.asarray(value)) for name, value in inputs.items()]
+        return [(str(name), _tensor(value)) for name, value in inputs.items()]
     if isinstance(inputs, Sequence) and not isinstance(inputs, str | bytes):
-        return [("", np.asarray(value)) for value in inputs]
-    return [("", np.asarray(inputs))]
+        return [("", _tensor(value)) for value in inputs]
+    return [("", _tensor(inputs))]
 
 
 def _owned(received: Received[Any], tensors: Sequence[pb.NamedTensor]) -> dict[str, np.ndarray]:
@@ -203,6 +236,12 @@ class _Call:
     responded: bool = False
     #: The details of the last UNAVAILABLE, for the error should a later attempt time out.
     unavailable: str | None = None
+    #: The method callables its attempts use (``_methods``, or the pinned replica's).
+    methods: dict[str, Any] = field(default_factory=dict)
+    #: The call metadata: the client's own, and its session's id when it has one.
+    metadata: Any = None
+    #: An attempt that reached no server may be made again.
+    idempotent: bool = False
 
     def remaining(self) -> float | None:
         """Seconds left of the whole call's deadline (None: no deadline)."""
@@ -240,6 +279,18 @@ def _statistics(m: pb.VersionStatistics) -> VersionStatistics:
         batch_sizes=dict(sorted(m.batch_sizes.items())),
         rejected=m.rejected_count,
         expired=m.expired_count,
+    )
+
+
+def _sessions(m: pb.SessionsSummary) -> SessionsSummary:
+    return SessionsSummary(
+        count=m.count,
+        bytes=m.bytes,
+        quota_bytes=m.quota_bytes,
+        ttl_seconds=m.ttl_seconds,
+        max_sessions=m.max_sessions,
+        losses=tuple(m.losses),
+        optimizers=tuple(m.optimizers),
     )
 
 
@@ -286,7 +337,7 @@ class BaseClient:
 
     def __init__(
         self,
-        target: str,
+        target: str | Sequence[str],
         *,
         timeout: float | None = 60.0,
         retries: int = DEFAULT_RETRIES,
@@ -305,8 +356,9 @@ class BaseClient:
             raise ValueError(f"chunk_size must be a positive number of bytes, not {chunk_size}")
         if retries < 0:
             raise ValueError(f"retries must be 0 (no retries) or more, not {retries}")
+        where = parse_target(target)
         credentials, security_options, metadata = client_security(
-            target,
+            where.channel,
             tls=tls,
             root_certificates=root_certificates,
             certificate_chain=certificate_chain,
@@ -315,7 +367,6 @@ class BaseClient:
             token=token,
             credentials=credentials,
         )
-        self.target = target
         self.timeout = timeout
         self.retries = retries
         self.stream_threshold = stream_threshold
@@ -323,8 +374,21 @@ class BaseClient:
         self._secure = credentials is not None
         self._metadata = metadata or None
         self._closed = False
-        self._channel = self._open_channel(credentials, [*security_options, *options])
+        self._credentials = credentials
+        self._options = [*security_options, *options]
+        self._connect(where)
+
+    def _connect(self, where: Target) -> None:
+        """Open the channel to ``where``; the one-replica channel opens when first
+        needed (``_pinned_methods``)."""
+        self.target = where.name
+        self._where = where
+        self._channel = self._open_channel(where)
         self._methods = self._bind_methods(self._channel)
+        self._pin_lock = threading.Lock()
+        # The replica chosen, its methods, and its own channel (None: self._channel).
+        self._pinned: tuple[Target, dict[str, Any], Any] | None = None
+        self._reset_session()
 
     def __repr__(self) -> str:
         # Never the token: reprs end up in logs and tracebacks.
@@ -337,15 +401,63 @@ class BaseClient:
         """Whether ``close`` has been called."""
         return self._closed
 
-    def _open_channel(
-        self, credentials: grpc.ChannelCredentials | None, options: Sequence[tuple[str, Any]]
-    ) -> Any:
-        """A channel from ``_GRPC`` (grpc and grpc.aio share these two calls)."""
+    def _open_channel(self, where: Target) -> Any:
+        """A channel to ``where`` from ``_GRPC`` (grpc and grpc.aio share these two
+        calls), balancing round robin over the addresses the target resolves to."""
+        ours: list[tuple[str, Any]] = [*CHANNEL_OPTIONS, *CLIENT_OPTIONS]
+        given = {key for key, _ in self._options}
+        if not given & {"grpc.service_config", "grpc.lb_policy_name"}:
+            ours.append(("grpc.service_config", ROUND_ROBIN))
+        # server_name's override names the server itself; gRPC refuses calls whose
+        # :authority differs from it.
+        if where.authority is not None and "grpc.ssl_target_name_override" not in given:
+            ours.append(("grpc.default_authority", where.authority))
         # One value per key, the last given winning: the caller's over ours.
-        opts = list(dict([*CHANNEL_OPTIONS, *CLIENT_OPTIONS, *options]).items())
-        if credentials is not None:
-            return self._GRPC.secure_channel(self.target, credentials, options=opts)
-        return self._GRPC.insecure_channel(self.target, options=opts)
+        opts = list(dict([*ours, *self._options]).items())
+        if self._credentials is not None:
+            return self._GRPC.secure_channel(where.channel, self._credentials, options=opts)
+        return self._GRPC.insecure_channel(where.channel, options=opts)
+
+    def _pin(self) -> tuple[Target, dict[str, Any], Any]:
+        """The replica this client's stateful calls go to, chosen once, at random,
+        among the addresses the target resolves to; the target itself when it reaches
+        one server only."""
+        with self._pin_lock:
+            if self._pinned is None:
+                found = replicas(self._where)
+                if not found:
+                    self._pinned = (self._where, self._methods, None)
+                else:
+                    where = pinned(self._where, random.choice(found))
+                    channel = self._open_channel(where)
+                    self._pinned = (where, self._bind_methods(channel), channel)
+            return self._pinned
+
+    def _pinned_methods(self) -> dict[str, Any]:
+        """Like ``_methods``, bound to a channel that reaches one replica only, the same
+        one for the client's whole life: calls that create or name state held by one
+        server (handles, sessions) go through these, so they find it. A retried call
+        goes to the same replica. With a target of one server: ``_methods`` itself."""
+        self._check_open()
+        return self._pin()[1]
+
+    def _channels(self) -> list[Any]:
+        """Every channel this client opened, for ``close``."""
+        pinned_channel = None if self._pinned is None else self._pinned[2]
+        return [self._channel] if pinned_channel is None else [self._channel, pinned_channel]
+
+    def pin(self) -> Self:
+        """A new client with this one's settings whose calls all go to one replica:
+        the one this client sends its stateful calls to (chosen once, at random, among
+        the addresses its target resolves to; a target of one server: that server).
+        Handles and sessions live on one replica: make them through a pinned client,
+        or with the methods that create them, which pin by themselves. Close it on
+        its own; it keeps the target's name for TLS."""
+        self._check_open()
+        clone = copy.copy(self)
+        clone._closed = False
+        clone._connect(self._pin()[0])
+        return clone
 
     @staticmethod
     def _bind_methods(channel: Any) -> dict[str, Any]:
@@ -377,13 +489,28 @@ class BaseClient:
         encoder: Encoder[Any],
         timeout: Timeout,
         progress: ProgressCallback | None,
+        via: _Via | None = None,
     ) -> _Call:
-        """A new call of ``method``; its deadline covers every attempt and backoff."""
+        """A new call of ``method``; its deadline covers every attempt and backoff.
+        ``via``: a stateful call's route (replica, session, retries); None: stateless."""
         self._check_open()
         seconds = self._timeout(timeout)
         deadline = None if seconds is None else time.monotonic() + seconds
-        streamed = METHODS[method].streamed and self._wants_stream(encoder)
-        return _Call(method, encoder, _Reporter(progress), deadline, streamed)
+        spec = METHODS[method]
+        if via is None:
+            via = _Via(self._methods, self._metadata)
+        streamed = spec.streamed and (via.stream or self._wants_stream(encoder))
+        idempotent = spec.idempotent if via.idempotent is None else via.idempotent
+        return _Call(
+            method,
+            encoder,
+            _Reporter(progress),
+            deadline,
+            streamed,
+            methods=via.methods,
+            metadata=via.metadata,
+            idempotent=idempotent,
+        )
 
     def _next_attempt(self, call: _Call) -> None:
         self._check_open()  # closed while backing off
@@ -426,7 +553,7 @@ class BaseClient:
         before its deadline; else the error ``exc`` maps to."""
         if (
             _code(exc) in RETRY_CODES
-            and METHODS[call.method].idempotent
+            and call.idempotent
             and not call.responded  # the server answered in part: it was reached
             and call.attempts <= self.retries
         ):
@@ -480,16 +607,21 @@ class BaseClient:
             ),
             models={model.name: _model_info(model) for model in m.models},
             functions={f.name: f.description for f in m.functions},
+            sessions=_sessions(m.sessions) if m.HasField("sessions") else None,
         )
 
     # ------------------------------------------------------------------ Infer
 
     @staticmethod
     def _prepare_infer(
-        model: str, inputs: Inputs, outputs: Sequence[str] | None, version: int = 0
+        model: str,
+        inputs: Inputs,
+        outputs: Sequence[str] | None,
+        version: int = 0,
+        keep: bool = False,
     ) -> Encoder[pb.InferRequest]:
         request = pb.InferRequest(
-            model=model, outputs=list(outputs or ()), version=_version(version)
+            model=model, outputs=list(outputs or ()), version=_version(version), keep=keep
         )
         encoder = Encoder(request)
         for name, arr in _named_inputs(inputs):
@@ -510,9 +642,14 @@ class BaseClient:
         grad_outputs: np.ndarray | Mapping[str, Any] | None,
         param_grads: bool,
         version: int = 0,
+        keep: bool = False,
     ) -> Encoder[pb.GradRequest]:
         request = pb.GradRequest(
-            model=model, param_grads=param_grads, wrt=_names(wrt), model_version=_version(version)
+            model=model,
+            param_grads=param_grads,
+            wrt=_names(wrt),
+            model_version=_version(version),
+            keep=keep,
         )
         encoder = Encoder(request)
         for name, arr in _named_inputs(inputs):
@@ -547,9 +684,9 @@ class BaseClient:
 
     @staticmethod
     def _prepare_call(
-        function: str, args: Sequence[Any], kwargs: Mapping[str, Any]
+        function: str, args: Sequence[Any], kwargs: Mapping[str, Any], keep: bool = False
     ) -> Encoder[pb.CallRequest]:
-        encoder = Encoder(pb.CallRequest(function=function))
+        encoder = Encoder(pb.CallRequest(function=function, keep=keep))
         _arguments(encoder, args, kwargs)
         return encoder
 
@@ -588,6 +725,242 @@ class BaseClient:
     def _finish_unload_model(received: Received[pb.UnloadResponse]) -> None:
         return None
 
+    # ------------------------------------------------------------------ sessions
+    #
+    # A client opens one session, lazily, on the first call that needs one: a call
+    # naming a remote tensor, keeping its results, running a program or a trainer.
+    # Every such call goes to one replica (``_pinned_methods``) with the session's id
+    # in its metadata (``_via``); the twins hold the loops: open under a lock, flush
+    # the ids garbage collection queued, call, and on NOT_FOUND ask whether the
+    # session itself is gone (``_session_lost``).
+
+    @staticmethod
+    def _new_lock() -> Any:
+        """The lock that serializes opening the session (AsyncClient: asyncio's)."""
+        return threading.Lock()
+
+    def _reset_session(self) -> None:
+        """No session yet: the first call that needs one opens it."""
+        self._session: SessionState | None = None
+        self._session_lock = self._new_lock()
+
+    def _via(
+        self, session: SessionState | None, *, idempotent: bool | None = None, stream: bool = False
+    ) -> _Via:
+        """The route of a stateful call: the pinned replica, the session's metadata."""
+        metadata = self._metadata if session is None else session.metadata
+        return _Via(self._pinned_methods(), metadata, idempotent, stream)
+
+    def _uses_session(self, *values: Any) -> bool:
+        """Whether ``values`` hold remote tensors (also inside sequences and mappings),
+        having checked that each is this client's and usable."""
+        found = False
+        for value in _remote_values(values):
+            if isinstance(value, Held):
+                value._usable(self)
+            found = True
+        return found
+
+    def _session_lost(self, session: SessionState) -> NotFoundError:
+        """The error for a call whose session the server no longer has; the client's
+        next stateful call opens a new one, and the old one's tensors stay unusable."""
+        session.ended = "expired on the server"
+        if self._session is session:  # a new one opens only once this is None
+            self._session = None
+        return NotFoundError(
+            f"the server at {self.target} no longer has this client's session (unused "
+            f"for longer than its {session.ttl_seconds:g} s TTL, or the server restarted): "
+            "its tensors and trainers are gone. The next call opens a new session."
+        )
+
+    def _to_free(self, items: Sequence[Any]) -> tuple[SessionState | None, list[str]]:
+        """The session and ids of ``items`` the server must free, marking each freed."""
+        session = None
+        ids: list[str] = []
+        for item in items:
+            if not isinstance(item, Held):
+                raise TypeError(f"free takes remote tensors and trainers, not {type(item)}")
+            if item._client is not self:
+                raise ValueError(f"{item!r} belongs to another client: {item._client!r}")
+            if item._release():
+                session = item._session
+                ids.append(item._id)
+        return session, ids
+
+    @staticmethod
+    def _prepare_open_session() -> Encoder[pb.OpenSessionRequest]:
+        return Encoder(pb.OpenSessionRequest())
+
+    def _finish_open_session(self, received: Received[pb.OpenSessionResponse]) -> SessionState:
+        m = received.message
+        metadata = SecretMetadata((*(self._metadata or ()), (SESSION_KEY, m.session)))
+        return SessionState(m.session, m.quota_bytes, m.ttl_seconds, metadata)
+
+    @staticmethod
+    def _prepare_close_session() -> Encoder[pb.CloseSessionRequest]:
+        return Encoder(pb.CloseSessionRequest())
+
+    @staticmethod
+    def _prepare_describe_session() -> Encoder[pb.DescribeSessionRequest]:
+        return Encoder(pb.DescribeSessionRequest())
+
+    @staticmethod
+    def _finish_describe_session(
+        received: Received[pb.DescribeSessionResponse],
+    ) -> SessionInfo:
+        m = received.message
+        return SessionInfo(
+            session=m.session,
+            handles=tuple(received.handle(t, f"handle {i}") for i, t in enumerate(m.handles)),
+            trainers=tuple(m.trainers),
+            bytes=m.bytes,
+            quota_bytes=m.quota_bytes,
+            ttl_seconds=m.ttl_seconds,
+        )
+
+    @staticmethod
+    def _prepare_put(value: Any) -> Encoder[pb.PutRequest]:
+        encoder = Encoder(pb.PutRequest())
+        encoder.tensor(encoder.message.tensor, _tensor(value))
+        return encoder
+
+    @staticmethod
+    def _finish_put(received: Received[pb.PutResponse]) -> Handle:
+        return _handles(received, [("tensor", received.message.tensor)])[0][1]
+
+    @staticmethod
+    def _prepare_get(handle: Handle) -> Encoder[pb.GetRequest]:
+        return Encoder(pb.GetRequest(handle=handle.id))
+
+    @staticmethod
+    def _finish_get(received: Received[pb.GetResponse]) -> np.ndarray:
+        arr = received.array(received.message.tensor, "tensor")
+        if not isinstance(arr, np.ndarray):
+            raise InternalError("Get answered a handle instead of the tensor's data")
+        # A stream's buffer is private; gRPC's bytes are not: then one copy.
+        return arr if received.owned else np.array(arr)
+
+    @staticmethod
+    def _prepare_free(ids: Sequence[str]) -> Encoder[pb.FreeRequest]:
+        return Encoder(pb.FreeRequest(handles=list(ids)))
+
+    @staticmethod
+    def _prepare_run(
+        program: Program,
+        inputs: Mapping[str, Any],
+        outputs: Sequence[Ref | str] | None,
+        loss: Ref | str | None,
+        wrt: Ref | str | Sequence[Ref | str] | None,
+        keep: bool,
+    ) -> Encoder[pb.RunRequest]:
+        program._check_inputs(inputs)
+        if isinstance(wrt, Ref | str):
+            wrt = [wrt]
+        request = pb.RunRequest(
+            outputs=[ref_name(r) for r in outputs or ()],
+            loss="" if loss is None else ref_name(loss),
+            wrt=[ref_name(r) for r in wrt or ()],
+            keep=keep,
+        )
+        encoder = Encoder(request)
+        for name, value in inputs.items():
+            encoder.named(request.inputs.add(), name, _tensor(value))
+        for step in program._steps:
+            out = request.steps.add(name=step.name, version=_version(step.version))
+            if step.model:
+                out.model = step.model
+            else:
+                out.function = step.function
+            _arguments(encoder, step.args, step.kwargs, out, f"step {step.name!r} ")
+        return encoder
+
+    @staticmethod
+    def _prepare_trainer(
+        model: str,
+        version: int,
+        optimizer: str,
+        options: Mapping[str, Any],
+        loss: str,
+        loss_options: Mapping[str, Any] | None,
+    ) -> Encoder[pb.CreateTrainerRequest]:
+        request = pb.CreateTrainerRequest(model=model, version=_version(version), loss=loss)
+        request.optimizer.name = optimizer
+        encoder = Encoder(request)
+        for key, value in options.items():
+            if value is not None:
+                encoder.value(request.optimizer.options[key], value, f"option {key!r}")
+        for key, value in (loss_options or {}).items():
+            encoder.value(request.loss_options[key], value, f"loss option {key!r}")
+        return encoder
+
+    @staticmethod
+    def _prepare_step(
+        trainer: str, inputs: Inputs, target: Any, output: str | None
+    ) -> Encoder[pb.StepRequest]:
+        encoder = Encoder(pb.StepRequest(trainer=trainer, output=output or ""))
+        for name, arr in _named_inputs(inputs):
+            encoder.named(encoder.message.inputs.add(), name, arr)
+        encoder.tensor(encoder.message.target, _tensor(target))
+        return encoder
+
+    @staticmethod
+    def _prepare_parameters(trainer: str) -> Encoder[pb.ParametersRequest]:
+        return Encoder(pb.ParametersRequest(trainer=trainer))
+
+    @staticmethod
+    def _finish_parameters(received: Received[pb.ParametersResponse]) -> dict[str, np.ndarray]:
+        return _owned(received, received.message.parameters)
+
+
+@dataclass(frozen=True)
+class _Via:
+    """How a call travels: the method callables (a replica's), its metadata, whether
+    it may be made again (None: as METHODS says), and whether to stream at once (a
+    response known to be large)."""
+
+    methods: dict[str, Any]
+    metadata: Any
+    idempotent: bool | None = None
+    stream: bool = False
+
+
+def ref_name(ref: Ref | str) -> str:
+    """The wire name of a program ref given as a Ref or a string."""
+    return ref.name if isinstance(ref, Ref) else str(ref)
+
+
+def _remote_values(value: Any) -> Iterator[Any]:
+    """Every remote tensor (anything with a Handle) in ``value``, through tuples,
+    lists and mapping values."""
+    if as_handle(value) is not None:
+        yield value
+    elif isinstance(value, list | tuple):
+        for item in value:
+            yield from _remote_values(item)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _remote_values(item)
+
+
+def _handles(
+    received: Received[Any], tensors: Iterable[tuple[str, pb.Tensor]]
+) -> list[tuple[str, Handle]]:
+    """The handles a response holds for results kept on the server."""
+    found = []
+    for name, tensor in tensors:
+        handle = received.array(tensor, name)
+        if not isinstance(handle, Handle):
+            raise InternalError(
+                f"{name}: the server answered data where a handle was asked for (keep)"
+            )
+        found.append((name, handle))
+    return found
+
+
+def _kept(received: Received[Any], tensors: Sequence[pb.NamedTensor]) -> list[tuple[str, Handle]]:
+    """The handles of a response's NamedTensors, by name (keep=True)."""
+    return _handles(received, ((nt.name or str(i), nt.tensor) for i, nt in enumerate(tensors)))
+
 
 def _version(version: int) -> int:
     """``version`` checked before sending, as the codec checks tensors: a whole number
@@ -615,15 +988,22 @@ def _grad_outputs(
         return
     if not isinstance(grad_outputs, Mapping):
         # One array: the vector for the single output, whatever the server names it.
-        encoder.named(request.grad_outputs.add(), "", np.asarray(grad_outputs))
+        encoder.named(request.grad_outputs.add(), "", _tensor(grad_outputs))
         return
     for name, value in grad_outputs.items():
-        encoder.named(request.grad_outputs.add(), str(name), np.asarray(value))
+        encoder.named(request.grad_outputs.add(), str(name), _tensor(value))
 
 
-def _arguments(encoder: Encoder[Any], args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
-    request = encoder.message
+def _arguments(
+    encoder: Encoder[Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    request: Any = None,
+    where: str = "",
+) -> None:
+    """Encode Call arguments into ``request`` (default: the encoder's message)."""
+    request = encoder.message if request is None else request
     for i, arg in enumerate(args):
-        encoder.value(request.args.add(), arg, f"argument {i}")
+        encoder.value(request.args.add(), arg, f"{where}argument {i}")
     for key, arg in kwargs.items():
-        encoder.value(request.kwargs[key], arg, f"argument {key!r}")
+        encoder.value(request.kwargs[key], arg, f"{where}argument {key!r}")

@@ -49,13 +49,20 @@ class SecretMetadata(tuple[tuple[str, str], ...]):
         return f"<metadata: {', '.join(key for key, _ in self)}>"
 
 
+def split_address(address: str) -> tuple[str, str | None]:
+    """The host and port of ``host:port``, ``[v6]:port``, ``v6`` or ``host`` (port None)."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, rest[1:] if rest.startswith(":") else None
+    if address.count(":") == 1:
+        host, _, port = address.partition(":")
+        return host, port
+    return address, None  # no port, or a bare IPv6 address
+
+
 def _host(address: str) -> str:
     """The host part of ``host:port``, ``[v6]:port``, ``v6`` or ``host``."""
-    if address.startswith("["):
-        return address[1:].partition("]")[0]
-    if address.count(":") == 1:
-        return address.partition(":")[0]
-    return address  # no port, or a bare IPv6 address
+    return split_address(address)[0]
 
 
 def is_loopback(target: str) -> bool:

@@ -15,7 +15,7 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from tensorwire import _framing
-from tensorwire.dtypes import NUMPY_BY_WIRE, dtype_name, wire_dtype
+from tensorwire.dtypes import NAME_BY_WIRE, NUMPY_BY_WIRE, WIRE_BY_NAME, dtype_name, wire_dtype
 from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.v1 import tensorwire_pb2 as pb
 
@@ -33,8 +33,38 @@ _MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
 SHOWN = 100
 LISTED = 10
 
-# A Call argument: tensors and plain values only, never callables or code.
-Arg = np.ndarray | bool | int | float | str | None | Sequence["Arg"]
+#: The longest handle id a peer may send; a longer one cannot name a real handle.
+MAX_HANDLE_LENGTH = 64
+
+
+@dataclass(frozen=True)
+class Handle:
+    """A tensor held in a session on the server: its id, dtype name and shape."""
+
+    id: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A name inside a Run program: a program input, or an earlier step's output as
+    ``step`` or ``step.output``."""
+
+    name: str
+
+
+# A Call argument: tensors (data or handles) and plain values only, never callables
+# or code; a Ref only inside a Run program.
+Arg = np.ndarray | Handle | Ref | bool | int | float | str | None | Sequence["Arg"]
+
+
+def as_handle(value: Any) -> Handle | None:
+    """The Handle ``value`` is or carries (a client's RemoteTensor has ``.handle``)."""
+    if isinstance(value, Handle):
+        return value
+    handle = getattr(value, "handle", None)
+    return handle if isinstance(handle, Handle) else None
 
 
 def as_wire_array(arr: np.ndarray) -> np.ndarray:
@@ -151,8 +181,20 @@ class Encoder(Generic[M]):
         """The tensor payload bytes queued so far."""
         return sum(data.nbytes for _, data in self._slots)
 
-    def tensor(self, out: pb.Tensor, arr: np.ndarray) -> None:
-        """Describe ``arr`` in ``out`` and queue its bytes."""
+    def tensor(self, out: pb.Tensor, arr: np.ndarray | Handle) -> None:
+        """Describe ``arr`` in ``out`` and queue its bytes, or name a handle."""
+        handle = as_handle(arr)
+        if handle is not None:
+            out.handle = handle.id
+            out.dtype = WIRE_BY_NAME.get(handle.dtype, pb.DTYPE_UNSPECIFIED)  # type: ignore[assignment]
+            out.shape[:] = handle.shape
+            # An empty payload of its own: the framing numbers every Tensor's data in
+            # order, so a handle must hold a placeholder too, or the arrays after it
+            # would land in the wrong tensors of a large or streamed message.
+            out.data = _framing.placeholder(len(self._slots))
+            self._slots.append((out, memoryview(b"")))
+            return
+        assert not isinstance(arr, Handle)
         try:
             out.dtype = wire_dtype(arr.dtype)  # type: ignore[assignment]
         except ValueError as exc:
@@ -164,7 +206,7 @@ class Encoder(Generic[M]):
         out.data = _framing.placeholder(len(self._slots))
         self._slots.append((out, data))
 
-    def named(self, out: pb.NamedTensor, name: str, arr: np.ndarray) -> None:
+    def named(self, out: pb.NamedTensor, name: str, arr: np.ndarray | Handle) -> None:
         """Fill ``out`` with ``name`` and ``arr``."""
         out.name = name
         self.tensor(out.tensor, arr)
@@ -181,8 +223,10 @@ class Encoder(Generic[M]):
             out.float_value = float(arg)
         elif isinstance(arg, str):
             out.string_value = arg
-        elif isinstance(arg, np.ndarray):
+        elif isinstance(arg, np.ndarray) or as_handle(arg) is not None:
             self.tensor(out.tensor, arg)
+        elif isinstance(arg, Ref):
+            out.ref = arg.name
         elif isinstance(arg, list | tuple):
             out.list_value.SetInParent()
             for i, item in enumerate(arg):
@@ -224,6 +268,9 @@ class Received(Generic[M]):
     message: M
     payloads: list[memoryview] | None = None
     owned: bool = False
+    #: Turns a Tensor naming a handle into what it holds (the server's session
+    #: lookup); None gives the Handle itself (the client's view of a response).
+    resolve: Callable[[Handle, str], Any] | None = None
 
     @property
     def payload_bytes(self) -> int:
@@ -232,14 +279,30 @@ class Received(Generic[M]):
             return sum(p.nbytes for p in self.payloads)
         return sum(len(t.data) for _, t in tensors_in(self.message))
 
-    def array(self, tensor: pb.Tensor, name: str) -> np.ndarray:
-        """The array a Tensor of this message holds (a read-only view)."""
+    def array(self, tensor: pb.Tensor, name: str) -> Any:
+        """The array a Tensor of this message holds (a read-only view), or for a
+        handle what ``resolve`` makes of it."""
+        if tensor.handle:
+            return self.handle(tensor, name)
         if self.payloads is None or not tensor.data:
             return decode_array(tensor, tensor.data, name)
         index = _framing.placeholder_index(tensor.data)
         return decode_array(tensor, self.payloads[index], name)
 
-    def named(self, tensors: Sequence[pb.NamedTensor], what: str) -> list[tuple[str, np.ndarray]]:
+    def handle(self, tensor: pb.Tensor, name: str) -> Any:
+        """The Handle a Tensor names, or what ``resolve`` makes of it."""
+        data = tensor.data
+        if data and self.payloads is not None:  # a placeholder: its payload must be empty
+            data = bytes(self.payloads[_framing.placeholder_index(data)][:1])
+        if data:
+            raise InvalidArgumentError(f"{name}: a tensor gives either a handle or data, not both")
+        if len(tensor.handle) > MAX_HANDLE_LENGTH:
+            raise InvalidArgumentError(f"{name}: handle {shown(tensor.handle)} is too long")
+        dtype = NAME_BY_WIRE.get(tensor.dtype, "")
+        handle = Handle(tensor.handle, dtype, tuple(tensor.shape))
+        return handle if self.resolve is None else self.resolve(handle, name)
+
+    def named(self, tensors: Sequence[pb.NamedTensor], what: str) -> list[tuple[str, Any]]:
         """Decode a repeated NamedTensor field; ``what`` names it in errors."""
         return [
             (nt.name, self.array(nt.tensor, f"{what} {shown(nt.name) if nt.name else i}"))
@@ -250,11 +313,14 @@ class Received(Generic[M]):
         """Decode one Call argument."""
         kind = value.WhichOneof("kind")
         if kind == "tensor":
-            return self.array(value.tensor, name)
+            tensor: Arg = self.array(value.tensor, name)
+            return tensor
         if kind == "list_value":
             return [self.value(v, f"{name}[{i}]") for i, v in enumerate(value.list_value.values)]
         if kind == "none_value":
             return None
+        if kind == "ref":
+            return Ref(value.ref)
         if kind is None:
             raise InvalidArgumentError(f"{name}: empty value")
         result: Arg = getattr(value, kind)

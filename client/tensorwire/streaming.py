@@ -147,13 +147,19 @@ class StreamReceiver(Generic[M]):
             ) from None
         views: list[memoryview | None] = [None] * count
         allocated = [0] * count
-        for k, (name, tensor) in enumerate(tensors_in(message)):
+        k = 0
+        for name, tensor in tensors_in(message):
+            slot = _framing.placeholder_index(tensor.data)
+            if tensor.handle:  # names a tensor held on the server: no bytes follow
+                views[slot] = memoryview(bytearray())
+                allocated[slot] = -1
+                continue
             dtype, shape, _ = layout(tensor, name)
             arr = self._allocate(dtype, shape, name)
             # A flat byte view, writable: chunks land here and nowhere else.
-            slot = _framing.placeholder_index(tensor.data)
             views[slot] = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
             allocated[slot] = k
+            k += 1
         if any(v is None for v in views):  # pragma: no cover - the two walks agree
             raise InvalidArgumentError("malformed stream header: a tensor out of place")
         self._views = [v for v in views if v is not None]
@@ -175,7 +181,7 @@ class StreamReceiver(Generic[M]):
             view = self._views[self._slot]
             take = min(view.nbytes - self._offset, size - pos)
             view[self._offset : self._offset + take] = body[pos : pos + take]
-            if self._landed is not None:
+            if self._landed is not None and self._allocated[self._slot] >= 0:
                 self._landed(self._allocated[self._slot], self._offset, self._offset + take)
             pos += take
             self._offset += take

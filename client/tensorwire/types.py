@@ -1,4 +1,5 @@
-"""Typed results and callbacks of the client: server description, gradients, progress."""
+"""Typed results and callbacks of the client: server description, gradients, progress,
+sessions."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
+
+from tensorwire.codec import Handle
 
 
 @dataclass(frozen=True)
@@ -105,14 +108,31 @@ class DeviceInfo:
 
 
 @dataclass(frozen=True)
+class SessionsSummary:
+    """The server's sessions: how many are open (``count``, at most ``max_sessions``),
+    the device memory they hold (``bytes``), each one's ``quota_bytes`` and idle
+    ``ttl_seconds``, and the ``losses`` and ``optimizers`` trainers may use."""
+
+    count: int
+    bytes: int
+    quota_bytes: int
+    ttl_seconds: float
+    max_sessions: int
+    losses: tuple[str, ...] = ()
+    optimizers: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class ServerInfo:
-    """What Info reports: versions, device, models by name, Call functions by name."""
+    """What Info reports: versions, device, models by name, Call functions by name,
+    and sessions (None: a server from before sessions)."""
 
     server_version: str
     torch_version: str
     device: DeviceInfo
     models: dict[str, ModelInfo]
     functions: dict[str, str]
+    sessions: SessionsSummary | None = None
 
 
 @dataclass(frozen=True)
@@ -148,3 +168,18 @@ class Progress:
 
 #: A progress callback: called with each Progress; an exception it raises ends the call.
 ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What a client's session on the server holds: its ``handles`` (id, dtype name,
+    shape) in the order they were made, its ``trainers`` by id, the device memory
+    they hold (``bytes``) and may hold (``quota_bytes``), and the seconds it may go
+    unused before the server frees it (``ttl_seconds``)."""
+
+    session: str
+    handles: tuple[Handle, ...]
+    trainers: tuple[str, ...]
+    bytes: int
+    quota_bytes: int
+    ttl_seconds: float

@@ -54,6 +54,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port"
     )
+    parser.add_argument(
+        "--health-port",
+        type=int,
+        help="also answer health checks (only) in plain text on this port, for probes",
+    )
+    parser.add_argument(
+        "--max-connection-age",
+        type=float,
+        metavar="SECONDS",
+        help="ask clients to reconnect after this long, so DNS balancing finds new replicas",
+    )
     security = parser.add_argument_group(
         "security", "TLS files and tokens (docs/security.md); tokens never on the command line"
     )
@@ -86,6 +97,14 @@ def main(argv: list[str] | None = None) -> int:
     limits.add_argument(
         "--shutdown-grace", type=float, help="seconds in-flight requests get after SIGTERM (30)"
     )
+    sessions = parser.add_argument_group("sessions", "tensors and trainers kept between calls")
+    sessions.add_argument(
+        "--session-quota-bytes", type=int, help="device bytes one session may hold (4 GiB)"
+    )
+    sessions.add_argument(
+        "--session-ttl", type=float, help="seconds a session may go unused before it is freed (600)"
+    )
+    sessions.add_argument("--max-sessions", type=int, help="sessions open at once (64)")
     args = parser.parse_args(argv)
     try:
         extra = dict(parse_model_option(option) for option in args.model)

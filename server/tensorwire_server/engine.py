@@ -35,8 +35,17 @@ from tensorwire_server.tensors import is_differentiable, to_device, to_numpy
 
 log = logging.getLogger(__name__)
 
-Named = list[tuple[str, np.ndarray]]
+#: Named tensors: arrays from the wire, or device tensors a session holds (handles).
+Named = list[tuple[str, Any]]
+#: Turns a result tensor into what the caller gets: by default a detached CPU NumPy
+#: array; a session's ``keep`` stores it on the device and gives a Handle instead.
+Export = Callable[[str, torch.Tensor], Any]
 _MAX_MESSAGE = 2000  # characters of an exception message passed on to the client
+
+
+def as_array(name: str, tensor: torch.Tensor) -> np.ndarray:
+    """The default Export: ``tensor.detach().cpu().numpy()``."""
+    return to_numpy(tensor, name)
 
 
 @dataclass(frozen=True)
@@ -122,37 +131,56 @@ class Engine:
         outputs: Sequence[str] = (),
         version: int = 0,
         deadline: float | None = None,
+        export: Export | None = None,
     ) -> Inference:
         """Run a model forward under inference mode (batched with other requests when
         its configuration says so); return the chosen outputs. ``version`` 0 runs the
-        newest; ``deadline`` (``time.monotonic()``) bounds the time queued."""
+        newest; ``deadline`` (``time.monotonic()``) bounds the time queued. An
+        ``export`` (keeping outputs on the device) or a device tensor among the inputs
+        runs the request alone."""
         with self.registry.using(model_name, version) as served:
-            bound = _bind(served.model, inputs)
-            if served.batcher is not None:
+            bound = bind(served.model, inputs)
+            alone = export is not None or any(isinstance(t, torch.Tensor) for _, t in bound)
+            if served.batcher is not None and not alone:
                 named, batch = served.batcher.submit(bound, deadline)
             else:
-                named, batch = served.run(bound, deadline)
+                out = export or as_array
+                named, batch = served.run(
+                    bound,
+                    deadline,
+                    lambda instance, tensors: self._forward(served, instance, tensors, out),
+                )
             return Inference(_select(named, outputs, served.name), served.version, batch)
 
-    def _forward(self, served: ServedVersion, instance: Instance, inputs: Named) -> Named:
-        """One forward pass of ``served`` on ``instance``: arrays in, arrays out."""
+    def _forward(
+        self, served: ServedVersion, instance: Instance, inputs: Named, export: Export = as_array
+    ) -> Named:
+        """One forward pass of ``served`` on ``instance``: arrays (or device tensors)
+        in, ``export``-ed outputs out."""
         model = served.model
         what = f"model {model.name!r}"
-        with self._device_guard(what), torch.inference_mode(), instance.context():
+        with self.device_guard(what), _no_grad(export), instance.context():
             tensors = [(name, to_device(arr, instance.device)) for name, arr in inputs]
             with _autocast(instance.device, served.autocast):
-                result = self._user_code(what, lambda: _invoke(model, instance.module, tensors))
-            named = _name_outputs(result, model.outputs, what)
-            return [(n, to_numpy(_declared(t, n, model.outputs), n)) for n, t in named]
+                result = self.user_code(what, lambda: invoke(model, instance.module, tensors))
+            named = name_outputs(result, model.outputs, what)
+            return [(n, export(n, _declared(t, n, model.outputs))) for n, t in named]
 
-    def call(self, function_name: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> Named:
-        """Run one allowlisted function; tensors in ``args``/``kwargs`` are arrays."""
-        function = self._function(function_name)
+    def call(
+        self,
+        function_name: str,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any],
+        export: Export = as_array,
+    ) -> Named:
+        """Run one allowlisted function; tensors in ``args``/``kwargs`` are arrays or
+        device tensors."""
+        function = self.function(function_name)
         what = f"function {function.name!r}"
-        with self._device_guard(what), torch.inference_mode():
-            targs, tkwargs = self._torch_arguments(args, kwargs)
-            result = self._user_code(what, lambda: function(*targs, **tkwargs))
-            return [(n, to_numpy(t, n)) for n, t in _name_outputs(result, (), what)]
+        with self.device_guard(what), _no_grad(export):
+            targs, tkwargs = self.torch_arguments(args, kwargs)
+            result = self.user_code(what, lambda: function(*targs, **tkwargs))
+            return [(n, export(n, t)) for n, t in name_outputs(result, (), what)]
 
     def grad_model(
         self,
@@ -162,25 +190,27 @@ class Engine:
         grad_outputs: Sequence[tuple[str, np.ndarray]] = (),
         param_grads: bool = False,
         version: int = 0,
+        export: Export = as_array,
     ) -> GradOutcome:
         """Outputs of ``model_name`` and gradients w.r.t. inputs ``wrt`` (and parameters).
         Never batched: each request runs its own forward and backward pass."""
         with self.registry.using(model_name, version) as served:
             model = served.model
-            bound = _bind(model, inputs)
+            bound = bind(model, inputs)
             what = f"model {model.name!r}"
-            with served.alone(bound) as instance, self._device_guard(what), instance.context():
+            with served.alone(bound) as instance, self.device_guard(what), instance.context():
                 leaves = [(name, to_device(arr, instance.device)) for name, arr in bound]
                 params = list(trainable(instance.module)) if param_grads else []
                 with _autocast(instance.device, served.autocast):
                     outcome = self._grad(
                         what,
-                        lambda tensors: _invoke(model, instance.module, tensors),
+                        lambda tensors: invoke(model, instance.module, tensors),
                         leaves,
                         wrt,
                         grad_outputs,
                         params,
                         model.outputs,
+                        export,
                     )
             return replace(outcome, version=served.version)
 
@@ -191,13 +221,14 @@ class Engine:
         kwargs: Mapping[str, Any],
         wrt: Sequence[str] = (),
         grad_outputs: Sequence[tuple[str, np.ndarray]] = (),
+        export: Export = as_array,
     ) -> GradOutcome:
         """Outputs of a function and gradients w.r.t. its positional tensor arguments,
         named by position ("0", "1", ...)."""
-        function = self._function(function_name)
+        function = self.function(function_name)
         what = f"function {function.name!r}"
-        with self._device_guard(what):
-            targs, tkwargs = self._torch_arguments(args, kwargs)
+        with self.device_guard(what):
+            targs, tkwargs = self.torch_arguments(args, kwargs)
             positions = [i for i, a in enumerate(targs) if isinstance(a, torch.Tensor)]
             leaves = [(str(i), targs[i]) for i in positions]
 
@@ -207,11 +238,12 @@ class Engine:
                     call_args[i] = tensor
                 return function(*call_args, **tkwargs)
 
-            return self._grad(what, run, leaves, wrt, grad_outputs, [], ())
+            return self._grad(what, run, leaves, wrt, grad_outputs, [], (), export)
 
     # ------------------------------------------------------------------ internals
 
-    def _function(self, name: str) -> Function:
+    def function(self, name: str) -> Function:
+        """An allowlisted function by name; NOT_FOUND if it is not on the allowlist."""
         try:
             return self.functions[name]
         except KeyError:
@@ -220,14 +252,15 @@ class Engine:
                 f"{len(self.functions)} functions"
             ) from None
 
-    def _torch_arguments(
+    def torch_arguments(
         self, args: Sequence[Any], kwargs: Mapping[str, Any]
     ) -> tuple[list[Any], dict[str, Any]]:
+        """Call arguments with every array (or held tensor) a tensor on the device."""
         if "out" in kwargs:
             # On the CPU inputs alias the request's bytes; out= would write into them.
             raise InvalidArgumentError("argument 'out' is not allowed: results come back new")
-        targs = [self._torch_value(a) for a in args]
-        tkwargs = {k: self._torch_value(v) for k, v in kwargs.items()}
+        targs = [self.torch_value(a) for a in args]
+        tkwargs = {k: self.torch_value(v) for k, v in kwargs.items()}
         if isinstance(tkwargs.get("dtype"), str):
             name = tkwargs["dtype"]
             if name not in WIRE_BY_NAME:
@@ -235,11 +268,12 @@ class Engine:
             tkwargs["dtype"] = getattr(torch, name)
         return targs, tkwargs
 
-    def _torch_value(self, value: Any) -> Any:
-        if isinstance(value, np.ndarray):
+    def torch_value(self, value: Any) -> Any:
+        """An argument with arrays (and held tensors) as tensors on the device."""
+        if isinstance(value, np.ndarray | torch.Tensor):
             return to_device(value, self.device)
         if isinstance(value, list):
-            return [self._torch_value(v) for v in value]
+            return [self.torch_value(v) for v in value]
         return value
 
     def _grad(
@@ -251,6 +285,7 @@ class Engine:
         grad_outputs: Sequence[tuple[str, np.ndarray]],
         params: list[tuple[str, torch.nn.Parameter]],
         declared: tuple[TensorSpec, ...],
+        export: Export,
     ) -> GradOutcome:
         by_name = dict(leaves)
         if wrt:
@@ -282,11 +317,11 @@ class Engine:
         prepared = dict(tensors)
         sources = [prepared[n] for n in wrt] + [p for _, p in params]
         with torch.enable_grad():
-            result = self._user_code(what, lambda: run(tensors))
-            named = _name_outputs(result, declared, what)
+            result = self.user_code(what, lambda: run(tensors))
+            named = name_outputs(result, declared, what)
             roots, seeds = self._grad_roots(named, grad_outputs, what)
             if roots:
-                grads = self._user_code(
+                grads = self.user_code(
                     f"gradient of {what}",
                     lambda: torch.autograd.grad(
                         roots, sources, seeds, allow_unused=True, materialize_grads=True
@@ -295,9 +330,9 @@ class Engine:
             else:  # no output depends differentiably on anything: every gradient is zero
                 grads = tuple(torch.zeros_like(s) for s in sources)
         names = [*wrt, *(n for n, _ in params)]
-        pairs = [(n, to_numpy(g, n)) for n, g in zip(names, grads, strict=True)]
+        pairs = [(n, export(n, g)) for n, g in zip(names, grads, strict=True)]
         return GradOutcome(
-            outputs=[(n, to_numpy(t, n)) for n, t in named],
+            outputs=[(n, export(n, t.detach())) for n, t in named],
             grads=pairs[: len(wrt)],
             param_grads=pairs[len(wrt) :],
         )
@@ -340,7 +375,7 @@ class Engine:
         return [o for o, _ in differentiable], [s for _, s in differentiable]
 
     @staticmethod
-    def _user_code(what: str, thunk: Callable[[], Any]) -> Any:
+    def user_code(what: str, thunk: Callable[[], Any]) -> Any:
         """Run model, function or autograd code: its exceptions are the caller's input
         problem (INVALID_ARGUMENT) unless they are out-of-memory."""
         try:
@@ -366,7 +401,7 @@ class Engine:
         ) from exc
 
     @contextmanager
-    def _device_guard(self, what: str) -> Iterator[None]:
+    def device_guard(self, what: str) -> Iterator[None]:
         """Turn out-of-memory anywhere in a request into RESOURCE_EXHAUSTED and give the
         allocator's cache back, so the next request finds memory; a device that failed
         for good into UNAVAILABLE, once reported to ``on_device_failure``."""
@@ -415,7 +450,7 @@ def _first_duplicate(names: Sequence[str]) -> str | None:
     return None
 
 
-def _bind(model: Model, inputs: Named) -> Named:
+def bind(model: Model, inputs: Named) -> Named:
     """Inputs in the model's order, checked against its signature."""
     what = f"model {model.name!r}"
     names = [n for n, _ in inputs]
@@ -461,10 +496,11 @@ def _bind(model: Model, inputs: Named) -> Named:
     return ordered
 
 
-def _check_spec(spec: TensorSpec, arr: np.ndarray, what: str) -> None:
-    if spec.dtype is not None and arr.dtype.name != spec.dtype:
+def _check_spec(spec: TensorSpec, arr: np.ndarray | torch.Tensor, what: str) -> None:
+    dtype = _dtype(arr) if isinstance(arr, torch.Tensor) else arr.dtype.name
+    if spec.dtype is not None and dtype != spec.dtype:
         raise InvalidArgumentError(
-            f"input {spec.name!r} has dtype {arr.dtype.name} but {what} expects {spec.dtype}"
+            f"input {spec.name!r} has dtype {dtype} but {what} expects {spec.dtype}"
         )
     if spec.shape is not None and (
         len(spec.shape) != arr.ndim
@@ -476,10 +512,17 @@ def _check_spec(spec: TensorSpec, arr: np.ndarray, what: str) -> None:
         )
 
 
-def _invoke(model: Model, module: torch.nn.Module, tensors: list[tuple[str, torch.Tensor]]) -> Any:
+def invoke(model: Model, module: torch.nn.Module, tensors: list[tuple[str, torch.Tensor]]) -> Any:
+    """Call ``module`` with bound inputs: by name for a variadic model, else in order."""
     if model.variadic:
         return module(**dict(tensors))
     return module(*(t for _, t in tensors))
+
+
+def _no_grad(export: Export) -> Any:
+    """Inference mode when results leave as arrays. Results a session keeps come from
+    no_grad instead: inference-mode tensors could never enter autograd later."""
+    return torch.inference_mode() if export is as_array else torch.no_grad()
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
@@ -498,7 +541,7 @@ def _declared(tensor: torch.Tensor, name: str, declared: tuple[TensorSpec, ...])
     return tensor
 
 
-def _name_outputs(
+def name_outputs(
     result: Any, declared: tuple[TensorSpec, ...], what: str
 ) -> list[tuple[str, torch.Tensor]]:
     """Name a model's or function's result: a tensor, tuple, named tuple or dict."""
@@ -507,7 +550,9 @@ def _name_outputs(
     if isinstance(result, Mapping):
         return [(str(k), _as_tensor(v, what)) for k, v in result.items()]
     if isinstance(result, tuple | list):
-        fields = getattr(result, "_fields", None)
+        # A named tuple names its fields in _fields; torch's own structseqs
+        # (linalg.svd's U, S, Vh; max's values, indices) in __match_args__.
+        fields = getattr(result, "_fields", None) or getattr(type(result), "__match_args__", None)
         if fields is not None:
             names = list(fields)
         elif len(declared) == len(result):
@@ -538,4 +583,13 @@ def _select(named: Named, wanted: Sequence[str], model: str) -> Named:
     return [(n, outputs[n]) for n in wanted]
 
 
-__all__ = ["DeviceSummary", "Engine", "GradOutcome"]
+__all__ = [
+    "DeviceSummary",
+    "Engine",
+    "Export",
+    "GradOutcome",
+    "as_array",
+    "bind",
+    "invoke",
+    "name_outputs",
+]

@@ -19,6 +19,7 @@ import grpc
 from tensorwire_server import observe
 from tensorwire_server.observe import Call, Metrics
 from tensorwire_server.security import AUTHENTICATED, PUBLIC, Tokens, scope_of
+from tensorwire_server.sessions import SESSION_KEY
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,7 @@ class Gate(_Interceptor):
         method: str = details.method
         scope = scope_of(method)
         call = Call(method, observe.request_id(details.invocation_metadata))
+        call.session = _session(details.invocation_metadata)
         reject = self._state(scope) or self._caller(call, scope, details)
         counter = None if scope == PUBLIC else self.in_flight
         return _guarded(
@@ -142,6 +144,13 @@ class Gate(_Interceptor):
                 f"token {identity.name!r} lacks the {scope!r} scope that {method} needs",
             )
         return None
+
+
+def _session(metadata: Any) -> str:
+    for key, value in metadata or ():
+        if key == SESSION_KEY and isinstance(value, str):
+            return value
+    return ""
 
 
 def _bearer(metadata: Any) -> str | None:

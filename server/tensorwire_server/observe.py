@@ -45,6 +45,8 @@ class Call:
     batch: int = 0
     #: When (``time.monotonic()``) the caller stops waiting; None: never.
     deadline: float | None = None
+    #: The session the call names in its metadata; empty: none.
+    session: str = ""
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -120,6 +122,13 @@ class Metrics:
             registry=r,
         )
         self.running = Gauge("tensorwire_in_flight", "RPCs being worked on.", registry=r)
+        # The server points these at its sessions.
+        self.sessions = Gauge("tensorwire_sessions", "Sessions open.", registry=r)
+        self.session_bytes = Gauge(
+            "tensorwire_session_bytes",
+            "Device bytes the sessions' tensors and trainers hold.",
+            registry=r,
+        )
         self.memory = _DeviceMemory(device)
         r.register(self.memory)
         self._http: Any = None  # the HTTP endpoint, once ``serve`` starts one

@@ -129,8 +129,14 @@ class ServedVersion:
         """The instance with the fewest unbatched requests running."""
         return min(self.instances, key=lambda i: i.busy)
 
-    def run(self, inputs: Named, deadline: float | None) -> tuple[Named, int]:
-        """One unbatched forward pass on the least busy instance; outputs and rows."""
+    def run(
+        self,
+        inputs: Named,
+        deadline: float | None,
+        forward: Callable[[Instance, Named], Named] | None = None,
+    ) -> tuple[Named, int]:
+        """One unbatched forward pass on the least busy instance (by ``forward``, else
+        the usual one); outputs and rows."""
         if deadline is not None and time.monotonic() >= deadline:
             self.stats.expired(0.0)
             raise DeadlineExceededError("the deadline passed before the request could run")
@@ -144,7 +150,9 @@ class ServedVersion:
             self._running += 1
         try:
             with self.alone(inputs) as instance:
-                return self._forward(self, instance, inputs), _rows(inputs, self.config)
+                if forward is None:
+                    return self._forward(self, instance, inputs), _rows(inputs, self.config)
+                return forward(instance, inputs), _rows(inputs, self.config)
         finally:
             with self._lock:
                 self._running -= 1

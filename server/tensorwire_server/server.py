@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection
 
 import tensorwire_server
 from tensorwire.channel import CHANNEL_OPTIONS
+from tensorwire_server import kserve
 from tensorwire_server.engine import Engine
 from tensorwire_server.gate import Gate, Lifecycle
 from tensorwire_server.limits import Limits
@@ -22,6 +23,7 @@ from tensorwire_server.observe import JsonFormatter, Metrics
 from tensorwire_server.registry import server_devices
 from tensorwire_server.security import Tokens, is_loopback, server_credentials
 from tensorwire_server.servicer import SERVICE, TensorServicer, tensor_service_handler
+from tensorwire_server.sessions import Sessions
 from tensorwire_server.settings import Settings
 
 log = logging.getLogger("tensorwire_server")
@@ -40,9 +42,14 @@ _SLACK = 1 << 20
 _CAP = 2**31 - 1
 
 # The services health reports on: the server as a whole ("") and each of its own.
-HEALTH_SERVICES = ("", SERVICE.full_name)
+HEALTH_SERVICES = ("", SERVICE.full_name, kserve.SERVICE.full_name)
 # The services reflection describes: every one the server offers.
-REFLECTED = (SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME)
+REFLECTED = (
+    SERVICE.full_name,
+    kserve.SERVICE.full_name,
+    health.SERVICE_NAME,
+    reflection.SERVICE_NAME,
+)
 _HEALTH = {
     Lifecycle.STARTING: health_pb2.HealthCheckResponse.NOT_SERVING,
     Lifecycle.SERVING: health_pb2.HealthCheckResponse.SERVING,
@@ -50,6 +57,12 @@ _HEALTH = {
     Lifecycle.STOPPED: health_pb2.HealthCheckResponse.NOT_SERVING,
     Lifecycle.FAILED: health_pb2.HealthCheckResponse.NOT_SERVING,
 }
+
+
+def _connection_age(seconds: float | None) -> list[tuple[str, int]]:
+    """Channel options that end every connection after ``seconds`` with a GOAWAY;
+    calls in flight then are never cut off (gRPC's default grace is unlimited)."""
+    return [] if seconds is None else [("grpc.max_connection_age_ms", int(seconds * 1000))]
 
 
 def build_engine(settings: Settings) -> Engine:
@@ -73,7 +86,12 @@ class TensorwireServer:
         limits = Limits(
             settings.max_request_bytes, settings.max_tensor_elements, settings.max_stream_seconds
         )
-        self.servicer = TensorServicer(engine, settings.chunk_size, limits=limits)
+        self.sessions = Sessions(
+            settings.session_quota_bytes, settings.session_ttl, settings.max_sessions
+        )
+        self.servicer = TensorServicer(
+            engine, settings.chunk_size, limits=limits, sessions=self.sessions
+        )
         self.metrics = Metrics(engine.device if engine is not None else None)
         self.gate = Gate(tokens, self.lifecycle, settings.default_deadline, self.metrics)
         executor = futures.ThreadPoolExecutor(
@@ -81,20 +99,33 @@ class TensorwireServer:
         )
         # RPCs that arrived and wait for a worker: the executor's own queue.
         self.metrics.waiting.set_function(executor._work_queue.qsize)
+        self.metrics.sessions.set_function(self.sessions.count)
+        self.metrics.session_bytes.set_function(self.sessions.bytes)
         self.server = grpc.server(
             executor,
             options=[
                 *(o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"),
                 # A unary request larger than this is refused by gRPC before it is read.
                 ("grpc.max_receive_message_length", min(settings.max_request_bytes + _SLACK, _CAP)),
+                *_connection_age(settings.max_connection_age),
             ],
             interceptors=[self.gate],
             maximum_concurrent_rpcs=settings.max_concurrent_requests,
         )
-        self.server.add_generic_rpc_handlers((tensor_service_handler(self.servicer),))
+        # The KServe v2 protocol, over the same engine and models as TensorService.
+        self.inference = kserve.InferenceServicer(
+            self.servicer, self.lifecycle, settings.default_deadline
+        )
+        self.server.add_generic_rpc_handlers(
+            (
+                tensor_service_handler(self.servicer),
+                kserve.inference_service_handler(self.inference),
+            )
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(REFLECTED, self.server)
+        reflection.enable_server_reflection(REFLECTED, self.server, pool=kserve.reflection_pool())
         self.port = self._bind(settings, tokens)
+        self.health_server, self.health_port = self._health_listener(settings)
         self.metrics_port: int | None = None
         if engine is not None:
             self.ready(engine)
@@ -127,6 +158,32 @@ class TensorwireServer:
             log.warning("no tokens: anyone who reaches %s can use this server", address)
         return port
 
+    def _health_listener(self, settings: Settings) -> tuple[grpc.Server | None, int | None]:
+        """The plain-text listener on ``health_port``: the health service's Check,
+        nothing else (no Watch, whose open streams would tie up its two threads)."""
+        if settings.health_port is None:
+            return None, None
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tensorwire-health"),
+            maximum_concurrent_rpcs=16,
+        )
+        check = grpc.unary_unary_rpc_method_handler(
+            self.health.Check,
+            request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+        )
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler(health.SERVICE_NAME, {"Check": check}),)
+        )
+        address = f"{settings.host}:{settings.health_port}"
+        try:
+            port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if port == 0:
+            raise OSError(f"could not bind the health port {address}")
+        return server, port
+
     def _report(self, state: str) -> None:
         for service in HEALTH_SERVICES:
             self.health.set(service, _HEALTH[state])
@@ -135,6 +192,8 @@ class TensorwireServer:
         """Start answering (TensorService waits, UNAVAILABLE, until ``ready``) and
         expose metrics if a port is set."""
         self.server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
 
@@ -154,6 +213,9 @@ class TensorwireServer:
         if not self.gate.in_flight.wait_idle(grace):
             log.warning("requests still running after %g s; cancelling them", grace)
         self.server.stop(0).wait()
+        if self.health_server is not None:
+            self.health_server.stop(0).wait()
+        self.sessions.stop()
         self.metrics.close()
         self.lifecycle.move(Lifecycle.STOPPED)
         if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
@@ -181,6 +243,8 @@ def serve(settings: Settings) -> None:
     server = TensorwireServer(settings)
     server.start()
     log.info("listening on %s:%d", settings.host, server.port)
+    if server.health_port is not None:
+        log.info("health checks on %s:%d (plain text)", settings.host, server.health_port)
     if server.metrics_port is not None:
         log.info("metrics on http://%s:%d/metrics", settings.host, server.metrics_port)
     engine = build_engine(settings)

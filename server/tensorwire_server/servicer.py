@@ -7,7 +7,8 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Final
+from dataclasses import replace
+from typing import Any, Final, TypeVar
 
 import grpc
 import torch
@@ -15,7 +16,7 @@ from google.protobuf.message import Message
 
 import tensorwire_server
 from tensorwire import streaming
-from tensorwire.codec import Encoder, Received, receiver, shown
+from tensorwire.codec import Encoder, Handle, Received, Ref, receiver, shown
 from tensorwire.dtypes import WIRE_BY_NAME
 from tensorwire.errors import (
     FailedPreconditionError,
@@ -27,15 +28,18 @@ from tensorwire.errors import (
 )
 from tensorwire.streaming import DEFAULT_CHUNK_SIZE, StreamReceiver
 from tensorwire.v1 import tensorwire_pb2 as pb
-from tensorwire_server import observe
-from tensorwire_server.engine import Engine, GradOutcome, Named
+from tensorwire_server import observe, programs, training
+from tensorwire_server.engine import Engine, Export, GradOutcome, Named, as_array
 from tensorwire_server.limits import Limits
 from tensorwire_server.loading import ModelControl
 from tensorwire_server.models import Model, TensorSpec
 from tensorwire_server.registry import FAILED, READY, ModelEntry
 from tensorwire_server.repository import ModelConfig
+from tensorwire_server.sessions import SESSION_KEY, Session, Sessions
 from tensorwire_server.staging import stager_for
 from tensorwire_server.statistics import StatsSnapshot
+from tensorwire_server.tensors import to_device
+from tensorwire_server.training import LOSSES, OPTIMIZERS, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["TensorService"]
 UNARY_LIMIT: Final = 2**31 - 2**20
 
 Behavior = Callable[[Received[Any]], Encoder[Any]]
+M = TypeVar("M", bound=Message)
 
 
 class TensorServicer:
@@ -57,8 +62,11 @@ class TensorServicer:
         unary_limit: int = UNARY_LIMIT,
         limits: Limits | None = None,
         control: ModelControl | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
         self._engine = engine
+        #: Every client's kept tensors and trainers.
+        self.sessions = sessions or Sessions(4 << 30, 600.0, 64)
         #: Loads and unloads models while serving; None: models are fixed.
         self.control = control
         self.chunk_size = chunk_size
@@ -117,9 +125,22 @@ class TensorServicer:
             response.models.append(_model_info(entry))
         for name in sorted(engine.functions):
             response.functions.add(name=name, description=engine.functions[name].description)
+        sessions = self.sessions
+        response.sessions.CopyFrom(
+            pb.SessionsSummary(
+                count=sessions.count(),
+                bytes=sessions.bytes(),
+                quota_bytes=sessions.quota,
+                ttl_seconds=sessions.ttl,
+                max_sessions=sessions.max_sessions,
+                losses=sorted(LOSSES),
+                optimizers=sorted(OPTIMIZERS),
+            )
+        )
         return Encoder(response)
 
     def Infer(self, request: Received[pb.InferRequest]) -> Encoder[pb.InferResponse]:
+        request = self._with_handles(request)
         message = request.message
         call = observe.current()
         inference = self.engine.infer(
@@ -128,6 +149,7 @@ class TensorServicer:
             list(message.outputs),
             message.version,
             call.deadline if call is not None else None,
+            self._keeper() if message.keep else None,
         )
         if call is not None:
             call.batch = inference.batch
@@ -136,7 +158,9 @@ class TensorServicer:
         return encoder
 
     def Grad(self, request: Received[pb.GradRequest]) -> Encoder[pb.GradResponse]:
+        request = self._with_handles(request)
         message = request.message
+        export = self._keeper() if message.keep else as_array
         grad_outputs = request.named(message.grad_outputs, "grad_outputs")
         outcome: GradOutcome
         if message.WhichOneof("target") == "function":
@@ -145,8 +169,9 @@ class TensorServicer:
                     "param_grads needs a model; functions have no parameters"
                 )
             args, kwargs = request.arguments(message.args, message.kwargs)
+            _no_refs(args, kwargs)
             outcome = self.engine.grad_function(
-                message.function, args, kwargs, list(message.wrt), grad_outputs
+                message.function, args, kwargs, list(message.wrt), grad_outputs, export
             )
         else:
             outcome = self.engine.grad_model(
@@ -156,6 +181,7 @@ class TensorServicer:
                 grad_outputs,
                 message.param_grads,
                 message.model_version,
+                export,
             )
         encoder = Encoder(pb.GradResponse())
         response = encoder.message
@@ -165,9 +191,12 @@ class TensorServicer:
         return encoder
 
     def Call(self, request: Received[pb.CallRequest]) -> Encoder[pb.CallResponse]:
+        request = self._with_handles(request)
         message = request.message
         args, kwargs = request.arguments(message.args, message.kwargs)
-        outputs = self.engine.call(message.function, args, kwargs)
+        _no_refs(args, kwargs)
+        export = self._keeper() if message.keep else as_array
+        outputs = self.engine.call(message.function, args, kwargs, export)
         encoder = Encoder(pb.CallResponse())
         _fill(encoder, encoder.message.outputs, outputs)
         return encoder
@@ -200,11 +229,220 @@ class TensorServicer:
         self._control.unload(message.model, message.version)
         return Encoder(pb.UnloadResponse())
 
+    # ------------------------------------------------------------------ sessions
+
+    def OpenSession(
+        self, request: Received[pb.OpenSessionRequest]
+    ) -> Encoder[pb.OpenSessionResponse]:
+        session = self.sessions.open(_caller())
+        return Encoder(
+            pb.OpenSessionResponse(
+                session=session.id, quota_bytes=session.quota, ttl_seconds=session.ttl
+            )
+        )
+
+    def CloseSession(
+        self, request: Received[pb.CloseSessionRequest]
+    ) -> Encoder[pb.CloseSessionResponse]:
+        freed = self.sessions.close(self._session())
+        return Encoder(pb.CloseSessionResponse(freed_bytes=freed))
+
+    def DescribeSession(
+        self, request: Received[pb.DescribeSessionRequest]
+    ) -> Encoder[pb.DescribeSessionResponse]:
+        summary = self._session().summary()
+        encoder = Encoder(
+            pb.DescribeSessionResponse(
+                session=summary.id,
+                trainers=summary.trainers,
+                bytes=summary.bytes,
+                quota_bytes=summary.quota,
+                ttl_seconds=summary.ttl,
+            )
+        )
+        for handle in summary.handles:
+            encoder.tensor(encoder.message.handles.add(), handle)
+        return encoder
+
+    def Put(self, request: Received[pb.PutRequest]) -> Encoder[pb.PutResponse]:
+        request = self._with_handles(request)
+        message = request.message
+        if not message.HasField("tensor"):
+            raise InvalidArgumentError("Put needs a tensor")
+        value = request.array(message.tensor, "tensor")
+        session = self._session()
+        with self.engine.device_guard("Put"):
+            tensor = to_device(value, self.engine.device)
+            if isinstance(value, torch.Tensor):
+                tensor = tensor.clone()  # a handle's copy, not a second name for it
+            handle = session.keep(tensor)
+        encoder = Encoder(pb.PutResponse())
+        encoder.tensor(encoder.message.tensor, handle)
+        return encoder
+
+    def Get(self, request: Received[pb.GetRequest]) -> Encoder[pb.GetResponse]:
+        handle = request.message.handle
+        tensor = self._session().tensor(handle, "Get")
+        with self.engine.device_guard("Get"):
+            array = as_array(handle, tensor)
+        encoder = Encoder(pb.GetResponse())
+        encoder.tensor(encoder.message.tensor, array)
+        return encoder
+
+    def Free(self, request: Received[pb.FreeRequest]) -> Encoder[pb.FreeResponse]:
+        freed = self._session().free(request.message.handles)
+        return Encoder(pb.FreeResponse(freed_bytes=freed))
+
+    def Run(self, request: Received[pb.RunRequest]) -> Encoder[pb.RunResponse]:
+        request = self._with_handles(request)
+        message = request.message
+        steps = []
+        for index, step in enumerate(message.steps):
+            name = step.name or f"s{index}"
+            args, kwargs = request.arguments(step.args, step.kwargs)
+            target = step.WhichOneof("target")
+            steps.append(
+                programs.Step(
+                    name,
+                    function=step.function if target == "function" else "",
+                    model=step.model if target == "model" else "",
+                    args=args,
+                    kwargs=kwargs,
+                    version=step.version,
+                )
+            )
+        program = programs.Program(
+            inputs=request.named(message.inputs, "input"),
+            steps=steps,
+            outputs=list(message.outputs),
+            loss=message.loss,
+            wrt=list(message.wrt),
+        )
+        export = self._keeper() if message.keep else as_array
+        outcome = programs.run(self.engine, program, export)
+        encoder = Encoder(pb.RunResponse())
+        _fill(encoder, encoder.message.outputs, outcome.outputs)
+        _fill(encoder, encoder.message.grads, outcome.grads)
+        return encoder
+
+    def CreateTrainer(
+        self, request: Received[pb.CreateTrainerRequest]
+    ) -> Encoder[pb.CreateTrainerResponse]:
+        message = request.message
+        session = self._session()
+        _, options = request.arguments([], message.optimizer.options)
+        _, loss_options = request.arguments([], message.loss_options)
+        _no_refs([], {**options, **loss_options})
+        engine = self.engine
+        copying = f"copying model {message.model!r} for training"
+        with (
+            engine.registry.using(message.model, message.version) as served,
+            engine.device_guard(copying),
+        ):
+            trainer = Trainer(
+                served.model,
+                served.instances[0].module,
+                engine.device,
+                message.optimizer.name or "sgd",
+                options,
+                message.loss,
+                {k: engine.torch_value(v) for k, v in loss_options.items()},
+            )
+        trainer_id = session.hold("trainer", trainer)
+        response = pb.CreateTrainerResponse(trainer=trainer_id, bytes=trainer.bytes)
+        for name, parameter in trainer.parameters:
+            response.parameters.append(
+                pb.TensorSpec(
+                    name=name,
+                    dtype=WIRE_BY_NAME[str(parameter.dtype).removeprefix("torch.")],  # type: ignore[arg-type]
+                    shape=parameter.shape,
+                )
+            )
+        return Encoder(response)
+
+    def Step(self, request: Received[pb.StepRequest]) -> Encoder[pb.StepResponse]:
+        request = self._with_handles(request)
+        message = request.message
+        session = self._session()
+        trainer = self._trainer(session, message.trainer)
+        if not message.HasField("target"):
+            raise InvalidArgumentError("Step needs a target")
+        inputs = request.named(message.inputs, "input")
+        target = request.array(message.target, "target")
+        loss, steps = training.step(self.engine, trainer, inputs, target, message.output)
+        session.resize(message.trainer, lambda: trainer.bytes)
+        return Encoder(pb.StepResponse(loss=loss, step=steps))
+
+    def Parameters(self, request: Received[pb.ParametersRequest]) -> Encoder[pb.ParametersResponse]:
+        message = request.message
+        session = self._session()
+        trainer = self._trainer(session, message.trainer)
+        with trainer.lock, self.engine.device_guard("Parameters"):
+            # Copies: a handle must not follow the parameter as training goes on.
+            state = [(n, t.clone() if message.keep else t) for n, t in trainer.state()]
+            export = self._keeper() if message.keep else as_array
+            exported = [(n, export(n, t)) for n, t in state]
+        encoder = Encoder(pb.ParametersResponse())
+        _fill(encoder, encoder.message.parameters, exported)
+        return encoder
+
+    def _session(self) -> Session:
+        """The session the call names; FAILED_PRECONDITION when it names none."""
+        call = observe.current()
+        if call is None or not call.session:
+            raise FailedPreconditionError(
+                f"this call needs a session: call OpenSession, then send its id as "
+                f"metadata {SESSION_KEY!r}"
+            )
+        return self.sessions.get(call.session, call.caller)
+
+    def _with_handles(self, request: Received[M]) -> Received[M]:
+        """``request`` decoding handles to the session's tensors (looked up on first use)."""
+        session: list[Session] = []
+
+        def resolve(handle: Handle, name: str) -> torch.Tensor:
+            if not session:
+                session.append(self._session())
+            return session[0].tensor(handle.id, name)
+
+        return replace(request, resolve=resolve)
+
+    def _keeper(self) -> Export:
+        """An Export that keeps results in the call's session as handles."""
+        session = self._session()
+        return lambda _name, tensor: session.keep(tensor)
+
+    @staticmethod
+    def _trainer(session: Session, trainer_id: str) -> Trainer:
+        trainer = session.holding(trainer_id, "trainer")
+        if not isinstance(trainer, Trainer):
+            raise NotFoundError(f"{shown(trainer_id)} is not a trainer")
+        return trainer
+
     @property
     def _control(self) -> ModelControl:
         if self.control is None:
             raise FailedPreconditionError("this server cannot load or unload models")
         return self.control
+
+
+def _caller() -> str:
+    call = observe.current()
+    return call.caller if call is not None else ""
+
+
+def _no_refs(args: list[Any], kwargs: dict[str, Any]) -> None:
+    """Refs name program values: outside Run they name nothing."""
+    if any(isinstance(v, Ref) for v in _flat([args, list(kwargs.values())])):
+        raise InvalidArgumentError("a ref argument is only valid inside a Run program")
+
+
+def _flat(value: Any) -> Iterator[Any]:
+    if isinstance(value, list):
+        for item in value:
+            yield from _flat(item)
+    else:
+        yield value
 
 
 def _model_info(entry: ModelEntry) -> pb.ModelInfo:

@@ -49,6 +49,15 @@ class Settings:
     log_format: str = "text"
     #: Port of the Prometheus metrics endpoint (HTTP, on ``host``); none: no endpoint.
     metrics_port: int | None = None
+    #: Port of a second, plain-text listener on ``host`` that answers only the gRPC
+    #: health service's Check, for probes that cannot speak TLS or send tokens
+    #: (Kubernetes' gRPC probes, a container's HEALTHCHECK); none: health is asked on
+    #: ``port`` only. It tells SERVING or NOT_SERVING and nothing else.
+    health_port: int | None = None
+    #: Seconds after which the server asks a client to reconnect (HTTP/2 GOAWAY; calls
+    #: in flight finish): clients balancing over a DNS name then resolve it again and
+    #: find replicas added since. None: connections last as long as clients keep them.
+    max_connection_age: float | None = None
 
     # Transport security and authentication (docs/security.md).
     #: PEM certificate chain and private key files: serve TLS.
@@ -78,6 +87,15 @@ class Settings:
     #: Seconds in-flight requests get to finish after SIGTERM.
     shutdown_grace: float = 30.0
 
+    # Sessions: tensors and trainers kept on the server between calls (README,
+    # "Remote tensors and training").
+    #: Bytes of device memory one session's tensors and trainers may hold.
+    session_quota_bytes: int = 4 << 30
+    #: Seconds a session may go unused before its tensors and trainers are freed.
+    session_ttl: float = 600.0
+    #: Sessions open at once; more get RESOURCE_EXHAUSTED.
+    max_sessions: int = 64
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, replaced by TENSORWIRE_* variables, replaced by non-None overrides."""
@@ -99,6 +117,9 @@ class Settings:
             "max_stream_seconds",
             "default_deadline",
             "workers",
+            "session_quota_bytes",
+            "session_ttl",
+            "max_sessions",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -107,6 +128,8 @@ class Settings:
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
         if self.model_control not in ("none", "explicit"):
             raise ValueError(f"model_control must be none or explicit, not {self.model_control!r}")
+        if self.max_connection_age is not None and self.max_connection_age <= 0:
+            raise ValueError(f"max_connection_age must be positive, not {self.max_connection_age}")
         if self.shutdown_grace < 0:
             raise ValueError(f"shutdown_grace must not be negative, not {self.shutdown_grace}")
 

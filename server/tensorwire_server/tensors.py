@@ -46,10 +46,13 @@ def from_numpy(arr: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(arr)
 
 
-def to_device(arr: np.ndarray, device: torch.device) -> torch.Tensor:
+def to_device(arr: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
     """``arr`` as a tensor on ``device``: no copy on the CPU; on CUDA, the copy a
     streamed request already made (staging), else staged through pinned memory so the
-    host-to-device copy runs asynchronously."""
+    host-to-device copy runs asynchronously. A tensor (one a session holds) moves
+    only if it is on another device."""
+    if isinstance(arr, torch.Tensor):
+        return arr.to(device)
     host = from_numpy(arr)
     if device.type != "cuda":
         return host

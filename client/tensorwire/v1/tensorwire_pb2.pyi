@@ -43,14 +43,16 @@ DTYPE_UINT32: DType
 DTYPE_UINT64: DType
 
 class Tensor(_message.Message):
-    __slots__ = ("dtype", "shape", "data")
+    __slots__ = ("dtype", "shape", "data", "handle")
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     data: bytes
-    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
+    handle: str
+    def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ..., handle: _Optional[str] = ...) -> None: ...
 
 class NamedTensor(_message.Message):
     __slots__ = ("name", "tensor")
@@ -61,7 +63,7 @@ class NamedTensor(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Value(_message.Message):
-    __slots__ = ("tensor", "bool_value", "int_value", "float_value", "string_value", "list_value", "none_value")
+    __slots__ = ("tensor", "bool_value", "int_value", "float_value", "string_value", "list_value", "none_value", "ref")
     TENSOR_FIELD_NUMBER: _ClassVar[int]
     BOOL_VALUE_FIELD_NUMBER: _ClassVar[int]
     INT_VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +71,7 @@ class Value(_message.Message):
     STRING_VALUE_FIELD_NUMBER: _ClassVar[int]
     LIST_VALUE_FIELD_NUMBER: _ClassVar[int]
     NONE_VALUE_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
     tensor: Tensor
     bool_value: bool
     int_value: int
@@ -76,7 +79,8 @@ class Value(_message.Message):
     string_value: str
     list_value: ValueList
     none_value: bool
-    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., none_value: _Optional[bool] = ...) -> None: ...
+    ref: str
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., none_value: _Optional[bool] = ..., ref: _Optional[str] = ...) -> None: ...
 
 class ValueList(_message.Message):
     __slots__ = ("values",)
@@ -208,30 +212,52 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("server_version", "torch_version", "device", "models", "functions")
+    __slots__ = ("server_version", "torch_version", "device", "models", "functions", "sessions")
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     MODELS_FIELD_NUMBER: _ClassVar[int]
     FUNCTIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     server_version: str
     torch_version: str
     device: DeviceInfo
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
     functions: _containers.RepeatedCompositeFieldContainer[FunctionInfo]
-    def __init__(self, server_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionInfo, _Mapping]]] = ...) -> None: ...
+    sessions: SessionsSummary
+    def __init__(self, server_version: _Optional[str] = ..., torch_version: _Optional[str] = ..., device: _Optional[_Union[DeviceInfo, _Mapping]] = ..., models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., functions: _Optional[_Iterable[_Union[FunctionInfo, _Mapping]]] = ..., sessions: _Optional[_Union[SessionsSummary, _Mapping]] = ...) -> None: ...
+
+class SessionsSummary(_message.Message):
+    __slots__ = ("count", "bytes", "quota_bytes", "ttl_seconds", "max_sessions", "losses", "optimizers")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    LOSSES_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZERS_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    bytes: int
+    quota_bytes: int
+    ttl_seconds: float
+    max_sessions: int
+    losses: _containers.RepeatedScalarFieldContainer[str]
+    optimizers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, count: _Optional[int] = ..., bytes: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., ttl_seconds: _Optional[float] = ..., max_sessions: _Optional[int] = ..., losses: _Optional[_Iterable[str]] = ..., optimizers: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class InferRequest(_message.Message):
-    __slots__ = ("model", "inputs", "outputs", "version")
+    __slots__ = ("model", "inputs", "outputs", "version", "keep")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     model: str
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     outputs: _containers.RepeatedScalarFieldContainer[str]
     version: int
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ...) -> None: ...
+    keep: bool
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class InferResponse(_message.Message):
     __slots__ = ("model", "outputs", "version")
@@ -244,7 +270,7 @@ class InferResponse(_message.Message):
     def __init__(self, model: _Optional[str] = ..., outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class GradRequest(_message.Message):
-    __slots__ = ("model", "function", "inputs", "args", "kwargs", "wrt", "grad_outputs", "param_grads", "model_version")
+    __slots__ = ("model", "function", "inputs", "args", "kwargs", "wrt", "grad_outputs", "param_grads", "model_version", "keep")
     class KwargsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +287,7 @@ class GradRequest(_message.Message):
     GRAD_OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PARAM_GRADS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     model: str
     function: str
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
@@ -270,7 +297,8 @@ class GradRequest(_message.Message):
     grad_outputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     param_grads: bool
     model_version: int
-    def __init__(self, model: _Optional[str] = ..., function: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., wrt: _Optional[_Iterable[str]] = ..., grad_outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., param_grads: _Optional[bool] = ..., model_version: _Optional[int] = ...) -> None: ...
+    keep: bool
+    def __init__(self, model: _Optional[str] = ..., function: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., wrt: _Optional[_Iterable[str]] = ..., grad_outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., param_grads: _Optional[bool] = ..., model_version: _Optional[int] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class GradResponse(_message.Message):
     __slots__ = ("outputs", "grads", "param_grads")
@@ -283,7 +311,7 @@ class GradResponse(_message.Message):
     def __init__(self, outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., param_grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class CallRequest(_message.Message):
-    __slots__ = ("function", "args", "kwargs")
+    __slots__ = ("function", "args", "kwargs", "keep")
     class KwargsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -294,10 +322,12 @@ class CallRequest(_message.Message):
     FUNCTION_FIELD_NUMBER: _ClassVar[int]
     ARGS_FIELD_NUMBER: _ClassVar[int]
     KWARGS_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     function: str
     args: _containers.RepeatedCompositeFieldContainer[Value]
     kwargs: _containers.MessageMap[str, Value]
-    def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ...) -> None: ...
+    keep: bool
+    def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class CallResponse(_message.Message):
     __slots__ = ("outputs",)
@@ -390,3 +420,242 @@ class CallResponsePart(_message.Message):
     header: CallResponse
     chunk: bytes
     def __init__(self, header: _Optional[_Union[CallResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class OpenSessionRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OpenSessionResponse(_message.Message):
+    __slots__ = ("session", "quota_bytes", "ttl_seconds")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    quota_bytes: int
+    ttl_seconds: float
+    def __init__(self, session: _Optional[str] = ..., quota_bytes: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class CloseSessionRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CloseSessionResponse(_message.Message):
+    __slots__ = ("freed_bytes",)
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    freed_bytes: int
+    def __init__(self, freed_bytes: _Optional[int] = ...) -> None: ...
+
+class DescribeSessionRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class DescribeSessionResponse(_message.Message):
+    __slots__ = ("session", "handles", "trainers", "bytes", "quota_bytes", "ttl_seconds")
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    TRAINERS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUOTA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session: str
+    handles: _containers.RepeatedCompositeFieldContainer[Tensor]
+    trainers: _containers.RepeatedScalarFieldContainer[str]
+    bytes: int
+    quota_bytes: int
+    ttl_seconds: float
+    def __init__(self, session: _Optional[str] = ..., handles: _Optional[_Iterable[_Union[Tensor, _Mapping]]] = ..., trainers: _Optional[_Iterable[str]] = ..., bytes: _Optional[int] = ..., quota_bytes: _Optional[int] = ..., ttl_seconds: _Optional[float] = ...) -> None: ...
+
+class PutRequest(_message.Message):
+    __slots__ = ("tensor",)
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class PutResponse(_message.Message):
+    __slots__ = ("tensor",)
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class GetRequest(_message.Message):
+    __slots__ = ("handle",)
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    handle: str
+    def __init__(self, handle: _Optional[str] = ...) -> None: ...
+
+class GetResponse(_message.Message):
+    __slots__ = ("tensor",)
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    tensor: Tensor
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class FreeRequest(_message.Message):
+    __slots__ = ("handles",)
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    handles: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, handles: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FreeResponse(_message.Message):
+    __slots__ = ("freed_bytes",)
+    FREED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    freed_bytes: int
+    def __init__(self, freed_bytes: _Optional[int] = ...) -> None: ...
+
+class ProgramStep(_message.Message):
+    __slots__ = ("name", "function", "model", "args", "kwargs", "version")
+    class KwargsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FUNCTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    KWARGS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    function: str
+    model: str
+    args: _containers.RepeatedCompositeFieldContainer[Value]
+    kwargs: _containers.MessageMap[str, Value]
+    version: int
+    def __init__(self, name: _Optional[str] = ..., function: _Optional[str] = ..., model: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., version: _Optional[int] = ...) -> None: ...
+
+class RunRequest(_message.Message):
+    __slots__ = ("inputs", "steps", "outputs", "loss", "wrt", "keep")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    WRT_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    steps: _containers.RepeatedCompositeFieldContainer[ProgramStep]
+    outputs: _containers.RepeatedScalarFieldContainer[str]
+    loss: str
+    wrt: _containers.RepeatedScalarFieldContainer[str]
+    keep: bool
+    def __init__(self, inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[ProgramStep, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., keep: _Optional[bool] = ...) -> None: ...
+
+class RunResponse(_message.Message):
+    __slots__ = ("outputs", "grads")
+    OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    GRADS_FIELD_NUMBER: _ClassVar[int]
+    outputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    grads: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class Optimizer(_message.Message):
+    __slots__ = ("name", "options")
+    class OptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    options: _containers.MessageMap[str, Value]
+    def __init__(self, name: _Optional[str] = ..., options: _Optional[_Mapping[str, Value]] = ...) -> None: ...
+
+class CreateTrainerRequest(_message.Message):
+    __slots__ = ("model", "version", "optimizer", "loss", "loss_options")
+    class LossOptionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    version: int
+    optimizer: Optimizer
+    loss: str
+    loss_options: _containers.MessageMap[str, Value]
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., optimizer: _Optional[_Union[Optimizer, _Mapping]] = ..., loss: _Optional[str] = ..., loss_options: _Optional[_Mapping[str, Value]] = ...) -> None: ...
+
+class CreateTrainerResponse(_message.Message):
+    __slots__ = ("trainer", "parameters", "bytes")
+    TRAINER_FIELD_NUMBER: _ClassVar[int]
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    trainer: str
+    parameters: _containers.RepeatedCompositeFieldContainer[TensorSpec]
+    bytes: int
+    def __init__(self, trainer: _Optional[str] = ..., parameters: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class StepRequest(_message.Message):
+    __slots__ = ("trainer", "inputs", "target", "output")
+    TRAINER_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    trainer: str
+    inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    target: Tensor
+    output: str
+    def __init__(self, trainer: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., target: _Optional[_Union[Tensor, _Mapping]] = ..., output: _Optional[str] = ...) -> None: ...
+
+class StepResponse(_message.Message):
+    __slots__ = ("loss", "step")
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    loss: float
+    step: int
+    def __init__(self, loss: _Optional[float] = ..., step: _Optional[int] = ...) -> None: ...
+
+class ParametersRequest(_message.Message):
+    __slots__ = ("trainer", "keep")
+    TRAINER_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    trainer: str
+    keep: bool
+    def __init__(self, trainer: _Optional[str] = ..., keep: _Optional[bool] = ...) -> None: ...
+
+class ParametersResponse(_message.Message):
+    __slots__ = ("parameters",)
+    PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    parameters: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+
+class PutRequestPart(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PutRequest
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[PutRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class PutResponsePart(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: PutResponse
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[PutResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class GetRequestPart(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: GetRequest
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[GetRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class GetResponsePart(_message.Message):
+    __slots__ = ("header", "chunk")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    header: GetResponse
+    chunk: bytes
+    def __init__(self, header: _Optional[_Union[GetResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...

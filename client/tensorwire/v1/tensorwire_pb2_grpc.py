@@ -86,6 +86,66 @@ class TensorServiceStub:
                 request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.UnloadRequest.SerializeToString,
                 response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.UnloadResponse.FromString,
                 _registered_method=True)
+        self.OpenSession = channel.unary_unary(
+                '/tensorwire.v1.TensorService/OpenSession',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.OpenSessionRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.OpenSessionResponse.FromString,
+                _registered_method=True)
+        self.CloseSession = channel.unary_unary(
+                '/tensorwire.v1.TensorService/CloseSession',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.CloseSessionRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.CloseSessionResponse.FromString,
+                _registered_method=True)
+        self.DescribeSession = channel.unary_unary(
+                '/tensorwire.v1.TensorService/DescribeSession',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.DescribeSessionRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.DescribeSessionResponse.FromString,
+                _registered_method=True)
+        self.Put = channel.unary_unary(
+                '/tensorwire.v1.TensorService/Put',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.PutRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.PutResponse.FromString,
+                _registered_method=True)
+        self.PutStream = channel.stream_stream(
+                '/tensorwire.v1.TensorService/PutStream',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.PutRequestPart.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.PutResponsePart.FromString,
+                _registered_method=True)
+        self.Get = channel.unary_unary(
+                '/tensorwire.v1.TensorService/Get',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.GetRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.GetResponse.FromString,
+                _registered_method=True)
+        self.GetStream = channel.stream_stream(
+                '/tensorwire.v1.TensorService/GetStream',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.GetRequestPart.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.GetResponsePart.FromString,
+                _registered_method=True)
+        self.Free = channel.unary_unary(
+                '/tensorwire.v1.TensorService/Free',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.FreeRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.FreeResponse.FromString,
+                _registered_method=True)
+        self.Run = channel.unary_unary(
+                '/tensorwire.v1.TensorService/Run',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.RunRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.RunResponse.FromString,
+                _registered_method=True)
+        self.CreateTrainer = channel.unary_unary(
+                '/tensorwire.v1.TensorService/CreateTrainer',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.CreateTrainerRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.CreateTrainerResponse.FromString,
+                _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/tensorwire.v1.TensorService/Step',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.StepRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.StepResponse.FromString,
+                _registered_method=True)
+        self.Parameters = channel.unary_unary(
+                '/tensorwire.v1.TensorService/Parameters',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.ParametersRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.ParametersResponse.FromString,
+                _registered_method=True)
 
 
 class TensorServiceServicer:
@@ -198,6 +258,110 @@ class TensorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenSession(self, request, context):
+        """--- Remote tensors: sessions, handles, programs and training.
+
+        A session is a space on the server where tensors stay between calls. A call
+        names its session in the metadata key "x-tensorwire-session". A session belongs
+        to the token that opened it (when the server checks tokens): any other caller
+        gets NOT_FOUND for it and its handles. It lasts until CloseSession, or until no
+        call has used it for its idle TTL; then every tensor and trainer in it is freed.
+        Its tensors and trainers together may hold at most its quota of device memory:
+        past that, RESOURCE_EXHAUSTED naming the quota. An unknown or freed handle,
+        or a call naming an unknown or expired session, is NOT_FOUND.
+
+        Every request tensor may be a handle instead of data (Tensor.handle), and Infer,
+        Grad, Call and Run return their outputs as new handles when asked to (keep).
+
+        OpenSession starts a session and returns its id, quota and idle TTL.
+        RESOURCE_EXHAUSTED when the server holds its maximum number of sessions.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseSession(self, request, context):
+        """CloseSession frees every tensor and trainer of the session named in the
+        metadata and ends it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeSession(self, request, context):
+        """DescribeSession reports the session's handles, trainers and memory.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Put(self, request, context):
+        """Put stores a tensor in the session on the server's device and returns its handle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutStream(self, request_iterator, context):
+        """PutStream is Put for a tensor of any size; see InferStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Get(self, request, context):
+        """Get returns the data of a handle.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStream(self, request_iterator, context):
+        """GetStream is Get for a tensor of any size; see InferStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Free(self, request, context):
+        """Free releases handles and trainers. NOT_FOUND names the first that is not in
+        the session; the others are freed all the same.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Run(self, request, context):
+        """Run runs a program: a short list of Call functions and models whose arguments
+        name the program's inputs and earlier steps' outputs, and optionally the
+        gradient of a final scalar with respect to chosen inputs, in one round trip.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateTrainer(self, request, context):
+        """CreateTrainer makes a trainable copy of a model in the session, with an
+        optimizer and a loss from the allowlists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Step(self, request, context):
+        """Step runs one training step: forward, loss, backward, optimizer step.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Parameters(self, request, context):
+        """Parameters returns a trainer's parameters (and buffers) by qualified name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TensorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -250,6 +414,66 @@ def add_TensorServiceServicer_to_server(servicer, server):
                     servicer.Unload,
                     request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.UnloadRequest.FromString,
                     response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.UnloadResponse.SerializeToString,
+            ),
+            'OpenSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSession,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.OpenSessionRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.OpenSessionResponse.SerializeToString,
+            ),
+            'CloseSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseSession,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.CloseSessionRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.CloseSessionResponse.SerializeToString,
+            ),
+            'DescribeSession': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeSession,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.DescribeSessionRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.DescribeSessionResponse.SerializeToString,
+            ),
+            'Put': grpc.unary_unary_rpc_method_handler(
+                    servicer.Put,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.PutRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.PutResponse.SerializeToString,
+            ),
+            'PutStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.PutStream,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.PutRequestPart.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.PutResponsePart.SerializeToString,
+            ),
+            'Get': grpc.unary_unary_rpc_method_handler(
+                    servicer.Get,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.GetRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.GetResponse.SerializeToString,
+            ),
+            'GetStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.GetStream,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.GetRequestPart.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.GetResponsePart.SerializeToString,
+            ),
+            'Free': grpc.unary_unary_rpc_method_handler(
+                    servicer.Free,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.FreeRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.FreeResponse.SerializeToString,
+            ),
+            'Run': grpc.unary_unary_rpc_method_handler(
+                    servicer.Run,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.RunRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.RunResponse.SerializeToString,
+            ),
+            'CreateTrainer': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateTrainer,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.CreateTrainerRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.CreateTrainerResponse.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.StepRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.StepResponse.SerializeToString,
+            ),
+            'Parameters': grpc.unary_unary_rpc_method_handler(
+                    servicer.Parameters,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.ParametersRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.ParametersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -524,6 +748,330 @@ class TensorService:
             '/tensorwire.v1.TensorService/Unload',
             tensorwire_dot_v1_dot_tensorwire__pb2.UnloadRequest.SerializeToString,
             tensorwire_dot_v1_dot_tensorwire__pb2.UnloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/OpenSession',
+            tensorwire_dot_v1_dot_tensorwire__pb2.OpenSessionRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.OpenSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/CloseSession',
+            tensorwire_dot_v1_dot_tensorwire__pb2.CloseSessionRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.CloseSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeSession(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/DescribeSession',
+            tensorwire_dot_v1_dot_tensorwire__pb2.DescribeSessionRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.DescribeSessionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Put(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/Put',
+            tensorwire_dot_v1_dot_tensorwire__pb2.PutRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.PutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tensorwire.v1.TensorService/PutStream',
+            tensorwire_dot_v1_dot_tensorwire__pb2.PutRequestPart.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.PutResponsePart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Get(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/Get',
+            tensorwire_dot_v1_dot_tensorwire__pb2.GetRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.GetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tensorwire.v1.TensorService/GetStream',
+            tensorwire_dot_v1_dot_tensorwire__pb2.GetRequestPart.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.GetResponsePart.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Free(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/Free',
+            tensorwire_dot_v1_dot_tensorwire__pb2.FreeRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.FreeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Run(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/Run',
+            tensorwire_dot_v1_dot_tensorwire__pb2.RunRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.RunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateTrainer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/CreateTrainer',
+            tensorwire_dot_v1_dot_tensorwire__pb2.CreateTrainerRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.CreateTrainerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/Step',
+            tensorwire_dot_v1_dot_tensorwire__pb2.StepRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.StepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Parameters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/Parameters',
+            tensorwire_dot_v1_dot_tensorwire__pb2.ParametersRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.ParametersResponse.FromString,
             options,
             channel_credentials,
             insecure,
