@@ -183,7 +183,7 @@ def test_backoff_is_full_jitter_below_a_capped_exponential() -> None:
     assert backoff(3, rand=lambda: 0.0) == 0.0
     assert backoff(10**6, rand=lambda: 1.0) == BACKOFF_MAX  # no overflow
     assert all(0 <= backoff(4) <= 0.4 for _ in range(100))
-    assert set(RETRY_CODES) == {grpc.StatusCode.UNAVAILABLE}
+    assert set(RETRY_CODES) == {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
 
 
 def test_every_service_method_declares_whether_it_may_be_sent_again() -> None:
@@ -218,6 +218,16 @@ def test_unavailable_is_retried_until_the_server_answers(run: Run, scripted: Scr
 
 
 @both_clients
+def test_a_call_a_stopping_server_cancels_is_sent_again(run: Run, scripted: Scripted) -> None:
+    scripted.fail("Info", grpc.StatusCode.CANCELLED, grpc.StatusCode.CANCELLED)
+    assert run(scripted.address, "info", timeout=10).server_version == ""
+    assert scripted.calls["Info"] == 3
+    scripted.fail("Info", always=grpc.StatusCode.CANCELLED)
+    with pytest.raises(tw.CancelledError, match="scripted CANCELLED"):
+        run(scripted.address, "info", timeout=10, retries=2)
+
+
+@both_clients
 def test_retries_stop_after_the_count_with_an_error_naming_the_target(
     run: Run, scripted: Scripted
 ) -> None:
@@ -244,7 +254,6 @@ def test_retries_stop_after_the_count_with_an_error_naming_the_target(
         (grpc.StatusCode.UNKNOWN, tw.InternalError),
         (grpc.StatusCode.DEADLINE_EXCEEDED, tw.DeadlineExceededError),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, tw.ResourceExhaustedError),
-        (grpc.StatusCode.CANCELLED, tw.CancelledError),
         (grpc.StatusCode.UNAUTHENTICATED, tw.UnauthenticatedError),
         (grpc.StatusCode.PERMISSION_DENIED, tw.PermissionDeniedError),
         (grpc.StatusCode.ABORTED, tw.UnavailableError),  # shares the class, not the retry

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import trustme
 
-from tensorwire import AsyncClient, CancelledError, Client, UnavailableError
+from tensorwire import AsyncClient, Client, UnavailableError
 from tensorwire.targets import ROUND_ROBIN, Target, parse_target, pinned, replicas
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
@@ -110,9 +110,7 @@ def test_a_policy_in_the_callers_options_replaces_round_robin(three: Replicas) -
 
 def test_a_replica_that_stops_mid_run_fails_no_call_the_retries_cover(three: Replicas) -> None:
     """One replica drains (SIGTERM's path), another vanishes at once: every call they
-    refuse or drop (UNAVAILABLE) is sent again to a live one. What gRPC itself may do
-    in the instant a server shuts down, cancel a call it had not yet handed to the
-    server (CANCELLED, which is never retried), is all that may fail, and seldom."""
+    refuse (UNAVAILABLE) or drop in flight (CANCELLED) is sent again to a live one."""
     failures: list[BaseException] = []
     done = [0]
     stop = threading.Event()
@@ -140,9 +138,7 @@ def test_a_replica_that_stops_mid_run_fails_no_call_the_retries_cover(three: Rep
             stop.set()
             for thread in threads:
                 thread.join(30)
-    assert all(isinstance(f, CancelledError) for f in failures), failures
-    assert len(failures) <= 2, failures
-    assert done[0] > 100 * len(failures)
+    assert not failures, failures
     assert done[0] - before > 20  # the last replica carried on alone
     assert three.served()[2] > 0
 

@@ -126,10 +126,13 @@ STREAMED: Final = tuple(name for name, spec in METHODS.items() if spec.streamed)
 DEFAULT_STREAM_THRESHOLD: Final = 2 << 20
 
 #: The status codes worth another attempt. UNAVAILABLE means no server took the call
-#: (refused, reset, starting up, draining); every other status is an answer (a bad
-#: request, no memory) or the caller's own limit (DEADLINE_EXCEEDED, CANCELLED), which
-#: sending again would not change.
-RETRY_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE})
+#: (refused, reset, starting up, draining). CANCELLED reaches a client only from the
+#: other end: a server (or gRPC inside it) stopping with the call in flight. The
+#: client's own cancellations never come back as a status (asyncio raises
+#: CancelledError; a closed client raises RuntimeError). Every other status is an
+#: answer (a bad request, no memory) or the caller's own limit (DEADLINE_EXCEEDED),
+#: which sending again would not change.
+RETRY_CODES: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED})
 
 #: Seconds ``close`` waits for CloseSession, and a check for a lost session waits.
 SESSION_CALL_TIMEOUT: Final = 2.0
