@@ -13,38 +13,17 @@ from __future__ import annotations
 
 import argparse
 import platform
-import re
-import subprocess
-import sys
-import threading
 import time
 from typing import Any
 
 import numpy as np
+from batching import start_server  # benchmarks/ is the script's folder: on sys.path
 
 import tensorwire as tw
 
 # Cheap elementwise steps, so the chain measures movement rather than arithmetic;
 # each maps [-1, 1] into itself so the values stay finite over any number of steps.
 CHAIN = (("tanh", ()), ("mul", (0.5,)), ("sin", ()), ("neg", ()), ("tanh", ()))
-
-
-def start_server(device: str) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorwire_server", "--port", "0", "--device", device],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    address = ""
-    for line in proc.stderr:
-        if match := re.search(r"listening on (\S+)", line):
-            address = match.group(1)
-        if "server serving" in line:
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
-            return proc, address
-    raise RuntimeError("the server did not start")
 
 
 def step(index: int) -> tuple[str, tuple[Any, ...]]:
@@ -94,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     n = args.mib * (1 << 20) // 4
     x = np.random.default_rng(0).uniform(-1, 1, n).astype(np.float32)
-    proc, address = start_server(args.device)
+    proc, address = start_server(args.device, batching=True)
     try:
         with tw.Client(address, timeout=600) as client:
             shipping(client, x[: 1 << 20], 2)  # warm-up: connections, allocator

@@ -6,7 +6,7 @@ import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Generic, NoReturn, Self, TypeVar
 
 import numpy as np
 
@@ -25,6 +25,48 @@ if TYPE_CHECKING:
 MAX_STEPS: Final = 64
 
 T = TypeVar("T")
+
+
+class _Freed:
+    """Freed on the server by ``free()``, or when its ``with`` block ends."""
+
+    _client: Client
+
+    def free(self) -> None:
+        """Release it on the server; freeing twice is harmless."""
+        self._client.free(self)  # type: ignore[arg-type]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.free()
+
+
+class _AsyncFreed:
+    """Freed on the server by ``await free()``, or when its ``async with`` block ends."""
+
+    _client: AsyncClient
+
+    async def free(self) -> None:
+        """Release it on the server; freeing twice is harmless."""
+        await self._client.free(self)  # type: ignore[arg-type]
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.free()
 
 
 class _RemoteTensor(Held):
@@ -77,7 +119,7 @@ class _RemoteTensor(Held):
         return self.size * self.dtype.itemsize
 
 
-class RemoteTensor(_RemoteTensor):
+class RemoteTensor(_Freed, _RemoteTensor):
     """A tensor held on the server in the client's session: ``Client.put`` makes one,
     and ``keep=True`` returns results as them. Pass it wherever a call takes an array;
     ``numpy()`` fetches its data. ``free()`` (or the end of a ``with`` block) releases
@@ -89,23 +131,8 @@ class RemoteTensor(_RemoteTensor):
         """Its data, fetched from the server."""
         return self._client._get(self, timeout)
 
-    def free(self) -> None:
-        """Release it on the server; freeing twice is harmless."""
-        self._client.free(self)
 
-    def __enter__(self) -> RemoteTensor:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.free()
-
-
-class AsyncRemoteTensor(_RemoteTensor):
+class AsyncRemoteTensor(_AsyncFreed, _RemoteTensor):
     """The AsyncClient's RemoteTensor: ``await t.numpy()``, ``await t.free()``,
     ``async with``."""
 
@@ -114,21 +141,6 @@ class AsyncRemoteTensor(_RemoteTensor):
     async def numpy(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> np.ndarray:
         """Its data, fetched from the server."""
         return await self._client._get(self, timeout)
-
-    async def free(self) -> None:
-        """Release it on the server; freeing twice is harmless."""
-        await self._client.free(self)
-
-    async def __aenter__(self) -> AsyncRemoteTensor:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.free()
 
 
 @dataclass(frozen=True)
@@ -342,7 +354,7 @@ class _Trainer(Held):
         }
 
 
-class Trainer(_Trainer):
+class Trainer(_Freed, _Trainer):
     """A trainable copy of a model in the client's session (``Client.trainer``), with
     its optimizer and loss; ``step`` runs one training step on a batch. ``free()`` (or
     the end of a ``with`` block) releases it; one garbage collected is released on the
@@ -372,23 +384,8 @@ class Trainer(_Trainer):
         with the model, optimizer, loss and step count as its metadata."""
         safetensors.save(path, self.parameters(timeout=timeout), self._metadata())
 
-    def free(self) -> None:
-        """Release it on the server; freeing twice is harmless."""
-        self._client.free(self)
 
-    def __enter__(self) -> Trainer:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.free()
-
-
-class AsyncTrainer(_Trainer):
+class AsyncTrainer(_AsyncFreed, _Trainer):
     """The AsyncClient's Trainer: ``await`` its ``step``, ``parameters``, ``save`` and
     ``free``; ``async with``."""
 
@@ -414,21 +411,6 @@ class AsyncTrainer(_Trainer):
     ) -> None:
         """See ``Trainer.save``."""
         safetensors.save(path, await self.parameters(timeout=timeout), self._metadata())
-
-    async def free(self) -> None:
-        """Release it on the server; freeing twice is harmless."""
-        await self._client.free(self)
-
-    async def __aenter__(self) -> AsyncTrainer:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.free()
 
 
 __all__ = [
