@@ -178,9 +178,9 @@ def test_unreachable_server_names_the_target() -> None:
 
 
 def test_status_messages_are_clipped_to_travel() -> None:
-    from tensorwire_server.servicer import _clip
+    from tensorwire_server.servicer import clip
 
-    assert _clip("short") == "short"
+    assert clip("short") == "short"
     long = "é" * 5000  # 10 000 bytes of UTF-8
-    clipped = _clip(long)
+    clipped = clip(long)
     assert len(clipped.encode()) < 2100 and clipped.endswith("... (5000 characters)")

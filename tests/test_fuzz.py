@@ -700,7 +700,7 @@ def _all_fields(
     """Every field at every depth, guessing that length-delimited bodies are messages."""
     view = memoryview(raw)
     try:
-        fields = list(_framing._fields(view, start, end))
+        fields = list(_framing.fields(view, start, end))
     except Exception:
         return
     for _, wire_type, s, b, e in fields:

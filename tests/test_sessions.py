@@ -359,6 +359,7 @@ def test_owned_copies_borrowed_buffers_and_small_views() -> None:
     frozen = np.frombuffer(b"\x00" * 64, dtype=np.float32)
     borrowed = torch.from_numpy(frozen.copy())  # numpy-backed storage is not resizable
     assert owned(borrowed).untyped_storage().data_ptr() != borrowed.data_ptr()
+    assert owned(borrowed, private=True).data_ptr() == borrowed.data_ptr()
     big = torch.zeros(1000)
     assert owned(big[:10]).untyped_storage().nbytes() == 40
     assert owned(big).data_ptr() == big.data_ptr()

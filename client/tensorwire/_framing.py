@@ -90,7 +90,7 @@ def _read_varint(buf: memoryview, pos: int, end: int, limit: int = 10) -> tuple[
         shift += 7
 
 
-def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+def fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
     """Walk the fields of the message in ``buf[start:end]``: for each, its number, where
     it starts, where its key (and for a length-delimited field, its length) ends, and
     where it ends. Only length-delimited fields (wire type 2) have a body between the
@@ -118,7 +118,7 @@ def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, i
         yield number, wire_type, field_start, body, pos
 
 
-def _length_prefixed(number: int, body: Buffer) -> list[Buffer]:
+def length_prefixed(number: int, body: Buffer) -> list[Buffer]:
     """Field ``number`` (wire type 2) holding ``body``, as pieces to join."""
     return [_varint(number << 3 | 2), _varint(memoryview(body).nbytes), body]
 
@@ -141,7 +141,7 @@ def _reframe(
     total = 0
     run = start  # where the current stretch of untouched fields began
     swapped_data = False
-    for number, wire_type, field_start, body, field_end in _fields(buf, start, end):
+    for number, wire_type, field_start, body, field_end in fields(buf, start, end):
         if wire_type != 2:
             continue
         swapped = is_tensor and number == _DATA
@@ -153,7 +153,7 @@ def _reframe(
         pieces: list[Buffer]
         if swapped:
             swapped_data = True
-            pieces = _length_prefixed(number, swap(buf[body:field_end]))
+            pieces = length_prefixed(number, swap(buf[body:field_end]))
         else:
             inner: list[Buffer] = []
             size = _reframe(buf, body, field_end, carriers[number], swap, inner, depth + 1)
@@ -167,7 +167,7 @@ def _reframe(
     if is_tensor and not swapped_data:
         # proto3 writers leave an empty data field out; it is a (zero-byte) payload
         # all the same, so it is swapped like one and counts in a stream's order.
-        pieces = _length_prefixed(_DATA, swap(memoryview(b"")))
+        pieces = length_prefixed(_DATA, swap(memoryview(b"")))
         out.extend(pieces)
         total += sum(memoryview(p).nbytes for p in pieces)
     return total
@@ -242,7 +242,7 @@ def split_part(raw: bytes) -> tuple[int, memoryview]:
     a oneof of a header message (field 1) and a bytes chunk (field 2)."""
     view = memoryview(raw)
     found: tuple[int, memoryview] | None = None
-    for number, wire_type, _, body, field_end in _fields(view, 0, view.nbytes):
+    for number, wire_type, _, body, field_end in fields(view, 0, view.nbytes):
         if wire_type == 2 and number in (PART_HEADER, PART_CHUNK):
             found = (number, view[body:field_end])  # the last of a oneof wins
     if found is None:

@@ -76,7 +76,7 @@ def check(program: Program) -> None:
         what = f"step {step.name!r}"
         if bool(step.function) == bool(step.model):
             raise InvalidArgumentError(f"{what} must name one function or one model")
-        for ref in _refs([step.args, list(step.kwargs.values())]):
+        for ref in refs([step.args, list(step.kwargs.values())]):
             _known(ref.name, known, what)
         if "." in step.name:
             raise InvalidArgumentError(f"step name {shown(step.name)} must not contain '.'")
@@ -260,9 +260,10 @@ def _known(ref: str, known: set[str], what: str) -> None:
         )
 
 
-def _refs(values: Any) -> Iterator[Ref]:
+def refs(values: Any) -> Iterator[Ref]:
+    """Every Ref in an argument, at any depth of lists."""
     if isinstance(values, Ref):
         yield values
     elif isinstance(values, list | tuple):
         for value in values:
-            yield from _refs(value)
+            yield from refs(value)

@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 
 import tensorwire_server
 from tensorwire import streaming
-from tensorwire.codec import Encoder, Handle, Received, Ref, receiver, shown
+from tensorwire.codec import Encoder, Handle, Received, receiver, shown
 from tensorwire.dtypes import WIRE_BY_NAME
 from tensorwire.errors import (
     FailedPreconditionError,
@@ -275,7 +275,8 @@ class TensorServicer:
             tensor = to_device(value, self.engine.device)
             if isinstance(value, torch.Tensor):
                 tensor = tensor.clone()  # a handle's copy, not a second name for it
-            handle = session.keep(tensor)
+            # A streamed request's buffers are its own: kept as they are, not copied.
+            handle = session.keep(tensor, private=request.owned)
         encoder = Encoder(pb.PutResponse())
         encoder.tensor(encoder.message.tensor, handle)
         return encoder
@@ -351,13 +352,8 @@ class TensorServicer:
         trainer_id = session.hold("trainer", trainer)
         response = pb.CreateTrainerResponse(trainer=trainer_id, bytes=trainer.bytes)
         for name, parameter in trainer.parameters:
-            response.parameters.append(
-                pb.TensorSpec(
-                    name=name,
-                    dtype=WIRE_BY_NAME[str(parameter.dtype).removeprefix("torch.")],  # type: ignore[arg-type]
-                    shape=parameter.shape,
-                )
-            )
+            dtype = str(parameter.dtype).removeprefix("torch.")
+            response.parameters.append(_spec(TensorSpec(name, dtype, tuple(parameter.shape))))
         return Encoder(response)
 
     def Step(self, request: Received[pb.StepRequest]) -> Encoder[pb.StepResponse]:
@@ -433,16 +429,8 @@ def _caller() -> str:
 
 def _no_refs(args: list[Any], kwargs: dict[str, Any]) -> None:
     """Refs name program values: outside Run they name nothing."""
-    if any(isinstance(v, Ref) for v in _flat([args, list(kwargs.values())])):
+    if any(programs.refs([args, list(kwargs.values())])):
         raise InvalidArgumentError("a ref argument is only valid inside a Run program")
-
-
-def _flat(value: Any) -> Iterator[Any]:
-    if isinstance(value, list):
-        for item in value:
-            yield from _flat(item)
-    else:
-        yield value
 
 
 def _model_info(entry: ModelEntry) -> pb.ModelInfo:
@@ -512,7 +500,7 @@ def _spec(spec: TensorSpec) -> pb.TensorSpec:
 
 
 @contextmanager
-def _statuses(method: str, context: grpc.ServicerContext) -> Iterator[None]:
+def statuses(method: str, context: grpc.ServicerContext) -> Iterator[None]:
     """The one error mapping: tensorwire errors become their status with their message;
     anything else is a server bug, logged with its traceback and answered INTERNAL."""
     try:
@@ -520,13 +508,13 @@ def _statuses(method: str, context: grpc.ServicerContext) -> Iterator[None]:
     except TensorwireError as exc:
         # The caller's mistake, not the server's: debug level, no traceback.
         log.debug("%s: %s %s", method, exc.code, exc.message)
-        context.abort(grpc.StatusCode[exc.code], _clip(exc.message))
+        context.abort(grpc.StatusCode[exc.code], clip(exc.message))
     except Exception:
         log.exception("%s failed with a server error", method)
         context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error")
 
 
-def _clip(message: str, limit: int = 2000) -> str:
+def clip(message: str, limit: int = 2000) -> str:
     """``message`` short enough to travel: a status past gRPC's metadata limit (about
     8 KiB, after escaping) would reach the client as a different error altogether."""
     if len(message.encode()) <= limit:
@@ -539,7 +527,7 @@ def _unary(
     method: str, behavior: Behavior, servicer: TensorServicer
 ) -> Callable[[Any, grpc.ServicerContext], bytes]:
     def handle(request: Received[Any] | TensorwireError, context: grpc.ServicerContext) -> bytes:
-        with _statuses(method, context):
+        with statuses(method, context):
             if isinstance(request, TensorwireError):
                 raise request
             servicer.admit(request, unary=True)
@@ -551,7 +539,7 @@ def _unary(
                     f"one message carries; {method}Stream streams it"
                 )
             return encoder.finish()
-        raise AssertionError("unreachable")  # _statuses aborts, and abort raises
+        raise AssertionError("unreachable")  # statuses aborts, and abort raises
 
     return handle
 
@@ -563,7 +551,7 @@ def _streaming(
     servicer: TensorServicer,
 ) -> Callable[[Iterator[bytes], grpc.ServicerContext], Iterator[bytes]]:
     def handle(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        with _statuses(method, context):
+        with statuses(method, context):
             limits = servicer.limits
             stager = stager_for(servicer.engine.device, limits)
             receiver = StreamReceiver(request_class, stager.allocate, landed=stager.landed)

@@ -43,13 +43,15 @@ def storage_bytes(tensor: torch.Tensor) -> int:
     return int(tensor.untyped_storage().nbytes())
 
 
-def owned(tensor: torch.Tensor) -> torch.Tensor:
+def owned(tensor: torch.Tensor, private: bool = False) -> torch.Tensor:
     """``tensor`` detached, in memory of its own: a copy when it borrows a request's
     buffer (which the server must not keep, and nothing may write to) or when it is a
-    small view of a much larger block."""
+    small view of a much larger block. ``private``: its memory is the caller's to give
+    away (a streamed request's own buffer), though torch did not allocate it."""
     tensor = tensor.detach()
     storage = tensor.untyped_storage()
-    borrowed = not storage.resizable()  # torch.from_numpy: the request's own bytes
+    # torch.from_numpy storage is not resizable: gRPC's bytes, unless private.
+    borrowed = not private and not storage.resizable()
     if borrowed or tensor.nbytes < _COMPACT_SHARE * storage.nbytes():
         return tensor.clone(memory_format=torch.contiguous_format)
     return tensor
@@ -103,9 +105,10 @@ class Session:
     def expired(self, now: float) -> bool:
         return now - self.last_used > self.ttl
 
-    def keep(self, tensor: torch.Tensor) -> Handle:
-        """Store ``tensor`` and return its handle; RESOURCE_EXHAUSTED past the quota."""
-        tensor = owned(tensor)
+    def keep(self, tensor: torch.Tensor, private: bool = False) -> Handle:
+        """Store ``tensor`` and return its handle; RESOURCE_EXHAUSTED past the quota.
+        ``private``: see ``owned``."""
+        tensor = owned(tensor, private)
         size = storage_bytes(tensor)
         with self._lock:
             self._check_open()

@@ -127,7 +127,7 @@ def receive_infer(data: bytes) -> InferRequest | TensorwireError:
         kept: list[memoryview] = []
         raw: list[memoryview] = []
         run = 0  # where the current stretch of kept fields began
-        for number, wire_type, start, body, end in _framing._fields(view, 0, view.nbytes):
+        for number, wire_type, start, body, end in _framing.fields(view, 0, view.nbytes):
             if number == _RAW_INPUTS and wire_type == 2:
                 kept.append(view[run:start])
                 raw.append(view[body:end])
@@ -297,13 +297,12 @@ class Answer:
     def streamed(self) -> bytes:
         """The serialized ModelStreamInferResponse holding this response."""
         pieces, size = self._pieces()
-        key = _framing._varint(_STREAM_RESPONSE << 3 | 2)
-        return b"".join([key, _framing._varint(size), *pieces])
+        return _framing.part(_STREAM_RESPONSE, pieces, size)
 
     def _pieces(self) -> tuple[list[_framing.Buffer], int]:
         pieces: list[_framing.Buffer] = [self.message.SerializeToString()]
         for payload in self.payloads:
-            pieces.extend(_framing._length_prefixed(_RAW_OUTPUTS, payload))
+            pieces.extend(_framing.length_prefixed(_RAW_OUTPUTS, payload))
         return pieces, sum(memoryview(p).nbytes for p in pieces)
 
 

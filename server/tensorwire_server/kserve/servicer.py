@@ -30,7 +30,7 @@ from tensorwire_server.kserve import codec, describe
 from tensorwire_server.loading import ModelControl
 from tensorwire_server.registry import ModelEntry, ServedVersion
 from tensorwire_server.repository import ConfigError, model_names
-from tensorwire_server.servicer import TensorServicer, _clip, _statuses
+from tensorwire_server.servicer import TensorServicer, clip, statuses
 
 log = logging.getLogger(__name__)
 
@@ -262,11 +262,11 @@ def _unary(
     method: str, behavior: Callable[[Any], Message]
 ) -> Callable[[Any, grpc.ServicerContext], Message]:
     def handle(request: Any, context: grpc.ServicerContext) -> Message:
-        with _statuses(method, context):
+        with statuses(method, context):
             if isinstance(request, TensorwireError):
                 raise request
             return behavior(request)
-        raise AssertionError("unreachable")  # _statuses aborts, and abort raises
+        raise AssertionError("unreachable")  # statuses aborts, and abort raises
 
     return handle
 
@@ -277,7 +277,7 @@ def _infer_unary(
     def handle(
         request: codec.InferRequest | TensorwireError, context: grpc.ServicerContext
     ) -> bytes:
-        with _statuses(method, context):
+        with statuses(method, context):
             if isinstance(request, TensorwireError):
                 raise request
             call = observe.current()
@@ -311,7 +311,7 @@ def _infer_stream(
                 except TensorwireError as exc:
                     # As Triton does: the request's error in its response; the stream goes on.
                     log.debug("%s: %s %s", method, exc.code, exc.message)
-                    response = codec.stream_error(_clip(exc.message), request)
+                    response = codec.stream_error(clip(exc.message), request)
                 except Exception:
                     log.exception("%s failed with a server error", method)
                     response = codec.stream_error(f"{method}: internal server error", request)
