@@ -2,13 +2,23 @@
 the built-in MLP, against the same server with dynamic batching off, in one run.
 
     .venv/bin/python benchmarks/batching.py [--clients 32] [--seconds 10] [--device cpu]
+        [--model NAME] [--model-repo DIR]
 
 Each server runs as its own process; the load comes from one more process driving
-``--clients`` concurrent AsyncClient calls. The two configurations alternate
-``--rounds`` times and the best round of each is kept. Reported: throughput, p50 and
-p99 latency, the ratio of throughputs (target on CPU: >= 2x; on a GPU: >= 5x), the
-latency check (p99 with batching <= max queue delay + 3 x the unbatched p50) and the
-batch sizes the server saw (its ModelStatistics).
+``--clients`` concurrent AsyncClient calls. The configurations alternate ``--rounds``
+times and the best round of each is kept. Reported: throughput, p50 and p99 latency,
+the ratio of throughputs (target on CPU: >= 2x; on a GPU: >= 5x), the latency check
+(p99 with batching <= max queue delay + 3 x the unbatched p50) and the batch sizes the
+server saw (its ModelStatistics).
+
+A third configuration sends the same requests to the built-in ``identity`` model,
+which runs no forward pass at all: its throughput is the most any batching of the
+model can reach on this machine (batching can save a model's cost per request, never
+the RPC's), so ``identity / unbatched`` bounds the ratio. ``--model`` and
+``--model-repo`` measure a model of your own (its first input, batch-1 rows of
+random data, must batch along its first dimension); ``--wide H`` writes a repository
+holding a TorchScript 16-H-H-4 tanh MLP with batching like the built-in one's, and
+measures that, to see how much compute a request must carry for batching to pay.
 """
 
 from __future__ import annotations
@@ -21,21 +31,27 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 import tensorwire as tw
 
-MODEL = "mlp"
+CEILING = "identity"  # no forward pass: what is left is the RPC's cost
 
 
-def start_server(device: str, batching: bool) -> tuple[subprocess.Popen[str], str]:
+def start_server(
+    device: str, batching: bool, model_repo: str | None = None
+) -> tuple[subprocess.Popen[str], str]:
     flags = ["--port", "0", "--device", device, "--log-level", "INFO"]
     if not batching:
         flags.append("--no-dynamic-batching")
+    if model_repo:
+        flags += ["--model-repo", model_repo]
     proc = subprocess.Popen(
         [sys.executable, "-m", "tensorwire_server", *flags],
         stdout=subprocess.DEVNULL,
@@ -54,21 +70,29 @@ def start_server(device: str, batching: bool) -> tuple[subprocess.Popen[str], st
     raise RuntimeError("the server did not start")
 
 
-def drive(address: str, clients: int, seconds: float, out: Any) -> None:
+def drive(
+    address: str,
+    model: str,
+    row: tuple[tuple[int, ...], str],
+    clients: int,
+    seconds: float,
+    out: Any,
+) -> None:
     """In its own process: ``clients`` concurrent callers, batch-1 requests."""
 
     async def main() -> dict[str, float]:
-        x = np.random.default_rng(0).standard_normal((1, 16)).astype(np.float32)
+        shape, dtype = row
+        x = np.random.default_rng(0).standard_normal((1, *shape)).astype(dtype)
         async with tw.AsyncClient(address, timeout=60) as client:
             for _ in range(200):  # warm-up
-                await client.infer(MODEL, x)
+                await client.infer(model, x)
             latencies: list[float] = []
             end = time.perf_counter() + seconds
 
             async def caller() -> None:
                 while time.perf_counter() < end:
                     began = time.perf_counter()
-                    await client.infer(MODEL, x)
+                    await client.infer(model, x)
                     latencies.append(time.perf_counter() - began)
 
             began = time.perf_counter()
@@ -84,28 +108,66 @@ def drive(address: str, clients: int, seconds: float, out: Any) -> None:
     out.send(asyncio.run(main()))
 
 
-def measure(device: str, batching: bool, clients: int, seconds: float) -> dict[str, Any]:
-    proc, address = start_server(device, batching)
+def measure(
+    args: argparse.Namespace, model: str, batching: bool, row: tuple[tuple[int, ...], str]
+) -> dict[str, Any]:
+    proc, address = start_server(args.device, batching, args.model_repo)
     try:
         parent, child = mp.get_context("spawn").Pipe()
         driver = mp.get_context("spawn").Process(
-            target=drive, args=(address, clients, seconds, child)
+            target=drive, args=(address, model, row, args.clients, args.seconds, child)
         )
         driver.start()
         result: dict[str, Any] = parent.recv()
         driver.join()
         with tw.Client(address, timeout=30) as client:
-            stats = client.model_statistics(MODEL)[0]
-            model = client.info().models[MODEL]
+            stats = client.model_statistics(model)[0]
+            info = client.info().models[model]
         result["batch_sizes"] = stats.batch_sizes
         result["executions"] = stats.executions
         result["requests"] = stats.requests
-        batching_info = model.dynamic_batching
+        batching_info = info.dynamic_batching
         result["max_queue_delay"] = batching_info.max_queue_delay if batching_info else 0.0
         return result
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def wide_repo(hidden: int, folder: str) -> str:
+    """A repository with one model, ``mlp_wide``: the built-in MLP's shape and batching,
+    hidden layers ``hidden`` wide, as TorchScript. Its name."""
+    import torch  # only here: the rest of the benchmark needs no torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(
+        nn.Linear(16, hidden), nn.Tanh(), nn.Linear(hidden, hidden), nn.Tanh(), nn.Linear(hidden, 4)
+    )
+    version = Path(folder, "mlp_wide", "1")
+    version.mkdir(parents=True)
+    torch.jit.script(mlp.eval()).save(str(version / "model.pt"))
+    (version.parent / "model.toml").write_text(
+        "max_batch_size = 64\n[dynamic_batching]\nmax_queue_delay_ms = 0\n"
+        '[[inputs]]\nname = "input"\ndtype = "float32"\nshape = [-1, 16]\n'
+        '[[outputs]]\nname = "output"\ndtype = "float32"\nshape = [-1, 4]\n'
+    )
+    return "mlp_wide"
+
+
+def row_of(args: argparse.Namespace) -> tuple[tuple[int, ...], str]:
+    """One row of the model's first input: its shape past the batch dimension and its
+    dtype, from the server's signature of the model."""
+    proc, address = start_server(args.device, True, args.model_repo)
+    try:
+        with tw.Client(address, timeout=30) as client:
+            spec = client.info().models[args.model].inputs[0]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    if spec.shape is None or any(d < 0 for d in spec.shape[1:]):
+        raise SystemExit(f"{args.model}: its first input needs a fixed shape past the batch")
+    return tuple(spec.shape[1:]), spec.dtype or "float32"
 
 
 def main() -> None:
@@ -114,29 +176,50 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", default="mlp", help="the model to load (default mlp)")
+    parser.add_argument("--model-repo", help="a model repository the servers also serve")
+    parser.add_argument("--wide", type=int, metavar="H", help="measure a 16-H-H-4 MLP")
     parser.add_argument("--json", help="write the results here too")
     args = parser.parse_args()
-    best: dict[bool, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        if args.wide:
+            args.model, args.model_repo = wide_repo(args.wide, folder), folder
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Measure, report, and write the JSON asked for."""
+    row = row_of(args)
+    configurations = {
+        "off": (args.model, False, row),
+        "on": (args.model, True, row),
+        # identity takes any tensor: the same bytes as the model's requests
+        "ceiling": (CEILING, False, row),
+    }
+    best: dict[str, dict[str, Any]] = {}
     for _ in range(args.rounds):
-        for batching in (False, True):
-            result = measure(args.device, batching, args.clients, args.seconds)
-            if batching not in best or result["throughput"] > best[batching]["throughput"]:
-                best[batching] = result
-    on, off = best[True], best[False]
+        for key, (model, batching, shape) in configurations.items():
+            result = measure(args, model, batching, shape)
+            if key not in best or result["throughput"] > best[key]["throughput"]:
+                best[key] = result
+    on, off, ceiling = best["on"], best["off"], best["ceiling"]
     ratio = on["throughput"] / off["throughput"]
+    most = ceiling["throughput"] / off["throughput"]
     bound = on["max_queue_delay"] + 3 * off["p50"]
     mean_batch = on["requests"] / max(on["executions"], 1)
-    print(f"# dynamic batching: {args.clients} clients, batch-1 requests to {MODEL!r}")
+    print(f"# dynamic batching: {args.clients} clients, batch-1 requests to {args.model!r}")
     print(f"machine: {platform.machine()} {platform.processor() or ''}, device {args.device}")
     print("| configuration | requests/s | p50 ms | p99 ms | requests per forward |")
     print("|---|---:|---:|---:|---:|")
-    for label, r in (("batching off", off), ("batching on", on)):
+    rows = (("batching off", off), ("batching on", on), (f"no model ({CEILING})", ceiling))
+    for label, r in rows:
         per = r["requests"] / max(r["executions"], 1)
         print(
             f"| {label} | {r['throughput']:.0f} | {r['p50'] * 1e3:.1f} | "
             f"{r['p99'] * 1e3:.1f} | {per:.2f} |"
         )
     print(f"throughput ratio on/off: {ratio:.2f}x (target >= 2x on CPU, >= 5x on a GPU)")
+    print(f"most any batching could reach here (no model / off): {most:.2f}x")
     print(
         f"p99 with batching {on['p99'] * 1e3:.1f} ms vs bound {bound * 1e3:.1f} ms "
         f"(max queue delay + 3 x unbatched p50): {'met' if on['p99'] <= bound else 'NOT met'}"
@@ -145,7 +228,12 @@ def main() -> None:
     print(f"batch sizes (rows: forward passes): {on['batch_sizes']}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"on": on, "off": off, "ratio": ratio}, f, indent=2, default=str)
+            json.dump(
+                {"on": on, "off": off, "ceiling": ceiling, "ratio": ratio, "most": most},
+                f,
+                indent=2,
+                default=str,
+            )
 
 
 if __name__ == "__main__":
