@@ -128,6 +128,7 @@ def measure(
         result["requests"] = stats.requests
         batching_info = info.dynamic_batching
         result["max_queue_delay"] = batching_info.max_queue_delay if batching_info else 0.0
+        result["configured"] = batching_info is not None
         return result
     finally:
         proc.terminate()
@@ -208,6 +209,8 @@ def run(args: argparse.Namespace) -> None:
     bound = on["max_queue_delay"] + 3 * off["p50"]
     mean_batch = on["requests"] / max(on["executions"], 1)
     print(f"# dynamic batching: {args.clients} clients, batch-1 requests to {args.model!r}")
+    if not on["configured"]:
+        print(f"note: {args.model!r} has no [dynamic_batching]: 'on' runs it unbatched too")
     print(f"machine: {platform.machine()} {platform.processor() or ''}, device {args.device}")
     print("| configuration | requests/s | p50 ms | p99 ms | requests per forward |")
     print("|---|---:|---:|---:|---:|")
