@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from conftest import spawn_server
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorwire import Client, NotFoundError
 from tensorwire.channel import CHANNEL_OPTIONS
@@ -89,22 +90,28 @@ def test_every_response_carries_a_request_id(observed: tuple[str, int]) -> None:
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.TensorServiceStub(channel)
         _, call = stub.Info.with_call(pb.InfoRequest(), timeout=10)
-        first = dict(call.initial_metadata())["x-request-id"]
+        first = dict(call.trailing_metadata())["x-request-id"]
         _, call = stub.Info.with_call(pb.InfoRequest(), timeout=10)
         assert re.fullmatch(r"[0-9a-f]{32}", first)
-        assert dict(call.initial_metadata())["x-request-id"] != first
+        assert dict(call.trailing_metadata())["x-request-id"] != first
         # A client's own id is kept, when it is a sane token, so both logs agree.
         _, call = stub.Info.with_call(
             pb.InfoRequest(), timeout=10, metadata=[("x-request-id", "job-42.step:7")]
         )
-        assert dict(call.initial_metadata())["x-request-id"] == "job-42.step:7"
+        assert dict(call.trailing_metadata())["x-request-id"] == "job-42.step:7"
         with pytest.raises(grpc.RpcError) as failed:
             stub.Infer(pb.InferRequest(model="nope"), timeout=10)
         assert "x-request-id" in dict(failed.value.trailing_metadata())  # type: ignore[attr-defined]
         _, call = stub.Info.with_call(
             pb.InfoRequest(), timeout=10, metadata=[("x-request-id", "bad id " * 20)]
         )
-        assert re.fullmatch(r"[0-9a-f]{32}", dict(call.initial_metadata())["x-request-id"])
+        assert re.fullmatch(r"[0-9a-f]{32}", dict(call.trailing_metadata())["x-request-id"])
+        # A streaming response has it in its initial metadata too, before the end.
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(), timeout=10, metadata=[("x-request-id", "watch-1")]
+        )
+        assert dict(watch.initial_metadata())["x-request-id"] == "watch-1"
+        watch.cancel()
 
 
 def test_json_logs_name_each_request_by_its_id() -> None:

@@ -214,13 +214,18 @@ def _guarded(
 
     def wrap(behavior: Callable[[Any, grpc.ServicerContext], Any], streams: bool) -> Any:
         def run(request: Any, context: grpc.ServicerContext) -> Any:
-            _tag(context, call.request_id)
+            # Trailing metadata only: a unary response's initial metadata would cost a
+            # separate send operation, ~10% of a small request's server CPU.
+            context.set_trailing_metadata(((observe.REQUEST_ID, call.request_id),))
             with recorded(context):
                 return behavior(request, context)
 
         def run_streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             # gRPC draws the responses on this thread: recorded from first to last.
-            _tag(context, call.request_id)
+            # Initial metadata too, so a streaming client has the id before the end.
+            pair = ((observe.REQUEST_ID, call.request_id),)
+            context.send_initial_metadata(pair)
+            context.set_trailing_metadata(pair)
             with recorded(context):
                 yield from behavior(request, context)
 
@@ -248,11 +253,3 @@ def _code(context: grpc.ServicerContext) -> str:
     """The status an aborted call ends with: what abort set, else a server error."""
     code = context.code()  # type: ignore[attr-defined]
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
-
-
-def _tag(context: grpc.ServicerContext, request_id: str) -> None:
-    # Initial metadata reaches a streaming client before its first response; trailing
-    # metadata comes with every status, errors included.
-    pair = ((observe.REQUEST_ID, request_id),)
-    context.send_initial_metadata(pair)
-    context.set_trailing_metadata(pair)

@@ -26,7 +26,7 @@ from prometheus_client.registry import Collector
 
 access_log = logging.getLogger("tensorwire_server.access")
 
-#: Metadata key of the request id, sent back in every response's initial metadata.
+#: Metadata key of the request id, sent back in every response's trailing metadata.
 REQUEST_ID: Final = "x-request-id"
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
