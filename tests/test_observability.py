@@ -114,10 +114,13 @@ def test_every_response_carries_a_request_id(observed: tuple[str, int]) -> None:
         watch.cancel()
 
 
-def test_json_logs_name_each_request_by_its_id() -> None:
-    with spawn_server("--device", "cpu", "--log-format", "json") as (proc, address, lines):
+@pytest.mark.parametrize("access", ["errors", "all"])
+def test_json_logs_name_each_request_by_its_id(access: str) -> None:
+    flags = ("--device", "cpu", "--log-format", "json", "--access-log", access)
+    with spawn_server(*flags) as (proc, address, lines):
         with grpc.insecure_channel(address) as channel:
             stub = pb_grpc.TensorServiceStub(channel)
+            _, ok = stub.Info.with_call(pb.InfoRequest(), timeout=10)
             with pytest.raises(grpc.RpcError) as failed:
                 stub.Infer(pb.InferRequest(model="nope"), timeout=10)
         request_id = dict(failed.value.trailing_metadata())["x-request-id"]  # type: ignore[attr-defined]
@@ -128,7 +131,11 @@ def test_json_logs_name_each_request_by_its_id() -> None:
             time.sleep(0.05)  # the last lines are still on their way from the pipe
     records = [json.loads(line) for line in lines if line.strip()]
     assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
-    (access,) = [r for r in records if r.get("request_id") == request_id]
-    assert access["logger"] == "tensorwire_server.access"
-    assert access["method"] == INFER and access["code"] == "NOT_FOUND"
-    assert access["target"] == "unknown" and access["seconds"] >= 0
+    (record,) = [r for r in records if r.get("request_id") == request_id]
+    assert record["logger"] == "tensorwire_server.access"
+    assert record["method"] == INFER and record["code"] == "NOT_FOUND"
+    assert record["target"] == "unknown" and record["seconds"] >= 0
+    # A success writes a record only when asked to: the metrics count it either way.
+    ok_id = dict(ok.trailing_metadata())["x-request-id"]
+    logged = [r for r in records if r.get("request_id") == ok_id]
+    assert [r["code"] for r in logged] == (["OK"] if access == "all" else [])

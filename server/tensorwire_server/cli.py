@@ -52,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
     parser.add_argument("--log-format", choices=("text", "json"), help="log lines (text)")
     parser.add_argument(
+        "--access-log",
+        choices=("errors", "all", "none"),
+        help="RPCs that write an access record (default errors: those not OK)",
+    )
+    parser.add_argument(
         "--metrics-port", type=int, help="serve Prometheus metrics over HTTP on this port"
     )
     parser.add_argument(

@@ -70,7 +70,9 @@ class Metrics:
     """The server's Prometheus metrics, in a registry of its own (tests run several
     servers in one process)."""
 
-    def __init__(self, device: Any = None) -> None:
+    def __init__(self, device: Any = None, access: str = "errors") -> None:
+        #: Which finished calls write an access record: all, errors or none.
+        self.access = access
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -142,6 +144,8 @@ class Metrics:
         self.payload.labels("out").inc(call.bytes_out)
         if call.batch and code == "OK":
             self.batch.labels(call.target).observe(call.batch)
+        if self.access == "none" or (self.access == "errors" and code == "OK"):
+            return
         access_log.info(
             "%s %s %s %.1f ms in=%d out=%d",
             call.method,

@@ -92,7 +92,7 @@ class TensorwireServer:
         self.servicer = TensorServicer(
             engine, settings.chunk_size, limits=limits, sessions=self.sessions
         )
-        self.metrics = Metrics(engine.device if engine is not None else None)
+        self.metrics = Metrics(engine.device if engine is not None else None, settings.access_log)
         self.gate = Gate(tokens, self.lifecycle, settings.default_deadline, self.metrics)
         executor = futures.ThreadPoolExecutor(
             max_workers=settings.workers, thread_name_prefix="tensorwire"
