@@ -108,11 +108,12 @@ def drive(
     out.send(asyncio.run(main()))
 
 
-def measure(
-    args: argparse.Namespace, model: str, batching: bool, row: tuple[tuple[int, ...], str]
-) -> dict[str, Any]:
+def measure(args: argparse.Namespace, model: str, batching: bool) -> dict[str, Any]:
+    """``model`` served with or without batching, sent rows of ``args.model``'s input."""
     proc, address = start_server(args.device, batching, args.model_repo)
     try:
+        with tw.Client(address, timeout=30) as client:
+            row = row_of(client.info().models[args.model])
         parent, child = mp.get_context("spawn").Pipe()
         driver = mp.get_context("spawn").Process(
             target=drive, args=(address, model, row, args.clients, args.seconds, child)
@@ -156,18 +157,12 @@ def wide_repo(hidden: int, folder: str) -> str:
     return "mlp_wide"
 
 
-def row_of(args: argparse.Namespace) -> tuple[tuple[int, ...], str]:
-    """One row of the model's first input: its shape past the batch dimension and its
-    dtype, from the server's signature of the model."""
-    proc, address = start_server(args.device, True, args.model_repo)
-    try:
-        with tw.Client(address, timeout=30) as client:
-            spec = client.info().models[args.model].inputs[0]
-    finally:
-        proc.terminate()
-        proc.wait(30)
+def row_of(model: Any) -> tuple[tuple[int, ...], str]:
+    """One row of ``model``'s first input (its ModelInfo): the shape past the batch
+    dimension, and the dtype."""
+    spec = model.inputs[0]
     if spec.shape is None or any(d < 0 for d in spec.shape[1:]):
-        raise SystemExit(f"{args.model}: its first input needs a fixed shape past the batch")
+        raise SystemExit(f"{model.name}: its first input needs a fixed shape past the batch")
     return tuple(spec.shape[1:]), spec.dtype or "float32"
 
 
@@ -190,17 +185,16 @@ def main() -> None:
 
 def run(args: argparse.Namespace) -> None:
     """Measure, report, and write the JSON asked for."""
-    row = row_of(args)
     configurations = {
-        "off": (args.model, False, row),
-        "on": (args.model, True, row),
+        "off": (args.model, False),
+        "on": (args.model, True),
         # identity takes any tensor: the same bytes as the model's requests
-        "ceiling": (CEILING, False, row),
+        "ceiling": (CEILING, False),
     }
     best: dict[str, dict[str, Any]] = {}
     for _ in range(args.rounds):
-        for key, (model, batching, shape) in configurations.items():
-            result = measure(args, model, batching, shape)
+        for key, (model, batching) in configurations.items():
+            result = measure(args, model, batching)
             if key not in best or result["throughput"] > best[key]["throughput"]:
                 best[key] = result
     on, off, ceiling = best["on"], best["off"], best["ceiling"]

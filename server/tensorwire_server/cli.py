@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from tensorwire_server.models import parse_model_option
 from tensorwire_server.server import serve
-from tensorwire_server.settings import Settings
+from tensorwire_server.settings import ACCESS_LOGS, Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-format", choices=("text", "json"), help="log lines (text)")
     parser.add_argument(
         "--access-log",
-        choices=("errors", "all", "none"),
+        choices=ACCESS_LOGS,
         help="RPCs that write an access record (default errors: those not OK)",
     )
     parser.add_argument(

@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Final
 
 from tensorwire.streaming import DEFAULT_CHUNK_SIZE
 
 ENV_PREFIX = "TENSORWIRE_"
+
+
+#: Values of ``Settings.access_log``: which RPCs write an access record.
+ACCESS_LOGS: Final = ("errors", "all", "none")
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ class Settings:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
-        if self.access_log not in ("errors", "all", "none"):
+        if self.access_log not in ACCESS_LOGS:
             raise ValueError(f"access_log must be errors, all or none, not {self.access_log!r}")
         if self.model_control not in ("none", "explicit"):
             raise ValueError(f"model_control must be none or explicit, not {self.model_control!r}")
