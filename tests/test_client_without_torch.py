@@ -12,7 +12,8 @@ SCRIPT = textwrap.dedent(
     sys.modules["torch"] = None  # any "import torch" now raises ImportError
     import numpy as np
     import tensorwire as tw
-    from tensorwire import cli, codec, dtypes, errors, streaming, types
+    from tensorwire import cli, errors, types
+    from tensorwire.wire import codec, dtypes, framing, protocol, streaming
     assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules if sys.modules[m])
     assert not any(m.startswith("tensorwire_server") for m in sys.modules)
     with tw.Client(sys.argv[1], timeout=30) as c:

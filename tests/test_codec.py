@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tensorwire import InvalidArgumentError, codec
-from tensorwire.dtypes import NAMES, NUMPY_BY_WIRE
+from tensorwire import InvalidArgumentError
 from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire import codec
+from tensorwire.wire.dtypes import NAMES, NUMPY_BY_WIRE
 
 RNG = np.random.default_rng(0)
 

@@ -15,11 +15,12 @@ from conftest import start
 from test_codec import sample
 from test_streaming import _chunk, _header, _wait_for
 
-from tensorwire import Client, codec, streaming
+from tensorwire import Client
 from tensorwire._base import method_path
-from tensorwire.channel import CHANNEL_OPTIONS
-from tensorwire.dtypes import NAMES, NUMPY_BY_WIRE
 from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire import codec, streaming
+from tensorwire.wire.dtypes import NAMES, NUMPY_BY_WIRE
+from tensorwire.wire.protocol import CHANNEL_OPTIONS
 from tensorwire_server.limits import Limits
 from tensorwire_server.settings import Settings
 from tensorwire_server.staging import COPY_BATCH, CudaStager

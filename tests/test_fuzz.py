@@ -45,12 +45,12 @@ from google.protobuf.message import DecodeError, Message
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from tensorwire import Client, _framing, codec, streaming
-from tensorwire.channel import CHANNEL_OPTIONS
-from tensorwire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
+from tensorwire import Client
 from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire import codec, framing, streaming
+from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
+from tensorwire.wire.protocol import CHANNEL_OPTIONS, SESSION_KEY
 from tensorwire_server.functions import FUNCTIONS
-from tensorwire_server.sessions import SESSION_KEY
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TensorService"]
 #: Seconds any one request may take: a malformed request is refused at once.
@@ -192,7 +192,7 @@ def to_stream(raw: bytes, desc: Any, cut: random.Random | int) -> list[bytes]:
         return b""
 
     pieces: list[Any] = []
-    _framing._reframe(memoryview(raw), 0, len(raw), desc, swap, pieces, 0)
+    framing._reframe(memoryview(raw), 0, len(raw), desc, swap, pieces, 0)
     data = b"".join(payloads)
     if isinstance(cut, int):
         points = set(range(0, len(data), cut))
@@ -700,7 +700,7 @@ def _all_fields(
     """Every field at every depth, guessing that length-delimited bodies are messages."""
     view = memoryview(raw)
     try:
-        fields = list(_framing.fields(view, start, end))
+        fields = list(framing.fields(view, start, end))
     except Exception:
         return
     for _, wire_type, s, b, e in fields:
@@ -1116,7 +1116,7 @@ def random_part(name: str, good: list[bytes], rng: random.Random) -> bytes:
     if choice == 10:  # the header of another RPC
         return rng.choice([p for n, p in VALID_STREAMS.values() if n != name])[0]
     if choice == 11:
-        return part(1, mutate(bytes(_framing.split_part(good[0])[1]), good[0], rng))
+        return part(1, mutate(bytes(framing.split_part(good[0])[1]), good[0], rng))
     return part(2, b"")  # an empty chunk
 
 

@@ -16,9 +16,9 @@ from conftest import spawn_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorwire import Client, NotFoundError
-from tensorwire.channel import CHANNEL_OPTIONS
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.v1 import tensorwire_pb2_grpc as pb_grpc
+from tensorwire.wire.protocol import CHANNEL_OPTIONS
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 

@@ -30,7 +30,7 @@ import trustme
 from conftest import TESTS, spawn_server
 
 import tensorwire as tw
-from tensorwire import AsyncClient, Client, Progress, streaming
+from tensorwire import AsyncClient, Client, Progress
 from tensorwire._base import (
     BACKOFF_MAX,
     METHODS,
@@ -40,8 +40,9 @@ from tensorwire._base import (
 )
 from tensorwire.channel import CHANNEL_OPTIONS, is_loopback
 from tensorwire.cli import main
-from tensorwire.codec import Encoder, receive
 from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire import streaming
+from tensorwire.wire.codec import Encoder, receive
 
 #: Answer the part of the response after its header with UNAVAILABLE (streams only).
 PARTIAL = "partial"

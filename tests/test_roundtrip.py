@@ -7,7 +7,7 @@ import pytest
 from test_codec import sample
 
 from tensorwire import Client
-from tensorwire.dtypes import NAMES, NUMPY_BY_WIRE
+from tensorwire.wire.dtypes import NAMES, NUMPY_BY_WIRE
 
 
 @pytest.mark.parametrize("dtype", list(NUMPY_BY_WIRE.values()), ids=NAMES)

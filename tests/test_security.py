@@ -13,9 +13,9 @@ import trustme
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tensorwire.channel import CHANNEL_OPTIONS
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.v1 import tensorwire_pb2_grpc as pb_grpc
+from tensorwire.wire.protocol import CHANNEL_OPTIONS
 from tensorwire_server.security import (
     AUTHENTICATED,
     METHOD_SCOPES,

@@ -19,11 +19,12 @@ import pytest
 import torch
 from conftest import start
 
-from tensorwire.codec import Encoder, Handle, Ref, receive
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.v1 import tensorwire_pb2_grpc as pb_grpc
+from tensorwire.wire.codec import Encoder, Handle, Ref, receive
+from tensorwire.wire.protocol import SESSION_KEY
 from tensorwire_server.server import TensorwireServer
-from tensorwire_server.sessions import SESSION_KEY, Session, Sessions, owned
+from tensorwire_server.sessions import Session, Sessions, owned
 from tensorwire_server.settings import Settings
 
 TOKENS = "alice * alice-token-0123456789abcdef;bob * bob-token-0123456789abcdef0"

@@ -26,14 +26,12 @@ from tensorwire import (
     OutOfRangeError,
     Progress,
     ResourceExhaustedError,
-    _framing,
-    codec,
-    streaming,
 )
 from tensorwire._base import method_path
-from tensorwire.channel import CHANNEL_OPTIONS
-from tensorwire.dtypes import NAMES, NUMPY_BY_WIRE
 from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire import codec, framing, streaming
+from tensorwire.wire.dtypes import NAMES, NUMPY_BY_WIRE
+from tensorwire.wire.protocol import CHANNEL_OPTIONS
 from tensorwire_server.servicer import TensorServicer, tensor_service_handler
 from tensorwire_server.settings import Settings
 
@@ -331,7 +329,7 @@ def test_stream_header_order_follows_the_serialized_header() -> None:
     assert {k: v.tolist() for k, v in kwargs.items()} == {  # type: ignore[union-attr]
         k: v.tolist() for k, v in arrays.items()
     }
-    assert pb.InferRequestPart.DESCRIPTOR.fields_by_name["header"].number == _framing.PART_HEADER
+    assert pb.InferRequestPart.DESCRIPTOR.fields_by_name["header"].number == framing.PART_HEADER
 
 
 def test_landed_names_each_allocation_and_covers_it_in_ascending_ranges() -> None:

@@ -3,7 +3,6 @@
 from tensorwire._base import USE_CLIENT_DEFAULT
 from tensorwire.aio import AsyncClient
 from tensorwire.client import Client
-from tensorwire.codec import Handle, Ref
 from tensorwire.errors import (
     CancelledError,
     DeadlineExceededError,
@@ -43,6 +42,7 @@ from tensorwire.types import (
     TensorSpec,
     VersionStatistics,
 )
+from tensorwire.wire.codec import Handle, Ref
 
 __version__ = "0.1.0"
 

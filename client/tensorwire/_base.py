@@ -22,11 +22,8 @@ import grpc
 import numpy as np
 from google.protobuf.message import Message
 
-from tensorwire import streaming
-from tensorwire._session import SESSION_KEY, Held, SessionState
-from tensorwire.channel import CHANNEL_OPTIONS, CLIENT_OPTIONS, Pem, SecretMetadata, client_security
-from tensorwire.codec import Encoder, Handle, Received, Ref, as_handle, receiver
-from tensorwire.dtypes import NAME_BY_WIRE
+from tensorwire._session import Held, SessionState
+from tensorwire.channel import CLIENT_OPTIONS, Pem, SecretMetadata, client_security
 from tensorwire.errors import (
     InternalError,
     InvalidArgumentError,
@@ -35,7 +32,6 @@ from tensorwire.errors import (
     UnavailableError,
     error_class,
 )
-from tensorwire.streaming import DEFAULT_CHUNK_SIZE, Advance, StreamReceiver
 from tensorwire.targets import ROUND_ROBIN, Target, parse_target, pinned, replicas
 from tensorwire.types import (
     DeviceInfo,
@@ -52,6 +48,11 @@ from tensorwire.types import (
     VersionStatistics,
 )
 from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire import streaming
+from tensorwire.wire.codec import Encoder, Handle, Received, Ref, as_handle, receiver
+from tensorwire.wire.dtypes import NAME_BY_WIRE
+from tensorwire.wire.protocol import CHANNEL_OPTIONS, SESSION_KEY
+from tensorwire.wire.streaming import DEFAULT_CHUNK_SIZE, Advance, StreamReceiver
 
 if TYPE_CHECKING:
     from tensorwire.remote import Program

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import weakref
 from collections import deque
-from typing import TYPE_CHECKING, Any, ClassVar, Final
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from tensorwire.errors import NotFoundError
 
 if TYPE_CHECKING:
     from tensorwire._base import BaseClient
-
-#: The call metadata key that names a session.
-SESSION_KEY: Final = "x-tensorwire-session"
 
 
 class SessionState:

@@ -26,7 +26,6 @@ from tensorwire._base import (
     _Via,
 )
 from tensorwire._session import SessionState
-from tensorwire.codec import Encoder, Handle, Received, Ref
 from tensorwire.errors import NotFoundError, TensorwireError
 from tensorwire.remote import (
     OPTIMIZER_OPTIONS,
@@ -44,6 +43,7 @@ from tensorwire.types import (
     SessionInfo,
     VersionStatistics,
 )
+from tensorwire.wire.codec import Encoder, Handle, Received, Ref
 
 
 class AsyncClient(BaseClient):

@@ -1,4 +1,5 @@
-"""Channel options both ends share, the client's own, and its TLS and token credentials."""
+"""The client's channel: its own options (beside the shared ones in
+``tensorwire.wire.protocol``), its TLS and token credentials, and what is loopback."""
 
 from __future__ import annotations
 
@@ -8,23 +9,6 @@ from pathlib import Path
 from typing import Final
 
 import grpc
-
-# gRPC's 4 MiB default refuses ordinary tensors; -1 lifts it (protobuf still caps one
-# message at 2 GiB). Keepalive notices a dead peer instead of hanging on it: a client
-# pings after a minute without traffic and drops the connection when no answer comes
-# within 20 s, so a call to a vanished server fails (UNAVAILABLE) instead of waiting
-# for its deadline, or forever. grpcio 1.85 waits for a keepalive ping's answer for
-# ping_timeout_ms (default 60 s), not keepalive_timeout_ms: both say 20 s. Unlimited
-# pings without data keep the check alive while a long computation sends nothing;
-# the server permits a ping every 10 s.
-CHANNEL_OPTIONS: Final[list[tuple[str, int]]] = [
-    ("grpc.max_send_message_length", -1),
-    ("grpc.max_receive_message_length", -1),
-    ("grpc.keepalive_time_ms", 60_000),
-    ("grpc.keepalive_timeout_ms", 20_000),
-    ("grpc.http2.ping_timeout_ms", 20_000),
-    ("grpc.http2.max_pings_without_data", 0),
-]
 
 # Client only. After a lost connection gRPC waits 1 s before connecting again, growing
 # to 2 minutes: a restarted server would stay unused long after it is back, and every

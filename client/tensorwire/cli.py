@@ -36,9 +36,9 @@ import numpy as np
 
 from tensorwire import __version__
 from tensorwire.client import Client
-from tensorwire.dtypes import NAMES, wire_dtype
 from tensorwire.errors import TensorwireError
 from tensorwire.types import ModelInfo, Progress, ServerInfo, TensorSpec, VersionStatistics
+from tensorwire.wire.dtypes import NAMES, wire_dtype
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 #: The environment variable holding the bearer token when --token-file is not given.

@@ -25,7 +25,6 @@ from tensorwire._base import (
     _Via,
 )
 from tensorwire._session import SessionState
-from tensorwire.codec import Encoder, Handle, Received, Ref
 from tensorwire.errors import NotFoundError, TensorwireError
 from tensorwire.remote import (
     OPTIMIZER_OPTIONS,
@@ -43,6 +42,7 @@ from tensorwire.types import (
     SessionInfo,
     VersionStatistics,
 )
+from tensorwire.wire.codec import Encoder, Handle, Received, Ref
 
 
 class Client(BaseClient):

@@ -1,4 +1,5 @@
-"""The tensorwire exception tree and its one table to and from gRPC status codes.
+"""The tensorwire exception tree, its one table to and from gRPC status codes, and the
+helpers that quote client-supplied names in error messages.
 
 The server raises these and the client raises the same classes, so a caller catches
 ``tensorwire.NotFoundError`` whichever side found the problem. This module does not
@@ -7,17 +8,33 @@ import grpc: codes are carried by name so that the server's engine stays grpc-fr
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterable
+from typing import ClassVar, Final
+
+# An error message travels as gRPC metadata, which clients cap (8 KiB by default): past
+# that they get RESOURCE_EXHAUSTED instead of the error. So a client-supplied name is
+# quoted up to SHOWN characters, and a list of names up to LISTED of them.
+SHOWN: Final = 100
+LISTED: Final = 10
 
 
 class TensorwireError(Exception):
-    """Base of every tensorwire error; ``code`` is the gRPC status code's name."""
+    """Base of every tensorwire error; ``code`` is the gRPC status code's name.
+
+    ``request_id`` is the id the server gave the call (its ``x-request-id``), which its
+    logs carry too; None for an error found before anything reached a server."""
 
     code: ClassVar[str] = "UNKNOWN"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, request_id: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        if self.request_id is None:
+            return self.message
+        return f"{self.message} (request id {self.request_id})"
 
 
 class InvalidArgumentError(TensorwireError):
@@ -119,3 +136,17 @@ _BY_CODE.update(
 def error_class(code_name: str) -> type[TensorwireError]:
     """The exception class for a gRPC status code's name; InternalError if unmapped."""
     return _BY_CODE.get(code_name, InternalError)
+
+
+def shown(name: str) -> str:
+    """A client-supplied ``name`` quoted for an error message, cut short if long."""
+    if len(name) <= SHOWN:
+        return repr(name)
+    return f"{name[:SHOWN]!r}... ({len(name)} characters)"
+
+
+def listed(names: Iterable[str]) -> str:
+    """Names for an error message, comma-separated; at most LISTED, each cut short."""
+    items = list(names)
+    text = ", ".join(n if len(n) <= SHOWN else f"{n[:SHOWN]}..." for n in items[:LISTED])
+    return text + (f", ... ({len(items)} in all)" if len(items) > LISTED else "")

@@ -13,16 +13,15 @@ import numpy as np
 from tensorwire import safetensors
 from tensorwire._base import USE_CLIENT_DEFAULT, Inputs, Timeout, ref_name
 from tensorwire._session import Held, SessionState
-from tensorwire.codec import Handle, Ref
-from tensorwire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
 from tensorwire.types import TensorSpec
+from tensorwire.wire.codec import Handle, Ref
+from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
+from tensorwire.wire.protocol import MAX_PROGRAM_STEPS
 
 if TYPE_CHECKING:
     from tensorwire.aio import AsyncClient
     from tensorwire.client import Client
 
-#: The most steps a program may have.
-MAX_STEPS: Final = 64
 
 T = TypeVar("T")
 
@@ -229,8 +228,8 @@ class Program:
         kwargs: dict[str, Any],
         version: int,
     ) -> StepRef:
-        if len(self._steps) >= MAX_STEPS:
-            raise ValueError(f"a program has at most {MAX_STEPS} steps")
+        if len(self._steps) >= MAX_PROGRAM_STEPS:
+            raise ValueError(f"a program has at most {MAX_PROGRAM_STEPS} steps")
         name = f"s{len(self._steps)}" if name is None else name
         self._check_name(name, "step")
         where = f"step {name!r} ({function or model})"

@@ -17,7 +17,7 @@ from typing import Any, Final
 import ml_dtypes
 import numpy as np
 
-from tensorwire.codec import as_wire_array
+from tensorwire.wire.codec import as_wire_array
 
 #: safetensors dtype codes by NumPy dtype (little-endian).
 CODES: Final[dict[np.dtype[Any], str]] = {

@@ -9,7 +9,7 @@ from typing import Literal
 
 import numpy as np
 
-from tensorwire.codec import Handle
+from tensorwire.wire.codec import Handle
 
 
 @dataclass(frozen=True)

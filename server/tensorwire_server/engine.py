@@ -17,8 +17,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from tensorwire.codec import listed, shown
-from tensorwire.dtypes import WIRE_BY_NAME
 from tensorwire.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -26,7 +24,10 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     TensorwireError,
     UnavailableError,
+    listed,
+    shown,
 )
+from tensorwire.wire.dtypes import WIRE_BY_NAME
 from tensorwire_server.functions import FUNCTIONS, Function
 from tensorwire_server.models import Model, TensorSpec, trainable
 from tensorwire_server.registry import Instance, ModelRegistry, ServedVersion

@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from tensorwire.wire.protocol import REQUEST_ID_KEY, SESSION_KEY
 from tensorwire_server import observe
 from tensorwire_server.observe import Call, Metrics
 from tensorwire_server.security import AUTHENTICATED, PUBLIC, Tokens, scope_of
-from tensorwire_server.sessions import SESSION_KEY
 
 log = logging.getLogger(__name__)
 
@@ -216,14 +216,14 @@ def _guarded(
         def run(request: Any, context: grpc.ServicerContext) -> Any:
             # Trailing metadata only: a unary response's initial metadata would cost a
             # separate send operation, ~10% of a small request's server CPU.
-            context.set_trailing_metadata(((observe.REQUEST_ID, call.request_id),))
+            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
             with recorded(context):
                 return behavior(request, context)
 
         def run_streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             # gRPC draws the responses on this thread: recorded from first to last.
             # Initial metadata too, so a streaming client has the id before the end.
-            pair = ((observe.REQUEST_ID, call.request_id),)
+            pair = ((REQUEST_ID_KEY, call.request_id),)
             context.send_initial_metadata(pair)
             context.set_trailing_metadata(pair)
             with recorded(context):

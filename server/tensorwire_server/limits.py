@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tensorwire.codec import Received, tensors_in
 from tensorwire.errors import DeadlineExceededError, ResourceExhaustedError
+from tensorwire.wire.codec import Received, tensors_in
 
 
 @dataclass(frozen=True)

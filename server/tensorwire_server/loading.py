@@ -8,8 +8,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
-from tensorwire.codec import shown
-from tensorwire.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from tensorwire.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, shown
 from tensorwire_server.engine import Engine
 from tensorwire_server.models import Model, builtin_models, load_model
 from tensorwire_server.registry import ModelEntry

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tensorwire.dtypes import WIRE_BY_NAME
+from tensorwire.wire.dtypes import WIRE_BY_NAME
 
 
 @dataclass(frozen=True)

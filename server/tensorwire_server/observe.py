@@ -17,17 +17,17 @@ import uuid
 from collections.abc import Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tensorwire.wire.protocol import REQUEST_ID_KEY
+
 access_log = logging.getLogger("tensorwire_server.access")
 
-#: Metadata key of the request id, sent back in every response's trailing metadata.
-REQUEST_ID: Final = "x-request-id"
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
 
@@ -61,7 +61,7 @@ def current() -> Call | None:
 def request_id(metadata: Any) -> str:
     """The client's own ``x-request-id`` if it is a sane token, else a fresh one."""
     for key, value in metadata or ():
-        if key == REQUEST_ID and isinstance(value, str) and _SAFE_ID.fullmatch(value):
+        if key == REQUEST_ID_KEY and isinstance(value, str) and _SAFE_ID.fullmatch(value):
             return value
     return uuid.uuid4().hex
 

@@ -13,18 +13,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import torch
 
-from tensorwire.codec import Ref, listed, shown
-from tensorwire.errors import FailedPreconditionError, InvalidArgumentError
+from tensorwire.errors import FailedPreconditionError, InvalidArgumentError, listed, shown
+from tensorwire.wire.codec import Ref
+from tensorwire.wire.protocol import MAX_PROGRAM_STEPS
 from tensorwire_server.engine import Engine, Export, Named, bind, invoke, name_outputs
 from tensorwire_server.tensors import is_differentiable, to_device
-
-#: The most steps one program may have.
-MAX_STEPS: Final = 64
 
 
 @dataclass(frozen=True)
@@ -63,9 +61,9 @@ def check(program: Program) -> None:
     or clashing names, refs to nothing or to later steps."""
     if not program.steps:
         raise InvalidArgumentError("a program needs at least one step")
-    if len(program.steps) > MAX_STEPS:
+    if len(program.steps) > MAX_PROGRAM_STEPS:
         raise InvalidArgumentError(
-            f"a program has at most {MAX_STEPS} steps, not {len(program.steps)}"
+            f"a program has at most {MAX_PROGRAM_STEPS} steps, not {len(program.steps)}"
         )
     known: set[str] = set()
     for name, _ in program.inputs:

@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from tensorwire.codec import listed, shown
-from tensorwire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
 from tensorwire.errors import (
     DeadlineExceededError,
     NotFoundError,
     ResourceExhaustedError,
+    listed,
+    shown,
 )
+from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
 from tensorwire_server.batching import Batcher
 from tensorwire_server.models import Model
 from tensorwire_server.repository import ConfigError, ModelConfig

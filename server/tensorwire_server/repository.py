@@ -27,7 +27,7 @@ from typing import Any
 import tomllib
 from torch import nn
 
-from tensorwire.dtypes import WIRE_BY_NAME
+from tensorwire.wire.dtypes import WIRE_BY_NAME
 from tensorwire_server.models import (
     Model,
     TensorSpec,

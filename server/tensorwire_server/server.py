@@ -13,7 +13,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import tensorwire_server
-from tensorwire.channel import CHANNEL_OPTIONS
+from tensorwire.wire.protocol import CHANNEL_OPTIONS
 from tensorwire_server import kserve
 from tensorwire_server.engine import Engine
 from tensorwire_server.gate import Gate, Lifecycle

@@ -15,9 +15,6 @@ import torch
 from google.protobuf.message import Message
 
 import tensorwire_server
-from tensorwire import streaming
-from tensorwire.codec import Encoder, Handle, Received, receiver, shown
-from tensorwire.dtypes import WIRE_BY_NAME
 from tensorwire.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -25,9 +22,14 @@ from tensorwire.errors import (
     OutOfRangeError,
     TensorwireError,
     UnavailableError,
+    shown,
 )
-from tensorwire.streaming import DEFAULT_CHUNK_SIZE, StreamReceiver
 from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire import streaming
+from tensorwire.wire.codec import Encoder, Handle, Received, receiver
+from tensorwire.wire.dtypes import WIRE_BY_NAME
+from tensorwire.wire.protocol import SESSION_KEY
+from tensorwire.wire.streaming import DEFAULT_CHUNK_SIZE, StreamReceiver
 from tensorwire_server import observe, programs, training
 from tensorwire_server.engine import Engine, Export, GradOutcome, Named, as_array
 from tensorwire_server.limits import Limits
@@ -35,7 +37,7 @@ from tensorwire_server.loading import ModelControl
 from tensorwire_server.models import Model, TensorSpec
 from tensorwire_server.registry import FAILED, READY, ModelEntry
 from tensorwire_server.repository import ModelConfig
-from tensorwire_server.sessions import SESSION_KEY, Session, Sessions
+from tensorwire_server.sessions import Session, Sessions
 from tensorwire_server.staging import stager_for
 from tensorwire_server.statistics import StatsSnapshot
 from tensorwire_server.tensors import to_device

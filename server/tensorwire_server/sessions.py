@@ -19,13 +19,11 @@ from typing import Protocol
 
 import torch
 
-from tensorwire.codec import Handle, shown
-from tensorwire.errors import NotFoundError, ResourceExhaustedError
+from tensorwire.errors import NotFoundError, ResourceExhaustedError, shown
+from tensorwire.wire.codec import Handle
 
 log = logging.getLogger(__name__)
 
-#: The metadata key that names a call's session.
-SESSION_KEY = "x-tensorwire-session"
 # A kept view smaller than this share of its storage is copied out, so that a small
 # slice does not pin (and count against the quota) a large block.
 _COMPACT_SHARE = 0.5
@@ -340,4 +338,4 @@ def _describe(tensor: torch.Tensor) -> str:
     return f"{_dtype(tensor)} {list(tensor.shape)}"
 
 
-__all__ = ["SESSION_KEY", "Session", "Sessions", "owned"]
+__all__ = ["Session", "Sessions", "owned"]

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 
-from tensorwire.streaming import DEFAULT_CHUNK_SIZE
+from tensorwire.wire.streaming import DEFAULT_CHUNK_SIZE
 
 ENV_PREFIX = "TENSORWIRE_"
 

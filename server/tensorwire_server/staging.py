@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tensorwire.errors import ResourceExhaustedError
-from tensorwire.streaming import allocate_host
+from tensorwire.wire.streaming import allocate_host
 from tensorwire_server.limits import Limits
 
 #: Largest tensor staged through pinned host memory on its way to or from a GPU.

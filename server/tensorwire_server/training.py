@@ -17,8 +17,7 @@ from typing import Any, Final
 
 import torch
 
-from tensorwire.codec import listed, shown
-from tensorwire.errors import FailedPreconditionError, InvalidArgumentError
+from tensorwire.errors import FailedPreconditionError, InvalidArgumentError, listed, shown
 from tensorwire_server.engine import Engine, Named, bind, invoke, name_outputs
 from tensorwire_server.functions import FUNCTIONS, Function
 from tensorwire_server.models import Model, trainable

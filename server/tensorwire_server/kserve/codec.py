@@ -19,12 +19,18 @@ from typing import Any, Final, TypeVar
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
-from tensorwire import _framing
-from tensorwire.codec import as_wire_array, decode_array, layout, listed, shown
-from tensorwire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
-from tensorwire.errors import FailedPreconditionError, InvalidArgumentError, TensorwireError
-from tensorwire.kserve import grpc_service_pb2 as pb
+from tensorwire.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    TensorwireError,
+    listed,
+    shown,
+)
 from tensorwire.v1 import tensorwire_pb2 as twpb
+from tensorwire.wire import framing
+from tensorwire.wire.codec import as_wire_array, decode_array, layout
+from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
+from tensorwire_server.kserve import grpc_service_pb2 as pb
 from tensorwire_server.limits import Limits
 
 M = TypeVar("M", bound=Message)
@@ -127,7 +133,7 @@ def receive_infer(data: bytes) -> InferRequest | TensorwireError:
         kept: list[memoryview] = []
         raw: list[memoryview] = []
         run = 0  # where the current stretch of kept fields began
-        for number, wire_type, start, body, end in _framing.fields(view, 0, view.nbytes):
+        for number, wire_type, start, body, end in framing.fields(view, 0, view.nbytes):
             if number == _RAW_INPUTS and wire_type == 2:
                 kept.append(view[run:start])
                 raw.append(view[body:end])
@@ -297,12 +303,12 @@ class Answer:
     def streamed(self) -> bytes:
         """The serialized ModelStreamInferResponse holding this response."""
         pieces, size = self._pieces()
-        return _framing.part(_STREAM_RESPONSE, pieces, size)
+        return framing.part(_STREAM_RESPONSE, pieces, size)
 
-    def _pieces(self) -> tuple[list[_framing.Buffer], int]:
-        pieces: list[_framing.Buffer] = [self.message.SerializeToString()]
+    def _pieces(self) -> tuple[list[framing.Buffer], int]:
+        pieces: list[framing.Buffer] = [self.message.SerializeToString()]
         for payload in self.payloads:
-            pieces.extend(_framing.length_prefixed(_RAW_OUTPUTS, payload))
+            pieces.extend(framing.length_prefixed(_RAW_OUTPUTS, payload))
         return pieces, sum(memoryview(p).nbytes for p in pieces)
 
 

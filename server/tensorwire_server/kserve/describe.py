@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
-from tensorwire.kserve import grpc_service_pb2 as pb
+from tensorwire_server.kserve import grpc_service_pb2 as pb
 from tensorwire_server.kserve.codec import DATATYPE_OF
 from tensorwire_server.models import TensorSpec
 from tensorwire_server.registry import ModelEntry, ServedVersion

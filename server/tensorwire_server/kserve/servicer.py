@@ -14,19 +14,19 @@ import grpc
 from google.protobuf.message import Message
 
 import tensorwire_server
-from tensorwire.codec import shown
 from tensorwire.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     OutOfRangeError,
     TensorwireError,
+    shown,
 )
-from tensorwire.kserve import grpc_service_pb2 as pb
 from tensorwire_server import observe
 from tensorwire_server.engine import Engine
 from tensorwire_server.gate import Lifecycle
 from tensorwire_server.kserve import codec, describe
+from tensorwire_server.kserve import grpc_service_pb2 as pb
 from tensorwire_server.loading import ModelControl
 from tensorwire_server.registry import ModelEntry, ServedVersion
 from tensorwire_server.repository import ConfigError, model_names

@@ -14,10 +14,11 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 from google.protobuf.message import DecodeError, Message
 
-from tensorwire import _framing
-from tensorwire.dtypes import NAME_BY_WIRE, NUMPY_BY_WIRE, WIRE_BY_NAME, dtype_name, wire_dtype
-from tensorwire.errors import InvalidArgumentError, TensorwireError
+from tensorwire.errors import InvalidArgumentError, TensorwireError, shown
 from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire import framing
+from tensorwire.wire.dtypes import NAME_BY_WIRE, NUMPY_BY_WIRE, WIRE_BY_NAME, dtype_name, wire_dtype
+from tensorwire.wire.protocol import MAX_HANDLE_LENGTH
 
 M = TypeVar("M", bound=Message)
 
@@ -27,14 +28,6 @@ INLINE_LIMIT = 64 * 1024
 _INT64_MAX = 2**63 - 1
 # The most dimensions a NumPy array can have: 64 since NumPy 2, 32 before.
 _MAX_DIMS = 64 if np.lib.NumpyVersion(np.__version__) >= "2.0.0" else 32
-# An error message travels as gRPC metadata, which clients cap (8 KiB by default): past
-# that they get RESOURCE_EXHAUSTED instead of the error. So a client-supplied name is
-# quoted up to SHOWN characters, and a list of names up to LISTED of them.
-SHOWN = 100
-LISTED = 10
-
-#: The longest handle id a peer may send; a longer one cannot name a real handle.
-MAX_HANDLE_LENGTH = 64
 
 
 @dataclass(frozen=True)
@@ -75,20 +68,6 @@ def as_wire_array(arr: np.ndarray) -> np.ndarray:
     return np.asarray(arr.astype(target, order="C", copy=True))
 
 
-def shown(name: str) -> str:
-    """A client-supplied ``name`` quoted for an error message, cut short if long."""
-    if len(name) <= SHOWN:
-        return repr(name)
-    return f"{name[:SHOWN]!r}... ({len(name)} characters)"
-
-
-def listed(names: Iterable[str]) -> str:
-    """Names for an error message, comma-separated; at most LISTED, each cut short."""
-    items = list(names)
-    text = ", ".join(n if len(n) <= SHOWN else f"{n[:SHOWN]}..." for n in items[:LISTED])
-    return text + (f", ... ({len(items)} in all)" if len(items) > LISTED else "")
-
-
 def _element_count(shape: Sequence[int], name: str, itemsize: int) -> int:
     if len(shape) > _MAX_DIMS:
         raise InvalidArgumentError(
@@ -124,7 +103,7 @@ def layout(tensor: pb.Tensor, name: str) -> tuple[np.dtype[Any], tuple[int, ...]
     return dtype, shape, _element_count(shape, name, dtype.itemsize) * dtype.itemsize
 
 
-def decode_array(tensor: pb.Tensor, payload: _framing.Buffer, name: str) -> np.ndarray:
+def decode_array(tensor: pb.Tensor, payload: framing.Buffer, name: str) -> np.ndarray:
     """A view of ``payload`` as the array ``tensor`` describes, after checking dtype,
     shape and length; InvalidArgumentError naming ``name`` if not."""
     dtype, shape, expected = layout(tensor, name)
@@ -191,7 +170,7 @@ class Encoder(Generic[M]):
             # An empty payload of its own: the framing numbers every Tensor's data in
             # order, so a handle must hold a placeholder too, or the arrays after it
             # would land in the wrong tensors of a large or streamed message.
-            out.data = _framing.placeholder(len(self._slots))
+            out.data = framing.placeholder(len(self._slots))
             self._slots.append((out, memoryview(b"")))
             return
         assert not isinstance(arr, Handle)
@@ -203,7 +182,7 @@ class Encoder(Generic[M]):
         wire = as_wire_array(arr)
         # Cast through uint8 so ml_dtypes and bool arrays export a plain byte buffer.
         data = memoryview(wire.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
-        out.data = _framing.placeholder(len(self._slots))
+        out.data = framing.placeholder(len(self._slots))
         self._slots.append((out, data))
 
     def named(self, out: pb.NamedTensor, name: str, arr: np.ndarray | Handle) -> None:
@@ -245,16 +224,16 @@ class Encoder(Generic[M]):
             raw = bytes(self.message.SerializeToString())
             # Put the placeholders back: the message may yet be sent as a stream.
             for index, (out, _) in enumerate(self._slots):
-                out.data = _framing.placeholder(index)
+                out.data = framing.placeholder(index)
             return raw
         small = self.message.SerializeToString()
-        return _framing.put_payloads(small, self.message.DESCRIPTOR, self._payloads())
+        return framing.put_payloads(small, self.message.DESCRIPTOR, self._payloads())
 
     def header(self) -> tuple[bytes, list[memoryview]]:
         """The message as a stream header (every Tensor's data empty) and the
         payloads in the order their chunks follow it."""
         small = self.message.SerializeToString()
-        return _framing.strip_payloads(small, self.message.DESCRIPTOR, self._payloads())
+        return framing.strip_payloads(small, self.message.DESCRIPTOR, self._payloads())
 
     def _payloads(self) -> list[memoryview]:
         return [data for _, data in self._slots]
@@ -286,14 +265,14 @@ class Received(Generic[M]):
             return self.handle(tensor, name)
         if self.payloads is None or not tensor.data:
             return decode_array(tensor, tensor.data, name)
-        index = _framing.placeholder_index(tensor.data)
+        index = framing.placeholder_index(tensor.data)
         return decode_array(tensor, self.payloads[index], name)
 
     def handle(self, tensor: pb.Tensor, name: str) -> Any:
         """The Handle a Tensor names, or what ``resolve`` makes of it."""
         data = tensor.data
         if data and self.payloads is not None:  # a placeholder: its payload must be empty
-            data = bytes(self.payloads[_framing.placeholder_index(data)][:1])
+            data = bytes(self.payloads[framing.placeholder_index(data)][:1])
         if data:
             raise InvalidArgumentError(f"{name}: a tensor gives either a handle or data, not both")
         if len(tensor.handle) > MAX_HANDLE_LENGTH:
@@ -354,7 +333,7 @@ def receive(cls: type[M], raw: bytes) -> Received[M]:
     try:
         if len(raw) < INLINE_LIMIT:
             return Received(cls.FromString(raw))
-        small, payloads = _framing.take_payloads(raw, cls.DESCRIPTOR)
+        small, payloads = framing.take_payloads(raw, cls.DESCRIPTOR)
         return Received(cls.FromString(small), payloads)
     except DecodeError as exc:
         raise InvalidArgumentError(f"malformed {cls.DESCRIPTOR.name}: {exc}") from None

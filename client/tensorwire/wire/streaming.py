@@ -17,9 +17,9 @@ from typing import Any, Final, Generic
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from tensorwire import _framing
-from tensorwire.codec import Encoder, M, Received, layout, tensors_in
 from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
+from tensorwire.wire import framing
+from tensorwire.wire.codec import Encoder, M, Received, layout, tensors_in
 
 #: Bytes of payload per chunk message. Measured on loopback (docs/performance.md):
 #: 1 MiB chunks beat 256 KiB (per-message overhead) and 4 MiB+ (cache misses).
@@ -54,7 +54,7 @@ def parts(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, not {chunk_size}")
     header, payloads = encoder.header()
-    yield _framing.part(_framing.PART_HEADER, [header], len(header))
+    yield framing.part(framing.PART_HEADER, [header], len(header))
     total = sum(p.nbytes for p in payloads)
     done = 0
     if advance is not None:
@@ -69,13 +69,13 @@ def parts(
             size += take
             pos += take
             if size == chunk_size:
-                yield _framing.part(_framing.PART_CHUNK, pending, size)
+                yield framing.part(framing.PART_CHUNK, pending, size)
                 done += size
                 pending, size = [], 0
                 if advance is not None:
                     advance(done, total)
     if size:
-        yield _framing.part(_framing.PART_CHUNK, pending, size)
+        yield framing.part(framing.PART_CHUNK, pending, size)
         if advance is not None:
             advance(total, total)
 
@@ -109,12 +109,12 @@ class StreamReceiver(Generic[M]):
 
     def feed(self, raw: bytes) -> None:
         """Take the next serialized part."""
-        number, body = _framing.split_part(raw)
+        number, body = framing.split_part(raw)
         if self._message is None:
-            if number != _framing.PART_HEADER:
+            if number != framing.PART_HEADER:
                 raise InvalidArgumentError("malformed stream: a chunk came before the header")
             self._start(body)
-        elif number != _framing.PART_CHUNK:
+        elif number != framing.PART_CHUNK:
             raise InvalidArgumentError("malformed stream: a second header")
         else:
             self._write(body)
@@ -138,7 +138,7 @@ class StreamReceiver(Generic[M]):
         self._message = None
 
     def _start(self, header: memoryview) -> None:
-        small, count = _framing.number_payloads(header, self._cls.DESCRIPTOR)
+        small, count = framing.number_payloads(header, self._cls.DESCRIPTOR)
         try:
             message = self._cls.FromString(small)
         except DecodeError as exc:
@@ -149,7 +149,7 @@ class StreamReceiver(Generic[M]):
         allocated = [0] * count
         k = 0
         for name, tensor in tensors_in(message):
-            slot = _framing.placeholder_index(tensor.data)
+            slot = framing.placeholder_index(tensor.data)
             if tensor.handle:  # names a tensor held on the server: no bytes follow
                 views[slot] = memoryview(bytearray())
                 allocated[slot] = -1
