@@ -22,7 +22,7 @@ from tensorwire import (
     TensorwireError,
     UnavailableError,
 )
-from tensorwire._base import method_path
+from tensorwire._transport import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire_server.settings import Settings
 
@@ -178,7 +178,7 @@ def test_unreachable_server_names_the_target() -> None:
 
 
 def test_status_messages_are_clipped_to_travel() -> None:
-    from tensorwire_server.servicer import clip
+    from tensorwire_server.rpc import clip
 
     assert clip("short") == "short"
     long = "é" * 5000  # 10 000 bytes of UTF-8

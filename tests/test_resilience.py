@@ -31,18 +31,19 @@ from conftest import TESTS, spawn_server
 
 import tensorwire as tw
 from tensorwire import AsyncClient, Client, Progress
-from tensorwire._base import (
+from tensorwire._transport import (
     BACKOFF_MAX,
     METHODS,
     RETRY_CODES,
     SERVICE,
     backoff,
 )
-from tensorwire.channel import CHANNEL_OPTIONS, is_loopback
+from tensorwire.channel import is_loopback
 from tensorwire.cli import main
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import streaming
 from tensorwire.wire.codec import Encoder, receive
+from tensorwire.wire.protocol import CHANNEL_OPTIONS
 
 #: Answer the part of the response after its header with UNAVAILABLE (streams only).
 PARTIAL = "partial"
@@ -190,7 +191,7 @@ def test_backoff_is_full_jitter_below_a_capped_exponential() -> None:
 def test_every_service_method_declares_whether_it_may_be_sent_again() -> None:
     for method in SERVICE.methods:
         name = method.name.removesuffix("Stream")
-        assert name in METHODS, f"{method.name}: add it to tensorwire._base.METHODS"
+        assert name in METHODS, f"{method.name}: add it to tensorwire._transport.METHODS"
         assert METHODS[name].streamed or name == method.name
     # Admin actions are never sent twice: a second Load re-reads the files, a second
     # Unload finds nothing to unload. Nor is what makes, frees or changes a session's

@@ -20,6 +20,7 @@ import pytest
 import trustme
 
 from tensorwire import AsyncClient, Client, UnavailableError
+from tensorwire._messages import infer_request
 from tensorwire.targets import ROUND_ROBIN, Target, parse_target, pinned, replicas
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
@@ -151,7 +152,7 @@ def test_pinned_calls_stay_with_one_replica(three: Replicas) -> None:
         methods = client._pinned_methods()
         assert client._pinned_methods() is methods  # chosen once per client
         for _ in range(12):
-            methods["Infer"](client._prepare_infer("mlp", X, None).finish(), timeout=10)
+            methods["Infer"](infer_request("mlp", X, None, 0, False).finish(), timeout=10)
         first = three.served()
         assert sorted(first) == [0, 0, 12]
         holder = first.index(12)

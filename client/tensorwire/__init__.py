@@ -1,6 +1,5 @@
 """tensorwire: use a remote GPU from Python, with NumPy and no torch."""
 
-from tensorwire._base import USE_CLIENT_DEFAULT
 from tensorwire.aio import AsyncClient
 from tensorwire.client import Client
 from tensorwire.errors import (
@@ -18,24 +17,19 @@ from tensorwire.errors import (
     UnavailableError,
     UnimplementedError,
 )
-from tensorwire.remote import (
-    AsyncRemoteTensor,
-    AsyncTrainer,
-    Program,
-    ProgramResult,
-    RemoteGradResult,
-    RemoteTensor,
-    StepRef,
-    Trainer,
-)
+from tensorwire.programs import Program, StepRef
+from tensorwire.remote import AsyncRemoteTensor, AsyncTrainer, RemoteTensor, Trainer
 from tensorwire.types import (
+    USE_CLIENT_DEFAULT,
     DeviceInfo,
     DynamicBatching,
     GradResult,
     ModelInfo,
     ModelVersion,
+    ProgramResult,
     Progress,
     ProgressCallback,
+    RemoteGradResult,
     ServerInfo,
     SessionInfo,
     SessionsSummary,

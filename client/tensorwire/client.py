@@ -2,50 +2,41 @@
 
 from __future__ import annotations
 
-import contextlib
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, ClassVar, Literal, overload
+from typing import Any, ClassVar, Literal, TypeVar, overload
 
 import grpc
 import numpy as np
 
-from tensorwire._base import (
-    SESSION_CALL_TIMEOUT,
-    USE_CLIENT_DEFAULT,
-    BaseClient,
-    Inputs,
-    Timeout,
-    _Call,
-    _kept,
-    _owned,
-    _Retry,
-    _spec,
-    _Via,
-)
+from tensorwire._base import BaseClient
+from tensorwire._flow import Flow, Locked, Send
+from tensorwire._messages import OPTIMIZER_OPTIONS
 from tensorwire._session import SessionState
-from tensorwire.errors import NotFoundError, TensorwireError
-from tensorwire.remote import (
-    OPTIMIZER_OPTIONS,
-    Program,
-    ProgramResult,
-    RemoteGradResult,
-    RemoteTensor,
-    Trainer,
-)
+from tensorwire._transport import CallState, Retry
+from tensorwire.programs import Program
+from tensorwire.remote import RemoteTensor, Trainer
 from tensorwire.types import (
+    USE_CLIENT_DEFAULT,
     GradResult,
+    Inputs,
     ModelInfo,
+    ProgramResult,
     ProgressCallback,
+    RemoteGradResult,
     ServerInfo,
     SessionInfo,
+    Timeout,
     VersionStatistics,
 )
-from tensorwire.wire.codec import Encoder, Handle, Received, Ref
+from tensorwire.wire.codec import Handle, Received, Ref
+
+T = TypeVar("T")
 
 
-class Client(BaseClient):
+class Client(BaseClient[RemoteTensor, Trainer]):
     """A connection to a tensorwire server; use it as a context manager.
 
     ``target`` is "host:port", a gRPC target ("dns:///name:port", "unix:path"), or
@@ -87,6 +78,16 @@ class Client(BaseClient):
 
     _GRPC: ClassVar[Any] = grpc
 
+    def _remote_tensor(self, session: SessionState, handle: Handle) -> RemoteTensor:
+        return RemoteTensor(self, session, handle)
+
+    def _trainer(self, session: SessionState, id: str, **description: Any) -> Trainer:
+        return Trainer(self, session, id, **description)
+
+    @staticmethod
+    def _new_lock() -> Any:
+        return threading.Lock()
+
     def __enter__(self) -> Client:
         return self
 
@@ -102,27 +103,41 @@ class Client(BaseClient):
         """Close the session (freeing its tensors and trainers on the server) and the
         channel; calls made afterwards raise RuntimeError."""
         if not self._closed:
-            self._end_session()
+            self._drive(self._session.end())
             self._closed = True
             for channel in self._channels():
                 channel.close()
 
-    def _invoke(
-        self,
-        method: str,
-        encoder: Encoder[Any],
-        timeout: Timeout,
-        progress: ProgressCallback | None = None,
-        via: _Via | None = None,
-    ) -> Received[Any]:
-        call = self._begin(method, encoder, timeout, progress, via)
+    # ------------------------------------------------------------------ the loops
+
+    def _drive(self, flow: Flow[T]) -> T:
+        """Run ``flow``: make each call it yields and send back the answer, or throw
+        in the error; its return value is the result."""
+        try:
+            step = flow.send(None)
+            while True:
+                try:
+                    if isinstance(step, Locked):
+                        with self._session_lock:
+                            result: Any = self._drive(step.flow)
+                    else:
+                        result = self._invoke(step)
+                except BaseException as exc:
+                    step = flow.throw(exc)
+                else:
+                    step = flow.send(result)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+
+    def _invoke(self, send: Send) -> Received[Any]:
+        call = self._begin(send)
         while True:
             try:
                 return self._attempt(call)
-            except _Retry as retry:
+            except Retry as retry:
                 time.sleep(retry.delay)
 
-    def _attempt(self, call: _Call) -> Received[Any]:
+    def _attempt(self, call: CallState) -> Received[Any]:
         self._next_attempt(call)
         if not call.streamed:
             try:
@@ -135,7 +150,7 @@ class Client(BaseClient):
                 return self._unary_done(call, result)
         return self._stream(call)
 
-    def _stream(self, call: _Call) -> Received[Any]:
+    def _stream(self, call: CallState) -> Received[Any]:
         parts, receiver = self._stream_parts(call)
         rpc = call.methods[f"{call.method}Stream"](
             parts, timeout=call.remaining(), metadata=call.metadata
@@ -151,7 +166,7 @@ class Client(BaseClient):
 
     def info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
         """The server's versions, device, models with signatures, and Call functions."""
-        return self._finish_info(self._invoke("Info", self._prepare_info(), timeout))
+        return self._drive(self._info_flow(timeout))
 
     @overload
     def infer(
@@ -193,14 +208,8 @@ class Client(BaseClient):
         named) by name. ``version`` pins a version of the model (0: the newest
         serving); one not loaded is NotFoundError. ``keep``: the outputs stay on the
         server, returned as RemoteTensors."""
-        stateful = self._uses_session(inputs) or keep
-        request = self._prepare_infer(model, inputs, outputs, version, keep)
-        if not stateful:
-            return self._finish_infer(self._invoke("Infer", request, timeout, progress))
-        session, received = self._stateful("Infer", request, timeout, progress, keep=keep)
-        if keep:
-            return self._remotes(session, _kept(received, received.message.outputs))
-        return self._finish_infer(received)
+        flow = self._infer_flow(model, inputs, outputs, version, keep, timeout, progress)
+        return self._drive(flow)
 
     @overload
     def grad(
@@ -249,18 +258,10 @@ class Client(BaseClient):
         ``param_grads`` adds the gradients of the model's parameters; ``version`` pins
         a version of the model, and ``keep`` keeps the results on the server, as for
         ``infer``."""
-        stateful = self._uses_session(inputs, grad_outputs) or keep
-        request = self._prepare_grad(model, inputs, wrt, grad_outputs, param_grads, version, keep)
-        if not stateful:
-            return self._finish_grad(self._invoke("Grad", request, timeout, progress))
-        session, received = self._stateful("Grad", request, timeout, progress, keep=keep)
-        if not keep:
-            return self._finish_grad(received)
-        m = received.message
-        return RemoteGradResult(
-            outputs=self._remotes(session, _kept(received, m.outputs)),
-            grads=self._remotes(session, _kept(received, m.grads)),
-            param_grads=self._remotes(session, _kept(received, m.param_grads)),
+        return self._drive(
+            self._grad_flow(
+                model, inputs, wrt, grad_outputs, param_grads, version, keep, timeout, progress
+            )
         )
 
     @overload
@@ -295,15 +296,7 @@ class Client(BaseClient):
         """Run an allowlisted torch function (``"matmul"``, ``"linalg.svd"``, ...) on
         arrays, remote tensors and plain values; one array back, or a tuple for several
         results. ``keep``: the results stay on the server, as RemoteTensors."""
-        stateful = self._uses_session(args, kwargs) or keep
-        request = self._prepare_call(function, args, kwargs, keep)
-        if not stateful:
-            return self._finish_call(self._invoke("Call", request, timeout, progress))
-        session, received = self._stateful("Call", request, timeout, progress, keep=keep)
-        if not keep:
-            return self._finish_call(received)
-        kept = tuple(self._remotes(session, _kept(received, received.message.outputs)).values())
-        return kept[0] if len(kept) == 1 else kept
+        return self._drive(self._call_flow(function, args, kwargs, keep, timeout, progress))
 
     def call_grad(
         self,
@@ -317,11 +310,8 @@ class Client(BaseClient):
     ) -> GradResult:
         """Like ``call`` with gradients w.r.t. the positional arguments in ``wrt``;
         ``grads`` is keyed by position as a string ("0", "1")."""
-        stateful = self._uses_session(args, kwargs, grad_outputs)
-        request = self._prepare_call_grad(function, args, kwargs, wrt, grad_outputs)
-        if not stateful:
-            return self._finish_grad(self._invoke("Grad", request, timeout, progress))
-        return self._finish_grad(self._stateful("Grad", request, timeout, progress)[1])
+        flow = self._call_grad_flow(function, args, kwargs, wrt, grad_outputs, timeout, progress)
+        return self._drive(flow)
 
     def model_statistics(
         self, model: str = "", version: int = 0, *, timeout: Timeout = USE_CLIENT_DEFAULT
@@ -330,8 +320,7 @@ class Client(BaseClient):
         loaded: requests, failures, forward passes, batch sizes, time queued and
         computing; one entry per version (``version`` 0: every version), sorted by
         model, newest version first. NotFoundError for an unknown model or version."""
-        request = self._prepare_model_statistics(model, version)
-        return self._finish_model_statistics(self._invoke("ModelStatistics", request, timeout))
+        return self._drive(self._model_statistics_flow(model, version, timeout))
 
     def load_model(self, model: str, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ModelInfo:
         """Have the server (re)load ``model`` from its model repository: every version
@@ -340,8 +329,7 @@ class Client(BaseClient):
         model control "explicit"; NotFoundError when the repository has no such model;
         InvalidArgumentError when it fails to load (what served goes on serving).
         Never retried by the client, even when no server was reached."""
-        request = self._prepare_load_model(model)
-        return self._finish_load_model(self._invoke("Load", request, timeout))
+        return self._drive(self._load_model_flow(model, timeout))
 
     def unload_model(
         self, model: str, version: int = 0, *, timeout: Timeout = USE_CLIENT_DEFAULT
@@ -350,8 +338,7 @@ class Client(BaseClient):
         once requests in flight have finished and its memory is released.
         FailedPreconditionError unless the server runs with model control "explicit";
         NotFoundError for a model or version not loaded. Never retried by the client."""
-        request = self._prepare_unload_model(model, version)
-        self._finish_unload_model(self._invoke("Unload", request, timeout))
+        self._drive(self._unload_model_flow(model, version, timeout))
 
     # ------------------------------------------------------------------ remote tensors
 
@@ -365,33 +352,20 @@ class Client(BaseClient):
         """Store an array on the server, in this client's session; a RemoteTensor
         given makes a copy of it there. Never retried: a second Put would hold the
         tensor twice."""
-        self._uses_session(value)
-        session, received = self._stateful("Put", self._prepare_put(value), timeout, progress)
-        return RemoteTensor(self, session, self._finish_put(received))
+        return self._drive(self._put_flow(value, timeout, progress))
+
+    def get(self, tensor: RemoteTensor, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> np.ndarray:
+        """The data of a remote tensor, fetched from the server (``RemoteTensor.numpy``)."""
+        return self._drive(self._get_flow(tensor, timeout))
 
     def free(self, *items: RemoteTensor | Trainer, timeout: Timeout = USE_CLIENT_DEFAULT) -> None:
         """Release remote tensors and trainers on the server, in one call; freeing one
         twice, or one whose session has ended, is harmless."""
-        session, ids = self._to_free(items)
-        if session is not None:
-            self._free_ids(session, [*session.take_pending(), *ids], timeout)
+        self._drive(self._free_flow(items, timeout))
 
     def session_info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> SessionInfo:
         """What this client's session holds on the server (opening it if need be)."""
-        request = self._prepare_describe_session()
-        return self._finish_describe_session(self._stateful("DescribeSession", request, timeout)[1])
-
-    def _get(self, tensor: RemoteTensor, timeout: Timeout) -> np.ndarray:
-        """The data of ``tensor`` (``RemoteTensor.numpy``)."""
-        tensor._usable(self)
-        stream = tensor.nbytes >= self.stream_threshold  # streamed both ways: no 2 GiB cap
-        request = self._prepare_get(tensor.handle)
-        return self._finish_get(self._stateful("Get", request, timeout, stream=stream)[1])
-
-    def _remotes(
-        self, session: SessionState, handles: list[tuple[str, Handle]]
-    ) -> dict[str, RemoteTensor]:
-        return {name: RemoteTensor(self, session, handle) for name, handle in handles}
+        return self._drive(self._session_info_flow(timeout))
 
     # ------------------------------------------------------------------ programs
 
@@ -435,16 +409,7 @@ class Client(BaseClient):
         step's results) named by their refs, and with ``loss`` (a ref to a scalar) its
         gradient with respect to the inputs in ``wrt`` (default: every floating point
         input). ``keep``: the results stay on the server, as RemoteTensors."""
-        self._uses_session(inputs, [(s.args, s.kwargs) for s in program._steps])
-        request = self._prepare_run(program, inputs, outputs, loss, wrt, keep)
-        session, received = self._stateful("Run", request, timeout, keep=keep)
-        m = received.message
-        if keep:
-            return ProgramResult(
-                self._remotes(session, _kept(received, m.outputs)),
-                self._remotes(session, _kept(received, m.grads)),
-            )
-        return ProgramResult(_owned(received, m.outputs), _owned(received, m.grads))
+        return self._drive(self._run_flow(program, inputs, outputs, loss, wrt, keep, timeout))
 
     # ------------------------------------------------------------------ training
 
@@ -473,101 +438,23 @@ class Client(BaseClient):
         torch's defaults."""
         values = (lr, momentum, dampening, weight_decay, nesterov, betas, eps, amsgrad)
         options = dict(zip(OPTIMIZER_OPTIONS, values, strict=True))
-        request = self._prepare_trainer(model, version, optimizer, options, loss, loss_options)
-        session, received = self._stateful("CreateTrainer", request, timeout)
-        m = received.message
-        return Trainer(
-            self,
-            session,
-            m.trainer,
-            model=model,
-            optimizer=optimizer,
-            loss=loss,
-            parameters=tuple(_spec(p) for p in m.parameters),
-            nbytes=m.bytes,
-        )
+        flow = self._trainer_flow(model, version, optimizer, options, loss, loss_options, timeout)
+        return self._drive(flow)
 
-    def _step(
-        self, trainer: Trainer, inputs: Inputs, target: Any, output: str | None, timeout: Timeout
-    ) -> float:
-        """One training step (``Trainer.step``)."""
-        trainer._usable(self)
-        self._uses_session(inputs, target)
-        request = self._prepare_step(trainer.id, inputs, target, output)
-        m = self._stateful("Step", request, timeout)[1].message
-        trainer.steps = int(m.step)
-        return float(m.loss)
-
-    def _parameters(self, trainer: Trainer, timeout: Timeout) -> dict[str, np.ndarray]:
-        """A trainer's parameters (``Trainer.parameters``)."""
-        trainer._usable(self)
-        request = self._prepare_parameters(trainer.id)
-        return self._finish_parameters(self._stateful("Parameters", request, timeout)[1])
-
-    # ------------------------------------------------------------------ the session
-
-    def _stateful(
+    def step(
         self,
-        method: str,
-        encoder: Encoder[Any],
-        timeout: Timeout,
-        progress: ProgressCallback | None = None,
+        trainer: Trainer,
+        inputs: Inputs,
+        target: Any,
         *,
-        keep: bool = False,
-        stream: bool = False,
-    ) -> tuple[SessionState, Received[Any]]:
-        """Make a call in this client's session, opening it if need be; ``keep``: the
-        call makes handles, so it is never sent twice."""
-        session = self._open_session(timeout)
-        via = self._via(session, idempotent=False if keep else None, stream=stream)
-        try:
-            return session, self._invoke(method, encoder, timeout, progress, via)
-        except NotFoundError as exc:
-            if self._session_exists(session):
-                raise
-            raise self._session_lost(session) from exc
+        output: str | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
+    ) -> float:
+        """One training step of ``trainer`` (``Trainer.step``)."""
+        return self._drive(self._step_flow(trainer, inputs, target, output, timeout))
 
-    def _open_session(self, timeout: Timeout) -> SessionState:
-        """The session, opened on first use; frees what garbage collection queued."""
-        session = self._session
-        if session is None:
-            with self._session_lock:
-                session = self._session
-                if session is None:
-                    request = self._prepare_open_session()
-                    received = self._invoke("OpenSession", request, timeout, None, self._via(None))
-                    session = self._session = self._finish_open_session(received)
-        ids = session.take_pending()
-        if ids:
-            self._free_ids(session, ids, timeout)
-        return session
-
-    def _free_ids(self, session: SessionState, ids: list[str], timeout: Timeout) -> None:
-        try:
-            self._invoke("Free", self._prepare_free(ids), timeout, None, self._via(session))
-        except NotFoundError:
-            pass  # one was gone already (the others are freed all the same), or all were
-        except BaseException:
-            session.pending.extend(ids)  # freed on the next call instead
-            raise
-
-    def _session_exists(self, session: SessionState) -> bool:
-        """Whether the server still has ``session``; True when it cannot tell."""
-        request = self._prepare_describe_session()
-        try:
-            self._invoke("DescribeSession", request, SESSION_CALL_TIMEOUT, None, self._via(session))
-        except NotFoundError:
-            return False
-        except TensorwireError:
-            pass
-        return True
-
-    def _end_session(self) -> None:
-        """Close the session, best effort: the server frees it by its TTL anyway."""
-        session, self._session = self._session, None
-        if session is None or session.ended is not None:
-            return
-        session.ended = "was closed"
-        request = self._prepare_close_session()
-        with contextlib.suppress(TensorwireError, grpc.RpcError):
-            self._invoke("CloseSession", request, SESSION_CALL_TIMEOUT, None, self._via(session))
+    def parameters(
+        self, trainer: Trainer, *, timeout: Timeout = USE_CLIENT_DEFAULT
+    ) -> dict[str, np.ndarray]:
+        """The parameters of ``trainer`` now (``Trainer.parameters``)."""
+        return self._drive(self._parameters_flow(trainer, timeout))

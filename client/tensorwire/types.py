@@ -1,15 +1,35 @@
-"""Typed results and callbacks of the client: server description, gradients, progress,
-sessions."""
+"""The client's public types: arguments (timeouts, inputs), results (server description,
+gradients, programs, sessions) and the progress callback."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Final, Generic, Literal, TypeVar
 
 import numpy as np
 
-from tensorwire.wire.codec import Handle
+from tensorwire.wire.codec import Handle, Ref
+
+T = TypeVar("T")
+
+
+class UseClientDefault:
+    """The type of USE_CLIENT_DEFAULT."""
+
+    def __repr__(self) -> str:
+        return "USE_CLIENT_DEFAULT"
+
+
+#: Passed as ``timeout`` (the default), it means "use the client's timeout".
+USE_CLIENT_DEFAULT: Final = UseClientDefault()
+
+#: A call's deadline in seconds: a number, None for no deadline, or USE_CLIENT_DEFAULT.
+Timeout = float | None | UseClientDefault
+
+#: A model's inputs: one array, a sequence bound by position, or a mapping by name;
+#: each an array or a remote tensor.
+Inputs = np.ndarray | Sequence[Any] | Mapping[str, Any]
 
 
 @dataclass(frozen=True)
@@ -183,3 +203,30 @@ class SessionInfo:
     bytes: int
     quota_bytes: int
     ttl_seconds: float
+
+
+@dataclass(frozen=True)
+class RemoteGradResult(Generic[T]):
+    """``grad(..., keep=True)``: outputs and gradients as remote tensors, keyed as in
+    GradResult."""
+
+    outputs: dict[str, T]
+    grads: dict[str, T]
+    param_grads: dict[str, T] = field(default_factory=dict)
+
+
+def ref_name(ref: Ref | str) -> str:
+    """The wire name of a program ref given as a Ref or a string."""
+    return ref.name if isinstance(ref, Ref) else str(ref)
+
+
+@dataclass(frozen=True)
+class ProgramResult(Generic[T]):
+    """What ``run`` returns: ``outputs`` named by their refs (``result[ref]`` reads
+    one) and the loss's gradients named as in ``wrt``."""
+
+    outputs: dict[str, T]
+    grads: dict[str, T] = field(default_factory=dict)
+
+    def __getitem__(self, ref: Ref | str) -> T:
+        return self.outputs[ref_name(ref)]
