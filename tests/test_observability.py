@@ -3,6 +3,7 @@ server's access log (JSON on request) names too."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -15,7 +16,7 @@ import pytest
 from conftest import spawn_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensorwire import Client, NotFoundError
+from tensorwire import AsyncClient, Client, NotFoundError, UnavailableError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.v1 import tensorwire_pb2_grpc as pb_grpc
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
@@ -139,3 +140,42 @@ def test_json_logs_name_each_request_by_its_id(access: str) -> None:
     ok_id = dict(ok.trailing_metadata())["x-request-id"]
     logged = [r for r in records if r.get("request_id") == ok_id]
     assert [r["code"] for r in logged] == (["OK"] if access == "all" else [])
+
+
+def test_client_errors_carry_the_request_id_the_log_names() -> None:
+    flags = ("--device", "cpu", "--log-format", "json")
+    x = np.arange(10, dtype=np.float32)
+    with spawn_server(*flags) as (proc, address, lines):
+        with Client(address, timeout=10) as c, pytest.raises(NotFoundError) as unary:
+            c.infer("nope", x)
+        # Streamed both ways: the id comes back on a stream's error too.
+        with (
+            Client(address, timeout=10, stream_threshold=0) as c,
+            pytest.raises(NotFoundError) as streamed,
+        ):
+            c.infer("nope-either", x)
+
+        async def failing() -> str | None:
+            async with AsyncClient(address, timeout=10) as ac:
+                try:
+                    await ac.infer("nor-this", x)
+                except NotFoundError as exc:
+                    return exc.request_id
+            return None
+
+        async_id = asyncio.run(failing())
+        proc.terminate()
+        proc.wait(30)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "server stopped" not in "".join(lines):
+            time.sleep(0.05)
+    ids = [unary.value.request_id, streamed.value.request_id, async_id]
+    assert all(i is not None and re.fullmatch(r"[0-9a-f]{32}", i) for i in ids), ids
+    assert f"(request id {ids[0]})" in str(unary.value)
+    records = [json.loads(line) for line in lines if line.strip()]
+    logged = {r["request_id"]: r for r in records if r.get("code") == "NOT_FOUND"}
+    assert all(i in logged for i in ids), (ids, sorted(logged))
+    # No server answered: no id to give.
+    with Client("127.0.0.1:1", timeout=1, retries=0) as c, pytest.raises(UnavailableError) as lost:
+        c.info()
+    assert lost.value.request_id is None
