@@ -9,7 +9,7 @@ from typing import Any, Final, TypeVar
 import numpy as np
 
 from tensorwire.errors import InternalError, InvalidArgumentError
-from tensorwire.programs import Program
+from tensorwire.programs import Program, leaves
 from tensorwire.types import (
     DeviceInfo,
     DynamicBatching,
@@ -70,14 +70,7 @@ def named_inputs(inputs: Inputs) -> list[tuple[str, np.ndarray | Handle]]:
 def remote_values(value: Any) -> Iterator[Any]:
     """Every remote tensor (anything with a Handle) in ``value``, through tuples,
     lists and mapping values."""
-    if as_handle(value) is not None:
-        yield value
-    elif isinstance(value, list | tuple):
-        for item in value:
-            yield from remote_values(item)
-    elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from remote_values(item)
+    return (leaf for leaf in leaves(value) if as_handle(leaf) is not None)
 
 
 def checked_version(version: int) -> int:

@@ -125,13 +125,19 @@ class Program:
             raise ValueError(f"{what} name {name!r} is taken in this program")
 
 
-def _refs(value: Any) -> Iterator[Ref]:
-    """Every Ref in ``value``, through tuples, lists and dict values."""
-    if isinstance(value, Ref):
-        yield value
-    elif isinstance(value, list | tuple):
+def leaves(value: Any) -> Iterator[Any]:
+    """Every value inside ``value`` that is not a list, tuple or mapping: the
+    arguments a call's nested lists and dicts hold."""
+    if isinstance(value, list | tuple):
         for item in value:
-            yield from _refs(item)
+            yield from leaves(item)
     elif isinstance(value, Mapping):
         for item in value.values():
-            yield from _refs(item)
+            yield from leaves(item)
+    else:
+        yield value
+
+
+def _refs(value: Any) -> Iterator[Ref]:
+    """Every Ref in ``value``, through tuples, lists and dict values."""
+    return (leaf for leaf in leaves(value) if isinstance(leaf, Ref))
