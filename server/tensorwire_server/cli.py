@@ -8,7 +8,7 @@ from dataclasses import fields
 
 from tensorwire_server.models import parse_model_option
 from tensorwire_server.server import serve
-from tensorwire_server.settings import ACCESS_LOGS, Settings
+from tensorwire_server.settings import ACCESS_LOGS, LOG_FORMATS, MODEL_CONTROLS, Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-repo", metavar="DIR", help="serve a model repository")
     parser.add_argument(
         "--model-control",
-        choices=("none", "explicit"),
+        choices=MODEL_CONTROLS,
         help="explicit: Load and Unload RPCs change models while serving (default none)",
     )
     parser.add_argument(
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         "--chunk-size", type=int, help="payload bytes per streamed chunk (default 1 MiB)"
     )
     parser.add_argument("--log-level", help="DEBUG, INFO (default), WARNING, ERROR")
-    parser.add_argument("--log-format", choices=("text", "json"), help="log lines (text)")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, help="log lines (text)")
     parser.add_argument(
         "--access-log",
         choices=ACCESS_LOGS,

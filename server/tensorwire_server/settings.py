@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import os
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Final
+from typing import Any, Final, Literal, Union, get_args, get_origin, get_type_hints
 
 from tensorwire.wire.streaming import DEFAULT_CHUNK_SIZE
 
 ENV_PREFIX = "TENSORWIRE_"
 
+#: How log lines are written: plain text or one JSON object per line.
+LogFormat = Literal["text", "json"]
+#: Which RPCs write an access record.
+AccessLog = Literal["errors", "all", "none"]
+#: Whether the Load and Unload RPCs may change the models while serving.
+ModelControlMode = Literal["none", "explicit"]
 
-#: Values of ``Settings.access_log``: which RPCs write an access record.
-ACCESS_LOGS: Final = ("errors", "all", "none")
+#: The choices of each of those settings (the command line offers the same).
+LOG_FORMATS: Final = get_args(LogFormat)
+ACCESS_LOGS: Final = get_args(AccessLog)
+MODEL_CONTROLS: Final = get_args(ModelControlMode)
 
 
 @dataclass(frozen=True)
@@ -36,7 +45,7 @@ class Settings:
     model_repo: str | None = None
     #: ``none``: the models loaded at start serve until exit; ``explicit``: the Load
     #: and Unload RPCs (admin scope) add, replace and remove models while serving.
-    model_control: str = "none"
+    model_control: ModelControlMode = "none"
     #: Refuse to start when any model or version fails to load (else: logged, reported
     #: in Info, and the others serve).
     strict: bool = False
@@ -50,11 +59,11 @@ class Settings:
     #: Logging level name.
     log_level: str = "INFO"
     #: Log lines as ``text`` or ``json`` (one object per line, with request ids).
-    log_format: str = "text"
+    log_format: LogFormat = "text"
     #: Which RPCs write an access record: ``errors`` (those that did not end OK),
     #: ``all``, or ``none``. Metrics count every RPC either way; a record for each
     #: success costs about 15% of a small request's server CPU.
-    access_log: str = "errors"
+    access_log: AccessLog = "errors"
     #: Port of the Prometheus metrics endpoint (HTTP, on ``host``); none: no endpoint.
     metrics_port: int | None = None
     #: Port of a second, plain-text listener on ``host`` that answers only the gRPC
@@ -108,11 +117,12 @@ class Settings:
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, replaced by TENSORWIRE_* variables, replaced by non-None overrides."""
         environ = os.environ if environ is None else environ
+        hints = get_type_hints(cls)
         values: dict[str, Any] = {}
         for f in fields(cls):
             raw = environ.get(ENV_PREFIX + f.name.upper())
             if raw is not None:
-                values[f.name] = _parse(f.name, raw, f.type)
+                values[f.name] = _parse(f.name, raw, hints[f.name])
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -132,12 +142,11 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
-        if self.log_format not in ("text", "json"):
-            raise ValueError(f"log_format must be text or json, not {self.log_format!r}")
-        if self.access_log not in ACCESS_LOGS:
-            raise ValueError(f"access_log must be errors, all or none, not {self.access_log!r}")
-        if self.model_control not in ("none", "explicit"):
-            raise ValueError(f"model_control must be none or explicit, not {self.model_control!r}")
+        for name, kind in get_type_hints(type(self)).items():
+            choices = get_args(kind) if get_origin(kind) is Literal else ()
+            value = getattr(self, name)
+            if choices and value not in choices:
+                raise ValueError(f"{name} must be {_one_of(choices)}, not {value!r}")
         if self.max_connection_age is not None and self.max_connection_age <= 0:
             raise ValueError(f"max_connection_age must be positive, not {self.max_connection_age}")
         if self.shutdown_grace < 0:
@@ -145,19 +154,35 @@ class Settings:
 
 
 def _parse(name: str, raw: str, kind: Any) -> Any:
-    kind = str(kind).removesuffix(" | None")
+    """``raw`` as a value of the setting's type (``kind``, its resolved type hint)."""
+    kind = _without_none(kind)
     try:
-        if kind == "int":
+        if kind is int:
             return int(raw)
-        if kind == "float":
+        if kind is float:
             return float(raw)
-        if kind == "bool":
+        if kind is bool:
             if raw.lower() not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
                 raise ValueError(raw)
             return raw.lower() in ("1", "true", "yes", "on")
-        if kind.startswith("Mapping"):
+        if get_origin(kind) is Mapping:
             pairs = (item.partition("=") for item in raw.split(",") if item.strip())
             return {k.strip(): v.strip() for k, _, v in pairs}
     except ValueError:
-        raise ValueError(f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind}") from None
-    return raw
+        raise ValueError(
+            f"{ENV_PREFIX}{name.upper()}={raw!r} is not a valid {kind.__name__}"
+        ) from None
+    return raw  # a string, or a choice __post_init__ checks
+
+
+def _without_none(kind: Any) -> Any:
+    """``X`` for an optional ``X | None``; ``kind`` itself otherwise."""
+    if get_origin(kind) in (Union, types.UnionType):
+        (kind,) = (arg for arg in get_args(kind) if arg is not type(None))
+    return kind
+
+
+def _one_of(choices: tuple[Any, ...]) -> str:
+    """``a, b or c``: the choices as a sentence lists them."""
+    *rest, last = map(str, choices)
+    return f"{', '.join(rest)} or {last}" if rest else last
