@@ -17,7 +17,7 @@ from torch import nn
 import tensorwire as tw
 from tensorwire_server.engine import Engine
 from tensorwire_server.loading import builtin_config
-from tensorwire_server.models import Model, TensorSpec, builtin_models
+from tensorwire_server.models import IOSpec, Model, builtin_models
 from tensorwire_server.repository import Batching, ModelConfig
 from tensorwire_server.settings import Settings
 
@@ -61,8 +61,8 @@ def serve(
     batching: bool = True,
 ) -> Engine:
     engine = Engine(CPU)
-    spec = TensorSpec("input", "float32", (-1, 4))
-    model = Model("gated", module, (spec,), (TensorSpec("output", "float32", (-1, 4)),))
+    spec = IOSpec("input", "float32", (-1, 4))
+    model = Model("gated", module, (spec,), (IOSpec("output", "float32", (-1, 4)),))
     config = ModelConfig(
         "gated",
         inputs=model.inputs,

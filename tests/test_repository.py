@@ -19,7 +19,7 @@ from repo_fixtures import (
 )
 from safetensors.torch import save_file
 
-from tensorwire_server.models import TensorSpec, load_model
+from tensorwire_server.models import IOSpec, load_model
 from tensorwire_server.repository import (
     Batching,
     ConfigError,
@@ -94,12 +94,12 @@ def test_model_names_needs_a_directory(tmp_path: Path) -> None:
 
 
 def test_read_config_of_the_fixture(repo: Path) -> None:
-    spec = TensorSpec("input", "float32", (-1, 4))
+    spec = IOSpec("input", "float32", (-1, 4))
     assert read_config(repo / "scaler") == ModelConfig(
         name="scaler",
         description="input times 2 (version 1) or 3 (version 2)",
         inputs=(spec,),
-        outputs=(TensorSpec("output", "float32", (-1, 4)),),
+        outputs=(IOSpec("output", "float32", (-1, 4)),),
         max_batch_size=32,
         batching=Batching(max_queue_delay=0.001),
         path=repo / "scaler",
@@ -107,7 +107,7 @@ def test_read_config_of_the_fixture(repo: Path) -> None:
     regressor = read_config(repo / "regressor")
     assert regressor.factory == "model.py:build"
     assert regressor.batching is None
-    assert regressor.outputs == (TensorSpec("output", "float32", (-1, 2)),)
+    assert regressor.outputs == (IOSpec("output", "float32", (-1, 2)),)
 
 
 def test_an_empty_model_toml_means_the_defaults(tmp_path: Path) -> None:
@@ -155,8 +155,8 @@ b = { shape = [16, 2], dtype = "bool" }
     assert config == ModelConfig(
         name="every-key",
         description="all of it",
-        inputs=(TensorSpec("a", "float16", (-1, 3, 3)), TensorSpec("b")),
-        outputs=(TensorSpec("c", None, (-1,)),),
+        inputs=(IOSpec("a", "float16", (-1, 3, 3)), IOSpec("b")),
+        outputs=(IOSpec("c", None, (-1,)),),
         max_batch_size=16,
         batching=Batching(max_queue_delay=0.0025, preferred_batch_sizes=(4, 8, 16)),
         instances=3,
@@ -463,14 +463,14 @@ def test_without_a_declared_signature_the_file_tells(repo: Path) -> None:
         )
     scaler = read_config(repo / "scaler")
     scripted = load_version(scaler, 1)
-    assert scripted.inputs == (TensorSpec("input"),)
+    assert scripted.inputs == (IOSpec("input"),)
     assert scripted.outputs == ()
     assert scripted.description == f"TorchScript model from {repo / 'scaler' / '1' / 'model.pt'}"
     exported = load_version(scaler, 2)
-    assert exported.inputs == (TensorSpec("input", "float32", (-1, 4)),)
+    assert exported.inputs == (IOSpec("input", "float32", (-1, 4)),)
     assert "model.pt2" in exported.description
     regressor = load_version(read_config(repo / "regressor"), 1)
-    assert regressor.inputs == (TensorSpec("input"),)
+    assert regressor.inputs == (IOSpec("input"),)
     assert "model.py:build" in regressor.description
     assert "1/model.safetensors" in regressor.description
 
@@ -482,7 +482,7 @@ def test_an_importable_factory_and_one_returning_a_model(tmp_path: Path) -> None
     b = torch.arange(5, dtype=torch.float64)
     save_file({"a": a, "b": b}, folder / "1" / "model.safetensors")
     loaded = load_version(read_config(folder), 1)
-    assert loaded.inputs == (TensorSpec("x"),)
+    assert loaded.inputs == (IOSpec("x"),)
     x = torch.ones(5, dtype=torch.float64)
     # sum((x @ a.T) ** 2) + x @ b = 5 + 10
     torch.testing.assert_close(loaded.module(x).detach(), torch.tensor(15.0, dtype=torch.float64))
@@ -614,12 +614,12 @@ def test_the_example_repository_loads_every_model_and_version() -> None:
 
 def test_load_model_still_loads_files_and_factories(repo: Path) -> None:
     scripted = load_model("s", str(repo / "scaler" / "1" / "model.pt"))
-    assert (scripted.kind, scripted.inputs) == ("torchscript", (TensorSpec("input"),))
+    assert (scripted.kind, scripted.inputs) == ("torchscript", (IOSpec("input"),))
     exported = load_model("e", str(repo / "scaler" / "2" / "model.pt2"))
     assert exported.kind == "export"
-    assert exported.inputs == (TensorSpec("input", "float32", (-1, 4)),)
+    assert exported.inputs == (IOSpec("input", "float32", (-1, 4)),)
     torch.testing.assert_close(exported.module(X), X * 3)
     factory = load_model("q", "toy_models:quadratic")
-    assert (factory.kind, factory.inputs) == ("python", (TensorSpec("x"),))
+    assert (factory.kind, factory.inputs) == ("python", (IOSpec("x"),))
     with pytest.raises(ValueError, match="cannot load TorchScript"):
         load_model("b", str(make_broken_model(repo) / "1" / "model.pt"))

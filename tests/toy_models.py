@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tensorwire_server.models import Model, TensorSpec
+from tensorwire_server.models import IOSpec, Model
 
 
 class Quadratic(nn.Module):
@@ -36,8 +36,8 @@ def two_heads() -> Model:
     return Model(
         "two_heads",
         TwoHeads(),
-        (TensorSpec("x", "float64", (-1,)), TensorSpec("y", "float64", (-1,))),
-        (TensorSpec("sum"), TensorSpec("prod")),
+        (IOSpec("x", "float64", (-1,)), IOSpec("y", "float64", (-1,))),
+        (IOSpec("sum"), IOSpec("prod")),
         description="x + y and sin(x) * y",
     )
 

@@ -27,10 +27,10 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     TensorwireError,
 )
+from tensorwire_server.named import Named
 from tensorwire_server.repository import Batching
 from tensorwire_server.statistics import VersionStats
 
-Named = list[tuple[str, np.ndarray]]
 I = TypeVar("I")  # noqa: E741 -- an instance of the model, whatever the registry makes it
 
 # Errors a request's own inputs can cause: in a batch, the batch is re-run one request
@@ -56,7 +56,9 @@ class _Pending:
         "rows",
     )
 
-    def __init__(self, inputs: Named, key: object, rows: int, deadline: float | None) -> None:
+    def __init__(
+        self, inputs: Named[np.ndarray], key: object, rows: int, deadline: float | None
+    ) -> None:
         self.inputs = inputs
         self.key = key
         self.rows = rows
@@ -65,7 +67,7 @@ class _Pending:
         self.queued = True
         self.finished = False
         self.done = threading.Event()
-        self.outputs: Named = []
+        self.outputs: Named[np.ndarray] = []
         self.error: BaseException | None = None
         self.batch = 0
         self.lead: object | None = None  # an instance handed to this request's thread
@@ -83,7 +85,7 @@ class Batcher(Generic[I]):
         self,
         model: str,
         instances: Sequence[I],
-        execute: Callable[[I, Named], Named],
+        execute: Callable[[I, Named[np.ndarray]], Named[np.ndarray]],
         max_batch_size: int,
         batching: Batching,
         max_queue_size: int,
@@ -108,7 +110,9 @@ class Batcher(Generic[I]):
         with self._lock:
             return len(self._queue)
 
-    def submit(self, inputs: Named, deadline: float | None) -> tuple[Named, int]:
+    def submit(
+        self, inputs: Named[np.ndarray], deadline: float | None
+    ) -> tuple[Named[np.ndarray], int]:
         """Run ``inputs`` (bound and checked against the signature) in a batch; return
         this request's outputs and the rows of the forward pass that made them.
         ``deadline`` is a ``time.monotonic()`` instant: a request still queued then
@@ -129,7 +133,7 @@ class Batcher(Generic[I]):
             self._lead(instance)
         return self._await(pending)
 
-    def _await(self, pending: _Pending) -> tuple[Named, int]:
+    def _await(self, pending: _Pending) -> tuple[Named[np.ndarray], int]:
         while True:
             timeout = None if pending.deadline is None else pending.deadline - time.monotonic()
             if not pending.done.wait(None if timeout is None else max(timeout, 0.0)):
@@ -208,7 +212,7 @@ class Batcher(Generic[I]):
     def _run(self, instance: I, batch: list[_Pending]) -> None:
         started = time.monotonic()
         rows = sum(p.rows for p in batch)
-        results: list[Named | BaseException] | None
+        results: list[Named[np.ndarray] | BaseException] | None
         try:
             if len(batch) == 1:
                 results = [self.execute(instance, batch[0].inputs)]
@@ -234,7 +238,7 @@ class Batcher(Generic[I]):
     def _one_by_one(self, instance: I, batch: list[_Pending], started: float) -> None:
         for pending in batch:
             began = time.monotonic()
-            result: Named | BaseException
+            result: Named[np.ndarray] | BaseException
             try:
                 result = self.execute(instance, pending.inputs)
             except Exception as exc:
@@ -243,7 +247,11 @@ class Batcher(Generic[I]):
             self._answer(pending, result, pending.rows, started)
 
     def _answer(
-        self, pending: _Pending, result: Named | BaseException, rows: int, started: float
+        self,
+        pending: _Pending,
+        result: Named[np.ndarray] | BaseException,
+        rows: int,
+        started: float,
     ) -> None:
         self.stats.answered(not isinstance(result, BaseException), started - pending.enqueued)
         with self._lock:
@@ -260,7 +268,7 @@ class _SplitError(Exception):
     """A batch's outputs do not share its first dimension: they cannot be split."""
 
 
-def _batchable(inputs: Named, max_batch_size: int) -> tuple[int, object]:
+def _batchable(inputs: Named[np.ndarray], max_batch_size: int) -> tuple[int, object]:
     """The request's rows, and the key requests must share to be stacked with it
     (None: it runs alone, as a request larger than a batch or without a common first
     dimension does)."""
@@ -273,11 +281,11 @@ def _batchable(inputs: Named, max_batch_size: int) -> tuple[int, object]:
     return rows, tuple((name, arr.dtype.str, arr.shape[1:]) for name, arr in inputs)
 
 
-def _split(outputs: Named, batch: list[_Pending], rows: int) -> list[Named]:
+def _split(outputs: Named[np.ndarray], batch: list[_Pending], rows: int) -> list[Named[np.ndarray]]:
     """Each request's rows of every output (views: no copy)."""
     if any(arr.ndim == 0 or arr.shape[0] != rows for _, arr in outputs):
         raise _SplitError
-    split: list[Named] = []
+    split: list[Named[np.ndarray]] = []
     start = 0
     for pending in batch:
         stop = start + pending.rows

@@ -29,15 +29,14 @@ from tensorwire.errors import (
 )
 from tensorwire.wire.dtypes import WIRE_BY_NAME
 from tensorwire_server.functions import FUNCTIONS, Function
-from tensorwire_server.models import Model, TensorSpec, trainable
+from tensorwire_server.models import IOSpec, Model, trainable
+from tensorwire_server.named import Named
 from tensorwire_server.registry import Instance, ModelRegistry, ServedVersion
 from tensorwire_server.repository import ModelConfig
-from tensorwire_server.tensors import is_differentiable, to_device, to_numpy
+from tensorwire_server.tensors import dtype_name, is_differentiable, to_device, to_numpy
 
 log = logging.getLogger(__name__)
 
-#: Named tensors: arrays from the wire, or device tensors a session holds (handles).
-Named = list[tuple[str, Any]]
 #: Turns a result tensor into what the caller gets: by default a detached CPU NumPy
 #: array; a session's ``keep`` stores it on the device and gives a Handle instead.
 Export = Callable[[str, torch.Tensor], Any]
@@ -64,7 +63,7 @@ class Inference:
     """A model's outputs, the version that made them and the rows of the forward pass
     that ran them (more than the request's own when it was batched)."""
 
-    outputs: Named
+    outputs: Named[Any]
     version: int
     batch: int
 
@@ -73,9 +72,9 @@ class Inference:
 class GradOutcome:
     """Outputs, input gradients (named as asked) and parameter gradients."""
 
-    outputs: Named
-    grads: Named
-    param_grads: Named
+    outputs: Named[Any]
+    grads: Named[Any]
+    param_grads: Named[Any]
     version: int = 0
 
 
@@ -128,7 +127,7 @@ class Engine:
     def infer(
         self,
         model_name: str,
-        inputs: Named,
+        inputs: Named[Any],
         outputs: Sequence[str] = (),
         version: int = 0,
         deadline: float | None = None,
@@ -154,8 +153,12 @@ class Engine:
             return Inference(_select(named, outputs, served.name), served.version, batch)
 
     def _forward(
-        self, served: ServedVersion, instance: Instance, inputs: Named, export: Export = as_array
-    ) -> Named:
+        self,
+        served: ServedVersion,
+        instance: Instance,
+        inputs: Named[Any],
+        export: Export = as_array,
+    ) -> Named[Any]:
         """One forward pass of ``served`` on ``instance``: arrays (or device tensors)
         in, ``export``-ed outputs out."""
         model = served.model
@@ -173,7 +176,7 @@ class Engine:
         args: Sequence[Any],
         kwargs: Mapping[str, Any],
         export: Export = as_array,
-    ) -> Named:
+    ) -> Named[Any]:
         """Run one allowlisted function; tensors in ``args``/``kwargs`` are arrays or
         device tensors."""
         function = self.function(function_name)
@@ -186,7 +189,7 @@ class Engine:
     def grad_model(
         self,
         model_name: str,
-        inputs: Named,
+        inputs: Named[Any],
         wrt: Sequence[str] = (),
         grad_outputs: Sequence[tuple[str, np.ndarray]] = (),
         param_grads: bool = False,
@@ -285,7 +288,7 @@ class Engine:
         wrt: Sequence[str],
         grad_outputs: Sequence[tuple[str, np.ndarray]],
         params: list[tuple[str, torch.nn.Parameter]],
-        declared: tuple[TensorSpec, ...],
+        declared: tuple[IOSpec, ...],
         export: Export,
     ) -> GradOutcome:
         by_name = dict(leaves)
@@ -302,14 +305,14 @@ class Engine:
         else:
             wrt = [n for n, t in leaves if is_differentiable(t)]
             if not wrt and not params:
-                dtypes = listed(f"input {shown(n)} has dtype {_dtype(t)}" for n, t in leaves)
+                dtypes = listed(f"input {shown(n)} has dtype {dtype_name(t)}" for n, t in leaves)
                 raise FailedPreconditionError(
                     f"{what} has no floating point input to differentiate: {dtypes or 'no inputs'}"
                 )
         for name in wrt:
             if not is_differentiable(by_name[name]):
                 raise FailedPreconditionError(
-                    f"input {shown(name)} has dtype {_dtype(by_name[name])}; "
+                    f"input {shown(name)} has dtype {dtype_name(by_name[name])}; "
                     "gradients need a floating point or complex input"
                 )
         wanted = set(wrt)
@@ -428,10 +431,6 @@ def _is_device_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
 
 
-def _dtype(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
-
-
 def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, MemoryError | torch.OutOfMemoryError):
         return True
@@ -451,7 +450,7 @@ def _first_duplicate(names: Sequence[str]) -> str | None:
     return None
 
 
-def bind(model: Model, inputs: Named) -> Named:
+def bind(model: Model, inputs: Named[Any]) -> Named[Any]:
     """Inputs in the model's order, checked against its signature."""
     what = f"model {model.name!r}"
     names = [n for n, _ in inputs]
@@ -497,8 +496,8 @@ def bind(model: Model, inputs: Named) -> Named:
     return ordered
 
 
-def _check_spec(spec: TensorSpec, arr: np.ndarray | torch.Tensor, what: str) -> None:
-    dtype = _dtype(arr) if isinstance(arr, torch.Tensor) else arr.dtype.name
+def _check_spec(spec: IOSpec, arr: np.ndarray | torch.Tensor, what: str) -> None:
+    dtype = dtype_name(arr) if isinstance(arr, torch.Tensor) else arr.dtype.name
     if spec.dtype is not None and dtype != spec.dtype:
         raise InvalidArgumentError(
             f"input {spec.name!r} has dtype {dtype} but {what} expects {spec.dtype}"
@@ -533,17 +532,17 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _declared(tensor: torch.Tensor, name: str, declared: tuple[TensorSpec, ...]) -> torch.Tensor:
+def _declared(tensor: torch.Tensor, name: str, declared: tuple[IOSpec, ...]) -> torch.Tensor:
     """An output in the dtype its signature declares (autocast may compute it in a
     narrower one)."""
     for spec in declared:
-        if spec.name == name and spec.dtype is not None and _dtype(tensor) != spec.dtype:
+        if spec.name == name and spec.dtype is not None and dtype_name(tensor) != spec.dtype:
             return tensor.to(getattr(torch, spec.dtype))
     return tensor
 
 
 def name_outputs(
-    result: Any, declared: tuple[TensorSpec, ...], what: str
+    result: Any, declared: tuple[IOSpec, ...], what: str
 ) -> list[tuple[str, torch.Tensor]]:
     """Name a model's or function's result: a tensor, tuple, named tuple or dict."""
     if isinstance(result, torch.Tensor | int | float | bool | complex):
@@ -572,7 +571,7 @@ def _as_tensor(value: Any, what: str) -> torch.Tensor:
     raise FailedPreconditionError(f"{what} returned a {type(value).__name__}, which cannot travel")
 
 
-def _select(named: Named, wanted: Sequence[str], model: str) -> Named:
+def _select(named: Named[Any], wanted: Sequence[str], model: str) -> Named[Any]:
     if not wanted:
         return named
     outputs = dict(named)

@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from tensorwire.wire.dtypes import WIRE_BY_NAME
+from tensorwire_server.tensors import dtype_name
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class IOSpec:
     """One input or output: a name, a dtype name (None: any) and a shape with -1 for a
     free dimension (None: any rank)."""
 
@@ -37,8 +38,8 @@ class Model:
 
     name: str
     module: nn.Module
-    inputs: tuple[TensorSpec, ...] = ()
-    outputs: tuple[TensorSpec, ...] = ()
+    inputs: tuple[IOSpec, ...] = ()
+    outputs: tuple[IOSpec, ...] = ()
     kind: str = "python"
     description: str = ""
     variadic: bool = False
@@ -102,13 +103,13 @@ class MLP(nn.Module):
 
 def builtin_models() -> dict[str, Model]:
     """The models every server serves with no configuration, freshly built."""
-    any_tensor = TensorSpec("input")
+    any_tensor = IOSpec("input")
     models = [
         Model(
             "identity",
             Identity(),
             (any_tensor,),
-            (TensorSpec("output"),),
+            (IOSpec("output"),),
             "builtin",
             "Returns its one input unchanged, any dtype and shape.",
         ),
@@ -128,8 +129,8 @@ def builtin_models() -> dict[str, Model]:
             Model(
                 name,
                 mlp,
-                (TensorSpec("input", dtype, (-1, 16)),),
-                (TensorSpec("output", dtype, (-1, 4)),),
+                (IOSpec("input", dtype, (-1, 16)),),
+                (IOSpec("output", dtype, (-1, 4)),),
                 "builtin",
                 f"A 16-32-32-4 tanh MLP in {dtype} with fixed seeded weights.",
             )
@@ -169,15 +170,15 @@ def _load_export(name: str, path: str) -> Model:
     return Model(name, module, inputs, (), "export", f"torch.export program from {path}")
 
 
-def read_torchscript(path: str | os.PathLike[str]) -> tuple[nn.Module, tuple[TensorSpec, ...]]:
+def read_torchscript(path: str | os.PathLike[str]) -> tuple[nn.Module, tuple[IOSpec, ...]]:
     """A TorchScript file's module (on the CPU) and its inputs, named after the
     arguments of its ``forward``; raises whatever loading raises."""
     module = torch.jit.load(path, map_location="cpu")  # type: ignore[no-untyped-call]
     arguments = module.forward.schema.arguments[1:]  # the first is self
-    return module, tuple(TensorSpec(a.name) for a in arguments)
+    return module, tuple(IOSpec(a.name) for a in arguments)
 
 
-def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, tuple[TensorSpec, ...]]:
+def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, tuple[IOSpec, ...]]:
     """A torch.export file's module and its inputs, with the dtypes and shapes it was
     exported for; raises whatever loading raises."""
     program = torch.export.load(path)
@@ -190,22 +191,22 @@ def read_export(path: str | os.PathLike[str]) -> tuple[nn.Module, tuple[TensorSp
     return program.module(), inputs
 
 
-def _spec_from_meta(name: str, value: Any) -> TensorSpec:
+def _spec_from_meta(name: str, value: Any) -> IOSpec:
     if not isinstance(value, torch.Tensor):
-        return TensorSpec(name)
-    dtype = str(value.dtype).removeprefix("torch.")
+        return IOSpec(name)
+    dtype = dtype_name(value)
     shape = tuple(d if isinstance(d, int) else -1 for d in value.shape)
-    return TensorSpec(name, dtype if dtype in WIRE_BY_NAME else None, shape)
+    return IOSpec(name, dtype if dtype in WIRE_BY_NAME else None, shape)
 
 
-def forward_signature(module: nn.Module) -> tuple[tuple[TensorSpec, ...], bool]:
+def forward_signature(module: nn.Module) -> tuple[tuple[IOSpec, ...], bool]:
     """A Python module's inputs, named after the positional arguments of its
     ``forward``, and whether it takes keyword arguments of any names (variadic)."""
     parameters = inspect.signature(module.forward).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
         return (), True
     inputs = tuple(
-        TensorSpec(p.name)
+        IOSpec(p.name)
         for p in parameters
         if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     )

@@ -21,13 +21,14 @@ import torch
 from tensorwire.errors import FailedPreconditionError, InvalidArgumentError, listed, shown
 from tensorwire.wire.codec import Ref
 from tensorwire.wire.protocol import MAX_PROGRAM_STEPS
-from tensorwire_server.engine import Engine, Export, Named, bind, invoke, name_outputs
-from tensorwire_server.tensors import is_differentiable, to_device
+from tensorwire_server.engine import Engine, Export, bind, invoke, name_outputs
+from tensorwire_server.named import Named
+from tensorwire_server.tensors import dtype_name, is_differentiable, to_device
 
 
 @dataclass(frozen=True)
-class Step:
-    """One step: a function or a model, with arguments that may hold Refs."""
+class PlanStep:
+    """One step of a plan: a function or a model, with arguments that may hold Refs."""
 
     name: str
     function: str = ""
@@ -38,11 +39,12 @@ class Step:
 
 
 @dataclass(frozen=True)
-class Program:
-    """Inputs by name, steps in order, the refs to return and what to differentiate."""
+class ProgramPlan:
+    """A Run program as the server runs it: inputs by name, steps in order, the refs to
+    return and what to differentiate."""
 
-    inputs: Named
-    steps: Sequence[Step]
+    inputs: Named[Any]
+    steps: Sequence[PlanStep]
     outputs: Sequence[str] = ()
     loss: str = ""
     wrt: Sequence[str] = ()
@@ -52,11 +54,11 @@ class Program:
 class ProgramOutcome:
     """The outputs by ref and the gradients by input name, exported."""
 
-    outputs: Named
-    grads: Named
+    outputs: Named[Any]
+    grads: Named[Any]
 
 
-def check(program: Program) -> None:
+def check(program: ProgramPlan) -> None:
     """Refuse a malformed program before anything runs: too many steps, duplicate
     or clashing names, refs to nothing or to later steps."""
     if not program.steps:
@@ -94,7 +96,7 @@ def check(program: Program) -> None:
         raise InvalidArgumentError("wrt needs a loss: the ref of a scalar to differentiate")
 
 
-def run(engine: Engine, program: Program, export: Export) -> ProgramOutcome:
+def run(engine: Engine, program: ProgramPlan, export: Export) -> ProgramOutcome:
     """Run ``program`` on ``engine``'s device; gradients of its loss when it has one."""
     check(program)
     differentiate = bool(program.loss)
@@ -106,7 +108,7 @@ def run(engine: Engine, program: Program, export: Export) -> ProgramOutcome:
         for name in wrt:
             if not is_differentiable(leaves[name]):
                 raise FailedPreconditionError(
-                    f"input {shown(name)} has dtype {str(leaves[name].dtype)[6:]}; "
+                    f"input {shown(name)} has dtype {dtype_name(leaves[name])}; "
                     "gradients need a floating point or complex input"
                 )
         for name in wrt:
@@ -172,14 +174,14 @@ class _Values:
         return value
 
 
-def _last_outputs(program: Program, values: _Values) -> list[str]:
+def _last_outputs(program: ProgramPlan, values: _Values) -> list[str]:
     """Refs to the last step's outputs: its name alone when it has one output."""
     last = program.steps[-1].name
     named = values.steps[last]
     return [last] if len(named) == 1 else [f"{last}.{n}" for n, _ in named]
 
 
-def _run_step(engine: Engine, step: Step, values: _Values) -> list[tuple[str, torch.Tensor]]:
+def _run_step(engine: Engine, step: PlanStep, values: _Values) -> list[tuple[str, torch.Tensor]]:
     what = f"step {step.name!r}"
     args = [values.resolve(a, what) for a in step.args]
     kwargs = {k: values.resolve(v, what) for k, v in step.kwargs.items()}
@@ -197,7 +199,7 @@ def _run_step(engine: Engine, step: Step, values: _Values) -> list[tuple[str, to
 
 @contextmanager
 def _model(
-    engine: Engine, step: Step, args: list[Any], kwargs: dict[str, Any]
+    engine: Engine, step: PlanStep, args: list[Any], kwargs: dict[str, Any]
 ) -> Iterator[tuple[Any, torch.nn.Module, list[tuple[str, torch.Tensor]]]]:
     """The served model a step names, an instance of it held for the step, and the
     step's inputs bound to its signature on the instance's device."""

@@ -27,13 +27,13 @@ from tensorwire.errors import (
 from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
 from tensorwire_server.batching import Batcher
 from tensorwire_server.models import Model
+from tensorwire_server.named import Named
 from tensorwire_server.repository import ConfigError, ModelConfig
 from tensorwire_server.statistics import VersionStats
 from tensorwire_server.tensors import resolve_device
 
 log = logging.getLogger(__name__)
 
-Named = list[tuple[str, np.ndarray]]
 READY = "READY"
 FAILED = "FAILED"
 _AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -56,7 +56,7 @@ class Instance:
 
 
 #: Runs one forward pass of a version on an instance: bound inputs in, arrays out.
-Forward = Callable[["ServedVersion", Instance, Named], Named]
+Forward = Callable[["ServedVersion", Instance, Named[np.ndarray]], Named[np.ndarray]]
 
 
 class ServedVersion:
@@ -132,10 +132,10 @@ class ServedVersion:
 
     def run(
         self,
-        inputs: Named,
+        inputs: Named[np.ndarray],
         deadline: float | None,
-        forward: Callable[[Instance, Named], Named] | None = None,
-    ) -> tuple[Named, int]:
+        forward: Callable[[Instance, Named[np.ndarray]], Named[np.ndarray]] | None = None,
+    ) -> tuple[Named[np.ndarray], int]:
         """One unbatched forward pass on the least busy instance (by ``forward``, else
         the usual one); outputs and rows."""
         if deadline is not None and time.monotonic() >= deadline:
@@ -159,7 +159,7 @@ class ServedVersion:
                 self._running -= 1
 
     @contextmanager
-    def alone(self, inputs: Named) -> Iterator[Instance]:
+    def alone(self, inputs: Named[np.ndarray]) -> Iterator[Instance]:
         """The least busy instance, counted busy while the block runs one request's
         own pass (a forward, or a forward and backward), which the statistics count."""
         instance = self.pick()
@@ -378,7 +378,7 @@ class ModelRegistry:
         return list(dict.fromkeys(devices))
 
 
-def _rows(inputs: Named, config: ModelConfig) -> int:
+def _rows(inputs: Named[np.ndarray], config: ModelConfig) -> int:
     """Rows a request runs: its first dimension for a model with a batch dimension."""
     if config.max_batch_size > 0 and inputs and inputs[0][1].ndim > 0:
         return int(inputs[0][1].shape[0])

@@ -18,19 +18,19 @@ import importlib.util
 import math
 import re
 import sys
+import tomllib
 from collections.abc import Callable, Mapping
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tomllib
 from torch import nn
 
 from tensorwire.wire.dtypes import WIRE_BY_NAME
 from tensorwire_server.models import (
+    IOSpec,
     Model,
-    TensorSpec,
     forward_signature,
     read_export,
     read_torchscript,
@@ -72,8 +72,8 @@ class ModelConfig:
     name: str
     description: str = ""
     #: The signature; empty: taken from the model file where it carries one.
-    inputs: tuple[TensorSpec, ...] = ()
-    outputs: tuple[TensorSpec, ...] = ()
+    inputs: tuple[IOSpec, ...] = ()
+    outputs: tuple[IOSpec, ...] = ()
     #: Most rows (first dimension) per forward pass; 0: no batch dimension.
     max_batch_size: int = 0
     #: Dynamic batching; None: every request runs its own forward pass.
@@ -299,9 +299,9 @@ class _Checker:
             raise self.wrong(key, "a dtype (" + ", ".join(WIRE_BY_NAME) + ")", value)
         return value
 
-    def specs(self, key: str, value: object, max_batch_size: int) -> tuple[TensorSpec, ...]:
+    def specs(self, key: str, value: object, max_batch_size: int) -> tuple[IOSpec, ...]:
         tables = self.array(key, value, f"an array of tables ([[{key}]])")
-        specs: list[TensorSpec] = []
+        specs: list[IOSpec] = []
         for i, item in enumerate(tables):
             at = f"{key}[{i}]"
             table = self.table(at, item, _SPEC_KEYS)
@@ -320,7 +320,7 @@ class _Checker:
                     f"{at}.shape must start with -1 (the batch dimension) when "
                     f"max_batch_size is {max_batch_size} > 0, not {list(shape)}"
                 )
-            specs.append(TensorSpec(name, dtype, shape))
+            specs.append(IOSpec(name, dtype, shape))
         return tuple(specs)
 
     def batching(self, value: object, max_batch_size: int) -> Batching | None:
@@ -350,7 +350,7 @@ class _Checker:
         return Batching(delay / 1000, tuple(sorted(set(sizes))))
 
     def warmup(
-        self, value: object, inputs: tuple[TensorSpec, ...], max_batch_size: int
+        self, value: object, inputs: tuple[IOSpec, ...], max_batch_size: int
     ) -> tuple[dict[str, WarmupInput], ...]:
         requests = self.array("warmup", value, "an array of tables ([[warmup]])")
         declared = {spec.name: spec for spec in inputs}
@@ -380,7 +380,7 @@ class _Checker:
         return tuple(made)
 
     def warmup_input(
-        self, at: str, value: object, spec: TensorSpec | None, max_batch_size: int
+        self, at: str, value: object, spec: IOSpec | None, max_batch_size: int
     ) -> WarmupInput:
         table = self.table(at, value, _WARMUP_KEYS)
         if "shape" not in table:
@@ -480,7 +480,7 @@ def load_version(config: ModelConfig, version: int) -> Model:
         raise ConfigError(f"{folder}: holds {names}; a version folder holds exactly one")
     file = found[0]
     kind = MODEL_FILES[file.name]
-    outputs: tuple[TensorSpec, ...] = ()
+    outputs: tuple[IOSpec, ...] = ()
     variadic = False
     try:
         if kind == "torchscript":
@@ -517,7 +517,7 @@ def load_version(config: ModelConfig, version: int) -> Model:
 
 def _load_weights(
     config: ModelConfig, file: Path
-) -> tuple[nn.Module, tuple[TensorSpec, ...], tuple[TensorSpec, ...], bool]:
+) -> tuple[nn.Module, tuple[IOSpec, ...], tuple[IOSpec, ...], bool]:
     """The module the factory builds with the weights of ``file`` loaded (strictly),
     and the signature the module tells."""
     from safetensors.torch import load_file  # the server extra's; only weights need it

@@ -31,17 +31,18 @@ from tensorwire.wire.dtypes import WIRE_BY_NAME
 from tensorwire.wire.protocol import SESSION_KEY
 from tensorwire.wire.streaming import DEFAULT_CHUNK_SIZE, StreamReceiver
 from tensorwire_server import observe, programs, training
-from tensorwire_server.engine import Engine, Export, GradOutcome, Named, as_array
+from tensorwire_server.engine import Engine, Export, GradOutcome, as_array
 from tensorwire_server.limits import Limits
 from tensorwire_server.loading import ModelControl
-from tensorwire_server.models import Model, TensorSpec
+from tensorwire_server.models import IOSpec, Model
+from tensorwire_server.named import Named
 from tensorwire_server.registry import FAILED, READY, ModelEntry
 from tensorwire_server.repository import ModelConfig
 from tensorwire_server.sessions import Session, Sessions
 from tensorwire_server.staging import stager_for
 from tensorwire_server.statistics import StatsSnapshot
-from tensorwire_server.tensors import to_device
-from tensorwire_server.training import LOSSES, OPTIMIZERS, Trainer
+from tensorwire_server.tensors import dtype_name, to_device
+from tensorwire_server.training import LOSSES, OPTIMIZERS, TrainingState
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +306,7 @@ class TensorServicer:
             args, kwargs = request.arguments(step.args, step.kwargs)
             target = step.WhichOneof("target")
             steps.append(
-                programs.Step(
+                programs.PlanStep(
                     name,
                     function=step.function if target == "function" else "",
                     model=step.model if target == "model" else "",
@@ -314,7 +315,7 @@ class TensorServicer:
                     version=step.version,
                 )
             )
-        program = programs.Program(
+        program = programs.ProgramPlan(
             inputs=request.named(message.inputs, "input"),
             steps=steps,
             outputs=list(message.outputs),
@@ -342,7 +343,7 @@ class TensorServicer:
             engine.registry.using(message.model, message.version) as served,
             engine.device_guard(copying),
         ):
-            trainer = Trainer(
+            trainer = TrainingState(
                 served.model,
                 served.instances[0].module,
                 engine.device,
@@ -354,8 +355,8 @@ class TensorServicer:
         trainer_id = session.hold("trainer", trainer)
         response = pb.CreateTrainerResponse(trainer=trainer_id, bytes=trainer.bytes)
         for name, parameter in trainer.parameters:
-            dtype = str(parameter.dtype).removeprefix("torch.")
-            response.parameters.append(_spec(TensorSpec(name, dtype, tuple(parameter.shape))))
+            spec = IOSpec(name, dtype_name(parameter), tuple(parameter.shape))
+            response.parameters.append(_spec(spec))
         return Encoder(response)
 
     def Step(self, request: Received[pb.StepRequest]) -> Encoder[pb.StepResponse]:
@@ -411,9 +412,9 @@ class TensorServicer:
         return lambda _name, tensor: session.keep(tensor)
 
     @staticmethod
-    def _trainer(session: Session, trainer_id: str) -> Trainer:
+    def _trainer(session: Session, trainer_id: str) -> TrainingState:
         trainer = session.holding(trainer_id, "trainer")
-        if not isinstance(trainer, Trainer):
+        if not isinstance(trainer, TrainingState):
             raise NotFoundError(f"{shown(trainer_id)} is not a trainer")
         return trainer
 
@@ -487,12 +488,12 @@ def _statistics(snapshot: StatsSnapshot) -> pb.VersionStatistics:
     )
 
 
-def _fill(encoder: Encoder[Any], field: Any, tensors: Named) -> None:
+def _fill(encoder: Encoder[Any], field: Any, tensors: Named[Any]) -> None:
     for name, arr in tensors:
         encoder.named(field.add(), name, arr)
 
 
-def _spec(spec: TensorSpec) -> pb.TensorSpec:
+def _spec(spec: IOSpec) -> pb.TensorSpec:
     return pb.TensorSpec(
         name=spec.name,
         dtype=WIRE_BY_NAME[spec.dtype] if spec.dtype else pb.DTYPE_UNSPECIFIED,  # type: ignore[arg-type]

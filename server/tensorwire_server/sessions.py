@@ -21,6 +21,7 @@ import torch
 
 from tensorwire.errors import NotFoundError, ResourceExhaustedError, shown
 from tensorwire.wire.codec import Handle
+from tensorwire_server.tensors import dtype_name
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Session:
             handle_id = _new_id("h")
             self._tensors[handle_id] = tensor
             self._sizes[handle_id] = size
-        return Handle(handle_id, _dtype(tensor), tuple(tensor.shape))
+        return Handle(handle_id, dtype_name(tensor), tuple(tensor.shape))
 
     def tensor(self, handle: str, what: str) -> torch.Tensor:
         """The tensor a handle names; NOT_FOUND if this session has no such handle."""
@@ -128,7 +129,7 @@ class Session:
     def describe(self, handle: str) -> Handle:
         """A handle's dtype and shape."""
         tensor = self.tensor(handle, "handle")
-        return Handle(handle, _dtype(tensor), tuple(tensor.shape))
+        return Handle(handle, dtype_name(tensor), tuple(tensor.shape))
 
     def hold(self, prefix: str, holding: Holding) -> str:
         """Store a trainer (or the like) and return its id; RESOURCE_EXHAUSTED past
@@ -191,7 +192,7 @@ class Session:
     def summary(self) -> SessionSummary:
         with self._lock:
             self._check_open()
-            handles = [Handle(i, _dtype(t), tuple(t.shape)) for i, t in self._tensors.items()]
+            handles = [Handle(i, dtype_name(t), tuple(t.shape)) for i, t in self._tensors.items()]
             return SessionSummary(
                 self.id, handles, list(self._holdings), self.bytes, self.quota, self.ttl
             )
@@ -330,12 +331,8 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}-{secrets.token_hex(8)}"
 
 
-def _dtype(tensor: torch.Tensor) -> str:
-    return str(tensor.dtype).removeprefix("torch.")
-
-
 def _describe(tensor: torch.Tensor) -> str:
-    return f"{_dtype(tensor)} {list(tensor.shape)}"
+    return f"{dtype_name(tensor)} {list(tensor.shape)}"
 
 
 __all__ = ["Session", "Sessions", "owned"]

@@ -90,6 +90,11 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return pinned
 
 
+def dtype_name(tensor: torch.Tensor) -> str:
+    """``tensor``'s dtype as tensorwire names it ("float32", "bfloat16", ...)."""
+    return str(tensor.dtype).removeprefix("torch.")
+
+
 def is_differentiable(tensor: torch.Tensor) -> bool:
     """Whether autograd can take a gradient with respect to ``tensor``."""
     return tensor.dtype.is_floating_point or tensor.dtype.is_complex

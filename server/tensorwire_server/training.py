@@ -1,7 +1,8 @@
 """Remote training: a trainable copy of a model, an allowlisted loss and optimizer.
 
-A Trainer lives in a client's session. Each step runs forward, the loss, backward and
-one optimizer step on the session's device; the client reads the parameters back.
+A TrainingState lives in a client's session, driven by the client's Trainer. Each step
+runs forward, the loss, backward and one optimizer step on the session's device; the
+client reads the parameters back.
 The losses are the Call allowlist's own entries (with their argument checks), and
 the optimizers take only the hyperparameters named here: nothing from the wire is
 executed or unpickled.
@@ -18,9 +19,10 @@ from typing import Any, Final
 import torch
 
 from tensorwire.errors import FailedPreconditionError, InvalidArgumentError, listed, shown
-from tensorwire_server.engine import Engine, Named, bind, invoke, name_outputs
+from tensorwire_server.engine import Engine, bind, invoke, name_outputs
 from tensorwire_server.functions import FUNCTIONS, Function
 from tensorwire_server.models import Model, trainable
+from tensorwire_server.named import Named
 from tensorwire_server.sessions import storage_bytes
 from tensorwire_server.tensors import to_device
 
@@ -111,7 +113,7 @@ def _typed(what: str, value: Any, want: type) -> Any:
     return (float(value[0]), float(value[1]))
 
 
-class Trainer:
+class TrainingState:
     """A trainable copy of one model on one device, its optimizer and its loss."""
 
     def __init__(
@@ -178,7 +180,7 @@ class Trainer:
 
 
 def step(
-    engine: Engine, trainer: Trainer, inputs: Named, target: Any, output: str = ""
+    engine: Engine, trainer: TrainingState, inputs: Named[Any], target: Any, output: str = ""
 ) -> tuple[float, int]:
     """One training step: forward, loss, backward, optimizer step. The loss before
     the step, and the steps taken so far."""

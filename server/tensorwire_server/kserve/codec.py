@@ -32,9 +32,9 @@ from tensorwire.wire.codec import as_wire_array, decode_array, layout
 from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
 from tensorwire_server.kserve import grpc_service_pb2 as pb
 from tensorwire_server.limits import Limits
+from tensorwire_server.named import Named
 
 M = TypeVar("M", bound=Message)
-Named = list[tuple[str, np.ndarray]]
 
 #: Every datatype tensorwire takes, by its v2 name, with tensorwire's name for it.
 DATATYPES: Final[Mapping[str, str]] = {
@@ -147,7 +147,7 @@ def receive_infer(data: bytes) -> InferRequest | TensorwireError:
         return exc
 
 
-def inputs(request: InferRequest, limits: Limits) -> Named:
+def inputs(request: InferRequest, limits: Limits) -> Named[np.ndarray]:
     """The request's inputs as arrays (raw ones are read-only views of the request),
     after checking datatypes, shapes, byte lengths, limits and parameters."""
     message = request.message
@@ -157,7 +157,7 @@ def inputs(request: InferRequest, limits: Limits) -> Named:
             f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; "
             "give one per input, in the order of inputs"
         )
-    named: Named = []
+    named: Named[np.ndarray] = []
     for i, tensor in enumerate(message.inputs):
         what = f"input {shown(tensor.name)}"
         _no_shared_memory(tensor.parameters, what)
@@ -312,7 +312,9 @@ class Answer:
         return pieces, sum(memoryview(p).nbytes for p in pieces)
 
 
-def answer(request: pb.ModelInferRequest, version: int, outputs: Named, typed: bool) -> Answer:
+def answer(
+    request: pb.ModelInferRequest, version: int, outputs: Named[np.ndarray], typed: bool
+) -> Answer:
     """The response carrying ``outputs`` of ``version``, raw or typed."""
     response = pb.ModelInferResponse(
         model_name=request.model_name, model_version=str(version), id=request.id

@@ -8,7 +8,7 @@ from typing import Final
 
 from tensorwire_server.kserve import grpc_service_pb2 as pb
 from tensorwire_server.kserve.codec import DATATYPE_OF
-from tensorwire_server.models import TensorSpec
+from tensorwire_server.models import IOSpec
 from tensorwire_server.registry import ModelEntry, ServedVersion
 from tensorwire_server.statistics import StatsSnapshot
 
@@ -37,7 +37,7 @@ def metadata(entry: ModelEntry, served: ServedVersion) -> pb.ModelMetadataRespon
     )
 
 
-def _tensor(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+def _tensor(spec: IOSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(
         name=spec.name,
         datatype=DATATYPE_OF.get(spec.dtype or "", ""),
@@ -93,12 +93,12 @@ def config(served: ServedVersion) -> pb.ModelConfig:
     return result
 
 
-def _type(spec: TensorSpec) -> int:
+def _type(spec: IOSpec) -> int:
     datatype = DATATYPE_OF.get(spec.dtype or "")
     return pb.DataType.Value(f"TYPE_{datatype}") if datatype else pb.TYPE_INVALID
 
 
-def _dims(spec: TensorSpec, batched: bool) -> tuple[int, ...]:
+def _dims(spec: IOSpec, batched: bool) -> tuple[int, ...]:
     # With a batch dimension, the protocol's dims leave it out (max_batch_size has it).
     shape = spec.shape or ()
     return shape[1:] if batched and shape else shape
