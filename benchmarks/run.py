@@ -279,9 +279,9 @@ def measure_gpu(sizes: list[int], repeats: int) -> Rows:
 
 def request_parts(host: np.ndarray) -> list[bytes]:
     """The parts of a streamed identity request carrying ``host``, as they arrive."""
-    from tensorwire.codec import Encoder
-    from tensorwire.streaming import parts
     from tensorwire.v1 import tensorwire_pb2 as pb
+    from tensorwire.wire.codec import Encoder
+    from tensorwire.wire.streaming import parts
 
     encoder = Encoder(pb.InferRequest(model="identity"))
     encoder.named(encoder.message.inputs.add(), "x", host)
@@ -293,14 +293,15 @@ def staged_upload(chunks: list[bytes]) -> None:
     tensor is usable on the GPU: the request path's host-to-device share."""
     import torch
 
-    from tensorwire.streaming import StreamReceiver
     from tensorwire.v1 import tensorwire_pb2 as pb
+    from tensorwire.wire.streaming import StreamReceiver
     from tensorwire_server.limits import Limits
+    from tensorwire_server.settings import Settings
     from tensorwire_server.staging import CudaStager
     from tensorwire_server.tensors import to_device
 
     device = torch.device("cuda:0")
-    stager = CudaStager(device, Limits())
+    stager = CudaStager(device, Limits.from_settings(Settings()))
     receiver = StreamReceiver(pb.InferRequest, stager.allocate, landed=stager.landed)
     for raw in chunks:
         receiver.feed(raw)

@@ -109,7 +109,7 @@ def test_streamed_payloads_are_on_the_device_when_the_stream_ends(pinned_limit: 
     encoder = codec.Encoder(pb.InferRequest(model="echo"))
     for name, arr in inputs.items():
         encoder.named(encoder.message.inputs.add(), name, arr)
-    stager = CudaStager(device, Limits(), pinned_limit)
+    stager = CudaStager(device, Limits.from_settings(Settings()), pinned_limit)
     receiver = streaming.StreamReceiver(pb.InferRequest, stager.allocate, landed=stager.landed)
     for raw in streaming.parts(encoder, (1 << 20) + 3):
         receiver.feed(raw)

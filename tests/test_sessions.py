@@ -381,6 +381,6 @@ def test_freed_tensors_are_released() -> None:
 
 def test_the_reaper_stops_with_the_server() -> None:
     server = TensorwireServer(Settings(host="127.0.0.1", port=0, device="cpu"))
-    server.sessions.open("")
+    server.service.sessions.open("")
     server.stop(grace=0)
-    assert server.sessions.count() == 0
+    assert server.service.sessions.count() == 0

@@ -33,6 +33,7 @@ from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import codec, framing, streaming
 from tensorwire.wire.dtypes import NAMES, NUMPY_BY_WIRE
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
+from tensorwire_server.service import Service
 from tensorwire_server.servicer import TensorServicer, tensor_service_handler
 from tensorwire_server.settings import Settings
 
@@ -193,7 +194,8 @@ def test_a_response_too_large_for_one_message_is_fetched_as_a_stream() -> None:
     from tensorwire_server.server import SERVER_OPTIONS, build_engine
 
     server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS)
-    servicer = TensorServicer(build_engine(settings), chunk_size=64, unary_limit=1000)
+    service = Service(settings, build_engine(settings))
+    servicer = TensorServicer(service, chunk_size=64, unary_limit=1000)
     server.add_generic_rpc_handlers((tensor_service_handler(servicer),))
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()

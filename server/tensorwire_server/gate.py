@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from tensorwire.wire.protocol import REQUEST_ID_KEY, SESSION_KEY
-from tensorwire_server import observe
+from tensorwire_server import observe, rpc
 from tensorwire_server.observe import Call, Metrics
 from tensorwire_server.security import AUTHENTICATED, PUBLIC, Tokens, scope_of
 
 log = logging.getLogger(__name__)
 
 Reject = tuple[grpc.StatusCode, str]
-_CENTURY = 100 * 365 * 86400.0
 
 if TYPE_CHECKING:  # grpc-stubs makes the class generic; grpc's own is not subscriptable
     _Interceptor = grpc.ServerInterceptor[Any, Any]
@@ -177,18 +176,16 @@ def _guarded(
     def check(context: grpc.ServicerContext) -> None:
         if reject is not None:
             context.abort(*reject)
-        remaining = context.time_remaining()
-        # A call without a deadline reports gRPC's infinite future, centuries away.
-        unbounded = remaining is None or remaining > _CENTURY
-        if (not unbounded and remaining <= 0) or (
-            unbounded and time.monotonic() > default_deadline
+        remaining = rpc.remaining(context)
+        if (remaining is not None and remaining <= 0) or (
+            remaining is None and time.monotonic() > default_deadline
         ):
             context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 "the deadline passed while the request waited for a worker; it did not run",
             )
         # The same deadline bounds the time it may wait in a model's queue.
-        call.deadline = default_deadline if unbounded else time.monotonic() + remaining
+        call.deadline = default_deadline if remaining is None else time.monotonic() + remaining
 
     @contextmanager
     def recorded(context: grpc.ServicerContext) -> Iterator[None]:

@@ -7,15 +7,23 @@ from typing import Any
 
 from tensorwire.errors import DeadlineExceededError, ResourceExhaustedError
 from tensorwire.wire.codec import Received, tensors_in
+from tensorwire_server.settings import Settings
 
 
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask of the server (the settings of the same names)."""
 
-    max_request_bytes: int = 8 << 30
-    max_tensor_elements: int = 1 << 32
-    max_stream_seconds: float = 3600.0
+    max_request_bytes: int
+    max_tensor_elements: int
+    max_stream_seconds: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The limits ``settings`` set."""
+        return cls(
+            settings.max_request_bytes, settings.max_tensor_elements, settings.max_stream_seconds
+        )
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> int:
         """Refuse a tensor with more elements than allowed; its element count."""

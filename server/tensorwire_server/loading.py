@@ -1,5 +1,6 @@
 """Filling the registry: the built-in models, ``--model`` options and the model
-repository at start, and repository models loaded or unloaded while serving."""
+repository at start (``load_all``), and repository models loaded or unloaded while
+serving (``ModelControl``)."""
 
 from __future__ import annotations
 
@@ -41,69 +42,75 @@ def builtin_config(model: Model, dynamic_batching: bool) -> ModelConfig:
     )
 
 
+def load_all(engine: Engine, settings: Settings) -> list[str]:
+    """Load every model the settings name into ``engine``, at start; return what failed,
+    one line each (ValueError instead, with all of them, when the settings are strict)."""
+    entries: list[ModelEntry] = []
+    if settings.builtins:
+        for model in builtin_models().values():
+            config = builtin_config(model, settings.dynamic_batching)
+            entries.append(engine.registry.serve(config, {1: model}))
+    for name, source in settings.models.items():
+        try:
+            model = load_model(name, source)
+            entries.append(engine.registry.serve(ModelConfig.of(model), {1: model}))
+        except ValueError as exc:
+            entries.append(ModelEntry(ModelConfig(name), failures={0: str(exc)}))
+    root = repository_root(settings)
+    if root is not None:
+        try:
+            names = model_names(root)
+        except ConfigError as exc:
+            raise ValueError(f"model repository: {exc}") from exc
+        entries.extend(read_model(engine, root, name, settings.dynamic_batching) for name in names)
+    failures = [f"model {e.config.name!r}: {e.reason}" for e in entries if e.failures]
+    if failures and settings.strict:
+        raise ValueError("models failed to load (strict): " + "; ".join(failures))
+    for entry in entries:
+        engine.registry.install(entry)
+        if entry.failures:
+            log.error("model %r did not load: %s", entry.config.name, entry.reason)
+    return failures
+
+
+def repository_root(settings: Settings) -> Path | None:
+    """The model repository's folder; None when the server has none."""
+    return Path(settings.model_repo) if settings.model_repo else None
+
+
+def read_model(engine: Engine, root: Path, name: str, dynamic_batching: bool) -> ModelEntry:
+    """Load every version of repository model ``name`` (not yet serving); each failure
+    is recorded in the entry with its reason."""
+    try:
+        config = read_config(root / name)
+        if not dynamic_batching:
+            config = replace(config, batching=None)
+        numbers = version_numbers(config)
+    except ConfigError as exc:
+        return ModelEntry(ModelConfig(name, path=root / name), failures={0: str(exc)})
+    versions: dict[int, Model | str] = {}
+    for number in numbers:
+        try:
+            versions[number] = load_version(config, number)
+        except ConfigError as exc:
+            versions[number] = str(exc)
+    return engine.registry.serve(config, versions)
+
+
 class ModelControl:
-    """Loads what the settings name into ``engine``, and later loads and unloads
-    repository models when model_control is explicit."""
+    """Loads and unloads repository models in ``engine`` while serving, when the
+    settings' model_control is explicit."""
 
     def __init__(self, engine: Engine, settings: Settings) -> None:
         self.engine = engine
         self.settings = settings
-        self.root = Path(settings.model_repo) if settings.model_repo else None
+        self.root = repository_root(settings)
         self._lock = threading.Lock()  # one Load or Unload at a time
 
     @property
     def explicit(self) -> bool:
         """Whether Load and Unload may change the models while serving."""
         return self.settings.model_control == "explicit"
-
-    def load_all(self) -> list[str]:
-        """Load every model the settings name; return what failed, one line each
-        (ValueError instead, with all of them, when the settings are strict)."""
-        settings = self.settings
-        entries: list[ModelEntry] = []
-        if settings.builtins:
-            for model in builtin_models().values():
-                config = builtin_config(model, settings.dynamic_batching)
-                entries.append(self.engine.registry.serve(config, {1: model}))
-        for name, source in settings.models.items():
-            try:
-                model = load_model(name, source)
-                entries.append(self.engine.registry.serve(ModelConfig.of(model), {1: model}))
-            except ValueError as exc:
-                entries.append(ModelEntry(ModelConfig(name), failures={0: str(exc)}))
-        if self.root is not None:
-            try:
-                names = model_names(self.root)
-            except ConfigError as exc:
-                raise ValueError(f"model repository: {exc}") from exc
-            entries.extend(self.read(name) for name in names)
-        failures = [f"model {e.config.name!r}: {e.reason}" for e in entries if e.failures]
-        if failures and settings.strict:
-            raise ValueError("models failed to load (strict): " + "; ".join(failures))
-        for entry in entries:
-            self.engine.registry.install(entry)
-            if entry.failures:
-                log.error("model %r did not load: %s", entry.config.name, entry.reason)
-        return failures
-
-    def read(self, name: str) -> ModelEntry:
-        """Load every version of repository model ``name`` (not yet serving); each
-        failure is recorded in the entry with its reason."""
-        assert self.root is not None
-        try:
-            config = read_config(self.root / name)
-            if not self.settings.dynamic_batching:
-                config = replace(config, batching=None)
-            numbers = version_numbers(config)
-        except ConfigError as exc:
-            return ModelEntry(ModelConfig(name, path=self.root / name), failures={0: str(exc)})
-        versions: dict[int, Model | str] = {}
-        for number in numbers:
-            try:
-                versions[number] = load_version(config, number)
-            except ConfigError as exc:
-                versions[number] = str(exc)
-        return self.engine.registry.serve(config, versions)
 
     def load(self, name: str) -> ModelEntry:
         """Load (or reload) repository model ``name`` and serve it in place of what
@@ -114,7 +121,7 @@ class ModelControl:
         if "/" in name or name in ("", ".", "..") or not (self.root / name).is_dir():
             raise NotFoundError(f"the model repository has no model {shown(name)}")
         with self._lock:
-            entry = self.read(name)
+            entry = read_model(self.engine, self.root, name, self.settings.dynamic_batching)
             if entry.failures:
                 # What served under the name goes on serving; the new versions go.
                 for served in entry.versions.values():
@@ -138,4 +145,4 @@ class ModelControl:
             )
 
 
-__all__ = ["ModelControl", "builtin_config"]
+__all__ = ["ModelControl", "builtin_config", "load_all", "read_model", "repository_root"]

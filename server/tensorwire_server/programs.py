@@ -260,6 +260,13 @@ def _known(ref: str, known: set[str], what: str) -> None:
         )
 
 
+def no_refs(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    """Refuse Refs in a call's arguments: they name program values, and outside Run
+    there are none."""
+    if any(refs([list(args), list(kwargs.values())])):
+        raise InvalidArgumentError("a ref argument is only valid inside a Run program")
+
+
 def refs(values: Any) -> Iterator[Ref]:
     """Every Ref in an argument, at any depth of lists."""
     if isinstance(values, Ref):

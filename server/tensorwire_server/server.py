@@ -17,13 +17,12 @@ from tensorwire.wire.protocol import CHANNEL_OPTIONS
 from tensorwire_server import kserve
 from tensorwire_server.engine import Engine
 from tensorwire_server.gate import Gate, Lifecycle
-from tensorwire_server.limits import Limits
-from tensorwire_server.loading import ModelControl
+from tensorwire_server.loading import ModelControl, load_all
 from tensorwire_server.observe import JsonFormatter, Metrics
 from tensorwire_server.registry import server_devices
 from tensorwire_server.security import Tokens, is_loopback, server_credentials
+from tensorwire_server.service import Service
 from tensorwire_server.servicer import SERVICE, TensorServicer, tensor_service_handler
-from tensorwire_server.sessions import Sessions
 from tensorwire_server.settings import Settings
 
 log = logging.getLogger("tensorwire_server")
@@ -70,28 +69,22 @@ def build_engine(settings: Settings) -> Engine:
     fails is logged and reported in Info; ValueError instead when strict)."""
     devices = server_devices(settings.device)
     engine = Engine(devices[0], devices=devices)
-    ModelControl(engine, settings).load_all()
+    load_all(engine, settings)
     return engine
 
 
 class TensorwireServer:
-    """A tensorwire gRPC server, bound but not started: TensorService, health and
-    reflection on one port, every RPC behind one Gate."""
+    """A tensorwire gRPC server, bound but not started: TensorService, the KServe v2
+    service, health and reflection on one port, every RPC behind one Gate; both
+    services translate to one Service."""
 
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
         self.health = health.HealthServicer()
         self.lifecycle = Lifecycle(self._report)
         tokens = Tokens.load(settings.tokens_file, settings.tokens)
-        limits = Limits(
-            settings.max_request_bytes, settings.max_tensor_elements, settings.max_stream_seconds
-        )
-        self.sessions = Sessions(
-            settings.session_quota_bytes, settings.session_ttl, settings.max_sessions
-        )
-        self.servicer = TensorServicer(
-            engine, settings.chunk_size, limits=limits, sessions=self.sessions
-        )
+        #: What both services do, over the engine once ``ready`` gives it.
+        self.service = Service(settings)
         self.metrics = Metrics(engine.device if engine is not None else None, settings.access_log)
         self.gate = Gate(tokens, self.lifecycle, settings.default_deadline, self.metrics)
         executor = futures.ThreadPoolExecutor(
@@ -99,8 +92,8 @@ class TensorwireServer:
         )
         # RPCs that arrived and wait for a worker: the executor's own queue.
         self.metrics.waiting.set_function(executor._work_queue.qsize)
-        self.metrics.sessions.set_function(self.sessions.count)
-        self.metrics.session_bytes.set_function(self.sessions.bytes)
+        self.metrics.sessions.set_function(self.service.sessions.count)
+        self.metrics.session_bytes.set_function(self.service.sessions.bytes)
         self.server = grpc.server(
             executor,
             options=[
@@ -112,9 +105,10 @@ class TensorwireServer:
             interceptors=[self.gate],
             maximum_concurrent_rpcs=settings.max_concurrent_requests,
         )
-        # The KServe v2 protocol, over the same engine and models as TensorService.
+        # tensorwire.v1 and the KServe v2 protocol, over the same service and models.
+        self.servicer = TensorServicer(self.service, settings.chunk_size)
         self.inference = kserve.InferenceServicer(
-            self.servicer, self.lifecycle, settings.default_deadline
+            self.service, self.lifecycle, settings.default_deadline
         )
         self.server.add_generic_rpc_handlers(
             (
@@ -199,8 +193,7 @@ class TensorwireServer:
 
     def ready(self, engine: Engine) -> None:
         """Serve requests with ``engine``: models loaded and warm."""
-        self.servicer.engine = engine
-        self.servicer.control = ModelControl(engine, self.settings)
+        self.service.ready(engine, ModelControl(engine, self.settings))
         self.metrics.memory.device = engine.device
         engine.on_device_failure = lambda _: self.lifecycle.move(Lifecycle.FAILED)
         self.lifecycle.move(Lifecycle.SERVING)
@@ -215,7 +208,7 @@ class TensorwireServer:
         self.server.stop(0).wait()
         if self.health_server is not None:
             self.health_server.stop(0).wait()
-        self.sessions.stop()
+        self.service.sessions.stop()
         self.metrics.close()
         self.lifecycle.move(Lifecycle.STOPPED)
         if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]

@@ -23,7 +23,7 @@ def platform(served: ServedVersion) -> str:
     return f"pytorch_{served.model.kind}"
 
 
-def metadata(entry: ModelEntry, served: ServedVersion) -> pb.ModelMetadataResponse:
+def metadata_to_wire(entry: ModelEntry, served: ServedVersion) -> pb.ModelMetadataResponse:
     """ModelMetadata of ``served``. A model that fixes no datatype (identity, echo)
     has an empty one, and one that fixes no rank an empty shape: the protocol has no
     wildcard for either. A model taking inputs of any names lists none."""
@@ -32,12 +32,12 @@ def metadata(entry: ModelEntry, served: ServedVersion) -> pb.ModelMetadataRespon
         name=served.name,
         versions=[str(v) for v in entry.versions],
         platform=platform(served),
-        inputs=[_tensor(s) for s in model.inputs],
-        outputs=[_tensor(s) for s in model.outputs],
+        inputs=[_spec_to_wire(s) for s in model.inputs],
+        outputs=[_spec_to_wire(s) for s in model.outputs],
     )
 
 
-def _tensor(spec: IOSpec) -> pb.ModelMetadataResponse.TensorMetadata:
+def _spec_to_wire(spec: IOSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     return pb.ModelMetadataResponse.TensorMetadata(
         name=spec.name,
         datatype=DATATYPE_OF.get(spec.dtype or "", ""),
@@ -45,7 +45,7 @@ def _tensor(spec: IOSpec) -> pb.ModelMetadataResponse.TensorMetadata:
     )
 
 
-def config(served: ServedVersion) -> pb.ModelConfig:
+def config_to_wire(served: ServedVersion) -> pb.ModelConfig:
     """The configuration ``served`` runs under, in the protocol's terms."""
     settings = served.config
     model = served.model
@@ -104,7 +104,7 @@ def _dims(spec: IOSpec, batched: bool) -> tuple[int, ...]:
     return shape[1:] if batched and shape else shape
 
 
-def statistics(snapshot: StatsSnapshot) -> pb.ModelStatistics:
+def statistics_to_wire(snapshot: StatsSnapshot) -> pb.ModelStatistics:
     """One version's counters. tensorwire measures time queued and computing; the
     per-request durations of success and fail it does not (ns 0)."""
     result = pb.ModelStatistics(
@@ -125,7 +125,7 @@ def statistics(snapshot: StatsSnapshot) -> pb.ModelStatistics:
     return result
 
 
-def index(
+def index_to_wire(
     entries: dict[str, ModelEntry], unloaded: Iterable[str], ready_only: bool
 ) -> pb.RepositoryIndexResponse:
     """Every model by name: each version serving (newest first), each version or

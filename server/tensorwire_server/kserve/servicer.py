@@ -1,5 +1,6 @@
-"""The v2 protocol's gRPC service, inference.GRPCInferenceService: translates each RPC
-to tensorwire's engine, registry and model control, with tensorwire's error mapping."""
+"""The v2 protocol's gRPC service, inference.GRPCInferenceService: wire messages ->
+calls on the service core tensorwire.v1 shares -> wire messages, with tensorwire's
+error mapping."""
 
 from __future__ import annotations
 
@@ -7,37 +8,25 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Any, Final
 
 import grpc
 from google.protobuf.message import Message
 
 import tensorwire_server
-from tensorwire.errors import (
-    FailedPreconditionError,
-    InvalidArgumentError,
-    NotFoundError,
-    OutOfRangeError,
-    TensorwireError,
-    shown,
-)
-from tensorwire_server import observe
-from tensorwire_server.engine import Engine
+from tensorwire.errors import InvalidArgumentError, TensorwireError, shown
+from tensorwire_server import observe, rpc
 from tensorwire_server.gate import Lifecycle
 from tensorwire_server.kserve import codec, describe
 from tensorwire_server.kserve import grpc_service_pb2 as pb
-from tensorwire_server.loading import ModelControl
-from tensorwire_server.registry import ModelEntry, ServedVersion
-from tensorwire_server.repository import ConfigError, model_names
-from tensorwire_server.servicer import TensorServicer, clip, statuses
+from tensorwire_server.repository import ConfigError
+from tensorwire_server.service import Caller, Service
 
 log = logging.getLogger(__name__)
 
 SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 #: The protocol extensions ServerMetadata reports.
 EXTENSIONS: Final = ("model_configuration", "model_repository", "statistics")
-_CENTURY: Final = 100 * 365 * 86400.0
 _MAX_VERSION_DIGITS: Final = 18
 
 
@@ -55,21 +44,22 @@ def version_number(text: str) -> int:
 
 
 class InferenceServicer:
-    """Implements inference.GRPCInferenceService over the engine, registry and model
-    control that ``tensorwire`` (tensorwire.v1's servicer) serves; translates only."""
+    """Implements inference.GRPCInferenceService over the Service that tensorwire.v1
+    serves too; translates only."""
 
     def __init__(
-        self, tensorwire: TensorServicer, lifecycle: Lifecycle, default_deadline: float = 600.0
+        self,
+        service: Service,
+        lifecycle: Lifecycle,
+        default_deadline: float,
+        unary_limit: int = rpc.UNARY_LIMIT,
     ) -> None:
-        self.tensorwire = tensorwire
+        self.service = service
         self.lifecycle = lifecycle
         #: How long a streamed request without a deadline may wait in a model's queue.
         self.default_deadline = default_deadline
-
-    @property
-    def engine(self) -> Engine:
-        """The engine; UNAVAILABLE while the server's models load."""
-        return self.tensorwire.engine
+        #: Payload bytes a unary response may carry; a larger one is OUT_OF_RANGE.
+        self.unary_limit = unary_limit
 
     # ------------------------------------------------------------------ health
 
@@ -81,10 +71,9 @@ class InferenceServicer:
 
     def ModelReady(self, request: pb.ModelReadyRequest) -> pb.ModelReadyResponse:
         version = version_number(request.version)
-        entry = self.engine.registry.entries().get(request.name)
+        ready = self.service.model_ready(request.name, version)
         self._target(request.name)
-        serving = entry.versions if entry is not None else {}
-        return pb.ModelReadyResponse(ready=version in serving if version else bool(serving))
+        return pb.ModelReadyResponse(ready=ready)
 
     # ------------------------------------------------------------------ metadata
 
@@ -94,43 +83,35 @@ class InferenceServicer:
         )
 
     def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
-        with self._version(request.name, request.version) as (entry, served):
-            return describe.metadata(entry, served)
+        self._target(request.name)
+        version = version_number(request.version)
+        with self.service.described(request.name, version) as (entry, served):
+            return describe.metadata_to_wire(entry, served)
 
     def ModelConfig(self, request: pb.ModelConfigRequest) -> pb.ModelConfigResponse:
-        with self._version(request.name, request.version) as (_, served):
-            return pb.ModelConfigResponse(config=describe.config(served))
+        self._target(request.name)
+        version = version_number(request.version)
+        with self.service.serving(request.name, version) as served:
+            return pb.ModelConfigResponse(config=describe.config_to_wire(served))
 
     def ModelStatistics(self, request: pb.ModelStatisticsRequest) -> pb.ModelStatisticsResponse:
         version = version_number(request.version)
-        entries = self.engine.registry.entries()
-        if request.name:
-            self._target(request.name)
-            entry = entries.get(request.name)
-            if entry is None:
-                raise NotFoundError(f"model {shown(request.name)} not found")
-            entries = {request.name: entry}
-        response = pb.ModelStatisticsResponse()
-        for _, entry in sorted(entries.items()):
-            for number, served in entry.versions.items():
-                if version in (0, number):
-                    response.model_stats.append(describe.statistics(served.stats.snapshot()))
-        if version and not response.model_stats:
-            raise NotFoundError(f"model {shown(request.name)} has no version {version}")
-        return response
+        self._target(request.name)
+        snapshots = self.service.statistics(request.name, version)
+        return pb.ModelStatisticsResponse(
+            model_stats=[describe.statistics_to_wire(s) for s in snapshots]
+        )
 
     # ------------------------------------------------------------------ repository
 
     def RepositoryIndex(self, request: pb.RepositoryIndexRequest) -> pb.RepositoryIndexResponse:
-        entries = self.engine.registry.entries()
-        control = self.tensorwire.control
+        entries = self.service.models()
         unloaded: list[str] = []
-        if control is not None and control.root is not None:
-            try:
-                unloaded = model_names(control.root)
-            except ConfigError as exc:
-                log.warning("RepositoryIndex: cannot list the model repository: %s", exc)
-        return describe.index(entries, unloaded, request.ready)
+        try:
+            unloaded = self.service.repository_models()
+        except ConfigError as exc:
+            log.warning("RepositoryIndex: cannot list the model repository: %s", exc)
+        return describe.index_to_wire(entries, unloaded, request.ready)
 
     def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest
@@ -142,7 +123,7 @@ class InferenceServicer:
                     "are not supported; put the model in the model repository"
                 )
         self._target(request.model_name)
-        self._control.load(request.model_name)
+        self.service.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     def RepositoryModelUnload(
@@ -150,27 +131,27 @@ class InferenceServicer:
     ) -> pb.RepositoryModelUnloadResponse:
         # unload_dependents is accepted: no tensorwire model depends on another.
         self._target(request.model_name)
-        self._control.unload(request.model_name)
+        self.service.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
     # ------------------------------------------------------------------ inference
 
     def infer(self, request: codec.InferRequest, deadline: float | None) -> codec.Answer:
-        """Run one ModelInferRequest (unary or streamed) through the engine."""
+        """Run one ModelInferRequest (unary or streamed) through the service."""
         message = request.message
         self._target(message.model_name)
         call = observe.current()
         if call is not None:
             call.bytes_in += request.payload_bytes
-        registry = self.engine.registry
+        service = self.service
+        version = version_number(message.model_version)
         # The model and version first: an unknown model is NOT_FOUND whatever its inputs.
-        with registry.using(message.model_name, version_number(message.model_version)) as served:
+        with service.serving(message.model_name, version) as served:
             wanted = codec.wanted(message)
-            limits = self.tensorwire.limits
-            limits.request_bytes(request.payload_bytes)
-            inputs = codec.inputs(request, limits)
-            inference = self.engine.infer(
-                served.name, inputs, wanted.outputs, served.version, deadline
+            service.limits.request_bytes(request.payload_bytes)
+            inputs = codec.inputs(request, service.limits)
+            inference = service.infer(
+                Caller(deadline=deadline), served.name, inputs, wanted.outputs, served.version
             )
         answer = codec.answer(message, inference.version, inference.outputs, wanted.typed)
         if call is not None:
@@ -180,36 +161,18 @@ class InferenceServicer:
 
     # ------------------------------------------------------------------ internals
 
-    @contextmanager
-    def _version(self, name: str, version: str) -> Iterator[tuple[ModelEntry, ServedVersion]]:
-        self._target(name)
-        registry = self.engine.registry
-        with registry.using(name, version_number(version)) as served:
-            entry = registry.entries().get(name) or ModelEntry(
-                served.config, {served.version: served}
-            )
-            yield entry, served
-
     def _target(self, name: str) -> None:
-        """Tell the call's record which model it asks about; a name the server does not
-        know is labelled "unknown" (clients must not grow the metrics without bound)."""
+        """Tell the call's record which model it asks about (a metric label: see
+        Service.label)."""
         call = observe.current()
         if call is not None and name:
-            call.target = name if name in self.engine.registry else "unknown"
-
-    @property
-    def _control(self) -> ModelControl:
-        if self.tensorwire.control is None:
-            raise FailedPreconditionError("this server cannot load or unload models")
-        return self.tensorwire.control
+            call.target = self.service.label(name, functions=False)
 
     def stream_deadline(self, context: grpc.ServicerContext) -> float:
         """When a streamed request must have left the model's queue: the call's deadline,
         else default_deadline from its arrival."""
-        remaining = context.time_remaining()
-        if remaining is None or remaining > _CENTURY:
-            remaining = self.default_deadline
-        return time.monotonic() + remaining
+        remaining = rpc.remaining(context)
+        return time.monotonic() + (self.default_deadline if remaining is None else remaining)
 
 
 class _IdleCutoff:
@@ -258,48 +221,21 @@ class _IdleCutoff:
         self.cancel()
 
 
-def _unary(
-    method: str, behavior: Callable[[Any], Message]
-) -> Callable[[Any, grpc.ServicerContext], Message]:
-    def handle(request: Any, context: grpc.ServicerContext) -> Message:
-        with statuses(method, context):
-            if isinstance(request, TensorwireError):
-                raise request
-            return behavior(request)
-        raise AssertionError("unreachable")  # statuses aborts, and abort raises
+def _infer_unary(method: str, servicer: InferenceServicer) -> rpc.Unary[bytes]:
+    def run(request: codec.InferRequest) -> bytes:
+        call = observe.current()
+        answer = servicer.infer(request, call.deadline if call is not None else None)
+        rpc.one_message(answer.payload_bytes, servicer.unary_limit, "tensorwire.v1's InferStream")
+        return answer.finish()
 
-    return handle
+    return rpc.unary(method, run)
 
 
-def _infer_unary(
-    method: str, servicer: InferenceServicer
-) -> Callable[[Any, grpc.ServicerContext], bytes]:
-    def handle(
-        request: codec.InferRequest | TensorwireError, context: grpc.ServicerContext
-    ) -> bytes:
-        with statuses(method, context):
-            if isinstance(request, TensorwireError):
-                raise request
-            call = observe.current()
-            answer = servicer.infer(request, call.deadline if call is not None else None)
-            if answer.payload_bytes > servicer.tensorwire.unary_limit:
-                raise OutOfRangeError(
-                    f"the response holds {answer.payload_bytes} payload bytes, more than one "
-                    "message carries; tensorwire.v1's InferStream streams it"
-                )
-            return answer.finish()
-        raise AssertionError("unreachable")
-
-    return handle
-
-
-def _infer_stream(
-    method: str, servicer: InferenceServicer
-) -> Callable[[Iterator[Any], grpc.ServicerContext], Iterator[bytes]]:
+def _infer_stream(method: str, servicer: InferenceServicer) -> rpc.Streaming:
     def handle(
         requests: Iterator[codec.InferRequest | TensorwireError], context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        cutoff = _IdleCutoff(servicer.tensorwire.limits.max_stream_seconds, context.cancel)
+        cutoff = _IdleCutoff(servicer.service.limits.max_stream_seconds, context.cancel)
         try:
             for request in requests:
                 cutoff.touch(busy=True)
@@ -311,15 +247,14 @@ def _infer_stream(
                 except TensorwireError as exc:
                     # As Triton does: the request's error in its response; the stream goes on.
                     log.debug("%s: %s %s", method, exc.code, exc.message)
-                    response = codec.stream_error(clip(exc.message), request)
+                    response = codec.stream_error(rpc.clip(exc.message), request)
                 except Exception:
                     log.exception("%s failed with a server error", method)
                     response = codec.stream_error(f"{method}: internal server error", request)
                 cutoff.touch(busy=False)  # a client that stops reading is idle too
                 yield response
         except grpc.RpcError as exc:
-            exc.__traceback__ = None  # gRPC keeps it in the call's state: keep no payloads
-            log.debug("%s: the stream was cancelled", method)
+            rpc.cancelled(method, exc)
         finally:
             cutoff.close()
 
@@ -349,7 +284,7 @@ def inference_service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHan
             )
         else:
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(name, getattr(servicer, method.name)),
+                rpc.unary(name, getattr(servicer, method.name)),
                 request_deserializer=codec.parse(getattr(pb, method.input_type.name)),
                 response_serializer=_serialize,
             )
