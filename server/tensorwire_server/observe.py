@@ -25,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tensorwire.wire.protocol import REQUEST_ID_KEY
+from tensorwire_server.settings import AccessLog
 
 access_log = logging.getLogger("tensorwire_server.access")
 
@@ -70,8 +71,8 @@ class Metrics:
     """The server's Prometheus metrics, in a registry of its own (tests run several
     servers in one process)."""
 
-    def __init__(self, device: Any = None, access: str = "errors") -> None:
-        #: Which finished calls write an access record: all, errors or none.
+    def __init__(self, device: Any, access: AccessLog) -> None:
+        #: Which finished calls write an access record (the setting access_log).
         self.access = access
         self.registry = CollectorRegistry()
         r = self.registry

@@ -303,6 +303,7 @@ def _caller() -> Caller:
 
 
 def info_to_wire(info: ServerInfo) -> pb.InfoResponse:
+    """Info's answer."""
     device = info.device
     sessions = info.sessions
     return pb.InfoResponse(
@@ -329,6 +330,7 @@ def info_to_wire(info: ServerInfo) -> pb.InfoResponse:
 
 
 def model_to_wire(entry: ModelEntry) -> pb.ModelInfo:
+    """One model: its signature, configuration, state and every version."""
     config = entry.config
     newest = entry.newest()
     # The signature the newest version's files carry, else the configuration's.
@@ -365,6 +367,7 @@ def model_to_wire(entry: ModelEntry) -> pb.ModelInfo:
 
 
 def statistics_to_wire(snapshot: StatsSnapshot) -> pb.VersionStatistics:
+    """One version's counters."""
     return pb.VersionStatistics(
         model=snapshot.model,
         version=snapshot.version,
@@ -381,6 +384,7 @@ def statistics_to_wire(snapshot: StatsSnapshot) -> pb.VersionStatistics:
 
 
 def spec_to_wire(spec: IOSpec) -> pb.TensorSpec:
+    """An input, output or parameter: no dtype, no shape where any goes."""
     return pb.TensorSpec(
         name=spec.name,
         dtype=WIRE_BY_NAME[spec.dtype] if spec.dtype else pb.DTYPE_UNSPECIFIED,  # type: ignore[arg-type]
