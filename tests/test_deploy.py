@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,6 @@ import grpc
 import jsonschema
 import kubernetes_validate
 import pytest
-import tomllib
 import trustme
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
