@@ -7,7 +7,7 @@ import pytest
 import torch
 from toy_models import Quadratic
 
-from tensorwire import Client, FailedPreconditionError, InvalidArgumentError
+from tensorwire import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tensorwire_server.models import builtin_models
 
 RNG = np.random.default_rng(4)
@@ -113,3 +113,24 @@ def test_non_scalar_output_without_grad_outputs_is_refused(client: Client) -> No
         client.grad("mlp", np.ones((2, 16), np.float32), grad_outputs=np.ones((3, 4), np.float32))
     with pytest.raises(InvalidArgumentError, match="wrt names 'nope'"):
         client.grad("quadratic", np.ones(5), wrt="nope")
+
+
+def test_wrt_that_is_not_a_name_says_what_it_takes(client: Client) -> None:
+    x = np.ones((2, 16), np.float32)
+    for wrt in ([0], 0, ["input", 1]):
+        with pytest.raises(InvalidArgumentError, match=r"by name .*call_grad"):
+            client.grad("mlp", x, wrt=wrt, grad_outputs=np.ones((2, 4), np.float32))  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="by position"):
+        client.call_grad("sum", np.ones(3), wrt="0")  # type: ignore[arg-type]
+    # What it takes works, and positions of a function's arguments too.
+    assert client.call_grad("sum", np.ones(3), wrt=np.int64(0)).grads["0"].tolist() == [1, 1, 1]
+
+
+def test_a_function_named_as_a_model_points_to_the_function_methods(client: Client) -> None:
+    a = np.ones((2, 2))
+    with pytest.raises(NotFoundError, match=r"'matmul' is an allowlisted function.*call_grad"):
+        client.grad("matmul", [a, a], grad_outputs=a)
+    with pytest.raises(NotFoundError, match=r"'matmul' is an allowlisted function.*Call"):
+        client.infer("matmul", [a, a])
+    with pytest.raises(NotFoundError, match="model 'no-such-thing' not found"):
+        client.infer("no-such-thing", a)  # no hint where none applies

@@ -86,9 +86,18 @@ def checked_version(version: int) -> int:
 
 
 def _names(wrt: str | Sequence[str] | None) -> list[str]:
+    """A model's ``wrt``: input names, checked before sending."""
     if wrt is None:
         return []
-    return [wrt] if isinstance(wrt, str) else list(wrt)
+    names: list[Any] = [wrt] if isinstance(wrt, str) or not isinstance(wrt, Sequence) else [*wrt]
+    for name in names:
+        if not isinstance(name, str):
+            raise InvalidArgumentError(
+                f"wrt names a model's inputs by name (wrt='input' or wrt=['x', 'y']), not "
+                f"{name!r}; Info lists each model's inputs. For a function's arguments by "
+                "position, use call_grad(function, ..., wrt=0)"
+            )
+    return names
 
 
 def _grad_outputs(
@@ -172,7 +181,13 @@ def call_grad_request(
     wrt: int | Sequence[int],
     grad_outputs: np.ndarray | Mapping[str, Any] | None,
 ) -> Encoder[pb.GradRequest]:
-    positions = [wrt] if isinstance(wrt, int) else list(wrt)
+    positions = [wrt] if isinstance(wrt, int | np.integer) else list(wrt)
+    for position in positions:
+        if isinstance(position, bool) or not isinstance(position, int | np.integer):
+            raise InvalidArgumentError(
+                f"call_grad's wrt gives positional arguments by position (wrt=0 or "
+                f"wrt=[0, 1]), not {position!r}"
+            )
     encoder = Encoder(pb.GradRequest(function=function, wrt=[str(int(i)) for i in positions]))
     _arguments(encoder, args, kwargs)
     _grad_outputs(encoder, grad_outputs)

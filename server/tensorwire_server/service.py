@@ -217,6 +217,20 @@ class Service:
         """Stop serving ``name`` (or one version of it)."""
         return self._control.unload(name, version)
 
+    @contextmanager
+    def _a_model(self, name: str, instead: str) -> Iterator[None]:
+        """Say so when a request names an allowlisted function as a model: the lookup's
+        NOT_FOUND lists models only, and the caller most likely wanted the function."""
+        try:
+            yield
+        except NotFoundError as exc:
+            engine = self.engine
+            if name in engine.registry or name not in engine.functions:
+                raise
+            raise NotFoundError(
+                f"{shown(name)} is an allowlisted function, not a model: {instead}"
+            ) from exc
+
     @property
     def _control(self) -> ModelControl:
         if self.control is None:
@@ -236,14 +250,15 @@ class Service:
     ) -> Inference:
         """Run ``model`` forward (batched with other requests where configured) within
         the caller's deadline; ``keep``: its outputs stay in the session as handles."""
-        return self.engine.infer(
-            model,
-            inputs,
-            outputs,
-            version,
-            caller.deadline,
-            self._keeper(caller) if keep else None,
-        )
+        with self._a_model(model, "run it with Call"):
+            return self.engine.infer(
+                model,
+                inputs,
+                outputs,
+                version,
+                caller.deadline,
+                self._keeper(caller) if keep else None,
+            )
 
     def grad_model(
         self,
@@ -258,9 +273,10 @@ class Service:
     ) -> GradOutcome:
         """``model``'s outputs and gradients w.r.t. inputs ``wrt`` (and parameters)."""
         export = self._keeper(caller) if keep else as_array
-        return self.engine.grad_model(
-            model, inputs, wrt, grad_outputs, param_grads, version, export
-        )
+        with self._a_model(model, "its gradients come from Grad naming a function (call_grad)"):
+            return self.engine.grad_model(
+                model, inputs, wrt, grad_outputs, param_grads, version, export
+            )
 
     def grad_function(
         self,
