@@ -3,6 +3,7 @@ SIGTERM draining (NOT_SERVING) while in-flight requests finish, and a clean exit
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import re
@@ -11,14 +12,16 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent import futures
 from typing import Any
 
 import grpc
 import numpy as np
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from tensorwire import Client
+from tensorwire import AsyncClient, Client, DeadlineExceededError, UnavailableError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.v1 import tensorwire_pb2_grpc as pb_grpc
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
@@ -136,3 +139,52 @@ def test_reflection_lists_and_describes_every_service(address: str) -> None:
         "grpc.reflection.v1alpha.ServerReflection",
     }
     assert described.file_descriptor_response.file_descriptor_proto
+
+
+def test_a_starting_server_is_waited_for_within_the_deadline() -> None:
+    """While its models load a server answers UNAVAILABLE with gRPC's server pushback;
+    the clients wait and ask again until it serves, within each call's deadline, even
+    for calls that are never sent twice otherwise (it ran none of them)."""
+    tests = os.path.dirname(__file__)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]),
+        "TENSORWIRE_TEST_LOAD_SECONDS": "3",
+    }
+    argv = [sys.executable, "-m", "tensorwire_server", "--port", "0", "--device", "cpu"]
+    argv += ["--model", "slow=toy_models:slow_to_load"]
+    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        address = ""
+        while not address and proc.poll() is None:
+            line = proc.stderr.readline()  # type: ignore[union-attr]
+            if match := re.search(r"listening on (\S+)", line):
+                address = match.group(1)
+        threading.Thread(target=lambda: list(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
+        began = time.monotonic()
+        with (
+            Client(address, timeout=0.5, retries=0) as c,
+            pytest.raises((UnavailableError, DeadlineExceededError), match="starting") as short,
+        ):
+            c.info()
+        assert "cannot reach" not in str(short.value)  # it was reached: not serving yet
+
+        # A longer deadline is enough: each call waits for the models (3 s here), far
+        # past what the retries alone would (and retries=0 allows none). Put is never
+        # sent twice otherwise: the server ran none of the attempts it pushed back.
+        def put_and_get() -> list[float]:
+            with Client(address, timeout=30, retries=0) as c:
+                return c.put(np.arange(4.0)).numpy().tolist()  # type: ignore[no-any-return]
+
+        async def info_async() -> set[str]:
+            async with AsyncClient(address, timeout=30, retries=0) as ac:
+                return set((await ac.info()).models)
+
+        with futures.ThreadPoolExecutor(1) as pool:
+            put = pool.submit(put_and_get)
+            assert "slow" in asyncio.run(info_async())
+            assert put.result(60) == [0, 1, 2, 3]
+        assert time.monotonic() - began >= 2
+    finally:
+        proc.kill()
+        proc.wait(30)

@@ -29,7 +29,7 @@ from tensorwire.types import Progress, ProgressCallback, UseClientDefault
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import streaming
 from tensorwire.wire.codec import Encoder, Received, receiver
-from tensorwire.wire.protocol import CHANNEL_OPTIONS, REQUEST_ID_KEY
+from tensorwire.wire.protocol import CHANNEL_OPTIONS, REQUEST_ID_KEY, RETRY_PUSHBACK_KEY
 from tensorwire.wire.streaming import DEFAULT_CHUNK_SIZE, Advance, StreamReceiver
 
 M = TypeVar("M", bound=Message)
@@ -175,6 +175,10 @@ class CallState:
     responded: bool = False
     #: The details of the last UNAVAILABLE, for the error should a later attempt time out.
     unavailable: str | None = None
+    #: The details of the last "not yet, ask again" (pushback) from a starting server.
+    starting: str | None = None
+    #: Attempts the server pushed back: they count against no retry budget.
+    pushed_back: int = 0
     #: The method callables its attempts use (``_methods``, or the pinned replica's).
     methods: dict[str, Any] = field(default_factory=dict)
     #: The call metadata: the client's own, and its session's id when it has one.
@@ -197,9 +201,9 @@ def _details(exc: grpc.RpcError) -> str:
     return (exc.details() if hasattr(exc, "details") else None) or str(exc)
 
 
-def request_id(exc: grpc.RpcError) -> str | None:
-    """The ``x-request-id`` the server answered ``exc``'s call with: in its trailing
-    metadata (a stream's initial metadata has it too); None when no server answered."""
+def _metadata(exc: grpc.RpcError, wanted: str) -> str | None:
+    """The value of metadata key ``wanted`` the server ended ``exc``'s call with: in its
+    trailing metadata, else its initial metadata; None when no server sent it."""
     for which in ("trailing_metadata", "initial_metadata"):
         read = getattr(exc, which, None)
         if read is None:
@@ -209,9 +213,26 @@ def request_id(exc: grpc.RpcError) -> str | None:
         except Exception:  # a call that never started has none to give
             continue
         for key, value in metadata or ():
-            if key == REQUEST_ID_KEY:
+            if key == wanted:
                 return value.decode() if isinstance(value, bytes) else str(value)
     return None
+
+
+def request_id(exc: grpc.RpcError) -> str | None:
+    """The ``x-request-id`` the server answered ``exc``'s call with; None when no
+    server answered."""
+    return _metadata(exc, REQUEST_ID_KEY)
+
+
+def pushback(exc: grpc.RpcError) -> float | None:
+    """Seconds the server asked to wait before trying ``exc``'s call again (gRPC's
+    server pushback), when it answered UNAVAILABLE without running it; else None."""
+    if _code(exc) is not grpc.StatusCode.UNAVAILABLE:
+        return None
+    value = _metadata(exc, RETRY_PUSHBACK_KEY)
+    if value is None or not value.isdigit():  # gRFC A6: a negative or bad one means "don't"
+        return None
+    return min(int(value) / 1000, BACKOFF_MAX)
 
 
 class Transport:
@@ -427,11 +448,25 @@ class Transport:
     def _retry_or_raise(self, call: CallState, exc: grpc.RpcError) -> NoReturn:
         """Raise Retry when ``call`` may be made again, after a backoff that ends
         before its deadline; else the error ``exc`` maps to."""
+        wait = None if call.responded else pushback(exc)
+        if wait is not None:
+            # The server did not run the call and said when to ask again (it is
+            # starting): wait for it within the deadline, whatever the retries left
+            # and whether the call may be sent twice. A little jitter keeps callers
+            # that waited together from all coming back in the same instant.
+            call.unavailable = call.starting = _details(exc)
+            call.pushed_back += 1
+            delay = wait * (0.8 + 0.4 * random.random())
+            if call.deadline is None or time.monotonic() + delay < call.deadline:
+                raise Retry(delay)
+            raise self._error(exc, call) from exc
+        if _code(exc) in RETRY_CODES:
+            call.starting = None  # gone or refusing: no longer a server about to serve
         if (
             _code(exc) in RETRY_CODES
             and call.idempotent
             and not call.responded  # the server answered in part: it was reached
-            and call.attempts <= self.retries
+            and call.attempts - call.pushed_back <= self.retries
         ):
             call.unavailable = _details(exc)
             delay = backoff(call.attempts)
@@ -443,10 +478,18 @@ class Transport:
         code = _code(exc)
         details = _details(exc)
         cls = error_class(code.name)
-        if code is grpc.StatusCode.UNAVAILABLE:
+        if code is grpc.StatusCode.UNAVAILABLE and call.starting is not None:
+            # Reached, but not serving yet: the deadline ran out while waiting.
+            waited = f" (still, after {call.attempts} attempts)" if call.attempts > 1 else ""
+            details = f"{self.target}: {details}{waited}"
+        elif code is grpc.StatusCode.UNAVAILABLE:
             details = self._unreachable(details, call.attempts)
         elif cls is UnavailableError:
             details = f"{self.target}: {details}"
+        elif code is grpc.StatusCode.DEADLINE_EXCEEDED and call.starting is not None:
+            details = (
+                f"{details} on attempt {call.attempts}, waiting for {self.target}: {call.starting}"
+            )
         elif code is grpc.StatusCode.DEADLINE_EXCEEDED and call.unavailable is not None:
             # The time ran out on a retry: say why there were retries at all.
             before = self._unreachable(call.unavailable, 1)

@@ -12,18 +12,33 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from tensorwire.wire.protocol import REQUEST_ID_KEY, SESSION_KEY
+from tensorwire.wire.protocol import (
+    REQUEST_ID_KEY,
+    RETRY_PUSHBACK_KEY,
+    SESSION_KEY,
+    STARTING_PUSHBACK_MS,
+)
 from tensorwire_server import observe, rpc
 from tensorwire_server.observe import Call, Metrics
 from tensorwire_server.security import AUTHENTICATED, PUBLIC, Tokens, scope_of
 
 log = logging.getLogger(__name__)
 
-Reject = tuple[grpc.StatusCode, str]
+
+@dataclass(frozen=True)
+class Reject:
+    """The gate's answer to an RPC it does not let run: a status and its message, and
+    for a server that will serve soon, when to ask again (gRPC's server pushback)."""
+
+    code: grpc.StatusCode
+    message: str
+    pushback_ms: int | None = None
+
 
 if TYPE_CHECKING:  # grpc-stubs makes the class generic; grpc's own is not subscriptable
     _Interceptor = grpc.ServerInterceptor[Any, Any]
@@ -116,10 +131,17 @@ class Gate(_Interceptor):
         if scope == PUBLIC or state == Lifecycle.SERVING:
             return None
         if state == Lifecycle.STARTING:
-            return grpc.StatusCode.UNAVAILABLE, "the server is starting: models are loading"
+            # It will serve soon: the pushback tells clients when to ask again.
+            return Reject(
+                grpc.StatusCode.UNAVAILABLE,
+                "the server is starting: models are loading",
+                pushback_ms=STARTING_PUSHBACK_MS,
+            )
         if state == Lifecycle.FAILED:
-            return grpc.StatusCode.UNAVAILABLE, "the server's device failed; it must be restarted"
-        return grpc.StatusCode.UNAVAILABLE, "the server is shutting down"
+            return Reject(
+                grpc.StatusCode.UNAVAILABLE, "the server's device failed; it must be restarted"
+            )
+        return Reject(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
     def _caller(self, call: Call, scope: str, details: grpc.HandlerCallDetails) -> Reject | None:
         method = call.method
@@ -127,18 +149,18 @@ class Gate(_Interceptor):
             return None
         token = _bearer(details.invocation_metadata)
         if token is None:
-            return (
+            return Reject(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"{method} needs a bearer token: send metadata 'authorization: Bearer <token>'",
             )
         identity = self.tokens.identify(token)
         if identity is None:
             log.info("%s: refused an unknown token", method)
-            return grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid"
+            return Reject(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid")
         call.caller = identity.name
         if scope != AUTHENTICATED and scope not in identity.scopes:
             log.info("%s: token %r lacks scope %r", method, identity.name, scope)
-            return (
+            return Reject(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"token {identity.name!r} lacks the {scope!r} scope that {method} needs",
             )
@@ -175,7 +197,14 @@ def _guarded(
 
     def check(context: grpc.ServicerContext) -> None:
         if reject is not None:
-            context.abort(*reject)
+            if reject.pushback_ms is not None:
+                context.set_trailing_metadata(
+                    (
+                        (REQUEST_ID_KEY, call.request_id),
+                        (RETRY_PUSHBACK_KEY, str(reject.pushback_ms)),
+                    )
+                )
+            context.abort(reject.code, reject.message)
         remaining = rpc.remaining(context)
         if (remaining is not None and remaining <= 0) or (
             remaining is None and time.monotonic() > default_deadline

@@ -12,6 +12,15 @@ SESSION_KEY: Final = "x-tensorwire-session"
 #: trailing metadata (a stream's initial metadata too), so errors match its log.
 REQUEST_ID_KEY: Final = "x-request-id"
 
+#: gRPC's server pushback (gRFC A6): trailing metadata on an UNAVAILABLE call that the
+#: server did not run, saying after how many milliseconds to try again. A starting
+#: server sends it while its models load; tensorwire's clients wait that long and try
+#: again within the call's deadline, whatever their retry count.
+RETRY_PUSHBACK_KEY: Final = "grpc-retry-pushback-ms"
+
+#: How long a starting server asks a caller to wait before trying again, in ms.
+STARTING_PUSHBACK_MS: Final = 250
+
 #: The most steps one Run program may have.
 MAX_PROGRAM_STEPS: Final = 64
 
