@@ -58,8 +58,58 @@ def grpc_echo_server(port_out: Connection) -> None:
     server.wait_for_termination()
 
 
+def grpc_aio_echo_server(port_out: Connection) -> None:
+    """The same echo on grpc.aio: one event loop, no thread hand-offs."""
+    import asyncio
+
+    async def echo(request: bytes, context: object) -> bytes:
+        return request
+
+    async def main() -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_send_message_length", -1),
+                ("grpc.max_receive_message_length", -1),
+            ]
+        )
+        handler = grpc.unary_unary_rpc_method_handler(echo)
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),)
+        )
+        port_out.send(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
 def _identity(tensor: object) -> object:
     return tensor
+
+
+def rpc_latency_worker(rank: int, port: int, calls: int, out: Connection) -> None:
+    """torch.distributed.rpc forced onto TCP (TensorPipe's uv transport, basic channel,
+    as between two hosts): rank 0 times ``calls`` sequential round trips of a [1, 16]
+    float32 tensor to an identity on rank 1; sends the times in seconds."""
+    import torch
+    import torch.distributed.rpc as rpc
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    options = rpc.TensorPipeRpcBackendOptions(
+        num_worker_threads=4, rpc_timeout=600, _transports=["uv"], _channels=["basic"]
+    )
+    rpc.init_rpc(f"w{rank}", rank=rank, world_size=2, rpc_backend_options=options)
+    if rank == 0:
+        tensor = torch.ones((1, 16), dtype=torch.float32)
+        for _ in range(200):  # warm-up
+            rpc.rpc_sync("w1", _identity, args=(tensor,))
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            rpc.rpc_sync("w1", _identity, args=(tensor,))
+            times.append(time.perf_counter() - start)
+        out.send(times)
+    rpc.shutdown()
 
 
 def rpc_worker(rank: int, port: int, sizes: list[int], repeats: int, out: Connection) -> None:
