@@ -354,9 +354,7 @@ def tls_server(tls_files: tuple[str, str]) -> Iterator[TensorwireServer]:
     server = TensorwireServer(settings)
     server.start()
     yield server
-    server.server.stop(None).wait()
-    if server.health_server is not None:
-        server.health_server.stop(None).wait()
+    server.kill()
 
 
 def test_the_health_port_answers_check_in_plain_text_and_nothing_else(

@@ -56,14 +56,14 @@ class Replicas:
         """Stop server ``i``: draining for ``grace`` seconds, or at once (None)."""
         self.stopped.add(i)
         if grace is None:
-            self.servers[i].server.stop(None).wait()
+            self.servers[i].kill()
         else:
             self.servers[i].stop(grace)
 
     def close(self) -> None:
         for i, server in enumerate(self.servers):
             if i not in self.stopped:
-                server.server.stop(None).wait()
+                server.kill()
 
 
 @pytest.fixture

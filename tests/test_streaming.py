@@ -9,7 +9,6 @@ import re
 import threading
 import time
 from collections.abc import Iterator
-from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,6 @@ from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import codec, framing, streaming
 from tensorwire.wire.dtypes import NAMES, NUMPY_BY_WIRE
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
-from tensorwire_server.service import Service
-from tensorwire_server.servicer import TensorServicer, tensor_service_handler
 from tensorwire_server.settings import Settings
 
 # Odd sizes that divide nothing: chunks split elements, tensors and small headers.
@@ -190,14 +187,12 @@ def test_async_progress_callback_errors_surface_too(small_chunks: str, stage: st
 def test_a_response_too_large_for_one_message_is_fetched_as_a_stream() -> None:
     """The server refuses a unary response over its limit with OUT_OF_RANGE and the
     client asks again over the stream, whatever the size of the request."""
-    settings = Settings(host="127.0.0.1", port=0, device="cpu")
-    from tensorwire_server.server import SERVER_OPTIONS, build_engine
+    settings = Settings(host="127.0.0.1", port=0, device="cpu", chunk_size=64)
+    from tensorwire_server.server import TensorwireServer, build_engine
 
-    server = grpc.server(futures.ThreadPoolExecutor(4), options=SERVER_OPTIONS)
-    service = Service(settings, build_engine(settings))
-    servicer = TensorServicer(service, chunk_size=64, unary_limit=1000)
-    server.add_generic_rpc_handlers((tensor_service_handler(servicer),))
-    port = server.add_insecure_port("127.0.0.1:0")
+    server = TensorwireServer(settings, build_engine(settings))
+    server.servicer.unary_limit = 1000  # "large" from 1000 payload bytes on
+    port = server.port
     server.start()
     try:
         address = f"127.0.0.1:{port}"

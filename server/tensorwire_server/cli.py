@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="run every request alone, even for models configured to batch",
     )
-    parser.add_argument("--workers", type=int, help="request threads (default 16)")
+    parser.add_argument("--workers", type=int, help="threads running torch work (default 16)")
     parser.add_argument(
         "--chunk-size", type=int, help="payload bytes per streamed chunk (default 1 MiB)"
     )

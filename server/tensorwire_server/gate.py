@@ -7,15 +7,17 @@ later) can be reached around it; tests walk the service descriptors to prove it.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import grpc.aio
 
 from tensorwire.wire.protocol import (
     REQUEST_ID_KEY,
@@ -24,6 +26,7 @@ from tensorwire.wire.protocol import (
     STARTING_PUSHBACK_MS,
 )
 from tensorwire_server import observe, rpc
+from tensorwire_server.heap import HeapTrimmer
 from tensorwire_server.observe import Call, Metrics
 from tensorwire_server.security import AUTHENTICATED, PUBLIC, Tokens, scope_of
 
@@ -40,10 +43,14 @@ class Reject:
     pushback_ms: int | None = None
 
 
-if TYPE_CHECKING:  # grpc-stubs makes the class generic; grpc's own is not subscriptable
-    _Interceptor = grpc.ServerInterceptor[Any, Any]
+Context = rpc.Context
+
+if TYPE_CHECKING:  # grpc-stubs makes the classes generic; grpc's own are not subscriptable
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    _Interceptor = grpc.aio.ServerInterceptor[Any, Any]
 else:
-    _Interceptor = grpc.ServerInterceptor
+    Handler = grpc.RpcMethodHandler
+    _Interceptor = grpc.aio.ServerInterceptor
 
 
 class Lifecycle:
@@ -72,21 +79,26 @@ class Lifecycle:
 
 class InFlight:
     """How many requests are running, so that a drain can wait for them and not for
-    long-lived streams such as health watches."""
+    long-lived streams such as health watches; ``heap`` hears of each too."""
 
-    def __init__(self) -> None:
+    def __init__(self, heap: HeapTrimmer | None = None) -> None:
         self._count = 0
         self._idle = threading.Condition()
+        self._heap = heap
 
     def __enter__(self) -> None:
         with self._idle:
             self._count += 1
+        if self._heap is not None:
+            self._heap.busy()
 
     def __exit__(self, *_: object) -> None:
         with self._idle:
             self._count -= 1
             if not self._count:
                 self._idle.notify_all()
+        if self._heap is not None:
+            self._heap.idle()
 
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until none run, at most ``timeout`` seconds; whether none run."""
@@ -98,24 +110,29 @@ class Gate(_Interceptor):
     """Admits an RPC or answers it with a clear status before any of it runs."""
 
     def __init__(
-        self, tokens: Tokens, lifecycle: Lifecycle, default_deadline: float, metrics: Metrics
+        self,
+        tokens: Tokens,
+        lifecycle: Lifecycle,
+        default_deadline: float,
+        metrics: Metrics,
+        heap: HeapTrimmer | None = None,
     ) -> None:
         self.tokens = tokens
         self.lifecycle = lifecycle
         self.default_deadline = default_deadline
         self.metrics = metrics
-        self.in_flight = InFlight()
+        self.in_flight = InFlight(heap)
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        # This runs as the call arrives, before it waits for a worker thread.
+    ) -> Handler:
+        # This runs as the call arrives, on the event loop.
         arrived = time.monotonic()
-        handler = continuation(details)
-        if handler is None:
-            return None  # gRPC answers UNIMPLEMENTED
+        handler: Handler | None = await continuation(details)
+        if handler is None:  # an unknown method (the stubs say it cannot be: it can)
+            return handler  # type: ignore[return-value]  # gRPC answers UNIMPLEMENTED
         method: str = details.method
         scope = scope_of(method)
         call = Call(method, observe.request_id(details.invocation_metadata))
@@ -184,18 +201,17 @@ def _bearer(metadata: Any) -> str | None:
 
 
 def _guarded(
-    handler: grpc.RpcMethodHandler[Any, Any],
+    handler: Handler,
     reject: Reject | None,
     default_deadline: float,
     counter: InFlight | None,
     call: Call,
     metrics: Metrics,
-) -> grpc.RpcMethodHandler[Any, Any]:
-    """``handler`` with the gate's verdict and the queue deadline checked first, in the
-    worker thread, before the behavior sees its request; counted while it runs, and
-    recorded (metrics, access log) when it ends."""
+) -> Handler:
+    """``handler`` with the gate's verdict checked first, before the behavior sees its
+    request; counted while it runs, and recorded (metrics, access log) when it ends."""
 
-    def check(context: grpc.ServicerContext) -> None:
+    async def check(context: Context) -> None:
         if reject is not None:
             if reject.pushback_ms is not None:
                 context.set_trailing_metadata(
@@ -204,26 +220,25 @@ def _guarded(
                         (RETRY_PUSHBACK_KEY, str(reject.pushback_ms)),
                     )
                 )
-            context.abort(reject.code, reject.message)
+            await context.abort(reject.code, reject.message)
         remaining = rpc.remaining(context)
-        if (remaining is not None and remaining <= 0) or (
-            remaining is None and time.monotonic() > default_deadline
-        ):
-            context.abort(
+        if remaining is not None and remaining <= 0:
+            await context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
                 "the deadline passed while the request waited for a worker; it did not run",
             )
-        # The same deadline bounds the time it may wait in a model's queue.
+        # When the call must have started its work (Compute checks it), and how long
+        # it may wait in a model's queue: its own deadline, or the default one.
         call.deadline = default_deadline if remaining is None else time.monotonic() + remaining
 
-    @contextmanager
-    def recorded(context: grpc.ServicerContext) -> Iterator[None]:
+    @asynccontextmanager
+    async def recorded(context: Context) -> AsyncIterator[None]:
         call.started = time.perf_counter()
         token = observe.set_current(call)
         metrics.running.inc()
         code = "UNKNOWN"
         try:
-            check(context)
+            await check(context)
             if counter is None:
                 yield
             else:
@@ -238,24 +253,34 @@ def _guarded(
             metrics.finish(call, code)
             observe.reset_current(token)
 
-    def wrap(behavior: Callable[[Any, grpc.ServicerContext], Any], streams: bool) -> Any:
-        def run(request: Any, context: grpc.ServicerContext) -> Any:
+    def wrap(behavior: Callable[..., Any], streams: bool) -> Any:
+        async def run(request: Any, context: Context) -> Any:
             # Trailing metadata only: a unary response's initial metadata would cost a
             # separate send operation, ~10% of a small request's server CPU.
             context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
-            with recorded(context):
-                return behavior(request, context)
+            async with recorded(context):
+                return await behavior(request, context)
 
-        def run_streaming(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-            # gRPC draws the responses on this thread: recorded from first to last.
+        async def run_streaming(request: Any, context: Context) -> AsyncIterator[Any]:
             # Initial metadata too, so a streaming client has the id before the end.
             pair = ((REQUEST_ID_KEY, call.request_id),)
-            context.send_initial_metadata(pair)
+            await context.send_initial_metadata(pair)
             context.set_trailing_metadata(pair)
-            with recorded(context):
-                yield from behavior(request, context)
+            async with recorded(context):
+                async for response in behavior(request, context):
+                    yield response
 
-        return run_streaming if streams else run
+        async def run_writing(request: Any, context: Context) -> None:
+            # A streaming handler that writes its responses itself (health's Watch).
+            pair = ((REQUEST_ID_KEY, call.request_id),)
+            await context.send_initial_metadata(pair)
+            context.set_trailing_metadata(pair)
+            async with recorded(context):
+                await behavior(request, context)
+
+        if not streams:
+            return run
+        return run_streaming if inspect.isasyncgenfunction(behavior) else run_writing
 
     kinds = (
         ("unary_unary", grpc.unary_unary_rpc_method_handler),
@@ -266,7 +291,7 @@ def _guarded(
     for attribute, make in kinds:
         behavior = getattr(handler, attribute)
         if behavior is not None:
-            wrapped: grpc.RpcMethodHandler[Any, Any] = make(
+            wrapped: Handler = make(
                 wrap(behavior, handler.response_streaming),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer,
@@ -275,7 +300,7 @@ def _guarded(
     return handler  # pragma: no cover - every handler has one of the four kinds
 
 
-def _code(context: grpc.ServicerContext) -> str:
+def _code(context: Context) -> str:
     """The status an aborted call ends with: what abort set, else a server error."""
-    code = context.code()  # type: ignore[attr-defined]
+    code = context.code()
     return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"

@@ -1,26 +1,29 @@
-"""gRPC plumbing both services share: the one error mapping, the shape of their
-handlers, the one-message limit of a unary response, and the call's deadline."""
+"""gRPC plumbing both services share, on grpc.aio: the one error mapping, the shape of
+their handlers, the one-message limit of a unary response, and the call's deadline."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, Final, TypeAlias, TypeVar
 
 import grpc
+import grpc.aio
 
 from tensorwire.errors import OutOfRangeError, TensorwireError
+from tensorwire_server.compute import Compute
 
 log = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
+Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
 #: A unary method's handler: the deserialized request (or the deserializer's error, see
 #: ``unary``) and the call's context in, the response out.
-Unary: TypeAlias = Callable[[Any, grpc.ServicerContext], R]
+Unary: TypeAlias = Callable[[Any, Context], Awaitable[R]]
 #: A bidirectionally streaming method's handler: requests in, serialized responses out.
-Streaming: TypeAlias = Callable[[Iterator[Any], grpc.ServicerContext], Iterator[bytes]]
+Streaming: TypeAlias = Callable[[AsyncIterator[Any], Context], AsyncIterator[bytes]]
 
 #: Payload bytes a unary response may hold: protobuf caps a message at 2 GiB - 1, and
 #: the rest of the message needs room too. Larger responses go through a stream.
@@ -30,19 +33,21 @@ UNARY_LIMIT: Final = 2**31 - 2**20
 _CENTURY: Final = 100 * 365 * 86400.0
 
 
-@contextmanager
-def statuses(method: str, context: grpc.ServicerContext) -> Iterator[None]:
+@asynccontextmanager
+async def statuses(method: str, context: Context) -> AsyncIterator[None]:
     """The one error mapping: tensorwire errors become their status with their message;
     anything else is a server bug, logged with its traceback and answered INTERNAL."""
     try:
         yield
+    except grpc.aio.AbortError:
+        raise  # the call already has its status
     except TensorwireError as exc:
         # The caller's mistake, not the server's: debug level, no traceback.
         log.debug("%s: %s %s", method, exc.code, exc.message)
-        context.abort(grpc.StatusCode[exc.code], clip(exc.message))
+        await context.abort(grpc.StatusCode[exc.code], clip(exc.message))
     except Exception:
         log.exception("%s failed with a server error", method)
-        context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error")
+        await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error")
 
 
 def clip(message: str, limit: int = 2000) -> str:
@@ -54,16 +59,19 @@ def clip(message: str, limit: int = 2000) -> str:
     return f"{cut}... ({len(message)} characters)"
 
 
-def unary(method: str, behavior: Callable[[Any], R]) -> Unary[R]:
-    """The handler of unary ``method``: ``behavior``'s answer, its errors mapped by
+def unary(method: str, behavior: Callable[[Any], R], compute: Compute | None) -> Unary[R]:
+    """The handler of unary ``method``: ``behavior``'s answer, on a ``compute`` thread
+    (None: on the loop, for what only reads the server's state), its errors mapped by
     ``statuses``. Our deserializers return a malformed request's error instead of
     raising it (gRPC would answer that with an opaque status): it is raised here."""
 
-    def handle(request: Any, context: grpc.ServicerContext) -> R:
-        with statuses(method, context):
+    async def handle(request: Any, context: Context) -> R:
+        async with statuses(method, context):
             if isinstance(request, TensorwireError):
                 raise request
-            return behavior(request)
+            if compute is None:
+                return behavior(request)
+            return await compute.run(behavior, request)
         raise AssertionError("unreachable")  # statuses aborts, and abort raises
 
     return handle
@@ -79,13 +87,13 @@ def one_message(payload_bytes: int, limit: int, stream: str) -> None:
         )
 
 
-def remaining(context: grpc.ServicerContext) -> float | None:
+def remaining(context: Context) -> float | None:
     """Seconds until the call's deadline; None when the caller set none."""
     seconds: float | None = context.time_remaining()
     return None if seconds is None or seconds > _CENTURY else seconds
 
 
-def cancelled(method: str, exc: grpc.RpcError) -> None:
+def cancelled(method: str, exc: BaseException) -> None:
     """Let go of a stream whose client cancelled or went away: nobody is left to answer.
     gRPC keeps the exception in the call's state, so its traceback (and the frames
     holding the request's payloads) must not stay alive."""

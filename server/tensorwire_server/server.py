@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
-from concurrent import futures
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -15,8 +18,10 @@ from grpc_reflection.v1alpha import reflection
 import tensorwire_server
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
 from tensorwire_server import kserve
+from tensorwire_server.compute import Compute
 from tensorwire_server.engine import Engine
 from tensorwire_server.gate import Gate, Lifecycle
+from tensorwire_server.heap import HeapTrimmer
 from tensorwire_server.loading import ModelControl, load_all
 from tensorwire_server.observe import JsonFormatter, Metrics
 from tensorwire_server.registry import server_devices
@@ -26,6 +31,7 @@ from tensorwire_server.servicer import SERVICE, TensorServicer, tensor_service_h
 from tensorwire_server.settings import Settings
 
 log = logging.getLogger("tensorwire_server")
+T = TypeVar("T")
 
 # Clients ping every minute during long calls (keepalive); gRPC's default would answer
 # pings more often than every five minutes with GOAWAY.
@@ -74,28 +80,58 @@ def build_engine(settings: Settings) -> Engine:
 
 
 class TensorwireServer:
-    """A tensorwire gRPC server, bound but not started: TensorService, the KServe v2
-    service, health and reflection on one port, every RPC behind one Gate; both
-    services translate to one Service."""
+    """A tensorwire gRPC server on grpc.aio, bound but not started: TensorService, the
+    KServe v2 service, health and reflection on one port and one event loop, every RPC
+    behind one Gate; both services translate to one Service, whose torch work runs on
+    a Compute pool off the loop.
+
+    The loop runs on a thread of its own, so that this object's methods (``start``,
+    ``ready``, ``stop``) are plain calls from any thread: the CLI's main thread waits
+    for a signal, and tests start servers beside their clients."""
 
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
-        self.health = health.HealthServicer()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="tensorwire-loop", daemon=True
+        )
+        self._thread.start()
+        # grpcio's own aio health service (grpc-stubs does not know health.aio).
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._health_lock = asyncio.Lock()
         self.lifecycle = Lifecycle(self._report)
         tokens = Tokens.load(settings.tokens_file, settings.tokens)
         #: What both services do, over the engine once ``ready`` gives it.
         self.service = Service(settings)
         self.metrics = Metrics(engine.device if engine is not None else None, settings.access_log)
-        self.gate = Gate(tokens, self.lifecycle, settings.default_deadline, self.metrics)
-        executor = futures.ThreadPoolExecutor(
-            max_workers=settings.workers, thread_name_prefix="tensorwire"
-        )
-        # RPCs that arrived and wait for a worker: the executor's own queue.
-        self.metrics.waiting.set_function(executor._work_queue.qsize)
+        #: Gives freed memory back to the OS whenever the server goes idle.
+        self.heap = HeapTrimmer()
+        self.gate = Gate(tokens, self.lifecycle, settings.default_deadline, self.metrics, self.heap)
+        #: Where torch work runs, off the loop.
+        self.compute = Compute(settings.workers)
+        # Work handed over and waiting for a thread.
+        self.metrics.waiting.set_function(self.compute.waiting)
         self.metrics.sessions.set_function(self.service.sessions.count)
         self.metrics.session_bytes.set_function(self.service.sessions.bytes)
-        self.server = grpc.server(
-            executor,
+        # tensorwire.v1 and the KServe v2 protocol, over the same service and models.
+        self.servicer = TensorServicer(self.service, settings.chunk_size)
+        self.inference = kserve.InferenceServicer(
+            self.service, self.lifecycle, settings.default_deadline
+        )
+        self.server = self._on_loop(self._build(settings, tokens))
+        self.port = self._bind(settings, tokens)
+        self.health_server, self.health_port = self._on_loop(self._health_listener(settings))
+        self.metrics_port: int | None = None
+        if engine is not None:
+            self.ready(engine)
+
+    def _on_loop(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` on the server's loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result()
+
+    async def _build(self, settings: Settings, tokens: Tokens) -> grpc.aio.Server:
+        """The aio server, made on the loop it serves from."""
+        server = grpc.aio.server(
             options=[
                 *(o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"),
                 # A unary request larger than this is refused by gRPC before it is read.
@@ -105,24 +141,15 @@ class TensorwireServer:
             interceptors=[self.gate],
             maximum_concurrent_rpcs=settings.max_concurrent_requests,
         )
-        # tensorwire.v1 and the KServe v2 protocol, over the same service and models.
-        self.servicer = TensorServicer(self.service, settings.chunk_size)
-        self.inference = kserve.InferenceServicer(
-            self.service, self.lifecycle, settings.default_deadline
-        )
-        self.server.add_generic_rpc_handlers(
+        server.add_generic_rpc_handlers(
             (
-                tensor_service_handler(self.servicer),
-                kserve.inference_service_handler(self.inference),
+                tensor_service_handler(self.servicer, self.compute),
+                kserve.inference_service_handler(self.inference, self.compute),
             )
         )
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(REFLECTED, self.server, pool=kserve.reflection_pool())
-        self.port = self._bind(settings, tokens)
-        self.health_server, self.health_port = self._health_listener(settings)
-        self.metrics_port: int | None = None
-        if engine is not None:
-            self.ready(engine)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(REFLECTED, server, pool=kserve.reflection_pool())
+        return server
 
     def _bind(self, settings: Settings, tokens: Tokens) -> int:
         address = f"{settings.host}:{settings.port}"
@@ -152,15 +179,14 @@ class TensorwireServer:
             log.warning("no tokens: anyone who reaches %s can use this server", address)
         return port
 
-    def _health_listener(self, settings: Settings) -> tuple[grpc.Server | None, int | None]:
+    async def _health_listener(
+        self, settings: Settings
+    ) -> tuple[grpc.aio.Server | None, int | None]:
         """The plain-text listener on ``health_port``: the health service's Check,
-        nothing else (no Watch, whose open streams would tie up its two threads)."""
+        nothing else (no Watch, whose open streams a probe has no use for)."""
         if settings.health_port is None:
             return None, None
-        server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="tensorwire-health"),
-            maximum_concurrent_rpcs=16,
-        )
+        server = grpc.aio.server(maximum_concurrent_rpcs=16)
         check = grpc.unary_unary_rpc_method_handler(
             self.health.Check,
             request_deserializer=health_pb2.HealthCheckRequest.FromString,
@@ -179,15 +205,25 @@ class TensorwireServer:
         return server, port
 
     def _report(self, state: str) -> None:
-        for service in HEALTH_SERVICES:
-            self.health.set(service, _HEALTH[state])
+        """Tell the health service ``state``, in order: from another thread, once it is
+        told; from the loop itself, as soon as the loop gets to it."""
+        if self._loop.is_closed():
+            return  # stopped: nothing serves health any more
+        told = asyncio.run_coroutine_threadsafe(self._set_health(state), self._loop)
+        if threading.current_thread() is not self._thread:
+            told.result()
+
+    async def _set_health(self, state: str) -> None:
+        async with self._health_lock:  # FIFO: the last state told is the one that holds
+            for service in HEALTH_SERVICES:
+                await self.health.set(service, _HEALTH[state])
 
     def start(self) -> None:
         """Start answering (TensorService waits, UNAVAILABLE, until ``ready``) and
         expose metrics if a port is set."""
-        self.server.start()
+        self._on_loop(self.server.start())
         if self.health_server is not None:
-            self.health_server.start()
+            self._on_loop(self.health_server.start())
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
 
@@ -200,25 +236,39 @@ class TensorwireServer:
 
     def stop(self, grace: float | None) -> None:
         """Report NOT_SERVING, refuse new requests, give in-flight ones ``grace``
-        seconds to finish, then release device memory."""
+        seconds to finish (None: as long as they take), then release device memory."""
         self.lifecycle.move(Lifecycle.DRAINING)  # the gate refuses new requests now
         # Wait for requests, not for health watches or other long-lived streams.
         if not self.gate.in_flight.wait_idle(grace):
             log.warning("requests still running after %g s; cancelling them", grace)
-        self.server.stop(0).wait()
-        if self.health_server is not None:
-            self.health_server.stop(0).wait()
-        self.service.sessions.stop()
-        self.metrics.close()
+        self._close()
         self.lifecycle.move(Lifecycle.STOPPED)
         if torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             torch.cuda.empty_cache()
 
+    def kill(self) -> None:
+        """Stop at once, cancelling whatever runs, as a crash would (tests)."""
+        self._close()
 
-def create_server(settings: Settings, engine: Engine | None = None) -> tuple[grpc.Server, int]:
+    def _close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self._on_loop(self.server.stop(0))
+        if self.health_server is not None:
+            self._on_loop(self.health_server.stop(0))
+        self.service.sessions.stop()
+        self.metrics.close()
+        self.compute.close()
+        self.heap.stop()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+
+
+def create_server(settings: Settings, engine: Engine | None = None) -> tuple[TensorwireServer, int]:
     """A ready (not started) server and the port it bound; port 0 picks one."""
     server = TensorwireServer(settings, engine or build_engine(settings))
-    return server.server, server.port
+    return server, server.port
 
 
 def serve(settings: Settings) -> None:

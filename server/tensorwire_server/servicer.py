@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import threading
+import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import grpc
 from google.protobuf.message import Message
@@ -18,6 +18,7 @@ from tensorwire.wire.codec import Encoder, Received, receiver
 from tensorwire.wire.dtypes import WIRE_BY_NAME
 from tensorwire.wire.streaming import StreamReceiver
 from tensorwire_server import observe, rpc
+from tensorwire_server.compute import Compute
 from tensorwire_server.models import IOSpec, Model
 from tensorwire_server.named import Named
 from tensorwire_server.programs import PlanStep, ProgramPlan
@@ -402,8 +403,18 @@ def named_to_wire(encoder: Encoder[Any], field: Any, tensors: Named[Any]) -> Non
 # ---------------------------------------------------------------------- handlers
 
 
+#: The methods that only read or name state already there: answered on the event loop.
+#: Everything else computes, copies or loads, on a Compute thread.
+ON_THE_LOOP: Final = frozenset(
+    {"Info", "ModelStatistics", "OpenSession", "DescribeSession", "Free", "CloseSession"}
+)
+
+
 def _unary(
-    method: str, behavior: Callable[[Received[Any]], Encoder[Any]], servicer: TensorServicer
+    method: str,
+    behavior: Callable[[Received[Any]], Encoder[Any]],
+    servicer: TensorServicer,
+    compute: Compute | None,
 ) -> rpc.Unary[bytes]:
     def answer(request: Received[Any]) -> bytes:
         servicer.admit(request, unary=True)
@@ -412,7 +423,7 @@ def _unary(
         rpc.one_message(encoder.payload_bytes, servicer.unary_limit, f"{method}Stream")
         return encoder.finish()
 
-    return rpc.unary(method, answer)
+    return rpc.unary(method, answer, compute)
 
 
 def _streaming(
@@ -420,42 +431,52 @@ def _streaming(
     request_class: type[Message],
     behavior: Callable[[Received[Any]], Encoder[Any]],
     servicer: TensorServicer,
+    compute: Compute,
 ) -> rpc.Streaming:
-    def handle(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        with rpc.statuses(method, context):
+    async def handle(requests: AsyncIterator[bytes], context: rpc.Context) -> AsyncIterator[bytes]:
+        async with rpc.statuses(method, context):
             limits = servicer.service.limits
             stager = servicer.service.stager()
             receiver = StreamReceiver(request_class, stager.allocate, landed=stager.landed)
-            # A client that stops sending holds a worker thread: a second past the limit
-            # (a part arriving late gets DEADLINE_EXCEEDED instead), cut it.
-            watchdog = threading.Timer(limits.max_stream_seconds + 1, context.cancel)
-            watchdog.daemon = True
-            watchdog.start()
+
+            def answer(request: Received[Any]) -> Encoder[Any]:
+                with stager.using():
+                    return behavior(request)
+
             started = time.monotonic()
             try:
-                for raw in requests:
-                    receiver.feed(raw)
-                    limits.stream_time(time.monotonic() - started)
-                watchdog.cancel()
+                # A client that stops sending holds the request's buffers: a second
+                # past the limit (a part arriving late gets DEADLINE_EXCEEDED), cut it.
+                async with asyncio.timeout(limits.max_stream_seconds + 1):
+                    async for raw in requests:
+                        receiver.feed(raw)
+                        limits.stream_time(time.monotonic() - started)
                 request = receiver.finish()
                 servicer.admit(request, unary=False)
-                with stager.using():
-                    encoder = behavior(request)
+                encoder = await compute.run(answer, request)
                 servicer.answered(encoder)
                 del request  # from here on the buffers live only through the outputs
-            except grpc.RpcError as exc:
-                rpc.cancelled(method, exc)  # and with it, this frame with the receiver
-                return
+            except TimeoutError:
+                await context.abort(
+                    grpc.StatusCode.CANCELLED,
+                    f"the request stream stalled: it had not ended {limits.max_stream_seconds:g}"
+                    " s after it began",
+                )
+            except asyncio.CancelledError as exc:
+                rpc.cancelled(method, exc)  # the client went: let go of the receiver's frame
+                raise
             finally:
-                watchdog.cancel()
                 receiver.close()  # on success `request` holds the buffers, and only it
                 stager.close()
-        yield from streaming.parts(encoder, servicer.chunk_size)
+            for part in streaming.parts(encoder, servicer.chunk_size):
+                yield part
 
     return handle
 
 
-def tensor_service_handler(servicer: TensorServicer) -> grpc.GenericRpcHandler[Any, Any]:
+def tensor_service_handler(
+    servicer: TensorServicer, compute: Compute
+) -> grpc.GenericRpcHandler[Any, Any]:
     """Every TensorService method, named from the service descriptor, with our codec."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in SERVICE.methods:
@@ -465,11 +486,12 @@ def tensor_service_handler(servicer: TensorServicer) -> grpc.GenericRpcHandler[A
             request_class = getattr(pb, method.input_type.name.removesuffix("Part"))
             behavior = getattr(servicer, method.name.removesuffix("Stream"))
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _streaming(name, request_class, behavior, servicer)
+                _streaming(name, request_class, behavior, servicer, compute)
             )
         else:
+            where = None if method.name in ON_THE_LOOP else compute
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(name, getattr(servicer, method.name), servicer),
+                _unary(name, getattr(servicer, method.name), servicer, where),
                 request_deserializer=receiver(getattr(pb, method.input_type.name)),
                 response_serializer=bytes,  # the servicer already encoded the response
             )

@@ -52,7 +52,8 @@ class Settings:
     #: Batch concurrent requests to the models configured for it (the built-in MLPs
     #: and repository models with [dynamic_batching]); false: every request alone.
     dynamic_batching: bool = True
-    #: Threads answering requests.
+    #: Threads running torch work (models, functions, gradients, device copies); one
+    #: event loop moves every request's messages.
     workers: int = 16
     #: Payload bytes per chunk message of a streamed response.
     chunk_size: int = DEFAULT_CHUNK_SIZE

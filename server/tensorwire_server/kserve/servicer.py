@@ -4,18 +4,21 @@ error mapping."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator
 from typing import Any, Final
 
 import grpc
+import grpc.aio
 from google.protobuf.message import Message
 
 import tensorwire_server
 from tensorwire.errors import InvalidArgumentError, TensorwireError, shown
 from tensorwire_server import observe, rpc
+from tensorwire_server.compute import Compute
 from tensorwire_server.gate import Lifecycle
 from tensorwire_server.kserve import codec, describe
 from tensorwire_server.kserve import grpc_service_pb2 as pb
@@ -28,6 +31,8 @@ SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 #: The protocol extensions ServerMetadata reports.
 EXTENSIONS: Final = ("model_configuration", "model_repository", "statistics")
 _MAX_VERSION_DIGITS: Final = 18
+#: The methods that load or unload models: off the event loop, on a Compute thread.
+LOADS: Final = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
 
 
 def version_number(text: str) -> int:
@@ -168,7 +173,7 @@ class InferenceServicer:
         if call is not None and name:
             call.target = self.service.label(name, functions=False)
 
-    def stream_deadline(self, context: grpc.ServicerContext) -> float:
+    def stream_deadline(self, context: rpc.Context) -> float:
         """When a streamed request must have left the model's queue: the call's deadline,
         else default_deadline from its arrival."""
         remaining = rpc.remaining(context)
@@ -176,18 +181,16 @@ class InferenceServicer:
 
 
 class _IdleCutoff:
-    """Cancels a stream that has waited ``seconds`` for its next request: an idle client
-    must not hold a worker thread forever. A request being answered is not idleness."""
+    """Ends a stream that has waited ``seconds`` for its next request with CANCELLED: an
+    idle client must not hold the stream forever. A request being answered is not
+    idleness; a client that stops reading the answers is idle too."""
 
-    def __init__(self, seconds: float, cancel: Callable[[], Any]) -> None:
+    def __init__(self, seconds: float, context: rpc.Context) -> None:
         self.seconds = seconds
-        self.cancel = cancel
+        self.context = context
         self.last = time.monotonic()
         self.busy = False
-        self._lock = threading.Lock()
-        self._timer: threading.Timer | None = None
-        self._closed = False
-        self._arm(seconds)
+        self._watch = asyncio.ensure_future(self._watching())
 
     def touch(self, busy: bool) -> None:
         """A request arrived (busy) or its answer went out (idle again)."""
@@ -196,54 +199,45 @@ class _IdleCutoff:
 
     def close(self) -> None:
         """The stream ended: stop watching."""
-        with self._lock:
-            self._closed = True
-            if self._timer is not None:
-                self._timer.cancel()
+        self._watch.cancel()
 
-    def _arm(self, delay: float) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._timer = threading.Timer(delay, self._check)
-            self._timer.daemon = True
-            self._timer.start()
-
-    def _check(self) -> None:
-        idle = time.monotonic() - self.last
-        if self.busy or idle < self.seconds:
-            self._arm(self.seconds if self.busy else self.seconds - idle)
+    async def _watching(self) -> None:
+        while True:
+            idle = time.monotonic() - self.last
+            if self.busy or idle < self.seconds:
+                await asyncio.sleep(self.seconds if self.busy else self.seconds - idle)
+                continue
+            log.info("ModelStreamInfer: no request for %.3g s; closing the stream", idle)
+            with contextlib.suppress(grpc.aio.AbortError):  # the status is sent: done
+                await self.context.abort(grpc.StatusCode.CANCELLED, "the stream was idle too long")
             return
-        with self._lock:
-            if self._closed:
-                return
-        log.info("ModelStreamInfer: no request for %.3g s; closing the stream", idle)
-        self.cancel()
 
 
-def _infer_unary(method: str, servicer: InferenceServicer) -> rpc.Unary[bytes]:
+def _infer_unary(method: str, servicer: InferenceServicer, compute: Compute) -> rpc.Unary[bytes]:
     def run(request: codec.InferRequest) -> bytes:
         call = observe.current()
         answer = servicer.infer(request, call.deadline if call is not None else None)
         rpc.one_message(answer.payload_bytes, servicer.unary_limit, "tensorwire.v1's InferStream")
         return answer.finish()
 
-    return rpc.unary(method, run)
+    return rpc.unary(method, run, compute)
 
 
-def _infer_stream(method: str, servicer: InferenceServicer) -> rpc.Streaming:
-    def handle(
-        requests: Iterator[codec.InferRequest | TensorwireError], context: grpc.ServicerContext
-    ) -> Iterator[bytes]:
-        cutoff = _IdleCutoff(servicer.service.limits.max_stream_seconds, context.cancel)
+def _infer_stream(method: str, servicer: InferenceServicer, compute: Compute) -> rpc.Streaming:
+    def answer(request: codec.InferRequest, deadline: float) -> bytes:
+        return servicer.infer(request, deadline).streamed()
+
+    async def handle(
+        requests: AsyncIterator[codec.InferRequest | TensorwireError], context: rpc.Context
+    ) -> AsyncIterator[bytes]:
+        cutoff = _IdleCutoff(servicer.service.limits.max_stream_seconds, context)
         try:
-            for request in requests:
+            async for request in requests:
                 cutoff.touch(busy=True)
                 try:
                     if isinstance(request, TensorwireError):
                         raise request
-                    answer = servicer.infer(request, servicer.stream_deadline(context))
-                    response = answer.streamed()
+                    response = await compute.run(answer, request, servicer.stream_deadline(context))
                 except TensorwireError as exc:
                     # As Triton does: the request's error in its response; the stream goes on.
                     log.debug("%s: %s %s", method, exc.code, exc.message)
@@ -253,8 +247,9 @@ def _infer_stream(method: str, servicer: InferenceServicer) -> rpc.Streaming:
                     response = codec.stream_error(f"{method}: internal server error", request)
                 cutoff.touch(busy=False)  # a client that stops reading is idle too
                 yield response
-        except grpc.RpcError as exc:
+        except asyncio.CancelledError as exc:
             rpc.cancelled(method, exc)
+            raise
         finally:
             cutoff.close()
 
@@ -265,26 +260,31 @@ def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
 
-def inference_service_handler(servicer: InferenceServicer) -> grpc.GenericRpcHandler[Any, Any]:
+def inference_service_handler(
+    servicer: InferenceServicer, compute: Compute
+) -> grpc.GenericRpcHandler[Any, Any]:
     """Every method of inference.GRPCInferenceService, named from its descriptor."""
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for method in SERVICE.methods:
         name = f"{SERVICE.name}.{method.name}"
         if method.name == "ModelInfer":
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _infer_unary(name, servicer),
+                _infer_unary(name, servicer, compute),
                 request_deserializer=codec.receive_infer,
                 response_serializer=bytes,  # already serialized, raw contents spliced in
             )
         elif method.name == "ModelStreamInfer":
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _infer_stream(name, servicer),
+                _infer_stream(name, servicer, compute),
                 request_deserializer=codec.receive_infer,
                 response_serializer=bytes,
             )
         else:
+            # Loading a model reads files and places weights: off the loop. The rest
+            # only read the server's state.
+            where = compute if method.name in LOADS else None
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                rpc.unary(name, getattr(servicer, method.name)),
+                rpc.unary(name, getattr(servicer, method.name), where),
                 request_deserializer=codec.parse(getattr(pb, method.input_type.name)),
                 response_serializer=_serialize,
             )

@@ -1,0 +1,98 @@
+"""Freed memory back to the operating system once the server goes idle.
+
+glibc keeps memory that requests freed in its heaps for reuse, so a server's resident
+size after a burst of large requests stays near the burst's peak, and moves up and down
+by tens of MiB with the order things happened to be freed in. Once no request has run
+for a moment, ``malloc_trim`` gives the free pages back: resident memory then shows
+what the server holds (models, sessions, caches), which is what operators watch and
+what a leak would grow. Nothing is trimmed while requests run: it would only cost them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, Final
+
+log = logging.getLogger(__name__)
+
+#: Seconds without a request before the heap is trimmed.
+IDLE_SECONDS: Final = 0.5
+
+
+def _malloc_trim() -> Callable[[int], Any] | None:
+    """glibc's malloc_trim, or None where the C library has none (musl, macOS)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return getattr(ctypes.CDLL(name), "malloc_trim", None)
+    except OSError:
+        return None
+
+
+class HeapTrimmer:
+    """Trims the heap each time the server has been idle for ``idle_seconds``: told of
+    every request's start (``busy``) and of the moments none runs (``idle``)."""
+
+    def __init__(
+        self, idle_seconds: float = IDLE_SECONDS, trim: Callable[[int], Any] | None = None
+    ) -> None:
+        self.idle_seconds = idle_seconds
+        #: What trims: glibc's malloc_trim unless given (None where there is none).
+        self._trim = trim or _malloc_trim()
+        self._changed = threading.Condition()
+        self._running = 0
+        self._generation = 0  # requests started so far: a new one means "not idle"
+        self._trimmed_at = 0  # the generation last trimmed after (none ran yet)
+        self._stopped = False
+        self._thread: threading.Thread | None = None
+        if self._trim is not None:
+            self._thread = threading.Thread(target=self._watch, name="tensorwire-heap", daemon=True)
+            self._thread.start()
+
+    def busy(self) -> None:
+        """A request started."""
+        with self._changed:
+            self._running += 1
+            self._generation += 1
+
+    def idle(self) -> None:
+        """A request ended."""
+        with self._changed:
+            self._running -= 1
+            if not self._running:
+                self._changed.notify_all()
+
+    def stop(self) -> None:
+        """Stop watching."""
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _watch(self) -> None:
+        assert self._trim is not None
+        with self._changed:
+            while not self._stopped:
+                # Wait for a quiet moment after requests ran since the last trim.
+                if self._running or self._generation == self._trimmed_at:
+                    self._changed.wait()
+                    continue
+                generation = self._generation
+                self._changed.wait(self.idle_seconds)
+                if self._stopped or self._running or self._generation != generation:
+                    continue  # not idle for long enough: look again
+                self._trimmed_at = generation
+                self._changed.release()
+                try:
+                    self._trim(0)
+                except Exception:  # pragma: no cover - a libc that refuses: stop trying
+                    log.exception("malloc_trim failed; the heap is no longer trimmed")
+                    return
+                finally:
+                    self._changed.acquire()

@@ -1,0 +1,47 @@
+"""The server gives freed heap memory back once idle, and never while requests run."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tensorwire_server.heap import HeapTrimmer, _malloc_trim
+
+
+def test_glibc_malloc_trim_is_found_and_runs() -> None:
+    trim = _malloc_trim()
+    assert trim is not None  # the CI machines run glibc
+    assert trim(0) in (0, 1)
+
+
+def test_trims_once_per_quiet_moment_and_never_while_busy() -> None:
+    trimmed = threading.Event()
+    calls: list[float] = []
+
+    def trim(pad: int) -> int:
+        calls.append(time.monotonic())
+        trimmed.set()
+        return 1
+
+    heap = HeapTrimmer(idle_seconds=0.2, trim=trim)
+    try:
+        time.sleep(0.5)
+        assert calls == []  # nothing ran yet: nothing to give back
+        heap.busy()
+        time.sleep(0.5)
+        assert calls == []  # a request is running
+        ended = time.monotonic()
+        heap.idle()
+        assert trimmed.wait(5)
+        assert calls[0] - ended >= 0.2
+        time.sleep(0.5)
+        assert len(calls) == 1  # idle since: trimmed once, not again and again
+        heap.busy()  # a request that ends before the quiet moment does not count twice
+        heap.idle()
+        heap.busy()
+        time.sleep(0.1)
+        heap.idle()
+        time.sleep(0.6)
+        assert len(calls) == 2
+    finally:
+        heap.stop()
