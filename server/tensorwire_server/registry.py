@@ -235,6 +235,11 @@ class ModelRegistry:
         entry = self._entries.get(name) if isinstance(name, str) else None
         return entry is not None and bool(entry.versions)
 
+    def batched(self, name: str) -> bool:
+        """Whether a version of ``name`` serving batches its requests."""
+        entry = self._entries.get(name)
+        return entry is not None and any(s.batcher is not None for s in entry.versions.values())
+
     def names(self) -> list[str]:
         """The models with a version serving, sorted."""
         return sorted(n for n, e in self._entries.items() if e.versions)

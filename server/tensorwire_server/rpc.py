@@ -4,7 +4,7 @@ their handlers, the one-message limit of a unary response, and the call's deadli
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from contextlib import asynccontextmanager
 from typing import Any, Final, TypeAlias, TypeVar
 
@@ -59,19 +59,27 @@ def clip(message: str, limit: int = 2000) -> str:
     return f"{cut}... ({len(message)} characters)"
 
 
-def unary(method: str, behavior: Callable[[Any], R], compute: Compute | None) -> Unary[R]:
-    """The handler of unary ``method``: ``behavior``'s answer, on a ``compute`` thread
-    (None: on the loop, for what only reads the server's state), its errors mapped by
-    ``statuses``. Our deserializers return a malformed request's error instead of
-    raising it (gRPC would answer that with an opaque status): it is raised here."""
+def unary(
+    method: str,
+    behavior: Callable[[Any], R],
+    compute: Compute | None,
+    prepare: Callable[[Any], Hashable | None] | None = None,
+) -> Unary[R]:
+    """The handler of unary ``method``: ``behavior``'s answer, through ``compute`` (None:
+    on the loop, for what only reads the server's state), its errors mapped by
+    ``statuses``. ``prepare``, on the loop first, checks and records the request and
+    names the kind of work it is, which Compute measures to place it (None: always on
+    a thread). Our deserializers return a malformed request's error instead of raising
+    it (gRPC would answer that with an opaque status): it is raised here."""
 
     async def handle(request: Any, context: Context) -> R:
         async with statuses(method, context):
             if isinstance(request, TensorwireError):
                 raise request
+            kind = None if prepare is None else prepare(request)
             if compute is None:
                 return behavior(request)
-            return await compute.run(behavior, request)
+            return await compute.run(behavior, request, kind=kind)
         raise AssertionError("unreachable")  # statuses aborts, and abort raises
 
     return handle

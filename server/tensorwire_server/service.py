@@ -125,6 +125,10 @@ class Service:
         known = name in engine.registry or (functions and name in engine.functions)
         return name if known or not name else "unknown"
 
+    def batched(self, model: str) -> bool:
+        """Whether requests to ``model`` (any version of it) may be batched together."""
+        return self.engine.registry.batched(model)
+
     def stager(self) -> Stager:
         """Where a streamed request's payloads land, within the limits."""
         return stager_for(self.engine.device, self.limits)

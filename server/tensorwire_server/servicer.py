@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import replace
 from typing import Any, Final, TypeVar
 
@@ -57,6 +57,18 @@ class TensorServicer:
         payload_bytes = limits.received(request) if unary else request.payload_bytes
         if call is not None:
             call.bytes_in = payload_bytes
+
+    def kind(self, method: str, request: Received[Any]) -> Hashable | None:
+        """The kind of work an admitted request is, for Compute to place by its cost:
+        the method, its model or function, and its payload size to a power of two.
+        None (always on a thread) for a batched model, whose requests wait for each
+        other on threads."""
+        call = observe.current()
+        if call is None:
+            return None
+        if method == "Infer" and self.service.batched(request.message.model):
+            return None
+        return (method, call.target, call.bytes_in.bit_length())
 
     @staticmethod
     def answered(response: Encoder[Any]) -> None:
@@ -404,10 +416,13 @@ def named_to_wire(encoder: Encoder[Any], field: Any, tensors: Named[Any]) -> Non
 
 
 #: The methods that only read or name state already there: answered on the event loop.
-#: Everything else computes, copies or loads, on a Compute thread.
+#: Everything else computes, copies or loads, through Compute.
 ON_THE_LOOP: Final = frozenset(
     {"Info", "ModelStatistics", "OpenSession", "DescribeSession", "Free", "CloseSession"}
 )
+#: The methods whose work Compute places by its measured cost (on the loop when cheap);
+#: the rest always run on a thread.
+PLACED: Final = frozenset({"Infer", "Grad", "Call"})
 
 
 def _unary(
@@ -416,14 +431,19 @@ def _unary(
     servicer: TensorServicer,
     compute: Compute | None,
 ) -> rpc.Unary[bytes]:
-    def answer(request: Received[Any]) -> bytes:
+    short = method.rpartition(".")[2]
+
+    def prepare(request: Received[Any]) -> Hashable | None:
         servicer.admit(request, unary=True)
+        return servicer.kind(short, request) if short in PLACED else None
+
+    def answer(request: Received[Any]) -> bytes:
         encoder = behavior(request)
         servicer.answered(encoder)
         rpc.one_message(encoder.payload_bytes, servicer.unary_limit, f"{method}Stream")
         return encoder.finish()
 
-    return rpc.unary(method, answer, compute)
+    return rpc.unary(method, answer, compute, prepare)
 
 
 def _streaming(

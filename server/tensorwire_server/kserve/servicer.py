@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Hashable
 from typing import Any, Final
 
 import grpc
@@ -214,13 +214,26 @@ class _IdleCutoff:
 
 
 def _infer_unary(method: str, servicer: InferenceServicer, compute: Compute) -> rpc.Unary[bytes]:
+    service = servicer.service
+
+    def kind(request: codec.InferRequest) -> Hashable | None:
+        # Placed by its measured cost as tensorwire.v1's Infer is (servicer.TensorServicer.kind).
+        name = request.message.model_name
+        if service.batched(name):
+            return None
+        return (
+            "ModelInfer",
+            service.label(name, functions=False),
+            request.payload_bytes.bit_length(),
+        )
+
     def run(request: codec.InferRequest) -> bytes:
         call = observe.current()
         answer = servicer.infer(request, call.deadline if call is not None else None)
         rpc.one_message(answer.payload_bytes, servicer.unary_limit, "tensorwire.v1's InferStream")
         return answer.finish()
 
-    return rpc.unary(method, run, compute)
+    return rpc.unary(method, run, compute, kind)
 
 
 def _infer_stream(method: str, servicer: InferenceServicer, compute: Compute) -> rpc.Streaming:
