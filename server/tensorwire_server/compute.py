@@ -7,8 +7,10 @@ kernels, and CUDA work queues on each instance's own stream), with the call's co
 2-core development machine about 80 µs of CPU and 180 µs of latency per request
 (docs/benchmarks.md), more than a small request's whole torch work. So each kind of
 work (a method, its model or function, its payload size to a power of two) is
-measured where it runs: on a thread, its CPU time (the wall clock there would count
-the wait for the GIL); on the loop, the time it held the loop. A kind whose thread
+measured where it runs, as the CPU time of the thread that ran it: the wall clock would
+count the waits for the GIL (up to its 5 ms switch interval) and for the CPU (other
+processes preempt the loop on a busy machine), which say nothing of the work itself.
+A kind whose thread
 cost is small (below ``PROBE_BELOW``) is tried on the loop, then now and then again;
 while its cost there stays below ``inline_below`` it runs there. A kind not yet seen
 runs on a thread, and so does anything expensive. A request that waited for a thread
@@ -79,19 +81,16 @@ class Compute:
         DEADLINE_EXCEEDED, without running it, when the call's deadline passed while it
         waited for a worker."""
         if self.inline(kind):
-            began = time.perf_counter()
+            began = time.thread_time()
             try:
                 return _on_time(fn, args)
             finally:
-                _note(self.loop_costs, kind, time.perf_counter() - began)
+                _note(self.loop_costs, kind, time.thread_time() - began)
         context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.pool, context.run, self._on_thread, kind, fn, args)
 
     def _on_thread(self, kind: Hashable | None, fn: Callable[..., R], args: tuple[Any, ...]) -> R:
-        # The thread's own CPU time, not the wall clock: on a thread, the wall clock
-        # counts the wait for the GIL (up to its 5 ms switch interval while the loop
-        # holds it), which the same work on the loop would not pay.
         began = time.thread_time()
         try:
             return _on_time(fn, args)

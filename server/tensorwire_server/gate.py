@@ -12,7 +12,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -122,26 +121,41 @@ class Gate(_Interceptor):
         self.default_deadline = default_deadline
         self.metrics = metrics
         self.in_flight = InFlight(heap)
+        self._guarded: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler]],
         details: grpc.HandlerCallDetails,
     ) -> Handler:
-        # This runs as the call arrives, on the event loop.
-        arrived = time.monotonic()
         handler: Handler | None = await continuation(details)
         if handler is None:  # an unknown method (the stubs say it cannot be: it can)
             return handler  # type: ignore[return-value]  # gRPC answers UNIMPLEMENTED
         method: str = details.method
-        scope = scope_of(method)
-        call = Call(method, observe.request_id(details.invocation_metadata))
-        call.session = _session(details.invocation_metadata)
-        reject = self._state(scope) or self._caller(call, scope, details)
-        counter = None if scope == PUBLIC else self.in_flight
-        return _guarded(
-            handler, reject, arrived + self.default_deadline, counter, call, self.metrics
-        )
+        # Wrapped once per method: a call pays for its checks, not for building them.
+        cached = self._guarded.get(method)
+        if cached is None or cached[0] is not handler:
+            cached = self._guarded[method] = (handler, _guarded(self, method, handler))
+        return cached[1]
+
+    def admit(self, method: str, scope: str, context: Context) -> tuple[Call, Reject | None]:
+        """The record of a call as it arrives, with the verdict on it (None: it runs):
+        the server's state, then the caller's token and scope. One pass over its
+        metadata for the request id, the session and the token."""
+        request_id = session = ""
+        token: str | None = None
+        for key, value in context.invocation_metadata() or ():
+            if not isinstance(value, str):
+                continue
+            if key == REQUEST_ID_KEY:
+                request_id = value
+            elif key == SESSION_KEY:
+                session = value
+            elif key == "authorization" and token is None:
+                token = _bearer(value)
+        call = Call(method, observe.request_id(request_id))
+        call.session = session
+        return call, self._state(scope) or self._caller(call, scope, token)
 
     def _state(self, scope: str) -> Reject | None:
         state = self.lifecycle.state
@@ -160,11 +174,10 @@ class Gate(_Interceptor):
             )
         return Reject(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
-    def _caller(self, call: Call, scope: str, details: grpc.HandlerCallDetails) -> Reject | None:
+    def _caller(self, call: Call, scope: str, token: str | None) -> Reject | None:
         method = call.method
         if not self.tokens or scope == PUBLIC:
             return None
-        token = _bearer(details.invocation_metadata)
         if token is None:
             return Reject(
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -184,34 +197,42 @@ class Gate(_Interceptor):
         return None
 
 
-def _session(metadata: Any) -> str:
-    for key, value in metadata or ():
-        if key == SESSION_KEY and isinstance(value, str):
-            return value
-    return ""
-
-
-def _bearer(metadata: Any) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str):
-            kind, _, token = value.partition(" ")
-            if kind.lower() == "bearer" and token:
-                return token.strip()
+def _bearer(value: str) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` header value."""
+    kind, _, token = value.partition(" ")
+    if kind.lower() == "bearer" and token:
+        return token.strip()
     return None
 
 
-def _guarded(
-    handler: Handler,
-    reject: Reject | None,
-    default_deadline: float,
-    counter: InFlight | None,
-    call: Call,
-    metrics: Metrics,
-) -> Handler:
-    """``handler`` with the gate's verdict checked first, before the behavior sees its
-    request; counted while it runs, and recorded (metrics, access log) when it ends."""
+def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
+    """``handler`` behind ``gate``: each call admitted (or answered with the gate's
+    status) before the behavior sees its request, its deadline set, counted while it
+    runs (unless it is public: health, reflection), and recorded (metrics, access log)
+    when it ends."""
+    scope = scope_of(method)
+    counter = None if scope == PUBLIC else gate.in_flight
+    metrics = gate.metrics
+    default_deadline = gate.default_deadline
 
-    async def check(context: Context) -> None:
+    async def start(context: Context, streams: bool) -> tuple[Call, Any, Reject | None]:
+        """Admit the call, and start its record."""
+        arrived = time.monotonic()
+        call, reject = gate.admit(method, scope, context)
+        pair = ((REQUEST_ID_KEY, call.request_id),)
+        if streams:  # a streaming client has the id before the end
+            await context.send_initial_metadata(pair)
+        # Trailing metadata only otherwise: a unary response's initial metadata would
+        # cost a separate send operation, ~10% of a small request's server CPU.
+        context.set_trailing_metadata(pair)
+        call.started = time.perf_counter()
+        call.deadline = arrived + default_deadline  # until check() knows better
+        metrics.running.inc()
+        return call, observe.set_current(call), reject
+
+    async def check(call: Call, reject: Reject | None, context: Context) -> bool:
+        """Abort the call if the gate said so or its deadline passed; else set the
+        deadline it works against and count it in. Whether it was counted."""
         if reject is not None:
             if reject.pushback_ms is not None:
                 context.set_trailing_metadata(
@@ -222,82 +243,82 @@ def _guarded(
                 )
             await context.abort(reject.code, reject.message)
         remaining = rpc.remaining(context)
-        if remaining is not None and remaining <= 0:
-            await context.abort(
-                grpc.StatusCode.DEADLINE_EXCEEDED,
-                "the deadline passed while the request waited for a worker; it did not run",
-            )
-        # When the call must have started its work (Compute checks it), and how long
-        # it may wait in a model's queue: its own deadline, or the default one.
-        call.deadline = default_deadline if remaining is None else time.monotonic() + remaining
+        if remaining is not None:
+            if remaining <= 0:
+                await context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "the deadline passed while the request waited for a worker; it did not run",
+                )
+            # When the call must have started its work (Compute checks it), and how
+            # long it may wait in a model's queue: its own deadline, or the default.
+            call.deadline = time.monotonic() + remaining
+        if counter is None:
+            return False
+        counter.__enter__()
+        return True
 
-    @asynccontextmanager
-    async def recorded(context: Context) -> AsyncIterator[None]:
-        call.started = time.perf_counter()
-        token = observe.set_current(call)
-        metrics.running.inc()
-        code = "UNKNOWN"
-        try:
-            await check(context)
-            if counter is None:
-                yield
-            else:
-                with counter:
-                    yield
-            code = "OK"
-        except BaseException:
-            code = _code(context)
-            raise
-        finally:
-            metrics.running.dec()
-            metrics.finish(call, code)
-            observe.reset_current(token)
+    def end(call: Call, token: Any, context: Context, ok: bool, counted: bool) -> None:
+        if counted:
+            counter.__exit__()  # type: ignore[union-attr]
+        metrics.running.dec()
+        metrics.finish(call, "OK" if ok else _code(context))
+        observe.reset_current(token)
 
-    def wrap(behavior: Callable[..., Any], streams: bool) -> Any:
-        async def run(request: Any, context: Context) -> Any:
-            # Trailing metadata only: a unary response's initial metadata would cost a
-            # separate send operation, ~10% of a small request's server CPU.
-            context.set_trailing_metadata(((REQUEST_ID_KEY, call.request_id),))
-            async with recorded(context):
-                return await behavior(request, context)
-
-        async def run_streaming(request: Any, context: Context) -> AsyncIterator[Any]:
-            # Initial metadata too, so a streaming client has the id before the end.
-            pair = ((REQUEST_ID_KEY, call.request_id),)
-            await context.send_initial_metadata(pair)
-            context.set_trailing_metadata(pair)
-            async with recorded(context):
-                async for response in behavior(request, context):
-                    yield response
-
-        async def run_writing(request: Any, context: Context) -> None:
-            # A streaming handler that writes its responses itself (health's Watch).
-            pair = ((REQUEST_ID_KEY, call.request_id),)
-            await context.send_initial_metadata(pair)
-            context.set_trailing_metadata(pair)
-            async with recorded(context):
-                await behavior(request, context)
-
-        if not streams:
-            return run
-        return run_streaming if inspect.isasyncgenfunction(behavior) else run_writing
-
-    kinds = (
-        ("unary_unary", grpc.unary_unary_rpc_method_handler),
-        ("unary_stream", grpc.unary_stream_rpc_method_handler),
-        ("stream_unary", grpc.stream_unary_rpc_method_handler),
-        ("stream_stream", grpc.stream_stream_rpc_method_handler),
+    behavior: Any = (
+        handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
-    for attribute, make in kinds:
-        behavior = getattr(handler, attribute)
-        if behavior is not None:
-            wrapped: Handler = make(
-                wrap(behavior, handler.response_streaming),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-            return wrapped
-    return handler  # pragma: no cover - every handler has one of the four kinds
+    streams = handler.response_streaming
+
+    async def unary(request: Any, context: Context) -> Any:
+        call, token, reject = await start(context, streams=False)
+        ok = counted = False
+        try:
+            counted = await check(call, reject, context)
+            result = await behavior(request, context)
+            ok = True
+            return result
+        finally:
+            end(call, token, context, ok, counted)
+
+    async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
+        call, token, reject = await start(context, streams=True)
+        ok = counted = False
+        try:
+            counted = await check(call, reject, context)
+            async for response in behavior(request, context):
+                yield response
+            ok = True
+        finally:
+            end(call, token, context, ok, counted)
+
+    async def writing(request: Any, context: Context) -> None:
+        # A streaming handler that writes its responses itself (health's Watch).
+        call, token, reject = await start(context, streams=True)
+        ok = counted = False
+        try:
+            counted = await check(call, reject, context)
+            await behavior(request, context)
+            ok = True
+        finally:
+            end(call, token, context, ok, counted)
+
+    if not streams:
+        wrapped = unary
+    else:
+        wrapped = streaming if inspect.isasyncgenfunction(behavior) else writing  # type: ignore[assignment]
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    make = kinds[(handler.request_streaming, streams)]
+    guarded: Handler = make(
+        wrapped,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+    return guarded
 
 
 def _code(context: Context) -> str:
