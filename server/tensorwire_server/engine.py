@@ -27,7 +27,7 @@ from tensorwire.errors import (
     listed,
     shown,
 )
-from tensorwire.wire.dtypes import WIRE_BY_NAME
+from tensorwire.wire.dtypes import NAME_OF_DTYPE, WIRE_BY_NAME
 from tensorwire_server.functions import FUNCTIONS, Function
 from tensorwire_server.models import IOSpec, Model, trainable
 from tensorwire_server.named import Named
@@ -497,7 +497,10 @@ def bind(model: Model, inputs: Named[Any]) -> Named[Any]:
 
 
 def _check_spec(spec: IOSpec, arr: np.ndarray | torch.Tensor, what: str) -> None:
-    dtype = dtype_name(arr) if isinstance(arr, torch.Tensor) else arr.dtype.name
+    if isinstance(arr, torch.Tensor):
+        dtype = dtype_name(arr)
+    else:  # NumPy computes a dtype's name anew on each access: look it up
+        dtype = NAME_OF_DTYPE.get(arr.dtype) or arr.dtype.name
     if spec.dtype is not None and dtype != spec.dtype:
         raise InvalidArgumentError(
             f"input {spec.name!r} has dtype {dtype} but {what} expects {spec.dtype}"

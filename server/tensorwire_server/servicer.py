@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Hashable
-from dataclasses import replace
 from typing import Any, Final, TypeVar
 
 import grpc
@@ -300,7 +299,10 @@ class TensorServicer:
 
     def _with_handles(self, request: Received[M], caller: Caller) -> Received[M]:
         """``request`` decoding handles to the caller's session's tensors."""
-        return replace(request, resolve=self.service.resolver(caller))
+        # Made directly rather than by dataclasses.replace, which is a few µs dearer.
+        return Received(
+            request.message, request.payloads, request.owned, self.service.resolver(caller)
+        )
 
 
 def _caller() -> Caller:

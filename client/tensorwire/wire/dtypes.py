@@ -31,6 +31,8 @@ _TABLE: Final = (
 NUMPY_BY_WIRE: Final[dict[int, np.dtype]] = {w: d for w, d, _ in _TABLE}
 NAME_BY_WIRE: Final[dict[int, str]] = {w: n for w, _, n in _TABLE}
 WIRE_BY_NAME: Final[dict[str, int]] = {n: w for w, _, n in _TABLE}
+#: The name of each NumPy dtype in the table (NumPy computes ``dtype.name`` anew each time).
+NAME_OF_DTYPE: Final[dict[np.dtype, str]] = {d: n for _, d, n in _TABLE}
 # Keyed by (kind, itemsize, name) so that byte order does not matter for lookup.
 _WIRE_BY_KEY: Final[dict[tuple[str, int, str], int]] = {
     (d.kind, d.itemsize, d.name): w for w, d, _ in _TABLE
