@@ -118,10 +118,23 @@ class TensorwireServer:
         self.inference = kserve.InferenceServicer(
             self.service, self.lifecycle, settings.default_deadline
         )
-        self.server = self._on_loop(self._build(settings, tokens))
-        self.port = self._bind(settings, tokens)
-        self.health_server, self.health_port = self._on_loop(self._health_listener(settings))
+        self.health_server: grpc.aio.Server | None = None
         self.metrics_port: int | None = None
+        try:
+            self.server = self._on_loop(self._build(settings, tokens))
+            self.port = self._bind(settings, tokens)
+            self.health_server, self.health_port = self._on_loop(self._health_listener(settings))
+        except BaseException:
+            # Refused (plain text off loopback, a port taken): nothing is left running.
+            built = getattr(self, "server", None)
+            if built is not None:
+                self._on_loop(built.stop(None))
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+            self.compute.close()
+            self.heap.stop()
+            raise
         if engine is not None:
             self.ready(engine)
 
