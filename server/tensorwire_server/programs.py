@@ -21,7 +21,8 @@ import torch
 from tensorwire.errors import FailedPreconditionError, InvalidArgumentError, listed, shown
 from tensorwire.wire.codec import Ref
 from tensorwire.wire.protocol import MAX_PROGRAM_STEPS
-from tensorwire_server.engine import Engine, Export, bind, invoke, name_outputs
+from tensorwire_server.binding import bind, invoke, name_outputs
+from tensorwire_server.engine import Engine, Export
 from tensorwire_server.named import Named
 from tensorwire_server.tensors import dtype_name, is_differentiable, to_device
 

@@ -19,7 +19,8 @@ from typing import Any, Final
 import torch
 
 from tensorwire.errors import FailedPreconditionError, InvalidArgumentError, listed, shown
-from tensorwire_server.engine import Engine, bind, invoke, name_outputs
+from tensorwire_server.binding import bind, invoke, name_outputs
+from tensorwire_server.engine import Engine
 from tensorwire_server.functions import FUNCTIONS, Function
 from tensorwire_server.models import Model, trainable
 from tensorwire_server.named import Named
