@@ -4,19 +4,25 @@ pass on one of its instances, and the outputs split back.
 There is no batching thread. A request that finds an instance idle leads: it gathers
 the queue's compatible requests into a batch (waiting up to the queue delay for
 company), runs it, wakes each request with its rows of the outputs, and hands the
-instance to the request now at the head of the queue, whose thread leads the next
-batch. So a request costs one wake-up, an idle model adds no delay at all, and under
-load batches grow by themselves while an instance is busy.
+instance to the request now at the head of the queue, which leads the next batch. So
+a request costs one wake-up, an idle model adds no delay at all, and under load
+batches grow by themselves while an instance is busy.
+
+Requests wait either on a thread (``submit``) or as a task on the server's event loop
+(``submit_async``), and both kinds share one queue. A task waits without a thread:
+only a batch's leading runs on one (``run``, the server's Compute), so a batch grows
+past the number of threads, and a request costs one hand-over per batch, not one each.
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -32,6 +38,9 @@ from tensorwire_server.repository import Batching
 from tensorwire_server.statistics import VersionStats
 
 I = TypeVar("I")  # noqa: E741 -- an instance of the model, whatever the registry makes it
+
+#: Runs a blocking function on a thread and awaits it (the server's Compute.run).
+Runner = Callable[..., Awaitable[Any]]
 
 # Errors a request's own inputs can cause: in a batch, the batch is re-run one request
 # at a time so that only the request at fault fails.
@@ -51,13 +60,19 @@ class _Pending:
         "inputs",
         "key",
         "lead",
+        "notify",
         "outputs",
         "queued",
         "rows",
     )
 
     def __init__(
-        self, inputs: Named[np.ndarray], key: object, rows: int, deadline: float | None
+        self,
+        inputs: Named[np.ndarray],
+        key: object,
+        rows: int,
+        deadline: float | None,
+        woken: asyncio.Event | None = None,
     ) -> None:
         self.inputs = inputs
         self.key = key
@@ -67,6 +82,11 @@ class _Pending:
         self.queued = True
         self.finished = False
         self.done = threading.Event()
+        #: Wakes the request: its thread (the Event), or its task on the loop.
+        self.notify: Callable[[], object] = self.done.set
+        if woken is not None:
+            loop = asyncio.get_running_loop()
+            self.notify = lambda: loop.call_soon_threadsafe(woken.set)
         self.outputs: Named[np.ndarray] = []
         self.error: BaseException | None = None
         self.batch = 0
@@ -104,6 +124,7 @@ class Batcher(Generic[I]):
         self._arrived = threading.Condition(self._lock)
         self._queue: deque[_Pending] = deque()
         self._idle: list[I] = list(instances)
+        self._handing: set[asyncio.Future[Any]] = set()
 
     def queued(self) -> int:
         """Requests waiting for a forward pass now."""
@@ -119,6 +140,64 @@ class Batcher(Generic[I]):
         gets DeadlineExceededError and never runs."""
         rows, key = _batchable(inputs, self.max_batch_size)
         pending = _Pending(inputs, key, rows, deadline)
+        instance = self._enqueue(pending)
+        if instance is not None:
+            self._lead(instance)
+        return self._await(pending)
+
+    async def submit_async(
+        self, inputs: Named[np.ndarray], deadline: float | None, run: Runner
+    ) -> tuple[Named[np.ndarray], int]:
+        """``submit`` for a task on the event loop: it waits without a thread, and leads
+        a batch, when its turn comes, on a thread through ``run``."""
+        rows, key = _batchable(inputs, self.max_batch_size)
+        woken = asyncio.Event()
+        pending = _Pending(inputs, key, rows, deadline, woken)
+        instance = self._enqueue(pending)
+        try:
+            if instance is not None:
+                await run(self._lead, instance)
+            return await self._await_async(pending, woken, run)
+        except BaseException:
+            # Cancelled (the client went away): it must neither run for nobody nor keep
+            # an instance it was handed, or the model would stall.
+            with self._lock:
+                if pending.queued:
+                    self._queue.remove(pending)
+                    pending.queued = False
+                lead, pending.lead = pending.lead, None
+            if lead is not None:
+                handing = asyncio.ensure_future(run(self._lead, lead))
+                self._handing.add(handing)  # kept until done: a task nobody holds may vanish
+                handing.add_done_callback(self._handing.discard)
+            raise
+
+    async def _await_async(
+        self, pending: _Pending, woken: asyncio.Event, run: Runner
+    ) -> tuple[Named[np.ndarray], int]:
+        while True:
+            if pending.finished:
+                if pending.error is not None:
+                    raise pending.error
+                return pending.outputs, pending.batch
+            timeout = None if pending.deadline is None else pending.deadline - time.monotonic()
+            try:
+                await asyncio.wait_for(woken.wait(), None if timeout is None else max(timeout, 0))
+            except TimeoutError:
+                with self._lock:
+                    if pending.queued:
+                        self._expire(pending)
+                pending.deadline = None  # it runs already: wait for its outputs
+                continue
+            woken.clear()  # a late wake-up only makes the loop look again
+            with self._lock:
+                lead, pending.lead = pending.lead, None
+            if lead is not None:  # the instance is this request's to lead a batch on
+                await run(self._lead, lead)
+
+    def _enqueue(self, pending: _Pending) -> I | None:
+        """Queue ``pending`` (RESOURCE_EXHAUSTED when the queue is full); an idle
+        instance for it to lead a batch on, if there is one."""
         with self._lock:
             if len(self._queue) >= self.max_queue_size:
                 self.stats.rejected()
@@ -129,9 +208,7 @@ class Batcher(Generic[I]):
             self._queue.append(pending)
             instance = self._idle.pop() if self._idle else None
             self._arrived.notify()  # a leader waiting out the delay counts rows again
-        if instance is not None:
-            self._lead(instance)
-        return self._await(pending)
+        return instance
 
     def _await(self, pending: _Pending) -> tuple[Named[np.ndarray], int]:
         while True:
@@ -164,7 +241,7 @@ class Batcher(Generic[I]):
             "the request did not run"
         )
         pending.finished = True
-        pending.done.set()
+        pending.notify()
 
     def _lead(self, instance: I) -> None:
         """Run the next batch on ``instance``, then hand it on (or leave it idle)."""
@@ -178,7 +255,7 @@ class Batcher(Generic[I]):
                 return
             head = self._queue[0]
             head.lead = instance
-            head.done.set()
+            head.notify()
 
     def _gather(self) -> list[_Pending]:
         """Take the head's batch from the queue, first waiting up to the delay for it
@@ -261,7 +338,7 @@ class Batcher(Generic[I]):
                 pending.outputs = result
                 pending.batch = rows
             pending.finished = True
-            pending.done.set()
+            pending.notify()
 
 
 class _SplitError(Exception):

@@ -28,6 +28,7 @@ from tensorwire.errors import (
     shown,
 )
 from tensorwire.wire.dtypes import WIRE_BY_NAME
+from tensorwire_server.batching import Runner
 from tensorwire_server.binding import (
     bind,
     declared_dtype,
@@ -158,6 +159,26 @@ class Engine:
                     deadline,
                     lambda instance, tensors: self._forward(served, instance, tensors, out),
                 )
+            return Inference(select_outputs(named, outputs, served.name), served.version, batch)
+
+    async def infer_async(
+        self,
+        model_name: str,
+        inputs: Named[Any],
+        outputs: Sequence[str],
+        version: int,
+        deadline: float | None,
+        run: Runner,
+    ) -> Inference:
+        """``infer`` from the event loop: a batched model's request waits as a task and
+        only its batch runs on a thread (through ``run``, Compute's); anything else runs
+        whole through ``run``. The signature is checked on the loop either way."""
+        with self.registry.using(model_name, version) as served:
+            bound = bind(served.model, inputs)
+            alone = any(isinstance(t, torch.Tensor) for _, t in bound)
+            if served.batcher is None or alone:
+                return await run(self.infer, model_name, inputs, outputs, version, deadline)  # type: ignore[no-any-return]
+            named, batch = await served.batcher.submit_async(bound, deadline, run)
             return Inference(select_outputs(named, outputs, served.name), served.version, batch)
 
     def _forward(

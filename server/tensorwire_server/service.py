@@ -23,6 +23,7 @@ from tensorwire.errors import FailedPreconditionError, NotFoundError, Unavailabl
 from tensorwire.wire.codec import Handle
 from tensorwire.wire.protocol import SESSION_KEY
 from tensorwire_server import programs
+from tensorwire_server.batching import Runner
 from tensorwire_server.engine import (
     DeviceSummary,
     Engine,
@@ -262,6 +263,23 @@ class Service:
                 version,
                 caller.deadline,
                 self._keeper(caller) if keep else None,
+            )
+
+    async def infer_async(
+        self,
+        caller: Caller,
+        model: str,
+        inputs: Named[Any],
+        outputs: Sequence[str],
+        version: int,
+        run: Runner,
+    ) -> Inference:
+        """``infer`` from the event loop, for a batched model: the request waits as a
+        task, its batch runs through ``run``. Outputs are never kept (``keep`` runs
+        alone, through ``infer``)."""
+        with self._a_model(model, "run it with Call"):
+            return await self.engine.infer_async(
+                model, inputs, outputs, version, caller.deadline, run
             )
 
     def grad_model(

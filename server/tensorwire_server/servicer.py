@@ -17,7 +17,9 @@ from tensorwire.wire.codec import Encoder, Received, receiver
 from tensorwire.wire.dtypes import WIRE_BY_NAME
 from tensorwire.wire.streaming import StreamReceiver
 from tensorwire_server import observe, rpc
+from tensorwire_server.batching import Runner
 from tensorwire_server.compute import Compute
+from tensorwire_server.engine import Inference
 from tensorwire_server.models import IOSpec, Model
 from tensorwire_server.named import Named
 from tensorwire_server.programs import PlanStep, ProgramPlan
@@ -57,6 +59,12 @@ class TensorServicer:
         if call is not None:
             call.bytes_in = payload_bytes
 
+    def batched(self, request: Received[pb.InferRequest]) -> bool:
+        """Whether an Infer request waits for a batch: its model batches, and it keeps
+        nothing in a session (a kept result runs alone)."""
+        message = request.message
+        return not message.keep and self.service.batched(message.model)
+
     def kind(self, method: str, request: Received[Any]) -> Hashable | None:
         """The kind of work an admitted request is, for Compute to place by its cost:
         the method, its model or function, and its payload size to a power of two.
@@ -91,12 +99,25 @@ class TensorServicer:
             message.version,
             message.keep,
         )
-        call = observe.current()
-        if call is not None:
-            call.batch = inference.batch
-        encoder = Encoder(pb.InferResponse(model=message.model, version=inference.version))
-        named_to_wire(encoder, encoder.message.outputs, inference.outputs)
-        return encoder
+        return _inferred(message, inference)
+
+    async def infer_batched(
+        self, request: Received[pb.InferRequest], run: Runner
+    ) -> Encoder[pb.InferResponse]:
+        """Infer for a batched model, from the event loop: the request waits for its
+        batch as a task, not on a thread (``run`` carries the batch to one)."""
+        caller = _caller()
+        request = self._with_handles(request, caller)
+        message = request.message
+        inference = await self.service.infer_async(
+            caller,
+            message.model,
+            request.named(message.inputs, "input"),
+            list(message.outputs),
+            message.version,
+            run,
+        )
+        return _inferred(message, inference)
 
     def Grad(self, request: Received[pb.GradRequest]) -> Encoder[pb.GradResponse]:
         caller = _caller()
@@ -305,6 +326,16 @@ class TensorServicer:
         )
 
 
+def _inferred(message: pb.InferRequest, inference: Inference) -> Encoder[pb.InferResponse]:
+    """The InferResponse of ``inference``; the call's record learns its batch."""
+    call = observe.current()
+    if call is not None:
+        call.batch = inference.batch
+    encoder = Encoder(pb.InferResponse(model=message.model, version=inference.version))
+    named_to_wire(encoder, encoder.message.outputs, inference.outputs)
+    return encoder
+
+
 def _caller() -> Caller:
     """Who makes the call being answered, in which session, until when (the record
     the Gate opened; nobody, no session and no deadline outside one)."""
@@ -439,13 +470,27 @@ def _unary(
         servicer.admit(request, unary=True)
         return servicer.kind(short, request) if short in PLACED else None
 
-    def answer(request: Received[Any]) -> bytes:
-        encoder = behavior(request)
+    def finish(encoder: Encoder[Any]) -> bytes:
         servicer.answered(encoder)
         rpc.one_message(encoder.payload_bytes, servicer.unary_limit, f"{method}Stream")
         return encoder.finish()
 
-    return rpc.unary(method, answer, compute, prepare)
+    def answer(request: Received[Any]) -> bytes:
+        return finish(behavior(request))
+
+    handle = rpc.unary(method, answer, compute, prepare)
+    if short != "Infer" or compute is None:
+        return handle
+
+    async def infer(request: Any, context: rpc.Context) -> bytes:
+        # A batched model's requests wait for their batch on the loop, not on threads.
+        async with rpc.statuses(method, context):
+            if isinstance(request, Received) and servicer.batched(request):
+                servicer.admit(request, unary=True)
+                return finish(await servicer.infer_batched(request, compute.run))
+        return await handle(request, context)
+
+    return infer
 
 
 def _streaming(
