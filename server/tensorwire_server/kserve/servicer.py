@@ -13,15 +13,19 @@ from typing import Any, Final
 
 import grpc
 import grpc.aio
+import numpy as np
 from google.protobuf.message import Message
 
 import tensorwire_server
 from tensorwire.errors import InvalidArgumentError, TensorwireError, shown
 from tensorwire_server import observe, rpc
+from tensorwire_server.batching import Runner
 from tensorwire_server.compute import Compute
+from tensorwire_server.engine import Inference
 from tensorwire_server.gate import Lifecycle
 from tensorwire_server.kserve import codec, describe
 from tensorwire_server.kserve import grpc_service_pb2 as pb
+from tensorwire_server.named import Named
 from tensorwire_server.repository import ConfigError
 from tensorwire_server.service import Caller, Service
 
@@ -143,6 +147,35 @@ class InferenceServicer:
 
     def infer(self, request: codec.InferRequest, deadline: float | None) -> codec.Answer:
         """Run one ModelInferRequest (unary or streamed) through the service."""
+        message, inputs, wanted, name, version = self._accepted(request)
+        inference = self.service.infer(
+            Caller(deadline=deadline), name, inputs, wanted.outputs, version
+        )
+        return self._answer(message, inference, wanted)
+
+    async def infer_async(
+        self, request: codec.InferRequest, deadline: float | None, run: Runner
+    ) -> codec.Answer:
+        """``infer`` from the event loop, for a batched model: the request waits for its
+        batch as a task, which ``run`` carries to a thread."""
+        message, inputs, wanted, name, version = self._accepted(request)
+        caller = Caller(deadline=deadline)
+        inference = await self.service.infer_async(
+            caller, name, inputs, wanted.outputs, version, run
+        )
+        return self._answer(message, inference, wanted)
+
+    def batched(self, request: codec.InferRequest | TensorwireError) -> bool:
+        """Whether a request waits for a batch (its model batches)."""
+        return isinstance(request, codec.InferRequest) and self.service.batched(
+            request.message.model_name
+        )
+
+    def _accepted(
+        self, request: codec.InferRequest
+    ) -> tuple[pb.ModelInferRequest, Named[np.ndarray], codec.Wanted, str, int]:
+        """A request labelled, counted, checked and decoded: its inputs, what it wants
+        back, and the model and version that will answer it."""
         message = request.message
         self._target(message.model_name)
         call = observe.current()
@@ -155,10 +188,14 @@ class InferenceServicer:
             wanted = codec.wanted(message)
             service.limits.request_bytes(request.payload_bytes)
             inputs = codec.inputs(request, service.limits)
-            inference = service.infer(
-                Caller(deadline=deadline), served.name, inputs, wanted.outputs, served.version
-            )
+            return message, inputs, wanted, served.name, served.version
+
+    @staticmethod
+    def _answer(
+        message: pb.ModelInferRequest, inference: Inference, wanted: codec.Wanted
+    ) -> codec.Answer:
         answer = codec.answer(message, inference.version, inference.outputs, wanted.typed)
+        call = observe.current()
         if call is not None:
             call.batch = inference.batch
             call.bytes_out += answer.payload_bytes
@@ -227,13 +264,27 @@ def _infer_unary(method: str, servicer: InferenceServicer, compute: Compute) -> 
             request.payload_bytes.bit_length(),
         )
 
-    def run(request: codec.InferRequest) -> bytes:
-        call = observe.current()
-        answer = servicer.infer(request, call.deadline if call is not None else None)
+    def finish(answer: codec.Answer) -> bytes:
         rpc.one_message(answer.payload_bytes, servicer.unary_limit, "tensorwire.v1's InferStream")
         return answer.finish()
 
-    return rpc.unary(method, run, compute, kind)
+    def run(request: codec.InferRequest) -> bytes:
+        call = observe.current()
+        return finish(servicer.infer(request, call.deadline if call is not None else None))
+
+    handle = rpc.unary(method, run, compute, kind)
+
+    async def infer(request: codec.InferRequest | TensorwireError, context: rpc.Context) -> bytes:
+        # A batched model's requests wait for their batch on the loop, not on threads.
+        async with rpc.statuses(method, context):
+            if servicer.batched(request):
+                assert isinstance(request, codec.InferRequest)
+                call = observe.current()
+                deadline = call.deadline if call is not None else None
+                return finish(await servicer.infer_async(request, deadline, compute.run))
+        return await handle(request, context)
+
+    return infer
 
 
 def _infer_stream(method: str, servicer: InferenceServicer, compute: Compute) -> rpc.Streaming:
@@ -250,7 +301,12 @@ def _infer_stream(method: str, servicer: InferenceServicer, compute: Compute) ->
                 try:
                     if isinstance(request, TensorwireError):
                         raise request
-                    response = await compute.run(answer, request, servicer.stream_deadline(context))
+                    deadline = servicer.stream_deadline(context)
+                    if servicer.batched(request):
+                        found = await servicer.infer_async(request, deadline, compute.run)
+                        response = found.streamed()
+                    else:
+                        response = await compute.run(answer, request, deadline)
                 except TensorwireError as exc:
                     # As Triton does: the request's error in its response; the stream goes on.
                     log.debug("%s: %s %s", method, exc.code, exc.message)
