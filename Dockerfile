@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The tensorwire server. Two stages on one base image: the first installs the server
 # and its dependencies into a virtual environment, the second copies only that
 # environment, so no build tools, sources or caches reach the image.
@@ -10,16 +9,20 @@
 # The base must have Python 3.11 or newer with venv; useradd; and either torch 2.13.0
 # already (the PyTorch CUDA runtime images: kept, never reinstalled) or a package
 # index that has it (TORCH_INDEX_URL, CPU wheels by default).
+#
+# No "# syntax=" line: it would make BuildKit fetch a frontend image from a registry,
+# and builds must work offline with BuildKit and with the classic builder alike.
 
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-runtime
 
 FROM ${BASE_IMAGE} AS build
 # Where pip finds torch when the base has none: CPU wheels, not PyPI's CUDA ones.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Read by pip from the environment: another index (a mirror), or PIP_NO_INDEX=1 to
-# install from wheelhouse/ alone (an offline build; README.md, "Deploy").
-ARG PIP_INDEX_URL
-ARG PIP_NO_INDEX
+# Another index (a mirror), or PIP_NO_INDEX=1 to install from wheelhouse/ alone (an
+# offline build; README.md, "Deploy"). Empty: not given. They reach pip as options:
+# pip would read empty PIP_* variables from the environment as bad values.
+ARG PIP_INDEX_URL=
+ARG PIP_NO_INDEX=
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
@@ -28,7 +31,9 @@ COPY . .
 # --system-site-packages: the base's own torch (and numpy) count as installed, so
 # pip leaves a CUDA base's torch as it is. The server's extra pins torch==2.13.0.
 RUN python3 -m venv --system-site-packages /opt/tensorwire \
-    && /opt/tensorwire/bin/pip install --no-cache-dir --find-links /src/wheelhouse \
+    && env -u PIP_INDEX_URL -u PIP_NO_INDEX /opt/tensorwire/bin/pip install \
+        --no-cache-dir --find-links /src/wheelhouse \
+        ${PIP_NO_INDEX:+--no-index} ${PIP_INDEX_URL:+--index-url "$PIP_INDEX_URL"} \
         --extra-index-url "${TORCH_INDEX_URL}" ".[server]" \
     && /opt/tensorwire/bin/python -c \
         "import torch, tensorwire_server; assert torch.__version__.startswith('2.13.0'), torch.__version__"
