@@ -40,6 +40,7 @@ from tensorwire_server.settings import ENV_PREFIX, Settings
 ROOT = Path(__file__).parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
+SECURE = ROOT / "deploy" / "compose" / "secure.yml"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 CHECK_SCRIPT = ROOT / "scripts" / "container-check"
 #: The oldest Kubernetes with gRPC probes on by default (GA in 1.27), and the newest
@@ -333,6 +334,73 @@ def test_the_container_check_script_is_shellcheck_clean() -> None:
     assert "set -euo pipefail" in text and "trap teardown EXIT" in text
     usage = run("bash", str(CHECK_SCRIPT), "--bogus")  # refused before any docker call
     assert usage.returncode == 2 and "usage" in usage.stderr
+
+
+def test_every_build_argument_of_the_dockerfile_passes_through_compose() -> None:
+    arguments = {
+        args.split("=")[0]
+        for instruction, args in instructions(DOCKERFILE.read_text())
+        if instruction == "ARG"
+    }
+    assert {"BASE_IMAGE", "TORCH_INDEX_URL", "PIP_INDEX_URL", "PIP_NO_INDEX"} <= arguments
+    for name, service in compose()["services"].items():
+        given = service["build"]["args"]
+        assert set(given) == arguments, name
+        for argument in arguments - {"BASE_IMAGE", "TORCH_INDEX_URL"}:
+            assert given[argument] == f"${{TENSORWIRE_{argument}:-}}", (name, argument)
+    # BuildKit would fetch a frontend image named by a syntax line: none, builds are offline.
+    assert not DOCKERFILE.read_text().startswith("# syntax")
+
+
+def test_the_secure_overlay_gives_tls_tokens_and_a_read_only_root() -> None:
+    overlay = yaml.safe_load(SECURE.read_text())
+    for name in ("tensorwire", "tensorwire-cpu"):
+        service = overlay["services"][name]
+        assert service["read_only"] is True and service["tmpfs"] == ["/tmp"]
+        environment = {k: str(v) for k, v in service["environment"].items()}
+        assert set(environment) <= VARIABLES
+        settings = Settings.from_env(environment)
+        assert not settings.insecure and settings.tls_cert and settings.tokens_file
+        assert (
+            set(service["secrets"]) == set(overlay["secrets"]) == {"tls_cert", "tls_key", "tokens"}
+        )
+        assert [p.rsplit(":", 1)[1] for p in service["ports"]] == ["50052", "9100"]
+    docker = shutil.which("docker")
+    if docker is None or run(docker, "compose", "version").returncode != 0:
+        return  # the checks above; compose itself below where it runs
+    done = run(
+        docker,
+        "compose",
+        "-f",
+        str(COMPOSE),
+        "-f",
+        str(SECURE),
+        "--profile",
+        "cpu",
+        "config",
+        "--quiet",
+    )
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.timeout(1800)
+def test_the_container_check_passes_where_a_docker_engine_answers() -> None:
+    """The whole container check, offline, where an engine runs (a developer's machine
+    after ../shared/tools/docker-engine-up); CI machines start none: skipped there."""
+    docker = shutil.which("docker")
+    if docker is None or run(docker, "info").returncode != 0:
+        pytest.skip("no Docker engine answers here (../shared/tools/docker-engine-up starts one)")
+    done = subprocess.run(
+        [str(CHECK_SCRIPT), "--cpu", "--offline"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=1700,
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "container check passed" in done.stdout
+    for step in ("restarted under load", "stopped (SIGTERM)", "read-only root"):
+        assert step in done.stdout, step
 
 
 # ---------------------------------------------------------------------- health
