@@ -42,6 +42,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 SECURE = ROOT / "deploy" / "compose" / "secure.yml"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
+KSERVE = ROOT / "deploy" / "kserve"
 CHECK_SCRIPT = ROOT / "scripts" / "container-check"
 #: The oldest Kubernetes with gRPC probes on by default (GA in 1.27), and the newest
 #: whose schemas kubernetes-validate carries.
@@ -321,6 +322,79 @@ def test_a_headless_service_and_a_disruption_budget_select_the_pods() -> None:
     assert budget["selector"]["matchLabels"].items() <= labels.items()
     assert budget["maxUnavailable"] == 1
     assert objects["Deployment"]["spec"]["replicas"] > budget["maxUnavailable"]
+
+
+# ---------------------------------------------------------------------- KServe
+
+
+def kserve() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ServingRuntime and the InferenceService under deploy/kserve."""
+    runtime = yaml.safe_load((KSERVE / "servingruntime.yaml").read_text())
+    service = yaml.safe_load((KSERVE / "inferenceservice.yaml").read_text())
+    return runtime, service
+
+
+def as_pod(container: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "p"},
+        "spec": {"containers": [container]},
+    }
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_the_kserve_containers_match_the_kubernetes_pod_schema(version: str) -> None:
+    # KServe's CRDs embed core Containers and ResourceRequirements; check them against
+    # the Kubernetes schemas (the CRD schemas themselves are KServe's, not carried here).
+    runtime, service = kserve()
+    (container,) = runtime["spec"]["containers"]
+    kubernetes_validate.validate(as_pod(container), version, strict=True)
+    predictor = {
+        "name": "p",
+        "image": "i",
+        "resources": service["spec"]["predictor"]["model"]["resources"],
+    }
+    kubernetes_validate.validate(as_pod(predictor), version, strict=True)
+    broken = copy.deepcopy(container)
+    broken["livenessProbe"]["grcp"] = broken["livenessProbe"].pop("grpc")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(as_pod(broken), version, strict=True)
+
+
+def test_the_kserve_runtime_serves_grpc_v2_from_mnt_models_with_the_image_health_port() -> None:
+    runtime, service = kserve()
+    assert runtime["kind"] == "ServingRuntime" and service["kind"] == "InferenceService"
+    spec = runtime["spec"]
+    assert spec["protocolVersions"] == ["grpc-v2"]
+    (container,) = spec["containers"]
+    assert container["name"] == "kserve-container"  # the name KServe looks for
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) <= VARIABLES | {"HOME"}
+    image_env = env_of(final_stage())
+    settings = Settings.from_env(
+        {k: v for k, v in (image_env | env).items() if k.startswith(ENV_PREFIX)}
+    )
+    # KServe's storage initializer puts the storageUri in /mnt/models.
+    assert settings.model_repo == "/mnt/models" and settings.host == "0.0.0.0"
+    assert env["HOME"].startswith("/tmp")  # writable on the read-only root
+    (port,) = container["ports"]
+    assert port["name"] == "h2c" and port["containerPort"] == settings.port
+    for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe_name]["grpc"]["port"] == settings.health_port, probe_name
+    assert runtime["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(
+        settings.metrics_port
+    )
+    (user,) = [rest for keyword, rest in final_stage() if keyword == "USER"]
+    assert str(container["securityContext"]["runAsUser"]) == user.split(":")[0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The InferenceService picks this runtime by format and name, on one GPU.
+    (model_format,) = spec["supportedModelFormats"]
+    model = service["spec"]["predictor"]["model"]
+    assert model["modelFormat"]["name"] == model_format["name"] == "tensorwire"
+    assert model["runtime"] == runtime["metadata"]["name"]
+    assert model["protocolVersion"] in spec["protocolVersions"]
+    assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
 
 
 # ---------------------------------------------------------------------- the script
