@@ -110,6 +110,21 @@ def main(argv: list[str] | None = None) -> int:
         "--session-ttl", type=float, help="seconds a session may go unused before it is freed (600)"
     )
     sessions.add_argument("--max-sessions", type=int, help="sessions open at once (64)")
+    shared = parser.add_argument_group(
+        "shared memory", "Triton's system shared memory, off by default (docs/security.md)"
+    )
+    shared.add_argument(
+        "--allow-shared-memory",
+        action="store_true",
+        default=None,  # not given: the environment decides
+        help="let clients on this host register /dev/shm regions for inputs and outputs",
+    )
+    shared.add_argument(
+        "--max-shared-memory-regions", type=int, help="regions one token may register (64)"
+    )
+    shared.add_argument(
+        "--max-shared-memory-bytes", type=int, help="bytes all regions may span (16 GiB)"
+    )
     args = parser.parse_args(argv)
     try:
         extra = dict(parse_model_option(option) for option in args.model)

@@ -114,6 +114,19 @@ class Settings:
     #: Sessions open at once; more get RESOURCE_EXHAUSTED.
     max_sessions: int = 64
 
+    # Shared memory: Triton's system shared-memory extension on the KServe v2 service
+    # (docs/security.md, "Shared memory"). Off: any client that may infer could make
+    # the server read and write POSIX shared-memory objects its user can open.
+    #: Let clients register /dev/shm objects as regions that requests read inputs
+    #: from and write outputs to.
+    allow_shared_memory: bool = False
+    #: Regions one caller (token; all callers when there are none) may hold at once;
+    #: each holds an open file descriptor in the server.
+    max_shared_memory_regions: int = 64
+    #: Bytes all registered regions may span together: the server's open descriptors
+    #: keep the memory of objects their clients unlinked until they unregister.
+    max_shared_memory_bytes: int = 16 << 30
+
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Defaults, replaced by TENSORWIRE_* variables, replaced by non-None overrides."""
@@ -139,6 +152,8 @@ class Settings:
             "session_quota_bytes",
             "session_ttl",
             "max_sessions",
+            "max_shared_memory_regions",
+            "max_shared_memory_bytes",
         )
         for name in positive:
             if getattr(self, name) <= 0:

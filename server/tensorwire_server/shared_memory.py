@@ -1,0 +1,343 @@
+"""System shared-memory regions (Triton's extension of the v2 protocol): POSIX
+shared-memory objects that clients on this host register by key, each region owned by
+the caller that registered it, and read and written with kernel copies.
+
+Why kernel copies (``os.preadv`` into a fresh array, ``os.pwritev`` out of one) and
+not a mapping: a client can shrink its object (``ftruncate``) at any moment, and a
+load or store through a mapping past the new end is SIGBUS, which kills the server. A
+``pread`` past the end returns short and a ``pwrite`` extends the file instead; neither
+can fault. Measured on the 2-core machine, 256 MiB: ``preadv`` into a new array
+3.0-3.3 GiB/s, the same as copying out of a mapping (3.2 GiB/s; both pay for the new
+array's first touch); ``pwritev`` 4.5 GiB/s against 11 GiB/s for a store through a
+mapping already faulted in. Outputs pay that for a server that cannot be crashed by
+its clients; both are several times the network path.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Final
+
+import numpy as np
+
+from tensorwire.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    shown,
+)
+
+#: Where Linux keeps POSIX shared-memory objects: shm_open("/name") opens /dev/shm/name.
+SHM_DIR: Final = "/dev/shm"
+#: The longest object name after the slash (NAME_MAX).
+MAX_KEY_BYTES: Final = 255
+#: The longest region name.
+MAX_NAME: Final = 256
+#: Linux moves at most this many bytes per read or write call (0x7ffff000).
+_MAX_IO: Final = 0x7FFFF000
+#: How to enable the extension, for every refusal while it is off.
+ENABLE: Final = (
+    "system shared memory is off on this server: start it with --allow-shared-memory "
+    "(TENSORWIRE_ALLOW_SHARED_MEMORY=1) to use it from clients on the same host"
+)
+
+
+class RegionExistsError(FailedPreconditionError):
+    """A caller registered a region name twice (ALREADY_EXISTS, as Triton answers)."""
+
+    code = "ALREADY_EXISTS"
+
+
+@dataclass(frozen=True)
+class RegionStatus:
+    """One registered region, as SystemSharedMemoryStatus describes it."""
+
+    name: str
+    key: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a tensor lies in shared memory: a region's name, and the offset and byte
+    size within the region that a request's parameters give."""
+
+    region: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(frozen=True)
+class _Region:
+    status: RegionStatus
+    fd: int
+    writable: bool
+
+
+def check_key(key: str) -> str:
+    """The object's name under SHM_DIR for ``key`` ("/name"); INVALID_ARGUMENT for any
+    key that is not one POSIX shared-memory name, so none reaches outside SHM_DIR."""
+    name = key[1:]
+    if (
+        not key.startswith("/")
+        or not name
+        or "/" in name
+        or "\0" in name
+        or name in (".", "..")
+        or len(name.encode(errors="surrogatepass")) > MAX_KEY_BYTES
+    ):
+        raise InvalidArgumentError(
+            f"key {shown(key)} is not a POSIX shared-memory name: give '/' and a name of "
+            f"1 to {MAX_KEY_BYTES} bytes with no further '/', as shm_open takes it"
+        )
+    return name
+
+
+def _check_name(name: str) -> None:
+    if not name or len(name) > MAX_NAME or not name.isprintable():
+        raise InvalidArgumentError(
+            f"region name {shown(name)} must be 1 to {MAX_NAME} printable characters"
+        )
+
+
+class SharedMemory:
+    """Every caller's registered regions, each an open file descriptor, within limits:
+    ``max_regions`` per caller, ``max_bytes`` spanned by all together. ``enabled``
+    False refuses everything (FAILED_PRECONDITION saying how to enable it)."""
+
+    def __init__(self, enabled: bool, max_regions: int, max_bytes: int) -> None:
+        self.enabled = enabled
+        self.max_regions = max_regions
+        self.max_bytes = max_bytes
+        self._regions: dict[str, dict[str, _Region]] = {}
+        self._bytes = 0
+        # Guards the tables and every descriptor's life: a region's fd is duplicated
+        # under it for each use, so an unregister mid-request cannot close (and the
+        # kernel reuse) a descriptor a copy is reading.
+        self._lock = threading.Lock()
+
+    def _on(self) -> None:
+        if not self.enabled:
+            raise FailedPreconditionError(ENABLE)
+
+    def register(self, owner: str, name: str, key: str, offset: int, byte_size: int) -> None:
+        """Open ``key``'s object and register ``byte_size`` bytes of it from ``offset``
+        as ``owner``'s region ``name``, after checking the key, the file and the
+        range; nothing is read or mapped."""
+        self._on()
+        _check_name(name)
+        path = os.path.join(SHM_DIR, check_key(key))
+        if byte_size <= 0:
+            raise InvalidArgumentError(f"region {shown(name)}: byte_size must be positive")
+        with self._lock:  # refuse over-limit registrations before opening anything
+            self._room(owner, name, byte_size)
+        fd, writable = _open(path, key)
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidArgumentError(f"key {shown(key)} is not a shared-memory object")
+            if offset + byte_size > info.st_size:
+                raise InvalidArgumentError(
+                    f"region {shown(name)}: offset {offset} + byte_size {byte_size} runs past "
+                    f"the end of {shown(key)}, which holds {info.st_size} bytes"
+                )
+            with self._lock:
+                self._room(owner, name, byte_size)  # again: another call may have won
+                region = _Region(RegionStatus(name, key, offset, byte_size), fd, writable)
+                self._regions.setdefault(owner, {})[name] = region
+                self._bytes += byte_size
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _room(self, owner: str, name: str, byte_size: int) -> None:
+        owned = self._regions.get(owner, {})
+        if name in owned:
+            raise RegionExistsError(
+                f"region {shown(name)} is registered already: unregister it first"
+            )
+        if len(owned) >= self.max_regions:
+            raise ResourceExhaustedError(
+                f"{len(owned)} regions registered, the server's max_shared_memory_regions "
+                "for one caller: unregister some first"
+            )
+        if self._bytes + byte_size > self.max_bytes:
+            raise ResourceExhaustedError(
+                f"registering {byte_size} more bytes would pass the server's "
+                f"max_shared_memory_bytes ({self.max_bytes}); {self._bytes} are registered"
+            )
+
+    def unregister(self, owner: str, name: str) -> None:
+        """Forget ``owner``'s region ``name`` (empty: all of them) and close its
+        descriptor; an unknown name is no error (as in Triton). Copies in flight keep
+        their own descriptor and finish."""
+        self._on()
+        with self._lock:
+            owned = self._regions.get(owner, {})
+            gone = list(owned) if not name else [name] if name in owned else []
+            for each in gone:
+                region = owned.pop(each)
+                self._bytes -= region.status.byte_size
+                os.close(region.fd)
+            if not owned:
+                self._regions.pop(owner, None)
+
+    def status(self, owner: str, name: str) -> list[RegionStatus]:
+        """``owner``'s regions (empty ``name``: all, by name); NOT_FOUND for a name
+        ``owner`` has not registered, whoever else has."""
+        self._on()
+        with self._lock:
+            owned = self._regions.get(owner, {})
+            if not name:
+                return [owned[n].status for n in sorted(owned)]
+            if name not in owned:
+                raise NotFoundError(f"no shared-memory region {shown(name)} is registered")
+            return [owned[name].status]
+
+    def check(self, owner: str, place: Placement, what: str, write: bool = False) -> None:
+        """Refuse, before any work, a placement in an unknown region, past the
+        region's end, or (``write``) in a region the server may only read."""
+        with self._lock:
+            self._region(owner, place, what, write)
+
+    def read(self, owner: str, place: Placement, what: str) -> memoryview:
+        """The placement's bytes, copied into a new buffer (see the module's note)."""
+        with self._using(owner, place, what, write=False) as (fd, start):
+            _fits(fd, start + place.byte_size, place.region, what)
+            # NumPy's allocation: torch.from_numpy takes it without a copy.
+            out = memoryview(np.empty(place.byte_size, np.uint8))  # type: ignore[arg-type]
+            _copy(os.preadv, fd, out, start, place.region, what)
+            return out
+
+    def write(self, owner: str, place: Placement, data: memoryview, what: str) -> None:
+        """Write ``data`` (at most the placement's byte size) at the placement."""
+        if data.nbytes > place.byte_size:
+            raise InvalidArgumentError(
+                f"{what} is {data.nbytes} bytes, more than its shared_memory_byte_size "
+                f"({place.byte_size})"
+            )
+        with self._using(owner, place, what, write=True) as (fd, start):
+            # A pwrite past the end would grow the object, not fault: refuse to, so a
+            # shrunk object stays the size its client made it (a shrink racing this
+            # check grows it back by at most what this write covers).
+            _fits(fd, start + data.nbytes, place.region, what)
+            _copy(os.pwritev, fd, data, start, place.region, what)
+
+    def close(self) -> None:
+        """Close every region's descriptor (the server stops)."""
+        with self._lock:
+            for owned in self._regions.values():
+                for region in owned.values():
+                    os.close(region.fd)
+            self._regions.clear()
+            self._bytes = 0
+
+    def count(self) -> int:
+        """Regions registered, by every caller."""
+        with self._lock:
+            return sum(len(owned) for owned in self._regions.values())
+
+    @contextmanager
+    def _using(
+        self, owner: str, place: Placement, what: str, write: bool
+    ) -> Iterator[tuple[int, int]]:
+        """A duplicate of the region's descriptor, and where the placement starts in
+        its object, once ``_region`` accepts the placement."""
+        with self._lock:
+            region = self._region(owner, place, what, write)
+            fd = os.dup(region.fd)
+        try:
+            yield fd, region.status.offset + place.offset
+        finally:
+            os.close(fd)
+
+    def _region(self, owner: str, place: Placement, what: str, write: bool) -> _Region:
+        """``owner``'s region of the placement, which must lie within it (under the
+        lock)."""
+        self._on()
+        region = self._regions.get(owner, {}).get(place.region)
+        if region is None:
+            raise NotFoundError(
+                f"{what}: no shared-memory region {shown(place.region)} is registered"
+            )
+        size = region.status.byte_size
+        if place.offset < 0 or place.byte_size < 0:
+            raise InvalidArgumentError(
+                f"{what}: shared_memory_offset and shared_memory_byte_size must not be negative"
+            )
+        if place.offset + place.byte_size > size:
+            raise InvalidArgumentError(
+                f"{what}: shared_memory_offset {place.offset} + shared_memory_byte_size "
+                f"{place.byte_size} runs past the end of region {shown(place.region)} "
+                f"({size} bytes)"
+            )
+        if write and not region.writable:
+            raise FailedPreconditionError(
+                f"{what}: region {shown(place.region)} is read-only to the server (its "
+                "object is not writable by the server's user)"
+            )
+        return region
+
+
+def _open(path: str, key: str) -> tuple[int, bool]:
+    """The object's descriptor, read-write if the server may write it, else read-only.
+    O_NOFOLLOW: a symbolic link planted under the name is refused, not followed;
+    O_NONBLOCK: a FIFO planted there cannot hold the call (fstat then refuses it)."""
+    flags = os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        try:
+            return os.open(path, os.O_RDWR | flags), True
+        except PermissionError:
+            return os.open(path, os.O_RDONLY | flags), False
+    except FileNotFoundError:
+        raise NotFoundError(
+            f"no shared-memory object {shown(key)} on the server's host: create it "
+            "(shm_open) before registering it"
+        ) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InvalidArgumentError(f"key {shown(key)} is a symbolic link") from None
+        if exc.errno == errno.EISDIR:
+            raise InvalidArgumentError(f"key {shown(key)} is not a shared-memory object") from None
+        raise FailedPreconditionError(
+            f"the server cannot open shared-memory object {shown(key)}: {exc.strerror}"
+        ) from None
+
+
+def _fits(fd: int, end: int, region: str, what: str) -> None:
+    size = os.fstat(fd).st_size
+    if size < end:
+        raise FailedPreconditionError(
+            f"{what}: the object of region {shown(region)} was shrunk to {size} bytes, short "
+            f"of the {end} this tensor needs: register it again at its new size"
+        )
+
+
+def _copy(
+    move: Callable[[int, list[memoryview], int], int],
+    fd: int,
+    view: memoryview,
+    start: int,
+    region: str,
+    what: str,
+) -> None:
+    """Move all of ``view`` with ``move`` (os.preadv or os.pwritev) from ``start``,
+    in pieces the kernel takes whole; a short read means the object shrank."""
+    view = view.cast("B")
+    done = 0
+    while done < view.nbytes:
+        moved = move(fd, [view[done : done + _MAX_IO]], start + done)
+        if moved <= 0:
+            raise FailedPreconditionError(
+                f"{what}: the object of region {shown(region)} ended after {start + done} "
+                "bytes: it was shrunk while being read"
+            )
+        done += moved
