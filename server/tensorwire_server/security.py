@@ -65,6 +65,14 @@ METHOD_SCOPES: Final[Mapping[str, str]] = {
     "/inference.GRPCInferenceService/ModelStreamInfer": "infer",
     "/inference.GRPCInferenceService/RepositoryModelLoad": "admin",
     "/inference.GRPCInferenceService/RepositoryModelUnload": "admin",
+    # Shared memory serves inference only, and each caller sees only its own regions:
+    # the infer scope, status included (it lists nothing of anyone else's).
+    "/inference.GRPCInferenceService/SystemSharedMemoryStatus": "infer",
+    "/inference.GRPCInferenceService/SystemSharedMemoryRegister": "infer",
+    "/inference.GRPCInferenceService/SystemSharedMemoryUnregister": "infer",
+    "/inference.GRPCInferenceService/CudaSharedMemoryStatus": "infer",
+    "/inference.GRPCInferenceService/CudaSharedMemoryRegister": "infer",
+    "/inference.GRPCInferenceService/CudaSharedMemoryUnregister": "infer",
     "/grpc.health.v1.Health/Check": PUBLIC,
     "/grpc.health.v1.Health/Watch": PUBLIC,
     "/grpc.health.v1.Health/List": PUBLIC,

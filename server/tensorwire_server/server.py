@@ -270,6 +270,7 @@ class TensorwireServer:
         if self.health_server is not None:
             self._on_loop(self.health_server.stop(0))
         self.service.sessions.stop()
+        self.service.shared_memory.close()  # the regions' descriptors
         self.metrics.close()
         self.compute.close()
         self.heap.stop()

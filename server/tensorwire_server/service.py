@@ -19,7 +19,13 @@ import numpy as np
 import torch
 
 import tensorwire_server
-from tensorwire.errors import FailedPreconditionError, NotFoundError, UnavailableError, shown
+from tensorwire.errors import (
+    FailedPreconditionError,
+    NotFoundError,
+    UnavailableError,
+    UnimplementedError,
+    shown,
+)
 from tensorwire.wire.codec import Handle
 from tensorwire.wire.protocol import SESSION_KEY
 from tensorwire_server import programs
@@ -40,6 +46,7 @@ from tensorwire_server.registry import ModelEntry, ServedVersion
 from tensorwire_server.repository import model_names
 from tensorwire_server.sessions import Session, Sessions
 from tensorwire_server.settings import Settings
+from tensorwire_server.shared_memory import SharedMemory
 from tensorwire_server.staging import Stager, stager_for
 from tensorwire_server.statistics import StatsSnapshot
 from tensorwire_server.training import LOSSES, OPTIMIZERS
@@ -101,6 +108,12 @@ class Service:
         #: Every client's kept tensors and trainers.
         self.sessions = Sessions(
             settings.session_quota_bytes, settings.session_ttl, settings.max_sessions
+        )
+        #: The system shared-memory regions clients registered (off unless allowed).
+        self.shared_memory = SharedMemory(
+            settings.allow_shared_memory,
+            settings.max_shared_memory_regions,
+            settings.max_shared_memory_bytes,
         )
         self._engine = engine
         #: Loads and unloads models while serving; None: this server cannot.
@@ -211,6 +224,21 @@ class Service:
         if control is None or control.root is None:
             return []
         return model_names(control.root)
+
+    def cuda_shared_memory(self) -> None:
+        """Refuse CUDA shared memory: UNAVAILABLE on a server without a CUDA device,
+        where it cannot exist; UNIMPLEMENTED on one with a device, until CUDA IPC
+        handles are opened."""
+        if self.engine.device.type != "cuda":
+            raise UnavailableError(
+                f"this server has no CUDA device (it runs on {self.engine.device}): CUDA "
+                "shared memory needs one; use system shared memory "
+                "(register_system_shared_memory) on this host"
+            )
+        raise UnimplementedError(
+            "CUDA shared memory is not implemented yet: use system shared memory "
+            "(register_system_shared_memory), or send the tensors in the request"
+        )
 
     # ------------------------------------------------------------------ model control
 

@@ -1,6 +1,6 @@
-"""The v2 protocol's tensors <-> NumPy arrays: datatypes, raw and typed contents, the
-parameters of an inference request, and the framing that keeps raw contents out of
-protobuf's copies.
+"""The v2 protocol's tensors <-> NumPy arrays: datatypes, raw and typed contents,
+tensors placed in shared memory, the parameters of an inference request, and the
+framing that keeps raw contents out of protobuf's copies.
 
 Raw contents are the protocol's bulk payload: ``raw_input_contents`` (field 7 of
 ModelInferRequest) and ``raw_output_contents`` (field 6 of ModelInferResponse) are
@@ -33,8 +33,13 @@ from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
 from tensorwire_server.kserve import grpc_service_pb2 as pb
 from tensorwire_server.limits import Limits
 from tensorwire_server.named import Named
+from tensorwire_server.shared_memory import Placement
 
 M = TypeVar("M", bound=Message)
+#: Reads a placement's bytes from the caller's shared memory (what: for errors).
+Read = Callable[[Placement, str], memoryview]
+#: Writes bytes at a placement in the caller's shared memory.
+Write = Callable[[Placement, memoryview, str], None]
 
 #: Every datatype tensorwire takes, by its v2 name, with tensorwire's name for it.
 DATATYPES: Final[Mapping[str, str]] = {
@@ -76,7 +81,9 @@ _RAW_OUTPUTS: Final = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_outpu
 _STREAM_RESPONSE: Final = pb.ModelStreamInferResponse.DESCRIPTOR.fields_by_name[
     "infer_response"
 ].number
-_SHARED_MEMORY: Final = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+_REGION: Final = "shared_memory_region"
+_BYTE_SIZE: Final = "shared_memory_byte_size"
+_OFFSET: Final = "shared_memory_offset"
 
 
 def wire_dtype(datatype: str, what: str) -> int:
@@ -123,6 +130,14 @@ class InferRequest:
         """The raw contents' bytes (typed contents, parsed by protobuf, are not counted)."""
         return sum(r.nbytes for r in self.raw)
 
+    @property
+    def shared(self) -> bool:
+        """Whether any input or requested output lies in shared memory."""
+        message = self.message
+        return any(_REGION in t.parameters for t in message.inputs) or any(
+            _REGION in t.parameters for t in message.outputs
+        )
+
 
 def receive_infer(data: bytes) -> InferRequest | TensorwireError:
     """A gRPC deserializer for ModelInferRequest that keeps raw contents as views and
@@ -147,34 +162,85 @@ def receive_infer(data: bytes) -> InferRequest | TensorwireError:
         return exc
 
 
-def inputs(request: InferRequest, limits: Limits) -> Named[np.ndarray]:
-    """The request's inputs as arrays (raw ones are read-only views of the request),
-    after checking datatypes, shapes, byte lengths, limits and parameters."""
+def inputs(request: InferRequest, limits: Limits, read: Read) -> Named[np.ndarray]:
+    """The request's inputs as arrays (raw ones are read-only views of the request,
+    those in shared memory copies that ``read`` makes), after checking datatypes,
+    shapes, byte lengths, placements, limits and parameters, in that order."""
     message = request.message
     raw = request.raw
-    if raw and len(raw) != len(message.inputs):
-        raise InvalidArgumentError(
-            f"raw_input_contents has {len(raw)} entries for {len(message.inputs)} inputs; "
-            "give one per input, in the order of inputs"
-        )
-    named: Named[np.ndarray] = []
-    for i, tensor in enumerate(message.inputs):
+    checked = []
+    shared = 0  # bytes read from shared memory, counted against max_request_bytes
+    for tensor in message.inputs:
         what = f"input {shown(tensor.name)}"
-        _no_shared_memory(tensor.parameters, what)
+        place = placement(tensor.parameters, what)
         described = twpb.Tensor(dtype=wire_dtype(tensor.datatype, what), shape=tensor.shape)  # type: ignore[arg-type]
-        _, shape, _ = layout(described, what)
+        _, shape, expected = layout(described, what)
         count = limits.tensor(what, shape)
-        if raw:
+        if place is not None:
+            if tensor.HasField("contents"):
+                raise InvalidArgumentError(f"{what} has contents and lies in shared memory")
+            if place.byte_size != expected:
+                raise InvalidArgumentError(
+                    f"{what}: shared_memory_byte_size is {place.byte_size} but "
+                    f"{tensor.datatype} {list(shape)} is {expected} bytes"
+                )
+            shared += expected
+        checked.append((tensor, what, described, shape, count, place))
+    in_request = sum(place is None for *_, place in checked)
+    # Inputs in shared memory have no raw entry (tritonclient sends none for them).
+    if raw and len(raw) != in_request:
+        raise InvalidArgumentError(
+            f"raw_input_contents has {len(raw)} entries for {in_request} inputs sent in "
+            "the request; give one per input, in the order of inputs"
+        )
+    if shared:
+        limits.request_bytes(request.payload_bytes + shared)
+    named: Named[np.ndarray] = []
+    entries = iter(enumerate(raw))
+    for tensor, what, described, shape, count, place in checked:
+        if place is not None:
+            arr = decode_array(described, read(place, what), what)
+        elif raw:
             if tensor.HasField("contents"):
                 raise InvalidArgumentError(
                     f"{what} has contents while raw_input_contents is given: use one or "
                     "the other for every input"
                 )
-            arr = decode_array(described, raw[i], f"{what} (raw_input_contents[{i}])")
+            i, entry = next(entries)
+            arr = decode_array(described, entry, f"{what} (raw_input_contents[{i}])")
         else:
             arr = _typed(tensor, shape, count, what)
         named.append((tensor.name, arr))
     return named
+
+
+def placement(parameters: Mapping[str, pb.InferParameter], what: str) -> Placement | None:
+    """Where a tensor's parameters place it in shared memory (None: in the message),
+    checked as Triton checks them: a string region, an int64 byte size that must come
+    with it, an optional int64 offset, neither negative."""
+    if _REGION not in parameters:
+        stray = [key for key in (_BYTE_SIZE, _OFFSET) if key in parameters]
+        if stray:
+            raise InvalidArgumentError(f"{what}: {stray[0]} is given without {_REGION}")
+        return None
+    region = parameters[_REGION]
+    if region.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgumentError(f"{what}: parameter {_REGION} must be a string_param")
+    if _BYTE_SIZE not in parameters:
+        raise InvalidArgumentError(f"{what}: {_REGION} needs {_BYTE_SIZE} too")
+    numbers = []
+    for key in (_BYTE_SIZE, _OFFSET):
+        if key not in parameters:
+            numbers.append(0)
+            continue
+        parameter = parameters[key]
+        if parameter.WhichOneof("parameter_choice") != "int64_param":
+            raise InvalidArgumentError(f"{what}: parameter {key} must be an int64_param")
+        if parameter.int64_param < 0:
+            raise InvalidArgumentError(f"{what}: {key} must not be negative")
+        numbers.append(parameter.int64_param)
+    byte_size, offset = numbers
+    return Placement(region.string_param, offset, byte_size)
 
 
 def _typed(
@@ -225,13 +291,15 @@ class Wanted:
     outputs: list[str]
     #: Typed contents instead of raw_output_contents.
     typed: bool
+    #: The outputs to write into shared memory, and where, by name.
+    placed: dict[str, Placement] = field(default_factory=dict)
 
 
 def wanted(message: pb.ModelInferRequest) -> Wanted:
     """The outputs a request asks for and whether as typed contents, from its
     parameters: binary_data_output on the request and binary_data on each output
     (both default true: raw), which must agree, since the protocol sends either every
-    output raw or none. Classification, shared memory and sequences are refused."""
+    output raw or none. Classification and sequences are refused."""
     parameters = message.parameters
     for key in ("sequence_id", "sequence_start", "sequence_end"):
         if key in parameters and _value(parameters[key]):
@@ -242,13 +310,16 @@ def wanted(message: pb.ModelInferRequest) -> Wanted:
     default = _flag(parameters, "binary_data_output", True, "the request")
     choices: set[bool] = set()
     names: list[str] = []
+    placed: dict[str, Placement] = {}
     for requested in message.outputs:
         what = f"requested output {shown(requested.name)}"
         if "classification" in requested.parameters:
             raise InvalidArgumentError(
                 f"{what}: classification is not supported; ask for the output itself"
             )
-        _no_shared_memory(requested.parameters, what)
+        place = placement(requested.parameters, what)
+        if place is not None:
+            placed[requested.name] = place
         choices.add(_flag(requested.parameters, "binary_data", default, what))
         names.append(requested.name)
     if len(choices) > 1:
@@ -256,7 +327,7 @@ def wanted(message: pb.ModelInferRequest) -> Wanted:
             "the requested outputs ask for raw (binary_data true) and typed (false) "
             "contents at once; the protocol sends every output one way or the other"
         )
-    return Wanted(names, typed=not (choices.pop() if choices else default))
+    return Wanted(names, not (choices.pop() if choices else default), placed)
 
 
 def _value(parameter: pb.InferParameter) -> Any:
@@ -271,13 +342,6 @@ def _flag(parameters: Mapping[str, pb.InferParameter], key: str, default: bool, 
     if parameter.WhichOneof("parameter_choice") != "bool_param":
         raise InvalidArgumentError(f"{what}: parameter {key} must be a bool_param")
     return parameter.bool_param
-
-
-def _no_shared_memory(parameters: Mapping[str, pb.InferParameter], what: str) -> None:
-    if any(key in parameters for key in _SHARED_MEMORY):
-        raise InvalidArgumentError(
-            f"{what}: shared memory is not supported; send the tensor in the request"
-        )
 
 
 # ----------------------------------------------------------------------------- responses
@@ -313,21 +377,34 @@ class Answer:
 
 
 def answer(
-    request: pb.ModelInferRequest, version: int, outputs: Named[np.ndarray], typed: bool
+    request: pb.ModelInferRequest,
+    version: int,
+    outputs: Named[np.ndarray],
+    wanted: Wanted,
+    write: Write,
 ) -> Answer:
-    """The response carrying ``outputs`` of ``version``, raw or typed."""
+    """The response carrying ``outputs`` of ``version``, raw or typed; those placed
+    in shared memory are written there with ``write``, and the response carries
+    their name, datatype and shape only (and, raw, an empty entry, as Triton sends,
+    so that each output's entry keeps its index)."""
     response = pb.ModelInferResponse(
         model_name=request.model_name, model_version=str(version), id=request.id
     )
     payloads: list[memoryview] = []
+    typed = wanted.typed
     for name, arr in outputs:
         what = f"output {shown(name)}"
         datatype = datatype_of(arr, what)
         out = response.outputs.add(name=name, datatype=datatype, shape=arr.shape)
-        if not typed:
+        place = wanted.placed.get(name)
+        if place is not None or not typed:
             # Cast through uint8 so ml_dtypes and bool arrays export a plain byte buffer.
-            flat = as_wire_array(arr).reshape(-1).view(np.uint8)
-            payloads.append(memoryview(flat))  # type: ignore[arg-type]
+            flat = memoryview(as_wire_array(arr).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+            if place is not None:
+                write(place, flat, what)
+                flat = flat[:0]
+            if not typed:
+                payloads.append(flat)
             continue
         field_name, _ = _TYPED.get(datatype, ("", None))
         if not field_name:

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Hashable
+from functools import partial
 from typing import Any, Final
 
 import grpc
@@ -34,6 +35,8 @@ log = logging.getLogger(__name__)
 SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 #: The protocol extensions ServerMetadata reports.
 EXTENSIONS: Final = ("model_configuration", "model_repository", "statistics")
+#: The extension a server with --allow-shared-memory reports too.
+SHARED_MEMORY: Final = "system_shared_memory"
 _MAX_VERSION_DIGITS: Final = 18
 #: The methods that load or unload models: off the event loop, on a Compute thread.
 LOADS: Final = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
@@ -87,8 +90,11 @@ class InferenceServicer:
     # ------------------------------------------------------------------ metadata
 
     def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
+        extensions: tuple[str, ...] = EXTENSIONS
+        if self.service.shared_memory.enabled:
+            extensions += (SHARED_MEMORY,)
         return pb.ServerMetadataResponse(
-            name="tensorwire", version=tensorwire_server.__version__, extensions=EXTENSIONS
+            name="tensorwire", version=tensorwire_server.__version__, extensions=extensions
         )
 
     def ModelMetadata(self, request: pb.ModelMetadataRequest) -> pb.ModelMetadataResponse:
@@ -143,6 +149,54 @@ class InferenceServicer:
         self.service.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
+    # ------------------------------------------------------------------ shared memory
+    # Regions belong to the caller (its token) that registered them: another caller's
+    # names are unknown to it, as if never registered.
+
+    def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        found = self.service.shared_memory.status(_owner(), request.name)
+        status = pb.SystemSharedMemoryStatusResponse.RegionStatus
+        return pb.SystemSharedMemoryStatusResponse(
+            regions={
+                r.name: status(name=r.name, key=r.key, offset=r.offset, byte_size=r.byte_size)
+                for r in found
+            }
+        )
+
+    def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.service.shared_memory.register(
+            _owner(), request.name, request.key, request.offset, request.byte_size
+        )
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.service.shared_memory.unregister(_owner(), request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        self.service.cuda_shared_memory()
+        return pb.CudaSharedMemoryStatusResponse()
+
+    def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        self.service.cuda_shared_memory()
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        self.service.cuda_shared_memory()
+        return pb.CudaSharedMemoryUnregisterResponse()
+
     # ------------------------------------------------------------------ inference
 
     def infer(self, request: codec.InferRequest, deadline: float | None) -> codec.Answer:
@@ -151,7 +205,7 @@ class InferenceServicer:
         inference = self.service.infer(
             Caller(deadline=deadline), name, inputs, wanted.outputs, version
         )
-        return self._answer(message, inference, wanted)
+        return self._answer(message, inference, wanted, _owner())
 
     async def infer_async(
         self, request: codec.InferRequest, deadline: float | None, run: Runner
@@ -163,12 +217,15 @@ class InferenceServicer:
         inference = await self.service.infer_async(
             caller, name, inputs, wanted.outputs, version, run
         )
-        return self._answer(message, inference, wanted)
+        return self._answer(message, inference, wanted, _owner())
 
     def batched(self, request: codec.InferRequest | TensorwireError) -> bool:
-        """Whether a request waits for a batch (its model batches)."""
-        return isinstance(request, codec.InferRequest) and self.service.batched(
-            request.message.model_name
+        """Whether a request waits for a batch on the loop (its model batches). One
+        using shared memory waits on a thread: its copies must not hold the loop."""
+        return (
+            isinstance(request, codec.InferRequest)
+            and not request.shared
+            and self.service.batched(request.message.model_name)
         )
 
     def _accepted(
@@ -187,14 +244,19 @@ class InferenceServicer:
         with service.serving(message.model_name, version) as served:
             wanted = codec.wanted(message)
             service.limits.request_bytes(request.payload_bytes)
-            inputs = codec.inputs(request, service.limits)
+            owner = _owner()
+            regions = service.shared_memory
+            for output, place in wanted.placed.items():
+                # Before the model runs: a bad output region fails the request early.
+                regions.check(owner, place, f"requested output {shown(output)}", write=True)
+            inputs = codec.inputs(request, service.limits, partial(regions.read, owner))
             return message, inputs, wanted, served.name, served.version
 
-    @staticmethod
     def _answer(
-        message: pb.ModelInferRequest, inference: Inference, wanted: codec.Wanted
+        self, message: pb.ModelInferRequest, inference: Inference, wanted: codec.Wanted, owner: str
     ) -> codec.Answer:
-        answer = codec.answer(message, inference.version, inference.outputs, wanted.typed)
+        write = partial(self.service.shared_memory.write, owner)
+        answer = codec.answer(message, inference.version, inference.outputs, wanted, write)
         call = observe.current()
         if call is not None:
             call.batch = inference.batch
@@ -255,8 +317,9 @@ def _infer_unary(method: str, servicer: InferenceServicer, compute: Compute) -> 
 
     def kind(request: codec.InferRequest) -> Hashable | None:
         # Placed by its measured cost as tensorwire.v1's Infer is (servicer.TensorServicer.kind).
+        # Shared memory's copies, unseen in the payload's size, always run on a thread.
         name = request.message.model_name
-        if service.batched(name):
+        if request.shared or service.batched(name):
             return None
         return (
             "ModelInfer",
@@ -323,6 +386,13 @@ def _infer_stream(method: str, servicer: InferenceServicer, compute: Compute) ->
             cutoff.close()
 
     return handle
+
+
+def _owner() -> str:
+    """Who makes the call being answered: its token's name (empty without tokens, so
+    that every caller is the same one)."""
+    call = observe.current()
+    return call.caller if call is not None else ""
 
 
 def _serialize(message: Message) -> bytes:
