@@ -540,3 +540,24 @@ def test_the_flag_and_limits_are_settings_like_any_other() -> None:
     assert settings.max_shared_memory_bytes == 4096 and not Settings().allow_shared_memory
     with pytest.raises(ValueError, match="max_shared_memory_regions must be positive"):
         Settings(max_shared_memory_regions=0)
+
+
+@pytest.mark.cuda
+def test_on_a_cuda_server_regions_feed_the_gpu_and_cuda_regions_are_unimplemented(
+    regions: Any,
+) -> None:
+    (inp, inp_name), (out, out_name) = regions(X.nbytes), regions(X.nbytes)
+    shm.set_shared_memory_region(inp, [X])
+    with (
+        serving(build_engine(Settings(device="cuda")), allow_shared_memory=True) as address,
+        triton.InferenceServerClient(address) as c,
+    ):
+        expected = c.infer("mlp", [infer_input("input", X)]).as_numpy("output")
+        c.register_system_shared_memory(inp_name, f"/{inp_name}", X.nbytes)
+        c.register_system_shared_memory(out_name, f"/{out_name}", X.nbytes)
+        outputs = [shared_output("output", out_name, X.nbytes)]
+        result = c.infer("mlp", [shared_input("input", X, inp_name)], outputs=outputs)
+        np.testing.assert_allclose(read_output(out, result, "output"), expected, rtol=1e-5)
+        with pytest.raises(InferenceServerException) as cuda:
+            c.register_cuda_shared_memory("gpu", b"\0" * 64, 0, 1024)
+        assert status(cuda) == "StatusCode.UNIMPLEMENTED"
