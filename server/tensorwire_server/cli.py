@@ -65,6 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         help="also answer health checks (only) in plain text on this port, for probes",
     )
     parser.add_argument(
+        "--data-port",
+        type=int,
+        help="move large payloads over a TCP connection of their own on this port",
+    )
+    parser.add_argument(
         "--max-connection-age",
         type=float,
         metavar="SECONDS",

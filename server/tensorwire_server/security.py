@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
+import ssl
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,24 @@ def server_credentials(
     return grpc.ssl_server_credentials(
         [pair], root_certificates=_read(client_ca, "tls_client_ca"), require_client_auth=True
     )
+
+
+def server_ssl_context(
+    cert: str | None, key: str | None, client_ca: str | None
+) -> ssl.SSLContext | None:
+    """The same TLS as ``server_credentials``, for a listener of Python's own (the data
+    plane); None for plain text."""
+    if not (cert or key or client_ca):
+        return None
+    if not (cert and key):
+        raise ValueError("TLS needs both tls_cert and tls_key")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    if client_ca is not None:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cafile=client_ca)
+    return context
 
 
 def _read(path: str, what: str) -> bytes:

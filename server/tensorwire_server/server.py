@@ -19,13 +19,19 @@ import tensorwire_server
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
 from tensorwire_server import kserve
 from tensorwire_server.compute import Compute
+from tensorwire_server.dataplane import DataPlane
 from tensorwire_server.engine import Engine
 from tensorwire_server.gate import Gate, Lifecycle
 from tensorwire_server.heap import HeapTrimmer
 from tensorwire_server.loading import ModelControl, load_all
 from tensorwire_server.observe import JsonFormatter, Metrics
 from tensorwire_server.registry import server_devices
-from tensorwire_server.security import Tokens, is_loopback, server_credentials
+from tensorwire_server.security import (
+    Tokens,
+    is_loopback,
+    server_credentials,
+    server_ssl_context,
+)
 from tensorwire_server.service import Service
 from tensorwire_server.servicer import SERVICE, TensorServicer, tensor_service_handler
 from tensorwire_server.settings import Settings
@@ -119,11 +125,15 @@ class TensorwireServer:
             self.service, self.lifecycle, settings.default_deadline
         )
         self.health_server: grpc.aio.Server | None = None
+        self.data_plane: DataPlane | None = None
         self.metrics_port: int | None = None
         try:
             self.server = self._on_loop(self._build(settings, tokens))
             self.port = self._bind(settings, tokens)
             self.health_server, self.health_port = self._on_loop(self._health_listener(settings))
+            # The data plane beside gRPC, bound as gRPC is (same host, same TLS).
+            self.data_plane = self._data_plane(settings)
+            self.servicer.data_plane = self.data_plane
         except BaseException:
             # Refused (plain text off loopback, a port taken): nothing is left running.
             built = getattr(self, "server", None)
@@ -192,6 +202,13 @@ class TensorwireServer:
             log.warning("no tokens: anyone who reaches %s can use this server", address)
         return port
 
+    def _data_plane(self, settings: Settings) -> DataPlane | None:
+        if settings.data_port is None:
+            return None
+        tls = server_ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        # _bind already refused plain text off loopback unless settings.insecure.
+        return DataPlane(settings.host, settings.data_port, tls, settings.max_concurrent_requests)
+
     async def _health_listener(
         self, settings: Settings
     ) -> tuple[grpc.aio.Server | None, int | None]:
@@ -235,6 +252,8 @@ class TensorwireServer:
         """Start answering (TensorService waits, UNAVAILABLE, until ``ready``) and
         expose metrics if a port is set."""
         self._on_loop(self.server.start())
+        if self.data_plane is not None:
+            self.data_plane.start()
         if self.health_server is not None:
             self._on_loop(self.health_server.start())
         if self.settings.metrics_port is not None:
@@ -269,6 +288,8 @@ class TensorwireServer:
         self._on_loop(self.server.stop(0))
         if self.health_server is not None:
             self._on_loop(self.health_server.stop(0))
+        if self.data_plane is not None:
+            self.data_plane.close()
         self.service.sessions.stop()
         self.service.shared_memory.close()  # the regions' descriptors
         self.metrics.close()
@@ -300,6 +321,8 @@ def serve(settings: Settings) -> None:
     server = TensorwireServer(settings)
     server.start()
     log.info("listening on %s:%d", settings.host, server.port)
+    if server.data_plane is not None:
+        log.info("data plane on %s:%d", settings.host, server.data_plane.port)
     if server.health_port is not None:
         log.info("health checks on %s:%d (plain text)", settings.host, server.health_port)
     if server.metrics_port is not None:

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import Callable, Hashable
 from typing import Any, Final, TypeVar
 
 import grpc
 from google.protobuf.message import Message
 
-from tensorwire.errors import InvalidArgumentError
+from tensorwire.errors import (
+    InvalidArgumentError,
+)
 from tensorwire.v1 import tensorwire_pb2 as pb
-from tensorwire.wire import streaming
 from tensorwire.wire.codec import Encoder, Received, receiver
 from tensorwire.wire.dtypes import WIRE_BY_NAME
-from tensorwire.wire.streaming import StreamReceiver
 from tensorwire_server import observe, rpc
 from tensorwire_server.batching import Runner
 from tensorwire_server.compute import Compute
+from tensorwire_server.dataplane import DataPlane
 from tensorwire_server.engine import Inference
 from tensorwire_server.models import IOSpec, Model
 from tensorwire_server.named import Named
@@ -27,6 +26,7 @@ from tensorwire_server.registry import FAILED, READY, ModelEntry
 from tensorwire_server.repository import ModelConfig
 from tensorwire_server.service import Caller, ServerInfo, Service
 from tensorwire_server.statistics import StatsSnapshot
+from tensorwire_server.streams import streamed
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TensorService"]
 
@@ -37,9 +37,15 @@ class TensorServicer:
     """Implements tensorwire.v1.TensorService over a Service; translates only."""
 
     def __init__(
-        self, service: Service, chunk_size: int, unary_limit: int = rpc.UNARY_LIMIT
+        self,
+        service: Service,
+        chunk_size: int,
+        unary_limit: int = rpc.UNARY_LIMIT,
+        data_plane: DataPlane | None = None,
     ) -> None:
         self.service = service
+        #: Where streamed payloads may travel instead of chunks; None: chunks only.
+        self.data_plane = data_plane
         #: Payload bytes per chunk message of a streamed response.
         self.chunk_size = chunk_size
         #: Payload bytes a unary response may carry; a larger one is OUT_OF_RANGE.
@@ -493,54 +499,6 @@ def _unary(
     return infer
 
 
-def _streaming(
-    method: str,
-    request_class: type[Message],
-    behavior: Callable[[Received[Any]], Encoder[Any]],
-    servicer: TensorServicer,
-    compute: Compute,
-) -> rpc.Streaming:
-    async def handle(requests: AsyncIterator[bytes], context: rpc.Context) -> AsyncIterator[bytes]:
-        async with rpc.statuses(method, context):
-            limits = servicer.service.limits
-            stager = servicer.service.stager()
-            receiver = StreamReceiver(request_class, stager.allocate, landed=stager.landed)
-
-            def answer(request: Received[Any]) -> Encoder[Any]:
-                with stager.using():
-                    return behavior(request)
-
-            started = time.monotonic()
-            try:
-                # A client that stops sending holds the request's buffers: a second
-                # past the limit (a part arriving late gets DEADLINE_EXCEEDED), cut it.
-                async with asyncio.timeout(limits.max_stream_seconds + 1):
-                    async for raw in requests:
-                        receiver.feed(raw)
-                        limits.stream_time(time.monotonic() - started)
-                request = receiver.finish()
-                servicer.admit(request, unary=False)
-                encoder = await compute.run(answer, request)
-                servicer.answered(encoder)
-                del request  # from here on the buffers live only through the outputs
-            except TimeoutError:
-                await context.abort(
-                    grpc.StatusCode.CANCELLED,
-                    f"the request stream stalled: it had not ended {limits.max_stream_seconds:g}"
-                    " s after it began",
-                )
-            except asyncio.CancelledError as exc:
-                rpc.cancelled(method, exc)  # the client went: let go of the receiver's frame
-                raise
-            finally:
-                receiver.close()  # on success `request` holds the buffers, and only it
-                stager.close()
-            for part in streaming.parts(encoder, servicer.chunk_size):
-                yield part
-
-    return handle
-
-
 def tensor_service_handler(
     servicer: TensorServicer, compute: Compute
 ) -> grpc.GenericRpcHandler[Any, Any]:
@@ -553,7 +511,7 @@ def tensor_service_handler(
             request_class = getattr(pb, method.input_type.name.removesuffix("Part"))
             behavior = getattr(servicer, method.name.removesuffix("Stream"))
             handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                _streaming(name, request_class, behavior, servicer, compute)
+                streamed(name, request_class, behavior, servicer, compute)
             )
         else:
             where = None if method.name in ON_THE_LOOP else compute

@@ -76,6 +76,10 @@ class Settings:
     #: in flight finish): clients balancing over a DNS name then resolve it again and
     #: find replicas added since. None: connections last as long as clients keep them.
     max_connection_age: float | None = None
+    #: Port of the data plane (on ``host``): streamed requests and responses move their
+    #: payloads over a TCP connection of their own there, with TLS when gRPC has it
+    #: (docs/performance.md); none: every payload travels through gRPC.
+    data_port: int | None = None
 
     # Transport security and authentication (docs/security.md).
     #: PEM certificate chain and private key files: serve TLS.

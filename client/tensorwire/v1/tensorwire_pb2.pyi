@@ -373,53 +373,77 @@ class UnloadResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class DataTransfer(_message.Message):
+    __slots__ = ("ticket", "port", "payload_bytes", "expires_in_seconds")
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ticket: bytes
+    port: int
+    payload_bytes: int
+    expires_in_seconds: float
+    def __init__(self, ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., expires_in_seconds: _Optional[float] = ...) -> None: ...
+
 class InferRequestPart(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: InferRequest
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[InferRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    data: DataTransfer
+    def __init__(self, header: _Optional[_Union[InferRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ..., data: _Optional[_Union[DataTransfer, _Mapping]] = ...) -> None: ...
 
 class InferResponsePart(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: InferResponse
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[InferResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    data: DataTransfer
+    def __init__(self, header: _Optional[_Union[InferResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ..., data: _Optional[_Union[DataTransfer, _Mapping]] = ...) -> None: ...
 
 class GradRequestPart(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: GradRequest
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[GradRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    data: DataTransfer
+    def __init__(self, header: _Optional[_Union[GradRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ..., data: _Optional[_Union[DataTransfer, _Mapping]] = ...) -> None: ...
 
 class GradResponsePart(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: GradResponse
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[GradResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    data: DataTransfer
+    def __init__(self, header: _Optional[_Union[GradResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ..., data: _Optional[_Union[DataTransfer, _Mapping]] = ...) -> None: ...
 
 class CallRequestPart(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: CallRequest
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[CallRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    data: DataTransfer
+    def __init__(self, header: _Optional[_Union[CallRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ..., data: _Optional[_Union[DataTransfer, _Mapping]] = ...) -> None: ...
 
 class CallResponsePart(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: CallResponse
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[CallResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    data: DataTransfer
+    def __init__(self, header: _Optional[_Union[CallResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ..., data: _Optional[_Union[DataTransfer, _Mapping]] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ()
@@ -629,33 +653,41 @@ class ParametersResponse(_message.Message):
     def __init__(self, parameters: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class PutRequestPart(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: PutRequest
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[PutRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    data: DataTransfer
+    def __init__(self, header: _Optional[_Union[PutRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ..., data: _Optional[_Union[DataTransfer, _Mapping]] = ...) -> None: ...
 
 class PutResponsePart(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: PutResponse
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[PutResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    data: DataTransfer
+    def __init__(self, header: _Optional[_Union[PutResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ..., data: _Optional[_Union[DataTransfer, _Mapping]] = ...) -> None: ...
 
 class GetRequestPart(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: GetRequest
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[GetRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    data: DataTransfer
+    def __init__(self, header: _Optional[_Union[GetRequest, _Mapping]] = ..., chunk: _Optional[bytes] = ..., data: _Optional[_Union[DataTransfer, _Mapping]] = ...) -> None: ...
 
 class GetResponsePart(_message.Message):
-    __slots__ = ("header", "chunk")
+    __slots__ = ("header", "chunk", "data")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
     header: GetResponse
     chunk: bytes
-    def __init__(self, header: _Optional[_Union[GetResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+    data: DataTransfer
+    def __init__(self, header: _Optional[_Union[GetResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ..., data: _Optional[_Union[DataTransfer, _Mapping]] = ...) -> None: ...

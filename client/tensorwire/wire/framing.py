@@ -31,6 +31,8 @@ PLACEHOLDER_SIZE = 4
 # Field numbers shared by every *Part message of the streaming RPCs.
 PART_HEADER = 1
 PART_CHUNK = 2
+#: A DataTransfer: the payloads travel over the data plane (wire/dataplane.py).
+PART_DATA = 3
 
 
 def placeholder(index: int) -> bytes:
@@ -239,11 +241,12 @@ def number_payloads(header: Buffer, desc: Descriptor) -> tuple[bytes, int]:
 
 def split_part(raw: bytes) -> tuple[int, memoryview]:
     """The field number and body (a view, no copy) of a serialized *Part message:
-    a oneof of a header message (field 1) and a bytes chunk (field 2)."""
+    a oneof of a header message (field 1), a bytes chunk (field 2) and a data-plane
+    transfer (field 3)."""
     view = memoryview(raw)
     found: tuple[int, memoryview] | None = None
     for number, wire_type, _, body, field_end in fields(view, 0, view.nbytes):
-        if wire_type == 2 and number in (PART_HEADER, PART_CHUNK):
+        if wire_type == 2 and number in (PART_HEADER, PART_CHUNK, PART_DATA):
             found = (number, view[body:field_end])  # the last of a oneof wins
     if found is None:
         raise InvalidArgumentError("malformed stream: a part with neither header nor chunk")

@@ -114,10 +114,40 @@ class StreamReceiver(Generic[M]):
             if number != framing.PART_HEADER:
                 raise InvalidArgumentError("malformed stream: a chunk came before the header")
             self._start(body)
-        elif number != framing.PART_CHUNK:
+        elif number == framing.PART_HEADER:
             raise InvalidArgumentError("malformed stream: a second header")
+        elif number != framing.PART_CHUNK:
+            raise InvalidArgumentError("malformed stream: a data-plane part out of place")
         else:
             self._write(body)
+
+    @property
+    def started(self) -> bool:
+        """Whether the header has arrived (and every buffer is allocated)."""
+        return self._message is not None
+
+    def fill(self, read_into: Callable[[memoryview], int]) -> None:
+        """Read every payload byte still missing straight into its buffer with
+        ``read_into`` (a data connection's ``recv_into``): no copy in user space.
+        ConnectionError when it returns 0 (the peer closed) before the end."""
+        while self._slot < len(self._views):
+            view = self._views[self._slot]
+            if self._offset == view.nbytes:  # an empty tensor
+                self._slot += 1
+                self._offset = 0
+                continue
+            n = read_into(view[self._offset :])
+            if not n:
+                raise ConnectionError(
+                    f"the data connection closed after {self.received} of the "
+                    f"{self.total} payload bytes"
+                )
+            if self._landed is not None and self._allocated[self._slot] >= 0:
+                self._landed(self._allocated[self._slot], self._offset, self._offset + n)
+            self._offset += n
+            self.received += n
+            if self._advance is not None:
+                self._advance(self.received, self.total)
 
     def finish(self) -> Received[M]:
         """The whole message, once the stream has ended; its arrays are writable."""

@@ -1,0 +1,77 @@
+"""The data plane's wire format: payload bytes on a plain TCP connection beside gRPC.
+
+gRPC stays the control plane: a streamed call (InferStream, GradStream, ...) sends its
+header as ever, then a DataTransfer part instead of chunks, and the server answers
+with a single-use ticket (proto/tensorwire/v1/tensorwire.proto, DataTransfer). The
+client presents the ticket on a data connection and sends the payloads in stream
+order, straight from its arrays; the server ``recv_into``\\ s them into the buffers it
+allocated from the header. The response's payloads come back on the same
+connection, after the response's header went over gRPC, into arrays the client
+allocated from it. Statuses, deadlines and cancellation stay gRPC's.
+
+Why not gRPC: grpcio copies every message four times in user space and cannot
+receive into a caller's buffer (docs/performance.md); a socket's ``recv_into`` and
+``sendall`` of a memoryview copy only between the kernel and the arrays.
+
+On a connection, each transfer is:
+
+    client -> server   REQUEST: b"TWD1", the 16-byte ticket; then the payload bytes
+    server -> client   RESPONSE: b"TWR1", the response's payload byte count (uint64,
+                       little-endian); then those bytes
+
+A connection carries one transfer at a time and is reused for the next; anything
+that goes wrong closes it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Callable, Sequence
+from typing import Final
+
+#: Random bytes in a ticket: 128 bits, as unguessable as a session id.
+TICKET_BYTES: Final = 16
+#: What a client sends first for each transfer: magic and ticket.
+REQUEST: Final = struct.Struct(f"<4s{TICKET_BYTES}s")
+REQUEST_MAGIC: Final = b"TWD1"
+#: What the server sends first for each response: magic and payload byte count.
+RESPONSE: Final = struct.Struct("<4sQ")
+RESPONSE_MAGIC: Final = b"TWR1"
+
+#: Reads into a buffer, returning the bytes read (0: the peer closed), as
+#: ``socket.recv_into`` does.
+ReadInto = Callable[[memoryview], int]
+
+
+class DataPlaneError(ConnectionError):
+    """A data connection broke or spoke out of turn."""
+
+
+def recv_exact(sock: socket.socket, size: int) -> bytes:
+    """Exactly ``size`` bytes from ``sock``; DataPlaneError if it closes first
+    (EOFError when it closes before the first byte: a clean end between transfers)."""
+    buf = bytearray(size)
+    view = memoryview(buf)
+    got = 0
+    while got < size:
+        n = sock.recv_into(view[got:])
+        if not n:
+            if not got:
+                raise EOFError("the data connection closed")
+            raise DataPlaneError(f"the data connection closed after {got} of {size} bytes")
+        got += n
+    return bytes(buf)
+
+
+def send_all(sock: socket.socket, head: bytes, payloads: Sequence[memoryview]) -> None:
+    """``head`` and then every payload, without copying the payloads."""
+    sock.sendall(head)
+    for payload in payloads:
+        if payload.nbytes:
+            sock.sendall(payload)
+
+
+def configure(sock: socket.socket) -> None:
+    """Options for a data connection: no Nagle delay on the small preambles."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
