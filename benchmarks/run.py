@@ -5,7 +5,8 @@
 
 Every party runs as its own process on 127.0.0.1: raw TCP (one way; the floor), a bare
 grpcio unary echo, torch.distributed.rpc (TensorPipe) returning the tensor, and
-tensorwire's identity model through Client and AsyncClient. Round-trip throughput is
+tensorwire's identity model through Client and AsyncClient, over the data plane
+(``--data-port``) and, for comparison, with every payload in gRPC. Round-trip throughput is
 (bytes sent + bytes received) / best time; the TCP floor is one-way bytes / best time.
 Peak RSS growth is VmHWM, reset before each size, over the payload size. On a machine
 with CUDA, the request path's host-to-device (and the response path's device-to-host)
@@ -45,8 +46,9 @@ ONE_MESSAGE = 2**31 - 1
 TCP = "raw TCP, one way (floor)"
 ECHO = "grpcio unary echo (floor)"
 RPC = "torch.distributed.rpc identity (peer)"
-CLIENT = "tensorwire Client identity"
-ASYNC = "tensorwire AsyncClient identity"
+CLIENT = "tensorwire Client identity (data plane)"
+ASYNC = "tensorwire AsyncClient identity (data plane)"
+IN_GRPC = "tensorwire Client identity, payloads in gRPC (data_plane=False)"
 SERVER_RSS = "tensorwire server peak RSS growth / payload"
 CLIENT_RSS = "tensorwire client peak RSS growth / payload"
 GPU_H2D = "GPU host-to-device, unary request path"
@@ -90,7 +92,17 @@ def start_process(target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
 
 def start_tensorwire() -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorwire_server", "--port", "0", "--device", "auto"],
+        [
+            sys.executable,
+            "-m",
+            "tensorwire_server",
+            "--port",
+            "0",
+            "--device",
+            "auto",
+            "--data-port",
+            "0",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -217,6 +229,9 @@ def measure_tensorwire(
             return best
 
     rows.setdefault(ASYNC, {})[size] = 2 * size / asyncio.run(async_best())
+    with tw.Client(client.target, timeout=None, data_plane=False) as in_grpc:
+        best = best_of(repeats, lambda: in_grpc.infer("identity", payload))
+        rows.setdefault(IN_GRPC, {})[size] = 2 * size / best
     return notes
 
 

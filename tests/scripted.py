@@ -21,9 +21,11 @@ from tensorwire._transport import (
     SERVICE,
 )
 from tensorwire.v1 import tensorwire_pb2 as pb
-from tensorwire.wire import streaming
+from tensorwire.wire import framing, streaming
 from tensorwire.wire.codec import Encoder, receive
 
+#: The answer to a request for the data plane from a server without one.
+NO_DATA_PLANE = framing.part(framing.PART_DATA, [], 0)
 #: Answer the part of the response after its header with UNAVAILABLE (streams only).
 PARTIAL = "partial"
 Action = grpc.StatusCode | str | None
@@ -104,6 +106,9 @@ class Scripted:
     ) -> Iterator[bytes]:
         receiver = streaming.StreamReceiver(pb.InferRequest)
         for raw in parts:
+            if framing.split_part(raw)[0] == framing.PART_DATA:
+                yield NO_DATA_PLANE  # as a server without one answers: chunks, please
+                continue
             receiver.feed(raw)
         received = receiver.finish()
         self.uploaded.append(receiver.received)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -21,13 +22,14 @@ from typing import Any, ClassVar, Final, Literal, NoReturn, Self, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from tensorwire._dataplane import DataLinks, data_host, tls_context
 from tensorwire._flow import Route, Send
-from tensorwire.channel import CLIENT_OPTIONS, Pem, client_security
+from tensorwire.channel import CLIENT_OPTIONS, Pem, client_security, read_pem, split_address
 from tensorwire.errors import TensorwireError, UnavailableError, error_class
 from tensorwire.targets import ROUND_ROBIN, Target, parse_target, pinned, replicas
 from tensorwire.types import Progress, ProgressCallback, UseClientDefault
 from tensorwire.v1 import tensorwire_pb2 as pb
-from tensorwire.wire import streaming
+from tensorwire.wire import framing, streaming
 from tensorwire.wire.codec import Encoder, Received, receiver
 from tensorwire.wire.protocol import CHANNEL_OPTIONS, REQUEST_ID_KEY, RETRY_PUSHBACK_KEY
 from tensorwire.wire.streaming import DEFAULT_CHUNK_SIZE, Advance, StreamReceiver
@@ -86,6 +88,9 @@ STREAMED: Final = tuple(name for name, spec in METHODS.items() if spec.streamed)
 #: Requests with at least this many payload bytes travel as a stream. Measured on
 #: loopback (docs/performance.md): below it the unary path's lower setup cost wins.
 DEFAULT_STREAM_THRESHOLD: Final = 2 << 20
+
+#: The request part, right after the header, that asks for the data plane.
+ASK_DATA: Final = framing.part(framing.PART_DATA, [], 0)
 
 #: The status codes worth another attempt. UNAVAILABLE means no server took the call
 #: (refused, reset, starting up, draining). CANCELLED reaches a client only from the
@@ -257,12 +262,14 @@ class Transport:
         options: Sequence[tuple[str, Any]] = (),
         stream_threshold: int = DEFAULT_STREAM_THRESHOLD,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        data_plane: bool = True,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of bytes, not {chunk_size}")
         if retries < 0:
             raise ValueError(f"retries must be 0 (no retries) or more, not {retries}")
         where = parse_target(target)
+        given_credentials = credentials is not None
         credentials, security_options, metadata = client_security(
             where.channel,
             tls=tls,
@@ -282,6 +289,17 @@ class Transport:
         self._closed = False
         self._credentials = credentials
         self._options = [*security_options, *options]
+        # The data plane's TLS is Python's own: made from the same certificates, and
+        # not to be had when credentials= hides them (payloads then stay in gRPC).
+        self._data_on = data_plane and not given_credentials
+        self._data_tls: ssl.SSLContext | None = None
+        if self._data_on and credentials is not None:
+            self._data_tls = tls_context(
+                read_pem(root_certificates, "root_certificates"),
+                read_pem(certificate_chain, "certificate_chain"),
+                read_pem(private_key, "private_key"),
+            )
+        self._server_name = server_name
         self._connect(where)
 
     def _connect(self, where: Target) -> None:
@@ -291,6 +309,13 @@ class Transport:
         self._where = where
         self._channel = self._open_channel(where)
         self._methods = self._bind_methods(self._channel)
+        #: The data connections: to the one host ``where`` reaches, else none.
+        named = self._server_name or where.authority  # the name TLS checks, as gRPC's
+        self._links = DataLinks(
+            data_host(where.channel) if self._data_on else None,
+            self._data_tls,
+            None if named is None else split_address(named)[0],
+        )
         self._pin_lock = threading.Lock()
         # The replica chosen, its methods, and its own channel (None: self._channel).
         self._pinned: tuple[Target, dict[str, Any], Any] | None = None
@@ -433,6 +458,39 @@ class Transport:
         reporter = call.reporter
         parts = streaming.parts(call.encoder, self.chunk_size, reporter.stage("upload"))
         return parts, StreamReceiver(RESPONSES[call.method], advance=reporter.stage("download"))
+
+    def _data_parts(
+        self, call: CallState
+    ) -> tuple[bytes, list[memoryview], Iterator[bytes], StreamReceiver[Any]]:
+        """For a streamed attempt over the data plane: the header part, the payloads
+        the data connection carries, the chunk parts that carry them should the data
+        port prove unreachable, and the receiver for the response."""
+        reporter = call.reporter
+        chunks = streaming.parts(call.encoder, self.chunk_size, reporter.stage("upload"))
+        header = next(chunks)
+        _, payloads = call.encoder.header()
+        return (
+            header,
+            payloads,
+            chunks,
+            StreamReceiver(RESPONSES[call.method], advance=reporter.stage("download")),
+        )
+
+    def _data_sent(
+        self, call: CallState, body: memoryview, payloads: list[memoryview]
+    ) -> tuple[Any, OSError | None]:
+        """Answer the server's ticket (in ``body``): the payloads sent on a data
+        connection, which carries the response (None: none could be made, or the
+        server has no data plane: chunks instead), and the error that cut it."""
+        transfer = pb.DataTransfer.FromString(bytes(body))
+        if not transfer.ticket:
+            self._links.fall_back()  # a server without a data plane
+            return None, None
+        try:
+            return self._links.send(transfer, payloads, call.remaining()), None
+        except OSError as exc:
+            # The server's status says why (it closed the connection on failing).
+            return None, exc
 
     def _stream_failed(self, call: CallState, exc: BaseException) -> NoReturn:
         """Raise what a streamed attempt that failed with ``exc`` raises, or Retry."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Literal, TypeVar, overload
 
@@ -12,10 +12,12 @@ import grpc.aio
 import numpy as np
 
 from tensorwire._base import BaseClient
+from tensorwire._dataplane import discard
 from tensorwire._flow import Flow, Locked, Send
 from tensorwire._messages import OPTIMIZER_OPTIONS
 from tensorwire._session import SessionState
-from tensorwire._transport import CallState, Retry
+from tensorwire._transport import ASK_DATA, CallState, Retry
+from tensorwire.errors import UnavailableError
 from tensorwire.programs import Program
 from tensorwire.remote import AsyncRemoteTensor, AsyncTrainer
 from tensorwire.types import (
@@ -31,6 +33,7 @@ from tensorwire.types import (
     Timeout,
     VersionStatistics,
 )
+from tensorwire.wire import framing
 from tensorwire.wire.codec import Handle, Received, Ref
 
 T = TypeVar("T")
@@ -72,6 +75,7 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
         if not self._closed:
             await self._drive(self._session.end())
             self._closed = True
+            self._links.close()
             for channel in self._channels():
                 await channel.close(grace=None)
 
@@ -117,6 +121,8 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
         return await self._stream(call)
 
     async def _stream(self, call: CallState) -> Received[Any]:
+        if self._links.usable():
+            return await self._stream_data(call)
         parts, receiver = self._stream_parts(call)
         rpc = call.methods[f"{call.method}Stream"](
             parts, timeout=call.remaining(), metadata=call.metadata
@@ -127,6 +133,45 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
                 receiver.feed(raw)
             return receiver.finish()
         except BaseException as exc:
+            rpc.cancel()  # whatever went wrong, stop the server's work too
+            self._stream_failed(call, exc)
+
+    async def _stream_data(self, call: CallState) -> Received[Any]:
+        """See ``Client._stream_data``; the data connection's work runs on a thread."""
+        header, payloads, chunks, receiver = self._data_parts(call)
+        chunked: asyncio.Queue[bool] = asyncio.Queue()
+
+        async def requests() -> AsyncIterator[bytes]:
+            yield header
+            yield ASK_DATA
+            if await chunked.get():
+                for chunk in chunks:
+                    yield chunk
+
+        rpc = call.methods[f"{call.method}Stream"](
+            requests(), timeout=call.remaining(), metadata=call.metadata
+        )
+        sock = broke = None
+        try:
+            async for raw in rpc:
+                number, body = framing.split_part(raw)
+                if number != framing.PART_DATA:
+                    call.responded = True
+                    receiver.feed(raw)
+                elif receiver.started:  # the response's payloads follow on the connection
+                    if sock is None:
+                        raise UnavailableError("the data connection broke") from broke
+                    await asyncio.to_thread(self._links.receive, sock, receiver, call.remaining())
+                    sock = None
+                else:  # the ticket
+                    sock, broke = await asyncio.to_thread(self._data_sent, call, body, payloads)
+                    chunked.put_nowait(sock is None and broke is None)
+            if broke is not None:
+                raise UnavailableError(f"the data connection broke: {broke}")
+            return receiver.finish()
+        except BaseException as exc:
+            chunked.put_nowait(False)  # the request side stops waiting
+            discard(sock)
             rpc.cancel()  # whatever went wrong, stop the server's work too
             self._stream_failed(call, exc)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Literal, TypeVar, overload
 
@@ -12,10 +13,12 @@ import grpc
 import numpy as np
 
 from tensorwire._base import BaseClient
+from tensorwire._dataplane import discard
 from tensorwire._flow import Flow, Locked, Send
 from tensorwire._messages import OPTIMIZER_OPTIONS
 from tensorwire._session import SessionState
-from tensorwire._transport import CallState, Retry
+from tensorwire._transport import ASK_DATA, CallState, Retry
+from tensorwire.errors import UnavailableError
 from tensorwire.programs import Program
 from tensorwire.remote import RemoteTensor, Trainer
 from tensorwire.types import (
@@ -31,6 +34,7 @@ from tensorwire.types import (
     Timeout,
     VersionStatistics,
 )
+from tensorwire.wire import framing
 from tensorwire.wire.codec import Handle, Received, Ref
 
 T = TypeVar("T")
@@ -105,6 +109,7 @@ class Client(BaseClient[RemoteTensor, Trainer]):
         if not self._closed:
             self._drive(self._session.end())
             self._closed = True
+            self._links.close()
             for channel in self._channels():
                 channel.close()
 
@@ -151,6 +156,8 @@ class Client(BaseClient[RemoteTensor, Trainer]):
         return self._stream(call)
 
     def _stream(self, call: CallState) -> Received[Any]:
+        if self._links.usable():
+            return self._stream_data(call)
         parts, receiver = self._stream_parts(call)
         rpc = call.methods[f"{call.method}Stream"](
             parts, timeout=call.remaining(), metadata=call.metadata
@@ -161,6 +168,46 @@ class Client(BaseClient[RemoteTensor, Trainer]):
                 receiver.feed(raw)
             return receiver.finish()
         except BaseException as exc:
+            rpc.cancel()  # whatever went wrong, stop the server's work too
+            self._stream_failed(call, exc)
+
+    def _stream_data(self, call: CallState) -> Received[Any]:
+        """A streamed attempt whose payloads go over the data plane: header, then a
+        request for a ticket; the payloads on a data connection (or, when none can be
+        made, as chunks after all); the response's on the same connection."""
+        header, payloads, chunks, receiver = self._data_parts(call)
+        chunked: queue.SimpleQueue[bool] = queue.SimpleQueue()
+
+        def requests() -> Iterator[bytes]:
+            yield header
+            yield ASK_DATA
+            if chunked.get():
+                yield from chunks
+
+        rpc = call.methods[f"{call.method}Stream"](
+            requests(), timeout=call.remaining(), metadata=call.metadata
+        )
+        sock = broke = None
+        try:
+            for raw in rpc:
+                number, body = framing.split_part(raw)
+                if number != framing.PART_DATA:
+                    call.responded = True
+                    receiver.feed(raw)
+                elif receiver.started:  # the response's payloads follow on the connection
+                    if sock is None:
+                        raise UnavailableError("the data connection broke") from broke
+                    self._links.receive(sock, receiver, call.remaining())
+                    sock = None
+                else:  # the ticket
+                    sock, broke = self._data_sent(call, body, payloads)
+                    chunked.put(sock is None and broke is None)
+            if broke is not None:
+                raise UnavailableError(f"the data connection broke: {broke}")
+            return receiver.finish()
+        except BaseException as exc:
+            chunked.put(False)  # the request side stops waiting
+            discard(sock)
             rpc.cancel()  # whatever went wrong, stop the server's work too
             self._stream_failed(call, exc)
 

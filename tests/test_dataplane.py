@@ -1,0 +1,255 @@
+"""The data plane: streamed payloads over a TCP connection beside gRPC, with tickets,
+TLS as gRPC has it, and chunks through gRPC whenever it cannot be had."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import trustme
+
+import tensorwire as tw
+from tensorwire import _messages
+from tensorwire._transport import ASK_DATA
+from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire import framing, streaming
+from tensorwire.wire.dataplane import REQUEST, REQUEST_MAGIC, RESPONSE, recv_exact
+from tensorwire_server.server import TensorwireServer, build_engine
+from tensorwire_server.settings import Settings
+
+TIMEOUT = 60
+BIG = np.arange(3 << 20, dtype=np.float32).reshape(3, -1)  # 12 MiB: streamed
+
+
+@pytest.fixture(scope="module")
+def engine():  # type: ignore[no-untyped-def]
+    return build_engine(Settings(device="cpu"))
+
+
+def serving(engine, **settings: object) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def]
+    server = TensorwireServer(Settings(port=0, device="cpu", **settings), engine)  # type: ignore[arg-type]
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(None)
+
+
+@pytest.fixture
+def server(engine) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def]
+    yield from serving(engine, data_port=0)
+
+
+def address(server: TensorwireServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+def test_streamed_calls_move_their_payloads_over_the_data_plane(server: TensorwireServer) -> None:
+    plane = server.data_plane
+    assert plane is not None
+    with tw.Client(address(server), timeout=TIMEOUT) as client:
+        out = client.infer("identity", BIG)["output"]
+        np.testing.assert_array_equal(out, BIG)
+        assert out.flags.writeable and out.flags.c_contiguous
+        assert plane.transfers == 1
+        assert plane.bytes == 2 * BIG.nbytes
+        # The same connection again, for every streamed method.
+        result = client.call("add", BIG, BIG)
+        np.testing.assert_array_equal(result, BIG + BIG)
+        grads = client.call_grad("sum", BIG)
+        np.testing.assert_array_equal(next(iter(grads.grads.values())), np.ones_like(BIG))
+        assert plane.transfers == 3
+        # Small calls stay unary, in gRPC.
+        client.infer("identity", np.ones(4, np.float32))
+        assert plane.transfers == 3
+
+
+def test_the_async_client_uses_the_data_plane_too(server: TensorwireServer) -> None:
+    async def main() -> np.ndarray:
+        async with tw.AsyncClient(address(server), timeout=TIMEOUT) as client:
+            first = await client.infer("identity", BIG)
+            together = await asyncio.gather(*(client.infer("identity", BIG * k) for k in range(3)))
+            for k, got in enumerate(together):
+                np.testing.assert_array_equal(got["output"], BIG * k)
+            return first["output"]
+
+    np.testing.assert_array_equal(asyncio.run(main()), BIG)
+    assert server.data_plane is not None and server.data_plane.transfers == 4
+
+
+def test_a_server_without_a_data_plane_gets_chunks(engine) -> None:  # type: ignore[no-untyped-def]
+    for plain in serving(engine):
+        assert plain.data_plane is None
+        with tw.Client(address(plain), timeout=TIMEOUT) as client:
+            np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
+            assert not client._links.usable()  # remembered for a while
+
+
+def test_an_unreachable_data_port_falls_back_to_chunks(server: TensorwireServer) -> None:
+    assert server.data_plane is not None
+    server.data_plane.close()  # as a firewall would: nothing answers on the port
+    with tw.Client(address(server), timeout=TIMEOUT) as client:
+        np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
+        assert not client._links.usable()
+        np.testing.assert_array_equal(client.infer("identity", BIG + 1)["output"], BIG + 1)
+
+
+def test_the_client_can_keep_payloads_in_grpc(server: TensorwireServer) -> None:
+    with tw.Client(address(server), timeout=TIMEOUT, data_plane=False) as client:
+        np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
+    assert server.data_plane is not None and server.data_plane.transfers == 0
+
+
+# ------------------------------------------------------------ tickets, by hand
+
+
+class Asking:
+    """An InferStream call that asks for the data plane, driven by hand."""
+
+    def __init__(self, server: TensorwireServer, array: np.ndarray, chunks: bool = False) -> None:
+        encoder = _messages.infer_request("identity", array, None, 0, False)
+        parts = streaming.parts(encoder)
+        self.header = next(parts)
+        self.chunks = list(parts) if chunks else []
+        self.payloads = encoder.header()[1]
+        self.done = threading.Event()
+        self.channel = grpc.insecure_channel(address(server))
+        method = self.channel.stream_stream("/tensorwire.v1.TensorService/InferStream")
+        self.responses = method(self.requests(), timeout=TIMEOUT)
+        number, body = framing.split_part(next(self.responses))
+        assert number == framing.PART_DATA
+        self.ticket = pb.DataTransfer.FromString(bytes(body))
+        self.port = server.data_plane.port  # type: ignore[union-attr]
+
+    def requests(self) -> Iterator[bytes]:
+        yield self.header
+        yield ASK_DATA
+        self.done.wait(TIMEOUT)
+        yield from self.chunks
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=TIMEOUT)
+
+    def close(self) -> None:
+        self.done.set()
+        self.channel.close()
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_ticket_is_single_use_and_bound_to_its_bytes(server: TensorwireServer) -> None:
+    asking = Asking(server, BIG)
+    try:
+        assert len(asking.ticket.ticket) >= 16 and asking.ticket.payload_bytes == BIG.nbytes
+        with asking.connect() as first:
+            first.sendall(REQUEST.pack(REQUEST_MAGIC, asking.ticket.ticket))
+            with asking.connect() as replay:  # the same ticket again: dropped
+                replay.sendall(REQUEST.pack(REQUEST_MAGIC, asking.ticket.ticket))
+                assert closed_by_server(replay)
+            for payload in asking.payloads:
+                first.sendall(payload)
+            asking.done.set()  # half-close: the payloads are on their way
+            number, _ = framing.split_part(next(asking.responses))
+            assert number == framing.PART_HEADER
+            number, _ = framing.split_part(next(asking.responses))
+            assert number == framing.PART_DATA
+            _, size = RESPONSE.unpack(recv_exact(first, RESPONSE.size))
+            assert size == BIG.nbytes
+            out = np.empty_like(BIG)
+            view = memoryview(out.reshape(-1).view(np.uint8))
+            got = 0
+            while got < size:
+                got += first.recv_into(view[got:])
+            np.testing.assert_array_equal(out, BIG)
+    finally:
+        asking.close()
+
+
+@pytest.mark.parametrize(
+    "first_bytes",
+    [
+        b"",  # connects and goes
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # another protocol
+        REQUEST.pack(REQUEST_MAGIC, bytes(16)),  # a ticket never issued
+        os.urandom(4096),
+    ],
+)
+def test_anything_but_a_live_ticket_is_dropped(
+    server: TensorwireServer, first_bytes: bytes
+) -> None:
+    assert server.data_plane is not None
+    with socket.create_connection(("127.0.0.1", server.data_plane.port), timeout=TIMEOUT) as sock:
+        sock.sendall(first_bytes)
+        if first_bytes:
+            assert closed_by_server(sock)
+    with tw.Client(address(server), timeout=TIMEOUT) as client:  # and it serves on
+        np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
+
+
+def test_a_connection_cut_mid_transfer_fails_that_call_only(server: TensorwireServer) -> None:
+    asking = Asking(server, BIG)
+    try:
+        with asking.connect() as sock:
+            sock.sendall(REQUEST.pack(REQUEST_MAGIC, asking.ticket.ticket))
+            sock.sendall(asking.payloads[0][: BIG.nbytes // 2])
+        asking.done.set()
+        with pytest.raises(grpc.RpcError) as caught:
+            list(asking.responses)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "data connection" in caught.value.details()
+    finally:
+        asking.close()
+    with tw.Client(address(server), timeout=TIMEOUT) as client:
+        np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
+
+
+def test_chunks_after_a_ticket_withdraw_it(server: TensorwireServer) -> None:
+    """A client that got a ticket but could not connect sends chunks: the ticket is
+    withdrawn, and the call answers from the chunks."""
+    asking = Asking(server, BIG, chunks=True)
+    try:
+        asking.done.set()
+        receiver = streaming.StreamReceiver(pb.InferResponse)
+        for raw in asking.responses:
+            receiver.feed(raw)
+        out = receiver.finish()
+        np.testing.assert_array_equal(out.named(out.message.outputs, "output")[0][1], BIG)
+        with asking.connect() as late:  # the ticket is no good any more
+            late.sendall(REQUEST.pack(REQUEST_MAGIC, asking.ticket.ticket))
+            assert closed_by_server(late)
+    finally:
+        asking.close()
+
+
+# ---------------------------------------------------------------- TLS
+
+
+def test_the_data_plane_speaks_tls_when_grpc_does(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    for secured in serving(engine, data_port=0, tls_cert=str(cert_file), tls_key=str(key_file)):
+        plane = secured.data_plane
+        assert plane is not None and plane.tls is not None
+        with socket.create_connection(("127.0.0.1", plane.port), timeout=TIMEOUT) as raw:
+            raw.sendall(REQUEST.pack(REQUEST_MAGIC, bytes(16)))  # plain text: refused
+            assert closed_by_server(raw)
+        with tw.Client(
+            address(secured), timeout=TIMEOUT, root_certificates=ca.cert_pem.bytes()
+        ) as client:
+            np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
+        assert plane.transfers == 1
