@@ -112,13 +112,18 @@ def rpc_latency_worker(rank: int, port: int, calls: int, out: Connection) -> Non
     rpc.shutdown()
 
 
-def rpc_worker(rank: int, port: int, sizes: list[int], repeats: int, out: Connection) -> None:
-    """torch.distributed.rpc over TensorPipe: rank 0 sends each tensor to rank 1 and back."""
+def rpc_worker(
+    rank: int, port: int, sizes: list[int], repeats: int, tcp: bool, out: Connection
+) -> None:
+    """torch.distributed.rpc over TensorPipe: rank 0 sends each tensor to rank 1 and
+    back. ``tcp``: forced onto TCP (uv transport, basic channel), as between two
+    hosts; else its defaults, which on one host use shared memory."""
     import torch
     import torch.distributed.rpc as rpc
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4, rpc_timeout=600)
+    forced: dict[str, object] = {"_transports": ["uv"], "_channels": ["basic"]} if tcp else {}
+    options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4, rpc_timeout=600, **forced)
     rpc.init_rpc(f"w{rank}", rank=rank, world_size=2, rpc_backend_options=options)
     if rank == 0:
         results = {}

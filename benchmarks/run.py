@@ -45,7 +45,8 @@ ONE_MESSAGE = 2**31 - 1
 
 TCP = "raw TCP, one way (floor)"
 ECHO = "grpcio unary echo (floor)"
-RPC = "torch.distributed.rpc identity (peer)"
+RPC = "torch.distributed.rpc identity, same-host defaults (peer)"
+RPC_TCP = "torch.distributed.rpc identity, TCP forced (peer)"
 CLIENT = "tensorwire Client identity (data plane)"
 ASYNC = "tensorwire AsyncClient identity (data plane)"
 IN_GRPC = "tensorwire Client identity, payloads in gRPC (data_plane=False)"
@@ -160,7 +161,8 @@ def main() -> None:
             del payload
             print(f"  measured {human(size)}", file=sys.stderr)
         if not args.no_rpc:
-            rows[RPC] = measure_rpc(sizes, args.repeats)
+            rows[RPC_TCP] = measure_rpc(sizes, args.repeats, tcp=True)
+            rows[RPC] = measure_rpc(sizes, args.repeats, tcp=False)
         small = np.ones((1, 16), np.float32)
         latency = interleaved_latencies(
             args.latency_calls,
@@ -235,12 +237,14 @@ def measure_tensorwire(
     return notes
 
 
-def measure_rpc(sizes: list[int], repeats: int) -> dict[int, float]:
+def measure_rpc(sizes: list[int], repeats: int, tcp: bool) -> dict[int, float]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     port = peers.free_port()
     workers = [
-        ctx.Process(target=peers.rpc_worker, args=(r, port, sizes, repeats, child), daemon=True)
+        ctx.Process(
+            target=peers.rpc_worker, args=(r, port, sizes, repeats, tcp, child), daemon=True
+        )
         for r in (0, 1)
     ]
     for w in workers:
@@ -365,7 +369,11 @@ def report(rows: Rows, sizes: list[int], latency: dict[str, float], notes: list[
         print(f"| {name} | {' | '.join(cells)} |")
     print()
     for name in (CLIENT, ASYNC):
-        for label, base in ((TCP, rows[TCP]), (RPC, rows.get(RPC, {}))):
+        for label, base in (
+            (TCP, rows[TCP]),
+            (RPC_TCP, rows.get(RPC_TCP, {})),
+            (RPC, rows.get(RPC, {})),
+        ):
             ratios = ", ".join(
                 f"{human(s)}: {rows[name][s] / base[s]:.2f}" for s in sizes if s in base
             )
