@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -113,7 +114,13 @@ def test_the_client_can_keep_payloads_in_grpc(server: TensorwireServer) -> None:
 class Asking:
     """An InferStream call that asks for the data plane, driven by hand."""
 
-    def __init__(self, server: TensorwireServer, array: np.ndarray, chunks: bool = False) -> None:
+    def __init__(
+        self,
+        server: TensorwireServer,
+        array: np.ndarray,
+        chunks: bool = False,
+        timeout: float = TIMEOUT,
+    ) -> None:
         encoder = _messages.infer_request("identity", array, None, 0, False)
         parts = streaming.parts(encoder)
         self.header = next(parts)
@@ -122,7 +129,7 @@ class Asking:
         self.done = threading.Event()
         self.channel = grpc.insecure_channel(address(server))
         method = self.channel.stream_stream("/tensorwire.v1.TensorService/InferStream")
-        self.responses = method(self.requests(), timeout=TIMEOUT)
+        self.responses = method(self.requests(), timeout=timeout)
         number, body = framing.split_part(next(self.responses))
         assert number == framing.PART_DATA
         self.ticket = pb.DataTransfer.FromString(bytes(body))
@@ -215,6 +222,24 @@ def test_a_connection_cut_mid_transfer_fails_that_call_only(server: TensorwireSe
         np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
 
 
+def test_a_call_that_ends_mid_transfer_cuts_its_connection(server: TensorwireServer) -> None:
+    """The deadline passes while the payload is half sent: the call fails, and the
+    server closes the connection at once rather than keep the buffers for it."""
+    asking = Asking(server, BIG, timeout=1.5)
+    try:
+        with asking.connect() as sock:
+            sock.sendall(REQUEST.pack(REQUEST_MAGIC, asking.ticket.ticket))
+            sock.sendall(asking.payloads[0][: BIG.nbytes // 2])
+            asking.done.set()
+            with pytest.raises(grpc.RpcError) as caught:
+                list(asking.responses)
+            assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            sock.settimeout(10)
+            assert closed_by_server(sock)
+    finally:
+        asking.close()
+
+
 def test_chunks_after_a_ticket_withdraw_it(server: TensorwireServer) -> None:
     """A client that got a ticket but could not connect sends chunks: the ticket is
     withdrawn, and the call answers from the chunks."""
@@ -242,7 +267,8 @@ def test_the_data_plane_speaks_tls_when_grpc_does(engine, tmp_path: Path) -> Non
     cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
-    for secured in serving(engine, data_port=0, tls_cert=str(cert_file), tls_key=str(key_file)):
+    tls = {"tls_cert": str(cert_file), "tls_key": str(key_file)}
+    for secured in serving(engine, data_port=0, **tls):
         plane = secured.data_plane
         assert plane is not None and plane.tls is not None
         with socket.create_connection(("127.0.0.1", plane.port), timeout=TIMEOUT) as raw:
@@ -253,3 +279,40 @@ def test_the_data_plane_speaks_tls_when_grpc_does(engine, tmp_path: Path) -> Non
         ) as client:
             np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
         assert plane.transfers == 1
+
+
+def test_mutual_tls_holds_on_the_data_plane(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    client_cert = ca.issue_cert("client@tensorwire.test")
+    files = {
+        "tls_cert": server_cert.cert_chain_pems[0],
+        "tls_key": server_cert.private_key_pem,
+        "tls_client_ca": ca.cert_pem,
+    }
+    settings = {}
+    for name, blob in files.items():
+        blob.write_to_path(str(tmp_path / name))
+        settings[name] = str(tmp_path / name)
+    for secured in serving(engine, data_port=0, **settings):
+        plane = secured.data_plane
+        assert plane is not None
+        with tw.Client(
+            address(secured),
+            timeout=TIMEOUT,
+            root_certificates=ca.cert_pem.bytes(),
+            certificate_chain=client_cert.cert_chain_pems[0].bytes(),
+            private_key=client_cert.private_key_pem.bytes(),
+        ) as client:
+            np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
+        assert plane.transfers == 1
+        # Without a client certificate the handshake fails: no ticket is read.
+        anonymous = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
+        with (
+            socket.create_connection(("127.0.0.1", plane.port), timeout=TIMEOUT) as raw,
+            pytest.raises((ssl.SSLError, ConnectionError)),
+            anonymous.wrap_socket(raw, server_hostname="127.0.0.1") as tls,
+        ):
+            tls.sendall(REQUEST.pack(REQUEST_MAGIC, bytes(16)))
+            if tls.recv(1) == b"":
+                raise ConnectionError("closed")

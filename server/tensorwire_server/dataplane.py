@@ -23,7 +23,7 @@ import socket
 import ssl
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -59,6 +59,19 @@ class Transfer:
     reply: Future[list[memoryview] | None] = field(default_factory=Future)
     #: Set when the response's payloads are sent (or sending failed).
     sent: Future[None] = field(default_factory=Future)
+
+    #: The connection that claimed it, while it carries the transfer.
+    sock: socket.socket | None = None
+
+    def abandon(self) -> None:
+        """The call ended without an answer (failed, cancelled, past its deadline):
+        close the connection, so that a transfer still arriving stops at once and
+        lets go of the request's buffers."""
+        self.answer(None)
+        sock = self.sock  # set only while the payload arrives
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     def answer(self, payloads: list[memoryview] | None) -> None:
         """Hand the connection the response's payloads, or None: close it (the call
@@ -136,7 +149,9 @@ class DataPlane:
             transfer = self._tickets.pop(ticket, None)
         if transfer is None or transfer.expires < time.monotonic():
             return None
-        transfer.claimed.set_result(None)
+        _settle(transfer.claimed)
+        if transfer.reply.done():  # the call ended before its connection came
+            return None
         return transfer
 
     def _accept(self) -> None:
@@ -188,12 +203,15 @@ class DataPlane:
         if transfer is None:
             return False  # anything but a live ticket: dropped, nothing allocated
         sock.settimeout(transfer.stall_seconds)
+        transfer.sock = sock
         try:
             transfer.receiver.fill(sock.recv_into)
         except BaseException as exc:  # the handler reports it
-            transfer.arrived.set_exception(exc)
+            _settle(transfer.arrived, exc)
             return False
-        transfer.arrived.set_result(None)
+        finally:
+            transfer.sock = None
+        _settle(transfer.arrived)
         payloads = transfer.reply.result()  # the handler always answers (finally)
         if payloads is None:
             return False
@@ -201,12 +219,22 @@ class DataPlane:
             total = sum(p.nbytes for p in payloads)
             dataplane.send_all(sock, RESPONSE.pack(RESPONSE_MAGIC, total), payloads)
         except BaseException as exc:  # the handler reports it
-            transfer.sent.set_exception(exc)
+            _settle(transfer.sent, exc)
             return False
-        transfer.sent.set_result(None)
+        _settle(transfer.sent)
         self.transfers += 1  # one thread per connection: a lost update only miscounts
         self.bytes += transfer.receiver.total + total
         return True
+
+
+def _settle(future: Future[None], error: BaseException | None = None) -> None:
+    """Resolve ``future``, unless the handler that waited on it gave up (asyncio
+    cancels a wrapped future when its waiter is cancelled)."""
+    with contextlib.suppress(InvalidStateError):
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
 
 
 def _family(host: str) -> socket.AddressFamily:

@@ -77,7 +77,7 @@ def streamed(
                         receiver.feed(raw)
                         limits.stream_time(time.monotonic() - started)
                     if transfer is not None:
-                        await _arrival(transfer)
+                        await _arrival(transfer, rpc.remaining(context))
                 request = receiver.finish()
                 servicer.admit(request, unary=False)
                 encoder = await compute.run(answer, request)
@@ -109,7 +109,7 @@ def streamed(
                 if transfer is not None:
                     # Unanswered (the call failed): the connection closes, the client
                     # drops it; an unclaimed ticket lapses now.
-                    transfer.answer(None)
+                    transfer.abandon()
                     servicer.data_plane.revoke(transfer)  # type: ignore[union-attr]
 
     return handle
@@ -160,16 +160,24 @@ def _withdraw(servicer: Answering, transfer: Transfer) -> None:
         )
 
 
-async def _arrival(transfer: Transfer) -> None:
+async def _arrival(transfer: Transfer, remaining: float | None) -> None:
     """Wait for the payloads: the ticket claimed within its time, then every byte
-    (the connection's own timeout bounds a stall)."""
+    within the call's deadline (``remaining`` seconds; the connection's own timeout
+    bounds a stall)."""
+    began = time.monotonic()
     try:
         await asyncio.wait_for(asyncio.wrap_future(transfer.claimed), TICKET_SECONDS)
     except TimeoutError:
         raise DeadlineExceededError(
             f"no data connection presented the ticket within {TICKET_SECONDS:g} s"
         ) from None
+    if remaining is not None:
+        remaining -= time.monotonic() - began
     try:
-        await asyncio.wrap_future(transfer.arrived)
+        await asyncio.wait_for(asyncio.wrap_future(transfer.arrived), remaining)
+    except TimeoutError:
+        raise DeadlineExceededError(
+            "the deadline passed while the payloads arrived over the data plane"
+        ) from None
     except (OSError, ConnectionError) as exc:
         raise UnavailableError(f"the data connection failed: {exc}") from None
