@@ -54,7 +54,9 @@ COPY --from=build /opt/tensorwire /opt/tensorwire
 # Settings come from TENSORWIRE_* variables (docs/operations.md); flags after the
 # image name win over them. Listen on every address of the container, in plain text
 # only if TENSORWIRE_INSECURE=true says so (else TENSORWIRE_TLS_CERT and _KEY), and
-# answer health checks in plain text on 50052 for HEALTHCHECK and Kubernetes probes.
+# answer health checks in plain text on 50052 for HEALTHCHECK and Kubernetes probes;
+# large payloads travel on the data plane's 50053 (with gRPC's TLS) when it is
+# published, else through gRPC.
 # MALLOC_*: resident memory steady under load (docs/operations.md, "Memory").
 ENV PATH=/opt/tensorwire/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -63,10 +65,11 @@ ENV PATH=/opt/tensorwire/bin:$PATH \
     MALLOC_MMAP_THRESHOLD_=1048576 \
     TENSORWIRE_HOST=0.0.0.0 \
     TENSORWIRE_PORT=50051 \
-    TENSORWIRE_HEALTH_PORT=50052
+    TENSORWIRE_HEALTH_PORT=50052 \
+    TENSORWIRE_DATA_PORT=50053
 USER 10001:10001
 WORKDIR /home/tensorwire
-EXPOSE 50051 50052
+EXPOSE 50051 50052 50053
 # Loading models can take minutes: failures only count after the start period.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "tensorwire_server.probe"]

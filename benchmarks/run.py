@@ -6,7 +6,7 @@
 Every party runs as its own process on 127.0.0.1: raw TCP (one way; the floor), a bare
 grpcio unary echo, torch.distributed.rpc (TensorPipe) returning the tensor, and
 tensorwire's identity model through Client and AsyncClient, over the data plane
-(``--data-port``) and, for comparison, with every payload in gRPC. Round-trip throughput is
+(the default) and, for comparison, with every payload in gRPC. Round-trip throughput is
 (bytes sent + bytes received) / best time; the TCP floor is one-way bytes / best time.
 Peak RSS growth is VmHWM, reset before each size, over the payload size. On a machine
 with CUDA, the request path's host-to-device (and the response path's device-to-host)
@@ -101,8 +101,6 @@ def start_tensorwire() -> tuple[subprocess.Popen[str], str]:
             "0",
             "--device",
             "auto",
-            "--data-port",
-            "0",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -21,7 +21,7 @@ from tensorwire import _messages
 from tensorwire._transport import ASK_DATA
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
-from tensorwire.wire.dataplane import REQUEST, REQUEST_MAGIC, RESPONSE, recv_exact
+from tensorwire.wire.dataplane import ACCEPTED, REQUEST, REQUEST_MAGIC, RESPONSE, recv_exact
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
@@ -45,7 +45,7 @@ def serving(engine, **settings: object) -> Iterator[TensorwireServer]:  # type: 
 
 @pytest.fixture
 def server(engine) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def]
-    yield from serving(engine, data_port=0)
+    yield from serving(engine)  # the data plane is on by default, on a free port
 
 
 def address(server: TensorwireServer) -> str:
@@ -86,7 +86,7 @@ def test_the_async_client_uses_the_data_plane_too(server: TensorwireServer) -> N
 
 
 def test_a_server_without_a_data_plane_gets_chunks(engine) -> None:  # type: ignore[no-untyped-def]
-    for plain in serving(engine):
+    for plain in serving(engine, data_plane=False):
         assert plain.data_plane is None
         with tw.Client(address(plain), timeout=TIMEOUT) as client:
             np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
@@ -106,6 +106,22 @@ def test_the_client_can_keep_payloads_in_grpc(server: TensorwireServer) -> None:
     with tw.Client(address(server), timeout=TIMEOUT, data_plane=False) as client:
         np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
     assert server.data_plane is not None and server.data_plane.transfers == 0
+
+
+def test_a_data_port_that_answers_for_another_server_falls_back(engine) -> None:  # type: ignore[no-untyped-def]
+    """A port mapped to another replica (or a balancer in between): that server does
+    not know the ticket, says nothing, and the client sends chunks instead, before a
+    payload byte went astray."""
+    for one in serving(engine):
+        for other in serving(engine):
+            assert one.data_plane is not None and other.data_plane is not None
+            with tw.Client(address(one), timeout=TIMEOUT) as client:
+                links = client._links
+                ticket = pb.DataTransfer(ticket=os.urandom(16), port=other.data_plane.port)
+                assert links.send(ticket, [memoryview(BIG)], TIMEOUT, 1 << 20) is None
+                assert not links.usable()
+                np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
+            assert other.data_plane.transfers == one.data_plane.transfers == 0
 
 
 # ------------------------------------------------------------ tickets, by hand
@@ -162,6 +178,7 @@ def test_a_ticket_is_single_use_and_bound_to_its_bytes(server: TensorwireServer)
         assert len(asking.ticket.ticket) >= 16 and asking.ticket.payload_bytes == BIG.nbytes
         with asking.connect() as first:
             first.sendall(REQUEST.pack(REQUEST_MAGIC, asking.ticket.ticket))
+            assert recv_exact(first, len(ACCEPTED)) == ACCEPTED
             with asking.connect() as replay:  # the same ticket again: dropped
                 replay.sendall(REQUEST.pack(REQUEST_MAGIC, asking.ticket.ticket))
                 assert closed_by_server(replay)
@@ -229,6 +246,7 @@ def test_a_call_that_ends_mid_transfer_cuts_its_connection(server: TensorwireSer
     try:
         with asking.connect() as sock:
             sock.sendall(REQUEST.pack(REQUEST_MAGIC, asking.ticket.ticket))
+            assert recv_exact(sock, len(ACCEPTED)) == ACCEPTED
             sock.sendall(asking.payloads[0][: BIG.nbytes // 2])
             asking.done.set()
             with pytest.raises(grpc.RpcError) as caught:
@@ -268,7 +286,7 @@ def test_the_data_plane_speaks_tls_when_grpc_does(engine, tmp_path: Path) -> Non
     cert.cert_chain_pems[0].write_to_path(str(cert_file))
     cert.private_key_pem.write_to_path(str(key_file))
     tls = {"tls_cert": str(cert_file), "tls_key": str(key_file)}
-    for secured in serving(engine, data_port=0, **tls):
+    for secured in serving(engine, **tls):
         plane = secured.data_plane
         assert plane is not None and plane.tls is not None
         with socket.create_connection(("127.0.0.1", plane.port), timeout=TIMEOUT) as raw:
@@ -294,7 +312,7 @@ def test_mutual_tls_holds_on_the_data_plane(engine, tmp_path: Path) -> None:  # 
     for name, blob in files.items():
         blob.write_to_path(str(tmp_path / name))
         settings[name] = str(tmp_path / name)
-    for secured in serving(engine, data_port=0, **settings):
+    for secured in serving(engine, **settings):
         plane = secured.data_plane
         assert plane is not None
         with tw.Client(
@@ -316,3 +334,11 @@ def test_mutual_tls_holds_on_the_data_plane(engine, tmp_path: Path) -> None:  # 
             tls.sendall(REQUEST.pack(REQUEST_MAGIC, bytes(16)))
             if tls.recv(1) == b"":
                 raise ConnectionError("closed")
+
+
+def test_metrics_count_what_the_data_plane_moved(server: TensorwireServer) -> None:
+    with tw.Client(address(server), timeout=TIMEOUT) as client:
+        client.infer("identity", BIG)
+    registry = server.metrics.registry
+    assert registry.get_sample_value("tensorwire_data_plane_transfers_total") == 1
+    assert registry.get_sample_value("tensorwire_data_plane_bytes_total") == 2 * BIG.nbytes

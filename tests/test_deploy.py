@@ -148,7 +148,8 @@ def test_the_image_runs_the_server_as_a_numeric_user_with_a_health_check() -> No
     settings = Settings.from_env({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)})
     assert settings.host == "0.0.0.0" and settings.health_port is not None
     exposed = {int(p) for keyword, rest in steps if keyword == "EXPOSE" for p in rest.split()}
-    assert exposed == {settings.port, settings.health_port}
+    assert settings.data_plane and settings.data_port  # fixed, to be published
+    assert exposed == {settings.port, settings.health_port, settings.data_port}
     (health,) = [rest for keyword, rest in steps if keyword == "HEALTHCHECK"]
     assert "--start-period=" in health
     assert health.endswith('CMD ["python", "-m", "tensorwire_server.probe"]')

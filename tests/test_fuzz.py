@@ -25,9 +25,11 @@ the same requests.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -65,6 +67,7 @@ from hypothesis import strategies as st
 
 from tensorwire import Client
 from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire.dataplane import REQUEST, REQUEST_MAGIC, TICKET_BYTES
 from tensorwire.wire.protocol import CHANNEL_OPTIONS, SESSION_KEY
 
 
@@ -261,6 +264,35 @@ def test_what_fuzzing_found_stays_fixed(fuzzer: Fuzzer) -> None:
         )
     np.testing.assert_allclose(result.grads["y"], np.sin(x))
     np.testing.assert_allclose(result.grads["x"], np.cos(x) * y)
+
+
+def test_random_bytes_to_the_data_port_are_dropped(fuzzer: Fuzzer) -> None:
+    """The data plane's port takes anything: random bytes, other protocols, its own
+    magic with tickets never issued. Each connection is closed without a byte
+    allocated for it; the last test checks the server lived and kept no memory."""
+    (port,) = {
+        int(m.group(1))
+        for line in fuzzer.server.log
+        if (m := re.search(r"data plane on \S+:(\d+)", line))
+    }
+    magic = REQUEST_MAGIC
+    first_bytes = st.one_of(
+        st.binary(min_size=REQUEST.size, max_size=4096),
+        st.binary(min_size=TICKET_BYTES, max_size=TICKET_BYTES).map(lambda t: magic + t),
+        st.sampled_from([b"GET / HTTP/1.1\r\n\r\n", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]),
+    )
+
+    @settings(FUZZ, max_examples=200)
+    @given(first_bytes)
+    def send(raw: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=CALL_TIMEOUT) as sock:
+            sock.sendall(raw)
+            sock.shutdown(socket.SHUT_WR)  # fewer bytes than a preamble: no more come
+            # A reset: closed with our bytes unread, which is dropped all the same.
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(64) == b"", "the data port answered bytes it must drop"
+
+    send()
 
 
 def test_the_server_survives_serves_correctly_and_kept_no_memory(fuzzer: Fuzzer) -> None:

@@ -23,15 +23,22 @@ from tensorwire.errors import UnavailableError
 from tensorwire.targets import SCHEMES
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import dataplane
-from tensorwire.wire.dataplane import REQUEST, REQUEST_MAGIC, RESPONSE, RESPONSE_MAGIC
-from tensorwire.wire.streaming import StreamReceiver
+from tensorwire.wire.dataplane import (
+    ACCEPTED,
+    REQUEST,
+    REQUEST_MAGIC,
+    RESPONSE,
+    RESPONSE_MAGIC,
+)
+from tensorwire.wire.streaming import Advance, StreamReceiver
 
-#: Seconds to wait for a data connection: a port that does not answer by then is
-#: taken as unreachable (a firewall, a proxy, a port not published).
-CONNECT_SECONDS: Final = 3.0
+#: Seconds to wait for a data connection and its server's acceptance of a ticket: a
+#: port that does not answer by then is taken as unreachable (a firewall, a proxy, a
+#: port not published).
+CONNECT_SECONDS: Final = 1.0
 #: Seconds the client sends payloads through gRPC after finding the data plane
 #: unreachable, or the server without one, before it asks again.
-FALLBACK_SECONDS: Final = 60.0
+FALLBACK_SECONDS: Final = 600.0
 #: Idle connections kept per server port.
 POOLED: Final = 8
 
@@ -59,23 +66,62 @@ class DataLinks:
         self._off_until = time.monotonic() + FALLBACK_SECONDS
 
     def send(
-        self, transfer: pb.DataTransfer, payloads: Sequence[memoryview], timeout: float | None
+        self,
+        transfer: pb.DataTransfer,
+        payloads: Sequence[memoryview],
+        timeout: float | None,
+        chunk_size: int,
+        advance: Advance | None = None,
     ) -> socket.socket | None:
         """Present ``transfer``'s ticket and send ``payloads`` on a data connection,
-        which then carries the response; None when no connection could be made (the
-        caller sends chunks instead). OSError when the connection broke mid-way."""
-        try:
-            sock = self._take(transfer.port)
-        except OSError:
-            self.fall_back()
+        which then carries the response; None when no connection took the ticket (the
+        caller sends chunks instead, and the client does for a while). ``advance``
+        hears of every ``chunk_size`` bytes sent. OSError when the connection broke
+        mid-way; whatever ``advance`` raises ends the transfer too."""
+        sock = self._accepted(transfer, timeout)
+        if sock is None:
             return None
         try:
-            sock.settimeout(timeout)
-            dataplane.send_all(sock, REQUEST.pack(REQUEST_MAGIC, transfer.ticket), payloads)
+            total = sum(p.nbytes for p in payloads)
+            done = 0
+            if advance is not None:
+                advance(0, total)
+            for payload in payloads:
+                # Whole when nobody listens: each piece costs a call into the kernel.
+                step = payload.nbytes or 1 if advance is None else chunk_size
+                for start in range(0, payload.nbytes, step):
+                    piece = payload[start : start + step]
+                    sock.sendall(piece)
+                    done += piece.nbytes
+                    if advance is not None:
+                        advance(done, total)
         except BaseException:
             sock.close()
             raise
         return sock
+
+    def _accepted(self, transfer: pb.DataTransfer, timeout: float | None) -> socket.socket | None:
+        """A connection whose server accepted ``transfer``'s ticket, or None. A pooled
+        connection the server has since closed is replaced by a fresh one."""
+        preamble = REQUEST.pack(REQUEST_MAGIC, transfer.ticket)
+        for pooled in (True, False):
+            try:
+                sock, reused = self._take(transfer.port, pooled)
+            except OSError:
+                break  # nothing listens there, or it is filtered
+            try:
+                sock.settimeout(timeout if timeout is None else min(timeout, CONNECT_SECONDS))
+                sock.sendall(preamble)
+                if dataplane.recv_exact(sock, len(ACCEPTED)) == ACCEPTED:
+                    sock.settimeout(timeout)
+                    return sock
+            except (OSError, EOFError):
+                pass
+            sock.close()
+            if not reused:
+                break  # a fresh connection refused it: another server took the call
+        self.fall_back()
+        return None
 
     def receive(
         self, sock: socket.socket, receiver: StreamReceiver[Any], timeout: float | None
@@ -105,21 +151,23 @@ class DataLinks:
         for sock in pooled:
             sock.close()
 
-    def _take(self, port: int) -> socket.socket:
+    def _take(self, port: int, pooled: bool) -> tuple[socket.socket, bool]:
+        """A connection to ``port``: an idle one when ``pooled`` and there is one,
+        else a new one; and whether it was pooled."""
         with self._lock:
             idle = self._idle.get(port)
-            if idle:
-                return idle.pop()
+            if pooled and idle:
+                return idle.pop(), True
         assert self.host is not None  # usable() said so
         sock = socket.create_connection((self.host, port), timeout=CONNECT_SECONDS)
         try:
             dataplane.configure(sock)
             if self.tls is not None:
-                return self.tls.wrap_socket(sock, server_hostname=self.server_name)
+                return self.tls.wrap_socket(sock, server_hostname=self.server_name), False
         except BaseException:
             sock.close()
             raise
-        return sock
+        return sock, False
 
     def _give(self, sock: socket.socket) -> None:
         port = sock.getpeername()[1]

@@ -486,11 +486,13 @@ class Transport:
         if not transfer.ticket:
             self._links.fall_back()  # a server without a data plane
             return None, None
+        upload = call.reporter.stage("upload")
         try:
-            return self._links.send(transfer, payloads, call.remaining()), None
+            sock = self._links.send(transfer, payloads, call.remaining(), self.chunk_size, upload)
         except OSError as exc:
             # The server's status says why (it closed the connection on failing).
             return None, exc
+        return sock, None
 
     def _stream_failed(self, call: CallState, exc: BaseException) -> NoReturn:
         """Raise what a streamed attempt that failed with ``exc`` raises, or Retry."""

@@ -69,9 +69,12 @@ class Client(BaseClient[RemoteTensor, Trainer]):
 
     Requests with ``stream_threshold`` payload bytes or more, and responses too large
     for one message, travel as streams of ``chunk_size``-byte chunks, so tensors of
-    any size that fits in memory go both ways. Methods that move tensors take a
-    ``progress`` callback, called with a ``tensorwire.Progress`` as bytes move; a
-    retried upload reports its stage again from 0.
+    any size that fits in memory go both ways. A stream's payloads skip gRPC on the
+    server's data plane (a ticket over gRPC, the bytes on a pooled TCP connection to
+    the same host, with the channel's TLS) and fall back to chunks through gRPC where
+    it cannot be reached; ``data_plane=False`` keeps them in gRPC. Methods that move
+    tensors take a ``progress`` callback, called with a ``tensorwire.Progress`` as
+    bytes move; a retried upload reports its stage again from 0.
 
     Tensors can stay on the server between calls (``put``, and ``keep=True`` on
     ``infer``, ``grad``, ``call`` and ``run``) as ``RemoteTensor``s, in a session the

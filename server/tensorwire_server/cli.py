@@ -67,7 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data-port",
         type=int,
-        help="move large payloads over a TCP connection of their own on this port",
+        help="port of the data plane, which moves large payloads beside gRPC (0: any free)",
+    )
+    parser.add_argument(
+        "--no-data-plane", action="store_true", help="move every payload through gRPC"
     )
     parser.add_argument(
         "--max-connection-age",
@@ -143,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             models={**base.models, **extra} or None,
             builtins=False if args.no_builtins else None,
             dynamic_batching=False if args.no_dynamic_batching else None,
+            data_plane=False if args.no_data_plane else None,
         )
         serve(settings)
     except ValueError as exc:

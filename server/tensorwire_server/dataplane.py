@@ -29,7 +29,13 @@ from typing import Any, Final
 
 from tensorwire.errors import ResourceExhaustedError
 from tensorwire.wire import dataplane
-from tensorwire.wire.dataplane import REQUEST, REQUEST_MAGIC, RESPONSE, RESPONSE_MAGIC
+from tensorwire.wire.dataplane import (
+    ACCEPTED,
+    REQUEST,
+    REQUEST_MAGIC,
+    RESPONSE,
+    RESPONSE_MAGIC,
+)
 from tensorwire.wire.streaming import StreamReceiver
 
 log = logging.getLogger(__name__)
@@ -116,7 +122,8 @@ class DataPlane:
             with contextlib.suppress(OSError):  # not connected, or already gone
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
-        self._thread.join(5)
+        if self._thread.ident is not None:  # started
+            self._thread.join(5)
 
     def issue(self, receiver: StreamReceiver[Any], stall_seconds: float) -> Transfer:
         """A ticket for ``receiver``'s payloads; RESOURCE_EXHAUSTED when as many
@@ -205,6 +212,7 @@ class DataPlane:
         sock.settimeout(transfer.stall_seconds)
         transfer.sock = sock
         try:
+            sock.sendall(ACCEPTED)
             transfer.receiver.fill(sock.recv_into)
         except BaseException as exc:  # the handler reports it
             _settle(transfer.arrived, exc)

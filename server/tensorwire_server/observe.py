@@ -15,14 +15,14 @@ import os
 import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tensorwire_server.settings import AccessLog
@@ -186,6 +186,12 @@ class Metrics:
             },
         )
 
+    def count_data_plane(self, totals: Callable[[], tuple[int, int]]) -> None:
+        """Count the data plane's transfers and payload bytes, read from ``totals``
+        (transfers, bytes) at each scrape; ``tensorwire_payload_bytes`` counts every
+        payload whichever way it went."""
+        self.registry.register(_DataPlaneTotals(totals))
+
     def serve(self, host: str, port: int) -> int:
         """Expose the metrics over HTTP at ``host:port``; the port bound."""
         self._http, _ = start_http_server(port, host, registry=self.registry)
@@ -196,6 +202,26 @@ class Metrics:
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
+
+
+class _DataPlaneTotals(Collector):
+    """The data plane's counters, kept by its connection threads, read at each scrape."""
+
+    def __init__(self, totals: Callable[[], tuple[int, int]]) -> None:
+        self.totals = totals
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        transfers, moved = self.totals()
+        yield CounterMetricFamily(
+            "tensorwire_data_plane_transfers",
+            "Streamed calls whose payloads went over the data plane.",
+            value=transfers,
+        )
+        yield CounterMetricFamily(
+            "tensorwire_data_plane_bytes",
+            "Payload bytes the data plane moved, both ways.",
+            value=moved,
+        )
 
 
 class _DeviceMemory(Collector):

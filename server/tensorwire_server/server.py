@@ -134,6 +134,9 @@ class TensorwireServer:
             # The data plane beside gRPC, bound as gRPC is (same host, same TLS).
             self.data_plane = self._data_plane(settings)
             self.servicer.data_plane = self.data_plane
+            if self.data_plane is not None:
+                plane = self.data_plane
+                self.metrics.count_data_plane(lambda: (plane.transfers, plane.bytes))
         except BaseException:
             # Refused (plain text off loopback, a port taken): nothing is left running.
             built = getattr(self, "server", None)
@@ -203,7 +206,7 @@ class TensorwireServer:
         return port
 
     def _data_plane(self, settings: Settings) -> DataPlane | None:
-        if settings.data_port is None:
+        if not settings.data_plane:
             return None
         tls = server_ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         # _bind already refused plain text off loopback unless settings.insecure.

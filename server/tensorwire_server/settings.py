@@ -76,10 +76,13 @@ class Settings:
     #: in flight finish): clients balancing over a DNS name then resolve it again and
     #: find replicas added since. None: connections last as long as clients keep them.
     max_connection_age: float | None = None
-    #: Port of the data plane (on ``host``): streamed requests and responses move their
-    #: payloads over a TCP connection of their own there, with TLS when gRPC has it
-    #: (docs/performance.md); none: every payload travels through gRPC.
-    data_port: int | None = None
+    #: The data plane: streamed requests and responses move their payloads over TCP
+    #: connections of their own beside gRPC, with gRPC's TLS (docs/performance.md).
+    #: Off: every payload travels through gRPC.
+    data_plane: bool = True
+    #: Its port on ``host``; 0 picks a free one, which clients learn from each ticket
+    #: (a container or a firewall needs a fixed one, published: the image sets 50053).
+    data_port: int = 0
 
     # Transport security and authentication (docs/security.md).
     #: PEM certificate chain and private key files: serve TLS.

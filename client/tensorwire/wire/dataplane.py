@@ -15,7 +15,10 @@ receive into a caller's buffer (docs/performance.md); a socket's ``recv_into`` a
 
 On a connection, each transfer is:
 
-    client -> server   REQUEST: b"TWD1", the 16-byte ticket; then the payload bytes
+    client -> server   REQUEST: b"TWD1", the 16-byte ticket
+    server -> client   ACCEPTED: b"TWOK" (any other answer, or none: not this server's
+                       ticket; the client sends chunks through gRPC instead)
+    client -> server   the payload bytes
     server -> client   RESPONSE: b"TWR1", the response's payload byte count (uint64,
                        little-endian); then those bytes
 
@@ -35,6 +38,10 @@ TICKET_BYTES: Final = 16
 #: What a client sends first for each transfer: magic and ticket.
 REQUEST: Final = struct.Struct(f"<4s{TICKET_BYTES}s")
 REQUEST_MAGIC: Final = b"TWD1"
+#: What the server answers a live ticket with, before any payload byte is sent: a
+#: connection that reached another server (a port mapped elsewhere, a balancer
+#: between) learns it before it has sent anything, and falls back to gRPC.
+ACCEPTED: Final = b"TWOK"
 #: What the server sends first for each response: magic and payload byte count.
 RESPONSE: Final = struct.Struct("<4sQ")
 RESPONSE_MAGIC: Final = b"TWR1"
