@@ -18,7 +18,7 @@ import trustme
 
 import tensorwire as tw
 from tensorwire import _messages
-from tensorwire._transport import ASK_DATA
+from tensorwire._dataplane import ASK_DATA
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
 from tensorwire.wire.dataplane import ACCEPTED, REQUEST, REQUEST_MAGIC, RESPONSE, recv_exact
@@ -342,3 +342,23 @@ def test_metrics_count_what_the_data_plane_moved(server: TensorwireServer) -> No
     registry = server.metrics.registry
     assert registry.get_sample_value("tensorwire_data_plane_transfers_total") == 1
     assert registry.get_sample_value("tensorwire_data_plane_bytes_total") == 2 * BIG.nbytes
+
+
+def test_several_replicas_each_take_their_own_tickets(engine) -> None:  # type: ignore[no-untyped-def]
+    """A ticket is good only on the server that issued it: with a target of several
+    replicas, each streamed call goes to one replica, its payloads to that replica's
+    data plane; a session's calls to the session's replica."""
+    for one in serving(engine):
+        for other in serving(engine):
+            planes = [one.data_plane, other.data_plane]
+            target = [address(one), address(other)]
+            with tw.Client(target, timeout=TIMEOUT) as client:
+                for k in range(8):
+                    np.testing.assert_array_equal(
+                        client.infer("identity", BIG + k)["output"], BIG + k
+                    )
+                counts = [plane.transfers for plane in planes]  # type: ignore[union-attr]
+                assert sum(counts) == 8 and all(counts), counts  # both served some
+                remote = client.put(BIG)  # a session's call: streamed to its replica
+                np.testing.assert_array_equal(client.get(remote), BIG)  # streamed back
+                assert sum(plane.transfers for plane in planes) == 10  # type: ignore[union-attr]

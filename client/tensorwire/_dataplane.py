@@ -16,13 +16,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Final
 
 from tensorwire.channel import split_address
 from tensorwire.errors import UnavailableError
 from tensorwire.targets import SCHEMES
 from tensorwire.v1 import tensorwire_pb2 as pb
-from tensorwire.wire import dataplane
+from tensorwire.wire import dataplane, framing
 from tensorwire.wire.dataplane import (
     ACCEPTED,
     REQUEST,
@@ -41,6 +42,10 @@ CONNECT_SECONDS: Final = 1.0
 FALLBACK_SECONDS: Final = 600.0
 #: Idle connections kept per server port.
 POOLED: Final = 8
+
+
+#: The request part, right after the header, that asks for the data plane.
+ASK_DATA: Final = framing.part(framing.PART_DATA, [], 0)
 
 
 class DataLinks:
@@ -221,3 +226,34 @@ def discard(sock: socket.socket | None) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.close()
+
+
+@dataclass(frozen=True)
+class DataRoute:
+    """Where a streamed attempt over the data plane goes: the methods its call goes
+    through, and the data connections to the same server."""
+
+    methods: dict[str, Any]
+    links: DataLinks
+
+
+def answer_ticket(
+    links: DataLinks,
+    body: memoryview,
+    payloads: list[memoryview],
+    timeout: float | None,
+    chunk_size: int,
+    upload: Advance | None,
+) -> tuple[socket.socket | None, OSError | None]:
+    """Answer the server's ticket (a DataTransfer, in ``body``): the payloads sent on
+    a data connection, which carries the response (None: none could be made, or the
+    server has no data plane: chunks instead), and the error that cut it."""
+    transfer = pb.DataTransfer.FromString(bytes(body))
+    if not transfer.ticket:
+        links.fall_back()  # a server without a data plane
+        return None, None
+    try:
+        return links.send(transfer, payloads, timeout, chunk_size, upload), None
+    except OSError as exc:
+        # The server's status says why (it closed the connection on failing).
+        return None, exc

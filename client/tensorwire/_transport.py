@@ -22,14 +22,14 @@ from typing import Any, ClassVar, Final, Literal, NoReturn, Self, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from tensorwire._dataplane import DataLinks, data_host, tls_context
+from tensorwire._dataplane import DataLinks, DataRoute, data_host, tls_context
 from tensorwire._flow import Route, Send
 from tensorwire.channel import CLIENT_OPTIONS, Pem, client_security, read_pem, split_address
 from tensorwire.errors import TensorwireError, UnavailableError, error_class
 from tensorwire.targets import ROUND_ROBIN, Target, parse_target, pinned, replicas
 from tensorwire.types import Progress, ProgressCallback, UseClientDefault
 from tensorwire.v1 import tensorwire_pb2 as pb
-from tensorwire.wire import framing, streaming
+from tensorwire.wire import streaming
 from tensorwire.wire.codec import Encoder, Received, receiver
 from tensorwire.wire.protocol import CHANNEL_OPTIONS, REQUEST_ID_KEY, RETRY_PUSHBACK_KEY
 from tensorwire.wire.streaming import DEFAULT_CHUNK_SIZE, Advance, StreamReceiver
@@ -89,8 +89,9 @@ STREAMED: Final = tuple(name for name, spec in METHODS.items() if spec.streamed)
 #: loopback (docs/performance.md): below it the unary path's lower setup cost wins.
 DEFAULT_STREAM_THRESHOLD: Final = 2 << 20
 
-#: The request part, right after the header, that asks for the data plane.
-ASK_DATA: Final = framing.part(framing.PART_DATA, [], 0)
+#: Seconds a multi-replica target's addresses are used before resolving them again
+#: for the data plane (the channel's own resolver keeps its own pace).
+REPLICAS_SECONDS: Final = 30.0
 
 #: The status codes worth another attempt. UNAVAILABLE means no server took the call
 #: (refused, reset, starting up, draining). CANCELLED reaches a client only from the
@@ -309,16 +310,25 @@ class Transport:
         self._where = where
         self._channel = self._open_channel(where)
         self._methods = self._bind_methods(self._channel)
-        #: The data connections: to the one host ``where`` reaches, else none.
+        #: The data connections: to the one host ``where`` reaches, else none (then
+        #: each replica has its own, in ``_replicas``).
+        self._links = self._data_links(where)
+        self._pin_lock = threading.Lock()
+        # The replica chosen, its methods, and its own channel (None: self._channel).
+        self._pinned: tuple[Target, dict[str, Any], Any] | None = None
+        # For several replicas: each one's own channel, methods and data connections,
+        # opened when a streamed call first goes to it over the data plane; and the
+        # replicas' addresses, with when they were resolved.
+        self._replicas: dict[str, tuple[Any, dict[str, Any], DataLinks]] = {}
+        self._resolved: tuple[float, list[str]] = (-REPLICAS_SECONDS, [])
+
+    def _data_links(self, where: Target) -> DataLinks:
         named = self._server_name or where.authority  # the name TLS checks, as gRPC's
-        self._links = DataLinks(
+        return DataLinks(
             data_host(where.channel) if self._data_on else None,
             self._data_tls,
             None if named is None else split_address(named)[0],
         )
-        self._pin_lock = threading.Lock()
-        # The replica chosen, its methods, and its own channel (None: self._channel).
-        self._pinned: tuple[Target, dict[str, Any], Any] | None = None
 
     def __repr__(self) -> str:
         # Never the token: reprs end up in logs and tracebacks.
@@ -386,10 +396,57 @@ class Transport:
         self._check_open()
         return self._pin()[1]
 
-    def _channels(self) -> list[Any]:
-        """Every channel this client opened, for ``close``."""
+    def _release(self) -> list[Any]:
+        """Close every data connection; every channel this client opened, which
+        ``close`` closes (each twin its own way)."""
         pinned_channel = None if self._pinned is None else self._pinned[2]
-        return [self._channel] if pinned_channel is None else [self._channel, pinned_channel]
+        channels = [self._channel] if pinned_channel is None else [self._channel, pinned_channel]
+        for channel, _, links in self._replicas.values():
+            channels.append(channel)
+            links.close()
+        self._links.close()
+        return channels
+
+    def _data_route(self, call: CallState) -> DataRoute | None:
+        """Where a streamed attempt goes when its payloads take the data plane (None:
+        they go through gRPC). A ticket is good on the server that issued it only, so
+        with several replicas the call goes to one replica, chosen at random for each
+        call (balanced as gRPC's round robin would), or the session's for a call of
+        the session; each replica has its own channel and data connections."""
+        if self._links.host is not None:
+            return DataRoute(call.methods, self._links) if self._links.usable() else None
+        if not self._data_on:
+            return None
+        session = self._pinned
+        if session is not None and call.methods is session[1]:
+            address = session[0].channel  # the session lives there
+        else:
+            found = self._replica_addresses()
+            if not found:
+                return None  # a Unix socket, or a resolver of gRPC's own
+            address = random.choice(found)
+        with self._pin_lock:
+            opened = self._replicas.get(address)
+            if opened is None:
+                where = pinned(self._where, address)
+                channel = self._open_channel(where)
+                opened = (channel, self._bind_methods(channel), self._data_links(where))
+                self._replicas[address] = opened
+        _, methods, links = opened
+        if not links.usable():
+            return None
+        return DataRoute(call.methods if call.methods is not self._methods else methods, links)
+
+    def _replica_addresses(self) -> list[str]:
+        """The replicas' addresses, resolved again every REPLICAS_SECONDS."""
+        when, found = self._resolved
+        if time.monotonic() - when > REPLICAS_SECONDS:
+            try:
+                found = replicas(self._where)
+            except UnavailableError:
+                found = []
+            self._resolved = (time.monotonic(), found)
+        return found
 
     @staticmethod
     def _bind_methods(channel: Any) -> dict[str, Any]:
@@ -475,24 +532,6 @@ class Transport:
             chunks,
             StreamReceiver(RESPONSES[call.method], advance=reporter.stage("download")),
         )
-
-    def _data_sent(
-        self, call: CallState, body: memoryview, payloads: list[memoryview]
-    ) -> tuple[Any, OSError | None]:
-        """Answer the server's ticket (in ``body``): the payloads sent on a data
-        connection, which carries the response (None: none could be made, or the
-        server has no data plane: chunks instead), and the error that cut it."""
-        transfer = pb.DataTransfer.FromString(bytes(body))
-        if not transfer.ticket:
-            self._links.fall_back()  # a server without a data plane
-            return None, None
-        upload = call.reporter.stage("upload")
-        try:
-            sock = self._links.send(transfer, payloads, call.remaining(), self.chunk_size, upload)
-        except OSError as exc:
-            # The server's status says why (it closed the connection on failing).
-            return None, exc
-        return sock, None
 
     def _stream_failed(self, call: CallState, exc: BaseException) -> NoReturn:
         """Raise what a streamed attempt that failed with ``exc`` raises, or Retry."""

@@ -12,11 +12,11 @@ import grpc.aio
 import numpy as np
 
 from tensorwire._base import BaseClient
-from tensorwire._dataplane import discard
+from tensorwire._dataplane import ASK_DATA, DataRoute, answer_ticket, discard
 from tensorwire._flow import Flow, Locked, Send
 from tensorwire._messages import OPTIMIZER_OPTIONS
 from tensorwire._session import SessionState
-from tensorwire._transport import ASK_DATA, CallState, Retry
+from tensorwire._transport import CallState, Retry
 from tensorwire.errors import UnavailableError
 from tensorwire.programs import Program
 from tensorwire.remote import AsyncRemoteTensor, AsyncTrainer
@@ -75,8 +75,7 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
         if not self._closed:
             await self._drive(self._session.end())
             self._closed = True
-            self._links.close()
-            for channel in self._channels():
+            for channel in self._release():
                 await channel.close(grace=None)
 
     # ------------------------------------------------------------------ the loops
@@ -121,8 +120,9 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
         return await self._stream(call)
 
     async def _stream(self, call: CallState) -> Received[Any]:
-        if self._links.usable():
-            return await self._stream_data(call)
+        route = self._data_route(call)
+        if route is not None:
+            return await self._stream_data(call, route)
         parts, receiver = self._stream_parts(call)
         rpc = call.methods[f"{call.method}Stream"](
             parts, timeout=call.remaining(), metadata=call.metadata
@@ -136,9 +136,10 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
             rpc.cancel()  # whatever went wrong, stop the server's work too
             self._stream_failed(call, exc)
 
-    async def _stream_data(self, call: CallState) -> Received[Any]:
+    async def _stream_data(self, call: CallState, route: DataRoute) -> Received[Any]:
         """See ``Client._stream_data``; the data connection's work runs on a thread."""
         header, payloads, chunks, receiver = self._data_parts(call)
+        upload = call.reporter.stage("upload")
         chunked: asyncio.Queue[bool] = asyncio.Queue()
 
         async def requests() -> AsyncIterator[bytes]:
@@ -148,7 +149,7 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
                 for chunk in chunks:
                     yield chunk
 
-        rpc = call.methods[f"{call.method}Stream"](
+        rpc = route.methods[f"{call.method}Stream"](
             requests(), timeout=call.remaining(), metadata=call.metadata
         )
         sock = broke = None
@@ -161,10 +162,13 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
                 elif receiver.started:  # the response's payloads follow on the connection
                     if sock is None:
                         raise UnavailableError("the data connection broke") from broke
-                    await asyncio.to_thread(self._links.receive, sock, receiver, call.remaining())
+                    await asyncio.to_thread(route.links.receive, sock, receiver, call.remaining())
                     sock = None
                 else:  # the ticket
-                    sock, broke = await asyncio.to_thread(self._data_sent, call, body, payloads)
+                    sock, broke = await asyncio.to_thread(
+                        answer_ticket,
+                        *(route.links, body, payloads, call.remaining(), self.chunk_size, upload),
+                    )
                     chunked.put_nowait(sock is None and broke is None)
             if broke is not None:
                 raise UnavailableError(f"the data connection broke: {broke}")

@@ -13,11 +13,11 @@ import grpc
 import numpy as np
 
 from tensorwire._base import BaseClient
-from tensorwire._dataplane import discard
+from tensorwire._dataplane import ASK_DATA, DataRoute, answer_ticket, discard
 from tensorwire._flow import Flow, Locked, Send
 from tensorwire._messages import OPTIMIZER_OPTIONS
 from tensorwire._session import SessionState
-from tensorwire._transport import ASK_DATA, CallState, Retry
+from tensorwire._transport import CallState, Retry
 from tensorwire.errors import UnavailableError
 from tensorwire.programs import Program
 from tensorwire.remote import RemoteTensor, Trainer
@@ -112,8 +112,7 @@ class Client(BaseClient[RemoteTensor, Trainer]):
         if not self._closed:
             self._drive(self._session.end())
             self._closed = True
-            self._links.close()
-            for channel in self._channels():
+            for channel in self._release():
                 channel.close()
 
     # ------------------------------------------------------------------ the loops
@@ -159,8 +158,9 @@ class Client(BaseClient[RemoteTensor, Trainer]):
         return self._stream(call)
 
     def _stream(self, call: CallState) -> Received[Any]:
-        if self._links.usable():
-            return self._stream_data(call)
+        route = self._data_route(call)
+        if route is not None:
+            return self._stream_data(call, route)
         parts, receiver = self._stream_parts(call)
         rpc = call.methods[f"{call.method}Stream"](
             parts, timeout=call.remaining(), metadata=call.metadata
@@ -174,11 +174,12 @@ class Client(BaseClient[RemoteTensor, Trainer]):
             rpc.cancel()  # whatever went wrong, stop the server's work too
             self._stream_failed(call, exc)
 
-    def _stream_data(self, call: CallState) -> Received[Any]:
+    def _stream_data(self, call: CallState, route: DataRoute) -> Received[Any]:
         """A streamed attempt whose payloads go over the data plane: header, then a
         request for a ticket; the payloads on a data connection (or, when none can be
         made, as chunks after all); the response's on the same connection."""
         header, payloads, chunks, receiver = self._data_parts(call)
+        upload = call.reporter.stage("upload")
         chunked: queue.SimpleQueue[bool] = queue.SimpleQueue()
 
         def requests() -> Iterator[bytes]:
@@ -187,7 +188,7 @@ class Client(BaseClient[RemoteTensor, Trainer]):
             if chunked.get():
                 yield from chunks
 
-        rpc = call.methods[f"{call.method}Stream"](
+        rpc = route.methods[f"{call.method}Stream"](
             requests(), timeout=call.remaining(), metadata=call.metadata
         )
         sock = broke = None
@@ -200,10 +201,12 @@ class Client(BaseClient[RemoteTensor, Trainer]):
                 elif receiver.started:  # the response's payloads follow on the connection
                     if sock is None:
                         raise UnavailableError("the data connection broke") from broke
-                    self._links.receive(sock, receiver, call.remaining())
+                    route.links.receive(sock, receiver, call.remaining())
                     sock = None
                 else:  # the ticket
-                    sock, broke = self._data_sent(call, body, payloads)
+                    sock, broke = answer_ticket(
+                        route.links, body, payloads, call.remaining(), self.chunk_size, upload
+                    )
                     chunked.put(sock is None and broke is None)
             if broke is not None:
                 raise UnavailableError(f"the data connection broke: {broke}")
