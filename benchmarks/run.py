@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import re
 import socket
 import statistics
@@ -47,6 +48,7 @@ TCP = "raw TCP, one way (floor)"
 ECHO = "grpcio unary echo (floor)"
 RPC = "torch.distributed.rpc identity, same-host defaults (peer)"
 RPC_TCP = "torch.distributed.rpc identity, TCP forced (peer)"
+SHM = "tritonclient identity, system shared memory (same host)"
 CLIENT = "tensorwire Client identity (data plane)"
 ASYNC = "tensorwire AsyncClient identity (data plane)"
 IN_GRPC = "tensorwire Client identity, payloads in gRPC (data_plane=False)"
@@ -101,6 +103,7 @@ def start_tensorwire() -> tuple[subprocess.Popen[str], str]:
             "0",
             "--device",
             "auto",
+            "--allow-shared-memory",  # for the same-host row (tritonclient)
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -166,6 +169,9 @@ def main() -> None:
             args.latency_calls,
             lambda: client.infer("identity", small),
             lambda: echo_call(small.tobytes()),
+        )
+        rows[SHM] = measure_shared_memory(
+            tw_address, [s for s in sizes if s <= 1 << 30], args.repeats
         )
         if gpu := measure_gpu([s for s in sizes if s <= (1 << 30)], args.repeats):
             rows.update(gpu)
@@ -233,6 +239,43 @@ def measure_tensorwire(
         best = best_of(repeats, lambda: in_grpc.infer("identity", payload))
         rows.setdefault(IN_GRPC, {})[size] = 2 * size / best
     return notes
+
+
+def measure_shared_memory(address: str, sizes: list[int], repeats: int) -> dict[int, float]:
+    """Triton's system shared memory from tritonclient, as its users call it: the input
+    written into a region, identity run on it, the output read in place from another
+    (a view; a caller who keeps it copies it); (sent + received) / best time."""
+    import tritonclient.grpc as triton
+
+    with triton.InferenceServerClient(address) as client:
+        return {size: 2 * size / shared_memory_best(client, size, repeats) for size in sizes}
+
+
+def shared_memory_best(client: Any, size: int, repeats: int) -> float:
+    import tritonclient.grpc as triton
+    import tritonclient.utils.shared_memory as shm
+
+    payload = make_payload(size)
+    names = (f"tw-bench-in-{os.getpid()}", f"tw-bench-out-{os.getpid()}")
+    regions = [shm.create_shared_memory_region(name, f"/{name}", size) for name in names]
+    try:
+        for name in names:
+            client.register_system_shared_memory(name, f"/{name}", size)
+        sent = triton.InferInput("input", [size], "UINT8")
+        sent.set_shared_memory(names[0], size)
+        wanted = triton.InferRequestedOutput("output")
+        wanted.set_shared_memory(names[1], size)
+
+        def round_trip() -> None:
+            shm.set_shared_memory_region(regions[0], [payload])
+            client.infer("identity", [sent], outputs=[wanted])
+            shm.get_contents_as_numpy(regions[1], np.uint8, [size])
+
+        return best_of(repeats, round_trip)
+    finally:
+        client.unregister_system_shared_memory()
+        for region in regions:
+            shm.destroy_shared_memory_region(region)
 
 
 def measure_rpc(sizes: list[int], repeats: int, tcp: bool) -> dict[int, float]:
@@ -377,6 +420,11 @@ def report(rows: Rows, sizes: list[int], latency: dict[str, float], notes: list[
             )
             if ratios:
                 print(f"- {name} / {label}: {ratios}")
+    if SHM in rows and RPC in rows:  # issue 19's target: >= 3 x torch's same-host defaults
+        ratios = ", ".join(
+            f"{human(s)}: {rows[SHM][s] / rows[RPC][s]:.2f}" for s in rows[SHM] if s in rows[RPC]
+        )
+        print(f"- {SHM} / {RPC}: {ratios}")
     for path in (GPU_H2D, GPU_H2D_STREAM):
         if path in rows:
             ratios = ", ".join(
