@@ -354,13 +354,14 @@ def test_several_replicas_each_take_their_own_tickets(engine) -> None:  # type: 
         for other in serving(engine):
             planes = [one.data_plane, other.data_plane]
             target = [address(one), address(other)]
+            streamed = np.arange(3 << 18, dtype=np.float32)  # 3 MiB: just past the threshold
             with tw.Client(target, timeout=TIMEOUT) as client:
-                for k in range(8):
-                    np.testing.assert_array_equal(
-                        client.infer("identity", BIG + k)["output"], BIG + k
-                    )
+                # Replicas are chosen at random: all 32 on one would happen 1 in 2**31.
+                for k in range(32):
+                    out = client.infer("identity", streamed + k)["output"]
+                    np.testing.assert_array_equal(out, streamed + k)
                 counts = [plane.transfers for plane in planes]  # type: ignore[union-attr]
-                assert sum(counts) == 8 and all(counts), counts  # both served some
+                assert sum(counts) == 32 and all(counts), counts  # both served some
                 remote = client.put(BIG)  # a session's call: streamed to its replica
                 np.testing.assert_array_equal(client.get(remote), BIG)  # streamed back
-                assert sum(plane.transfers for plane in planes) == 10  # type: ignore[union-attr]
+                assert sum(plane.transfers for plane in planes) == 34  # type: ignore[union-attr]
