@@ -92,14 +92,14 @@ class DataLinks:
             if advance is not None:
                 advance(0, total)
             for payload in payloads:
-                # Whole when nobody listens: each piece costs a call into the kernel.
-                step = payload.nbytes or 1 if advance is None else chunk_size
-                for start in range(0, payload.nbytes, step):
-                    piece = payload[start : start + step]
+                if advance is None:  # whole: each piece would cost a call into the kernel
+                    sock.sendall(payload)
+                    continue
+                for start in range(0, payload.nbytes, chunk_size):
+                    piece = payload[start : start + chunk_size]
                     sock.sendall(piece)
                     done += piece.nbytes
-                    if advance is not None:
-                        advance(done, total)
+                    advance(done, total)
         except BaseException:
             sock.close()
             raise

@@ -418,13 +418,16 @@ class Transport:
         if not self._data_on:
             return None
         session = self._pinned
-        if session is not None and call.methods is session[1]:
-            address = session[0].channel  # the session lives there
-        else:
+        balanced = call.methods is self._methods  # a call any replica may answer
+        if balanced:
             found = self._replica_addresses()
             if not found:
                 return None  # a Unix socket, or a resolver of gRPC's own
             address = random.choice(found)
+        elif session is not None and call.methods is session[1]:
+            address = session[0].channel  # the session lives there
+        else:
+            return None
         with self._pin_lock:
             opened = self._replicas.get(address)
             if opened is None:
@@ -435,7 +438,7 @@ class Transport:
         _, methods, links = opened
         if not links.usable():
             return None
-        return DataRoute(call.methods if call.methods is not self._methods else methods, links)
+        return DataRoute(methods if balanced else call.methods, links)
 
     def _replica_addresses(self) -> list[str]:
         """The replicas' addresses, resolved again every REPLICAS_SECONDS."""
@@ -512,26 +515,22 @@ class Transport:
     def _stream_parts(self, call: CallState) -> tuple[Iterator[bytes], StreamReceiver[Any]]:
         """The request parts of a streamed attempt and the receiver for its response;
         every attempt sends the request from its start, and reports progress from 0."""
-        reporter = call.reporter
-        parts = streaming.parts(call.encoder, self.chunk_size, reporter.stage("upload"))
-        return parts, StreamReceiver(RESPONSES[call.method], advance=reporter.stage("download"))
+        parts = streaming.parts(call.encoder, self.chunk_size, call.reporter.stage("upload"))
+        return parts, self._receiver(call)
 
-    def _data_parts(
-        self, call: CallState
-    ) -> tuple[bytes, list[memoryview], Iterator[bytes], StreamReceiver[Any]]:
+    def _data_parts(self, call: CallState) -> tuple[bytes, list[memoryview], Iterator[bytes]]:
         """For a streamed attempt over the data plane: the header part, the payloads
-        the data connection carries, the chunk parts that carry them should the data
-        port prove unreachable, and the receiver for the response."""
-        reporter = call.reporter
-        chunks = streaming.parts(call.encoder, self.chunk_size, reporter.stage("upload"))
-        header = next(chunks)
-        _, payloads = call.encoder.header()
-        return (
-            header,
-            payloads,
-            chunks,
-            StreamReceiver(RESPONSES[call.method], advance=reporter.stage("download")),
-        )
+        the data connection carries, and the chunk parts that carry them should the
+        data port prove unreachable."""
+        header, payloads = call.encoder.header()
+        upload = call.reporter.stage("upload")
+        chunks = streaming.chunk_parts(payloads, self.chunk_size, upload)
+        return streaming.header_part(header), payloads, chunks
+
+    @staticmethod
+    def _receiver(call: CallState) -> StreamReceiver[Any]:
+        """The receiver of a streamed attempt's response, reporting progress from 0."""
+        return StreamReceiver(RESPONSES[call.method], advance=call.reporter.stage("download"))
 
     def _stream_failed(self, call: CallState, exc: BaseException) -> NoReturn:
         """Raise what a streamed attempt that failed with ``exc`` raises, or Retry."""

@@ -138,7 +138,8 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
 
     async def _stream_data(self, call: CallState, route: DataRoute) -> Received[Any]:
         """See ``Client._stream_data``; the data connection's work runs on a thread."""
-        header, payloads, chunks, receiver = self._data_parts(call)
+        header, payloads, chunks = self._data_parts(call)
+        receiver = self._receiver(call)
         upload = call.reporter.stage("upload")
         chunked: asyncio.Queue[bool] = asyncio.Queue()
 
@@ -158,7 +159,7 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
                 number, body = framing.split_part(raw)
                 if number != framing.PART_DATA:
                     call.responded = True
-                    receiver.feed(raw)
+                    receiver.take(number, body)
                 elif receiver.started:  # the response's payloads follow on the connection
                     if sock is None:
                         raise UnavailableError("the data connection broke") from broke

@@ -178,7 +178,8 @@ class Client(BaseClient[RemoteTensor, Trainer]):
         """A streamed attempt whose payloads go over the data plane: header, then a
         request for a ticket; the payloads on a data connection (or, when none can be
         made, as chunks after all); the response's on the same connection."""
-        header, payloads, chunks, receiver = self._data_parts(call)
+        header, payloads, chunks = self._data_parts(call)
+        receiver = self._receiver(call)
         upload = call.reporter.stage("upload")
         chunked: queue.SimpleQueue[bool] = queue.SimpleQueue()
 
@@ -197,7 +198,7 @@ class Client(BaseClient[RemoteTensor, Trainer]):
                 number, body = framing.split_part(raw)
                 if number != framing.PART_DATA:
                     call.responded = True
-                    receiver.feed(raw)
+                    receiver.take(number, body)
                 elif receiver.started:  # the response's payloads follow on the connection
                     if sock is None:
                         raise UnavailableError("the data connection broke") from broke

@@ -54,6 +54,8 @@ class Transfer:
 
     ticket: bytes
     receiver: StreamReceiver[Any]
+    #: The plane that issued it, and the port its connection comes to.
+    plane: DataPlane
     expires: float
     #: Seconds the payload may take to arrive once claimed (the stream limit).
     stall_seconds: float
@@ -78,6 +80,15 @@ class Transfer:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
+
+    @property
+    def port(self) -> int:
+        """The data port the ticket is presented on."""
+        return self.plane.port
+
+    def revoke(self) -> bool:
+        """Withdraw the ticket; whether no connection had claimed it."""
+        return self.plane.revoke(self)
 
     def answer(self, payloads: list[memoryview] | None) -> None:
         """Hand the connection the response's payloads, or None: close it (the call
@@ -132,6 +143,7 @@ class DataPlane:
         transfer = Transfer(
             secrets.token_bytes(dataplane.TICKET_BYTES),
             receiver,
+            self,
             now + TICKET_SECONDS,
             stall_seconds,
         )

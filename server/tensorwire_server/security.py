@@ -174,10 +174,9 @@ def server_credentials(
 ) -> grpc.ServerCredentials | None:
     """TLS credentials from PEM files, requiring client certificates signed by
     ``client_ca`` when it is given (mutual TLS); None for plain text."""
-    if not (cert or key or client_ca):
+    if not _serves_tls(cert, key, client_ca):
         return None
-    if not (cert and key):
-        raise ValueError("TLS needs both tls_cert and tls_key")
+    assert cert and key  # _serves_tls checked
     pair = (_read(key, "tls_key"), _read(cert, "tls_cert"))
     if client_ca is None:
         return grpc.ssl_server_credentials([pair])
@@ -191,10 +190,9 @@ def server_ssl_context(
 ) -> ssl.SSLContext | None:
     """The same TLS as ``server_credentials``, for a listener of Python's own (the data
     plane); None for plain text."""
-    if not (cert or key or client_ca):
+    if not _serves_tls(cert, key, client_ca):
         return None
-    if not (cert and key):
-        raise ValueError("TLS needs both tls_cert and tls_key")
+    assert cert and key  # _serves_tls checked
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
@@ -202,6 +200,15 @@ def server_ssl_context(
         context.verify_mode = ssl.CERT_REQUIRED
         context.load_verify_locations(cafile=client_ca)
     return context
+
+
+def _serves_tls(cert: str | None, key: str | None, client_ca: str | None) -> bool:
+    """Whether the TLS settings ask for TLS; ValueError when they ask for half of it."""
+    if not (cert or key or client_ca):
+        return False
+    if not (cert and key):
+        raise ValueError("TLS needs both tls_cert and tls_key")
+    return True
 
 
 def _read(path: str, what: str) -> bytes:

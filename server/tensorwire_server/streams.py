@@ -63,18 +63,19 @@ def streamed(
                 # past the limit (a part arriving late gets DEADLINE_EXCEEDED), cut it.
                 async with asyncio.timeout(limits.max_stream_seconds + 1):
                     async for raw in requests:
-                        if framing.split_part(raw)[0] == framing.PART_DATA:
+                        number, body = framing.split_part(raw)
+                        if number == framing.PART_DATA:
                             # The payloads will come over the data plane: a ticket.
                             _check_ask(receiver, asked)
                             asked = True
                             transfer = _issue(servicer, receiver)
-                            yield _ticket(servicer, transfer)
+                            yield _ticket(transfer)
                             continue
                         if transfer is not None:
                             # The client could not reach the data port: chunks after all.
-                            _withdraw(servicer, transfer)
+                            _withdraw(transfer)
                             transfer = None
-                        receiver.feed(raw)
+                        receiver.take(number, body)
                         limits.stream_time(time.monotonic() - started)
                     if transfer is not None:
                         await _arrival(transfer, rpc.remaining(context))
@@ -89,7 +90,7 @@ def streamed(
                     return
                 # The response's header over gRPC, its payloads on the data connection.
                 header, payloads = encoder.header()
-                yield framing.part(framing.PART_HEADER, [header], len(header))
+                yield streaming.header_part(header)
                 announce = pb.DataTransfer(payload_bytes=encoder.payload_bytes)
                 yield _data_part(announce)
                 transfer.answer(payloads)
@@ -110,7 +111,7 @@ def streamed(
                     # Unanswered (the call failed): the connection closes, the client
                     # drops it; an unclaimed ticket lapses now.
                     transfer.abandon()
-                    servicer.data_plane.revoke(transfer)  # type: ignore[union-attr]
+                    transfer.revoke()
 
     return handle
 
@@ -131,16 +132,15 @@ def _issue(servicer: Answering, receiver: StreamReceiver[Any]) -> Transfer | Non
     return plane.issue(receiver, servicer.service.limits.max_stream_seconds)
 
 
-def _ticket(servicer: Answering, transfer: Transfer | None) -> bytes:
+def _ticket(transfer: Transfer | None) -> bytes:
     """The response part that hands the client its ticket; without one (no data
     plane), the client sends chunks."""
-    plane = servicer.data_plane
-    if plane is None or transfer is None:
+    if transfer is None:
         return _data_part(pb.DataTransfer())
     return _data_part(
         pb.DataTransfer(
             ticket=transfer.ticket,
-            port=plane.port,
+            port=transfer.port,
             payload_bytes=transfer.receiver.total,
             expires_in_seconds=TICKET_SECONDS,
         )
@@ -152,9 +152,9 @@ def _data_part(transfer: pb.DataTransfer) -> bytes:
     return framing.part(framing.PART_DATA, [body], len(body))
 
 
-def _withdraw(servicer: Answering, transfer: Transfer) -> None:
+def _withdraw(transfer: Transfer) -> None:
     """Take back an unclaimed ticket before chunks fill the same buffers."""
-    if not servicer.data_plane.revoke(transfer):  # type: ignore[union-attr]
+    if not transfer.revoke():
         raise InvalidArgumentError(
             "malformed stream: chunks for a request whose payloads came over the data plane"
         )

@@ -54,7 +54,19 @@ def parts(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, not {chunk_size}")
     header, payloads = encoder.header()
-    yield framing.part(framing.PART_HEADER, [header], len(header))
+    yield header_part(header)
+    yield from chunk_parts(payloads, chunk_size, advance)
+
+
+def header_part(header: bytes) -> bytes:
+    """The *Part message that carries a streamed message's header."""
+    return framing.part(framing.PART_HEADER, [header], len(header))
+
+
+def chunk_parts(
+    payloads: list[memoryview], chunk_size: int, advance: Advance | None = None
+) -> Iterator[bytes]:
+    """The chunk parts that carry ``payloads`` back to back, as ``parts`` makes them."""
     total = sum(p.nbytes for p in payloads)
     done = 0
     if advance is not None:
@@ -109,7 +121,11 @@ class StreamReceiver(Generic[M]):
 
     def feed(self, raw: bytes) -> None:
         """Take the next serialized part."""
-        number, body = framing.split_part(raw)
+        self.take(*framing.split_part(raw))
+
+    def take(self, number: int, body: memoryview) -> None:
+        """Take the next part, already split into its field number and body (by a
+        caller that looked at the number first)."""
         if self._message is None:
             if number != framing.PART_HEADER:
                 raise InvalidArgumentError("malformed stream: a chunk came before the header")
