@@ -1,5 +1,7 @@
 """The data plane: streamed payloads over a TCP connection beside gRPC, with tickets,
-TLS as gRPC has it, and chunks through gRPC whenever it cannot be had."""
+TLS as gRPC has it, and chunks through gRPC whenever it cannot be had. (These
+servers offer no same-host transfers, which a client on their host would prefer:
+tests/test_same_host.py has those.)"""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from tensorwire._dataplane import ASK_DATA
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
 from tensorwire.wire.dataplane import ACCEPTED, REQUEST, REQUEST_MAGIC, RESPONSE, recv_exact
+from tensorwire_server.dataplane import DataPlane
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
@@ -36,6 +39,7 @@ def engine():  # type: ignore[no-untyped-def]
 
 
 def serving(engine, **settings: object) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def]
+    settings = {"same_host": False, **settings}
     server = TensorwireServer(Settings(port=0, device="cpu", **settings), engine)  # type: ignore[arg-type]
     server.start()
     try:
@@ -53,6 +57,12 @@ def address(server: TensorwireServer) -> str:
     return f"127.0.0.1:{server.port}"
 
 
+def transfers(plane: DataPlane | None) -> int:
+    """Transfers over the data port."""
+    assert plane is not None
+    return plane.moved["tcp"][0]
+
+
 def test_streamed_calls_move_their_payloads_over_the_data_plane(server: TensorwireServer) -> None:
     plane = server.data_plane
     assert plane is not None
@@ -60,17 +70,17 @@ def test_streamed_calls_move_their_payloads_over_the_data_plane(server: Tensorwi
         out = client.infer("identity", BIG)["output"]
         np.testing.assert_array_equal(out, BIG)
         assert out.flags.writeable and out.flags.c_contiguous
-        assert plane.transfers == 1
-        assert plane.bytes == 2 * BIG.nbytes
+        assert transfers(plane) == 1
+        assert plane.moved["tcp"][1] == 2 * BIG.nbytes
         # The same connection again, for every streamed method.
         result = client.call("add", BIG, BIG)
         np.testing.assert_array_equal(result, BIG + BIG)
         grads = client.call_grad("sum", BIG)
         np.testing.assert_array_equal(next(iter(grads.grads.values())), np.ones_like(BIG))
-        assert plane.transfers == 3
+        assert transfers(plane) == 3
         # Small calls stay unary, in gRPC.
         client.infer("identity", np.ones(4, np.float32))
-        assert plane.transfers == 3
+        assert transfers(plane) == 3
 
 
 def test_the_async_client_uses_the_data_plane_too(server: TensorwireServer) -> None:
@@ -83,7 +93,7 @@ def test_the_async_client_uses_the_data_plane_too(server: TensorwireServer) -> N
             return first["output"]
 
     np.testing.assert_array_equal(asyncio.run(main()), BIG)
-    assert server.data_plane is not None and server.data_plane.transfers == 4
+    assert server.data_plane is not None and transfers(server.data_plane) == 4
 
 
 def test_a_server_without_a_data_plane_gets_chunks(engine) -> None:  # type: ignore[no-untyped-def]
@@ -91,7 +101,7 @@ def test_a_server_without_a_data_plane_gets_chunks(engine) -> None:  # type: ign
         assert plain.data_plane is None
         with tw.Client(address(plain), timeout=TIMEOUT) as client:
             np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-            assert not client._links.usable()  # remembered for a while
+            assert not client._data.links.usable()  # remembered for a while
 
 
 def test_an_unreachable_data_port_falls_back_to_chunks(server: TensorwireServer) -> None:
@@ -99,14 +109,14 @@ def test_an_unreachable_data_port_falls_back_to_chunks(server: TensorwireServer)
     server.data_plane.close()  # as a firewall would: nothing answers on the port
     with tw.Client(address(server), timeout=TIMEOUT) as client:
         np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-        assert not client._links.usable()
+        assert not client._data.links.usable()
         np.testing.assert_array_equal(client.infer("identity", BIG + 1)["output"], BIG + 1)
 
 
 def test_the_client_can_keep_payloads_in_grpc(server: TensorwireServer) -> None:
     with tw.Client(address(server), timeout=TIMEOUT, data_plane=False) as client:
         np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-    assert server.data_plane is not None and server.data_plane.transfers == 0
+    assert server.data_plane is not None and transfers(server.data_plane) == 0
 
 
 def test_a_data_port_that_answers_for_another_server_falls_back(engine) -> None:  # type: ignore[no-untyped-def]
@@ -117,12 +127,12 @@ def test_a_data_port_that_answers_for_another_server_falls_back(engine) -> None:
         for other in serving(engine):
             assert one.data_plane is not None and other.data_plane is not None
             with tw.Client(address(one), timeout=TIMEOUT) as client:
-                links = client._links
+                links = client._data.links
                 ticket = pb.DataTransfer(ticket=os.urandom(16), port=other.data_plane.port)
                 assert links.send(ticket, [memoryview(BIG)], TIMEOUT, 1 << 20) is None
                 assert not links.usable()
                 np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-            assert other.data_plane.transfers == one.data_plane.transfers == 0
+            assert transfers(other.data_plane) == transfers(one.data_plane) == 0
 
 
 # ------------------------------------------------------------ tickets, by hand
@@ -298,7 +308,7 @@ def test_the_data_plane_speaks_tls_when_grpc_does(engine, tmp_path: Path) -> Non
             address(secured), timeout=TIMEOUT, root_certificates=ca.cert_pem.bytes()
         ) as client:
             np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-        assert plane.transfers == 1
+        assert transfers(plane) == 1
 
 
 def test_mutual_tls_holds_on_the_data_plane(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -325,7 +335,7 @@ def test_mutual_tls_holds_on_the_data_plane(engine, tmp_path: Path) -> None:  # 
             private_key=client_cert.private_key_pem.bytes(),
         ) as client:
             np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-        assert plane.transfers == 1
+        assert transfers(plane) == 1
         # Without a client certificate the handshake fails: no ticket is read.
         anonymous = ssl.create_default_context(cadata=ca.cert_pem.bytes().decode())
         with (
@@ -342,8 +352,11 @@ def test_metrics_count_what_the_data_plane_moved(server: TensorwireServer) -> No
     with tw.Client(address(server), timeout=TIMEOUT) as client:
         client.infer("identity", BIG)
     registry = server.metrics.registry
-    assert registry.get_sample_value("tensorwire_data_plane_transfers_total") == 1
-    assert registry.get_sample_value("tensorwire_data_plane_bytes_total") == 2 * BIG.nbytes
+    assert registry.get_sample_value("tensorwire_data_plane_transfers_total", {"path": "tcp"}) == 1
+    assert (
+        registry.get_sample_value("tensorwire_data_plane_bytes_total", {"path": "tcp"})
+        == 2 * BIG.nbytes
+    )
 
 
 def test_several_replicas_each_take_their_own_tickets(engine) -> None:  # type: ignore[no-untyped-def]
@@ -360,8 +373,8 @@ def test_several_replicas_each_take_their_own_tickets(engine) -> None:  # type: 
                 for k in range(32):
                     out = client.infer("identity", streamed + k)["output"]
                     np.testing.assert_array_equal(out, streamed + k)
-                counts = [plane.transfers for plane in planes]  # type: ignore[union-attr]
+                counts = [transfers(plane) for plane in planes]  # type: ignore[union-attr]
                 assert sum(counts) == 32 and all(counts), counts  # both served some
                 remote = client.put(BIG)  # a session's call: streamed to its replica
                 np.testing.assert_array_equal(client.get(remote), BIG)  # streamed back
-                assert sum(plane.transfers for plane in planes) == 34  # type: ignore[union-attr]
+                assert sum(transfers(plane) for plane in planes) == 34  # type: ignore[union-attr]

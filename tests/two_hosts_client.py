@@ -29,7 +29,7 @@ def main() -> None:
             report = {
                 "ok": bool(np.array_equal(out, array)),
                 # A connection goes back to the pool only after a whole response.
-                "data_plane": any(client._links._idle.values()),
+                "data_plane": any(client._data.links._idle.values()),
             }
     report["seconds"] = time.monotonic() - began
     print(json.dumps(report), flush=True)

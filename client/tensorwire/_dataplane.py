@@ -1,6 +1,7 @@
 """The client's side of the data plane (the format: tensorwire/wire/dataplane.py):
-its connections, pooled per server port, with TLS as its channel has it, and what
-it learnt of where the data plane cannot be used.
+where each streamed attempt's payloads go (DataRoutes), its connections, pooled per
+server port, with TLS as its channel has it, same-host shared memory when the server
+is on this host (_samehost.py), and what it learnt of where either cannot be used.
 
 Blocking sockets, for both twins: ``recv_into`` and ``sendall`` release the GIL and
 run at the kernel's speed; AsyncClient runs them on a thread.
@@ -10,18 +11,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import socket
 import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
+from tensorwire._samehost import LocalCarrier, SameHost
 from tensorwire.channel import split_address
 from tensorwire.errors import UnavailableError
-from tensorwire.targets import SCHEMES
+from tensorwire.targets import SCHEMES, Target, pinned, replicas
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import dataplane, framing
 from tensorwire.wire.dataplane import (
@@ -42,6 +45,9 @@ CONNECT_SECONDS: Final = 1.0
 FALLBACK_SECONDS: Final = 600.0
 #: Idle connections kept per server port.
 POOLED: Final = 8
+#: Seconds a multi-replica target's addresses are used before resolving them again
+#: for the data plane (the channel's own resolver keeps its own pace).
+REPLICAS_SECONDS: Final = 30.0
 
 
 #: The request part, right after the header, that asks for the data plane.
@@ -49,14 +55,22 @@ ASK_DATA: Final = framing.part(framing.PART_DATA, [], 0)
 
 
 class DataLinks:
-    """A client's data connections to one server host, and whether to use them."""
+    """A client's data connections to one server, and whether to use them."""
 
-    def __init__(self, host: str | None, tls: ssl.SSLContext | None, server_name: str | None):
+    def __init__(
+        self,
+        host: str | None,
+        tls: ssl.SSLContext | None,
+        server_name: str | None,
+        same_host: SameHost | None = None,
+    ):
         #: The host the data connections go to (the host of the client's target); None:
-        #: the target names no single host (a Unix socket, several replicas): off.
+        #: no data port (a Unix socket target: only same-host transfers, if any).
         self.host = host
         self.tls = tls
         self.server_name = server_name or host
+        #: Same-host transfers, when the client makes them.
+        self.same_host = same_host
         self._idle: dict[int, list[socket.socket]] = {}
         self._lock = threading.Lock()
         self._off_until = 0.0
@@ -64,7 +78,8 @@ class DataLinks:
 
     def usable(self) -> bool:
         """Whether a streamed call should ask for the data plane now."""
-        return self.host is not None and not self._closed and time.monotonic() >= self._off_until
+        reachable = self.host is not None or self.same_host is not None
+        return reachable and not self._closed and time.monotonic() >= self._off_until
 
     def fall_back(self) -> None:
         """Send payloads through gRPC for a while: the data plane is not to be had."""
@@ -184,6 +199,31 @@ class DataLinks:
         sock.close()
 
 
+class Carrier(Protocol):
+    """The data connection of one transfer, once its request payloads are sent."""
+
+    def receive(self, receiver: StreamReceiver[Any], timeout: float | None) -> None:
+        """Get the response's payloads into ``receiver`` (its header taken)."""
+
+    def discard(self) -> None:
+        """The transfer failed: close the connection, keep nothing of it."""
+
+
+@dataclass
+class TcpCarrier:
+    """A transfer on a data-port connection."""
+
+    links: DataLinks
+    sock: socket.socket
+
+    def receive(self, receiver: StreamReceiver[Any], timeout: float | None) -> None:
+        self.links.receive(self.sock, receiver, timeout)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+
 def data_host(channel: str) -> str | None:
     """The one host a gRPC channel target reaches, for its data connections; None
     for a Unix socket, several addresses or a resolver of gRPC's own."""
@@ -221,11 +261,10 @@ def tls_context(
     return context
 
 
-def discard(sock: socket.socket | None) -> None:
+def discard(carrier: Carrier | None) -> None:
     """Close a connection whose transfer failed: what is left on it is unknown."""
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.close()
+    if carrier is not None:
+        carrier.discard()
 
 
 @dataclass(frozen=True)
@@ -241,19 +280,132 @@ def answer_ticket(
     links: DataLinks,
     body: memoryview,
     payloads: list[memoryview],
+    receiver: StreamReceiver[Any],
     timeout: float | None,
     chunk_size: int,
     upload: Advance | None,
-) -> tuple[socket.socket | None, OSError | None]:
-    """Answer the server's ticket (a DataTransfer, in ``body``): the payloads sent on
-    a data connection, which carries the response (None: none could be made, or the
+) -> tuple[Carrier | None, OSError | None]:
+    """Answer the server's ticket (a DataTransfer, in ``body``): the payloads passed
+    in shared memory when the server is on this host, else sent on a data
+    connection; the carrier of the response (None: neither could be had, or the
     server has no data plane: chunks instead), and the error that cut it."""
     transfer = pb.DataTransfer.FromString(bytes(body))
     if not transfer.ticket:
         links.fall_back()  # a server without a data plane
         return None, None
     try:
-        return links.send(transfer, payloads, timeout, chunk_size, upload), None
+        local = links.same_host
+        if local is not None and transfer.local_socket and local.usable(transfer.local_socket):
+            carrier: LocalCarrier | None = local.send(
+                *(transfer.local_socket, transfer.ticket, payloads, receiver),
+                *(timeout, chunk_size, upload),
+            )
+            if carrier is not None:
+                return carrier, None
+        if links.host is None:
+            return None, None  # no data port to try: chunks
+        sock = links.send(transfer, payloads, timeout, chunk_size, upload)
+        return (None if sock is None else TcpCarrier(links, sock)), None
     except OSError as exc:
         # The server's status says why (it closed the connection on failing).
         return None, exc
+
+
+class DataRoutes:
+    """Where one client's streamed attempts send their payloads over the data plane:
+    the data connections to its one server, or each replica's own."""
+
+    def __init__(
+        self,
+        where: Target,
+        on: bool,
+        tls: ssl.SSLContext | None,
+        server_name: str | None,
+        same_host: bool,
+        open_channel: Callable[[Target], Any],
+        bind: Callable[[Any], dict[str, Any]],
+    ) -> None:
+        self.on = on
+        self.tls = tls
+        self.server_name = server_name
+        self.same_host = SameHost() if on and same_host else None
+        self._open_channel = open_channel
+        self._bind = bind
+        host = data_host(where.channel) if on else None
+        one = host is not None or where.channel.startswith(("unix:", "unix-abstract:"))
+        #: The data connections when the target reaches one server, else None (then
+        #: each replica has its own, in ``_replicas``).
+        self.links = self._links(where) if on and one else None
+        # Each replica's own channel, methods and data connections, opened when a
+        # streamed call first goes to it; and the replicas' addresses, with when
+        # they were resolved.
+        self._replicas: dict[str, tuple[Any, dict[str, Any], DataLinks]] = {}
+        self._resolved: tuple[float, list[str]] = (-REPLICAS_SECONDS, [])
+        self._where = where
+        self._lock = threading.Lock()
+
+    def _links(self, where: Target) -> DataLinks:
+        named = self.server_name or where.authority  # the name TLS checks, as gRPC's
+        return DataLinks(
+            data_host(where.channel),
+            self.tls,
+            None if named is None else split_address(named)[0],
+            self.same_host,
+        )
+
+    def route(
+        self, methods: dict[str, Any], balanced: bool, session: Target | None
+    ) -> DataRoute | None:
+        """Where a streamed attempt through ``methods`` goes when its payloads take the
+        data plane (None: they go through gRPC). A ticket is good on the server that
+        issued it only, so with several replicas a ``balanced`` call (one any replica
+        may answer) goes to one replica chosen at random for each call (as gRPC's
+        round robin would), and a call of a session to the ``session``'s replica."""
+        if self.links is not None:
+            return DataRoute(methods, self.links) if self.links.usable() else None
+        if not self.on:
+            return None
+        if balanced:
+            found = self._replica_addresses()
+            if not found:
+                return None  # a resolver of gRPC's own
+            address = random.choice(found)
+        elif session is not None:
+            address = session.channel  # the session lives there
+        else:
+            return None
+        with self._lock:
+            opened = self._replicas.get(address)
+            if opened is None:
+                where = pinned(self._where, address)
+                channel = self._open_channel(where)
+                opened = (channel, self._bind(channel), self._links(where))
+                self._replicas[address] = opened
+        _, bound, links = opened
+        if not links.usable():
+            return None
+        return DataRoute(bound if balanced else methods, links)
+
+    def _replica_addresses(self) -> list[str]:
+        """The replicas' addresses, resolved again every REPLICAS_SECONDS."""
+        when, found = self._resolved
+        if time.monotonic() - when > REPLICAS_SECONDS:
+            try:
+                found = replicas(self._where)
+            except UnavailableError:
+                found = []
+            self._resolved = (time.monotonic(), found)
+        return found
+
+    def close(self) -> list[Any]:
+        """Close every data connection and free every segment; the replicas' channels,
+        for the client to close."""
+        channels = []
+        for channel, _, links in self._replicas.values():
+            channels.append(channel)
+            links.close()
+        if self.links is not None:
+            self.links.close()
+        if self.same_host is not None:
+            self.same_host.close()
+        return channels

@@ -22,9 +22,9 @@ from typing import Any, ClassVar, Final, Literal, NoReturn, Self, TypeVar
 import grpc
 from google.protobuf.message import Message
 
-from tensorwire._dataplane import DataLinks, DataRoute, data_host, tls_context
+from tensorwire._dataplane import DataRoute, DataRoutes, tls_context
 from tensorwire._flow import Route, Send
-from tensorwire.channel import CLIENT_OPTIONS, Pem, client_security, read_pem, split_address
+from tensorwire.channel import CLIENT_OPTIONS, Pem, client_security, read_pem
 from tensorwire.errors import TensorwireError, UnavailableError, error_class
 from tensorwire.targets import ROUND_ROBIN, Target, parse_target, pinned, replicas
 from tensorwire.types import Progress, ProgressCallback, UseClientDefault
@@ -88,10 +88,6 @@ STREAMED: Final = tuple(name for name, spec in METHODS.items() if spec.streamed)
 #: Requests with at least this many payload bytes travel as a stream. Measured on
 #: loopback (docs/performance.md): below it the unary path's lower setup cost wins.
 DEFAULT_STREAM_THRESHOLD: Final = 2 << 20
-
-#: Seconds a multi-replica target's addresses are used before resolving them again
-#: for the data plane (the channel's own resolver keeps its own pace).
-REPLICAS_SECONDS: Final = 30.0
 
 #: The status codes worth another attempt. UNAVAILABLE means no server took the call
 #: (refused, reset, starting up, draining). CANCELLED reaches a client only from the
@@ -264,6 +260,7 @@ class Transport:
         stream_threshold: int = DEFAULT_STREAM_THRESHOLD,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         data_plane: bool = True,
+        same_host: bool = True,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of bytes, not {chunk_size}")
@@ -301,6 +298,7 @@ class Transport:
                 read_pem(private_key, "private_key"),
             )
         self._server_name = server_name
+        self._same_host = same_host
         self._connect(where)
 
     def _connect(self, where: Target) -> None:
@@ -310,25 +308,18 @@ class Transport:
         self._where = where
         self._channel = self._open_channel(where)
         self._methods = self._bind_methods(self._channel)
-        #: The data connections: to the one host ``where`` reaches, else none (then
-        #: each replica has its own, in ``_replicas``).
-        self._links = self._data_links(where)
+        self._data = DataRoutes(
+            where,
+            self._data_on,
+            self._data_tls,
+            self._server_name,
+            self._same_host,
+            self._open_channel,
+            self._bind_methods,
+        )
         self._pin_lock = threading.Lock()
         # The replica chosen, its methods, and its own channel (None: self._channel).
         self._pinned: tuple[Target, dict[str, Any], Any] | None = None
-        # For several replicas: each one's own channel, methods and data connections,
-        # opened when a streamed call first goes to it over the data plane; and the
-        # replicas' addresses, with when they were resolved.
-        self._replicas: dict[str, tuple[Any, dict[str, Any], DataLinks]] = {}
-        self._resolved: tuple[float, list[str]] = (-REPLICAS_SECONDS, [])
-
-    def _data_links(self, where: Target) -> DataLinks:
-        named = self._server_name or where.authority  # the name TLS checks, as gRPC's
-        return DataLinks(
-            data_host(where.channel) if self._data_on else None,
-            self._data_tls,
-            None if named is None else split_address(named)[0],
-        )
 
     def __repr__(self) -> str:
         # Never the token: reprs end up in logs and tracebacks.
@@ -401,55 +392,18 @@ class Transport:
         ``close`` closes (each twin its own way)."""
         pinned_channel = None if self._pinned is None else self._pinned[2]
         channels = [self._channel] if pinned_channel is None else [self._channel, pinned_channel]
-        for channel, _, links in self._replicas.values():
-            channels.append(channel)
-            links.close()
-        self._links.close()
-        return channels
+        return channels + self._data.close()
 
     def _data_route(self, call: CallState) -> DataRoute | None:
         """Where a streamed attempt goes when its payloads take the data plane (None:
-        they go through gRPC). A ticket is good on the server that issued it only, so
-        with several replicas the call goes to one replica, chosen at random for each
-        call (balanced as gRPC's round robin would), or the session's for a call of
-        the session; each replica has its own channel and data connections."""
-        if self._links.host is not None:
-            return DataRoute(call.methods, self._links) if self._links.usable() else None
-        if not self._data_on:
-            return None
+        they go through gRPC): see DataRoutes.route."""
         session = self._pinned
-        balanced = call.methods is self._methods  # a call any replica may answer
-        if balanced:
-            found = self._replica_addresses()
-            if not found:
-                return None  # a Unix socket, or a resolver of gRPC's own
-            address = random.choice(found)
-        elif session is not None and call.methods is session[1]:
-            address = session[0].channel  # the session lives there
-        else:
-            return None
-        with self._pin_lock:
-            opened = self._replicas.get(address)
-            if opened is None:
-                where = pinned(self._where, address)
-                channel = self._open_channel(where)
-                opened = (channel, self._bind_methods(channel), self._data_links(where))
-                self._replicas[address] = opened
-        _, methods, links = opened
-        if not links.usable():
-            return None
-        return DataRoute(methods if balanced else call.methods, links)
-
-    def _replica_addresses(self) -> list[str]:
-        """The replicas' addresses, resolved again every REPLICAS_SECONDS."""
-        when, found = self._resolved
-        if time.monotonic() - when > REPLICAS_SECONDS:
-            try:
-                found = replicas(self._where)
-            except UnavailableError:
-                found = []
-            self._resolved = (time.monotonic(), found)
-        return found
+        of_session = session is not None and call.methods is session[1]
+        return self._data.route(
+            call.methods,
+            balanced=call.methods is self._methods,
+            session=session[0] if session is not None and of_session else None,
+        )
 
     @staticmethod
     def _bind_methods(channel: Any) -> dict[str, Any]:

@@ -153,7 +153,7 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
         rpc = route.methods[f"{call.method}Stream"](
             requests(), timeout=call.remaining(), metadata=call.metadata
         )
-        sock = broke = None
+        carrier = broke = None
         try:
             async for raw in rpc:
                 number, body = framing.split_part(raw)
@@ -161,22 +161,23 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
                     call.responded = True
                     receiver.take(number, body)
                 elif receiver.started:  # the response's payloads follow on the connection
-                    if sock is None:
+                    if carrier is None:
                         raise UnavailableError("the data connection broke") from broke
-                    await asyncio.to_thread(route.links.receive, sock, receiver, call.remaining())
-                    sock = None
+                    await asyncio.to_thread(carrier.receive, receiver, call.remaining())
+                    carrier = None
                 else:  # the ticket
-                    sock, broke = await asyncio.to_thread(
+                    carrier, broke = await asyncio.to_thread(
                         answer_ticket,
-                        *(route.links, body, payloads, call.remaining(), self.chunk_size, upload),
+                        *(route.links, body, payloads, receiver, call.remaining()),
+                        *(self.chunk_size, upload),
                     )
-                    chunked.put_nowait(sock is None and broke is None)
+                    chunked.put_nowait(carrier is None and broke is None)
             if broke is not None:
                 raise UnavailableError(f"the data connection broke: {broke}")
             return receiver.finish()
         except BaseException as exc:
             chunked.put_nowait(False)  # the request side stops waiting
-            discard(sock)
+            discard(carrier)
             rpc.cancel()  # whatever went wrong, stop the server's work too
             self._stream_failed(call, exc)
 

@@ -72,7 +72,11 @@ class Client(BaseClient[RemoteTensor, Trainer]):
     any size that fits in memory go both ways. A stream's payloads skip gRPC on the
     server's data plane (a ticket over gRPC, the bytes on a pooled TCP connection to
     the same host, with the channel's TLS) and fall back to chunks through gRPC where
-    it cannot be reached; ``data_plane=False`` keeps them in gRPC. Methods that move
+    it cannot be reached; ``data_plane=False`` keeps them in gRPC. A server on this
+    host (Linux) takes them through shared memory instead: the client copies each
+    payload into a segment of its own, the server reads it in place and writes the
+    results into segments that become the returned arrays (``same_host=False``: the
+    network path always). Methods that move
     tensors take a ``progress`` callback, called with a ``tensorwire.Progress`` as
     bytes move; a retried upload reports its stage again from 0.
 
@@ -192,7 +196,7 @@ class Client(BaseClient[RemoteTensor, Trainer]):
         rpc = route.methods[f"{call.method}Stream"](
             requests(), timeout=call.remaining(), metadata=call.metadata
         )
-        sock = broke = None
+        carrier = broke = None
         try:
             for raw in rpc:
                 number, body = framing.split_part(raw)
@@ -200,21 +204,22 @@ class Client(BaseClient[RemoteTensor, Trainer]):
                     call.responded = True
                     receiver.take(number, body)
                 elif receiver.started:  # the response's payloads follow on the connection
-                    if sock is None:
+                    if carrier is None:
                         raise UnavailableError("the data connection broke") from broke
-                    route.links.receive(sock, receiver, call.remaining())
-                    sock = None
+                    carrier.receive(receiver, call.remaining())
+                    carrier = None
                 else:  # the ticket
-                    sock, broke = answer_ticket(
-                        route.links, body, payloads, call.remaining(), self.chunk_size, upload
+                    carrier, broke = answer_ticket(
+                        *(route.links, body, payloads, receiver, call.remaining()),
+                        *(self.chunk_size, upload),
                     )
-                    chunked.put(sock is None and broke is None)
+                    chunked.put(carrier is None and broke is None)
             if broke is not None:
                 raise UnavailableError(f"the data connection broke: {broke}")
             return receiver.finish()
         except BaseException as exc:
             chunked.put(False)  # the request side stops waiting
-            discard(sock)
+            discard(carrier)
             rpc.cancel()  # whatever went wrong, stop the server's work too
             self._stream_failed(call, exc)
 

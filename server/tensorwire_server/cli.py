@@ -73,6 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-data-plane", action="store_true", help="move every payload through gRPC"
     )
     parser.add_argument(
+        "--no-same-host",
+        action="store_true",
+        help="do not offer clients on this host shared memory on the data plane",
+    )
+    parser.add_argument(
         "--max-connection-age",
         type=float,
         metavar="SECONDS",
@@ -147,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
             builtins=False if args.no_builtins else None,
             dynamic_batching=False if args.no_dynamic_batching else None,
             data_plane=False if args.no_data_plane else None,
+            same_host=False if args.no_same_host else None,
         )
         serve(settings)
     except ValueError as exc:

@@ -9,6 +9,12 @@ expired or used ticket) close the connection before anything is allocated. The
 handler computes, sends the response's header over gRPC, and ``reply`` hands the
 response's payloads to the connection, which sends them and takes the next ticket.
 
+A client on this host may present its ticket on an abstract Unix socket instead,
+with shared-memory segments in place of the bytes (segments.py): the request's
+tensors are the client's pages, mapped copy-on-write; the response is written into
+the client's segments, and the client learns which of its input segments the server
+still maps (so that it never reuses those).
+
 Each connection has a thread of its own: a blocking ``recv_into`` runs at the
 kernel's speed with the GIL released, where the event loop would wake up for every
 few hundred KiB. Connections are few (clients pool them) and bounded.
@@ -18,25 +24,32 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import secrets
 import socket
 import ssl
 import threading
 import time
+import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from tensorwire.errors import ResourceExhaustedError
+from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
 from tensorwire.wire import dataplane
 from tensorwire.wire.dataplane import (
     ACCEPTED,
+    MAX_SEGMENTS,
+    OUTPUTS_MAGIC,
     REQUEST,
     REQUEST_MAGIC,
     RESPONSE,
     RESPONSE_MAGIC,
+    SHARED_MAGIC,
 )
 from tensorwire.wire.streaming import StreamReceiver
+from tensorwire_server import segments
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +72,9 @@ class Transfer:
     expires: float
     #: Seconds the payload may take to arrive once claimed (the stream limit).
     stall_seconds: float
+    #: Whether the request's buffers are its tensors (on the CPU): mapped same-host
+    #: segments may then stand in for them; else (staged for a GPU) they are copied.
+    in_place: bool = True
     #: Set when a connection presents the ticket.
     claimed: Future[None] = field(default_factory=Future)
     #: Set when every payload byte has landed (or the connection failed).
@@ -67,6 +83,10 @@ class Transfer:
     reply: Future[list[memoryview] | None] = field(default_factory=Future)
     #: Set when the response's payloads are sent (or sending failed).
     sent: Future[None] = field(default_factory=Future)
+    #: Set by the handler once it holds nothing of the request: a same-host transfer
+    #: then tells the client which input segments are still mapped (``mapped``).
+    released: Future[None] = field(default_factory=Future)
+    mapped: list[weakref.ref[mmap.mmap]] = field(default_factory=list)
 
     #: The connection that claimed it, while it carries the transfer.
     sock: socket.socket | None = None
@@ -96,12 +116,28 @@ class Transfer:
         if not self.reply.done():
             self.reply.set_result(payloads)
 
+    def release(self) -> None:
+        """The handler holds nothing of the request any more."""
+        _settle(self.released)
+
+    def _take_reply(self) -> list[memoryview] | None:
+        """Wait for the handler's answer, and keep no reference to it after: the
+        payloads may be the request's own pages."""
+        payloads = self.reply.result()
+        self.reply = _ANSWERED
+        return payloads
+
 
 class DataPlane:
     """The listener, its connections and the tickets they may present."""
 
     def __init__(
-        self, host: str, port: int, tls: ssl.SSLContext | None = None, max_connections: int = 64
+        self,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None = None,
+        max_connections: int = 64,
+        same_host: bool = False,
     ) -> None:
         #: The server's TLS, when gRPC has it: the data plane is never plainer.
         self.tls = tls
@@ -109,19 +145,32 @@ class DataPlane:
         self._tickets: dict[bytes, Transfer] = {}
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
-        #: Transfers completed, and the payload bytes they moved (both directions).
-        self.transfers = 0
-        self.bytes = 0
+        #: Transfers completed and the payload bytes they moved (both directions), per
+        #: path: "tcp" (the data port) and "shared_memory" (same host).
+        self.moved: dict[str, list[int]] = {"tcp": [0, 0], "shared_memory": [0, 0]}
         self._closed = False
         self._listener = socket.create_server(
             (host, port), family=_family(host), backlog=max_connections
         )
         self.port: int = self._listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept, name="tensorwire-data", daemon=True)
+        #: The abstract Unix socket same-host clients present tickets on; None: none.
+        self.local_name: str | None = None
+        self._local: socket.socket | None = None
+        if same_host and segments.SUPPORTED:
+            self._local, self.local_name = segments.listen(max_connections)
+        self._threads = [
+            threading.Thread(target=self._accept, args=(listener,), name=name, daemon=True)
+            for listener, name in (
+                (self._listener, "tensorwire-data"),
+                (self._local, "tensorwire-data-local"),
+            )
+            if listener is not None
+        ]
 
     def start(self) -> None:
         """Accept connections."""
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def close(self) -> None:
         """Stop listening and cut every connection (transfers in flight fail)."""
@@ -129,16 +178,25 @@ class DataPlane:
         with self._lock:
             connections = list(self._connections)
             self._tickets.clear()
-        for sock in [self._listener, *connections]:
+        listeners = [s for s in (self._listener, self._local) if s is not None]
+        for sock in [*listeners, *connections]:
             with contextlib.suppress(OSError):  # not connected, or already gone
                 sock.shutdown(socket.SHUT_RDWR)
             sock.close()
-        if self._thread.ident is not None:  # started
-            self._thread.join(5)
+        for thread in self._threads:
+            if thread.ident is not None:  # started
+                thread.join(5)
 
-    def issue(self, receiver: StreamReceiver[Any], stall_seconds: float) -> Transfer:
+    def totals(self) -> dict[str, tuple[int, int]]:
+        """Per path, the transfers completed and the payload bytes they moved."""
+        return {path: (n, size) for path, (n, size) in self.moved.items()}
+
+    def issue(
+        self, receiver: StreamReceiver[Any], stall_seconds: float, in_place: bool = True
+    ) -> Transfer:
         """A ticket for ``receiver``'s payloads; RESOURCE_EXHAUSTED when as many
-        transfers wait for their connection as connections are allowed."""
+        transfers wait for their connection as connections are allowed. ``in_place``:
+        the buffers are the request's tensors (see Transfer)."""
         now = time.monotonic()
         transfer = Transfer(
             secrets.token_bytes(dataplane.TICKET_BYTES),
@@ -146,6 +204,7 @@ class DataPlane:
             self,
             now + TICKET_SECONDS,
             stall_seconds,
+            in_place,
         )
         with self._lock:
             for ticket, old in list(self._tickets.items()):
@@ -173,10 +232,11 @@ class DataPlane:
             return None
         return transfer
 
-    def _accept(self) -> None:
+    def _accept(self, listener: socket.socket) -> None:
+        local = listener is self._local
         while not self._closed:
             try:
-                sock, _ = self._listener.accept()
+                sock, _ = listener.accept()
             except OSError:
                 return  # closed
             with self._lock:
@@ -188,16 +248,18 @@ class DataPlane:
                 sock.close()
                 continue
             threading.Thread(
-                target=self._serve, args=(sock,), name="tensorwire-data-conn", daemon=True
+                target=self._serve, args=(sock, local), name="tensorwire-data-conn", daemon=True
             ).start()
 
-    def _serve(self, sock: socket.socket) -> None:
+    def _serve(self, sock: socket.socket, local: bool) -> None:
         try:
-            dataplane.configure(sock)
             sock.settimeout(HELLO_SECONDS)
-            if self.tls is not None:
-                sock = self._handshake(sock)
-            while not self._closed and self._transfer(sock):
+            if not local:
+                dataplane.configure(sock)
+                if self.tls is not None:
+                    sock = self._handshake(sock)
+            transfer = self._transfer_local if local else self._transfer
+            while not self._closed and transfer(sock):
                 sock.settimeout(IDLE_SECONDS)
         except (OSError, EOFError):
             pass  # the client went, or idled out: nothing of it is left
@@ -242,9 +304,98 @@ class DataPlane:
             _settle(transfer.sent, exc)
             return False
         _settle(transfer.sent)
-        self.transfers += 1  # one thread per connection: a lost update only miscounts
-        self.bytes += transfer.receiver.total + total
+        self._count("tcp", transfer.receiver.total + total)
         return True
+
+    def _transfer_local(self, sock: socket.socket) -> bool:
+        """One same-host transfer on ``sock``; whether it may carry another."""
+        message, fds, flags, _ = socket.recv_fds(sock, REQUEST.size, MAX_SEGMENTS)
+        with segments.closing(fds):
+            if not message:
+                raise EOFError("the data connection closed")
+            if flags & socket.MSG_CTRUNC or len(message) != REQUEST.size:
+                return False
+            magic, ticket = REQUEST.unpack(message)
+            transfer = self._claim(ticket) if magic == SHARED_MAGIC else None
+            if transfer is None:
+                return False  # anything but a live ticket: dropped, nothing mapped
+            sock.settimeout(transfer.stall_seconds)
+            try:
+                _place(transfer, fds)
+            except BaseException as exc:  # the handler reports it
+                _settle(transfer.arrived, exc)
+                return False
+        _settle(transfer.arrived)
+        try:
+            sock.sendall(ACCEPTED)
+            payloads = transfer._take_reply()  # the handler always answers (finally)
+            if payloads is None:
+                return False
+            message, fds, flags, _ = socket.recv_fds(sock, len(OUTPUTS_MAGIC), MAX_SEGMENTS)
+            with segments.closing(fds):
+                if message != OUTPUTS_MAGIC or flags & socket.MSG_CTRUNC:
+                    raise InvalidArgumentError(
+                        "shared memory: the client did not send the response's segments"
+                    )
+                written = segments.write_outputs(fds, payloads)
+            del payloads
+        except BaseException as exc:  # the handler reports it
+            _settle(transfer.sent, exc)
+            return False
+        _settle(transfer.sent)
+        # Should the handler not let go in time, every mapping counts as held: the
+        # client then drops them all, and no page the server may read is reused.
+        with contextlib.suppress(TimeoutError):
+            transfer.released.result(transfer.stall_seconds)
+        sock.sendall(RESPONSE.pack(RESPONSE_MAGIC, written) + segments.held(transfer.mapped))
+        self._count("shared_memory", transfer.receiver.total + written)
+        return True
+
+    def _count(self, path: str, moved: int) -> None:
+        # One thread per connection: a lost update only miscounts.
+        counts = self.moved[path]
+        counts[0] += 1
+        counts[1] += moved
+
+
+def _place(transfer: Transfer, fds: list[int]) -> None:
+    """The request's payloads from the client's segments: mapped in place of the
+    allocated buffers, or copied into them (staged for a GPU, and unmapped after)."""
+    receiver = transfer.receiver
+    views, transfer.mapped = segments.map_inputs(fds, [v for _, v in receiver.payloads])
+    if transfer.in_place:
+        receiver.adopt(views)
+    else:
+        receiver.fill(_reader(views))
+
+
+def _reader(views: list[memoryview]) -> Callable[[memoryview], int]:
+    """A ``recv_into`` that reads ``views`` back to back: a few MiB at a time, so
+    that a staging copy to the GPU starts while the rest is still copied."""
+    pending = iter(views)
+    current = next(pending, None)
+    offset = 0
+
+    def read_into(target: memoryview) -> int:
+        nonlocal current, offset
+        while current is not None and offset == current.nbytes:
+            current, offset = next(pending, None), 0
+        if current is None:
+            return 0
+        n = min(target.nbytes, current.nbytes - offset, READ_BYTES)
+        target[:n] = current[offset : offset + n]
+        offset += n
+        return n
+
+    return read_into
+
+
+#: Bytes a same-host copy into staging buffers takes at a time.
+READ_BYTES: Final = 8 << 20
+
+#: The reply of a transfer whose connection has taken its payloads.
+_ANSWERED: Future[list[memoryview] | None] = Future()
+_ANSWERED.set_result(None)
 
 
 def _settle(future: Future[None], error: BaseException | None = None) -> None:

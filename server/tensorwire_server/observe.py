@@ -186,10 +186,10 @@ class Metrics:
             },
         )
 
-    def count_data_plane(self, totals: Callable[[], tuple[int, int]]) -> None:
-        """Count the data plane's transfers and payload bytes, read from ``totals``
-        (transfers, bytes) at each scrape; ``tensorwire_payload_bytes`` counts every
-        payload whichever way it went."""
+    def count_data_plane(self, totals: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        """Count the data plane's transfers and payload bytes per path, read from
+        ``totals`` (path -> (transfers, bytes)) at each scrape;
+        ``tensorwire_payload_bytes`` counts every payload whichever way it went."""
         self.registry.register(_DataPlaneTotals(totals))
 
     def serve(self, host: str, port: int) -> int:
@@ -207,21 +207,26 @@ class Metrics:
 class _DataPlaneTotals(Collector):
     """The data plane's counters, kept by its connection threads, read at each scrape."""
 
-    def __init__(self, totals: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, totals: Callable[[], dict[str, tuple[int, int]]]) -> None:
         self.totals = totals
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        transfers, moved = self.totals()
-        yield CounterMetricFamily(
+        transfers = CounterMetricFamily(
             "tensorwire_data_plane_transfers",
-            "Streamed calls whose payloads went over the data plane.",
-            value=transfers,
+            "Streamed calls whose payloads went over the data plane, per path (tcp: the "
+            "data port; shared_memory: a client on the same host).",
+            labels=["path"],
         )
-        yield CounterMetricFamily(
+        moved = CounterMetricFamily(
             "tensorwire_data_plane_bytes",
-            "Payload bytes the data plane moved, both ways.",
-            value=moved,
+            "Payload bytes the data plane moved, both ways, per path.",
+            labels=["path"],
         )
+        for path, (count, size) in self.totals().items():
+            transfers.add_metric([path], count)
+            moved.add_metric([path], size)
+        yield transfers
+        yield moved
 
 
 class _DeviceMemory(Collector):

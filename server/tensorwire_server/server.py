@@ -135,8 +135,7 @@ class TensorwireServer:
             self.data_plane = self._data_plane(settings)
             self.servicer.data_plane = self.data_plane
             if self.data_plane is not None:
-                plane = self.data_plane
-                self.metrics.count_data_plane(lambda: (plane.transfers, plane.bytes))
+                self.metrics.count_data_plane(self.data_plane.totals)
         except BaseException:
             # Refused (plain text off loopback, a port taken): nothing is left running.
             built = getattr(self, "server", None)
@@ -210,7 +209,13 @@ class TensorwireServer:
             return None
         tls = server_ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         # _bind already refused plain text off loopback unless settings.insecure.
-        return DataPlane(settings.host, settings.data_port, tls, settings.max_concurrent_requests)
+        return DataPlane(
+            settings.host,
+            settings.data_port,
+            tls,
+            settings.max_concurrent_requests,
+            same_host=settings.same_host,
+        )
 
     async def _health_listener(
         self, settings: Settings
@@ -325,7 +330,9 @@ def serve(settings: Settings) -> None:
     server.start()
     log.info("listening on %s:%d", settings.host, server.port)
     if server.data_plane is not None:
-        log.info("data plane on %s:%d", settings.host, server.data_plane.port)
+        plane = server.data_plane
+        local = "" if plane.local_name is None else f"; same host on @{plane.local_name}"
+        log.info("data plane on %s:%d%s", settings.host, plane.port, local)
     if server.health_port is not None:
         log.info("health checks on %s:%d (plain text)", settings.host, server.health_port)
     if server.metrics_port is not None:

@@ -83,6 +83,10 @@ class Settings:
     #: Its port on ``host``; 0 picks a free one, which clients learn from each ticket
     #: (a container or a firewall needs a fixed one, published: the image sets 50053).
     data_port: int = 0
+    #: Same-host transfers on the data plane (Linux): clients on this host (in this
+    #: network namespace) pass shared memory as file descriptors over an abstract
+    #: Unix socket, with the same tickets, instead of sending bytes (docs/security.md).
+    same_host: bool = True
 
     # Transport security and authentication (docs/security.md).
     #: PEM certificate chain and private key files: serve TLS.

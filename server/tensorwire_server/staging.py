@@ -43,6 +43,10 @@ class Stager:
     """The destination of one streamed request's payloads, within ``limits``. Host
     memory on the CPU."""
 
+    #: Whether each buffer is the tensor the request runs on (no staging): memory
+    #: the payload already lies in may then be used in place of it.
+    in_place = True
+
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
         self.declared = 0  # payload bytes allocated so far
@@ -77,6 +81,8 @@ class CudaStager(Stager):
     Tensors larger than ``pinned_limit`` get pageable host memory (see PINNED_LIMIT);
     their copies still run as chunks arrive, synchronously, as the driver stages them.
     """
+
+    in_place = False
 
     def __init__(
         self, device: torch.device, limits: Limits, pinned_limit: int = PINNED_LIMIT

@@ -68,7 +68,7 @@ def streamed(
                             # The payloads will come over the data plane: a ticket.
                             _check_ask(receiver, asked)
                             asked = True
-                            transfer = _issue(servicer, receiver)
+                            transfer = _issue(servicer, receiver, stager.in_place)
                             yield _ticket(transfer)
                             continue
                         if transfer is not None:
@@ -94,6 +94,9 @@ def streamed(
                 announce = pb.DataTransfer(payload_bytes=encoder.payload_bytes)
                 yield _data_part(announce)
                 transfer.answer(payloads)
+                # Nothing here may hold the request's pages once they are sent: a
+                # same-host client reuses each input segment the server no longer maps.
+                del encoder, header, payloads
                 await asyncio.wrap_future(transfer.sent)
             except TimeoutError:
                 await context.abort(
@@ -112,6 +115,7 @@ def streamed(
                     # drops it; an unclaimed ticket lapses now.
                     transfer.abandon()
                     transfer.revoke()
+                    transfer.release()
 
     return handle
 
@@ -124,12 +128,12 @@ def _check_ask(receiver: StreamReceiver[Any], asked: bool) -> None:
         )
 
 
-def _issue(servicer: Answering, receiver: StreamReceiver[Any]) -> Transfer | None:
+def _issue(servicer: Answering, receiver: StreamReceiver[Any], in_place: bool) -> Transfer | None:
     """A ticket for the payloads ``receiver`` expects; None: no data plane here."""
     plane = servicer.data_plane
     if plane is None:
         return None
-    return plane.issue(receiver, servicer.service.limits.max_stream_seconds)
+    return plane.issue(receiver, servicer.service.limits.max_stream_seconds, in_place)
 
 
 def _ticket(transfer: Transfer | None) -> bytes:
@@ -143,6 +147,7 @@ def _ticket(transfer: Transfer | None) -> bytes:
             port=transfer.port,
             payload_bytes=transfer.receiver.total,
             expires_in_seconds=TICKET_SECONDS,
+            local_socket=transfer.plane.local_name or "",
         )
     )
 

@@ -374,16 +374,18 @@ class UnloadResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class DataTransfer(_message.Message):
-    __slots__ = ("ticket", "port", "payload_bytes", "expires_in_seconds")
+    __slots__ = ("ticket", "port", "payload_bytes", "expires_in_seconds", "local_socket")
     TICKET_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
     ticket: bytes
     port: int
     payload_bytes: int
     expires_in_seconds: float
-    def __init__(self, ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., expires_in_seconds: _Optional[float] = ...) -> None: ...
+    local_socket: str
+    def __init__(self, ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., expires_in_seconds: _Optional[float] = ..., local_socket: _Optional[str] = ...) -> None: ...
 
 class InferRequestPart(_message.Message):
     __slots__ = ("header", "chunk", "data")

@@ -24,6 +24,25 @@ On a connection, each transfer is:
 
 A connection carries one transfer at a time and is reused for the next; anything
 that goes wrong closes it.
+
+Same host (Linux): a ticket may also name an abstract Unix socket (``local_socket``).
+A client on the server's host connects to it (SOCK_SEQPACKET: each message whole, with
+its file descriptors) and passes shared memory instead of bytes: a *segment* is a
+memfd the client made, sealed against shrinking and growing (so a mapping of it can
+never fault past its end), at least as large as its payload; one per non-empty
+payload, in stream order. The server maps input segments copy-on-write, so its
+tensors read the client's pages in place, and writes the response's payloads into
+the client's output segments, which become the client's result arrays. Per transfer:
+
+    client -> server   SHARED: b"TWS1", the ticket; the input segments' descriptors
+    server -> client   ACCEPTED: b"TWOK" once the inputs are mapped (or the
+                       connection closes: a segment was not acceptable)
+    client -> server   OUTPUTS: b"TWO1" (after the response's header came over gRPC);
+                       the output segments' descriptors
+    server -> client   RESPONSE: b"TWR1", the payload byte count written; then one
+                       byte per input segment: 1 when the server still holds a mapping
+                       of it (a tensor the request kept), so the client must never
+                       write to it again; 0 when the client may reuse it
 """
 
 from __future__ import annotations
@@ -45,6 +64,14 @@ ACCEPTED: Final = b"TWOK"
 #: What the server sends first for each response: magic and payload byte count.
 RESPONSE: Final = struct.Struct("<4sQ")
 RESPONSE_MAGIC: Final = b"TWR1"
+
+#: What a same-host client sends first for each transfer (REQUEST's layout), and
+#: before the response's payloads are written.
+SHARED_MAGIC: Final = b"TWS1"
+OUTPUTS_MAGIC: Final = b"TWO1"
+#: Descriptors one message may carry (Linux's SCM_MAX_FD): a transfer with more
+#: non-empty payloads goes over the data port instead.
+MAX_SEGMENTS: Final = 253
 
 #: Reads into a buffer, returning the bytes read (0: the peer closed), as
 #: ``socket.recv_into`` does.

@@ -108,7 +108,9 @@ class StreamReceiver(Generic[M]):
         landed: Landed | None = None,
     ) -> None:
         self._cls = cls
-        self._allocate = allocate
+        #: Allocates each tensor when the header arrives; may be replaced before then
+        #: (the same-host path allocates the response in shared memory).
+        self.allocate = allocate
         self._advance = advance
         self._landed = landed
         self._message: M | None = None
@@ -165,6 +167,42 @@ class StreamReceiver(Generic[M]):
             if self._advance is not None:
                 self._advance(self.received, self.total)
 
+    @property
+    def payloads(self) -> list[tuple[int, memoryview]]:
+        """Each payload's buffer in stream order, with the index of its allocation
+        (``allocate``'s k-th call; -1 for a tensor held on the server)."""
+        return list(zip(self._allocated, self._views, strict=True))
+
+    def adopt(self, buffers: list[memoryview]) -> None:
+        """Take ``buffers`` (one per non-empty payload, in stream order, each its
+        payload's size, writable) as the payloads themselves, in place of the buffers
+        allocated for them: another party wrote them (shared memory, mapped)."""
+        self._expect_whole()
+        slots = [i for i, view in enumerate(self._views) if view.nbytes]
+        if len(buffers) != len(slots):
+            raise InvalidArgumentError(f"{len(buffers)} buffers for {len(slots)} payloads")
+        for slot, buffer in zip(slots, buffers, strict=True):
+            if buffer.nbytes != self._views[slot].nbytes or buffer.readonly:
+                raise InvalidArgumentError(
+                    f"payload {slot}: a buffer of {buffer.nbytes} bytes for "
+                    f"{self._views[slot].nbytes}"
+                )
+            self._views[slot] = buffer.cast("B")
+        self.filled()
+
+    def filled(self) -> None:
+        """Every payload byte is in place: written into the allocated buffers by
+        another party, or adopted."""
+        self._expect_whole()
+        self._slot = len(self._views)
+        self.received = self.total
+        if self._advance is not None:
+            self._advance(self.total, self.total)
+
+    def _expect_whole(self) -> None:
+        if self._message is None or self.received:
+            raise InvalidArgumentError("malformed stream: payloads placed out of turn")
+
     def finish(self) -> Received[M]:
         """The whole message, once the stream has ended; its arrays are writable."""
         if self._message is None:
@@ -201,7 +239,7 @@ class StreamReceiver(Generic[M]):
                 allocated[slot] = -1
                 continue
             dtype, shape, _ = layout(tensor, name)
-            arr = self._allocate(dtype, shape, name)
+            arr = self.allocate(dtype, shape, name)
             # A flat byte view, writable: chunks land here and nowhere else.
             views[slot] = memoryview(arr.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
             allocated[slot] = k

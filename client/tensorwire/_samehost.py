@@ -1,0 +1,368 @@
+"""Same-host transfers, the client's side (the format: tensorwire/wire/dataplane.py):
+when a ticket names the server's abstract Unix socket and it answers here, payloads
+move through shared memory the client makes, passes and takes back itself.
+
+A segment is a memfd, sealed against shrinking and growing: it has no name (nothing
+to guess, nothing left behind in /dev/shm: the kernel frees it with its last
+descriptor or mapping, whether the client closes, crashes or is killed). The client
+copies each request payload into an input segment; the server maps it in place. The
+response's payloads are written by the server into output segments that the result
+arrays are views of. Segments are pooled: a reused one costs a plain memcpy where
+fresh pages cost twice that (docs/performance.md). An input segment goes back to the
+pool only when the server says it no longer maps it; an output segment when its
+result array is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import mmap
+import os
+import socket
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Sequence
+from typing import Any, Final
+
+import numpy as np
+
+from tensorwire.errors import UnavailableError
+from tensorwire.wire import dataplane
+from tensorwire.wire.dataplane import (
+    ACCEPTED,
+    MAX_SEGMENTS,
+    OUTPUTS_MAGIC,
+    REQUEST,
+    RESPONSE,
+    RESPONSE_MAGIC,
+    SHARED_MAGIC,
+)
+from tensorwire.wire.streaming import Advance, StreamReceiver, allocate_host
+
+#: Whether this platform can make same-host transfers (Linux: memfds with seals,
+#: abstract Unix sockets).
+SUPPORTED: Final = (
+    sys.platform == "linux"
+    and hasattr(os, "memfd_create")
+    and hasattr(fcntl, "F_ADD_SEALS")
+    and hasattr(socket, "SOCK_SEQPACKET")
+)
+#: Idle segment bytes a client keeps for reuse; beyond it the oldest are freed.
+POOL_BYTES: Final = 2 << 30
+#: Seconds to wait for a same-host connection and its server's acceptance.
+CONNECT_SECONDS: Final = 1.0
+#: Seconds the client uses the data port instead after the Unix socket failed it.
+FALLBACK_SECONDS: Final = 600.0
+#: Idle connections kept per server.
+POOLED: Final = 8
+
+
+class Segment:
+    """One memfd of a fixed size, mapped in this process."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fd = os.memfd_create("tensorwire", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(self.fd, size)
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+            self.mapped = mmap.mmap(self.fd, size)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        #: Whether its pages exist yet (see ``write``).
+        self.written = False
+        #: Whether it may be used again: not after a transfer that failed with it.
+        self.reusable = True
+
+    def write(self, piece: memoryview, offset: int) -> None:
+        """``piece`` (bytes) at ``offset``: through the mapping once the pages exist (a
+        plain memcpy), else by the kernel, which makes them as it writes (faulting
+        them in through the mapping costs twice as much)."""
+        if self.written:
+            target = np.frombuffer(self.mapped, np.uint8, piece.nbytes, offset)
+            np.copyto(target, np.frombuffer(piece, np.uint8))
+            return
+        done = 0
+        while done < piece.nbytes:
+            done += os.pwritev(self.fd, [piece[done:]], offset + done)
+
+    def close(self) -> None:
+        """Free it here (a mapping still exported by an array stays until it goes)."""
+        with contextlib.suppress(BufferError):
+            self.mapped.close()
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class SegmentPool:
+    """A client's segments: idle ones by size, up to POOL_BYTES."""
+
+    def __init__(self, idle_bytes: int = POOL_BYTES) -> None:
+        self.idle_bytes = idle_bytes
+        self._idle: dict[int, list[Segment]] = {}
+        self._order: list[Segment] = []  # idle ones, oldest first
+        self._held = 0
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def take(self, nbytes: int) -> Segment:
+        """A segment of at least ``nbytes``: an idle one of the same (page-rounded)
+        size, else a new one."""
+        size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        with self._lock:
+            idle = self._idle.get(size)
+            if idle:
+                segment = idle.pop()
+                self._order.remove(segment)
+                self._held -= size
+                return segment
+        return Segment(size)
+
+    def give(self, segment: Segment) -> None:
+        """Keep ``segment`` for reuse (nothing may write to it but the next taker)."""
+        with self._lock:
+            if not self._closed and segment.reusable and segment.size <= self.idle_bytes:
+                self._idle.setdefault(segment.size, []).append(segment)
+                self._order.append(segment)
+                self._held += segment.size
+                freed = []
+                while self._held > self.idle_bytes:
+                    oldest = self._order.pop(0)
+                    self._idle[oldest.size].remove(oldest)
+                    self._held -= oldest.size
+                    freed.append(oldest)
+            else:
+                freed = [segment]
+        for old in freed:
+            old.close()
+
+    def array(self, segment: Segment, dtype: np.dtype[Any], shape: tuple[int, ...]) -> np.ndarray:
+        """An array over ``segment``'s mapping; the segment comes back to the pool
+        once the array and every view of it are gone."""
+        count = int(np.prod(shape, dtype=np.int64))
+        flat = np.frombuffer(segment.mapped, dtype, count)
+        # Every view of ``flat`` has it as its base (numpy stops there: its own base
+        # is a memoryview), so it lives exactly as long as the last of them.
+        weakref.finalize(flat, self.give, segment)
+        return flat.reshape(shape)
+
+    def close(self) -> None:
+        """Free every idle segment; those still under result arrays go with them."""
+        with self._lock:
+            self._closed = True
+            idle = self._order
+            self._order, self._idle, self._held = [], {}, 0
+        for segment in idle:
+            segment.close()
+
+
+class SameHost:
+    """A client's same-host connections, per server socket, and its segments."""
+
+    def __init__(self) -> None:
+        self.pool = SegmentPool()
+        self._idle: dict[str, list[socket.socket]] = {}
+        self._lock = threading.Lock()
+        self._off: dict[str, float] = {}
+        self._closed = False
+
+    def usable(self, name: str) -> bool:
+        """Whether to try the server's socket ``name`` now."""
+        return SUPPORTED and not self._closed and time.monotonic() >= self._off.get(name, 0.0)
+
+    def send(
+        self,
+        name: str,
+        ticket: bytes,
+        payloads: Sequence[memoryview],
+        receiver: StreamReceiver[Any],
+        timeout: float | None,
+        chunk_size: int,
+        upload: Advance | None,
+    ) -> LocalCarrier | None:
+        """Copy ``payloads`` into input segments (``upload`` hears of every
+        ``chunk_size`` bytes) and present them with ``ticket`` on server socket
+        ``name``; the carrier of the transfer, or None when the socket does not answer
+        here (another host, another network namespace, a server gone): the ticket is
+        untouched and the data port may take it."""
+        given = [p.cast("B") for p in payloads if p.nbytes]
+        if len(given) > MAX_SEGMENTS:
+            return None
+        inputs: list[Segment] = []
+        try:
+            for payload in given:
+                inputs.append(self.pool.take(payload.nbytes))
+            _copy(given, inputs, chunk_size, upload)
+            sock = self._accepted(name, ticket, [s.fd for s in inputs], timeout)
+        except BaseException:
+            _drop(inputs)
+            raise
+        if sock is None:
+            for segment in inputs:
+                self.pool.give(segment)  # never passed: still the client's alone
+            return None
+        carrier = LocalCarrier(self, name, sock, inputs)
+        receiver.allocate = carrier.allocate
+        return carrier
+
+    def _accepted(
+        self, name: str, ticket: bytes, fds: list[int], timeout: float | None
+    ) -> socket.socket | None:
+        """A connection on which the server accepted the ticket and mapped ``fds``."""
+        message = REQUEST.pack(SHARED_MAGIC, ticket)
+        while True:
+            taken = self._take(name)
+            if taken is None:
+                break  # nothing listens there from here
+            sock, reused = taken
+            sent = False
+            try:
+                sock.settimeout(timeout)
+                socket.send_fds(sock, [message], fds)
+                sent = True
+                if sock.recv(len(ACCEPTED)) == ACCEPTED:
+                    return sock
+            except OSError:
+                pass
+            sock.close()
+            if reused:
+                continue  # the server had closed it (idle): a fresh one
+            if sent:
+                # A fresh connection that took the ticket and closed: the server
+                # refused a segment, and the call's status says why.
+                raise dataplane.DataPlaneError("the server refused the shared memory")
+            break
+        self._off[name] = time.monotonic() + FALLBACK_SECONDS
+        return None
+
+    def _take(self, name: str) -> tuple[socket.socket, bool] | None:
+        """An idle connection to server socket ``name``, else a new one (and whether
+        it was idle); None when none can be made."""
+        with self._lock:
+            idle = self._idle.get(name)
+            if idle:
+                return idle.pop(), True
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.settimeout(CONNECT_SECONDS)
+            sock.connect("\0" + name)
+        except OSError:
+            sock.close()
+            return None
+        return sock, False
+
+    def give(self, name: str, sock: socket.socket) -> None:
+        """Keep a connection whose transfer ended well."""
+        with self._lock:
+            idle = self._idle.setdefault(name, [])
+            if not self._closed and len(idle) < POOLED:
+                idle.append(sock)
+                return
+        sock.close()
+
+    def close(self) -> None:
+        """Close every pooled connection and free every idle segment."""
+        self._closed = True
+        with self._lock:
+            pooled = [sock for socks in self._idle.values() for sock in socks]
+            self._idle.clear()
+        for sock in pooled:
+            sock.close()
+        self.pool.close()
+
+
+class LocalCarrier:
+    """One same-host transfer after its inputs were accepted: it allocates the
+    response in output segments and has the server write them."""
+
+    def __init__(self, link: SameHost, name: str, sock: socket.socket, inputs: list[Segment]):
+        self.link = link
+        self.name = name
+        self.sock = sock
+        self.inputs = inputs
+        #: Per response tensor allocated, its segment (None: empty, on the heap).
+        self.outputs: list[Segment | None] = []
+
+    def allocate(self, dtype: np.dtype[Any], shape: tuple[int, ...], name: str) -> np.ndarray:
+        """A response tensor's array: in an output segment, or (empty) on the heap."""
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if not nbytes:
+            self.outputs.append(None)
+            return allocate_host(dtype, shape, name)
+        segment = self.link.pool.take(nbytes)
+        self.outputs.append(segment)
+        return self.link.pool.array(segment, dtype, shape)
+
+    def receive(self, receiver: StreamReceiver[Any], timeout: float | None) -> None:
+        """Have the server write the response (its header taken: its arrays are in
+        the output segments); the input segments go back to the pool unless the
+        server still maps them."""
+        segments = [self.outputs[k] for k, view in receiver.payloads if view.nbytes]
+        try:
+            self.sock.settimeout(timeout)
+            socket.send_fds(self.sock, [OUTPUTS_MAGIC], [s.fd for s in segments if s is not None])
+            reply = self.sock.recv(RESPONSE.size + len(self.inputs))
+        except OSError as exc:
+            self.discard()
+            raise UnavailableError(f"the same-host connection broke: {exc}") from None
+        if len(reply) != RESPONSE.size + len(self.inputs):
+            self.discard()
+            raise UnavailableError("the same-host connection broke")
+        magic, size = RESPONSE.unpack(reply[: RESPONSE.size])
+        if magic != RESPONSE_MAGIC or size != receiver.total:
+            self.discard()
+            raise dataplane.DataPlaneError(
+                f"the server wrote {size} bytes where the response declares {receiver.total}"
+            )
+        for segment, held in zip(self.inputs, reply[RESPONSE.size :], strict=True):
+            if held:
+                segment.close()  # the server's pages now: never written again
+            else:
+                self.link.pool.give(segment)
+        for output in segments:
+            if output is not None:
+                output.written = True  # back to the pool with its result array
+        self.inputs = []
+        self.outputs = []
+        receiver.filled()
+        self.link.give(self.name, self.sock)
+
+    def discard(self) -> None:
+        """The transfer failed: the server may still be reading or writing any of its
+        segments, so none is reused."""
+        self.sock.close()
+        _drop(self.inputs)
+        for segment in self.outputs:
+            if segment is not None:
+                segment.reusable = False  # freed with its array
+        self.inputs = []
+        self.outputs = []
+
+
+def _copy(
+    payloads: list[memoryview], segments: list[Segment], chunk_size: int, upload: Advance | None
+) -> None:
+    """Each payload into its segment: whole, or ``chunk_size`` bytes at a time for
+    ``upload`` to hear of."""
+    total = sum(p.nbytes for p in payloads)
+    done = 0
+    if upload is not None:
+        upload(0, total)
+    step = total if upload is None else chunk_size
+    for payload, segment in zip(payloads, segments, strict=True):
+        for start in range(0, payload.nbytes, step):
+            piece = payload[start : start + step]
+            segment.write(piece, start)
+            done += piece.nbytes
+            if upload is not None:
+                upload(done, total)
+        segment.written = True
+
+
+def _drop(segments: list[Segment]) -> None:
+    for segment in segments:
+        segment.close()
