@@ -79,6 +79,7 @@ def test_the_data_plane_crosses_hosts_over_tls(hosts: Hosts, served: tuple[str, 
     address, ca = served
     report = round_trip(hosts, address, ca, 64, timeout=60)
     assert report["ok"] and report["data_plane"], report
+    assert report["same_host_refused"], report  # another host: the network path
 
 
 def test_a_link_cut_mid_transfer_fails_that_call_and_the_server_serves_on(

@@ -30,6 +30,9 @@ def main() -> None:
                 "ok": bool(np.array_equal(out, array)),
                 # A connection goes back to the pool only after a whole response.
                 "data_plane": any(client._data.links._idle.values()),
+                # The ticket named the server's same-host socket: from another
+                # namespace it does not answer, and the client said so to itself.
+                "same_host_refused": bool(client._data.same_host._off),
             }
     report["seconds"] = time.monotonic() - began
     print(json.dumps(report), flush=True)
