@@ -5,8 +5,10 @@
 
 Every party runs as its own process on 127.0.0.1: raw TCP (one way; the floor), a bare
 grpcio unary echo, torch.distributed.rpc (TensorPipe) returning the tensor, and
-tensorwire's identity model through Client and AsyncClient, over the data plane
-(the default) and, for comparison, with every payload in gRPC. Round-trip throughput is
+tensorwire's identity model through Client and AsyncClient, over the data plane's
+TCP port and, for comparison, with every payload in gRPC; and the same-host paths:
+tensorwire's Client passing shared memory (the default on one host), and tritonclient
+through Triton's system shared memory. Round-trip throughput is
 (bytes sent + bytes received) / best time; the TCP floor is one-way bytes / best time.
 Peak RSS growth is VmHWM, reset before each size, over the payload size. On a machine
 with CUDA, the request path's host-to-device (and the response path's device-to-host)
@@ -49,8 +51,9 @@ ECHO = "grpcio unary echo (floor)"
 RPC = "torch.distributed.rpc identity, same-host defaults (peer)"
 RPC_TCP = "torch.distributed.rpc identity, TCP forced (peer)"
 SHM = "tritonclient identity, system shared memory (same host)"
-CLIENT = "tensorwire Client identity (data plane)"
-ASYNC = "tensorwire AsyncClient identity (data plane)"
+CLIENT = "tensorwire Client identity (data plane, TCP)"
+ASYNC = "tensorwire AsyncClient identity (data plane, TCP)"
+LOCAL = "tensorwire Client identity, shared memory (same host)"
 IN_GRPC = "tensorwire Client identity, payloads in gRPC (data_plane=False)"
 SERVER_RSS = "tensorwire server peak RSS growth / payload"
 CLIENT_RSS = "tensorwire client peak RSS growth / payload"
@@ -152,13 +155,16 @@ def main() -> None:
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     channel = grpc.insecure_channel(f"127.0.0.1:{echo_port}", options=options)
     echo_call = channel.unary_unary(peers.ECHO_METHOD)
-    client = tw.Client(tw_address, timeout=None)
+    # The data port's rows: a client on the server's host would pass shared memory.
+    client = tw.Client(tw_address, timeout=None, same_host=False)
+    local = tw.Client(tw_address, timeout=None)
     try:
         for size in sizes:
             repeats = args.repeats if size < (1 << 30) else max(1, args.repeats - 1)
             payload = make_payload(size)
             measure_floors(rows, size, repeats, payload, tcp_sock, echo_call)
             notes += measure_tensorwire(rows, size, repeats, payload, client, tw_proc.pid)
+            rows.setdefault(LOCAL, {})[size] = 2 * size / same_host_best(local, payload, repeats)
             del payload
             print(f"  measured {human(size)}", file=sys.stderr)
         if not args.no_rpc:
@@ -177,6 +183,7 @@ def main() -> None:
             rows.update(gpu)
     finally:
         client.close()
+        local.close()
         channel.close()
         tcp_sock.close()
         tw_proc.terminate()
@@ -225,7 +232,7 @@ def measure_tensorwire(
     results.clear()
 
     async def async_best() -> float:
-        async with tw.AsyncClient(client.target, timeout=None) as ac:
+        async with tw.AsyncClient(client.target, timeout=None, same_host=False) as ac:
             best = float("inf")
             for i in range(repeats + 1):  # the first is a warm-up
                 start = time.perf_counter()
@@ -239,6 +246,21 @@ def measure_tensorwire(
         best = best_of(repeats, lambda: in_grpc.infer("identity", payload))
         rows.setdefault(IN_GRPC, {})[size] = 2 * size / best
     return notes
+
+
+def same_host_best(client: tw.Client, payload: np.ndarray, repeats: int) -> float:
+    """tensorwire's own same-host path: the payload copied into a pooled segment, the
+    result an array over another (kept until the next call, as a caller would)."""
+    results: list[np.ndarray] = []
+
+    def round_trip() -> None:
+        results[:] = []  # the previous result goes (its segment back to the pool)
+        results.append(client.infer("identity", payload)["output"])
+
+    best = best_of(repeats, round_trip)
+    if not np.array_equal(results[0][:4096], payload[:4096]):
+        raise RuntimeError("the same-host round trip came back different")
+    return best
 
 
 def measure_shared_memory(address: str, sizes: list[int], repeats: int) -> dict[int, float]:
@@ -420,11 +442,14 @@ def report(rows: Rows, sizes: list[int], latency: dict[str, float], notes: list[
             )
             if ratios:
                 print(f"- {name} / {label}: {ratios}")
-    if SHM in rows and RPC in rows:  # issue 19's target: >= 3 x torch's same-host defaults
-        ratios = ", ".join(
-            f"{human(s)}: {rows[SHM][s] / rows[RPC][s]:.2f}" for s in rows[SHM] if s in rows[RPC]
-        )
-        print(f"- {SHM} / {RPC}: {ratios}")
+    for name in (LOCAL, SHM):  # issue 19's target: >= 3 x torch's same-host defaults
+        if name in rows and RPC in rows:
+            ratios = ", ".join(
+                f"{human(s)}: {rows[name][s] / rows[RPC][s]:.2f}"
+                for s in rows[name]
+                if s in rows[RPC]
+            )
+            print(f"- {name} / {RPC}: {ratios}")
     for path in (GPU_H2D, GPU_H2D_STREAM):
         if path in rows:
             ratios = ", ".join(

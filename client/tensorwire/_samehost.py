@@ -66,12 +66,15 @@ class Segment:
     def __init__(self, size: int) -> None:
         self.size = size
         self.fd = os.memfd_create("tensorwire", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        # Closed by ``close``, or when the segment is dropped unclosed (a transfer whose
+        # caller went away mid-way): never twice, so never someone else's descriptor.
+        self._release = weakref.finalize(self, os.close, self.fd)
         try:
             os.ftruncate(self.fd, size)
             fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
             self.mapped = mmap.mmap(self.fd, size)
         except BaseException:
-            os.close(self.fd)
+            self._release()
             raise
         #: Whether its pages exist yet (see ``write``).
         self.written = False
@@ -95,7 +98,7 @@ class Segment:
         with contextlib.suppress(BufferError):
             self.mapped.close()
         with contextlib.suppress(OSError):
-            os.close(self.fd)
+            self._release()
 
 
 class SegmentPool:

@@ -12,7 +12,7 @@ import grpc.aio
 import numpy as np
 
 from tensorwire._base import BaseClient
-from tensorwire._dataplane import ASK_DATA, DataRoute, answer_ticket, discard
+from tensorwire._dataplane import ASK_DATA, Carrier, DataRoute, answer_ticket, discard
 from tensorwire._flow import Flow, Locked, Send
 from tensorwire._messages import OPTIMIZER_OPTIONS
 from tensorwire._session import SessionState
@@ -37,6 +37,12 @@ from tensorwire.wire import framing
 from tensorwire.wire.codec import Handle, Received, Ref
 
 T = TypeVar("T")
+
+
+def _discard_answer(answering: asyncio.Future[tuple[Carrier | None, OSError | None]]) -> None:
+    """Close the data connection a ticket was answered on after its call was cancelled."""
+    if not answering.cancelled() and answering.exception() is None:
+        discard(answering.result()[0])
 
 
 class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
@@ -166,11 +172,19 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
                     await asyncio.to_thread(carrier.receive, receiver, call.remaining())
                     carrier = None
                 else:  # the ticket
-                    carrier, broke = await asyncio.to_thread(
-                        answer_ticket,
-                        *(route.links, body, payloads, receiver, call.remaining()),
-                        *(self.chunk_size, upload),
+                    answering = asyncio.ensure_future(
+                        asyncio.to_thread(
+                            answer_ticket,
+                            *(route.links, body, payloads, receiver, call.remaining()),
+                            *(self.chunk_size, upload),
+                        )
                     )
+                    try:
+                        carrier, broke = await asyncio.shield(answering)
+                    except asyncio.CancelledError:
+                        # The thread runs on: whatever connection it ends with is closed.
+                        answering.add_done_callback(_discard_answer)
+                        raise
                     chunked.put_nowait(carrier is None and broke is None)
             if broke is not None:
                 raise UnavailableError(f"the data connection broke: {broke}")

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import mmap
 import secrets
 import socket
 import ssl
@@ -34,7 +33,10 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Final
+
+import numpy as np
 
 from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
 from tensorwire.wire import dataplane
@@ -86,7 +88,7 @@ class Transfer:
     #: Set by the handler once it holds nothing of the request: a same-host transfer
     #: then tells the client which input segments are still mapped (``mapped``).
     released: Future[None] = field(default_factory=Future)
-    mapped: list[weakref.ref[mmap.mmap]] = field(default_factory=list)
+    mapped: list[weakref.ref[np.ndarray]] = field(default_factory=list)
 
     #: The connection that claimed it, while it carries the transfer.
     sock: socket.socket | None = None
@@ -258,7 +260,9 @@ class DataPlane:
                 dataplane.configure(sock)
                 if self.tls is not None:
                     sock = self._handshake(sock)
-            transfer = self._transfer_local if local else self._transfer
+            transfer: Callable[[socket.socket], bool] = self._transfer
+            if local:
+                transfer = partial(self._transfer_local, mappings=segments.Mappings())
             while not self._closed and transfer(sock):
                 sock.settimeout(IDLE_SECONDS)
         except (OSError, EOFError):
@@ -307,7 +311,7 @@ class DataPlane:
         self._count("tcp", transfer.receiver.total + total)
         return True
 
-    def _transfer_local(self, sock: socket.socket) -> bool:
+    def _transfer_local(self, sock: socket.socket, mappings: segments.Mappings) -> bool:
         """One same-host transfer on ``sock``; whether it may carry another."""
         message, fds, flags, _ = socket.recv_fds(sock, REQUEST.size, MAX_SEGMENTS)
         with segments.closing(fds):
@@ -321,7 +325,7 @@ class DataPlane:
                 return False  # anything but a live ticket: dropped, nothing mapped
             sock.settimeout(transfer.stall_seconds)
             try:
-                _place(transfer, fds)
+                _place(transfer, fds, mappings)
             except BaseException as exc:  # the handler reports it
                 _settle(transfer.arrived, exc)
                 return False
@@ -337,7 +341,7 @@ class DataPlane:
                     raise InvalidArgumentError(
                         "shared memory: the client did not send the response's segments"
                     )
-                written = segments.write_outputs(fds, payloads)
+                written = segments.write_outputs(fds, payloads, mappings)
             del payloads
         except BaseException as exc:  # the handler reports it
             _settle(transfer.sent, exc)
@@ -358,11 +362,12 @@ class DataPlane:
         counts[1] += moved
 
 
-def _place(transfer: Transfer, fds: list[int]) -> None:
+def _place(transfer: Transfer, fds: list[int], mappings: segments.Mappings) -> None:
     """The request's payloads from the client's segments: mapped in place of the
-    allocated buffers, or copied into them (staged for a GPU, and unmapped after)."""
+    allocated buffers, or copied into them (staged for a GPU)."""
     receiver = transfer.receiver
-    views, transfer.mapped = segments.map_inputs(fds, [v for _, v in receiver.payloads])
+    payloads = [v for _, v in receiver.payloads]
+    views, transfer.mapped = segments.map_inputs(fds, payloads, mappings)
     if transfer.in_place:
         receiver.adopt(views)
     else:
