@@ -70,7 +70,9 @@ def moved(server: TensorwireServer, path: str = "shared_memory") -> int:
 
 
 def memfds(pid: int | str = "self") -> tuple[int, int]:
-    """The tensorwire segments process ``pid`` maps and holds descriptors of."""
+    """The tensorwire segments process ``pid`` maps and holds descriptors of (after
+    collecting what earlier tests left as garbage: segments of clients gone)."""
+    gc.collect()
     with open(f"/proc/{pid}/maps") as maps:
         mapped = sum("memfd:tensorwire" in line for line in maps)
     held = 0
