@@ -41,6 +41,7 @@ ROOT = Path(__file__).parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
 COMPOSE = ROOT / "docker-compose.yml"
 SECURE = ROOT / "deploy" / "compose" / "secure.yml"
+DATA_PORT = ROOT / "deploy" / "compose" / "data-port.yml"
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 KSERVE = ROOT / "deploy" / "kserve"
 CHECK_SCRIPT = ROOT / "scripts" / "container-check"
@@ -455,6 +456,27 @@ def test_the_secure_overlay_gives_tls_tokens_and_a_read_only_root() -> None:
         "config",
         "--quiet",
     )
+    assert done.returncode == 0, done.stderr
+
+
+def test_the_data_port_overlay_publishes_the_port_the_server_announces() -> None:
+    overlay = yaml.safe_load(DATA_PORT.read_text())
+    for environ in ({}, {"TENSORWIRE_DATA_PORT": "50100"}):
+        filled = yaml.safe_load(interpolated(DATA_PORT.read_text(), environ))
+        for name in ("tensorwire", "tensorwire-cpu"):
+            service = filled["services"][name]
+            settings = Settings.from_env(service["environment"])
+            [published] = service["ports"]
+            host, host_port, container_port = published.split(":")
+            assert host == "127.0.0.1" and set(service["environment"]) <= VARIABLES
+            # The port in each ticket is the one the host publishes.
+            assert int(host_port) == int(container_port) == settings.data_port
+    assert set(overlay["services"]) == {"tensorwire", "tensorwire-cpu"}
+    docker = shutil.which("docker")
+    if docker is None or run(docker, "compose", "version").returncode != 0:
+        return  # the checks above; compose itself below where it runs
+    files = ["-f", str(COMPOSE), "-f", str(DATA_PORT)]
+    done = run(docker, "compose", *files, "--profile", "cpu", "config", "--quiet")
     assert done.returncode == 0, done.stderr
 
 
