@@ -43,7 +43,7 @@ SUPPORTED: Final = (
 KEPT_BYTES: Final = 2 << 30
 #: Seconds a same-host transfer waits for the request's mappings to be let go of
 #: before it tells the client which ones the server still holds.
-HELD_GRACE: Final = 0.01
+HELD_GRACE: Final = 0.002
 
 
 def listen(backlog: int) -> tuple[socket.socket, str]:

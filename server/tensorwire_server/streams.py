@@ -81,9 +81,13 @@ def streamed(
                         await _arrival(transfer, rpc.remaining(context))
                 request = receiver.finish()
                 servicer.admit(request, unary=False)
-                encoder = await compute.run(answer, request)
-                servicer.answered(encoder)
+                # Handed over in a box the worker empties: the executor keeps its
+                # arguments a moment after the result is out, and a same-host
+                # transfer asks right then whether anything still holds the request.
+                box = [request]
                 del request  # from here on the buffers live only through the outputs
+                encoder = await compute.run(_unboxed, answer, box)
+                servicer.answered(encoder)
                 if transfer is None:
                     for part in streaming.parts(encoder, servicer.chunk_size):
                         yield part
@@ -118,6 +122,10 @@ def streamed(
                     transfer.release()
 
     return handle
+
+
+def _unboxed(answer: Callable[[Received[Any]], Encoder[Any]], box: list[Received[Any]]) -> Any:
+    return answer(box.pop())
 
 
 def _check_ask(receiver: StreamReceiver[Any], asked: bool) -> None:
