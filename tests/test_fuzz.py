@@ -26,6 +26,7 @@ the same requests.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import random
 import re
@@ -67,7 +68,7 @@ from hypothesis import strategies as st
 
 from tensorwire import Client
 from tensorwire.v1 import tensorwire_pb2 as pb
-from tensorwire.wire.dataplane import REQUEST, REQUEST_MAGIC, TICKET_BYTES
+from tensorwire.wire.dataplane import REQUEST, REQUEST_MAGIC, SHARED_MAGIC, TICKET_BYTES
 from tensorwire.wire.protocol import CHANNEL_OPTIONS, SESSION_KEY
 
 
@@ -297,6 +298,63 @@ def test_random_bytes_to_the_data_port_are_dropped(fuzzer: Fuzzer) -> None:
                 assert sock.recv(64) == b"", "the data port answered bytes it must drop"
 
     send()
+
+
+def _descriptors(kind: str) -> list[int]:
+    """Descriptors a hostile same-host client might pass along."""
+    if kind == "none":
+        return []
+    if kind == "pipe":
+        return list(os.pipe())
+    if kind == "devnull":
+        return [os.open(os.devnull, os.O_RDONLY)]
+    fd = os.memfd_create("fuzz", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 1 << 20)
+    if kind == "sealed":
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return [fd]
+
+
+@pytest.mark.skipif(not hasattr(socket, "SOCK_SEQPACKET"), reason="same-host socket: Linux")
+def test_random_messages_to_the_same_host_socket_are_dropped(fuzzer: Fuzzer) -> None:
+    """The same-host socket takes anything from a process in the server's namespace:
+    random messages, its own magic with tickets never issued, any descriptors. Each
+    connection is closed with nothing mapped and every descriptor closed."""
+    (name,) = {
+        m.group(1) for line in fuzzer.server.log if (m := re.search(r"same host on @(\S+)", line))
+    }
+    tickets = st.binary(min_size=TICKET_BYTES, max_size=TICKET_BYTES)
+    messages = st.one_of(
+        st.binary(min_size=1, max_size=4096),
+        tickets.map(lambda t: SHARED_MAGIC + t),
+        tickets.map(lambda t: REQUEST_MAGIC + t),
+    )
+    kinds = st.sampled_from(["none", "pipe", "devnull", "memfd", "sealed"])
+    descriptors = f"/proc/{fuzzer.server.proc.pid}/fd"
+    before = len(os.listdir(descriptors))
+
+    @settings(FUZZ, max_examples=200)
+    @given(messages, kinds)
+    def send(raw: bytes, kind: str) -> None:
+        fds = _descriptors(kind)
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as sock:
+                sock.settimeout(CALL_TIMEOUT)
+                sock.connect("\0" + name)
+                with contextlib.suppress(ConnectionError):  # dropped while we still sent
+                    socket.send_fds(sock, [raw], fds)
+                with contextlib.suppress(ConnectionResetError):
+                    assert sock.recv(64) == b"", "the same-host socket answered a stranger"
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    send()
+    # Every descriptor that arrived was closed (connection threads finish at once).
+    deadline = time.monotonic() + 10
+    while len(os.listdir(descriptors)) > before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(os.listdir(descriptors)) <= before, "the server kept descriptors it was sent"
 
 
 def test_the_server_survives_serves_correctly_and_kept_no_memory(fuzzer: Fuzzer) -> None:
