@@ -136,6 +136,28 @@ def test_the_async_client_passes_shared_memory_too(server: TensorwireServer) -> 
     assert moved(server) == 3
 
 
+def test_threads_sharing_a_client_each_get_their_own_results(server: TensorwireServer) -> None:
+    """Concurrent calls take segments and connections of their own from the pools."""
+    failures: list[BaseException] = []
+    with tw.Client(address(server), timeout=TIMEOUT) as client:
+
+        def calls(k: int) -> None:
+            try:
+                for i in range(5):
+                    sent = BIG[:, : (k + 1) << 18] * (k * 10 + i)  # sizes differ by thread
+                    np.testing.assert_array_equal(client.infer("identity", sent)["output"], sent)
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=calls, args=(k,)) for k in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+    assert not failures, failures
+    assert moved(server) == 30
+
+
 def test_segments_are_reused_and_none_outlives_the_client(server: TensorwireServer) -> None:
     before = memfds()
     with tw.Client(address(server), timeout=TIMEOUT) as client:
