@@ -313,6 +313,12 @@ class DataPlane:
 
     def _transfer_local(self, sock: socket.socket, mappings: segments.Mappings) -> bool:
         """One same-host transfer on ``sock``; whether it may carry another."""
+        try:
+            return self._shared(sock, mappings)
+        finally:
+            mappings.settle()
+
+    def _shared(self, sock: socket.socket, mappings: segments.Mappings) -> bool:
         message, fds, flags, _ = socket.recv_fds(sock, REQUEST.size, MAX_SEGMENTS)
         with segments.closing(fds):
             if not message:

@@ -101,18 +101,21 @@ class Mappings:
     whose pages are not faulted in again (on the 2-core machine that is 10 ms per
     256 MiB, each way). Shared mappings: a model that writes to its input writes to
     the client's copy of it, which the client overwrites before its next use (and
-    never uses again when the server keeps it). At most ``limit`` bytes are kept; all
-    go with the connection."""
+    never uses again when the server keeps it). Only the last transfer's segments are
+    kept (the ones the client most likely still pools: a segment it let go of is not
+    held alive here for long), at most ``limit`` bytes; all go with the connection."""
 
     def __init__(self, limit: int = KEPT_BYTES) -> None:
         self.limit = limit
         self._kept: OrderedDict[tuple[int, int], mmap.mmap] = OrderedDict()
         self._bytes = 0
+        self._used: set[tuple[int, int]] = set()
 
     def map(self, fd: int, nbytes: int, what: str) -> mmap.mmap:
         """A mapping of all of segment ``fd``, once it passes ``check``."""
         info = check(fd, nbytes, what)
         key = (info.st_dev, info.st_ino)
+        self._used.add(key)
         mapped = self._kept.get(key)
         if mapped is not None and len(mapped) == info.st_size:
             self._kept.move_to_end(key)
@@ -133,9 +136,16 @@ class Mappings:
         if old is not None:
             self._bytes -= len(old)
 
+    def settle(self) -> None:
+        """A transfer ended: let go of the mappings it did not use."""
+        for key in [k for k in self._kept if k not in self._used]:
+            self._forget(key)
+        self._used.clear()
+
     def close(self) -> None:
         """Let go of every mapping kept."""
         self._kept.clear()
+        self._used.clear()
         self._bytes = 0
 
 
