@@ -24,6 +24,7 @@ TESTS = Path(__file__).parent
 TOY_MODELS = {
     "quadratic": "toy_models:quadratic",
     "two_heads": "toy_models:two_heads",
+    "rows": "toy_models:rows",
     "raises": "toy_models:raises",
     "hog": "toy_models:hog",
     "sleeper": "toy_models:sleeper",

@@ -28,7 +28,7 @@ from tensorwire import _messages
 from tensorwire._dataplane import ASK_DATA
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
-from tensorwire.wire.dataplane import REQUEST, SHARED_MAGIC
+from tensorwire.wire.dataplane import MAX_SEGMENTS, REQUEST, SHARED_MAGIC
 from tensorwire.wire.dtypes import NUMPY_BY_WIRE
 from tensorwire_server import segments
 from tensorwire_server.server import TensorwireServer, build_engine
@@ -156,6 +156,15 @@ def test_threads_sharing_a_client_each_get_their_own_results(server: TensorwireS
             thread.join(TIMEOUT)
     assert not failures, failures
     assert moved(server) == 30
+
+
+def test_a_response_of_more_segments_than_one_message_carries(server: TensorwireServer) -> None:
+    rows = np.random.default_rng(2).standard_normal((MAX_SEGMENTS + 47, 4096))  # 9.7 MiB
+    with tw.Client(address(server), timeout=TIMEOUT) as client:
+        out = client.infer("rows", rows)
+    assert len(out) == len(rows) and moved(server) == 1
+    for i, row in enumerate(rows):
+        np.testing.assert_array_equal(out[f"row{i}"], row)
 
 
 def test_segments_are_reused_and_none_outlives_the_client(server: TensorwireServer) -> None:

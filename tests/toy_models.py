@@ -42,6 +42,17 @@ def two_heads() -> Model:
     )
 
 
+class Rows(nn.Module):
+    """Each row of its input as an output of its own: many outputs from one input."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {f"row{i}": row for i, row in enumerate(x.unbind(0))}
+
+
+def rows() -> Model:
+    return Model("rows", Rows(), (IOSpec("x"),), (), description="x's rows, one output each")
+
+
 class Raises(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         raise ValueError("this model refuses every input")

@@ -307,7 +307,9 @@ class LocalCarrier:
         segments = [self.outputs[k] for k, view in receiver.payloads if view.nbytes]
         try:
             self.sock.settimeout(timeout)
-            socket.send_fds(self.sock, [OUTPUTS_MAGIC], [s.fd for s in segments if s is not None])
+            fds = [s.fd for s in segments if s is not None]
+            for start in range(0, max(len(fds), 1), MAX_SEGMENTS):
+                socket.send_fds(self.sock, [OUTPUTS_MAGIC], fds[start : start + MAX_SEGMENTS])
             reply = self.sock.recv(RESPONSE.size + len(self.inputs))
         except OSError as exc:
             self.discard()

@@ -307,8 +307,10 @@ class DataPlane:
         except BaseException as exc:  # the handler reports it
             _settle(transfer.sent, exc)
             return False
-        _settle(transfer.sent)
+        # Counted before the handler hears of it: the call ends (and its client may read
+        # the metrics) only after that.
         self._count("tcp", transfer.receiver.total + total)
+        _settle(transfer.sent)
         return True
 
     def _transfer_local(self, sock: socket.socket, mappings: segments.Mappings) -> bool:
@@ -341,24 +343,20 @@ class DataPlane:
             payloads = transfer._take_reply()  # the handler always answers (finally)
             if payloads is None:
                 return False
-            message, fds, flags, _ = socket.recv_fds(sock, len(OUTPUTS_MAGIC), MAX_SEGMENTS)
+            fds = _outputs(sock, sum(1 for p in payloads if p.nbytes))
             with segments.closing(fds):
-                if message != OUTPUTS_MAGIC or flags & socket.MSG_CTRUNC:
-                    raise InvalidArgumentError(
-                        "shared memory: the client did not send the response's segments"
-                    )
                 written = segments.write_outputs(fds, payloads, mappings)
             del payloads
         except BaseException as exc:  # the handler reports it
             _settle(transfer.sent, exc)
             return False
+        self._count("shared_memory", transfer.receiver.total + written)
         _settle(transfer.sent)
         # Should the handler not let go in time, every mapping counts as held: the
         # client then drops them all, and no page the server may read is reused.
         with contextlib.suppress(TimeoutError):
             transfer.released.result(transfer.stall_seconds)
         sock.sendall(RESPONSE.pack(RESPONSE_MAGIC, written) + segments.held(transfer.mapped))
-        self._count("shared_memory", transfer.receiver.total + written)
         return True
 
     def _count(self, path: str, moved: int) -> None:
@@ -366,6 +364,25 @@ class DataPlane:
         counts = self.moved[path]
         counts[0] += 1
         counts[1] += moved
+
+
+def _outputs(sock: socket.socket, wanted: int) -> list[int]:
+    """The descriptors of the response's segments: ``wanted`` of them, in as many
+    OUTPUTS messages as it takes (each carries MAX_SEGMENTS at most)."""
+    fds: list[int] = []
+    try:
+        while True:
+            message, more, flags, _ = socket.recv_fds(sock, len(OUTPUTS_MAGIC), MAX_SEGMENTS)
+            fds += more
+            if message != OUTPUTS_MAGIC or flags & socket.MSG_CTRUNC:
+                raise InvalidArgumentError(
+                    "shared memory: the client did not send the response's segments"
+                )
+            if len(fds) >= wanted:
+                return fds
+    except BaseException:
+        with segments.closing(fds):
+            raise
 
 
 def _place(transfer: Transfer, fds: list[int], mappings: segments.Mappings) -> None:

@@ -38,7 +38,8 @@ the client's output segments, which become the client's result arrays. Per trans
     server -> client   ACCEPTED: b"TWOK" once the inputs are mapped (or the
                        connection closes: a segment was not acceptable)
     client -> server   OUTPUTS: b"TWO1" (after the response's header came over gRPC);
-                       the output segments' descriptors
+                       the output segments' descriptors (in several such messages
+                       when there are more than MAX_SEGMENTS)
     server -> client   RESPONSE: b"TWR1", the payload byte count written; then one
                        byte per input segment: 1 when the server still holds a mapping
                        of it (a tensor the request kept), so the client must never
@@ -69,8 +70,9 @@ RESPONSE_MAGIC: Final = b"TWR1"
 #: before the response's payloads are written.
 SHARED_MAGIC: Final = b"TWS1"
 OUTPUTS_MAGIC: Final = b"TWO1"
-#: Descriptors one message may carry (Linux's SCM_MAX_FD): a transfer with more
-#: non-empty payloads goes over the data port instead.
+#: Descriptors one message may carry (Linux's SCM_MAX_FD): a request with more
+#: non-empty payloads goes over the data port instead; a response's segments go in
+#: as many messages as they need.
 MAX_SEGMENTS: Final = 253
 
 #: Reads into a buffer, returning the bytes read (0: the peer closed), as
