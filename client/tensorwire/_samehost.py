@@ -16,7 +16,6 @@ result array is gone.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import mmap
 import os
 import socket
@@ -42,8 +41,11 @@ from tensorwire.wire.dataplane import (
 )
 from tensorwire.wire.streaming import Advance, StreamReceiver, allocate_host
 
+if sys.platform == "linux":
+    import fcntl
+
 #: Whether this platform can make same-host transfers (Linux: memfds with seals,
-#: abstract Unix sockets).
+#: abstract Unix sockets); elsewhere the client imports and uses the network.
 SUPPORTED: Final = (
     sys.platform == "linux"
     and hasattr(os, "memfd_create")
