@@ -16,6 +16,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -205,6 +206,22 @@ def test_without_the_servers_socket_the_data_port_takes_the_ticket(
         np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
         assert client._data.same_host is not None and client._data.same_host._off
     assert moved(server) == 0 and moved(server, "tcp") == 1
+
+
+def test_a_unix_socket_target_passes_shared_memory(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A server may also listen on a Unix socket; a client there is on its host."""
+    path = tmp_path / "tw.sock"
+    for server in serving(engine, unix_socket=str(path)):
+        assert os.stat(path).st_mode & 0o777 == 0o660  # the server's user and group
+        with tw.Client(f"unix:{path}", timeout=TIMEOUT) as client:
+            np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
+            small = np.ones((1, 16), np.float32)
+            np.testing.assert_array_equal(client.infer("identity", small)["output"], small)
+        assert moved(server) == 1 and moved(server, "tcp") == 0
+        # Without same-host transfers there is no data port to try: chunks in gRPC.
+        with tw.Client(f"unix:{path}", timeout=TIMEOUT, same_host=False) as client:
+            np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
+        assert moved(server) == 1 and moved(server, "tcp") == 0
 
 
 def test_either_side_can_turn_it_off(engine) -> None:  # type: ignore[no-untyped-def]

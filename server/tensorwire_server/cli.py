@@ -19,6 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port to listen on (default 50051; 0: any)")
+    parser.add_argument(
+        "--unix-socket",
+        metavar="PATH",
+        help="also serve on this Unix socket, for clients on this host (unix:PATH)",
+    )
     parser.add_argument("--device", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument(
         "--model",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 from collections.abc import Coroutine
@@ -202,6 +203,14 @@ class TensorwireServer:
             raise OSError(f"could not bind {address}")
         if not tokens and not is_loopback(settings.host):
             log.warning("no tokens: anyone who reaches %s can use this server", address)
+        # Plain text on a Unix socket: it never leaves this host, and its file's
+        # permissions say who may connect: the server's user and group, whatever the
+        # umask (gRPC binds it here, before the server starts; a stale file is replaced).
+        unix = settings.unix_socket
+        if unix is not None:
+            if not self.server.add_insecure_port(f"unix:{unix}"):
+                raise OSError(f"could not bind unix:{unix}")
+            os.chmod(unix, 0o660)
         return port
 
     def _data_plane(self, settings: Settings) -> DataPlane | None:
@@ -329,6 +338,8 @@ def serve(settings: Settings) -> None:
     server = TensorwireServer(settings)
     server.start()
     log.info("listening on %s:%d", settings.host, server.port)
+    if settings.unix_socket is not None:
+        log.info("listening on unix:%s", settings.unix_socket)
     if server.data_plane is not None:
         plane = server.data_plane
         local = "" if plane.local_name is None else f"; same host on @{plane.local_name}"

@@ -33,6 +33,10 @@ class Settings:
     host: str = "127.0.0.1"
     #: Port to listen on; 0 picks a free one (tests).
     port: int = 50051
+    #: Also serve gRPC on this Unix socket (a path), for clients on this host
+    #: (``Client("unix:PATH")``): no TCP and no TLS, the file's permissions guard it;
+    #: tokens still apply. None: TCP only.
+    unix_socket: str | None = None
     #: auto (CUDA when available, else CPU), cpu, cuda or cuda:N.
     device: str = "auto"
     #: Extra models, name -> source (a .pt2 file, a TorchScript file or module:factory).
