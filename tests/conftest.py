@@ -11,12 +11,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from tensorwire import Client
-from tensorwire_server.server import create_server
+from tensorwire_server.engine import Engine
+from tensorwire_server.server import TensorwireServer, create_server
 from tensorwire_server.settings import Settings
 
 TESTS = Path(__file__).parent
@@ -29,6 +31,22 @@ TOY_MODELS = {
     "hog": "toy_models:hog",
     "sleeper": "toy_models:sleeper",
 }
+
+
+def engine_server(engine: Engine, **settings: Any) -> Iterator[TensorwireServer]:
+    """A CPU server with ``settings`` on a free loopback port around ``engine`` (built
+    once per module: its models load once); stopped after."""
+    server = TensorwireServer(Settings(port=0, device="cpu", **settings), engine)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(None)
+
+
+def server_address(server: TensorwireServer) -> str:
+    """Where an ``engine_server`` listens."""
+    return f"127.0.0.1:{server.port}"
 
 
 def start(settings: Settings) -> Iterator[str]:

@@ -18,6 +18,8 @@ import grpc
 import numpy as np
 import pytest
 import trustme
+from conftest import engine_server
+from conftest import server_address as address
 
 import tensorwire as tw
 from tensorwire import _messages
@@ -39,22 +41,13 @@ def engine():  # type: ignore[no-untyped-def]
 
 
 def serving(engine, **settings: object) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def]
-    settings = {"same_host": False, **settings}
-    server = TensorwireServer(Settings(port=0, device="cpu", **settings), engine)  # type: ignore[arg-type]
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(None)
+    """engine_server, without same-host transfers unless asked for."""
+    yield from engine_server(engine, **{"same_host": False, **settings})
 
 
 @pytest.fixture
 def server(engine) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def]
     yield from serving(engine)  # the data plane is on by default, on a free port
-
-
-def address(server: TensorwireServer) -> str:
-    return f"127.0.0.1:{server.port}"
 
 
 def transfers(plane: DataPlane | None) -> int:

@@ -22,6 +22,8 @@ import grpc
 import numpy as np
 import pytest
 from conftest import TESTS, TOY_MODELS
+from conftest import engine_server as serving
+from conftest import server_address as address
 from test_codec import sample
 
 import tensorwire as tw
@@ -46,22 +48,9 @@ def engine():  # type: ignore[no-untyped-def]
     return build_engine(Settings(device="cpu", models=TOY_MODELS))
 
 
-def serving(engine, **settings: object) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def]
-    server = TensorwireServer(Settings(port=0, device="cpu", **settings), engine)  # type: ignore[arg-type]
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop(None)
-
-
 @pytest.fixture
 def server(engine) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def]
     yield from serving(engine)
-
-
-def address(server: TensorwireServer) -> str:
-    return f"127.0.0.1:{server.port}"
 
 
 def moved(server: TensorwireServer, path: str = "shared_memory") -> int:

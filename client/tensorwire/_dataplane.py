@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from tensorwire._connections import CONNECT_SECONDS, FALLBACK_SECONDS, IdleConnections
 from tensorwire._samehost import LocalCarrier, SameHost
 from tensorwire.channel import split_address
 from tensorwire.errors import UnavailableError
@@ -36,15 +37,6 @@ from tensorwire.wire.dataplane import (
 )
 from tensorwire.wire.streaming import Advance, StreamReceiver
 
-#: Seconds to wait for a data connection and its server's acceptance of a ticket: a
-#: port that does not answer by then is taken as unreachable (a firewall, a proxy, a
-#: port not published).
-CONNECT_SECONDS: Final = 1.0
-#: Seconds the client sends payloads through gRPC after finding the data plane
-#: unreachable, or the server without one, before it asks again.
-FALLBACK_SECONDS: Final = 600.0
-#: Idle connections kept per server port.
-POOLED: Final = 8
 #: Seconds a multi-replica target's addresses are used before resolving them again
 #: for the data plane (the channel's own resolver keeps its own pace).
 REPLICAS_SECONDS: Final = 30.0
@@ -71,18 +63,18 @@ class DataLinks:
         self.server_name = server_name or host
         #: Same-host transfers, when the client makes them.
         self.same_host = same_host
-        self._idle: dict[int, list[socket.socket]] = {}
-        self._lock = threading.Lock()
+        #: Idle connections, by server port.
+        self.idle: IdleConnections[int] = IdleConnections()
         self._off_until = 0.0
-        self._closed = False
 
     def usable(self) -> bool:
         """Whether a streamed call should ask for the data plane now."""
         reachable = self.host is not None or self.same_host is not None
-        return reachable and not self._closed and time.monotonic() >= self._off_until
+        return reachable and not self.idle.closed and time.monotonic() >= self._off_until
 
     def fall_back(self) -> None:
-        """Send payloads through gRPC for a while: the data plane is not to be had."""
+        """Send payloads through gRPC for FALLBACK_SECONDS (then the client asks
+        again): the data plane is unreachable, or the server has none."""
         self._off_until = time.monotonic() + FALLBACK_SECONDS
 
     def send(
@@ -160,24 +152,18 @@ class DataLinks:
         except (OSError, EOFError) as exc:
             sock.close()
             raise UnavailableError(f"the data connection broke: {exc}") from None
-        self._give(sock)
+        self.idle.give(sock.getpeername()[1], sock)
 
     def close(self) -> None:
         """Close every pooled connection; the data plane is off from now on."""
-        self._closed = True
-        with self._lock:
-            pooled = [sock for socks in self._idle.values() for sock in socks]
-            self._idle.clear()
-        for sock in pooled:
-            sock.close()
+        self.idle.close()
 
     def _take(self, port: int, pooled: bool) -> tuple[socket.socket, bool]:
         """A connection to ``port``: an idle one when ``pooled`` and there is one,
         else a new one; and whether it was pooled."""
-        with self._lock:
-            idle = self._idle.get(port)
-            if pooled and idle:
-                return idle.pop(), True
+        idle = self.idle.take(port) if pooled else None
+        if idle is not None:
+            return idle, True
         assert self.host is not None  # usable() said so
         sock = socket.create_connection((self.host, port), timeout=CONNECT_SECONDS)
         try:
@@ -188,15 +174,6 @@ class DataLinks:
             sock.close()
             raise
         return sock, False
-
-    def _give(self, sock: socket.socket) -> None:
-        port = sock.getpeername()[1]
-        with self._lock:
-            idle = self._idle.setdefault(port, [])
-            if not self._closed and len(idle) < POOLED:
-                idle.append(sock)
-                return
-        sock.close()
 
 
 class Carrier(Protocol):

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import numpy as np
 
+from tensorwire._connections import CONNECT_SECONDS, FALLBACK_SECONDS, IdleConnections
 from tensorwire.errors import UnavailableError
 from tensorwire.wire import dataplane
 from tensorwire.wire.dataplane import (
@@ -54,12 +55,6 @@ SUPPORTED: Final = (
 )
 #: Idle segment bytes a client keeps for reuse; beyond it the oldest are freed.
 POOL_BYTES: Final = 2 << 30
-#: Seconds to wait for a same-host connection and its server's acceptance.
-CONNECT_SECONDS: Final = 1.0
-#: Seconds the client uses the data port instead after the Unix socket failed it.
-FALLBACK_SECONDS: Final = 600.0
-#: Idle connections kept per server.
-POOLED: Final = 8
 
 
 class Segment:
@@ -85,15 +80,12 @@ class Segment:
 
     def write(self, piece: memoryview, offset: int) -> None:
         """``piece`` (bytes) at ``offset``: through the mapping once the pages exist (a
-        plain memcpy), else by the kernel, which makes them as it writes (faulting
-        them in through the mapping costs twice as much)."""
+        plain memcpy), else with ``write_at``."""
         if self.written:
             target = np.frombuffer(self.mapped, np.uint8, piece.nbytes, offset)
             np.copyto(target, np.frombuffer(piece, np.uint8))
-            return
-        done = 0
-        while done < piece.nbytes:
-            done += os.pwritev(self.fd, [piece[done:]], offset + done)
+        else:
+            dataplane.write_at(self.fd, piece, offset)
 
     def close(self) -> None:
         """Free it here (a mapping still exported by an array stays until it goes)."""
@@ -170,14 +162,16 @@ class SameHost:
 
     def __init__(self) -> None:
         self.pool = SegmentPool()
-        self._idle: dict[str, list[socket.socket]] = {}
-        self._lock = threading.Lock()
+        #: Idle connections, by server socket name.
+        self.idle: IdleConnections[str] = IdleConnections()
+        # Server sockets that did not answer from here, until when to use the data
+        # port instead.
         self._off: dict[str, float] = {}
-        self._closed = False
 
     def usable(self, name: str) -> bool:
         """Whether to try the server's socket ``name`` now."""
-        return SUPPORTED and not self._closed and time.monotonic() >= self._off.get(name, 0.0)
+        off = self._off.get(name, 0.0)
+        return SUPPORTED and not self.idle.closed and time.monotonic() >= off
 
     def send(
         self,
@@ -247,10 +241,9 @@ class SameHost:
     def _take(self, name: str) -> tuple[socket.socket, bool] | None:
         """An idle connection to server socket ``name``, else a new one (and whether
         it was idle); None when none can be made."""
-        with self._lock:
-            idle = self._idle.get(name)
-            if idle:
-                return idle.pop(), True
+        idle = self.idle.take(name)
+        if idle is not None:
+            return idle, True
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             sock.settimeout(CONNECT_SECONDS)
@@ -260,23 +253,9 @@ class SameHost:
             return None
         return sock, False
 
-    def give(self, name: str, sock: socket.socket) -> None:
-        """Keep a connection whose transfer ended well."""
-        with self._lock:
-            idle = self._idle.setdefault(name, [])
-            if not self._closed and len(idle) < POOLED:
-                idle.append(sock)
-                return
-        sock.close()
-
     def close(self) -> None:
         """Close every pooled connection and free every idle segment."""
-        self._closed = True
-        with self._lock:
-            pooled = [sock for socks in self._idle.values() for sock in socks]
-            self._idle.clear()
-        for sock in pooled:
-            sock.close()
+        self.idle.close()
         self.pool.close()
 
 
@@ -336,7 +315,7 @@ class LocalCarrier:
         self.inputs = []
         self.outputs = []
         receiver.filled()
-        self.link.give(self.name, self.sock)
+        self.link.idle.give(self.name, self.sock)
 
     def discard(self) -> None:
         """The transfer failed: the server may still be reading or writing any of its

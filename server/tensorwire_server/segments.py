@@ -21,7 +21,6 @@ import secrets
 import socket
 import stat
 import sys
-import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -30,6 +29,7 @@ from typing import Final
 import numpy as np
 
 from tensorwire.errors import InvalidArgumentError
+from tensorwire.wire.dataplane import write_at
 
 #: Whether this platform can serve same-host transfers: Linux's abstract Unix
 #: sockets, SOCK_SEQPACKET and file seals.
@@ -41,9 +41,6 @@ SUPPORTED: Final = (
 #: Bytes of its client's segments a same-host connection keeps mapped between
 #: transfers (the client keeps up to 2 GiB of idle segments for reuse).
 KEPT_BYTES: Final = 2 << 30
-#: Seconds a same-host transfer waits for the request's mappings to be let go of
-#: before it tells the client which ones the server still holds.
-HELD_GRACE: Final = 0.002
 
 
 def listen(backlog: int) -> tuple[socket.socket, str]:
@@ -111,9 +108,8 @@ class Mappings:
         self._bytes = 0
         self._used: set[tuple[int, int]] = set()
 
-    def map(self, fd: int, nbytes: int, what: str) -> mmap.mmap:
-        """A mapping of all of segment ``fd``, once it passes ``check``."""
-        info = check(fd, nbytes, what)
+    def map(self, fd: int, info: os.stat_result) -> mmap.mmap:
+        """A mapping of all of segment ``fd`` (``info``: what ``check`` found)."""
         key = (info.st_dev, info.st_ino)
         self._used.add(key)
         mapped = self._kept.get(key)
@@ -156,16 +152,11 @@ def map_inputs(
     read in place: for each, a writable view of its segment; and a weak reference
     that lives as long as anything of the request holds the view (every view of it
     has the same base array, which only the request's buffers reach)."""
-    wanted = [p.nbytes for p in payloads if p.nbytes]
-    if len(fds) != len(wanted):
-        raise InvalidArgumentError(
-            f"shared memory: {len(fds)} segments for a request of {len(wanted)} payloads"
-        )
     views: list[memoryview] = []
     held: list[weakref.ref[np.ndarray]] = []
-    for k, (fd, nbytes) in enumerate(zip(fds, wanted, strict=True)):
-        mapped = mappings.map(fd, nbytes, f"shared memory: input segment {k}")
-        base = np.frombuffer(mapped, np.uint8, nbytes)
+    for k, (fd, payload) in enumerate(_paired(fds, payloads, "request")):
+        info = check(fd, payload.nbytes, f"shared memory: input segment {k}")
+        base = np.frombuffer(mappings.map(fd, info), np.uint8, payload.nbytes)
         held.append(weakref.ref(base))
         views.append(memoryview(base))  # type: ignore[arg-type]
     return views, held
@@ -174,32 +165,31 @@ def map_inputs(
 def write_outputs(fds: Sequence[int], payloads: Sequence[memoryview], mappings: Mappings) -> int:
     """Write the response's non-empty ``payloads`` into the client's segments; the
     bytes written."""
+    written = 0
+    for k, (fd, payload) in enumerate(_paired(fds, payloads, "response")):
+        info = check(fd, payload.nbytes, f"shared memory: output segment {k}")
+        data = payload.cast("B")
+        if info.st_blocks * 512 < data.nbytes:  # a fresh segment
+            write_at(fd, data, 0)
+        else:
+            target = np.frombuffer(mappings.map(fd, info), np.uint8, data.nbytes)
+            np.copyto(target, np.frombuffer(data, np.uint8))
+        written += data.nbytes
+    return written
+
+
+def _paired(
+    fds: Sequence[int], payloads: Sequence[memoryview], what: str
+) -> list[tuple[int, memoryview]]:
+    """Each segment with its non-empty payload; INVALID_ARGUMENT unless one each."""
     given = [p for p in payloads if p.nbytes]
     if len(fds) != len(given):
         raise InvalidArgumentError(
-            f"shared memory: {len(fds)} segments for a response of {len(given)} payloads"
+            f"shared memory: {len(fds)} segments for a {what} of {len(given)} payloads"
         )
-    for k, (fd, payload) in enumerate(zip(fds, given, strict=True)):
-        what = f"shared memory: output segment {k}"
-        source = np.frombuffer(payload.cast("B"), np.uint8)
-        if os.fstat(fd).st_blocks * 512 < payload.nbytes:
-            # A fresh segment: the kernel makes its pages as it writes, at twice the
-            # speed of faulting them in through a mapping.
-            check(fd, payload.nbytes, what)
-            done = 0
-            while done < payload.nbytes:
-                done += os.pwritev(fd, [payload.cast("B")[done:]], done)
-            continue
-        target = np.frombuffer(mappings.map(fd, payload.nbytes, what), np.uint8, payload.nbytes)
-        np.copyto(target, source)
-    return sum(p.nbytes for p in given)
+    return list(zip(fds, given, strict=True))
 
 
-def held(mappings: Sequence[weakref.ref[np.ndarray]], grace: float = HELD_GRACE) -> bytes:
-    """One byte per input segment: 1 while something on the server still maps it,
-    after up to ``grace`` seconds for the last references to go (the worker thread
-    that ran the request lets go of its arguments just after its result is out)."""
-    deadline = time.monotonic() + grace
-    while any(ref() is not None for ref in mappings) and time.monotonic() < deadline:
-        time.sleep(0.0005)
+def held(mappings: Sequence[weakref.ref[np.ndarray]]) -> bytes:
+    """One byte per input segment: 1 while something on the server still maps it."""
     return bytes(int(ref() is not None) for ref in mappings)

@@ -48,6 +48,7 @@ the client's output segments, which become the client's result arrays. Per trans
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -106,6 +107,15 @@ def send_all(sock: socket.socket, head: bytes, payloads: Sequence[memoryview]) -
     for payload in payloads:
         if payload.nbytes:
             sock.sendall(payload)
+
+
+def write_at(fd: int, data: memoryview, offset: int) -> None:
+    """All of ``data`` (bytes) into file ``fd`` at ``offset``: how a fresh same-host
+    segment is filled, the kernel making its pages as it writes (faulting them in
+    through a mapping costs twice as much)."""
+    done = 0
+    while done < data.nbytes:
+        done += os.pwritev(fd, [data[done:]], offset + done)
 
 
 def configure(sock: socket.socket) -> None:
