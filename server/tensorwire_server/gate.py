@@ -227,6 +227,12 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         context.set_trailing_metadata(pair)
         call.started = time.perf_counter()
         call.deadline = arrived + default_deadline  # until check() knows better
+
+        def record(code: str) -> None:
+            call.record = None  # once
+            metrics.finish(call, code)
+
+        call.record = record
         metrics.running.inc()
         return call, observe.set_current(call), reject
 
@@ -241,11 +247,12 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
                         (RETRY_PUSHBACK_KEY, str(reject.pushback_ms)),
                     )
                 )
-            await context.abort(reject.code, reject.message)
+            await rpc.abort(context, reject.code, reject.message)
         remaining = rpc.remaining(context)
         if remaining is not None:
             if remaining <= 0:
-                await context.abort(
+                await rpc.abort(
+                    context,
                     grpc.StatusCode.DEADLINE_EXCEEDED,
                     "the deadline passed while the request waited for a worker; it did not run",
                 )
@@ -261,7 +268,8 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         if counted:
             counter.__exit__()  # type: ignore[union-attr]
         metrics.running.dec()
-        metrics.finish(call, "OK" if ok else _code(context))
+        if call.record is not None:  # not recorded yet (rpc.abort records errors)
+            call.record("OK" if ok else _code(context))
         observe.reset_current(token)
 
     behavior: Any = (

@@ -51,6 +51,10 @@ class Call:
     #: The session the call names in its metadata; empty: none.
     session: str = ""
     started: float = field(default_factory=time.perf_counter)
+    #: Records the call (metrics, access log) with its status code, once; set by the
+    #: gate. An error is recorded before its status is sent (rpc.abort): a client
+    #: that has its answer finds it counted.
+    record: Callable[[str], None] | None = field(default=None, repr=False)
 
 
 _CURRENT: ContextVar[Call | None] = ContextVar("call", default=None)

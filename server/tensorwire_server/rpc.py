@@ -12,6 +12,7 @@ import grpc
 import grpc.aio
 
 from tensorwire.errors import OutOfRangeError, TensorwireError
+from tensorwire_server import observe
 from tensorwire_server.compute import Compute
 
 log = logging.getLogger(__name__)
@@ -44,10 +45,19 @@ async def statuses(method: str, context: Context) -> AsyncIterator[None]:
     except TensorwireError as exc:
         # The caller's mistake, not the server's: debug level, no traceback.
         log.debug("%s: %s %s", method, exc.code, exc.message)
-        await context.abort(grpc.StatusCode[exc.code], clip(exc.message))
+        await abort(context, grpc.StatusCode[exc.code], clip(exc.message))
     except Exception:
         log.exception("%s failed with a server error", method)
-        await context.abort(grpc.StatusCode.INTERNAL, f"{method}: internal server error")
+        await abort(context, grpc.StatusCode.INTERNAL, f"{method}: internal server error")
+
+
+async def abort(context: Context, code: grpc.StatusCode, message: str) -> None:
+    """End the call with ``code``: recorded first, then sent (grpc.aio sends the
+    status at once, before the handler's own cleanup runs); raises AbortError."""
+    call = observe.current()
+    if call is not None and call.record is not None:
+        call.record(code.name)
+    await context.abort(code, message)
 
 
 def clip(message: str, limit: int = 2000) -> str:

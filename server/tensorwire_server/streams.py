@@ -103,7 +103,8 @@ def streamed(
                 del encoder, header, payloads
                 await asyncio.wrap_future(transfer.sent)
             except TimeoutError:
-                await context.abort(
+                await rpc.abort(
+                    context,
                     grpc.StatusCode.CANCELLED,
                     f"the request stream stalled: it had not ended {limits.max_stream_seconds:g}"
                     " s after it began",

@@ -308,7 +308,9 @@ class _IdleCutoff:
                 continue
             log.info("ModelStreamInfer: no request for %.3g s; closing the stream", idle)
             with contextlib.suppress(grpc.aio.AbortError):  # the status is sent: done
-                await self.context.abort(grpc.StatusCode.CANCELLED, "the stream was idle too long")
+                await rpc.abort(
+                    self.context, grpc.StatusCode.CANCELLED, "the stream was idle too long"
+                )
             return
 
 
