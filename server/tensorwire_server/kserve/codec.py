@@ -353,6 +353,9 @@ class Answer:
 
     message: pb.ModelInferResponse
     payloads: list[memoryview]
+    #: Raises if what the payloads were read from went bad while they were copied out
+    #: (a shared-memory input shrunk under the model): called once they are.
+    check: Callable[[], None] = lambda: None
 
     @property
     def payload_bytes(self) -> int:
@@ -362,12 +365,16 @@ class Answer:
     def finish(self) -> bytes:
         """The serialized ModelInferResponse: one copy of each payload byte."""
         pieces, _ = self._pieces()
-        return b"".join(pieces)
+        out = b"".join(pieces)
+        self.check()
+        return out
 
     def streamed(self) -> bytes:
         """The serialized ModelStreamInferResponse holding this response."""
         pieces, size = self._pieces()
-        return framing.part(_STREAM_RESPONSE, pieces, size)
+        out = framing.part(_STREAM_RESPONSE, pieces, size)
+        self.check()
+        return out
 
     def _pieces(self) -> tuple[list[framing.Buffer], int]:
         pieces: list[framing.Buffer] = [self.message.SerializeToString()]
@@ -382,9 +389,11 @@ def answer(
     outputs: Named[np.ndarray],
     wanted: Wanted,
     write: Write,
+    check: Callable[[], None] = lambda: None,
 ) -> Answer:
     """The response carrying ``outputs`` of ``version``, raw or typed; those placed
-    in shared memory are written there with ``write``, and the response carries
+    in shared memory are written there with ``write`` (``check`` runs once the
+    response is serialized), and the response carries
     their name, datatype and shape only (and, raw, an empty entry, as Triton sends,
     so that each output's entry keeps its index)."""
     response = pb.ModelInferResponse(
@@ -413,7 +422,7 @@ def answer(
                 "contents (binary_data true)"
             )
         getattr(out.contents, field_name).extend(arr.ravel().tolist())
-    return Answer(response, payloads)
+    return Answer(response, payloads, check)
 
 
 def stream_error(message: str, request: InferRequest | TensorwireError) -> bytes:

@@ -29,6 +29,7 @@ from tensorwire_server.kserve import grpc_service_pb2 as pb
 from tensorwire_server.named import Named
 from tensorwire_server.repository import ConfigError
 from tensorwire_server.service import Caller, Service
+from tensorwire_server.shared_memory import Reads
 
 log = logging.getLogger(__name__)
 
@@ -201,23 +202,23 @@ class InferenceServicer:
 
     def infer(self, request: codec.InferRequest, deadline: float | None) -> codec.Answer:
         """Run one ModelInferRequest (unary or streamed) through the service."""
-        message, inputs, wanted, name, version = self._accepted(request)
+        message, inputs, wanted, name, version, reads = self._accepted(request)
         inference = self.service.infer(
             Caller(deadline=deadline), name, inputs, wanted.outputs, version
         )
-        return self._answer(message, inference, wanted, _owner())
+        return self._answer(message, inference, wanted, _owner(), reads)
 
     async def infer_async(
         self, request: codec.InferRequest, deadline: float | None, run: Runner
     ) -> codec.Answer:
         """``infer`` from the event loop, for a batched model: the request waits for its
         batch as a task, which ``run`` carries to a thread."""
-        message, inputs, wanted, name, version = self._accepted(request)
+        message, inputs, wanted, name, version, reads = self._accepted(request)
         caller = Caller(deadline=deadline)
         inference = await self.service.infer_async(
             caller, name, inputs, wanted.outputs, version, run
         )
-        return self._answer(message, inference, wanted, _owner())
+        return self._answer(message, inference, wanted, _owner(), reads)
 
     def batched(self, request: codec.InferRequest | TensorwireError) -> bool:
         """Whether a request waits for a batch on the loop (its model batches). One
@@ -230,9 +231,9 @@ class InferenceServicer:
 
     def _accepted(
         self, request: codec.InferRequest
-    ) -> tuple[pb.ModelInferRequest, Named[np.ndarray], codec.Wanted, str, int]:
+    ) -> tuple[pb.ModelInferRequest, Named[np.ndarray], codec.Wanted, str, int, Reads]:
         """A request labelled, counted, checked and decoded: its inputs, what it wants
-        back, and the model and version that will answer it."""
+        back, the model and version that will answer it, and the inputs it mapped."""
         message = request.message
         self._target(message.model_name)
         call = observe.current()
@@ -249,14 +250,21 @@ class InferenceServicer:
             for output, place in wanted.placed.items():
                 # Before the model runs: a bad output region fails the request early.
                 regions.check(owner, place, f"requested output {shown(output)}", write=True)
-            inputs = codec.inputs(request, service.limits, partial(regions.read, owner))
-            return message, inputs, wanted, served.name, served.version
+            reads = Reads()
+            inputs = codec.inputs(request, service.limits, partial(regions.read, owner, reads))
+            return message, inputs, wanted, served.name, served.version, reads
 
     def _answer(
-        self, message: pb.ModelInferRequest, inference: Inference, wanted: codec.Wanted, owner: str
+        self,
+        message: pb.ModelInferRequest,
+        inference: Inference,
+        wanted: codec.Wanted,
+        owner: str,
+        reads: Reads,
     ) -> codec.Answer:
         write = partial(self.service.shared_memory.write, owner)
-        answer = codec.answer(message, inference.version, inference.outputs, wanted, write)
+        outputs = inference.outputs
+        answer = codec.answer(message, inference.version, outputs, wanted, write, reads.check)
         call = observe.current()
         if call is not None:
             call.batch = inference.batch
