@@ -543,7 +543,7 @@ def test_the_flag_and_limits_are_settings_like_any_other() -> None:
 
 
 @pytest.mark.cuda
-def test_on_a_cuda_server_regions_feed_the_gpu_and_cuda_regions_are_unimplemented(
+def test_on_a_cuda_server_system_regions_feed_the_gpu(
     regions: Any,
 ) -> None:
     (inp, inp_name), (out, out_name) = regions(X.nbytes), regions(X.nbytes)
@@ -558,6 +558,3 @@ def test_on_a_cuda_server_regions_feed_the_gpu_and_cuda_regions_are_unimplemente
         outputs = [shared_output("output", out_name, X.nbytes)]
         result = c.infer("mlp", [shared_input("input", X, inp_name)], outputs=outputs)
         np.testing.assert_allclose(read_output(out, result, "output"), expected, rtol=1e-5)
-        with pytest.raises(InferenceServerException) as cuda:
-            c.register_cuda_shared_memory("gpu", b"\0" * 64, 0, 1024)
-        assert status(cuda) == "StatusCode.UNIMPLEMENTED"

@@ -176,7 +176,8 @@ class Mapping:
         self._range = _Range(start, size)
         _LIVE[start] = self._range
         pages = _Pages(start + lead, length)
-        weakref.finalize(pages, _unmap, self._range)
+        # Not at exit: pages a thread may still read go with the process anyway.
+        weakref.finalize(pages, _unmap, self._range).atexit = False
         self.array: np.ndarray = np.asarray(pages)
 
     @property

@@ -23,13 +23,13 @@ from tensorwire.errors import (
     FailedPreconditionError,
     NotFoundError,
     UnavailableError,
-    UnimplementedError,
     shown,
 )
 from tensorwire.wire.codec import Handle
 from tensorwire.wire.protocol import SESSION_KEY
 from tensorwire_server import programs
 from tensorwire_server.batching import Runner
+from tensorwire_server.cuda_memory import CudaSharedMemory
 from tensorwire_server.engine import (
     DeviceSummary,
     Engine,
@@ -115,13 +115,22 @@ class Service:
             settings.max_shared_memory_regions,
             settings.max_shared_memory_bytes,
         )
+        #: The CUDA shared-memory regions (on a CUDA server, when allowed).
+        self.cuda_memory = CudaSharedMemory(
+            settings.allow_shared_memory,
+            settings.max_shared_memory_regions,
+            settings.max_shared_memory_bytes,
+        )
         self._engine = engine
+        if engine is not None:
+            self.cuda_memory.device = engine.device
         #: Loads and unloads models while serving; None: this server cannot.
         self.control = control
 
     def ready(self, engine: Engine, control: ModelControl | None = None) -> None:
         """Serve with ``engine``, its models loaded, and ``control`` over them."""
         self._engine = engine
+        self.cuda_memory.device = engine.device
         self.control = control
 
     @property
@@ -225,21 +234,6 @@ class Service:
             return []
         return model_names(control.root)
 
-    def cuda_shared_memory(self) -> None:
-        """Refuse CUDA shared memory: UNAVAILABLE on a server without a CUDA device,
-        where it cannot exist; UNIMPLEMENTED on one with a device, until CUDA IPC
-        handles are opened."""
-        if self.engine.device.type != "cuda":
-            raise UnavailableError(
-                f"this server has no CUDA device (it runs on {self.engine.device}): CUDA "
-                "shared memory needs one; use system shared memory "
-                "(register_system_shared_memory) on this host"
-            )
-        raise UnimplementedError(
-            "CUDA shared memory is not implemented yet: use system shared memory "
-            "(register_system_shared_memory), or send the tensors in the request"
-        )
-
     # ------------------------------------------------------------------ model control
 
     def load(self, name: str) -> ModelEntry:
@@ -280,9 +274,11 @@ class Service:
         outputs: Sequence[str] = (),
         version: int = 0,
         keep: bool = False,
+        export: Export | None = None,
     ) -> Inference:
         """Run ``model`` forward (batched with other requests where configured) within
-        the caller's deadline; ``keep``: its outputs stay in the session as handles."""
+        the caller's deadline; ``keep``: its outputs stay in the session as handles;
+        ``export``: what becomes of each output instead (it runs alone)."""
         with self._a_model(model, "run it with Call"):
             return self.engine.infer(
                 model,
@@ -290,7 +286,7 @@ class Service:
                 outputs,
                 version,
                 caller.deadline,
-                self._keeper(caller) if keep else None,
+                self._keeper(caller) if keep else export,
             )
 
     async def infer_async(

@@ -18,10 +18,10 @@ import errno
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 import numpy as np
 
@@ -44,7 +44,7 @@ MAX_NAME: Final = 256
 _MAX_IO: Final = 0x7FFFF000
 #: How to enable the extension, for every refusal while it is off.
 ENABLE: Final = (
-    "system shared memory is off on this server: start it with --allow-shared-memory "
+    "shared memory is off on this server: start it with --allow-shared-memory "
     "(TENSORWIRE_ALLOW_SHARED_MEMORY=1) to use it from clients on the same host"
 )
 
@@ -118,7 +118,8 @@ def check_key(key: str) -> str:
     return name
 
 
-def _check_name(name: str) -> None:
+def check_name(name: str) -> None:
+    """INVALID_ARGUMENT for a region name that is empty, too long or unprintable."""
     if not name or len(name) > MAX_NAME or not name.isprintable():
         raise InvalidArgumentError(
             f"region name {shown(name)} must be 1 to {MAX_NAME} printable characters"
@@ -150,12 +151,12 @@ class SharedMemory:
         as ``owner``'s region ``name``, after checking the key, the file and the
         range; nothing is read or mapped."""
         self._on()
-        _check_name(name)
+        check_name(name)
         path = os.path.join(SHM_DIR, check_key(key))
         if byte_size <= 0:
             raise InvalidArgumentError(f"region {shown(name)}: byte_size must be positive")
         with self._lock:  # refuse over-limit registrations before opening anything
-            self._room(owner, name, byte_size)
+            room(self._regions.get(owner, {}), name, byte_size, self._bytes, self)
         fd, writable = _open(path, key)
         try:
             info = os.fstat(fd)
@@ -167,30 +168,13 @@ class SharedMemory:
                     f"the end of {shown(key)}, which holds {info.st_size} bytes"
                 )
             with self._lock:
-                self._room(owner, name, byte_size)  # again: another call may have won
+                room(self._regions.get(owner, {}), name, byte_size, self._bytes, self)  # again
                 region = _Region(RegionStatus(name, key, offset, byte_size), fd, writable)
                 self._regions.setdefault(owner, {})[name] = region
                 self._bytes += byte_size
         except BaseException:
             os.close(fd)
             raise
-
-    def _room(self, owner: str, name: str, byte_size: int) -> None:
-        owned = self._regions.get(owner, {})
-        if name in owned:
-            raise RegionExistsError(
-                f"region {shown(name)} is registered already: unregister it first"
-            )
-        if len(owned) >= self.max_regions:
-            raise ResourceExhaustedError(
-                f"{len(owned)} regions registered, the server's max_shared_memory_regions "
-                "for one caller: unregister some first"
-            )
-        if self._bytes + byte_size > self.max_bytes:
-            raise ResourceExhaustedError(
-                f"registering {byte_size} more bytes would pass the server's "
-                f"max_shared_memory_bytes ({self.max_bytes}); {self._bytes} are registered"
-            )
 
     def unregister(self, owner: str, name: str) -> None:
         """Forget ``owner``'s region ``name`` (empty: all of them) and close its
@@ -218,6 +202,11 @@ class SharedMemory:
             if name not in owned:
                 raise NotFoundError(f"no shared-memory region {shown(name)} is registered")
             return [owned[name].status]
+
+    def has(self, owner: str, name: str) -> bool:
+        """Whether ``owner`` registered a region called ``name``."""
+        with self._lock:
+            return name in self._regions.get(owner, {})
 
     def check(self, owner: str, place: Placement, what: str, write: bool = False) -> None:
         """Refuse, before any work, a placement in an unknown region, past the
@@ -311,23 +300,54 @@ class SharedMemory:
             raise NotFoundError(
                 f"{what}: no shared-memory region {shown(place.region)} is registered"
             )
-        size = region.status.byte_size
-        if place.offset < 0 or place.byte_size < 0:
-            raise InvalidArgumentError(
-                f"{what}: shared_memory_offset and shared_memory_byte_size must not be negative"
-            )
-        if place.offset + place.byte_size > size:
-            raise InvalidArgumentError(
-                f"{what}: shared_memory_offset {place.offset} + shared_memory_byte_size "
-                f"{place.byte_size} runs past the end of region {shown(place.region)} "
-                f"({size} bytes)"
-            )
+        within(place, region.status.byte_size, what)
         if write and not region.writable:
             raise FailedPreconditionError(
                 f"{what}: region {shown(place.region)} is read-only to the server (its "
                 "object is not writable by the server's user)"
             )
         return region
+
+
+class Limits(Protocol):
+    """What ``room`` checks against (both kinds of region have them)."""
+
+    max_regions: int
+    max_bytes: int
+
+
+def room(
+    owned: Mapping[str, object], name: str, byte_size: int, total: int, limits: Limits
+) -> None:
+    """Refuse registering ``name`` among a caller's ``owned`` regions: a name taken, as
+    many regions as the caller may hold, or ``byte_size`` more than ``total`` (bytes
+    registered by everyone) leaves room for."""
+    if name in owned:
+        raise RegionExistsError(f"region {shown(name)} is registered already: unregister it first")
+    if len(owned) >= limits.max_regions:
+        raise ResourceExhaustedError(
+            f"{len(owned)} regions registered, the server's max_shared_memory_regions "
+            "for one caller: unregister some first"
+        )
+    if total + byte_size > limits.max_bytes:
+        raise ResourceExhaustedError(
+            f"registering {byte_size} more bytes would pass the server's "
+            f"max_shared_memory_bytes ({limits.max_bytes}); {total} are registered"
+        )
+
+
+def within(place: Placement, size: int, what: str) -> None:
+    """INVALID_ARGUMENT unless ``place`` lies within its region of ``size`` bytes."""
+    if place.offset < 0 or place.byte_size < 0:
+        raise InvalidArgumentError(
+            f"{what}: shared_memory_offset and shared_memory_byte_size must not be negative"
+        )
+    if place.offset + place.byte_size > size:
+        raise InvalidArgumentError(
+            f"{what}: shared_memory_offset {place.offset} + shared_memory_byte_size "
+            f"{place.byte_size} runs past the end of region {shown(place.region)} "
+            f"({size} bytes)"
+        )
 
 
 def _open(path: str, key: str) -> tuple[int, bool]:

@@ -90,6 +90,11 @@ def _to_host(tensor: torch.Tensor) -> torch.Tensor:
     return pinned
 
 
+def numpy_dtype(dtype: torch.dtype) -> np.dtype:
+    """The NumPy dtype ``to_numpy`` gives a tensor of ``dtype``."""
+    return to_numpy(torch.empty(0, dtype=dtype), str(dtype)).dtype
+
+
 def dtype_name(tensor: torch.Tensor) -> str:
     """``tensor``'s dtype as tensorwire names it ("float32", "bfloat16", ...)."""
     return str(tensor.dtype).removeprefix("torch.")

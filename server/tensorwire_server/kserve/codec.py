@@ -36,8 +36,9 @@ from tensorwire_server.named import Named
 from tensorwire_server.shared_memory import Placement
 
 M = TypeVar("M", bound=Message)
-#: Reads a placement's bytes from the caller's shared memory (what: for errors).
-Read = Callable[[Placement, str], memoryview]
+#: Reads the tensor a placement in the caller's shared memory holds, as the Tensor
+#: describes it (what: for errors): an array, or a device tensor from CUDA memory.
+Read = Callable[[Placement, twpb.Tensor, str], Any]
 #: Writes bytes at a placement in the caller's shared memory.
 Write = Callable[[Placement, memoryview, str], None]
 
@@ -102,7 +103,7 @@ def wire_dtype(datatype: str, what: str) -> int:
     )
 
 
-def datatype_of(arr: np.ndarray, what: str) -> str:
+def datatype_of(arr: np.ndarray | Written, what: str) -> str:
     """The v2 datatype of an output array; FAILED_PRECONDITION for one the protocol has
     no datatype for (complex)."""
     datatype = DATATYPE_OF.get(arr.dtype.name)
@@ -164,7 +165,7 @@ def receive_infer(data: bytes) -> InferRequest | TensorwireError:
 
 def inputs(request: InferRequest, limits: Limits, read: Read) -> Named[np.ndarray]:
     """The request's inputs as arrays (raw ones are read-only views of the request,
-    those in shared memory copies that ``read`` makes), after checking datatypes,
+    those in shared memory what ``read`` makes of them), after checking datatypes,
     shapes, byte lengths, placements, limits and parameters, in that order."""
     message = request.message
     raw = request.raw
@@ -199,7 +200,7 @@ def inputs(request: InferRequest, limits: Limits, read: Read) -> Named[np.ndarra
     entries = iter(enumerate(raw))
     for tensor, what, described, shape, count, place in checked:
         if place is not None:
-            arr = decode_array(described, read(place, what), what)
+            arr = read(place, described, what)
         elif raw:
             if tensor.HasField("contents"):
                 raise InvalidArgumentError(
@@ -348,6 +349,15 @@ def _flag(parameters: Mapping[str, pb.InferParameter], key: str, default: bool, 
 
 
 @dataclass(frozen=True)
+class Written:
+    """An output the server already wrote where it was asked to (a CUDA region): what
+    the response says of it."""
+
+    dtype: np.dtype[Any]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class Answer:
     """A ModelInferResponse and the raw output contents that follow it on the wire."""
 
@@ -386,7 +396,7 @@ class Answer:
 def answer(
     request: pb.ModelInferRequest,
     version: int,
-    outputs: Named[np.ndarray],
+    outputs: Named[np.ndarray | Written],
     wanted: Wanted,
     write: Write,
     check: Callable[[], None] = lambda: None,
@@ -406,6 +416,10 @@ def answer(
         datatype = datatype_of(arr, what)
         out = response.outputs.add(name=name, datatype=datatype, shape=arr.shape)
         place = wanted.placed.get(name)
+        if isinstance(arr, Written):
+            if not typed:
+                payloads.append(memoryview(b""))
+            continue
         if place is not None or not typed:
             # Cast through uint8 so ml_dtypes and bool arrays export a plain byte buffer.
             flat = memoryview(as_wire_array(arr).reshape(-1).view(np.uint8))  # type: ignore[arg-type]

@@ -8,8 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Hashable
-from functools import partial
+from collections.abc import AsyncIterator, Callable, Hashable
 from typing import Any, Final
 
 import grpc
@@ -26,10 +25,11 @@ from tensorwire_server.engine import Inference
 from tensorwire_server.gate import Lifecycle
 from tensorwire_server.kserve import codec, describe
 from tensorwire_server.kserve import grpc_service_pb2 as pb
+from tensorwire_server.kserve.regions import Regions
 from tensorwire_server.named import Named
 from tensorwire_server.repository import ConfigError
 from tensorwire_server.service import Caller, Service
-from tensorwire_server.shared_memory import Reads
+from tensorwire_server.shared_memory import RegionExistsError
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +38,14 @@ SERVICE: Final = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 EXTENSIONS: Final = ("model_configuration", "model_repository", "statistics")
 #: The extension a server with --allow-shared-memory reports too.
 SHARED_MEMORY: Final = "system_shared_memory"
+#: And, with a CUDA device, this one.
+CUDA_SHARED_MEMORY: Final = "cuda_shared_memory"
 _MAX_VERSION_DIGITS: Final = 18
-#: The methods that load or unload models: off the event loop, on a Compute thread.
-LOADS: Final = frozenset({"RepositoryModelLoad", "RepositoryModelUnload"})
+#: The methods that load or unload models, or open a CUDA IPC handle (the driver may
+#: take a while): off the event loop, on a Compute thread.
+OFF_LOOP: Final = frozenset(
+    {"RepositoryModelLoad", "RepositoryModelUnload", "CudaSharedMemoryRegister"}
+)
 
 
 def version_number(text: str) -> int:
@@ -94,6 +99,8 @@ class InferenceServicer:
         extensions: tuple[str, ...] = EXTENSIONS
         if self.service.shared_memory.enabled:
             extensions += (SHARED_MEMORY,)
+        if self.service.cuda_memory.available:
+            extensions += (CUDA_SHARED_MEMORY,)
         return pb.ServerMetadataResponse(
             name="tensorwire", version=tensorwire_server.__version__, extensions=extensions
         )
@@ -169,8 +176,10 @@ class InferenceServicer:
     def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest
     ) -> pb.SystemSharedMemoryRegisterResponse:
+        owner = _owner()
+        self._unclaimed(owner, request.name, self.service.cuda_memory.has)
         self.service.shared_memory.register(
-            _owner(), request.name, request.key, request.offset, request.byte_size
+            owner, request.name, request.key, request.offset, request.byte_size
         )
         return pb.SystemSharedMemoryRegisterResponse()
 
@@ -183,42 +192,62 @@ class InferenceServicer:
     def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest
     ) -> pb.CudaSharedMemoryStatusResponse:
-        self.service.cuda_shared_memory()
-        return pb.CudaSharedMemoryStatusResponse()
+        found = self.service.cuda_memory.status(_owner(), request.name)
+        status = pb.CudaSharedMemoryStatusResponse.RegionStatus
+        return pb.CudaSharedMemoryStatusResponse(
+            regions={
+                r.name: status(name=r.name, device_id=r.device_id, byte_size=r.byte_size)
+                for r in found
+            }
+        )
 
     def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest
     ) -> pb.CudaSharedMemoryRegisterResponse:
-        self.service.cuda_shared_memory()
+        owner = _owner()
+        self._unclaimed(owner, request.name, self.service.shared_memory.has)
+        self.service.cuda_memory.register(
+            owner, request.name, request.raw_handle, request.device_id, request.byte_size
+        )
         return pb.CudaSharedMemoryRegisterResponse()
 
     def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest
     ) -> pb.CudaSharedMemoryUnregisterResponse:
-        self.service.cuda_shared_memory()
+        self.service.cuda_memory.unregister(_owner(), request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
+
+    @staticmethod
+    def _unclaimed(owner: str, name: str, taken: Callable[[str, str], bool]) -> None:
+        """Region names are one namespace across both kinds, as in Triton: a tensor
+        names its region without saying which kind it is."""
+        if name and taken(owner, name):
+            raise RegionExistsError(
+                f"region {shown(name)} is registered already (as the other kind of shared "
+                "memory): unregister it first"
+            )
 
     # ------------------------------------------------------------------ inference
 
     def infer(self, request: codec.InferRequest, deadline: float | None) -> codec.Answer:
         """Run one ModelInferRequest (unary or streamed) through the service."""
-        message, inputs, wanted, name, version, reads = self._accepted(request)
-        inference = self.service.infer(
-            Caller(deadline=deadline), name, inputs, wanted.outputs, version
-        )
-        return self._answer(message, inference, wanted, _owner(), reads)
+        message, inputs, wanted, name, version, regions = self._accepted(request)
+        caller = Caller(deadline=deadline)
+        export = regions.export(wanted)
+        inference = self.service.infer(caller, name, inputs, wanted.outputs, version, export=export)
+        return self._answer(message, inference, wanted, regions)
 
     async def infer_async(
         self, request: codec.InferRequest, deadline: float | None, run: Runner
     ) -> codec.Answer:
         """``infer`` from the event loop, for a batched model: the request waits for its
         batch as a task, which ``run`` carries to a thread."""
-        message, inputs, wanted, name, version, reads = self._accepted(request)
+        message, inputs, wanted, name, version, regions = self._accepted(request)
         caller = Caller(deadline=deadline)
         inference = await self.service.infer_async(
             caller, name, inputs, wanted.outputs, version, run
         )
-        return self._answer(message, inference, wanted, _owner(), reads)
+        return self._answer(message, inference, wanted, regions)
 
     def batched(self, request: codec.InferRequest | TensorwireError) -> bool:
         """Whether a request waits for a batch on the loop (its model batches). One
@@ -231,9 +260,9 @@ class InferenceServicer:
 
     def _accepted(
         self, request: codec.InferRequest
-    ) -> tuple[pb.ModelInferRequest, Named[np.ndarray], codec.Wanted, str, int, Reads]:
+    ) -> tuple[pb.ModelInferRequest, Named[np.ndarray], codec.Wanted, str, int, Regions]:
         """A request labelled, counted, checked and decoded: its inputs, what it wants
-        back, the model and version that will answer it, and the inputs it mapped."""
+        back, the model and version that will answer it, and its shared memory."""
         message = request.message
         self._target(message.model_name)
         call = observe.current()
@@ -245,26 +274,23 @@ class InferenceServicer:
         with service.serving(message.model_name, version) as served:
             wanted = codec.wanted(message)
             service.limits.request_bytes(request.payload_bytes)
-            owner = _owner()
-            regions = service.shared_memory
+            regions = Regions(service, _owner())
             for output, place in wanted.placed.items():
                 # Before the model runs: a bad output region fails the request early.
-                regions.check(owner, place, f"requested output {shown(output)}", write=True)
-            reads = Reads()
-            inputs = codec.inputs(request, service.limits, partial(regions.read, owner, reads))
-            return message, inputs, wanted, served.name, served.version, reads
+                regions.check_output(place, f"requested output {shown(output)}")
+            inputs = codec.inputs(request, service.limits, regions.read)
+            return message, inputs, wanted, served.name, served.version, regions
 
     def _answer(
         self,
         message: pb.ModelInferRequest,
         inference: Inference,
         wanted: codec.Wanted,
-        owner: str,
-        reads: Reads,
+        regions: Regions,
     ) -> codec.Answer:
-        write = partial(self.service.shared_memory.write, owner)
         outputs = inference.outputs
-        answer = codec.answer(message, inference.version, outputs, wanted, write, reads.check)
+        check = regions.reads.check
+        answer = codec.answer(message, inference.version, outputs, wanted, regions.write, check)
         call = observe.current()
         if call is not None:
             call.batch = inference.batch
@@ -431,7 +457,7 @@ def inference_service_handler(
         else:
             # Loading a model reads files and places weights: off the loop. The rest
             # only read the server's state.
-            where = compute if method.name in LOADS else None
+            where = compute if method.name in OFF_LOOP else None
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 rpc.unary(name, getattr(servicer, method.name), where),
                 request_deserializer=codec.parse(getattr(pb, method.input_type.name)),

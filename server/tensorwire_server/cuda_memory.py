@@ -1,0 +1,352 @@
+"""CUDA shared memory (Triton's extension of the v2 protocol): device allocations that
+clients on this host export with CUDA IPC (``cudaIpcGetMemHandle``) and register by
+handle, each region owned by the caller that registered it.
+
+Handles are opened with the CUDA driver (``libcuda``, through ctypes: torch has no
+public call for a foreign IPC handle) in the device's primary context, the one torch
+uses, and the region becomes a uint8 tensor over the client's memory
+(``__cuda_array_interface__``). Inputs are copied device to device into tensors of the
+request's own, so a model that writes to its input or keeps it never touches the
+client's memory; outputs are copied device to device into the region, and the copy is
+finished before the answer goes out. Nothing crosses the PCIe bus.
+
+A handle cannot say how large its allocation is, but the driver can: a region is
+refused when its byte size runs past the allocation (``cuMemGetAddressRange``), so no
+copy can reach memory the client did not export.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+import weakref
+from dataclasses import dataclass
+from typing import Any, Final
+
+import numpy as np
+import torch
+
+from tensorwire.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    UnavailableError,
+    shown,
+)
+from tensorwire_server.shared_memory import (
+    ENABLE,
+    Placement,
+    RegionExistsError,
+    check_name,
+    room,
+    within,
+)
+from tensorwire_server.tensors import from_numpy
+
+#: Bytes in a cudaIpcMemHandle_t (CU_IPC_HANDLE_SIZE).
+HANDLE_BYTES: Final = 64
+_LAZY_ENABLE_PEER_ACCESS: Final = 1
+
+
+class _Handle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_ubyte * HANDLE_BYTES)]
+
+
+class _Driver:
+    """The few CUDA driver calls CUDA IPC needs, each in the primary context of the
+    device it concerns (pushed and popped around it, so any thread may call)."""
+
+    def __init__(self) -> None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+        except OSError as exc:
+            raise UnavailableError(
+                f"the CUDA driver (libcuda.so.1) cannot be loaded: {exc}"
+            ) from None
+        self._lib = lib
+        self._contexts: dict[int, ctypes.c_void_p] = {}
+        self._lock = threading.Lock()
+        try:
+            self._call("cuInit", ctypes.c_uint(0))
+        except _DriverError as exc:
+            raise UnavailableError(f"the CUDA driver cannot start: {exc}") from None
+
+    def _function(self, name: str) -> Any:
+        # cuda.h maps these names to their _v2 symbols; older drivers have only the first.
+        for symbol in (f"{name}_v2", name):
+            if hasattr(self._lib, symbol):
+                return getattr(self._lib, symbol)
+        raise UnavailableError(f"the CUDA driver has no {name}")
+
+    def _call(self, name: str, *args: Any) -> None:
+        result = self._function(name)(*args)
+        if result != 0:
+            text = ctypes.c_char_p()
+            self._lib.cuGetErrorString(result, ctypes.byref(text))
+            reason = (text.value or b"unknown error").decode(errors="replace")
+            raise _DriverError(f"{name}: {reason} (CUresult {result})")
+
+    def _context(self, device: int) -> ctypes.c_void_p:
+        with self._lock:
+            context = self._contexts.get(device)
+            if context is None:
+                handle, context = ctypes.c_int(), ctypes.c_void_p()
+                self._call("cuDeviceGet", ctypes.byref(handle), ctypes.c_int(device))
+                # Retained for the server's life: torch holds the same context anyway.
+                self._call("cuDevicePrimaryCtxRetain", ctypes.byref(context), handle)
+                self._contexts[device] = context
+            return context
+
+    def _within(self, device: int, name: str, *args: Any) -> None:
+        self._call("cuCtxPushCurrent", self._context(device))
+        try:
+            self._call(name, *args)
+        finally:
+            popped = ctypes.c_void_p()
+            self._call("cuCtxPopCurrent", ctypes.byref(popped))
+
+    def open(self, handle: bytes, device: int) -> tuple[int, int]:
+        """The address of the allocation ``handle`` exports, opened on ``device``, and
+        the allocation's size in bytes."""
+        address = ctypes.c_uint64()
+        raw = _Handle.from_buffer_copy(handle)
+        flags = ctypes.c_uint(_LAZY_ENABLE_PEER_ACCESS)
+        self._within(device, "cuIpcOpenMemHandle", ctypes.byref(address), raw, flags)
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        try:
+            self._within(
+                device, "cuMemGetAddressRange", ctypes.byref(base), ctypes.byref(size), address
+            )
+        except BaseException:
+            self.close(address.value, device)
+            raise
+        return address.value, base.value + size.value - address.value
+
+    def close(self, address: int, device: int) -> None:
+        """Let go of an allocation ``open`` gave."""
+        self._within(device, "cuIpcCloseMemHandle", ctypes.c_uint64(address))
+
+
+class _DriverError(Exception):
+    """A CUDA driver call failed (the message says which, and why)."""
+
+
+_driver: _Driver | None = None
+_driver_lock = threading.Lock()
+
+
+def _the_driver() -> _Driver:
+    global _driver
+    with _driver_lock:
+        if _driver is None:
+            _driver = _Driver()
+        return _driver
+
+
+class _DeviceMemory:
+    """A client's allocation as torch imports it: tensors over it keep this object,
+    and its finalizer closes the handle once none is left (after the device has
+    finished every copy that might still read or write it)."""
+
+    def __init__(self, driver: _Driver, address: int, length: int, device: int) -> None:
+        self.__cuda_array_interface__ = {
+            "shape": (length,),
+            "typestr": "|u1",
+            "data": (address, False),
+            "version": 3,
+            "strides": None,
+            "stream": None,  # the caller orders its own copies (see write and read)
+        }
+        # Not at exit: the driver lets go of everything with the process.
+        weakref.finalize(self, _close, driver, address, device).atexit = False
+
+
+def _close(driver: _Driver, address: int, device: int) -> None:
+    torch.cuda.synchronize(device)
+    driver.close(address, device)
+
+
+@dataclass(frozen=True)
+class CudaRegionStatus:
+    """One registered region, as CudaSharedMemoryStatus describes it."""
+
+    name: str
+    device_id: int
+    byte_size: int
+
+
+@dataclass(frozen=True)
+class _CudaRegion:
+    status: CudaRegionStatus
+    memory: torch.Tensor  # uint8, byte_size long, on the region's device
+
+
+class CudaSharedMemory:
+    """Every caller's CUDA regions, within the same limits as system regions. Refuses
+    everything on a server without a CUDA device (UNAVAILABLE) and, with one, while
+    ``enabled`` is False (FAILED_PRECONDITION saying how to enable it)."""
+
+    def __init__(self, enabled: bool, max_regions: int, max_bytes: int) -> None:
+        self.enabled = enabled
+        #: The server's device, once its engine is built (Service.ready).
+        self.device = torch.device("cpu")
+        self.max_regions = max_regions
+        self.max_bytes = max_bytes
+        self._regions: dict[str, dict[str, _CudaRegion]] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @property
+    def available(self) -> bool:
+        """Whether CUDA shared memory can be used here at all (the flag and a device)."""
+        return self.enabled and self.device.type == "cuda"
+
+    def _on(self) -> None:
+        if self.device.type != "cuda":
+            raise UnavailableError(
+                f"this server has no CUDA device (it runs on {self.device}): CUDA shared "
+                "memory needs one; use system shared memory (register_system_shared_memory) "
+                "on this host"
+            )
+        if not self.enabled:
+            raise FailedPreconditionError(ENABLE)
+
+    def register(
+        self, owner: str, name: str, raw_handle: bytes, device_id: int, byte_size: int
+    ) -> None:
+        """Open ``raw_handle`` (a cudaIpcMemHandle_t's bytes) on device ``device_id``
+        and register ``byte_size`` bytes from its start as ``owner``'s region ``name``."""
+        self._on()
+        check_name(name)
+        if len(raw_handle) != HANDLE_BYTES:
+            raise InvalidArgumentError(
+                f"region {shown(name)}: raw_handle is {len(raw_handle)} bytes; a CUDA IPC "
+                f"handle (cudaIpcGetMemHandle's) is {HANDLE_BYTES}"
+            )
+        count = torch.cuda.device_count()
+        if not 0 <= device_id < count:
+            raise InvalidArgumentError(
+                f"region {shown(name)}: device_id {device_id} is not one of this server's "
+                f"{count} CUDA devices (0 to {count - 1})"
+            )
+        if byte_size <= 0:
+            raise InvalidArgumentError(f"region {shown(name)}: byte_size must be positive")
+        with self._lock:
+            room(self._regions.get(owner, {}), name, byte_size, self._bytes, self)
+        driver = _the_driver()
+        try:
+            address, length = driver.open(raw_handle, device_id)
+        except _DriverError as exc:
+            raise InvalidArgumentError(
+                f"region {shown(name)}: the CUDA IPC handle cannot be opened on device "
+                f"{device_id} ({exc}): export it with cudaIpcGetMemHandle from another "
+                "process on this host"
+            ) from None
+        memory: _DeviceMemory | None = None
+        try:
+            if byte_size > length:
+                raise InvalidArgumentError(
+                    f"region {shown(name)}: byte_size {byte_size} runs past the end of the "
+                    f"exported allocation, which holds {length} bytes from its address"
+                )
+            with self._lock:
+                owned = self._regions.get(owner, {})
+                room(owned, name, byte_size, self._bytes, self)  # again: another call may have won
+                # From here the handle closes with the memory, once no tensor uses it.
+                memory = _DeviceMemory(driver, address, length, device_id)
+                device = torch.device("cuda", device_id)
+                tensor = torch.as_tensor(memory, device=device)[:byte_size]
+                region = _CudaRegion(CudaRegionStatus(name, device_id, byte_size), tensor)
+                self._regions.setdefault(owner, owned)[name] = region
+                self._bytes += byte_size
+        except BaseException:
+            if memory is None:  # else the memory's finalizer closes it
+                driver.close(address, device_id)
+            raise
+
+    def unregister(self, owner: str, name: str) -> None:
+        """Forget ``owner``'s region ``name`` (empty: all of them); the handle closes
+        once copies in flight are done with it. An unknown name is no error."""
+        self._on()
+        with self._lock:
+            owned = self._regions.get(owner, {})
+            gone = list(owned) if not name else [name] if name in owned else []
+            for each in gone:
+                self._bytes -= owned.pop(each).status.byte_size
+            if not owned:
+                self._regions.pop(owner, None)
+
+    def status(self, owner: str, name: str) -> list[CudaRegionStatus]:
+        """``owner``'s regions (empty ``name``: all, by name); NOT_FOUND for a name
+        ``owner`` has not registered."""
+        self._on()
+        with self._lock:
+            owned = self._regions.get(owner, {})
+            if not name:
+                return [owned[n].status for n in sorted(owned)]
+            if name not in owned:
+                raise NotFoundError(f"no CUDA shared-memory region {shown(name)} is registered")
+            return [owned[name].status]
+
+    def has(self, owner: str, name: str) -> bool:
+        """Whether ``owner`` registered a CUDA region called ``name``."""
+        with self._lock:
+            return name in self._regions.get(owner, {})
+
+    def check(self, owner: str, place: Placement, what: str) -> None:
+        """Refuse, before any work, a placement past its region's end."""
+        self._region(owner, place, what)
+
+    def read(
+        self, owner: str, place: Placement, dtype: np.dtype[Any], shape: tuple[int, ...], what: str
+    ) -> torch.Tensor:
+        """The placement's bytes as a ``dtype`` tensor of ``shape`` of the request's
+        own, on the region's device."""
+        memory = self._region(owner, place, what)
+        raw = memory[place.offset : place.offset + place.byte_size].clone()
+        if dtype.kind == "b" and bool((raw > 1).any()):
+            raise InvalidArgumentError(f"{what}: bool payload holds bytes other than 0 and 1")
+        typed = from_numpy(np.empty(0, dtype)).dtype
+        return raw.view(typed).reshape(shape)
+
+    def write(self, owner: str, place: Placement, tensor: torch.Tensor, what: str) -> None:
+        """Copy ``tensor``'s bytes to the placement; done when this returns."""
+        memory = self._region(owner, place, what)
+        flat = tensor.detach().contiguous().reshape(-1)
+        nbytes = flat.numel() * flat.element_size()
+        if nbytes > place.byte_size:
+            raise InvalidArgumentError(
+                f"{what} is {nbytes} bytes, more than its shared_memory_byte_size "
+                f"({place.byte_size})"
+            )
+        if nbytes:
+            memory[place.offset : place.offset + nbytes].copy_(flat.view(torch.uint8))
+            # The client may read the region as soon as the answer arrives.
+            torch.cuda.synchronize(memory.device)
+            if flat.is_cuda and flat.device != memory.device:
+                torch.cuda.synchronize(flat.device)
+
+    def close(self) -> None:
+        """Forget every region (the server stops); handles close as copies finish."""
+        with self._lock:
+            self._regions.clear()
+            self._bytes = 0
+
+    def count(self) -> int:
+        """Regions registered, by every caller."""
+        with self._lock:
+            return sum(len(owned) for owned in self._regions.values())
+
+    def _region(self, owner: str, place: Placement, what: str) -> torch.Tensor:
+        self._on()
+        with self._lock:
+            region = self._regions.get(owner, {}).get(place.region)
+        if region is None:
+            raise NotFoundError(
+                f"{what}: no shared-memory region {shown(place.region)} is registered"
+            )
+        within(place, region.status.byte_size, what)
+        return region.memory
+
+
+__all__ = ["CudaRegionStatus", "CudaSharedMemory", "RegionExistsError"]
