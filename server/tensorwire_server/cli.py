@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         "--allow-shared-memory",
         action="store_true",
         default=None,  # not given: the environment decides
-        help="let clients on this host register /dev/shm regions for inputs and outputs",
+        help="let clients on this host register /dev/shm (and CUDA IPC) regions for inputs "
+        "and outputs",
     )
     shared.add_argument(
         "--max-shared-memory-regions", type=int, help="regions one token may register (64)"

@@ -129,11 +129,11 @@ class Settings:
     #: Sessions open at once; more get RESOURCE_EXHAUSTED.
     max_sessions: int = 64
 
-    # Shared memory: Triton's system shared-memory extension on the KServe v2 service
-    # (docs/security.md, "Shared memory"). Off: any client that may infer could make
-    # the server read and write POSIX shared-memory objects its user can open.
-    #: Let clients register /dev/shm objects as regions that requests read inputs
-    #: from and write outputs to.
+    # Shared memory: Triton's system and CUDA shared-memory extensions on the KServe v2
+    # service (docs/security.md, "Shared memory"). Off: any client that may infer could
+    # make the server read and write POSIX shared-memory objects its user can open.
+    #: Let clients register /dev/shm objects (and, on a CUDA server, CUDA IPC handles)
+    #: as regions that requests read inputs from and write outputs to.
     allow_shared_memory: bool = False
     #: Regions one caller (token; all callers when there are none) may hold at once;
     #: each holds an open file descriptor in the server.
