@@ -222,7 +222,7 @@ class SharedMemory:
             if not place.byte_size:
                 return memoryview(b"")
             if mapped.SUPPORTED:
-                mapping = mapped.Mapping(fd, start, place.byte_size, private=True)
+                mapping = _map(fd, start, place.byte_size, True, place.region, what)
                 reads.mappings.append((mapping, place.region, what))
                 return memoryview(mapping.array)  # type: ignore[arg-type]
             # NumPy's allocation: torch.from_numpy takes it without a copy.
@@ -260,7 +260,7 @@ class SharedMemory:
         with self._lock:
             if region.outputs is None:
                 status = region.status
-                region.outputs = mapped.Mapping(fd, status.offset, status.byte_size, private=False)
+                region.outputs = _map(fd, status.offset, status.byte_size, False, status.name, "")
             return region.outputs
 
     def close(self) -> None:
@@ -372,6 +372,18 @@ def _open(path: str, key: str) -> tuple[int, bool]:
             raise InvalidArgumentError(f"key {shown(key)} is not a shared-memory object") from None
         raise FailedPreconditionError(
             f"the server cannot open shared-memory object {shown(key)}: {exc.strerror}"
+        ) from None
+
+
+def _map(
+    fd: int, offset: int, length: int, private: bool, region: str, what: str
+) -> mapped.Mapping:
+    try:
+        return mapped.Mapping(fd, offset, length, private=private)
+    except OSError as exc:  # out of address space or of mappings (vm.max_map_count)
+        raise ResourceExhaustedError(
+            f"{what or 'an output'}: the server cannot map region {shown(region)} now "
+            f"({exc.strerror}); try again later"
         ) from None
 
 
