@@ -149,16 +149,26 @@ def test_a_fault_outside_the_mappings_still_ends_the_process(shm_file: Any) -> N
 
 
 @pytest.fixture(scope="module")
-def client() -> Iterator[triton.InferenceServerClient]:
+def server() -> Iterator[TensorwireServer]:
     engine = build_engine(Settings(device="cpu", models=TOY_MODELS))
     settings = Settings(port=0, device="cpu", allow_shared_memory=True)
-    server = TensorwireServer(settings, engine)
-    server.start()
+    running = TensorwireServer(settings, engine)
+    running.start()
     try:
-        with triton.InferenceServerClient(f"127.0.0.1:{server.port}") as c:
-            yield c
+        yield running
     finally:
-        server.stop(None)
+        running.stop(None)
+
+
+@pytest.fixture(scope="module")
+def address(server: TensorwireServer) -> str:
+    return f"127.0.0.1:{server.port}"
+
+
+@pytest.fixture(scope="module")
+def client(address: str) -> Iterator[triton.InferenceServerClient]:
+    with triton.InferenceServerClient(address) as c:
+        yield c
 
 
 @pytest.mark.parametrize("output_in", ["region", "response"])
@@ -196,3 +206,64 @@ def test_an_input_shrunk_while_the_model_runs_fails_that_request_only(
         client.unregister_system_shared_memory()
     gc.collect()
     assert mapped.live() == before  # every request's input mapping, and the region's, gone
+
+
+def test_a_client_shrinking_its_regions_never_disturbs_another(
+    server: TensorwireServer, address: str, client: triton.InferenceServerClient, shm_file: Any
+) -> None:
+    """Bob shrinks and regrows his input and output objects as fast as he can while he
+    sends requests through them; Alice's requests through her own regions, alongside,
+    all come back exact, and Bob's only ever fail with FAILED_PRECONDITION."""
+    size = 1 << 20
+    names, fds = {}, {}
+    for who in ("alice-in", "alice-out", "bob-in", "bob-out"):
+        fds[who] = shm_file(size)
+        names[who] = os.readlink(f"/proc/self/fd/{fds[who]}").removeprefix("/dev/shm/")
+        client.register_system_shared_memory(names[who], f"/{names[who]}", size)
+    metric = server.metrics.registry.get_sample_value
+    assert metric("tensorwire_shared_memory_regions", {"kind": "system"}) == 4
+    payload = np.frombuffer(secrets.token_bytes(size), np.uint8)
+    os.pwrite(fds["alice-in"], payload.tobytes(), 0)
+    faults = mapped.faults()
+    stop = time.monotonic() + 3
+    bob_codes: set[str] = set()
+
+    def requests(who: str) -> int:
+        sent = [shared_input("input", payload, names[f"{who}-in"])]
+        wanted = [shared_output("output", names[f"{who}-out"], size)]
+        done = 0
+        with triton.InferenceServerClient(address) as mine:
+            while time.monotonic() < stop:
+                try:
+                    mine.infer("identity", sent, outputs=wanted)
+                except InferenceServerException as exc:
+                    assert who == "bob", exc.message()
+                    bob_codes.add(str(exc.status()))
+                    continue
+                if who == "alice":
+                    assert os.pread(fds["alice-out"], size, 0) == payload.tobytes()
+                done += 1
+        return done
+
+    def shrinking() -> None:
+        while time.monotonic() < stop:
+            for key in ("bob-in", "bob-out"):
+                os.ftruncate(fds[key], 0)
+                os.ftruncate(fds[key], size)
+
+    workers = [threading.Thread(target=shrinking)]
+    results: dict[str, int] = {}
+    workers += [
+        threading.Thread(target=lambda w=who: results.__setitem__(w, requests(w)))
+        for who in ("alice", "bob")
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    client.unregister_system_shared_memory()
+    assert results["alice"] > 0
+    assert bob_codes <= {"StatusCode.FAILED_PRECONDITION"}
+    assert mapped.faults() > faults  # the handler took most of them, not only fstat
+    assert metric("tensorwire_shared_memory_faults_total") == mapped.faults()
+    assert metric("tensorwire_shared_memory_regions", {"kind": "system"}) == 0

@@ -101,6 +101,8 @@ class _Range:
 _LIVE: dict[int, _Range] = {}
 _previous = _SigAction()
 _install_lock = threading.Lock()
+#: Faults the handler absorbed (each spoiled one mapping), for tests and operators.
+_faults = 0
 
 
 def _on_sigbus(signo: int, info: int, context: int) -> None:
@@ -108,6 +110,8 @@ def _on_sigbus(signo: int, info: int, context: int) -> None:
         address = ctypes.c_void_p.from_address(info + _SI_ADDR).value or 0
         for live in tuple(_LIVE.values()):
             if live.start <= address < live.end:
+                global _faults
+                _faults += 1
                 live.shrunk = True
                 flags = mmap.MAP_PRIVATE | _MAP_ANONYMOUS | _MAP_FIXED
                 if _LIBC.mmap(live.start, live.size, _PROT_RW, flags, -1, 0) == live.start:
@@ -190,3 +194,8 @@ class Mapping:
 def live() -> int:
     """Mappings not yet unmapped (tests check that none leak)."""
     return len(_LIVE)
+
+
+def faults() -> int:
+    """Faults absorbed since the server started: each a mapping spoiled by a shrink."""
+    return _faults

@@ -196,6 +196,13 @@ class Metrics:
         ``tensorwire_payload_bytes`` counts every payload whichever way it went."""
         self.registry.register(_DataPlaneTotals(totals))
 
+    def count_shared_memory(
+        self, regions: Callable[[], dict[str, int]], faults: Callable[[], int]
+    ) -> None:
+        """Report the shared-memory regions registered, per kind, from ``regions``
+        (kind -> count), and the faults a client's shrink caused, from ``faults``."""
+        self.registry.register(_SharedMemory(regions, faults))
+
     def serve(self, host: str, port: int) -> int:
         """Expose the metrics over HTTP at ``host:port``; the port bound."""
         self._http, _ = start_http_server(port, host, registry=self.registry)
@@ -231,6 +238,30 @@ class _DataPlaneTotals(Collector):
             moved.add_metric([path], size)
         yield transfers
         yield moved
+
+
+class _SharedMemory(Collector):
+    """Shared-memory regions and faults, read at each scrape."""
+
+    def __init__(self, regions: Callable[[], dict[str, int]], faults: Callable[[], int]) -> None:
+        self.regions = regions
+        self.faults = faults
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        registered = GaugeMetricFamily(
+            "tensorwire_shared_memory_regions",
+            "Shared-memory regions clients registered, per kind (system, cuda).",
+            labels=["kind"],
+        )
+        for kind, count in self.regions().items():
+            registered.add_metric([kind], count)
+        yield registered
+        yield CounterMetricFamily(
+            "tensorwire_shared_memory_faults",
+            "Accesses to a client's shared-memory object that faulted (the client shrank "
+            "it under the server, or /dev/shm was full); each failed one request.",
+            value=self.faults(),
+        )
 
 
 class _DeviceMemory(Collector):

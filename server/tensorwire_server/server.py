@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 import tensorwire_server
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
-from tensorwire_server import kserve
+from tensorwire_server import kserve, mapped
 from tensorwire_server.compute import Compute
 from tensorwire_server.dataplane import DataPlane
 from tensorwire_server.engine import Engine
@@ -137,6 +137,7 @@ class TensorwireServer:
             self.servicer.data_plane = self.data_plane
             if self.data_plane is not None:
                 self.metrics.count_data_plane(self.data_plane.totals)
+            self.metrics.count_shared_memory(self._regions, mapped.faults)
         except BaseException:
             # Refused (plain text off loopback, a port taken): nothing is left running.
             built = getattr(self, "server", None)
@@ -212,6 +213,11 @@ class TensorwireServer:
                 raise OSError(f"could not bind unix:{unix}")
             os.chmod(unix, 0o660)
         return port
+
+    def _regions(self) -> dict[str, int]:
+        """Shared-memory regions registered, per kind (a metric)."""
+        service = self.service
+        return {"system": service.shared_memory.count(), "cuda": service.cuda_memory.count()}
 
     def _data_plane(self, settings: Settings) -> DataPlane | None:
         if not settings.data_plane:
