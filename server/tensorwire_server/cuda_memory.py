@@ -27,20 +27,11 @@ import numpy as np
 import torch
 
 from tensorwire.errors import (
-    FailedPreconditionError,
     InvalidArgumentError,
-    NotFoundError,
     UnavailableError,
     shown,
 )
-from tensorwire_server.shared_memory import (
-    ENABLE,
-    Placement,
-    RegionExistsError,
-    check_name,
-    room,
-    within,
-)
+from tensorwire_server.region_table import Placement, RegionTable
 from tensorwire_server.tensors import from_numpy
 
 #: Bytes in a cudaIpcMemHandle_t (CU_IPC_HANDLE_SIZE).
@@ -181,20 +172,17 @@ class _CudaRegion:
     memory: torch.Tensor  # uint8, byte_size long, on the region's device
 
 
-class CudaSharedMemory:
+class CudaSharedMemory(RegionTable[_CudaRegion]):
     """Every caller's CUDA regions, within the same limits as system regions. Refuses
     everything on a server without a CUDA device (UNAVAILABLE) and, with one, while
-    ``enabled`` is False (FAILED_PRECONDITION saying how to enable it)."""
+    ``enabled`` is False."""
+
+    noun = "CUDA shared-memory"
 
     def __init__(self, enabled: bool, max_regions: int, max_bytes: int) -> None:
-        self.enabled = enabled
+        super().__init__(enabled, max_regions, max_bytes)
         #: The server's device, once its engine is built (Service.ready).
         self.device = torch.device("cpu")
-        self.max_regions = max_regions
-        self.max_bytes = max_bytes
-        self._regions: dict[str, dict[str, _CudaRegion]] = {}
-        self._bytes = 0
-        self._lock = threading.Lock()
 
     @property
     def available(self) -> bool:
@@ -208,8 +196,7 @@ class CudaSharedMemory:
                 "memory needs one; use system shared memory (register_system_shared_memory) "
                 "on this host"
             )
-        if not self.enabled:
-            raise FailedPreconditionError(ENABLE)
+        super()._on()
 
     def register(
         self, owner: str, name: str, raw_handle: bytes, device_id: int, byte_size: int
@@ -217,7 +204,6 @@ class CudaSharedMemory:
         """Open ``raw_handle`` (a cudaIpcMemHandle_t's bytes) on device ``device_id``
         and register ``byte_size`` bytes from its start as ``owner``'s region ``name``."""
         self._on()
-        check_name(name)
         if len(raw_handle) != HANDLE_BYTES:
             raise InvalidArgumentError(
                 f"region {shown(name)}: raw_handle is {len(raw_handle)} bytes; a CUDA IPC "
@@ -229,10 +215,7 @@ class CudaSharedMemory:
                 f"region {shown(name)}: device_id {device_id} is not one of this server's "
                 f"{count} CUDA devices (0 to {count - 1})"
             )
-        if byte_size <= 0:
-            raise InvalidArgumentError(f"region {shown(name)}: byte_size must be positive")
-        with self._lock:
-            room(self._regions.get(owner, {}), name, byte_size, self._bytes, self)
+        self._reserve(owner, name, byte_size)  # before opening anything
         driver = _the_driver()
         try:
             address, length = driver.open(raw_handle, device_id)
@@ -249,49 +232,20 @@ class CudaSharedMemory:
                     f"region {shown(name)}: byte_size {byte_size} runs past the end of the "
                     f"exported allocation, which holds {length} bytes from its address"
                 )
-            with self._lock:
-                owned = self._regions.get(owner, {})
-                room(owned, name, byte_size, self._bytes, self)  # again: another call may have won
-                # From here the handle closes with the memory, once no tensor uses it.
-                memory = _DeviceMemory(driver, address, length, device_id)
-                device = torch.device("cuda", device_id)
-                tensor = torch.as_tensor(memory, device=device)[:byte_size]
-                region = _CudaRegion(CudaRegionStatus(name, device_id, byte_size), tensor)
-                self._regions.setdefault(owner, owned)[name] = region
-                self._bytes += byte_size
+            # From here the handle closes with the memory, once no tensor uses it.
+            memory = _DeviceMemory(driver, address, length, device_id)
+            tensor = torch.as_tensor(memory, device=torch.device("cuda", device_id))
+            status = CudaRegionStatus(name, device_id, byte_size)
+            self._add(owner, _CudaRegion(status, tensor[:byte_size]))
         except BaseException:
             if memory is None:  # else the memory's finalizer closes it
                 driver.close(address, device_id)
             raise
 
-    def unregister(self, owner: str, name: str) -> None:
-        """Forget ``owner``'s region ``name`` (empty: all of them); the handle closes
-        once copies in flight are done with it. An unknown name is no error."""
-        self._on()
-        with self._lock:
-            owned = self._regions.get(owner, {})
-            gone = list(owned) if not name else [name] if name in owned else []
-            for each in gone:
-                self._bytes -= owned.pop(each).status.byte_size
-            if not owned:
-                self._regions.pop(owner, None)
-
     def status(self, owner: str, name: str) -> list[CudaRegionStatus]:
         """``owner``'s regions (empty ``name``: all, by name); NOT_FOUND for a name
         ``owner`` has not registered."""
-        self._on()
-        with self._lock:
-            owned = self._regions.get(owner, {})
-            if not name:
-                return [owned[n].status for n in sorted(owned)]
-            if name not in owned:
-                raise NotFoundError(f"no CUDA shared-memory region {shown(name)} is registered")
-            return [owned[name].status]
-
-    def has(self, owner: str, name: str) -> bool:
-        """Whether ``owner`` registered a CUDA region called ``name``."""
-        with self._lock:
-            return name in self._regions.get(owner, {})
+        return [region.status for region in self._listed(owner, name)]
 
     def check(self, owner: str, place: Placement, what: str) -> None:
         """Refuse, before any work, a placement past its region's end."""
@@ -326,27 +280,9 @@ class CudaSharedMemory:
             if flat.is_cuda and flat.device != memory.device:
                 torch.cuda.synchronize(flat.device)
 
-    def close(self) -> None:
-        """Forget every region (the server stops); handles close as copies finish."""
-        with self._lock:
-            self._regions.clear()
-            self._bytes = 0
-
-    def count(self) -> int:
-        """Regions registered, by every caller."""
-        with self._lock:
-            return sum(len(owned) for owned in self._regions.values())
-
     def _region(self, owner: str, place: Placement, what: str) -> torch.Tensor:
-        self._on()
         with self._lock:
-            region = self._regions.get(owner, {}).get(place.region)
-        if region is None:
-            raise NotFoundError(
-                f"{what}: no shared-memory region {shown(place.region)} is registered"
-            )
-        within(place, region.status.byte_size, what)
-        return region.memory
+            return self._placed(owner, place, what).memory
 
 
-__all__ = ["CudaRegionStatus", "CudaSharedMemory", "RegionExistsError"]
+__all__ = ["CudaRegionStatus", "CudaSharedMemory"]

@@ -17,11 +17,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Final
 
 import numpy as np
 
@@ -33,26 +32,14 @@ from tensorwire.errors import (
     shown,
 )
 from tensorwire_server import mapped
+from tensorwire_server.region_table import Placement, RegionTable
 
 #: Where Linux keeps POSIX shared-memory objects: shm_open("/name") opens /dev/shm/name.
 SHM_DIR: Final = "/dev/shm"
 #: The longest object name after the slash (NAME_MAX).
 MAX_KEY_BYTES: Final = 255
-#: The longest region name.
-MAX_NAME: Final = 256
 #: Linux moves at most this many bytes per read or write call (0x7ffff000).
 _MAX_IO: Final = 0x7FFFF000
-#: How to enable the extension, for every refusal while it is off.
-ENABLE: Final = (
-    "shared memory is off on this server: start it with --allow-shared-memory "
-    "(TENSORWIRE_ALLOW_SHARED_MEMORY=1) to use it from clients on the same host"
-)
-
-
-class RegionExistsError(FailedPreconditionError):
-    """A caller registered a region name twice (ALREADY_EXISTS, as Triton answers)."""
-
-    code = "ALREADY_EXISTS"
 
 
 @dataclass(frozen=True)
@@ -61,16 +48,6 @@ class RegionStatus:
 
     name: str
     key: str
-    offset: int
-    byte_size: int
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where a tensor lies in shared memory: a region's name, and the offset and byte
-    size within the region that a request's parameters give."""
-
-    region: str
     offset: int
     byte_size: int
 
@@ -118,45 +95,16 @@ def check_key(key: str) -> str:
     return name
 
 
-def check_name(name: str) -> None:
-    """INVALID_ARGUMENT for a region name that is empty, too long or unprintable."""
-    if not name or len(name) > MAX_NAME or not name.isprintable():
-        raise InvalidArgumentError(
-            f"region name {shown(name)} must be 1 to {MAX_NAME} printable characters"
-        )
-
-
-class SharedMemory:
-    """Every caller's registered regions, each an open file descriptor, within limits:
-    ``max_regions`` per caller, ``max_bytes`` spanned by all together. ``enabled``
-    False refuses everything (FAILED_PRECONDITION saying how to enable it)."""
-
-    def __init__(self, enabled: bool, max_regions: int, max_bytes: int) -> None:
-        self.enabled = enabled
-        self.max_regions = max_regions
-        self.max_bytes = max_bytes
-        self._regions: dict[str, dict[str, _Region]] = {}
-        self._bytes = 0
-        # Guards the tables and every descriptor's life: a region's fd is duplicated
-        # under it for each use, so an unregister mid-request cannot close (and the
-        # kernel reuse) a descriptor a copy is reading.
-        self._lock = threading.Lock()
-
-    def _on(self) -> None:
-        if not self.enabled:
-            raise FailedPreconditionError(ENABLE)
+class SharedMemory(RegionTable[_Region]):
+    """Every caller's system shared-memory regions, each an open file descriptor."""
 
     def register(self, owner: str, name: str, key: str, offset: int, byte_size: int) -> None:
         """Open ``key``'s object and register ``byte_size`` bytes of it from ``offset``
         as ``owner``'s region ``name``, after checking the key, the file and the
         range; nothing is read or mapped."""
         self._on()
-        check_name(name)
         path = os.path.join(SHM_DIR, check_key(key))
-        if byte_size <= 0:
-            raise InvalidArgumentError(f"region {shown(name)}: byte_size must be positive")
-        with self._lock:  # refuse over-limit registrations before opening anything
-            room(self._regions.get(owner, {}), name, byte_size, self._bytes, self)
+        self._reserve(owner, name, byte_size)  # before opening anything
         fd, writable = _open(path, key)
         try:
             info = os.fstat(fd)
@@ -167,52 +115,25 @@ class SharedMemory:
                     f"region {shown(name)}: offset {offset} + byte_size {byte_size} runs past "
                     f"the end of {shown(key)}, which holds {info.st_size} bytes"
                 )
-            with self._lock:
-                room(self._regions.get(owner, {}), name, byte_size, self._bytes, self)  # again
-                region = _Region(RegionStatus(name, key, offset, byte_size), fd, writable)
-                self._regions.setdefault(owner, {})[name] = region
-                self._bytes += byte_size
+            self._add(owner, _Region(RegionStatus(name, key, offset, byte_size), fd, writable))
         except BaseException:
             os.close(fd)
             raise
 
-    def unregister(self, owner: str, name: str) -> None:
-        """Forget ``owner``'s region ``name`` (empty: all of them) and close its
-        descriptor; an unknown name is no error (as in Triton). Copies in flight keep
-        their own descriptor and finish."""
-        self._on()
-        with self._lock:
-            owned = self._regions.get(owner, {})
-            gone = list(owned) if not name else [name] if name in owned else []
-            for each in gone:
-                region = owned.pop(each)
-                self._bytes -= region.status.byte_size
-                os.close(region.fd)
-            if not owned:
-                self._regions.pop(owner, None)
+    def _release(self, region: _Region) -> None:
+        # Copies in flight read their own duplicate of the descriptor, and finish.
+        os.close(region.fd)
 
     def status(self, owner: str, name: str) -> list[RegionStatus]:
         """``owner``'s regions (empty ``name``: all, by name); NOT_FOUND for a name
         ``owner`` has not registered, whoever else has."""
-        self._on()
-        with self._lock:
-            owned = self._regions.get(owner, {})
-            if not name:
-                return [owned[n].status for n in sorted(owned)]
-            if name not in owned:
-                raise NotFoundError(f"no shared-memory region {shown(name)} is registered")
-            return [owned[name].status]
-
-    def has(self, owner: str, name: str) -> bool:
-        """Whether ``owner`` registered a region called ``name``."""
-        with self._lock:
-            return name in self._regions.get(owner, {})
+        return [region.status for region in self._listed(owner, name)]
 
     def check(self, owner: str, place: Placement, what: str, write: bool = False) -> None:
         """Refuse, before any work, a placement in an unknown region, past the
         region's end, or (``write``) in a region the server may only read."""
         with self._lock:
-            self._region(owner, place, what, write)
+            self._placed_for(owner, place, what, write)
 
     def read(self, owner: str, reads: Reads, place: Placement, what: str) -> memoryview:
         """The placement's bytes: a copy-on-write mapping, noted in ``reads`` to be
@@ -263,91 +184,29 @@ class SharedMemory:
                 region.outputs = _map(fd, status.offset, status.byte_size, False, status.name, "")
             return region.outputs
 
-    def close(self) -> None:
-        """Close every region's descriptor (the server stops)."""
-        with self._lock:
-            for owned in self._regions.values():
-                for region in owned.values():
-                    os.close(region.fd)
-            self._regions.clear()
-            self._bytes = 0
-
-    def count(self) -> int:
-        """Regions registered, by every caller."""
-        with self._lock:
-            return sum(len(owned) for owned in self._regions.values())
-
     @contextmanager
     def _using(
         self, owner: str, place: Placement, what: str, write: bool
     ) -> Iterator[tuple[_Region, int, int]]:
         """The region, a duplicate of its descriptor, and where the placement starts
-        in its object, once ``_region`` accepts the placement."""
+        in its object, once ``_placed_for`` accepts the placement."""
         with self._lock:
-            region = self._region(owner, place, what, write)
+            region = self._placed_for(owner, place, what, write)
             fd = os.dup(region.fd)
         try:
             yield region, fd, region.status.offset + place.offset
         finally:
             os.close(fd)
 
-    def _region(self, owner: str, place: Placement, what: str, write: bool) -> _Region:
-        """``owner``'s region of the placement, which must lie within it (under the
-        lock)."""
-        self._on()
-        region = self._regions.get(owner, {}).get(place.region)
-        if region is None:
-            raise NotFoundError(
-                f"{what}: no shared-memory region {shown(place.region)} is registered"
-            )
-        within(place, region.status.byte_size, what)
+    def _placed_for(self, owner: str, place: Placement, what: str, write: bool) -> _Region:
+        """``_placed``, and (``write``) a region the server may write (under the lock)."""
+        region = self._placed(owner, place, what)
         if write and not region.writable:
             raise FailedPreconditionError(
                 f"{what}: region {shown(place.region)} is read-only to the server (its "
                 "object is not writable by the server's user)"
             )
         return region
-
-
-class Limits(Protocol):
-    """What ``room`` checks against (both kinds of region have them)."""
-
-    max_regions: int
-    max_bytes: int
-
-
-def room(
-    owned: Mapping[str, object], name: str, byte_size: int, total: int, limits: Limits
-) -> None:
-    """Refuse registering ``name`` among a caller's ``owned`` regions: a name taken, as
-    many regions as the caller may hold, or ``byte_size`` more than ``total`` (bytes
-    registered by everyone) leaves room for."""
-    if name in owned:
-        raise RegionExistsError(f"region {shown(name)} is registered already: unregister it first")
-    if len(owned) >= limits.max_regions:
-        raise ResourceExhaustedError(
-            f"{len(owned)} regions registered, the server's max_shared_memory_regions "
-            "for one caller: unregister some first"
-        )
-    if total + byte_size > limits.max_bytes:
-        raise ResourceExhaustedError(
-            f"registering {byte_size} more bytes would pass the server's "
-            f"max_shared_memory_bytes ({limits.max_bytes}); {total} are registered"
-        )
-
-
-def within(place: Placement, size: int, what: str) -> None:
-    """INVALID_ARGUMENT unless ``place`` lies within its region of ``size`` bytes."""
-    if place.offset < 0 or place.byte_size < 0:
-        raise InvalidArgumentError(
-            f"{what}: shared_memory_offset and shared_memory_byte_size must not be negative"
-        )
-    if place.offset + place.byte_size > size:
-        raise InvalidArgumentError(
-            f"{what}: shared_memory_offset {place.offset} + shared_memory_byte_size "
-            f"{place.byte_size} runs past the end of region {shown(place.region)} "
-            f"({size} bytes)"
-        )
 
 
 def _open(path: str, key: str) -> tuple[int, bool]:

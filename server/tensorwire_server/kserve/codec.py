@@ -33,7 +33,7 @@ from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
 from tensorwire_server.kserve import grpc_service_pb2 as pb
 from tensorwire_server.limits import Limits
 from tensorwire_server.named import Named
-from tensorwire_server.shared_memory import Placement
+from tensorwire_server.region_table import Placement
 
 M = TypeVar("M", bound=Message)
 #: Reads the tensor a placement in the caller's shared memory holds, as the Tensor

@@ -13,8 +13,9 @@ from tensorwire.v1 import tensorwire_pb2 as twpb
 from tensorwire.wire.codec import decode_array, layout
 from tensorwire_server.engine import Export, as_array
 from tensorwire_server.kserve import codec
+from tensorwire_server.region_table import Placement
 from tensorwire_server.service import Service
-from tensorwire_server.shared_memory import Placement, Reads
+from tensorwire_server.shared_memory import Reads
 from tensorwire_server.tensors import numpy_dtype
 
 

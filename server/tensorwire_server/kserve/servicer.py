@@ -27,9 +27,9 @@ from tensorwire_server.kserve import codec, describe
 from tensorwire_server.kserve import grpc_service_pb2 as pb
 from tensorwire_server.kserve.regions import Regions
 from tensorwire_server.named import Named
+from tensorwire_server.region_table import RegionExistsError
 from tensorwire_server.repository import ConfigError
 from tensorwire_server.service import Caller, Service
-from tensorwire_server.shared_memory import RegionExistsError
 
 log = logging.getLogger(__name__)
 
