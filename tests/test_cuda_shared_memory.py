@@ -185,7 +185,7 @@ def test_bad_registrations_get_a_clear_status(
         (("zeros", base64.b64encode(b"\0" * 64), 0, 64), "INVALID_ARGUMENT", "cannot be opened"),
         (("device", handle, 99, 64), "INVALID_ARGUMENT", "device_id 99"),
         (("big", handle, 0, 64 << 20), "INVALID_ARGUMENT", "runs past the end"),
-        ((host_name, handle, 0, 64), "ALREADY_EXISTS", "other kind"),
+        ((host_name, handle, 0, 64), "ALREADY_EXISTS", "as a system shared-memory region"),
     ]
     for args, code, words in cases:
         with pytest.raises(InferenceServerException) as refused:

@@ -23,8 +23,10 @@ from tritonclient.utils import InferenceServerException
 
 from tensorwire_server.engine import Engine
 from tensorwire_server.kserve import grpc_service_pb2 as ours
+from tensorwire_server.region_table import RegionExistsError
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
+from tensorwire_server.shared_memory import SharedMemory
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -346,6 +348,20 @@ def test_bad_registrations_get_a_clear_status(
         os.unlink(link)
         os.rmdir(folder)
         os.unlink(fifo)
+
+
+def test_region_names_are_one_namespace_across_both_kinds(regions: Any) -> None:
+    # Two system tables stand for the two kinds: CUDA regions need a GPU (their own
+    # tests run the same check through CudaSharedMemoryRegister there).
+    first, second = SharedMemory(True, 8, 1 << 20), SharedMemory(True, 8, 1 << 20)
+    first.sibling, second.sibling = second, first
+    name = regions(64)[1]
+    first.register("", "taken", f"/{name}", 0, 64)
+    with pytest.raises(RegionExistsError, match="registered already, as a system"):
+        second.register("", "taken", f"/{name}", 0, 64)
+    second.register("bob", "taken", f"/{name}", 0, 64)  # another caller's namespace
+    for table in (first, second):
+        table.close()
 
 
 def test_registrations_past_the_limits_are_refused(engine: Engine, regions: Any) -> None:

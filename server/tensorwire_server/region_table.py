@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import ClassVar, Final, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Final, Generic, Protocol, TypeVar
 
 from tensorwire.errors import (
     FailedPreconditionError,
@@ -83,6 +83,9 @@ class RegionTable(Generic[R]):
         self.max_bytes = max_bytes
         self._regions: dict[str, dict[str, R]] = {}
         self._bytes = 0
+        #: The other kind's table: region names are one namespace across both, as in
+        #: Triton (a tensor names its region without saying which kind it is).
+        self.sibling: RegionTable[Any] | None = None
         # Guards the tables, and whatever a kind must take from a region while it is
         # sure to be registered (a descriptor's duplicate, say).
         self._lock = threading.Lock()
@@ -100,6 +103,11 @@ class RegionTable(Generic[R]):
         check_name(name)
         if byte_size <= 0:
             raise InvalidArgumentError(f"region {shown(name)}: byte_size must be positive")
+        if self.sibling is not None and self.sibling.has(owner, name):
+            raise RegionExistsError(
+                f"region {shown(name)} is registered already, as a {self.sibling.noun} "
+                "region: unregister it first"
+            )
         with self._lock:
             self._room(owner, name, byte_size)
 

@@ -121,6 +121,7 @@ class Service:
             settings.max_shared_memory_regions,
             settings.max_shared_memory_bytes,
         )
+        self.shared_memory.sibling, self.cuda_memory.sibling = self.cuda_memory, self.shared_memory
         self._engine = engine
         if engine is not None:
             self.cuda_memory.device = engine.device

@@ -98,6 +98,8 @@ def check_key(key: str) -> str:
 class SharedMemory(RegionTable[_Region]):
     """Every caller's system shared-memory regions, each an open file descriptor."""
 
+    noun = "system shared-memory"
+
     def register(self, owner: str, name: str, key: str, offset: int, byte_size: int) -> None:
         """Open ``key``'s object and register ``byte_size`` bytes of it from ``offset``
         as ``owner``'s region ``name``, after checking the key, the file and the

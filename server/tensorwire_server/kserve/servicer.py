@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Hashable
+from collections.abc import AsyncIterator, Hashable
 from typing import Any, Final
 
 import grpc
@@ -27,7 +27,6 @@ from tensorwire_server.kserve import codec, describe
 from tensorwire_server.kserve import grpc_service_pb2 as pb
 from tensorwire_server.kserve.regions import Regions
 from tensorwire_server.named import Named
-from tensorwire_server.region_table import RegionExistsError
 from tensorwire_server.repository import ConfigError
 from tensorwire_server.service import Caller, Service
 
@@ -176,10 +175,8 @@ class InferenceServicer:
     def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest
     ) -> pb.SystemSharedMemoryRegisterResponse:
-        owner = _owner()
-        self._unclaimed(owner, request.name, self.service.cuda_memory.has)
         self.service.shared_memory.register(
-            owner, request.name, request.key, request.offset, request.byte_size
+            _owner(), request.name, request.key, request.offset, request.byte_size
         )
         return pb.SystemSharedMemoryRegisterResponse()
 
@@ -204,10 +201,8 @@ class InferenceServicer:
     def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest
     ) -> pb.CudaSharedMemoryRegisterResponse:
-        owner = _owner()
-        self._unclaimed(owner, request.name, self.service.shared_memory.has)
         self.service.cuda_memory.register(
-            owner, request.name, request.raw_handle, request.device_id, request.byte_size
+            _owner(), request.name, request.raw_handle, request.device_id, request.byte_size
         )
         return pb.CudaSharedMemoryRegisterResponse()
 
@@ -216,16 +211,6 @@ class InferenceServicer:
     ) -> pb.CudaSharedMemoryUnregisterResponse:
         self.service.cuda_memory.unregister(_owner(), request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
-
-    @staticmethod
-    def _unclaimed(owner: str, name: str, taken: Callable[[str, str], bool]) -> None:
-        """Region names are one namespace across both kinds, as in Triton: a tensor
-        names its region without saying which kind it is."""
-        if name and taken(owner, name):
-            raise RegionExistsError(
-                f"region {shown(name)} is registered already (as the other kind of shared "
-                "memory): unregister it first"
-            )
 
     # ------------------------------------------------------------------ inference
 
