@@ -107,13 +107,15 @@ class SegmentPool:
         self._closed = False
 
     def take(self, nbytes: int) -> Segment:
-        """A segment of at least ``nbytes``: an idle one of the same (page-rounded)
-        size, else a new one."""
+        """A segment of at least ``nbytes``: the idle one of the same (page-rounded)
+        size that has waited longest, else a new one. Oldest first keeps each segment
+        in one role (a call's input goes where the last call's input went, its output
+        where the last output went), so both sides find it mapped as they left it."""
         size = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
         with self._lock:
             idle = self._idle.get(size)
             if idle:
-                segment = idle.pop()
+                segment = idle.pop(0)
                 self._order.remove(segment)
                 self._held -= size
                 return segment
