@@ -23,10 +23,8 @@ from tritonclient.utils import InferenceServerException
 
 from tensorwire_server.engine import Engine
 from tensorwire_server.kserve import grpc_service_pb2 as ours
-from tensorwire_server.region_table import RegionExistsError
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
-from tensorwire_server.shared_memory import SharedMemory
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -350,20 +348,6 @@ def test_bad_registrations_get_a_clear_status(
         os.unlink(fifo)
 
 
-def test_region_names_are_one_namespace_across_both_kinds(regions: Any) -> None:
-    # Two system tables stand for the two kinds: CUDA regions need a GPU (their own
-    # tests run the same check through CudaSharedMemoryRegister there).
-    first, second = SharedMemory(True, 8, 1 << 20), SharedMemory(True, 8, 1 << 20)
-    first.sibling, second.sibling = second, first
-    name = regions(64)[1]
-    first.register("", "taken", f"/{name}", 0, 64)
-    with pytest.raises(RegionExistsError, match="registered already, as a system"):
-        second.register("", "taken", f"/{name}", 0, 64)
-    second.register("bob", "taken", f"/{name}", 0, 64)  # another caller's namespace
-    for table in (first, second):
-        table.close()
-
-
 def test_registrations_past_the_limits_are_refused(engine: Engine, regions: Any) -> None:
     names = [regions(1024)[1] for _ in range(3)]
     limits = {"max_shared_memory_regions": 2, "max_shared_memory_bytes": 1536}
@@ -505,44 +489,6 @@ def test_a_shrunk_region_is_refused_without_harm(client: triton.InferenceServerC
         for fd, name in zip(fds, names, strict=True):
             os.close(fd)
             os.unlink(f"/dev/shm/{name}")
-
-
-# ---------------------------------------------------------------- regions belong to their token
-
-
-def test_regions_belong_to_the_token_that_registered_them(engine: Engine, regions: Any) -> None:
-    tokens = f"alice infer {ALICE};bob infer {BOB};peek tensors {PEEK}"
-    (mine, alices), (_, bobs) = regions(X.nbytes), regions(X.nbytes)
-    shm.set_shared_memory_region(mine, [X])
-    with serving(engine, allow_shared_memory=True, tokens=tokens) as address:
-        with triton.InferenceServerClient(address) as c:
-            alice = {"authorization": f"Bearer {ALICE}"}
-            bob = {"authorization": f"Bearer {BOB}"}
-            c.register_system_shared_memory("r", f"/{alices}", X.nbytes, headers=alice)
-            assert not c.get_system_shared_memory_status(headers=bob).regions
-            with pytest.raises(InferenceServerException) as hidden:
-                c.get_system_shared_memory_status("r", headers=bob)
-            assert status(hidden) == "StatusCode.NOT_FOUND"
-            with pytest.raises(InferenceServerException) as unused:
-                c.infer("mlp", [shared_input("input", X, "r")], headers=bob)
-            assert status(unused) == "StatusCode.NOT_FOUND"
-            c.unregister_system_shared_memory("r", headers=bob)  # not bob's: nothing happens
-            c.unregister_system_shared_memory(headers=bob)
-            c.register_system_shared_memory("r", f"/{bobs}", X.nbytes, headers=bob)  # his own
-            assert c.get_system_shared_memory_status(headers=bob).regions["r"].key == f"/{bobs}"
-            result = c.infer("identity", [shared_input("input", X, "r")], headers=alice)
-            assert same(result.as_numpy("output"), X)  # still alice's region
-            assert c.get_system_shared_memory_status(headers=alice).regions["r"].key == f"/{alices}"
-            with pytest.raises(InferenceServerException) as denied:
-                c.register_system_shared_memory(
-                    "p", f"/{alices}", 8, headers={"authorization": f"Bearer {PEEK}"}
-                )
-            assert status(denied) == "StatusCode.PERMISSION_DENIED"
-            with pytest.raises(InferenceServerException) as anonymous:
-                c.get_system_shared_memory_status()
-            assert status(anonymous) == "StatusCode.UNAUTHENTICATED"
-        assert fds_on(alices) == fds_on(bobs) == 1
-    assert fds_on(alices) == fds_on(bobs) == 0
 
 
 def test_the_flag_and_limits_are_settings_like_any_other() -> None:

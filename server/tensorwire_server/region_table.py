@@ -150,6 +150,13 @@ class RegionTable(Generic[R]):
             if not owned:
                 self._regions.pop(owner, None)
 
+    def forget(self, owner: str) -> None:
+        """Let every region of ``owner`` go (its session ended), whatever the flag."""
+        with self._lock:
+            for region in self._regions.pop(owner, {}).values():
+                self._bytes -= region.status.byte_size
+                self._release(region)
+
     def _listed(self, owner: str, name: str) -> list[R]:
         """``owner``'s regions (empty ``name``: all, by name); NOT_FOUND for a name
         ``owner`` has not registered, whoever else has."""

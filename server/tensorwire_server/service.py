@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -385,6 +386,22 @@ class Service:
             return found[0].tensor(handle.id, name)
 
         return resolve
+
+    def region_owner(self, caller: Caller, registering: bool = False) -> str:
+        """Whose shared-memory regions a call sees: its caller's (the token's), or,
+        when it names a session, that session's, which are let go when the session
+        ends (``registering``: see that they are)."""
+        if not caller.session:
+            return caller.identity
+        session = self._session(caller)
+        owner = f"{caller.identity}\0{session.id}"
+        if registering:
+            session.on_close("shared memory", partial(self._forget_regions, owner))
+        return owner
+
+    def _forget_regions(self, owner: str) -> None:
+        self.shared_memory.forget(owner)
+        self.cuda_memory.forget(owner)
 
     def _keeper(self, caller: Caller) -> Export:
         """An Export keeping results in the caller's session as handles."""

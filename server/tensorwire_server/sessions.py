@@ -90,6 +90,8 @@ class Session:
         self._tensors: dict[str, torch.Tensor] = {}
         self._holdings: dict[str, Holding] = {}
         self._sizes: dict[str, int] = {}
+        #: What else ends with the session (its shared-memory regions), by what.
+        self._on_close: dict[str, Callable[[], None]] = {}
 
     @property
     def bytes(self) -> int:
@@ -187,7 +189,19 @@ class Session:
             self._holdings.clear()
             self._sizes.clear()
             self.closed = True
+            ending, self._on_close = list(self._on_close.values()), {}
+        for end in ending:
+            try:
+                end()
+            except Exception:  # the rest still ends
+                log.exception("session %s…: letting go of what it held failed", self.id[:6])
         return freed
+
+    def on_close(self, what: str, end: Callable[[], None]) -> None:
+        """Run ``end`` when the session ends (once per ``what``)."""
+        with self._lock:
+            self._check_open()
+            self._on_close[what] = end
 
     def summary(self) -> SessionSummary:
         with self._lock:

@@ -163,7 +163,7 @@ class InferenceServicer:
     def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest
     ) -> pb.SystemSharedMemoryStatusResponse:
-        found = self.service.shared_memory.status(_owner(), request.name)
+        found = self.service.shared_memory.status(self._owner(), request.name)
         status = pb.SystemSharedMemoryStatusResponse.RegionStatus
         return pb.SystemSharedMemoryStatusResponse(
             regions={
@@ -176,20 +176,24 @@ class InferenceServicer:
         self, request: pb.SystemSharedMemoryRegisterRequest
     ) -> pb.SystemSharedMemoryRegisterResponse:
         self.service.shared_memory.register(
-            _owner(), request.name, request.key, request.offset, request.byte_size
+            self._owner(registering=True),
+            request.name,
+            request.key,
+            request.offset,
+            request.byte_size,
         )
         return pb.SystemSharedMemoryRegisterResponse()
 
     def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        self.service.shared_memory.unregister(_owner(), request.name)
+        self.service.shared_memory.unregister(self._owner(), request.name)
         return pb.SystemSharedMemoryUnregisterResponse()
 
     def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest
     ) -> pb.CudaSharedMemoryStatusResponse:
-        found = self.service.cuda_memory.status(_owner(), request.name)
+        found = self.service.cuda_memory.status(self._owner(), request.name)
         status = pb.CudaSharedMemoryStatusResponse.RegionStatus
         return pb.CudaSharedMemoryStatusResponse(
             regions={
@@ -202,14 +206,18 @@ class InferenceServicer:
         self, request: pb.CudaSharedMemoryRegisterRequest
     ) -> pb.CudaSharedMemoryRegisterResponse:
         self.service.cuda_memory.register(
-            _owner(), request.name, request.raw_handle, request.device_id, request.byte_size
+            self._owner(registering=True),
+            request.name,
+            request.raw_handle,
+            request.device_id,
+            request.byte_size,
         )
         return pb.CudaSharedMemoryRegisterResponse()
 
     def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest
     ) -> pb.CudaSharedMemoryUnregisterResponse:
-        self.service.cuda_memory.unregister(_owner(), request.name)
+        self.service.cuda_memory.unregister(self._owner(), request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
 
     # ------------------------------------------------------------------ inference
@@ -259,7 +267,9 @@ class InferenceServicer:
         with service.serving(message.model_name, version) as served:
             wanted = codec.wanted(message)
             service.limits.request_bytes(request.payload_bytes)
-            regions = Regions(service, _owner())
+            # Only a request that uses shared memory asks whose regions it sees (a
+            # session it names must then exist).
+            regions = Regions(service, self._owner() if request.shared else "")
             for output, place in wanted.placed.items():
                 # Before the model runs: a bad output region fails the request early.
                 regions.check_output(place, f"requested output {shown(output)}")
@@ -283,6 +293,14 @@ class InferenceServicer:
         return answer
 
     # ------------------------------------------------------------------ internals
+
+    def _owner(self, registering: bool = False) -> str:
+        """Whose shared-memory regions the call being answered sees: its token's, or
+        its session's (Service.region_owner)."""
+        call = observe.current()
+        if call is None:
+            return ""
+        return self.service.region_owner(Caller(call.caller, call.session), registering)
 
     def _target(self, name: str) -> None:
         """Tell the call's record which model it asks about (a metric label: see
@@ -407,13 +425,6 @@ def _infer_stream(method: str, servicer: InferenceServicer, compute: Compute) ->
             cutoff.close()
 
     return handle
-
-
-def _owner() -> str:
-    """Who makes the call being answered: its token's name (empty without tokens, so
-    that every caller is the same one)."""
-    call = observe.current()
-    return call.caller if call is not None else ""
 
 
 def _serialize(message: Message) -> bytes:
