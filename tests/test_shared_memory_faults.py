@@ -175,11 +175,12 @@ def client(address: str) -> Iterator[triton.InferenceServerClient]:
 def test_an_input_shrunk_while_the_model_runs_fails_that_request_only(
     client: triton.InferenceServerClient, shm_file: Any, output_in: str
 ) -> None:
-    """The sleeper reads its input, sleeps, and returns it: the object shrinks during
-    the sleep, so the output's copy (into a region, or into the response) faults."""
+    """The sleeper reads its input, sleeps, and returns it: the object shrinks once
+    the server has mapped the input, so the model's read or the output's copy (into a
+    region, or into the response) faults."""
     gc.collect()
     before = mapped.live()
-    seconds = np.array(0.5)
+    seconds = np.array(1.0)
     fds = {name: shm_file(4096) for name in ("in", "out")}
     names = {}
     for name, fd in fds.items():
@@ -189,7 +190,14 @@ def test_an_input_shrunk_while_the_model_runs_fails_that_request_only(
         os.pwrite(fds["in"], seconds.tobytes(), 0)
         sent = [shared_input("x", seconds, names["in"])]
         wanted = [shared_output("output", names["out"], 8)] if output_in == "region" else None
-        shrink = threading.Timer(0.2, os.ftruncate, (fds["in"], 0))
+
+        def shrink_once_mapped() -> None:
+            deadline = time.monotonic() + 30
+            while mapped.live() == before and time.monotonic() < deadline:
+                time.sleep(0.001)  # the server (in this process) maps the request's input
+            os.ftruncate(fds["in"], 0)
+
+        shrink = threading.Thread(target=shrink_once_mapped)
         shrink.start()
         with pytest.raises(InferenceServerException) as spoiled:
             client.infer("sleeper", sent, outputs=wanted)
