@@ -11,7 +11,7 @@ response's payloads to the connection, which sends them and takes the next ticke
 
 A client on this host may present its ticket on an abstract Unix socket instead,
 with shared-memory segments in place of the bytes (segments.py): the request's
-tensors are the client's pages, mapped copy-on-write; the response is written into
+tensors are the client's pages, mapped shared; the response is written into
 the client's segments, and the client learns which of its input segments the server
 still maps (so that it never reuses those).
 
@@ -102,11 +102,6 @@ class Transfer:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-
-    @property
-    def port(self) -> int:
-        """The data port the ticket is presented on."""
-        return self.plane.port
 
     def revoke(self) -> bool:
         """Withdraw the ticket; whether no connection had claimed it."""

@@ -5,9 +5,10 @@ A segment is only ever a file descriptor the client sent, never a name: nothing
 another process can guess or reach. Before a byte of one is mapped, it must be a
 memfd sealed against shrinking (so no mapping of it can fault past its end: SIGBUS
 cannot reach the server however the client treats it) and at least its payload's
-size. Inputs are mapped copy-on-write: a request's tensors read the client's pages in
-place (an operation that writes to them writes to the client's copy of its own
-input, nothing else). Outputs are written into the client's segments. A connection
+size. Inputs are mapped shared, not copy-on-write (the connection keeps one mapping
+per segment, whatever role the segment plays next): a request's tensors read the
+client's pages in place, and an operation that writes to them writes to the client's
+copy of its own input, nothing else. Outputs are written into the client's segments. A connection
 keeps its mappings for the next transfer, which usually reuses the same segments.
 """
 
@@ -137,12 +138,6 @@ class Mappings:
         for key in [k for k in self._kept if k not in self._used]:
             self._forget(key)
         self._used.clear()
-
-    def close(self) -> None:
-        """Let go of every mapping kept."""
-        self._kept.clear()
-        self._used.clear()
-        self._bytes = 0
 
 
 def map_inputs(

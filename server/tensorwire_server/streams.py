@@ -153,7 +153,7 @@ def _ticket(transfer: Transfer | None) -> bytes:
     return _data_part(
         pb.DataTransfer(
             ticket=transfer.ticket,
-            port=transfer.port,
+            port=transfer.plane.port,
             payload_bytes=transfer.receiver.total,
             expires_in_seconds=TICKET_SECONDS,
             local_socket=transfer.plane.local_name or "",

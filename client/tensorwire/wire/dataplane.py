@@ -30,7 +30,7 @@ A client on the server's host connects to it (SOCK_SEQPACKET: each message whole
 its file descriptors) and passes shared memory instead of bytes: a *segment* is a
 memfd the client made, sealed against shrinking and growing (so a mapping of it can
 never fault past its end), at least as large as its payload; one per non-empty
-payload, in stream order. The server maps input segments copy-on-write, so its
+payload, in stream order. The server maps input segments (shared), so its
 tensors read the client's pages in place, and writes the response's payloads into
 the client's output segments, which become the client's result arrays. Per transfer:
 
