@@ -1,16 +1,13 @@
-"""Shared memory shrunk under the server: mappings of files a client can truncate at
-any moment (tensorwire_server.mapped), on real /dev/shm objects, and end to end through
-NVIDIA's tritonclient: a fault in one of them fails what used it, never the process;
-a fault anywhere else still ends the process as it did before."""
+"""Shared memory shrunk under the server: the kernel copies of
+tensorwire_server.region_copies on real /dev/shm objects, and end to end through
+NVIDIA's tritonclient. A shrink fails the copy it cut short, and that request, never
+the process: the server never touches a client's pages with its own loads and stores."""
 
 from __future__ import annotations
 
 import gc
 import os
 import secrets
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,16 +21,13 @@ from conftest import TOY_MODELS
 from test_shared_memory import shared_input, shared_output, status
 from tritonclient.utils import InferenceServerException
 
-from tensorwire_server import mapped
+from tensorwire_server import region_copies
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
-pytestmark = [
-    pytest.mark.timeout(60),
-    pytest.mark.skipif(not mapped.SUPPORTED, reason="mappings are used on Linux x86_64/aarch64"),
-]
+pytestmark = pytest.mark.timeout(60)
 
-SIZE = 32 << 20
+SIZE = 32 << 20  # several pieces: copies this long run on helper threads too
 
 
 @pytest.fixture
@@ -55,94 +49,93 @@ def shm_file() -> Iterator[Any]:
         os.unlink(path)
 
 
-def test_a_write_past_a_shrunk_end_fails_the_mapping_not_the_process(shm_file: Any) -> None:
-    fd, other_fd = shm_file(), shm_file()
-    target = mapped.Mapping(fd, 4096, SIZE - 4096, private=False)
-    other = mapped.Mapping(other_fd, 0, SIZE, private=False)
-    source = np.full(SIZE - 4096, 7, np.uint8)
-    np.copyto(target.array, source)  # a large copy: numpy lets go of the GIL
-    assert not target.shrunk
-    assert os.pread(fd, 4, 4096) == b"\x07" * 4
-    os.ftruncate(fd, 8192)
-    np.copyto(target.array, source)
-    assert target.shrunk
-    target.array[:16] = 3  # a small store, with the GIL held: zeroed memory takes it
-    assert os.fstat(fd).st_size == 8192  # the server never grows a client's object
-    assert not other.shrunk and int(other.array.min()) == 1  # the other mapping is intact
-
-
-def test_a_shrink_while_threads_copy_spoils_only_that_mapping(shm_file: Any) -> None:
-    fd = shm_file()
-    target = mapped.Mapping(fd, 0, SIZE, private=False)
-    source = np.full(SIZE, 9, np.uint8)
-    shrink = threading.Timer(0.02, os.ftruncate, (fd, 0))
-    shrink.start()
-    deadline = time.monotonic() + 10
-    while not target.shrunk and time.monotonic() < deadline:
-        np.copyto(target.array, source)
-    shrink.join()
-    assert target.shrunk
-
-
-def test_a_torch_kernel_on_a_shrunk_private_mapping_finishes(shm_file: Any) -> None:
-    fd = shm_file()
-    mapping = mapped.Mapping(fd, 0, SIZE, private=True)
-    tensor = torch.from_numpy(mapping.array).view(torch.float32)
-    os.ftruncate(fd, 0)
-    # Summed by torch's own threads, none of which the interpreter knows.
-    assert float(tensor.sum()) == 0.0
-    assert mapping.shrunk
-
-
-def test_a_private_mapping_reads_the_file_and_keeps_its_writes(shm_file: Any) -> None:
-    fd = shm_file()
-    mapping = mapped.Mapping(fd, 100, 5000, private=True)
-    assert mapping.array.nbytes == 5000 and int(mapping.array.min()) == 1
-    mapping.array[:] = 5
-    assert os.pread(fd, 5000, 100) == b"\x01" * 5000
-
-
-def test_the_pages_go_with_the_last_view(shm_file: Any) -> None:
-    gc.collect()
-    before = mapped.live()
-    mapping = mapped.Mapping(shm_file(), 0, SIZE, private=True)
-    tensor = torch.from_numpy(mapping.array[4096:].view(np.int32))
-    del mapping
-    gc.collect()
-    assert mapped.live() == before + 1  # the tensor still reads them
-    assert int(tensor[0]) == 0x01010101
-    del tensor
-    gc.collect()
-    assert mapped.live() == before
-
-
-FOREIGN_FAULT = """
-import faulthandler, mmap, os, sys
-from tensorwire_server import mapped
-faulthandler.enable()
-fd = os.open(sys.argv[1], os.O_RDWR)
-ours = mapped.Mapping(fd, 0, 8192, private=False)
-os.ftruncate(fd, 0)
-ours.array[:] = 1
-assert ours.shrunk
-os.ftruncate(fd, 8192)
-theirs = mmap.mmap(fd, 8192)
-os.ftruncate(fd, 0)
-print("reading", flush=True)
-theirs[0]
-print("survived", flush=True)
-"""
-
-
-def test_a_fault_outside_the_mappings_still_ends_the_process(shm_file: Any) -> None:
-    fd = shm_file(8192)
+def mapped_now(fd: int) -> bool:
+    """Whether this process still maps the object ``fd`` opened."""
     path = os.readlink(f"/proc/self/fd/{fd}")
-    done = subprocess.run(
-        [sys.executable, "-c", FOREIGN_FAULT, path], capture_output=True, text=True, timeout=30
-    )
-    assert done.returncode == -signal.SIGBUS, done.stderr
-    assert "reading" in done.stdout and "survived" not in done.stdout
-    assert "Bus error" in done.stderr  # faulthandler, which was there before, had it
+    with open("/proc/self/maps") as maps:
+        return any(path in line for line in maps)
+
+
+def test_reads_and_writes_move_every_byte(shm_file: Any) -> None:
+    fd = shm_file()
+    payload = np.frombuffer(secrets.token_bytes(SIZE - 4196), np.uint8)
+    window = region_copies.Window(fd, 100, SIZE - 100)  # not on a page boundary
+    assert region_copies.write(fd, 100, memoryview(payload), window)
+    assert os.pread(fd, payload.nbytes, 100) == payload.tobytes()
+    out = region_copies.buffer(payload.nbytes)
+    assert region_copies.read(fd, 100, out)
+    assert np.array_equal(np.frombuffer(out, np.uint8), payload)
+    assert torch.from_numpy(np.frombuffer(out, np.uint8)).sum() == int(payload.sum(dtype=np.int64))
+    small = region_copies.buffer(10)  # under the huge-page size: NumPy's own memory
+    assert region_copies.read(fd, 100, small) and bytes(small) == payload[:10].tobytes()
+
+
+def test_a_read_past_a_shrunk_end_comes_up_short(shm_file: Any) -> None:
+    fd = shm_file()
+    before = region_copies.short_copies()
+    os.ftruncate(fd, 8192)
+    assert not region_copies.read(fd, 4096, region_copies.buffer(SIZE - 4096))
+    assert region_copies.short_copies() == before + 1
+
+
+def test_a_write_past_a_shrunk_end_stops_there_and_never_grows_the_object(
+    shm_file: Any,
+) -> None:
+    fd = shm_file()
+    window = region_copies.Window(fd, 0, SIZE)
+    os.ftruncate(fd, 8192)
+    data = memoryview(np.full(SIZE - 4096, 7, np.uint8))
+    assert not region_copies.write(fd, 4096, data, window)
+    assert os.fstat(fd).st_size == 8192  # the kernel stopped at the end
+    assert os.pread(fd, 4096, 4096) == b"\x07" * 4096  # what fitted was written
+    os.ftruncate(fd, SIZE)  # grown again: the same window writes all of it
+    assert region_copies.write(fd, 4096, data, window)
+    assert os.pread(fd, 8, SIZE - 8) == b"\x07" * 8
+
+
+def test_pwritev_writes_where_there_is_no_window(shm_file: Any) -> None:
+    fd = shm_file()
+    window = region_copies.Window(fd, 0, SIZE)
+    window.usable = False  # as after the kernel refused process_vm_writev (seccomp)
+    data = memoryview(np.full(SIZE, 5, np.uint8))
+    assert region_copies.write(fd, 0, data, window)
+    assert region_copies.write(fd, 0, data[:3], None)
+    assert os.pread(fd, 4, SIZE - 4) == b"\x05" * 4
+
+
+def test_copies_on_several_threads_under_a_shrinking_client_end_whole_or_short(
+    shm_file: Any,
+) -> None:
+    """A shrink while pieces of large copies run on helper threads: each copy comes
+    back whole or short, and the process goes on."""
+    fd = shm_file()
+    window = region_copies.Window(fd, 0, SIZE)
+    data = memoryview(np.full(SIZE, 3, np.uint8))
+    out = region_copies.buffer(SIZE)
+    stop = time.monotonic() + 1.5
+    outcomes: set[bool] = set()
+
+    def shrinking() -> None:
+        while time.monotonic() < stop:
+            os.ftruncate(fd, 4096)
+            os.ftruncate(fd, SIZE)
+
+    shrinker = threading.Thread(target=shrinking)
+    shrinker.start()
+    while time.monotonic() < stop:
+        outcomes.add(region_copies.write(fd, 0, data, window))
+        outcomes.add(region_copies.read(fd, 0, out))
+    shrinker.join()
+    assert outcomes <= {True, False} and os.fstat(fd).st_size == SIZE
+
+
+def test_a_window_goes_with_the_last_write_through_it(shm_file: Any) -> None:
+    fd = shm_file()
+    window = region_copies.Window(fd, 0, SIZE)
+    assert mapped_now(fd)
+    del window
+    gc.collect()
+    assert not mapped_now(fd)
 
 
 # ------------------------------------------------------------------ through tritonclient
@@ -171,49 +164,37 @@ def client(address: str) -> Iterator[triton.InferenceServerClient]:
         yield c
 
 
-@pytest.mark.parametrize("output_in", ["region", "response"])
-def test_an_input_shrunk_while_the_model_runs_fails_that_request_only(
-    client: triton.InferenceServerClient, shm_file: Any, output_in: str
+def test_an_output_object_shrunk_while_the_model_runs_fails_that_request_only(
+    client: triton.InferenceServerClient, shm_file: Any
 ) -> None:
-    """The sleeper reads its input, sleeps, and returns it: the object shrinks once
-    the server has mapped the input, so the model's read or the output's copy (into a
-    region, or into the response) faults."""
-    gc.collect()
-    before = mapped.live()
-    seconds = np.array(1.0)
+    """The sleeper holds the request for a second; the output's object shrinks
+    meanwhile: the request fails with FAILED_PRECONDITION, and once the object is its
+    size again, the next request through the same regions is answered."""
     fds = {name: shm_file(4096) for name in ("in", "out")}
     names = {}
     for name, fd in fds.items():
         names[name] = os.readlink(f"/proc/self/fd/{fd}").removeprefix("/dev/shm/")
         client.register_system_shared_memory(names[name], f"/{names[name]}", 4096)
     try:
-        os.pwrite(fds["in"], seconds.tobytes(), 0)
-        sent = [shared_input("x", seconds, names["in"])]
-        wanted = [shared_output("output", names["out"], 8)] if output_in == "region" else None
-
-        def shrink_once_mapped() -> None:
-            deadline = time.monotonic() + 30
-            while mapped.live() == before and time.monotonic() < deadline:
-                time.sleep(0.001)  # the server (in this process) maps the request's input
-            os.ftruncate(fds["in"], 0)
-
-        shrink = threading.Thread(target=shrink_once_mapped)
+        os.pwrite(fds["in"], np.array(1.0).tobytes(), 0)
+        sent = [shared_input("x", np.array(1.0), names["in"])]
+        wanted = [shared_output("output", names["out"], 8)]
+        shrink = threading.Timer(0.2, os.ftruncate, (fds["out"], 0))
         shrink.start()
         with pytest.raises(InferenceServerException) as spoiled:
             client.infer("sleeper", sent, outputs=wanted)
         shrink.join()
         assert status(spoiled) == "StatusCode.FAILED_PRECONDITION", spoiled.value.message()
-        assert f"region '{names['in']}' was shrunk while it was being read" in (
-            spoiled.value.message()
-        )
-        os.ftruncate(fds["in"], 4096)
+        assert f"region '{names['out']}' was shrunk" in spoiled.value.message()
+        assert os.fstat(fds["out"]).st_size == 0  # the server never grew it back
+        os.ftruncate(fds["out"], 4096)
         os.pwrite(fds["in"], np.array(0.0).tobytes(), 0)
-        result = client.infer("sleeper", [shared_input("x", np.array(0.0), names["in"])])
-        assert float(result.as_numpy("output")) == 0.0
+        client.infer("sleeper", [shared_input("x", np.array(0.0), names["in"])], outputs=wanted)
+        assert os.pread(fds["out"], 8, 0) == np.array(0.0).tobytes()
     finally:
         client.unregister_system_shared_memory()
     gc.collect()
-    assert mapped.live() == before  # every request's input mapping, and the region's, gone
+    assert not mapped_now(fds["out"])  # the region's window went with the region
 
 
 def test_a_client_shrinking_its_regions_never_disturbs_another(
@@ -232,7 +213,7 @@ def test_a_client_shrinking_its_regions_never_disturbs_another(
     assert metric("tensorwire_shared_memory_regions", {"kind": "system"}) == 4
     payload = np.frombuffer(secrets.token_bytes(size), np.uint8)
     os.pwrite(fds["alice-in"], payload.tobytes(), 0)
-    faults = mapped.faults()
+    short = region_copies.short_copies()
     stop = time.monotonic() + 3
     bob_codes: set[str] = set()
 
@@ -272,6 +253,6 @@ def test_a_client_shrinking_its_regions_never_disturbs_another(
     client.unregister_system_shared_memory()
     assert results["alice"] > 0
     assert bob_codes <= {"StatusCode.FAILED_PRECONDITION"}
-    assert mapped.faults() > faults  # the handler took most of them, not only fstat
-    assert metric("tensorwire_shared_memory_faults_total") == mapped.faults()
+    assert region_copies.short_copies() > short  # copies cut short, not only fstat's refusals
+    assert metric("tensorwire_shared_memory_short_copies_total") == region_copies.short_copies()
     assert metric("tensorwire_shared_memory_regions", {"kind": "system"}) == 0

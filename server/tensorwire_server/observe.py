@@ -197,11 +197,11 @@ class Metrics:
         self.registry.register(_DataPlaneTotals(totals))
 
     def count_shared_memory(
-        self, regions: Callable[[], dict[str, int]], faults: Callable[[], int]
+        self, regions: Callable[[], dict[str, int]], short: Callable[[], int]
     ) -> None:
         """Report the shared-memory regions registered, per kind, from ``regions``
-        (kind -> count), and the faults a client's shrink caused, from ``faults``."""
-        self.registry.register(_SharedMemory(regions, faults))
+        (kind -> count), and the copies a client's shrink cut short, from ``short``."""
+        self.registry.register(_SharedMemory(regions, short))
 
     def serve(self, host: str, port: int) -> int:
         """Expose the metrics over HTTP at ``host:port``; the port bound."""
@@ -241,11 +241,11 @@ class _DataPlaneTotals(Collector):
 
 
 class _SharedMemory(Collector):
-    """Shared-memory regions and faults, read at each scrape."""
+    """Shared-memory regions and copies cut short, read at each scrape."""
 
-    def __init__(self, regions: Callable[[], dict[str, int]], faults: Callable[[], int]) -> None:
+    def __init__(self, regions: Callable[[], dict[str, int]], short: Callable[[], int]) -> None:
         self.regions = regions
-        self.faults = faults
+        self.short = short
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         registered = GaugeMetricFamily(
@@ -257,10 +257,10 @@ class _SharedMemory(Collector):
             registered.add_metric([kind], count)
         yield registered
         yield CounterMetricFamily(
-            "tensorwire_shared_memory_faults",
-            "Accesses to a client's shared-memory object that faulted (the client shrank "
+            "tensorwire_shared_memory_short_copies",
+            "Copies to or from a client's shared-memory object cut short (the client shrank "
             "it under the server, or /dev/shm was full); each failed one request.",
-            value=self.faults(),
+            value=self.short(),
         )
 
 

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 import tensorwire_server
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
-from tensorwire_server import kserve, mapped
+from tensorwire_server import kserve, region_copies
 from tensorwire_server.compute import Compute
 from tensorwire_server.dataplane import DataPlane
 from tensorwire_server.engine import Engine
@@ -137,7 +137,7 @@ class TensorwireServer:
             self.servicer.data_plane = self.data_plane
             if self.data_plane is not None:
                 self.metrics.count_data_plane(self.data_plane.totals)
-            self.metrics.count_shared_memory(self._regions, mapped.faults)
+            self.metrics.count_shared_memory(self._regions, region_copies.short_copies)
         except BaseException:
             # Refused (plain text off loopback, a port taken): nothing is left running.
             built = getattr(self, "server", None)

@@ -2,44 +2,40 @@
 shared-memory objects that clients on this host register by key, each region owned by
 the caller that registered it.
 
-Inputs are mapped copy-on-write for each request and handed to the model in place (a
-model writing to its input changes nothing of the client's); outputs are copied through
-a mapping of the region kept while it is registered. A client can shrink its object at
-any moment, which would make those accesses SIGBUS: ``mapped`` catches that, and the
-request the shrink spoiled fails with FAILED_PRECONDITION (see its note). Measured on
-the 2-core machine, 256 MiB: a mapping reads 8.3 GiB/s fresh and writes 11 GiB/s, where
-``preadv`` into a new array moved 3.4 GiB/s and ``pwritev`` 4.6. Where ``mapped`` is
-not supported, those kernel copies, which cannot fault, are used instead.
+A client can shrink its object at any moment, and a load or store past its new end
+through a mapping would raise SIGBUS in the server. So every byte moves by kernel copy
+(``region_copies``): inputs are read into the server's own memory, which the model then
+takes in place (a model writing to its input changes nothing of the client's), and
+outputs are written into the region. A copy the shrink cuts short fails its request
+with FAILED_PRECONDITION; the server goes on.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
-
-import numpy as np
 
 from tensorwire.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
-    ResourceExhaustedError,
     shown,
 )
-from tensorwire_server import mapped
+from tensorwire_server import region_copies
 from tensorwire_server.region_table import Placement, RegionTable
+
+log = logging.getLogger(__name__)
 
 #: Where Linux keeps POSIX shared-memory objects: shm_open("/name") opens /dev/shm/name.
 SHM_DIR: Final = "/dev/shm"
 #: The longest object name after the slash (NAME_MAX).
 MAX_KEY_BYTES: Final = 255
-#: Linux moves at most this many bytes per read or write call (0x7ffff000).
-_MAX_IO: Final = 0x7FFFF000
 
 
 @dataclass(frozen=True)
@@ -57,23 +53,10 @@ class _Region:
     status: RegionStatus
     fd: int
     writable: bool
-    #: The region mapped for writing outputs, once one is written (None again after a
-    #: shrink spoiled it).
-    outputs: mapped.Mapping | None = None
-
-
-@dataclass(eq=False)
-class Reads:
-    """The inputs one request mapped, to check once its answer is made: a shrink while
-    the model read them left zeros in their place."""
-
-    mappings: list[tuple[mapped.Mapping, str, str]] = field(default_factory=list)
-
-    def check(self) -> None:
-        """FAILED_PRECONDITION if any input's object shrank while it was in use."""
-        for mapping, region, what in self.mappings:
-            if mapping.shrunk:
-                raise _shrunk_while(what, region, "read")
+    #: The region mapped for the kernel to write outputs through, once one is written.
+    window: region_copies.Window | None = None
+    #: Whether a window could not be mapped for it.
+    windowless: bool = False
 
 
 def check_key(key: str) -> str:
@@ -137,20 +120,13 @@ class SharedMemory(RegionTable[_Region]):
         with self._lock:
             self._placed_for(owner, place, what, write)
 
-    def read(self, owner: str, reads: Reads, place: Placement, what: str) -> memoryview:
-        """The placement's bytes: a copy-on-write mapping, noted in ``reads`` to be
-        checked once the request is answered (see the module's note)."""
+    def read(self, owner: str, place: Placement, what: str) -> memoryview:
+        """A copy of the placement's bytes in fresh memory of the server's."""
         with self._using(owner, place, what, write=False) as (_, fd, start):
             _fits(fd, start + place.byte_size, place.region, what)
-            if not place.byte_size:
-                return memoryview(b"")
-            if mapped.SUPPORTED:
-                mapping = _map(fd, start, place.byte_size, True, place.region, what)
-                reads.mappings.append((mapping, place.region, what))
-                return memoryview(mapping.array)  # type: ignore[arg-type]
-            # NumPy's allocation: torch.from_numpy takes it without a copy.
-            out = memoryview(np.empty(place.byte_size, np.uint8))  # type: ignore[arg-type]
-            _copy(os.preadv, fd, out, start, place.region, what)
+            out = region_copies.buffer(place.byte_size)
+            if not region_copies.read(fd, start, out):
+                raise _shrunk_while(what, place.region, "read")
             return out
 
     def write(self, owner: str, place: Placement, data: memoryview, what: str) -> None:
@@ -161,30 +137,28 @@ class SharedMemory(RegionTable[_Region]):
                 f"({place.byte_size})"
             )
         with self._using(owner, place, what, write=True) as (region, fd, start):
-            # A pwrite past the end would grow the object, not fault: refuse to, so a
-            # shrunk object stays the size its client made it (a shrink racing this
-            # check grows it back by at most what this write covers).
+            # A pwrite past the end would grow the object: refuse to, so a shrunk
+            # object stays the size its client made it (a shrink racing this check
+            # grows it back by at most what this write covers, and only on pwritev:
+            # the kernel's writes through a window stop at the end).
             _fits(fd, start + data.nbytes, place.region, what)
-            if not mapped.SUPPORTED:
-                _copy(os.pwritev, fd, data, start, place.region, what)
+            if not data.nbytes:
                 return
-            mapping = self._outputs(region, fd)
-            at = place.offset
-            np.copyto(mapping.array[at : at + data.nbytes], np.frombuffer(data, np.uint8))
-            if mapping.shrunk:
-                with self._lock:  # the next write maps the object afresh
-                    if region.outputs is mapping:
-                        region.outputs = None
+            if not region_copies.write(fd, start, data, self._window(region, fd)):
                 raise _shrunk_while(what, place.region, "written")
 
-    def _outputs(self, region: _Region, fd: int) -> mapped.Mapping:
-        """The region's mapping for outputs (made on first use and kept while it is
-        registered: its pages stay mapped, so later writes do not fault them in)."""
+    def _window(self, region: _Region, fd: int) -> region_copies.Window | None:
+        """The region's window for outputs (mapped on first use and kept while it is
+        registered); None where none can be mapped (pwritev then)."""
         with self._lock:
-            if region.outputs is None:
+            if region.window is None and not region.windowless:
                 status = region.status
-                region.outputs = _map(fd, status.offset, status.byte_size, False, status.name, "")
-            return region.outputs
+                try:
+                    region.window = region_copies.Window(fd, status.offset, status.byte_size)
+                except OSError as exc:  # out of address space or of mappings
+                    log.info("region %s: no window (%s); writes use pwritev", status.name, exc)
+                    region.windowless = True
+            return region.window
 
     @contextmanager
     def _using(
@@ -236,18 +210,6 @@ def _open(path: str, key: str) -> tuple[int, bool]:
         ) from None
 
 
-def _map(
-    fd: int, offset: int, length: int, private: bool, region: str, what: str
-) -> mapped.Mapping:
-    try:
-        return mapped.Mapping(fd, offset, length, private=private)
-    except OSError as exc:  # out of address space or of mappings (vm.max_map_count)
-        raise ResourceExhaustedError(
-            f"{what or 'an output'}: the server cannot map region {shown(region)} now "
-            f"({exc.strerror}); try again later"
-        ) from None
-
-
 def _shrunk_while(what: str, region: str, done: str) -> FailedPreconditionError:
     return FailedPreconditionError(
         f"{what}: the object of region {shown(region)} was shrunk while it was being "
@@ -262,25 +224,3 @@ def _fits(fd: int, end: int, region: str, what: str) -> None:
             f"{what}: the object of region {shown(region)} was shrunk to {size} bytes, short "
             f"of the {end} this tensor needs: register it again at its new size"
         )
-
-
-def _copy(
-    move: Callable[[int, list[memoryview], int], int],
-    fd: int,
-    view: memoryview,
-    start: int,
-    region: str,
-    what: str,
-) -> None:
-    """Move all of ``view`` with ``move`` (os.preadv or os.pwritev) from ``start``,
-    in pieces the kernel takes whole; a short read means the object shrank."""
-    view = view.cast("B")
-    done = 0
-    while done < view.nbytes:
-        moved = move(fd, [view[done : done + _MAX_IO]], start + done)
-        if moved <= 0:
-            raise FailedPreconditionError(
-                f"{what}: the object of region {shown(region)} ended after {start + done} "
-                "bytes: it was shrunk while being read"
-            )
-        done += moved

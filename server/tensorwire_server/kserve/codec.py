@@ -363,9 +363,6 @@ class Answer:
 
     message: pb.ModelInferResponse
     payloads: list[memoryview]
-    #: Raises if what the payloads were read from went bad while they were copied out
-    #: (a shared-memory input shrunk under the model): called once they are.
-    check: Callable[[], None] = lambda: None
 
     @property
     def payload_bytes(self) -> int:
@@ -375,16 +372,12 @@ class Answer:
     def finish(self) -> bytes:
         """The serialized ModelInferResponse: one copy of each payload byte."""
         pieces, _ = self._pieces()
-        out = b"".join(pieces)
-        self.check()
-        return out
+        return b"".join(pieces)
 
     def streamed(self) -> bytes:
         """The serialized ModelStreamInferResponse holding this response."""
         pieces, size = self._pieces()
-        out = framing.part(_STREAM_RESPONSE, pieces, size)
-        self.check()
-        return out
+        return framing.part(_STREAM_RESPONSE, pieces, size)
 
     def _pieces(self) -> tuple[list[framing.Buffer], int]:
         pieces: list[framing.Buffer] = [self.message.SerializeToString()]
@@ -399,11 +392,9 @@ def answer(
     outputs: Named[np.ndarray | Written],
     wanted: Wanted,
     write: Write,
-    check: Callable[[], None] = lambda: None,
 ) -> Answer:
     """The response carrying ``outputs`` of ``version``, raw or typed; those placed
-    in shared memory are written there with ``write`` (``check`` runs once the
-    response is serialized), and the response carries
+    in shared memory are written there with ``write``, and the response carries
     their name, datatype and shape only (and, raw, an empty entry, as Triton sends,
     so that each output's entry keeps its index)."""
     response = pb.ModelInferResponse(
@@ -436,7 +427,7 @@ def answer(
                 "contents (binary_data true)"
             )
         getattr(out.contents, field_name).extend(arr.ravel().tolist())
-    return Answer(response, payloads, check)
+    return Answer(response, payloads)
 
 
 def stream_error(message: str, request: InferRequest | TensorwireError) -> bytes:

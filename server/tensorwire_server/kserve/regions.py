@@ -15,7 +15,6 @@ from tensorwire_server.engine import Export, as_array
 from tensorwire_server.kserve import codec
 from tensorwire_server.region_table import Placement
 from tensorwire_server.service import Service
-from tensorwire_server.shared_memory import Reads
 from tensorwire_server.tensors import numpy_dtype
 
 
@@ -26,8 +25,6 @@ class Regions:
         self.system = service.shared_memory
         self.cuda = service.cuda_memory
         self.owner = owner
-        #: The inputs mapped from system regions, checked once the answer is made.
-        self.reads = Reads()
 
     def _on_device(self, place: Placement) -> bool:
         return self.cuda.has(self.owner, place.region)
@@ -40,12 +37,12 @@ class Regions:
             self.system.check(self.owner, place, what, write=True)
 
     def read(self, place: Placement, described: twpb.Tensor, what: str) -> Any:
-        """An input from its region (codec.Read): an array over a system region's
-        mapping, or a device tensor copied from a CUDA region."""
+        """An input from its region (codec.Read): an array copied from a system region,
+        or a device tensor copied from a CUDA region."""
         if self._on_device(place):
             dtype, shape, _ = layout(described, what)
             return self.cuda.read(self.owner, place, dtype, tuple(shape), what)
-        return decode_array(described, self.system.read(self.owner, self.reads, place, what), what)
+        return decode_array(described, self.system.read(self.owner, place, what), what)
 
     def write(self, place: Placement, data: memoryview, what: str) -> None:
         """An output's bytes into its system region (codec.Write)."""

@@ -284,8 +284,7 @@ class InferenceServicer:
         regions: Regions,
     ) -> codec.Answer:
         outputs = inference.outputs
-        check = regions.reads.check
-        answer = codec.answer(message, inference.version, outputs, wanted, regions.write, check)
+        answer = codec.answer(message, inference.version, outputs, wanted, regions.write)
         call = observe.current()
         if call is not None:
             call.batch = inference.batch
