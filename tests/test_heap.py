@@ -45,3 +45,22 @@ def test_trims_once_per_quiet_moment_and_never_while_busy() -> None:
         assert len(calls) == 2
     finally:
         heap.stop()
+
+
+def test_memory_kept_for_reuse_is_released_before_each_trim() -> None:
+    order: list[str] = []
+    trimmed = threading.Event()
+
+    def trim(pad: int) -> int:
+        order.append("trim")
+        trimmed.set()
+        return 1
+
+    heap = HeapTrimmer(idle_seconds=0.1, trim=trim, release=[lambda: order.append("release")])
+    try:
+        heap.busy()
+        heap.idle()
+        assert trimmed.wait(5)
+        assert order == ["release", "trim"]
+    finally:
+        heap.stop()

@@ -138,6 +138,39 @@ def test_a_window_goes_with_the_last_write_through_it(shm_file: Any) -> None:
     assert not mapped_now(fd)
 
 
+def start_of(view: memoryview) -> int:
+    return int(np.frombuffer(view, np.uint8).ctypes.data)
+
+
+def test_a_large_buffer_is_reused_once_nothing_uses_it() -> None:
+    """A kept buffer comes back warm for the next read of its size, and never while
+    an array or tensor still uses it."""
+    region_copies.release_idle()
+    first = region_copies.buffer(SIZE)
+    tensor = torch.from_numpy(np.frombuffer(first, np.uint8))
+    del first
+    gc.collect()
+    second = region_copies.buffer(SIZE)
+    assert start_of(second) != tensor.data_ptr()  # the tensor still uses the first
+    kept = {tensor.data_ptr(), start_of(second)}
+    del tensor, second
+    gc.collect()
+    again = [region_copies.buffer(SIZE), region_copies.buffer(SIZE)]
+    assert {start_of(view) for view in again} == kept
+
+
+def test_idle_buffers_are_kept_up_to_their_bound_and_let_go_when_idle() -> None:
+    warm = region_copies._Warm(keep=8 << 20)
+    held = [warm.take(6 << 20), warm.take(6 << 20)]  # 6 MiB each, kept in whole 2 MiB
+    assert warm.idle_bytes() == 0
+    del held
+    gc.collect()
+    assert warm.idle_bytes() == 6 << 20  # the bound keeps one; the older one went
+    warm.clear()
+    assert warm.idle_bytes() == 0
+    region_copies.release_idle()  # the server's own, as its heap trimmer calls it
+
+
 # ------------------------------------------------------------------ through tritonclient
 
 

@@ -6,6 +6,7 @@ by tens of MiB with the order things happened to be freed in. Once no request ha
 for a moment, ``malloc_trim`` gives the free pages back: resident memory then shows
 what the server holds (models, sessions, caches), which is what operators watch and
 what a leak would grow. Nothing is trimmed while requests run: it would only cost them.
+Caches that keep memory for the next request (``release``) are emptied first.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import ctypes
 import ctypes.util
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,17 @@ def _malloc_trim() -> Callable[[int], Any] | None:
 
 class HeapTrimmer:
     """Trims the heap each time the server has been idle for ``idle_seconds``: told of
-    every request's start (``busy``) and of the moments none runs (``idle``)."""
+    every request's start (``busy``) and of the moments none runs (``idle``). Each of
+    ``release`` runs first, to let go of memory kept for reuse."""
 
     def __init__(
-        self, idle_seconds: float = IDLE_SECONDS, trim: Callable[[int], Any] | None = None
+        self,
+        idle_seconds: float = IDLE_SECONDS,
+        trim: Callable[[int], Any] | None = None,
+        release: Sequence[Callable[[], object]] = (),
     ) -> None:
         self.idle_seconds = idle_seconds
+        self.release = tuple(release)
         #: What trims: glibc's malloc_trim unless given (None where there is none).
         self._trim = trim or _malloc_trim()
         self._changed = threading.Condition()
@@ -90,6 +96,8 @@ class HeapTrimmer:
                 self._trimmed_at = generation
                 self._changed.release()
                 try:
+                    for release in self.release:
+                        release()
                     self._trim(0)
                 except Exception:  # pragma: no cover - a libc that refuses: stop trying
                     log.exception("malloc_trim failed; the heap is no longer trimmed")

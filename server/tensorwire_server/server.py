@@ -112,7 +112,7 @@ class TensorwireServer:
         self.service = Service(settings)
         self.metrics = Metrics(engine.device if engine is not None else None, settings.access_log)
         #: Gives freed memory back to the OS whenever the server goes idle.
-        self.heap = HeapTrimmer()
+        self.heap = HeapTrimmer(release=[region_copies.release_idle])
         self.gate = Gate(tokens, self.lifecycle, settings.default_deadline, self.metrics, self.heap)
         #: Where torch work runs, off the loop.
         self.compute = Compute(settings.workers)
