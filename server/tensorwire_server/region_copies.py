@@ -40,6 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from typing import Any, Final
 
 import numpy as np
@@ -198,18 +199,7 @@ _WARM: Final = _Warm(KEEP_IDLE)
 def read(fd: int, start: int, out: memoryview) -> bool:
     """Fill ``out`` from ``fd`` at ``start``; False if the object ended first."""
     out = out.cast("B")
-
-    def piece(at: int, length: int) -> bool:
-        done = 0
-        while done < length:
-            end = at + done + min(length - done, _MAX_IO)
-            moved = os.preadv(fd, [out[at + done : end]], start + at + done)
-            if moved <= 0:
-                return False
-            done += moved
-        return True
-
-    return _counted(_in_pieces(out.nbytes, piece))
+    return _counted(_in_pieces(out.nbytes, partial(_file_copy, os.preadv, fd, out, start)))
 
 
 def write(fd: int, start: int, data: memoryview, window: Window | None) -> bool:
@@ -222,24 +212,34 @@ def write(fd: int, start: int, data: memoryview, window: Window | None) -> bool:
             return _counted(window.write(start, data))
         except OSError:  # process_vm_writev refused (seccomp): never again
             window.usable = False
-
-    def piece(at: int, length: int) -> bool:
-        done = 0
-        while done < length:
-            end = at + done + min(length - done, _MAX_IO)
-            try:
-                moved = os.pwritev(fd, [data[at + done : end]], start + at + done)
-            except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EFBIG):
-                    return False
-                raise
-            if moved <= 0:
-                return False
-            done += moved
-        return True
-
     # One piece: the file's lock lets one pwritev through at a time anyway.
-    return _counted(piece(0, data.nbytes))
+    return _counted(_file_copy(os.pwritev, fd, data, start, 0, data.nbytes))
+
+
+def _file_copy(
+    move: Callable[[int, list[memoryview], int], int],
+    fd: int,
+    view: memoryview,
+    start: int,
+    at: int,
+    length: int,
+) -> bool:
+    """Move ``view[at:at + length]`` to or from ``fd`` at ``start + at`` with ``move``
+    (os.preadv or os.pwritev), in calls the kernel takes whole; False if the object
+    ended first (a short read) or had no room (a write)."""
+    done = 0
+    while done < length:
+        here = at + done
+        try:
+            moved = move(fd, [view[here : here + min(length - done, _MAX_IO)]], start + here)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG):
+                return False
+            raise
+        if moved <= 0:
+            return False
+        done += moved
+    return True
 
 
 class Window:

@@ -8,8 +8,9 @@ cannot reach the server however the client treats it) and at least its payload's
 size. Inputs are mapped shared, not copy-on-write (the connection keeps one mapping
 per segment, whatever role the segment plays next): a request's tensors read the
 client's pages in place, and an operation that writes to them writes to the client's
-copy of its own input, nothing else. Outputs are written into the client's segments. A connection
-keeps its mappings for the next transfer, which usually reuses the same segments.
+copy of its own input, nothing else. Outputs are written into the client's segments.
+A connection keeps its mappings for the next transfer, which usually reuses the same
+segments.
 """
 
 from __future__ import annotations

@@ -53,10 +53,9 @@ class _Region:
     status: RegionStatus
     fd: int
     writable: bool
-    #: The region mapped for the kernel to write outputs through, once one is written.
-    window: region_copies.Window | None = None
-    #: Whether a window could not be mapped for it.
-    windowless: bool = False
+    #: The region mapped for the kernel to write outputs through (None: read-only to
+    #: the server, or no mapping could be made; pwritev then).
+    window: region_copies.Window | None
 
 
 def check_key(key: str) -> str:
@@ -86,7 +85,7 @@ class SharedMemory(RegionTable[_Region]):
     def register(self, owner: str, name: str, key: str, offset: int, byte_size: int) -> None:
         """Open ``key``'s object and register ``byte_size`` bytes of it from ``offset``
         as ``owner``'s region ``name``, after checking the key, the file and the
-        range; nothing is read or mapped."""
+        range; nothing is read. A writable region is mapped for outputs (its window)."""
         self._on()
         path = os.path.join(SHM_DIR, check_key(key))
         self._reserve(owner, name, byte_size)  # before opening anything
@@ -100,7 +99,9 @@ class SharedMemory(RegionTable[_Region]):
                     f"region {shown(name)}: offset {offset} + byte_size {byte_size} runs past "
                     f"the end of {shown(key)}, which holds {info.st_size} bytes"
                 )
-            self._add(owner, _Region(RegionStatus(name, key, offset, byte_size), fd, writable))
+            window = _window(fd, offset, byte_size, name) if writable else None
+            status = RegionStatus(name, key, offset, byte_size)
+            self._add(owner, _Region(status, fd, writable, window))
         except BaseException:
             os.close(fd)
             raise
@@ -144,21 +145,8 @@ class SharedMemory(RegionTable[_Region]):
             _fits(fd, start + data.nbytes, place.region, what)
             if not data.nbytes:
                 return
-            if not region_copies.write(fd, start, data, self._window(region, fd)):
+            if not region_copies.write(fd, start, data, region.window):
                 raise _shrunk_while(what, place.region, "written")
-
-    def _window(self, region: _Region, fd: int) -> region_copies.Window | None:
-        """The region's window for outputs (mapped on first use and kept while it is
-        registered); None where none can be mapped (pwritev then)."""
-        with self._lock:
-            if region.window is None and not region.windowless:
-                status = region.status
-                try:
-                    region.window = region_copies.Window(fd, status.offset, status.byte_size)
-                except OSError as exc:  # out of address space or of mappings
-                    log.info("region %s: no window (%s); writes use pwritev", status.name, exc)
-                    region.windowless = True
-            return region.window
 
     @contextmanager
     def _using(
@@ -208,6 +196,17 @@ def _open(path: str, key: str) -> tuple[int, bool]:
         raise FailedPreconditionError(
             f"the server cannot open shared-memory object {shown(key)}: {exc.strerror}"
         ) from None
+
+
+def _window(fd: int, offset: int, length: int, name: str) -> region_copies.Window | None:
+    """A window for the kernel to write the region's outputs through; None where none
+    can be mapped (out of address space or of mappings, or no Linux), and pwritev
+    writes instead."""
+    try:
+        return region_copies.Window(fd, offset, length)
+    except OSError as exc:
+        log.info("region %s: no window (%s); writes use pwritev", shown(name), exc)
+        return None
 
 
 def _shrunk_while(what: str, region: str, done: str) -> FailedPreconditionError:
