@@ -45,6 +45,11 @@ TOKENS = (
 )
 
 
+def _details(exc: Any) -> str:
+    """A gRPC error's message."""
+    return str(exc.details())
+
+
 def _bearer(token: str, session: str = "") -> dict[str, str]:
     headers = {"authorization": f"Bearer {token}"}
     if session:
@@ -94,12 +99,12 @@ def test_one_token_cannot_take_every_session(engine: Any) -> None:
         refused = _open_until_refused(address, MALLORY, mallory, cap + 1)
         assert len(mallory) == share
         assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # type: ignore[attr-defined]
-        details = refused.details()  # type: ignore[attr-defined]
+        details = _details(refused)
         assert "token 'mallory'" in details and "max_sessions_per_token" in details
         # Another token still gets sessions, up to the server's cap, which still holds.
         server_full = _open_until_refused(address, ALICE, alice, cap + 1)
         assert len(alice) == 2
-        assert "max_sessions" in server_full.details()  # type: ignore[attr-defined]
+        assert "max_sessions" in _details(server_full)
         # A session mallory closes is one more for whoever asks next.
         mallory[-1]("CloseSession", pb.CloseSessionRequest())
         alice.append(Raw(address, ALICE).open())
@@ -130,7 +135,7 @@ def test_one_token_cannot_exceed_its_bytes_across_sessions(engine: Any) -> None:
         with pytest.raises(grpc.RpcError) as refused:
             mallory[2].put(block)  # within this session's quota, past the token's share
         assert code_of(refused) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        details = refused.value.details()  # type: ignore[attr-defined]
+        details = _details(refused.value)
         assert "token 'mallory'" in details and f"session_bytes_per_token ({per_token}" in details
         with pytest.raises(grpc.RpcError) as kept:
             mallory[2].call("mul", np.ones(100_000), 2.0, keep=True)  # kept results count
@@ -142,7 +147,7 @@ def test_one_token_cannot_exceed_its_bytes_across_sessions(engine: Any) -> None:
         with pytest.raises(grpc.RpcError) as full:
             bob[0].put(block)
         assert code_of(full) == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert f"max_session_bytes ({total}" in full.value.details()  # type: ignore[attr-defined]
+        assert f"max_session_bytes ({total}" in _details(full.value)
         # What a session frees, or closing it, gives its bytes back at once.
         mallory[1]("CloseSession", pb.CloseSessionRequest())
         held = bob[0].put(block)
@@ -315,7 +320,12 @@ def test_one_name_registered_as_both_kinds_at_once_succeeds_once(regions: Any) -
         start = threading.Barrier(2)
         outcomes: dict[str, BaseException | None] = {}
 
-        def register(kind: str, name: str = name, start: threading.Barrier = start) -> None:
+        def register(
+            kind: str,
+            name: str = name,
+            start: threading.Barrier = start,
+            outcomes: dict[str, BaseException | None] = outcomes,
+        ) -> None:
             start.wait()
             try:
                 if kind == "system":
@@ -323,7 +333,7 @@ def test_one_name_registered_as_both_kinds_at_once_succeeds_once(regions: Any) -
                 else:
                     cuda.register("mallory", name, 64)
                 outcomes[kind] = None
-            except Exception as exc:  # noqa: BLE001  # the outcome under test
+            except Exception as exc:  # the outcome under test
                 outcomes[kind] = exc
 
         threads = [threading.Thread(target=register, args=(k,)) for k in ("system", "cuda")]
@@ -398,5 +408,5 @@ def test_a_train_only_token_trains_but_cannot_put_or_get(engine: Any) -> None:
             with pytest.raises(grpc.RpcError) as denied:
                 Raw(address, INFERRER).open()
             assert code_of(denied) == grpc.StatusCode.PERMISSION_DENIED
-            assert "'tensors or train' scope" in denied.value.details()  # type: ignore[attr-defined]
+            assert "'tensors or train' scope" in _details(denied.value)
             assert not inferrer

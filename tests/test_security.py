@@ -253,7 +253,9 @@ def test_every_served_method_has_a_scope_and_is_enforced(guarded: str) -> None:
             assert anonymous == grpc.StatusCode.UNAUTHENTICATED, path
             assert forged == grpc.StatusCode.UNAUTHENTICATED, path
             # A scope of its own, or a derived one (SESSION) that some scopes grant.
-            grants = {s for s in TOKENS if scope == AUTHENTICATED or scope in with_derived(frozenset({s}))}
+            grants = {
+                s for s in TOKENS if scope == AUTHENTICATED or scope in with_derived(frozenset({s}))
+            }
             denied = [t for s, t in TOKENS.items() if s not in grants]
             for token in denied:
                 assert call(channel, method, token) == grpc.StatusCode.PERMISSION_DENIED, path

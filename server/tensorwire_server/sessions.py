@@ -340,8 +340,7 @@ class Sessions:
                 held = sum(1 for s in self._sessions.values() if s.owner == owner)
                 if held >= limit:
                     raise ResourceExhaustedError(
-                        f"{who(owner)} holds {held} sessions, its max_sessions_per_token; "
-                        + wait
+                        f"{who(owner)} holds {held} sessions, its max_sessions_per_token; " + wait
                     )
             if len(self._sessions) >= self.max_sessions:
                 raise ResourceExhaustedError(
