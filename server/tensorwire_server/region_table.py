@@ -109,7 +109,7 @@ class Namespace:
         """Refuse ``owner`` registering ``name`` of ``byte_size`` bytes: a name it holds
         already, of either kind, or a limit it would pass (under the lock)."""
         for table in self.tables:
-            if name in table._regions.get(owner, {}):
+            if table.holds(owner, name):
                 raise RegionExistsError(
                     f"region {shown(name)} is registered already, as a {table.noun} "
                     "region: unregister it first"
@@ -136,7 +136,7 @@ class Namespace:
                 f"by every caller together ({held} by {who(identity)})"
             )
 
-    def count(self, owner: str, byte_size: int, regions: int = 1) -> None:
+    def tally(self, owner: str, byte_size: int, regions: int = 1) -> None:
         """Count ``regions`` more regions of ``owner`` spanning ``byte_size`` more bytes
         (negative: fewer; under the lock)."""
         identity = identity_of(owner)
@@ -194,14 +194,14 @@ class RegionTable(Generic[R]):
         with self._lock:
             self.namespace.room(owner, status.name, status.byte_size)
             self._regions.setdefault(owner, {})[status.name] = region
-            self.namespace.count(owner, status.byte_size)
+            self.namespace.tally(owner, status.byte_size)
 
     def _drop(self, owner: str, names: list[str]) -> None:
         """Let ``owner``'s regions ``names`` go (under the lock)."""
         owned = self._regions.get(owner, {})
         for each in names:
             region = owned.pop(each)
-            self.namespace.count(owner, -region.status.byte_size, -1)
+            self.namespace.tally(owner, -region.status.byte_size, -1)
             self._release(region)
         if not owned:
             self._regions.pop(owner, None)
@@ -234,7 +234,11 @@ class RegionTable(Generic[R]):
     def has(self, owner: str, name: str) -> bool:
         """Whether ``owner`` registered a region of this kind called ``name``."""
         with self._lock:
-            return name in self._regions.get(owner, {})
+            return self.holds(owner, name)
+
+    def holds(self, owner: str, name: str) -> bool:
+        """``has``, under the lock."""
+        return name in self._regions.get(owner, {})
 
     def count(self) -> int:
         """Regions registered, by every caller."""

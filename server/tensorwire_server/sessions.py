@@ -250,8 +250,7 @@ class Session:
             self._tensors.clear()
             self._holdings.clear()
             self._sizes.clear()
-            if not self.closed:
-                self._ledger.give(self.owner, freed)
+            self._ledger.give(self.owner, freed)
             self.closed = True
             ending, self._on_close = list(self._on_close.values()), {}
         for end in ending:
