@@ -19,16 +19,18 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
 import tritonclient.grpc as triton
 import tritonclient.utils.shared_memory as shm
 from test_sessions import Raw, code_of
 from test_shared_memory import engine, fds_on, regions, serving, status
 from tritonclient.utils import InferenceServerException
 
-from tensorwire import Client, PermissionDeniedError
+from tensorwire import Client, PermissionDeniedError, ResourceExhaustedError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.protocol import SESSION_KEY
 from tensorwire_server.region_table import Namespace, RegionExistsError, RegionTable
+from tensorwire_server.sessions import Ledger, Session, Sessions, storage_bytes
 from tensorwire_server.settings import Settings
 from tensorwire_server.shared_memory import SharedMemory
 
@@ -410,3 +412,50 @@ def test_a_train_only_token_trains_but_cannot_put_or_get(engine: Any) -> None:
             assert code_of(denied) == grpc.StatusCode.PERMISSION_DENIED
             assert "'tensors or train' scope" in _details(denied.value)
             assert not inferrer
+
+
+def test_racing_sessions_of_one_token_cannot_pass_its_share_together() -> None:
+    """The attack: keep a tensor in each of eight sessions of one token at the same
+    moment, each within its quota, so that every check sees the others' bytes not yet
+    taken. The token's bytes are checked and taken in one step: its share holds."""
+    block = torch.zeros(1 << 17, dtype=torch.float64)  # 1 MiB
+    share = 3 * storage_bytes(block)
+    sessions = Sessions(
+        2 * share, 60.0, 64, sessions_per_identity=8, ledger=Ledger(share, 64 * share)
+    )
+    try:
+        opened = [sessions.open("mallory") for _ in range(8)]
+        start = threading.Barrier(len(opened))
+        kept: list[bool] = []
+
+        def keep(session: Session) -> None:
+            start.wait()
+            try:
+                session.keep(block.clone())
+                kept.append(True)
+            except ResourceExhaustedError:
+                kept.append(False)
+
+        threads = [threading.Thread(target=keep, args=(s,)) for s in opened]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert sorted(kept) == [False] * 5 + [True] * 3
+        assert sessions.ledger.held("mallory") == share == sessions.bytes()
+        assert sessions.open("alice").keep(block).shape == (1 << 17,)  # another token
+    finally:
+        sessions.stop()
+    assert sessions.ledger.total == 0
+
+
+def test_without_tokens_every_caller_is_one_identity_bounded_by_the_server(
+    engine: Any,
+) -> None:
+    """Without tokens the server cannot tell callers apart: the per-token shares do
+    not split one anonymous identity; the server's caps bound everyone together."""
+    limits = {"max_sessions": 6, "max_sessions_per_token": 2}
+    with serving(engine, **limits) as address, _raw(address, "") as anyone:
+        refused = _open_until_refused(address, "", anyone, 10)
+        assert len(anyone) == 6
+        assert "the server holds its maximum of 6 sessions" in _details(refused)
