@@ -67,7 +67,7 @@ class Ledger:
     ``max_bytes`` (None: no such bound). The anonymous identity is bounded by
     ``max_bytes`` only (``identities``)."""
 
-    def __init__(self, bytes_per_identity: int | None = None, max_bytes: int | None = None):
+    def __init__(self, bytes_per_identity: int | None = None, max_bytes: int | None = None) -> None:
         self.bytes_per_identity = bytes_per_identity
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
@@ -339,7 +339,8 @@ class Sessions:
                 held = sum(1 for s in self._sessions.values() if s.owner == owner)
                 if held >= limit:
                     raise ResourceExhaustedError(
-                        f"{who(owner)} holds {held} sessions, its max_sessions_per_token; " + wait
+                        f"{who(owner)} holds {held} sessions, its max_sessions_per_token "
+                        f"({limit}); {wait}"
                     )
             if len(self._sessions) >= self.max_sessions:
                 raise ResourceExhaustedError(
