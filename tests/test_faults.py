@@ -13,7 +13,7 @@ import pytest
 from conftest import spawn_server, start
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tensorwire import Client, ResourceExhaustedError, UnavailableError
+from tensorwire import Client, InternalError, ResourceExhaustedError
 from tensorwire_server.settings import Settings
 
 
@@ -47,10 +47,12 @@ def test_a_failed_device_turns_the_server_not_serving() -> None:
     for address in start(settings):
         with Client(address, timeout=10, retries=0) as c:
             assert c.infer("identity", np.ones(2))["output"].tolist() == [1, 1]
-            with pytest.raises(UnavailableError, match="must be restarted"):
+            # INTERNAL, not UNAVAILABLE: no retry can succeed here, and the request
+            # that broke this device must not be sent on to break another.
+            with pytest.raises(InternalError, match="must be restarted"):
                 c.infer("poison", np.ones(2))
             # Every later request is refused: the device is gone, not the request.
-            with pytest.raises(UnavailableError, match="device failed"):
+            with pytest.raises(InternalError, match="device failed"):
                 c.infer("identity", np.ones(2))
         with grpc.insecure_channel(address) as channel:
             check = health_pb2_grpc.HealthStub(channel).Check(

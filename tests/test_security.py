@@ -21,9 +21,11 @@ from tensorwire_server.security import (
     METHOD_SCOPES,
     PUBLIC,
     SCOPES,
+    SESSION,
     Tokens,
     is_loopback,
     scope_of,
+    with_derived,
 )
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
@@ -250,10 +252,14 @@ def test_every_served_method_has_a_scope_and_is_enforced(guarded: str) -> None:
                 continue
             assert anonymous == grpc.StatusCode.UNAUTHENTICATED, path
             assert forged == grpc.StatusCode.UNAUTHENTICATED, path
-            denied = [] if scope == AUTHENTICATED else [t for s, t in TOKENS.items() if s != scope]
+            # A scope of its own, or a derived one (SESSION) that some scopes grant.
+            grants = {
+                s for s in TOKENS if scope == AUTHENTICATED or scope in with_derived(frozenset({s}))
+            }
+            denied = [t for s, t in TOKENS.items() if s not in grants]
             for token in denied:
                 assert call(channel, method, token) == grpc.StatusCode.PERMISSION_DENIED, path
-            allowed = [ALL] + ([TOKENS[scope]] if scope in TOKENS else list(TOKENS.values()))
+            allowed = [ALL] + [TOKENS[s] for s in grants]
             for token in allowed:
                 code = call(channel, method, token)
                 assert code not in (
@@ -303,7 +309,8 @@ def test_token_files_are_parsed_strictly(tmp_path: Path) -> None:
     assert len(tokens) == 3
     alice = tokens.identify(ALL)
     assert alice is not None and alice.name == "alice" and alice.scopes == {"infer", "grad"}
-    assert tokens.identify("b" * 20).scopes == set(SCOPES)  # type: ignore[union-attr]
+    assert tokens.identify("b" * 20).scopes == {*SCOPES, SESSION}  # type: ignore[union-attr]
+    assert tokens.identify("c" * 20).scopes == {"call"}  # type: ignore[union-attr]
     assert tokens.identify("nope" * 8) is None
     cases = {
         "alice infer": "expected NAME SCOPES TOKEN",

@@ -290,9 +290,10 @@ def test_without_the_flag_every_shared_memory_call_is_refused(engine: Engine, re
         assert c.infer("mlp", [infer_input("input", X)]).as_numpy("output").shape == (8, 4)
 
 
-def test_cuda_shared_memory_is_unavailable_without_a_cuda_device(
+def test_cuda_shared_memory_is_unimplemented_without_a_cuda_device(
     client: triton.InferenceServerClient,
 ) -> None:
+    # Not UNAVAILABLE, which clients retry: this server never offers it.
     for call in (
         lambda: client.register_cuda_shared_memory("gpu", b"\0" * 64, 0, 1024),
         lambda: client.get_cuda_shared_memory_status(),
@@ -300,7 +301,7 @@ def test_cuda_shared_memory_is_unavailable_without_a_cuda_device(
     ):
         with pytest.raises(InferenceServerException) as exc:
             call()
-        assert status(exc) == "StatusCode.UNAVAILABLE"
+        assert status(exc) == "StatusCode.UNIMPLEMENTED"
         assert "this server has no CUDA device" in exc.value.message()
 
 

@@ -29,7 +29,7 @@ from tensorwire._transport import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.protocol import SESSION_KEY
 from tensorwire_server.engine import Engine
-from tensorwire_server.region_table import RegionExistsError
+from tensorwire_server.region_table import Namespace, RegionExistsError
 from tensorwire_server.shared_memory import SharedMemory
 
 pytestmark = pytest.mark.timeout(60)
@@ -130,8 +130,8 @@ def test_a_session_that_expires_lets_its_regions_go(engine: Engine, regions: Any
 def test_region_names_are_one_namespace_across_both_kinds(regions: Any) -> None:
     # Two system tables stand for the two kinds: CUDA regions need a GPU (their own
     # tests run the same check through CudaSharedMemoryRegister there).
-    first, second = SharedMemory(True, 8, 1 << 20), SharedMemory(True, 8, 1 << 20)
-    first.sibling, second.sibling = second, first
+    names = Namespace(8, 1 << 20, 1 << 20)
+    first, second = SharedMemory(True, names), SharedMemory(True, names)
     name = regions(64)[1]
     first.register("", "taken", f"/{name}", 0, 64)
     with pytest.raises(RegionExistsError, match="registered already, as a system"):

@@ -128,6 +128,17 @@ def main(argv: list[str] | None = None) -> int:
         "--session-ttl", type=float, help="seconds a session may go unused before it is freed (600)"
     )
     sessions.add_argument("--max-sessions", type=int, help="sessions open at once (64)")
+    sessions.add_argument(
+        "--max-sessions-per-token", type=int, help="sessions one token may hold open (16)"
+    )
+    sessions.add_argument(
+        "--session-bytes-per-token",
+        type=int,
+        help="device bytes all of one token's sessions may hold together (8 GiB)",
+    )
+    sessions.add_argument(
+        "--max-session-bytes", type=int, help="device bytes all sessions may hold (32 GiB)"
+    )
     shared = parser.add_argument_group(
         "shared memory", "Triton's system shared memory, off by default (docs/security.md)"
     )
@@ -139,10 +150,17 @@ def main(argv: list[str] | None = None) -> int:
         "and outputs",
     )
     shared.add_argument(
-        "--max-shared-memory-regions", type=int, help="regions one token may register (64)"
+        "--max-shared-memory-regions",
+        type=int,
+        help="regions one token may register, its sessions' included (64)",
     )
     shared.add_argument(
         "--max-shared-memory-bytes", type=int, help="bytes all regions may span (16 GiB)"
+    )
+    shared.add_argument(
+        "--shared-memory-bytes-per-token",
+        type=int,
+        help="bytes one token's regions may span, its sessions' included (4 GiB)",
     )
     args = parser.parse_args(argv)
     try:

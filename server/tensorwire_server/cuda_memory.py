@@ -27,11 +27,12 @@ import numpy as np
 import torch
 
 from tensorwire.errors import (
+    InternalError,
     InvalidArgumentError,
-    UnavailableError,
+    UnimplementedError,
     shown,
 )
-from tensorwire_server.region_table import Placement, RegionTable
+from tensorwire_server.region_table import Namespace, Placement, RegionTable
 from tensorwire_server.tensors import from_numpy
 
 #: Bytes in a cudaIpcMemHandle_t (CU_IPC_HANDLE_SIZE).
@@ -45,14 +46,20 @@ class _Handle(ctypes.Structure):
 
 class _Driver:
     """The few CUDA driver calls CUDA IPC needs, each in the primary context of the
-    device it concerns (pushed and popped around it, so any thread may call)."""
+    device it concerns (pushed and popped around it, so any thread may call).
+
+    None of its failures is worth a retry (not UNAVAILABLE): a driver that cannot be
+    loaded, or lacks a call, means this server cannot offer CUDA IPC at all
+    (UNIMPLEMENTED, as for a server without a device); one that cannot start is
+    broken, which only its operator can mend (INTERNAL)."""
 
     def __init__(self) -> None:
         try:
             lib = ctypes.CDLL("libcuda.so.1")
         except OSError as exc:
-            raise UnavailableError(
-                f"the CUDA driver (libcuda.so.1) cannot be loaded: {exc}"
+            raise UnimplementedError(
+                f"the CUDA driver (libcuda.so.1) cannot be loaded, so this server offers no "
+                f"CUDA shared memory: {exc}"
             ) from None
         self._lib = lib
         self._contexts: dict[int, ctypes.c_void_p] = {}
@@ -60,14 +67,16 @@ class _Driver:
         try:
             self._call("cuInit", ctypes.c_uint(0))
         except _DriverError as exc:
-            raise UnavailableError(f"the CUDA driver cannot start: {exc}") from None
+            raise InternalError(f"the CUDA driver cannot start: {exc}") from None
 
     def _function(self, name: str) -> Any:
         # cuda.h maps these names to their _v2 symbols; older drivers have only the first.
         for symbol in (f"{name}_v2", name):
             if hasattr(self._lib, symbol):
                 return getattr(self._lib, symbol)
-        raise UnavailableError(f"the CUDA driver has no {name}")
+        raise UnimplementedError(
+            f"the CUDA driver has no {name}, so this server offers no CUDA shared memory"
+        )
 
     def _call(self, name: str, *args: Any) -> None:
         result = self._function(name)(*args)
@@ -173,14 +182,16 @@ class _CudaRegion:
 
 
 class CudaSharedMemory(RegionTable[_CudaRegion]):
-    """Every caller's CUDA regions, within the same limits as system regions. Refuses
-    everything on a server without a CUDA device (UNAVAILABLE) and, with one, while
-    ``enabled`` is False."""
+    """Every caller's CUDA regions, within the limits they share with system regions.
+    Refuses everything while ``enabled`` is False (FAILED_PRECONDITION: the operator
+    can turn it on) and, on a server without a CUDA device, UNIMPLEMENTED: this server
+    does not offer the extension (ServerMetadata does not list it), and no retry or
+    setting changes that."""
 
     noun = "CUDA shared-memory"
 
-    def __init__(self, enabled: bool, max_regions: int, max_bytes: int) -> None:
-        super().__init__(enabled, max_regions, max_bytes)
+    def __init__(self, enabled: bool, namespace: Namespace) -> None:
+        super().__init__(enabled, namespace)
         #: The server's device, once its engine is built (Service.ready).
         self.device = torch.device("cpu")
 
@@ -190,13 +201,13 @@ class CudaSharedMemory(RegionTable[_CudaRegion]):
         return self.enabled and self.device.type == "cuda"
 
     def _on(self) -> None:
+        super()._on()
         if self.device.type != "cuda":
-            raise UnavailableError(
+            raise UnimplementedError(
                 f"this server has no CUDA device (it runs on {self.device}): CUDA shared "
                 "memory needs one; use system shared memory (register_system_shared_memory) "
                 "on this host"
             )
-        super()._on()
 
     def register(
         self, owner: str, name: str, raw_handle: bytes, device_id: int, byte_size: int

@@ -19,11 +19,11 @@ import torch
 
 from tensorwire.errors import (
     FailedPreconditionError,
+    InternalError,
     InvalidArgumentError,
     NotFoundError,
     ResourceExhaustedError,
     TensorwireError,
-    UnavailableError,
     listed,
     shown,
 )
@@ -428,7 +428,10 @@ class Engine:
             self.failure = reason
             if self.on_device_failure is not None:
                 self.on_device_failure(reason)
-        raise UnavailableError(
+        # INTERNAL, not UNAVAILABLE: a retry would fail here again, and the request
+        # that broke this device could break the next replica's; health says
+        # NOT_SERVING, so the orchestrator restarts this one.
+        raise InternalError(
             f"{what}: the server's {self.device.type} device failed ({reason}); "
             "this server must be restarted"
         ) from exc
@@ -437,7 +440,7 @@ class Engine:
     def device_guard(self, what: str) -> Iterator[None]:
         """Turn out-of-memory anywhere in a request into RESOURCE_EXHAUSTED and give the
         allocator's cache back, so the next request finds memory; a device that failed
-        for good into UNAVAILABLE, once reported to ``on_device_failure``."""
+        for good into INTERNAL, once reported to ``on_device_failure``."""
         try:
             yield
         except Exception as exc:

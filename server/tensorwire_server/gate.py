@@ -169,8 +169,9 @@ class Gate(_Interceptor):
                 pushback_ms=STARTING_PUSHBACK_MS,
             )
         if state == Lifecycle.FAILED:
+            # Not UNAVAILABLE: no retry here can succeed (engine.Engine._fail).
             return Reject(
-                grpc.StatusCode.UNAVAILABLE, "the server's device failed; it must be restarted"
+                grpc.StatusCode.INTERNAL, "the server's device failed; it must be restarted"
             )
         return Reject(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 

@@ -1,7 +1,8 @@
 """Every caller's shared-memory regions of one kind (system or CUDA), by caller and
-then by name, within the server's limits. The two kinds differ in what a region holds
-and how it is read and written; the bookkeeping, the limits and the checks on names
-and placements are this module's, once."""
+then by name, and the namespace both kinds share: one lock and one set of limits per
+identity and for the server. The two kinds differ in what a region holds and how it is
+read and written; the bookkeeping, the limits and the checks on names and placements
+are this module's, once."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     shown,
 )
+from tensorwire_server.identities import ANONYMOUS, who
 
 #: The longest region name.
 MAX_NAME: Final = 256
@@ -69,26 +71,105 @@ def check_name(name: str) -> None:
         )
 
 
+def owner_of(identity: str, session: str = "") -> str:
+    """Whose regions a call sees: ``identity``'s own, or those it registered in
+    ``session`` (let go when the session ends). Both count as ``identity``'s."""
+    return f"{identity}\0{session}" if session else identity
+
+
+def identity_of(owner: str) -> str:
+    """The identity an owner (``owner_of``'s) belongs to."""
+    return owner.partition("\0")[0]
+
+
+class Namespace:
+    """What the tables of both kinds share. One lock, under which a name is checked
+    and taken across both kinds at once (one namespace per owner, as in Triton: a
+    tensor names its region without saying which kind it is). And the limits, which
+    count both kinds: ``max_regions`` and ``bytes_per_identity`` for each identity,
+    its sessions' regions included, and ``max_bytes`` for everyone together. Without
+    tokens every caller is the one anonymous identity, bounded by the server's caps
+    (``max_regions`` regions, ``max_bytes`` bytes)."""
+
+    def __init__(self, max_regions: int, max_bytes: int, bytes_per_identity: int) -> None:
+        self.max_regions = max_regions
+        self.max_bytes = max_bytes
+        self.bytes_per_identity = bytes_per_identity
+        #: Guards every table of the namespace and the counts below, and whatever a
+        #: kind must take from a region while it is sure to be registered (a
+        #: descriptor's duplicate, say).
+        self.lock = threading.Lock()
+        self.tables: list[RegionTable[Any]] = []
+        #: Bytes every region spans, all kinds and callers together.
+        self.bytes = 0
+        #: Regions and bytes each identity holds, its sessions' included.
+        self._held: dict[str, tuple[int, int]] = {}
+
+    def room(self, owner: str, name: str, byte_size: int) -> None:
+        """Refuse ``owner`` registering ``name`` of ``byte_size`` bytes: a name it holds
+        already, of either kind, or a limit it would pass (under the lock)."""
+        for table in self.tables:
+            if table.holds(owner, name):
+                raise RegionExistsError(
+                    f"region {shown(name)} is registered already, as a {table.noun} "
+                    "region: unregister it first"
+                )
+        identity = identity_of(owner)
+        regions, held = self._held.get(identity, (0, 0))
+        if regions >= self.max_regions:
+            raise ResourceExhaustedError(
+                f"{who(identity)} holds {regions} shared-memory regions (its sessions' "
+                f"included), its max_shared_memory_regions ({self.max_regions}): unregister "
+                "some first"
+            )
+        if identity != ANONYMOUS and held + byte_size > self.bytes_per_identity:
+            raise ResourceExhaustedError(
+                f"registering {byte_size} more bytes would bring {who(identity)} to "
+                f"{held + byte_size} bytes of shared-memory regions (its sessions' "
+                f"included), past its shared_memory_bytes_per_token ({self.bytes_per_identity})"
+                f"; {held} are registered"
+            )
+        if self.bytes + byte_size > self.max_bytes:
+            raise ResourceExhaustedError(
+                f"registering {byte_size} more bytes would pass the server's "
+                f"max_shared_memory_bytes ({self.max_bytes}); {self.bytes} are registered "
+                f"by every caller together ({held} by {who(identity)})"
+            )
+
+    def tally(self, owner: str, byte_size: int, regions: int = 1) -> None:
+        """Count ``regions`` more regions of ``owner`` spanning ``byte_size`` more bytes
+        (negative: fewer; under the lock)."""
+        identity = identity_of(owner)
+        held_regions, held = self._held.get(identity, (0, 0))
+        held_regions, held = held_regions + regions, held + byte_size
+        if held_regions:
+            self._held[identity] = (held_regions, held)
+        else:
+            self._held.pop(identity, None)
+        self.bytes += byte_size
+
+    def held(self, identity: str) -> tuple[int, int]:
+        """The regions and bytes ``identity`` holds, its sessions' included."""
+        with self.lock:
+            return self._held.get(identity, (0, 0))
+
+
 class RegionTable(Generic[R]):
-    """Regions of one kind: ``max_regions`` per caller, ``max_bytes`` registered by all
-    together. ``enabled`` False refuses everything (FAILED_PRECONDITION saying how to
-    enable it). Subclasses register, read and write; ``_release`` lets a region go."""
+    """Regions of one kind, by owner (``owner_of``) and name, within the limits of the
+    ``namespace`` it shares with the other kind. ``enabled`` False refuses everything
+    (FAILED_PRECONDITION saying how to enable it). Subclasses register, read and
+    write; ``_release`` lets a region go."""
 
     #: What the kind is called in messages.
     noun: ClassVar[str] = "shared-memory"
 
-    def __init__(self, enabled: bool, max_regions: int, max_bytes: int) -> None:
+    def __init__(self, enabled: bool, namespace: Namespace) -> None:
         self.enabled = enabled
-        self.max_regions = max_regions
-        self.max_bytes = max_bytes
+        self.namespace = namespace
+        namespace.tables.append(self)
         self._regions: dict[str, dict[str, R]] = {}
-        self._bytes = 0
-        #: The other kind's table: region names are one namespace across both, as in
-        #: Triton (a tensor names its region without saying which kind it is).
-        self.sibling: RegionTable[Any] | None = None
-        # Guards the tables, and whatever a kind must take from a region while it is
-        # sure to be registered (a descriptor's duplicate, say).
-        self._lock = threading.Lock()
+        # The namespace's: a check across both kinds and an insert are one step.
+        self._lock = namespace.lock
 
     def _on(self) -> None:
         if not self.enabled:
@@ -99,42 +180,31 @@ class RegionTable(Generic[R]):
 
     def _reserve(self, owner: str, name: str, byte_size: int) -> None:
         """Refuse registering ``name`` before anything is opened: a bad name or size,
-        a name taken, or no room left."""
+        a name taken (of either kind), or no room left."""
         check_name(name)
         if byte_size <= 0:
             raise InvalidArgumentError(f"region {shown(name)}: byte_size must be positive")
-        if self.sibling is not None and self.sibling.has(owner, name):
-            raise RegionExistsError(
-                f"region {shown(name)} is registered already, as a {self.sibling.noun} "
-                "region: unregister it first"
-            )
         with self._lock:
-            self._room(owner, name, byte_size)
+            self.namespace.room(owner, name, byte_size)
 
     def _add(self, owner: str, region: R) -> None:
-        """Register ``region`` (the limits checked again: another call may have won)."""
+        """Register ``region``: the name and the limits checked again with the insert,
+        under the one lock (another call, of either kind, may have won meanwhile)."""
         status = region.status
         with self._lock:
-            self._room(owner, status.name, status.byte_size)
+            self.namespace.room(owner, status.name, status.byte_size)
             self._regions.setdefault(owner, {})[status.name] = region
-            self._bytes += status.byte_size
+            self.namespace.tally(owner, status.byte_size)
 
-    def _room(self, owner: str, name: str, byte_size: int) -> None:
+    def _drop(self, owner: str, names: list[str]) -> None:
+        """Let ``owner``'s regions ``names`` go (under the lock)."""
         owned = self._regions.get(owner, {})
-        if name in owned:
-            raise RegionExistsError(
-                f"region {shown(name)} is registered already: unregister it first"
-            )
-        if len(owned) >= self.max_regions:
-            raise ResourceExhaustedError(
-                f"{len(owned)} regions registered, the server's max_shared_memory_regions "
-                "for one caller: unregister some first"
-            )
-        if self._bytes + byte_size > self.max_bytes:
-            raise ResourceExhaustedError(
-                f"registering {byte_size} more bytes would pass the server's "
-                f"max_shared_memory_bytes ({self.max_bytes}); {self._bytes} are registered"
-            )
+        for each in names:
+            region = owned.pop(each)
+            self.namespace.tally(owner, -region.status.byte_size, -1)
+            self._release(region)
+        if not owned:
+            self._regions.pop(owner, None)
 
     def unregister(self, owner: str, name: str) -> None:
         """Forget ``owner``'s region ``name`` (empty: all of them); an unknown name is
@@ -142,20 +212,12 @@ class RegionTable(Generic[R]):
         self._on()
         with self._lock:
             owned = self._regions.get(owner, {})
-            gone = list(owned) if not name else [name] if name in owned else []
-            for each in gone:
-                region = owned.pop(each)
-                self._bytes -= region.status.byte_size
-                self._release(region)
-            if not owned:
-                self._regions.pop(owner, None)
+            self._drop(owner, list(owned) if not name else [name] if name in owned else [])
 
     def forget(self, owner: str) -> None:
         """Let every region of ``owner`` go (its session ended), whatever the flag."""
         with self._lock:
-            for region in self._regions.pop(owner, {}).values():
-                self._bytes -= region.status.byte_size
-                self._release(region)
+            self._drop(owner, list(self._regions.get(owner, {})))
 
     def _listed(self, owner: str, name: str) -> list[R]:
         """``owner``'s regions (empty ``name``: all, by name); NOT_FOUND for a name
@@ -172,7 +234,11 @@ class RegionTable(Generic[R]):
     def has(self, owner: str, name: str) -> bool:
         """Whether ``owner`` registered a region of this kind called ``name``."""
         with self._lock:
-            return name in self._regions.get(owner, {})
+            return self.holds(owner, name)
+
+    def holds(self, owner: str, name: str) -> bool:
+        """``has``, under the lock."""
+        return name in self._regions.get(owner, {})
 
     def count(self) -> int:
         """Regions registered, by every caller."""
@@ -182,11 +248,8 @@ class RegionTable(Generic[R]):
     def close(self) -> None:
         """Let every region go (the server stops)."""
         with self._lock:
-            for owned in self._regions.values():
-                for region in owned.values():
-                    self._release(region)
-            self._regions.clear()
-            self._bytes = 0
+            for owner, owned in list(self._regions.items()):
+                self._drop(owner, list(owned))
 
     def _placed(self, owner: str, place: Placement, what: str) -> R:
         """``owner``'s region of the placement, which must lie within it (call under

@@ -25,6 +25,12 @@ SCOPES: Final = ("infer", "grad", "call", "tensors", "train", "admin")
 PUBLIC: Final = "public"
 #: Methods any valid token may call, whatever its scopes.
 AUTHENTICATED: Final = "authenticated"
+#: Methods that open, describe, close or free within a session: a token with
+#: ``tensors`` or with ``train`` holds it (training needs a session for its trainer).
+#: It is derived, never written in a token file, and named as it reads in refusals.
+SESSION: Final = "tensors or train"
+#: Derived scopes, and the scopes any one of which grants each.
+DERIVED: Final[Mapping[str, frozenset[str]]] = {SESSION: frozenset({"tensors", "train"})}
 
 #: The scope each RPC needs, by full method path. A method missing here needs
 #: ``admin``: new RPCs are closed until someone decides who may call them.
@@ -39,14 +45,16 @@ METHOD_SCOPES: Final[Mapping[str, str]] = {
     "/tensorwire.v1.TensorService/ModelStatistics": AUTHENTICATED,
     "/tensorwire.v1.TensorService/Load": "admin",
     "/tensorwire.v1.TensorService/Unload": "admin",
-    "/tensorwire.v1.TensorService/OpenSession": "tensors",
-    "/tensorwire.v1.TensorService/CloseSession": "tensors",
-    "/tensorwire.v1.TensorService/DescribeSession": "tensors",
+    # A session by itself holds nothing: a train token opens one for its trainers, and
+    # frees and closes what it made. Storing and fetching tensors is the tensors scope.
+    "/tensorwire.v1.TensorService/OpenSession": SESSION,
+    "/tensorwire.v1.TensorService/CloseSession": SESSION,
+    "/tensorwire.v1.TensorService/DescribeSession": SESSION,
+    "/tensorwire.v1.TensorService/Free": SESSION,
     "/tensorwire.v1.TensorService/Put": "tensors",
     "/tensorwire.v1.TensorService/PutStream": "tensors",
     "/tensorwire.v1.TensorService/Get": "tensors",
     "/tensorwire.v1.TensorService/GetStream": "tensors",
-    "/tensorwire.v1.TensorService/Free": "tensors",
     # A program chains functions and models: the Call scope, as its steps are Calls.
     "/tensorwire.v1.TensorService/Run": "call",
     "/tensorwire.v1.TensorService/CreateTrainer": "train",
@@ -91,10 +99,16 @@ def scope_of(method: str) -> str:
 
 @dataclass(frozen=True)
 class Identity:
-    """A caller, as its token's line names it."""
+    """A caller, as its token's line names it; ``scopes`` include the derived ones
+    its scopes grant (``with_derived``)."""
 
     name: str
     scopes: frozenset[str]
+
+
+def with_derived(scopes: frozenset[str]) -> frozenset[str]:
+    """``scopes`` and every derived scope one of them grants."""
+    return scopes | {derived for derived, by in DERIVED.items() if scopes & by}
 
 
 class Tokens:
@@ -108,7 +122,7 @@ class Tokens:
                     f"token {name!r} is shorter than {_MIN_TOKEN_LENGTH} characters; "
                     "make one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'"
                 )
-            self._digests.append((_digest(token), Identity(name, scopes)))
+            self._digests.append((_digest(token), Identity(name, with_derived(scopes))))
 
     def __bool__(self) -> bool:
         return bool(self._digests)

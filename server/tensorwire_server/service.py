@@ -43,6 +43,7 @@ from tensorwire_server.limits import Limits
 from tensorwire_server.loading import ModelControl
 from tensorwire_server.named import Named
 from tensorwire_server.programs import ProgramOutcome, ProgramPlan
+from tensorwire_server.region_table import Namespace, owner_of
 from tensorwire_server.registry import ModelEntry, ServedVersion
 from tensorwire_server.repository import model_names
 from tensorwire_server.sessions import Session, Sessions
@@ -107,22 +108,17 @@ class Service:
     ) -> None:
         self.limits = Limits.from_settings(settings)
         #: Every client's kept tensors and trainers.
-        self.sessions = Sessions(
-            settings.session_quota_bytes, settings.session_ttl, settings.max_sessions
+        self.sessions = Sessions.from_settings(settings)
+        # One namespace of region names, and one set of limits, for both kinds.
+        regions = Namespace(
+            settings.max_shared_memory_regions,
+            settings.max_shared_memory_bytes,
+            settings.shared_memory_bytes_per_token,
         )
         #: The system shared-memory regions clients registered (off unless allowed).
-        self.shared_memory = SharedMemory(
-            settings.allow_shared_memory,
-            settings.max_shared_memory_regions,
-            settings.max_shared_memory_bytes,
-        )
+        self.shared_memory = SharedMemory(settings.allow_shared_memory, regions)
         #: The CUDA shared-memory regions (on a CUDA server, when allowed).
-        self.cuda_memory = CudaSharedMemory(
-            settings.allow_shared_memory,
-            settings.max_shared_memory_regions,
-            settings.max_shared_memory_bytes,
-        )
-        self.shared_memory.sibling, self.cuda_memory.sibling = self.cuda_memory, self.shared_memory
+        self.cuda_memory = CudaSharedMemory(settings.allow_shared_memory, regions)
         self._engine = engine
         if engine is not None:
             self.cuda_memory.device = engine.device
@@ -392,9 +388,9 @@ class Service:
         when it names a session, that session's, which are let go when the session
         ends (``registering``: see that they are)."""
         if not caller.session:
-            return caller.identity
+            return owner_of(caller.identity)
         session = self._session(caller)
-        owner = f"{caller.identity}\0{session.id}"
+        owner = owner_of(caller.identity, session.id)
         if registering:
             session.on_close("shared memory", partial(self._forget_regions, owner))
         return owner

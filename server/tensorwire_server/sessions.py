@@ -1,10 +1,12 @@
 """Sessions: the tensors and trainers a client keeps on the server between calls.
 
-A session belongs to the identity that opened it (the token's name, or nobody when
-the server checks no tokens) and is named by an unguessable id. Every tensor and
-trainer in it counts against its quota of device memory; a session nobody has used
-for its TTL is freed by a reaper thread, so a client that dies leaves nothing behind.
-Nothing here knows gRPC: errors are tensorwire's, the servicer maps them.
+A session belongs to the identity that opened it (the token's name, or the anonymous
+identity when the server checks no tokens) and is named by an unguessable id. Every
+tensor and trainer in it counts against its quota of device memory, against its
+identity's share (sessions and bytes, all its sessions together) and against the
+server's caps; a session nobody has used for its TTL is freed by a reaper thread, so a
+client that dies leaves nothing behind. Nothing here knows gRPC: errors are
+tensorwire's, the servicer maps them.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch
 
 from tensorwire.errors import NotFoundError, ResourceExhaustedError, shown
 from tensorwire.wire.codec import Handle
+from tensorwire_server.identities import ANONYMOUS, who
+from tensorwire_server.settings import Settings
 from tensorwire_server.tensors import dtype_name
 
 log = logging.getLogger(__name__)
@@ -56,6 +60,58 @@ def owned(tensor: torch.Tensor, private: bool = False) -> torch.Tensor:
     return tensor
 
 
+class Ledger:
+    """The bytes every session holds, by identity and in all, under one lock: a
+    session takes its bytes here as well as from its own quota, so that one identity's
+    sessions together stay within ``bytes_per_identity`` and all sessions within
+    ``max_bytes`` (None: no such bound). The anonymous identity is bounded by
+    ``max_bytes`` only (``identities``)."""
+
+    def __init__(self, bytes_per_identity: int | None = None, max_bytes: int | None = None) -> None:
+        self.bytes_per_identity = bytes_per_identity
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._held: dict[str, int] = {}
+        self.total = 0
+
+    def take(self, identity: str, size: int, what: str) -> None:
+        """Count ``size`` more bytes for ``identity``; RESOURCE_EXHAUSTED naming the
+        limit and the identity when that would pass one (nothing counted then)."""
+        with self._lock:
+            held = self._held.get(identity, 0)
+            limit = self.bytes_per_identity
+            if identity != ANONYMOUS and limit is not None and held + size > limit:
+                raise ResourceExhaustedError(
+                    f"{what} would bring the sessions of {who(identity)} to {held + size} "
+                    f"bytes together, past its session_bytes_per_token ({limit}; {held} "
+                    "held): free handles or trainers, or close sessions"
+                )
+            if self.max_bytes is not None and self.total + size > self.max_bytes:
+                raise ResourceExhaustedError(
+                    f"{what} would bring every session together to {self.total + size} "
+                    f"bytes, past the server's max_session_bytes ({self.max_bytes}; "
+                    f"{held} held by {who(identity)}): free handles or trainers, or "
+                    "close sessions"
+                )
+            self._held[identity] = held + size
+            self.total += size
+
+    def give(self, identity: str, size: int) -> None:
+        """Count ``size`` bytes fewer for ``identity``."""
+        with self._lock:
+            left = self._held.get(identity, 0) - size
+            if left > 0:
+                self._held[identity] = left
+            else:
+                self._held.pop(identity, None)
+            self.total -= size
+
+    def held(self, identity: str) -> int:
+        """The bytes ``identity``'s sessions hold together."""
+        with self._lock:
+            return self._held.get(identity, 0)
+
+
 @dataclass(frozen=True)
 class SessionSummary:
     """What one session holds, for DescribeSession."""
@@ -78,12 +134,15 @@ class Session:
         quota: int,
         ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        ledger: Ledger | None = None,
     ) -> None:
         self.id = session_id
         self.owner = owner
         self.quota = quota
         self.ttl = ttl
         self._clock = clock
+        #: Where the session's bytes count beside its quota (its owner's share).
+        self._ledger = ledger if ledger is not None else Ledger()
         self.last_used = clock()
         self.closed = False
         self._lock = threading.RLock()
@@ -163,6 +222,8 @@ class Session:
             extra = size - self._sizes[holding_id]
             if extra > 0:
                 self._admit(extra, f"{extra} more bytes for {holding_id}")
+            elif extra < 0:
+                self._ledger.give(self.owner, -extra)
             self._sizes[holding_id] = size
 
     def free(self, ids: Iterable[str]) -> int:
@@ -177,6 +238,7 @@ class Session:
                     missing = missing if missing is not None else item
                     continue
                 freed += self._sizes.pop(item)
+            self._ledger.give(self.owner, freed)
         if missing is not None:
             raise NotFoundError(f"handle {shown(missing)} is not in this session")
         return freed
@@ -188,6 +250,7 @@ class Session:
             self._tensors.clear()
             self._holdings.clear()
             self._sizes.clear()
+            self._ledger.give(self.owner, freed)
             self.closed = True
             ending, self._on_close = list(self._on_close.values()), {}
         for end in ending:
@@ -212,6 +275,8 @@ class Session:
             )
 
     def _admit(self, size: int, what: str) -> None:
+        """Count ``size`` more bytes against the quota, then the owner's share and the
+        server's cap (under the session's lock); RESOURCE_EXHAUSTED past any."""
         held = sum(self._sizes.values())
         if held + size > self.quota:
             raise ResourceExhaustedError(
@@ -219,6 +284,7 @@ class Session:
                 f"bytes, past its quota of {self.quota} bytes ({held} held); free handles "
                 "or trainers, or ask the operator to raise session_quota_bytes"
             )
+        self._ledger.take(self.owner, size, what)
 
     def _check_open(self) -> None:
         if self.closed:
@@ -226,7 +292,9 @@ class Session:
 
 
 class Sessions:
-    """Every open session, and the reaper thread that frees the idle ones."""
+    """Every open session, and the reaper thread that frees the idle ones. At most
+    ``max_sessions`` open, ``sessions_per_identity`` of them one identity's (None: no
+    such bound); the bytes they hold, see ``Ledger``."""
 
     def __init__(
         self,
@@ -234,28 +302,58 @@ class Sessions:
         ttl: float,
         max_sessions: int,
         clock: Callable[[], float] = time.monotonic,
+        sessions_per_identity: int | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         self.quota = quota
         self.ttl = ttl
         self.max_sessions = max_sessions
+        self.sessions_per_identity = sessions_per_identity
+        self.ledger = ledger if ledger is not None else Ledger()
         self._clock = clock
         self._lock = threading.Lock()
         self._sessions: dict[str, Session] = {}
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Sessions:
+        """The sessions ``settings`` size: quota, TTL, and the caps per token and in all."""
+        return cls(
+            settings.session_quota_bytes,
+            settings.session_ttl,
+            settings.max_sessions,
+            sessions_per_identity=settings.max_sessions_per_token,
+            ledger=Ledger(settings.session_bytes_per_token, settings.max_session_bytes),
+        )
+
     def open(self, owner: str) -> Session:
-        """A new session for ``owner``; RESOURCE_EXHAUSTED when the server is full."""
+        """A new session for ``owner``; RESOURCE_EXHAUSTED when ``owner`` holds its
+        share of sessions, or the server is full."""
         self.start()  # the first session starts the reaper
         self.reap()
+        wait = f"close one, or wait for idle ones to expire (after {self.ttl:g} s unused)"
         with self._lock:
+            limit = self.sessions_per_identity
+            if owner != ANONYMOUS and limit is not None:
+                held = sum(1 for s in self._sessions.values() if s.owner == owner)
+                if held >= limit:
+                    raise ResourceExhaustedError(
+                        f"{who(owner)} holds {held} sessions, its max_sessions_per_token "
+                        f"({limit}); {wait}"
+                    )
             if len(self._sessions) >= self.max_sessions:
                 raise ResourceExhaustedError(
-                    f"the server holds its maximum of {self.max_sessions} sessions; close "
-                    f"one, or wait for idle ones to expire (after {self.ttl:g} s unused)"
+                    f"the server holds its maximum of {self.max_sessions} sessions "
+                    f"(max_sessions); {wait}"
                 )
             session = Session(
-                secrets.token_urlsafe(24), owner, self.quota, self.ttl, clock=self._clock
+                secrets.token_urlsafe(24),
+                owner,
+                self.quota,
+                self.ttl,
+                clock=self._clock,
+                ledger=self.ledger,
             )
             self._sessions[session.id] = session
         log.info("session %s… opened for %s", session.id[:6], owner or "anyone")

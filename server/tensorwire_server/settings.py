@@ -128,6 +128,15 @@ class Settings:
     session_ttl: float = 600.0
     #: Sessions open at once; more get RESOURCE_EXHAUSTED.
     max_sessions: int = 64
+    #: Sessions one token may hold open at once, a share of max_sessions so that one
+    #: token cannot take them all. Without tokens every caller is one anonymous
+    #: identity, bounded by max_sessions only (docs/security.md, "Per-identity limits").
+    max_sessions_per_token: int = 16
+    #: Bytes of device memory all of one token's sessions may hold together (each
+    #: also within session_quota_bytes).
+    session_bytes_per_token: int = 8 << 30
+    #: Bytes of device memory every session on the server may hold together.
+    max_session_bytes: int = 32 << 30
 
     # Shared memory: Triton's system and CUDA shared-memory extensions on the KServe v2
     # service (docs/security.md, "Shared memory"). Off: any client that may infer could
@@ -135,12 +144,16 @@ class Settings:
     #: Let clients register /dev/shm objects (and, on a CUDA server, CUDA IPC handles)
     #: as regions that requests read inputs from and write outputs to.
     allow_shared_memory: bool = False
-    #: Regions one caller (token; all callers when there are none) may hold at once;
+    #: Regions one caller (token, its sessions' regions included; all callers
+    #: together when there are no tokens) may hold at once, system and CUDA together;
     #: each holds an open file descriptor in the server.
     max_shared_memory_regions: int = 64
     #: Bytes all registered regions may span together: the server's open descriptors
     #: keep the memory of objects their clients unlinked until they unregister.
     max_shared_memory_bytes: int = 16 << 30
+    #: Bytes the regions of one token (its sessions' included) may span together, a
+    #: share of max_shared_memory_bytes; without tokens, max_shared_memory_bytes bounds.
+    shared_memory_bytes_per_token: int = 4 << 30
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -169,6 +182,11 @@ class Settings:
             "max_sessions",
             "max_shared_memory_regions",
             "max_shared_memory_bytes",
+            # Per-identity shares (sessions, regions).
+            "max_sessions_per_token",
+            "session_bytes_per_token",
+            "max_session_bytes",
+            "shared_memory_bytes_per_token",
         )
         for name in positive:
             if getattr(self, name) <= 0:
