@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 
 import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from tensorwire_server import metrics_http
 from tensorwire_server.server import TensorwireServer, build_engine
@@ -182,3 +185,26 @@ def test_a_flood_of_scrapes_is_answered_by_one_renderer(port: int) -> None:
             head, _, body = answer.partition(b"\r\n\r\n")
             assert head.startswith(b"HTTP/1.1 200 ")
             assert b"tensorwire_requests" in gzip.decompress(body)
+
+
+def test_a_failing_collector_answers_500_and_the_port_keeps_serving() -> None:
+    class Failing(Collector):
+        fail = True
+
+        def collect(self) -> Iterator[GaugeMetricFamily]:
+            if Failing.fail:
+                raise RuntimeError("collector broke")
+            yield GaugeMetricFamily("fine", "A gauge.", value=1)
+
+    registry = CollectorRegistry()
+    registry.register(Failing())
+    listener = metrics_http.MetricsListener(registry, "127.0.0.1", 0)
+    try:
+        assert scrape(listener.port)[0] == 500
+        Failing.fail = False
+        status, _, body = scrape(listener.port)
+        assert status == 200 and b"fine 1.0" in body
+    finally:
+        listener.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", listener.port), timeout=5).close()

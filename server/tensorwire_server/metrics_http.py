@@ -104,8 +104,11 @@ class _Renderer:
             task = asyncio.create_task(self._render(key, encoder, future))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-        # Shielded: a request that goes away does not cancel the others' rendering.
-        return await asyncio.shield(future), content_type, zipped
+        try:
+            # Shielded: a request that goes away does not cancel the others' rendering.
+            return await asyncio.shield(future), content_type, zipped
+        except Exception as exc:  # logged once, by the rendering
+            raise _HttpError("500 Internal Server Error", "rendering the metrics failed") from exc
 
     async def _render(
         self,
