@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tensorwire_server.metrics_http import MetricsListener
 from tensorwire_server.settings import AccessLog
 
 access_log = logging.getLogger("tensorwire_server.access")
@@ -145,7 +146,7 @@ class Metrics:
         self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
         self.memory = _DeviceMemory(device)
         r.register(self.memory)
-        self._http: Any = None  # the HTTP endpoint, once ``serve`` starts one
+        self._http: MetricsListener | None = None  # the HTTP endpoint, once served
 
     def finish(self, call: Call, code: str) -> None:
         """Record a finished call and write its access log line."""
@@ -204,15 +205,16 @@ class Metrics:
         self.registry.register(_SharedMemory(regions, short))
 
     def serve(self, host: str, port: int) -> int:
-        """Expose the metrics over HTTP at ``host:port``; the port bound."""
-        self._http, _ = start_http_server(port, host, registry=self.registry)
-        return int(self._http.server_port)
+        """Expose the metrics over HTTP at ``host:port`` (bounded: metrics_http.py); the
+        port bound."""
+        self._http = MetricsListener(self.registry, host, port)
+        return self._http.port
 
     def close(self) -> None:
-        """Stop the HTTP endpoint, if one runs."""
+        """Stop the HTTP endpoint and drop its connections, if one runs."""
         if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
+            self._http.close()
+            self._http = None
 
 
 class _DataPlaneTotals(Collector):
