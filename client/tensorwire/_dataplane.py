@@ -124,8 +124,12 @@ class DataLinks:
             if sock is None:
                 try:
                     sock = self._connect(transfer.port)
+                except TimeoutError:
+                    # Filtered, or its backlog is full (a flood): as a refusal, the
+                    # detour grows with each one in a row.
+                    break
                 except OSError:
-                    self.fall_back()  # nothing listens there, or it is filtered
+                    self.fall_back()  # nothing listens there, or no route to it
                     return None
             try:
                 # Connected: a loaded server may take a moment to answer (it starts a
