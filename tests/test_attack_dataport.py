@@ -18,14 +18,18 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 import pytest
 from conftest import engine_server
 from conftest import server_address as address
 
 import tensorwire as tw
+from tensorwire import _messages
+from tensorwire._dataplane import ASK_DATA
 from tensorwire.v1 import tensorwire_pb2 as pb
-from tensorwire.wire import framing
+from tensorwire.wire import framing, streaming
+from tensorwire.wire.dataplane import ACCEPTED, REQUEST, REQUEST_MAGIC, recv_exact
 from tensorwire_server import segments
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
@@ -204,13 +208,6 @@ class Stalled:
     sends half its payload: it holds a transfer until closed."""
 
     def __init__(self, server: TensorwireServer, token: str) -> None:
-        import grpc
-
-        from tensorwire import _messages
-        from tensorwire._dataplane import ASK_DATA
-        from tensorwire.wire import streaming
-        from tensorwire.wire.dataplane import ACCEPTED, REQUEST, REQUEST_MAGIC, recv_exact
-
         encoder = _messages.infer_request("identity", BIG, None, 0, False)
         header = next(streaming.parts(encoder))
         self.done = threading.Event()
