@@ -392,6 +392,7 @@ def gc_free_server() -> Iterator[tuple[subprocess.Popen[str], str]]:
         proc.wait(TIMEOUT)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("data_plane", [True, False], ids=["data-port", "grpc-stream"])
 def test_killed_downloaders_leave_no_memory_without_a_gc(data_plane: bool) -> None:
     """Three clients killed while they download 128 MiB each: the server's memory
