@@ -89,9 +89,8 @@ class DataLinks:
         """Present ``transfer``'s ticket and send ``payloads`` on a data connection,
         which then carries the response; None when no connection took the ticket (the
         caller sends chunks instead, and the client does for a while: see Detours).
-        ``advance``
-        hears of every ``chunk_size`` bytes sent. OSError when the connection broke
-        mid-way; whatever ``advance`` raises ends the transfer too."""
+        ``advance`` hears of every ``chunk_size`` bytes sent. OSError when the
+        connection broke mid-way; whatever ``advance`` raises ends the transfer too."""
         sock = self._accepted(transfer, timeout)
         if sock is None:
             return None
