@@ -31,6 +31,7 @@ from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
 from tensorwire.wire.dataplane import ACCEPTED, REQUEST, REQUEST_MAGIC, recv_exact
 from tensorwire_server import segments
+from tensorwire_server.data_budgets import FRESH_SECONDS, Budget
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
@@ -427,3 +428,32 @@ def test_killed_downloaders_leave_no_memory_without_a_gc(data_plane: bool) -> No
         assert grown < 100 << 20, f"the server kept {grown >> 20} MiB of dead clients"
         with tw.Client(where, timeout=TIMEOUT) as client:  # and it serves on
             np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
+
+
+def test_a_full_budget_evicts_the_stale_anonymous_then_idle_never_busy() -> None:
+    """The order in which a full budget makes room (data_budgets.Budget)."""
+    pairs = [socket.socketpair() for _ in range(6)]
+    try:
+        budget = Budget(4)
+        stale, busy, idle, fresh = (budget.admit(a)[0] for a, _ in pairs[:4])
+        assert stale and busy and idle and fresh
+        stale.since -= 2 * FRESH_SECONDS  # silent for a while: an attacker's, most likely
+        fresh.since += 3600  # just came (however slow this machine is today)
+        assert budget.claim(busy) and budget.claim(idle)
+        budget.rest(idle)  # its transfer done: pooled by its client
+        first, evicted = budget.admit(pairs[4][0])
+        assert first is not None and evicted is stale and stale.gone
+        assert not budget.claim(stale)  # it must leave its ticket alone
+        assert budget.claim(first)
+        second, evicted = budget.admit(pairs[5][0])
+        assert second is not None and evicted is idle  # then the idle one, not a newcomer
+        assert budget.claim(second)
+        third, evicted = budget.admit(pairs[0][1])
+        assert third is not None and evicted is fresh  # then a newcomer; never a busy one
+        assert budget.claim(third)
+        assert budget.admit(pairs[1][1]) == (None, None)  # all busy: refused
+        assert len(budget) == 4
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()

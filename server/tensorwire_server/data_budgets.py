@@ -6,17 +6,27 @@ A connection is *anonymous* until it presents a live ticket (anyone who reaches 
 port can open one), *busy* while it carries a transfer, and *idle* between transfers
 (its client pools it for the next). Only a busy connection is worth keeping at the
 expense of a new one: when a listener's budget is full, a newcomer takes the place
-of the anonymous connection that waited longest, else of the idle one that waited
-longest, and is refused only when every connection is busy. Busy connections are at
-most the transfers in flight, which stay below the budget (Settings), so a ticket
-holder always finds room, whatever anonymous connections come first.
+of the anonymous connection that has waited longest (a client presents its ticket
+as soon as it connects: one still silent after FRESH_SECONDS most likely never
+will), else of the idle one that has waited longest (its client reconnects when it
+needs one), else of the oldest anonymous one, and is refused only when every
+connection is busy. Busy connections are at most the transfers in flight, which stay
+below the budget (Settings), so a ticket holder always finds room, whatever
+anonymous connections come first; and a newcomer is evicted only after every
+connection older than it that carries nothing.
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+#: Seconds an anonymous connection is kept ahead of idle ones: a client presents its
+#: ticket within a round trip or two of connecting (TLS included).
+FRESH_SECONDS: Final = 1.0
 
 
 @dataclass(eq=False)
@@ -30,6 +40,8 @@ class Connection:
     known: bool = False
     #: Whether it is out of the budget: evicted, or gone.
     gone: bool = False
+    #: When it came (``time.monotonic()``).
+    since: float = field(default_factory=time.monotonic)
 
 
 class Budget:
@@ -62,15 +74,20 @@ class Budget:
             return connection, evicted
 
     def _victim(self) -> Connection | None:
-        idle = None
+        """The connection to make room with (oldest first, never a busy one): an
+        anonymous one past FRESH_SECONDS, else an idle one, else an anonymous one."""
+        stale = time.monotonic() - FRESH_SECONDS
+        idle = fresh = None
         for connection in self._connections:
             if connection.busy:
                 continue
-            if not connection.known:
-                return connection  # the longest-waiting anonymous one
-            if idle is None:
-                idle = connection
-        return idle
+            if connection.known:
+                idle = idle or connection
+            elif connection.since <= stale:
+                return connection
+            else:
+                fresh = fresh or connection
+        return idle or fresh
 
     def claim(self, connection: Connection) -> bool:
         """Mark ``connection`` busy before it claims a ticket; False when it was
