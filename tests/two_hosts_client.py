@@ -32,7 +32,7 @@ def main() -> None:
                 "data_plane": client._data.links.idle.count() > 0,
                 # The ticket named the server's same-host socket: from another
                 # namespace it does not answer, and the client said so to itself.
-                "same_host_refused": bool(client._data.same_host._off),
+                "same_host_refused": bool(client._data.same_host.detours.avoided()),
             }
     report["seconds"] = time.monotonic() - began
     print(json.dumps(report), flush=True)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from tensorwire._connections import CONNECT_SECONDS, FALLBACK_SECONDS, IdleConnections
+from tensorwire._connections import ANSWER_SECONDS, CONNECT_SECONDS, Detours, IdleConnections
 from tensorwire._samehost import LocalCarrier, SameHost
 from tensorwire.channel import split_address
 from tensorwire.errors import UnavailableError
@@ -65,17 +65,18 @@ class DataLinks:
         self.same_host = same_host
         #: Idle connections, by server port.
         self.idle: IdleConnections[int] = IdleConnections()
-        self._off_until = 0.0
+        #: When to ask for the data plane again after it failed (one destination).
+        self.detours: Detours[None] = Detours()
 
     def usable(self) -> bool:
         """Whether a streamed call should ask for the data plane now."""
         reachable = self.host is not None or self.same_host is not None
-        return reachable and not self.idle.closed and time.monotonic() >= self._off_until
+        return reachable and not self.idle.closed and self.detours.open(None)
 
     def fall_back(self) -> None:
         """Send payloads through gRPC for FALLBACK_SECONDS (then the client asks
         again): the data plane is unreachable, or the server has none."""
-        self._off_until = time.monotonic() + FALLBACK_SECONDS
+        self.detours.unreachable(None)
 
     def send(
         self,
@@ -87,9 +88,9 @@ class DataLinks:
     ) -> socket.socket | None:
         """Present ``transfer``'s ticket and send ``payloads`` on a data connection,
         which then carries the response; None when no connection took the ticket (the
-        caller sends chunks instead, and the client does for a while). ``advance``
-        hears of every ``chunk_size`` bytes sent. OSError when the connection broke
-        mid-way; whatever ``advance`` raises ends the transfer too."""
+        caller sends chunks instead, and the client does for a while: see Detours).
+        ``advance`` hears of every ``chunk_size`` bytes sent. OSError when the
+        connection broke mid-way; whatever ``advance`` raises ends the transfer too."""
         sock = self._accepted(transfer, timeout)
         if sock is None:
             return None
@@ -117,22 +118,37 @@ class DataLinks:
         connection the server has since closed is replaced by a fresh one."""
         preamble = REQUEST.pack(REQUEST_MAGIC, transfer.ticket)
         for pooled in (True, False):
+            sock = self.idle.take(transfer.port) if pooled else None
+            reused = sock is not None
+            if sock is None:
+                try:
+                    sock = self._connect(transfer.port)
+                except TimeoutError:
+                    # Filtered, or its backlog is full (a flood): as a refusal, the
+                    # detour grows with each one in a row.
+                    break
+                except OSError:
+                    self.fall_back()  # nothing listens there, or no route to it
+                    return None
             try:
-                sock, reused = self._take(transfer.port, pooled)
-            except OSError:
-                break  # nothing listens there, or it is filtered
-            try:
-                sock.settimeout(timeout if timeout is None else min(timeout, CONNECT_SECONDS))
+                # Connected: a loaded server may take a moment to answer (it starts a
+                # thread for each connection), a port that never does is no good.
+                sock.settimeout(ANSWER_SECONDS if timeout is None else min(timeout, ANSWER_SECONDS))
+                if not reused:
+                    sock = self._secured(sock)
                 sock.sendall(preamble)
                 if dataplane.recv_exact(sock, len(ACCEPTED)) == ACCEPTED:
                     sock.settimeout(timeout)
+                    self.detours.accepted(None)
                     return sock
             except (OSError, EOFError):
                 pass
             sock.close()
             if not reused:
-                break  # a fresh connection refused it: another server took the call
-        self.fall_back()
+                break  # a fresh connection refused it
+        # The server was busy (it closed the connection to make room, or refused it),
+        # or another server answered on that port: chunks for this call, and a while.
+        self.detours.refused(None)
         return None
 
     def receive(
@@ -158,22 +174,23 @@ class DataLinks:
         """Close every pooled connection; the data plane is off from now on."""
         self.idle.close()
 
-    def _take(self, port: int, pooled: bool) -> tuple[socket.socket, bool]:
-        """A connection to ``port``: an idle one when ``pooled`` and there is one,
-        else a new one; and whether it was pooled."""
-        idle = self.idle.take(port) if pooled else None
-        if idle is not None:
-            return idle, True
+    def _connect(self, port: int) -> socket.socket:
+        """A new connection to ``port``; OSError when nothing answers there."""
         assert self.host is not None  # usable() said so
         sock = socket.create_connection((self.host, port), timeout=CONNECT_SECONDS)
         try:
             dataplane.configure(sock)
-            if self.tls is not None:
-                return self.tls.wrap_socket(sock, server_hostname=self.server_name), False
         except BaseException:
             sock.close()
             raise
-        return sock, False
+        return sock
+
+    def _secured(self, sock: socket.socket) -> socket.socket:
+        """``sock`` with TLS when the channel has it (a server that closes the
+        connection at once fails the handshake: busy, not unreachable)."""
+        if self.tls is None:
+            return sock
+        return self.tls.wrap_socket(sock, server_hostname=self.server_name)
 
 
 class Carrier(Protocol):
@@ -268,8 +285,9 @@ def answer_ticket(
     server has no data plane: chunks instead), and the error that cut it."""
     transfer = pb.DataTransfer.FromString(bytes(body))
     if not transfer.ticket:
-        links.fall_back()  # a server without a data plane
-        return None, None
+        if not transfer.port:
+            links.fall_back()  # a server without a data plane
+        return None, None  # else its data plane is busy: chunks for this call
     try:
         local = links.same_host
         if local is not None and transfer.local_socket and local.usable(transfer.local_socket):

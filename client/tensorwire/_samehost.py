@@ -21,14 +21,13 @@ import os
 import socket
 import sys
 import threading
-import time
 import weakref
 from collections.abc import Sequence
 from typing import Any, Final
 
 import numpy as np
 
-from tensorwire._connections import CONNECT_SECONDS, FALLBACK_SECONDS, IdleConnections
+from tensorwire._connections import CONNECT_SECONDS, Detours, IdleConnections
 from tensorwire.errors import UnavailableError
 from tensorwire.wire import dataplane
 from tensorwire.wire.dataplane import (
@@ -166,14 +165,13 @@ class SameHost:
         self.pool = SegmentPool()
         #: Idle connections, by server socket name.
         self.idle: IdleConnections[str] = IdleConnections()
-        # Server sockets that did not answer from here, until when to use the data
-        # port instead.
-        self._off: dict[str, float] = {}
+        #: Server sockets that did not answer from here, or refused a ticket, and
+        #: until when to use the data port (or chunks) instead.
+        self.detours: Detours[str] = Detours()
 
     def usable(self, name: str) -> bool:
         """Whether to try the server's socket ``name`` now."""
-        off = self._off.get(name, 0.0)
-        return SUPPORTED and not self.idle.closed and time.monotonic() >= off
+        return SUPPORTED and not self.idle.closed and self.detours.open(name)
 
     def send(
         self,
@@ -188,8 +186,9 @@ class SameHost:
         """Copy ``payloads`` into input segments (``upload`` hears of every
         ``chunk_size`` bytes) and present them with ``ticket`` on server socket
         ``name``; the carrier of the transfer, or None when the socket does not answer
-        here (another host, another network namespace, a server gone): the ticket is
-        untouched and the data port may take it."""
+        here (another host, another network namespace, a server gone) or refused the
+        ticket (busy; or a segment it would not take, which the call's status tells):
+        the data port may try the ticket, else chunks go through gRPC."""
         given = [p.cast("B") for p in payloads if p.nbytes]
         if len(given) > MAX_SEGMENTS:
             return None
@@ -216,44 +215,33 @@ class SameHost:
         """A connection on which the server accepted the ticket and mapped ``fds``."""
         message = REQUEST.pack(SHARED_MAGIC, ticket)
         while True:
-            taken = self._take(name)
-            if taken is None:
-                break  # nothing listens there from here
-            sock, reused = taken
-            sent = False
+            sock = self.idle.take(name)
+            reused = sock is not None
+            if sock is None:
+                try:
+                    sock = _connect(name)
+                except (ConnectionRefusedError, FileNotFoundError):
+                    self.detours.unreachable(name)  # nothing listens there from here
+                    return None
+                except OSError:
+                    break  # its backlog is full: busy
             try:
                 sock.settimeout(timeout)
                 socket.send_fds(sock, [message], fds)
-                sent = True
                 if sock.recv(len(ACCEPTED)) == ACCEPTED:
+                    self.detours.accepted(name)
                     return sock
             except OSError:
                 pass
             sock.close()
-            if reused:
-                continue  # the server had closed it (idle): a fresh one
-            if sent:
-                # A fresh connection that took the ticket and closed: the server
-                # refused a segment, and the call's status says why.
-                raise dataplane.DataPlaneError("the server refused the shared memory")
-            break
-        self._off[name] = time.monotonic() + FALLBACK_SECONDS
+            if not reused:
+                break
+            # else the server had closed it (idle, or to make room): a fresh one
+        # A fresh connection closed before the server accepted the ticket: it was busy
+        # (it closed the connection to make room, or refused it), or refused a segment,
+        # and then the call's status says why once chunks come instead.
+        self.detours.refused(name)
         return None
-
-    def _take(self, name: str) -> tuple[socket.socket, bool] | None:
-        """An idle connection to server socket ``name``, else a new one (and whether
-        it was idle); None when none can be made."""
-        idle = self.idle.take(name)
-        if idle is not None:
-            return idle, True
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        try:
-            sock.settimeout(CONNECT_SECONDS)
-            sock.connect("\0" + name)
-        except OSError:
-            sock.close()
-            return None
-        return sock, False
 
     def close(self) -> None:
         """Close every pooled connection and free every idle segment."""
@@ -329,6 +317,18 @@ class LocalCarrier:
                 segment.reusable = False  # freed with its array
         self.inputs = []
         self.outputs = []
+
+
+def _connect(name: str) -> socket.socket:
+    """A new connection to server socket ``name``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.settimeout(CONNECT_SECONDS)
+        sock.connect("\0" + name)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def _copy(

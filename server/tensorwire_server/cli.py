@@ -83,6 +83,21 @@ def main(argv: list[str] | None = None) -> int:
         help="do not offer clients on this host shared memory on the data plane",
     )
     parser.add_argument(
+        "--data-plane-connections",
+        type=int,
+        help="connections the data port and the same-host socket each hold (default 128)",
+    )
+    parser.add_argument(
+        "--data-plane-transfers",
+        type=int,
+        help="data-plane transfers at once; more send chunks through gRPC (default 64)",
+    )
+    parser.add_argument(
+        "--data-plane-transfers-per-caller",
+        type=int,
+        help="data-plane transfers one token holds at once (default 16)",
+    )
+    parser.add_argument(
         "--max-connection-age",
         type=float,
         metavar="SECONDS",

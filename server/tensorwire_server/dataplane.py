@@ -17,7 +17,9 @@ still maps (so that it never reuses those).
 
 Each connection has a thread of its own: a blocking ``recv_into`` runs at the
 kernel's speed with the GIL released, where the event loop would wake up for every
-few hundred KiB. Connections are few (clients pool them) and bounded.
+few hundred KiB. Connections are few (clients pool them) and bounded: each listener
+has a budget of its own, in which anonymous and idle connections make room for new
+ones, and transfers are bounded per caller and in all (data_budgets.py).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
+from tensorwire.errors import InvalidArgumentError
 from tensorwire.wire import dataplane
 from tensorwire.wire.dataplane import (
     ACCEPTED,
@@ -52,6 +54,7 @@ from tensorwire.wire.dataplane import (
 )
 from tensorwire.wire.streaming import StreamReceiver
 from tensorwire_server import segments
+from tensorwire_server.data_budgets import Budget, Connection, Slots
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +62,11 @@ log = logging.getLogger(__name__)
 TICKET_SECONDS: Final = 10.0
 #: Seconds a pooled connection may sit idle between transfers.
 IDLE_SECONDS: Final = 300.0
-#: Seconds a new connection has to present its first ticket.
-HELLO_SECONDS: Final = 10.0
+#: Seconds a new connection has to present its first ticket: a client sends it as
+#: soon as it connects (after the TLS handshake).
+HELLO_SECONDS: Final = 3.0
+#: Seconds between two warnings that a listener refused connections.
+WARN_SECONDS: Final = 60.0
 
 
 @dataclass(eq=False)
@@ -92,19 +98,24 @@ class Transfer:
 
     #: The connection that claimed it, while it carries the transfer.
     sock: socket.socket | None = None
+    #: The caller whose transfer slot it holds; None once given back (``revoke``).
+    holder: str | None = None
 
     def abandon(self) -> None:
         """The call ended without an answer (failed, cancelled, past its deadline):
         close the connection, so that a transfer still arriving stops at once and
         lets go of the request's buffers."""
         self.answer(None)
+        # Unsent payloads go now, not when the last reference to the transfer does
+        # (an error's traceback may hold it until a garbage collection).
+        self.reply = _ANSWERED
         sock = self.sock  # set only while the payload arrives
         if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+            _cut(sock)
 
     def revoke(self) -> bool:
-        """Withdraw the ticket; whether no connection had claimed it."""
+        """Withdraw the ticket, and give back the caller's transfer slot (a transfer
+        that ends, whichever way, is revoked); whether no connection had claimed it."""
         return self.plane.revoke(self)
 
     def answer(self, payloads: list[memoryview] | None) -> None:
@@ -133,28 +144,37 @@ class DataPlane:
         host: str,
         port: int,
         tls: ssl.SSLContext | None = None,
-        max_connections: int = 64,
+        connections: int = 128,
+        transfers: int = 64,
+        transfers_per_caller: int = 16,
         same_host: bool = False,
     ) -> None:
+        """``connections``: each listener's budget; ``transfers``: in flight at once,
+        ``transfers_per_caller`` of them for one caller (fewer than ``connections``:
+        a ticket holder always finds room)."""
         #: The server's TLS, when gRPC has it: the data plane is never plainer.
         self.tls = tls
-        self.max_connections = max_connections
         self._tickets: dict[bytes, Transfer] = {}
         self._lock = threading.Lock()
-        self._connections: set[socket.socket] = set()
+        #: Each listener's connections: the data port's, the same-host socket's.
+        self.budgets = {"tcp": Budget(connections), "shared_memory": Budget(connections)}
+        self.slots = Slots(min(transfers, connections - 1), transfers_per_caller)
+        # The connection this thread serves (each has a thread of its own).
+        self._serving = threading.local()
+        self._warned = -WARN_SECONDS
         #: Transfers completed and the payload bytes they moved (both directions), per
         #: path: "tcp" (the data port) and "shared_memory" (same host).
         self.moved: dict[str, list[int]] = {"tcp": [0, 0], "shared_memory": [0, 0]}
         self._closed = False
         self._listener = socket.create_server(
-            (host, port), family=_family(host), backlog=max_connections
+            (host, port), family=_family(host), backlog=connections
         )
         self.port: int = self._listener.getsockname()[1]
         #: The abstract Unix socket same-host clients present tickets on; None: none.
         self.local_name: str | None = None
         self._local: socket.socket | None = None
         if same_host and segments.SUPPORTED:
-            self._local, self.local_name = segments.listen(max_connections)
+            self._local, self.local_name = segments.listen(connections)
         self._threads = [
             threading.Thread(target=self._accept, args=(listener,), name=name, daemon=True)
             for listener, name in (
@@ -173,13 +193,14 @@ class DataPlane:
         """Stop listening and cut every connection (transfers in flight fail)."""
         self._closed = True
         with self._lock:
-            connections = list(self._connections)
             self._tickets.clear()
-        listeners = [s for s in (self._listener, self._local) if s is not None]
-        for sock in [*listeners, *connections]:
-            with contextlib.suppress(OSError):  # not connected, or already gone
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
+        for listener in (self._listener, self._local):
+            if listener is not None:
+                _cut(listener)
+                listener.close()
+        for budget in self.budgets.values():
+            for connection in budget.connections():
+                _cut(connection.sock)  # its thread closes it
         for thread in self._threads:
             if thread.ident is not None:  # started
                 thread.join(5)
@@ -189,11 +210,18 @@ class DataPlane:
         return {path: (n, size) for path, (n, size) in self.moved.items()}
 
     def issue(
-        self, receiver: StreamReceiver[Any], stall_seconds: float, in_place: bool = True
-    ) -> Transfer:
-        """A ticket for ``receiver``'s payloads; RESOURCE_EXHAUSTED when as many
-        transfers wait for their connection as connections are allowed. ``in_place``:
-        the buffers are the request's tensors (see Transfer)."""
+        self,
+        receiver: StreamReceiver[Any],
+        stall_seconds: float,
+        in_place: bool = True,
+        caller: str = "",
+    ) -> Transfer | None:
+        """A ticket for ``receiver``'s payloads, holding one of ``caller``'s transfer
+        slots until revoked; None when it or the server has none left (the call's
+        payloads go through gRPC). ``in_place``: the buffers are the request's
+        tensors (see Transfer)."""
+        if not self.slots.take(caller):
+            return None
         now = time.monotonic()
         transfer = Transfer(
             secrets.token_bytes(dataplane.TICKET_BYTES),
@@ -203,26 +231,36 @@ class DataPlane:
             stall_seconds,
             in_place,
         )
+        transfer.holder = caller
         with self._lock:
+            # Lapsed tickets (their calls still hold their slots until they end).
             for ticket, old in list(self._tickets.items()):
                 if old.expires < now:
                     del self._tickets[ticket]
-            if len(self._tickets) >= self.max_connections:
-                raise ResourceExhaustedError(
-                    f"{len(self._tickets)} data-plane transfers wait for their connection"
-                )
             self._tickets[transfer.ticket] = transfer
         return transfer
 
     def revoke(self, transfer: Transfer) -> bool:
-        """Withdraw ``transfer``'s ticket; whether no connection had claimed it."""
+        """Withdraw ``transfer``'s ticket and give back its slot (once); whether no
+        connection had claimed it."""
         with self._lock:
-            return self._tickets.pop(transfer.ticket, None) is not None
+            unclaimed = self._tickets.pop(transfer.ticket, None) is not None
+            holder, transfer.holder = transfer.holder, None
+        if holder is not None:
+            self.slots.give(holder)
+        return unclaimed
 
     def _claim(self, ticket: bytes) -> Transfer | None:
+        """The transfer ``ticket`` is good for, claimed by this thread's connection
+        (busy from now on, never evicted); None: no live ticket, or the connection
+        was evicted (the ticket stays good: its client sends it again or chunks)."""
+        budget, connection = self._serving.budget, self._serving.connection
+        if not budget.claim(connection):
+            return None
         with self._lock:
             transfer = self._tickets.pop(ticket, None)
         if transfer is None or transfer.expires < time.monotonic():
+            budget.rest(connection, served=False)
             return None
         _settle(transfer.claimed)
         if transfer.reply.done():  # the call ended before its connection came
@@ -231,50 +269,64 @@ class DataPlane:
 
     def _accept(self, listener: socket.socket) -> None:
         local = listener is self._local
+        budget = self.budgets["shared_memory" if local else "tcp"]
         while not self._closed:
             try:
                 sock, _ = listener.accept()
             except OSError:
                 return  # closed
-            with self._lock:
-                full = len(self._connections) >= self.max_connections
-                if not full:
-                    self._connections.add(sock)
-            if full:
-                log.warning("data plane: %d connections open; refused one", self.max_connections)
+            connection, evicted = budget.admit(sock)
+            if evicted is not None:
+                _cut(evicted.sock)  # its thread closes it
+            if connection is None:
                 sock.close()
+                self._refused(budget, local)
                 continue
             threading.Thread(
-                target=self._serve, args=(sock, local), name="tensorwire-data-conn", daemon=True
+                target=self._serve,
+                args=(budget, connection, local),
+                name="tensorwire-data-conn",
+                daemon=True,
             ).start()
 
-    def _serve(self, sock: socket.socket, local: bool) -> None:
+    def _refused(self, budget: Budget, local: bool) -> None:
+        """Warn (now and then: a flood must not flood the log) of a refusal."""
+        now = time.monotonic()
+        if now - self._warned >= WARN_SECONDS:
+            self._warned = now
+            where = "same-host socket" if local else "data port"
+            log.warning(
+                "data plane: the %s refused a connection: all %d carry transfers",
+                where,
+                budget.limit,
+            )
+
+    def _serve(self, budget: Budget, connection: Connection, local: bool) -> None:
+        sock = connection.sock
+        self._serving.budget, self._serving.connection = budget, connection
         try:
             sock.settimeout(HELLO_SECONDS)
             if not local:
                 dataplane.configure(sock)
                 if self.tls is not None:
-                    sock = self._handshake(sock)
+                    sock = connection.sock = self.tls.wrap_socket(
+                        sock, server_side=True, do_handshake_on_connect=False
+                    )
+                    # Evicted before the swap: the plain socket it cut was detached.
+                    if connection.gone:
+                        return
+                    sock.do_handshake()
             transfer: Callable[[socket.socket], bool] = self._transfer
             if local:
                 transfer = partial(self._transfer_local, mappings=segments.Mappings())
             while not self._closed and transfer(sock):
+                budget.rest(connection)
                 sock.settimeout(IDLE_SECONDS)
-        except (OSError, EOFError):
-            pass  # the client went, or idled out: nothing of it is left
+        except (OSError, EOFError, ValueError):
+            pass  # the client went, idled out or was evicted: nothing of it is left
         finally:
-            with self._lock:
-                self._connections.discard(sock)
+            budget.leave(connection)
             sock.close()
-
-    def _handshake(self, sock: socket.socket) -> ssl.SSLSocket:
-        """``sock`` over TLS, in place of the plain one the set of connections holds."""
-        assert self.tls is not None
-        tls = self.tls.wrap_socket(sock, server_side=True)
-        with self._lock:
-            self._connections.discard(sock)
-            self._connections.add(tls)
-        return tls
 
     def _transfer(self, sock: socket.socket) -> bool:
         """One transfer on ``sock``; whether the connection may carry another."""
@@ -293,7 +345,7 @@ class DataPlane:
         finally:
             transfer.sock = None
         _settle(transfer.arrived)
-        payloads = transfer.reply.result()  # the handler always answers (finally)
+        payloads = transfer._take_reply()  # the handler always answers (finally)
         if payloads is None:
             return False
         try:
@@ -302,6 +354,8 @@ class DataPlane:
         except BaseException as exc:  # the handler reports it
             _settle(transfer.sent, exc)
             return False
+        finally:
+            del payloads  # the response's buffers go as soon as the connection does
         # Counted before the handler hears of it: the call ends (and its client may read
         # the metrics) only after that.
         self._count("tcp", transfer.receiver.total + total)
@@ -423,13 +477,24 @@ _ANSWERED.set_result(None)
 
 def _settle(future: Future[None], error: BaseException | None = None) -> None:
     """Resolve ``future``, unless the handler that waited on it gave up (asyncio
-    cancels a wrapped future when its waiter is cancelled)."""
+    cancels a wrapped future when its waiter is cancelled). ``error`` is kept without
+    its traceback: that holds the connection thread's frames, whose locals are the
+    transfer and its payloads, a cycle only the garbage collector would free."""
     with contextlib.suppress(InvalidStateError):
         if error is None:
             future.set_result(None)
         else:
+            error.__traceback__ = error.__context__ = error.__cause__ = None
             future.set_exception(error)
 
 
 def _family(host: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def _cut(sock: socket.socket) -> None:
+    """Shut ``sock`` down from another thread, so that its blocked reader or writer
+    returns at once. A TLS socket's own ``shutdown`` would drop its TLS state under
+    that thread's feet: the plain socket's is used."""
+    with contextlib.suppress(OSError):  # not connected, or already gone
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)

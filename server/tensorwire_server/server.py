@@ -228,7 +228,9 @@ class TensorwireServer:
             settings.host,
             settings.data_port,
             tls,
-            settings.max_concurrent_requests,
+            connections=settings.data_plane_connections,
+            transfers=settings.data_plane_transfers,
+            transfers_per_caller=settings.data_plane_transfers_per_caller,
             same_host=settings.same_host,
         )
 

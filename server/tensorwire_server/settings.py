@@ -91,6 +91,18 @@ class Settings:
     #: network namespace) pass shared memory as file descriptors over an abstract
     #: Unix socket, with the same tickets, instead of sending bytes (docs/security.md).
     same_host: bool = True
+    #: Connections each data-plane listener (the data port, the same-host socket)
+    #: holds at once. Past it, a new one takes the place of the connection that has
+    #: waited longest without carrying a transfer (anonymous ones first: no ticket
+    #: presented yet); refused only when all carry transfers (docs/security.md).
+    data_plane_connections: int = 128
+    #: Transfers on the data plane at once, server-wide (fewer than
+    #: ``data_plane_connections``, so that a ticket holder always finds room); past
+    #: it, calls send their payloads through gRPC.
+    data_plane_transfers: int = 64
+    #: Of those, the most one caller (token) holds; its further calls send their
+    #: payloads through gRPC. Without tokens only the server-wide bound applies.
+    data_plane_transfers_per_caller: int = 16
 
     # Transport security and authentication (docs/security.md).
     #: PEM certificate chain and private key files: serve TLS.
@@ -187,6 +199,9 @@ class Settings:
             "session_bytes_per_token",
             "max_session_bytes",
             "shared_memory_bytes_per_token",
+            "data_plane_connections",
+            "data_plane_transfers",
+            "data_plane_transfers_per_caller",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -198,6 +213,11 @@ class Settings:
                 raise ValueError(f"{name} must be {_one_of(choices)}, not {value!r}")
         if self.max_connection_age is not None and self.max_connection_age <= 0:
             raise ValueError(f"max_connection_age must be positive, not {self.max_connection_age}")
+        if self.data_plane_transfers >= self.data_plane_connections:
+            raise ValueError(
+                f"data_plane_transfers ({self.data_plane_transfers}) must be fewer than"
+                f" data_plane_connections ({self.data_plane_connections})"
+            )
         if self.shutdown_grace < 0:
             raise ValueError(f"shutdown_grace must not be negative, not {self.shutdown_grace}")
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from concurrent.futures import Future
+from typing import Any, Final, Protocol
 
 import grpc
 from google.protobuf.message import Message
@@ -14,13 +15,14 @@ from google.protobuf.message import Message
 from tensorwire.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
+    TensorwireError,
     UnavailableError,
 )
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
 from tensorwire.wire.codec import Encoder, Received
 from tensorwire.wire.streaming import StreamReceiver
-from tensorwire_server import rpc
+from tensorwire_server import observe, rpc
 from tensorwire_server.compute import Compute
 from tensorwire_server.dataplane import TICKET_SECONDS, DataPlane, Transfer
 from tensorwire_server.service import Service
@@ -69,11 +71,11 @@ def streamed(
                             _check_ask(receiver, asked)
                             asked = True
                             transfer = _issue(servicer, receiver, stager.in_place)
-                            yield _ticket(transfer)
+                            yield _ticket(servicer.data_plane, transfer)
                             continue
                         if transfer is not None:
                             # The client could not reach the data port: chunks after all.
-                            _withdraw(transfer)
+                            await _withdraw(transfer)
                             transfer = None
                         receiver.take(number, body)
                         limits.stream_time(time.monotonic() - started)
@@ -101,7 +103,9 @@ def streamed(
                 # Nothing here may hold the request's pages once they are sent: a
                 # same-host client reuses each input segment the server no longer maps.
                 del encoder, header, payloads
-                await asyncio.wrap_future(transfer.sent)
+                failed = await _settled(transfer.sent)
+                if failed is not None:  # the client went mid-response, most likely
+                    raise UnavailableError(f"the data connection failed: {failed}")
             except TimeoutError:
                 await rpc.abort(
                     context,
@@ -138,18 +142,25 @@ def _check_ask(receiver: StreamReceiver[Any], asked: bool) -> None:
 
 
 def _issue(servicer: Answering, receiver: StreamReceiver[Any], in_place: bool) -> Transfer | None:
-    """A ticket for the payloads ``receiver`` expects; None: no data plane here."""
+    """A ticket for the payloads ``receiver`` expects, in the caller's name (its
+    token's: the data plane bounds the transfers each caller holds); None: no data
+    plane here, or none free for this caller now."""
     plane = servicer.data_plane
     if plane is None:
         return None
-    return plane.issue(receiver, servicer.service.limits.max_stream_seconds, in_place)
+    call = observe.current()
+    caller = "" if call is None else call.caller
+    limit = servicer.service.limits.max_stream_seconds
+    return plane.issue(receiver, limit, in_place, caller)
 
 
-def _ticket(transfer: Transfer | None) -> bytes:
-    """The response part that hands the client its ticket; without one (no data
-    plane), the client sends chunks."""
+def _ticket(plane: DataPlane | None, transfer: Transfer | None) -> bytes:
+    """The response part that hands the client its ticket. Without one, the client
+    sends chunks: for this call only when the part names the data port (the data
+    plane is busy), for a while when it does not (this server has none)."""
     if transfer is None:
-        return _data_part(pb.DataTransfer())
+        port = 0 if plane is None else plane.port
+        return _data_part(pb.DataTransfer(port=port))
     return _data_part(
         pb.DataTransfer(
             ticket=transfer.ticket,
@@ -166,12 +177,19 @@ def _data_part(transfer: pb.DataTransfer) -> bytes:
     return framing.part(framing.PART_DATA, [body], len(body))
 
 
-def _withdraw(transfer: Transfer) -> None:
-    """Take back an unclaimed ticket before chunks fill the same buffers."""
-    if not transfer.revoke():
-        raise InvalidArgumentError(
-            "malformed stream: chunks for a request whose payloads came over the data plane"
-        )
+async def _withdraw(transfer: Transfer) -> None:
+    """Take back an unclaimed ticket before chunks fill the same buffers. A client
+    whose data connection closed before the server accepted the ticket sends chunks;
+    when the server had claimed it and failed (a same-host segment it refused, a
+    connection the client gave up on), the call fails with that error."""
+    if transfer.revoke():
+        return
+    failed = await _settled(transfer.arrived, TICKET_SECONDS)
+    if failed is not _PENDING:
+        _raise(failed)
+    raise InvalidArgumentError(
+        "malformed stream: chunks for a request whose payloads came over the data plane"
+    )
 
 
 async def _arrival(transfer: Transfer, remaining: float | None) -> None:
@@ -179,19 +197,48 @@ async def _arrival(transfer: Transfer, remaining: float | None) -> None:
     within the call's deadline (``remaining`` seconds; the connection's own timeout
     bounds a stall)."""
     began = time.monotonic()
-    try:
-        await asyncio.wait_for(asyncio.wrap_future(transfer.claimed), TICKET_SECONDS)
-    except TimeoutError:
+    if await _settled(transfer.claimed, TICKET_SECONDS) is _PENDING:
         raise DeadlineExceededError(
             f"no data connection presented the ticket within {TICKET_SECONDS:g} s"
-        ) from None
+        )
     if remaining is not None:
         remaining -= time.monotonic() - began
-    try:
-        await asyncio.wait_for(asyncio.wrap_future(transfer.arrived), remaining)
-    except TimeoutError:
+    failed = await _settled(transfer.arrived, remaining)
+    if failed is _PENDING:
         raise DeadlineExceededError(
             "the deadline passed while the payloads arrived over the data plane"
-        ) from None
-    except (OSError, ConnectionError) as exc:
-        raise UnavailableError(f"the data connection failed: {exc}") from None
+        )
+    _raise(failed)
+
+
+def _raise(failed: BaseException | None) -> None:
+    """Fail the call with what failed its transfer (nothing: None)."""
+    if isinstance(failed, (OSError, ConnectionError)):
+        raise UnavailableError(f"the data connection failed: {failed}")
+    if isinstance(failed, TensorwireError):
+        raise type(failed)(failed.message)  # a copy, for the reason _settled gives
+    if failed is not None:
+        raise failed
+
+
+#: What ``_settled`` answers for a future still pending when its time ran out.
+_PENDING: Final = TimeoutError()
+
+
+async def _settled(future: Future[None], timeout: float | None = None) -> BaseException | None:
+    """The error ``future`` ended with (None: none), or _PENDING after ``timeout``
+    seconds (then it is cancelled). Its error is returned, not raised: raised here,
+    it would take this handler's frames into its traceback, and the transfer that
+    holds it (a local of those frames) would wait for a garbage collection to go."""
+    waited = asyncio.wrap_future(future)
+    try:
+        await asyncio.wait([waited], timeout=timeout)
+    finally:
+        # Still pending: cancelled, and ``future`` with it (the connection's thread
+        # lets go); done: its error marked retrieved, even when this task was
+        # cancelled meanwhile, so that asyncio does not log it.
+        if not waited.cancel() and not waited.cancelled():
+            waited.exception()
+    if waited.cancelled():
+        return _PENDING
+    return waited.exception()
