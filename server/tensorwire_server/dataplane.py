@@ -329,7 +329,7 @@ class DataPlane:
             try:
                 _place(transfer, fds)
             except BaseException as exc:  # the handler reports it
-                _settle(transfer.arrived, exc)
+                _settle(transfer.arrived, _untraced(exc))
                 return False
         _settle(transfer.arrived)
         try:
@@ -342,7 +342,7 @@ class DataPlane:
                 written = segments.write_outputs(fds, payloads, mappings)
             del payloads
         except BaseException as exc:  # the handler reports it
-            _settle(transfer.sent, exc)
+            _settle(transfer.sent, _untraced(exc))
             return False
         self._count("shared_memory", transfer.receiver.total + written)
         _settle(transfer.sent)
@@ -402,6 +402,17 @@ def _settle(future: Future[None], error: BaseException | None = None) -> None:
             future.set_result(None)
         else:
             future.set_exception(error)
+
+
+def _untraced(exc: BaseException) -> BaseException:
+    """``exc`` without its tracebacks (and its context's): their frames hold the
+    transfer whose future holds ``exc``, a cycle that would keep the request's and
+    response's buffers until the collector runs (a client killed mid-call)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__
+    return exc
 
 
 def _family(host: str) -> socket.AddressFamily:
