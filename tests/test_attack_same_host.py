@@ -501,3 +501,38 @@ def test_a_deadline_passing_on_the_same_host_connection_is_deadline_exceeded(
                 client.infer("identity", PAYLOAD, timeout=0.75)
         monkeypatch.setattr(segments, "write_outputs", write)
         np.testing.assert_array_equal(client.infer("identity", PAYLOAD)["output"], PAYLOAD)
+
+
+# ------------------------------------------------------------ staging (GPU servers)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["cpu", "staged"])
+def test_both_placements_copy_the_segments_and_keep_no_mapping(in_place: bool) -> None:
+    """On the CPU the server's copies replace the request's buffers; staged for a GPU
+    (``in_place`` False) the segments are read straight into the staging buffers, a
+    few MiB at a time. Either way the request's bytes are the server's own: nothing
+    maps a segment, and rewriting it afterwards changes nothing."""
+    from tensorwire_server import dataplane
+
+    big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB: more than one staging read
+    small = np.arange(10, dtype=np.int64)
+    receiver = StreamReceiver(pb.InferRequest)
+    encoder = _messages.infer_request("identity", {"big": big, "small": small}, None, 0, False)
+    receiver.feed(next(streaming.parts(encoder)))
+    fds = [memfd(big.nbytes, big.tobytes()), memfd(small.nbytes + 100, small.tobytes())]
+    try:
+        transfer = type("Transfer", (), {"receiver": receiver, "in_place": in_place})()
+        dataplane._place(transfer, fds)  # type: ignore[arg-type]
+        with open("/proc/self/maps") as maps:
+            assert "memfd:attacker" not in maps.read()
+        for fd in fds:
+            os.pwrite(fd, b"\xff" * 64, 0)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    received = receiver.finish()
+    (got_big, got_small) = [
+        np.asarray(received.array(nt.tensor, nt.name)) for nt in received.message.inputs
+    ]
+    np.testing.assert_array_equal(got_big, big)
+    np.testing.assert_array_equal(got_small, small)
