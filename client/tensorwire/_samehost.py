@@ -218,7 +218,8 @@ class SameHost:
     def _accepted(
         self, name: str, ticket: bytes, fds: list[int], timeout: float | None
     ) -> socket.socket | None:
-        """A connection on which the server accepted the ticket and mapped ``fds``."""
+        """A connection on which the server accepted the ticket and read ``fds``;
+        DeadlineExceededError when the call's deadline passed while it read them."""
         message = REQUEST.pack(SHARED_MAGIC, ticket)
         deadline = _deadline(timeout)
         while True:
