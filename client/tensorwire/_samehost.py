@@ -5,12 +5,17 @@ move through shared memory the client makes, passes and takes back itself.
 A segment is a memfd, sealed against shrinking and growing: it has no name (nothing
 to guess, nothing left behind in /dev/shm: the kernel frees it with its last
 descriptor or mapping, whether the client closes, crashes or is killed). The client
-copies each request payload into an input segment; the server maps it in place. The
+copies each request payload into an input segment; the server copies it into memory
+of its own (the kernel's copy: nothing the client writes later reaches it). The
 response's payloads are written by the server into output segments that the result
 arrays are views of. Segments are pooled: a reused one costs a plain memcpy where
 fresh pages cost twice that (docs/performance.md). An input segment goes back to the
-pool only when the server says it no longer maps it; an output segment when its
-result array is gone.
+pool when the server's answer says it does not hold it (this server never does; one
+before issue 35 mapped inputs in place and might); an output segment when its result
+array is gone.
+
+The call's deadline bounds every wait on the connection: one that runs out raises
+DeadlineExceededError, as gRPC would, not a retriable UnavailableError.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import os
 import socket
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from typing import Any, Final
@@ -28,7 +34,7 @@ from typing import Any, Final
 import numpy as np
 
 from tensorwire._connections import CONNECT_SECONDS, Detours, IdleConnections
-from tensorwire.errors import UnavailableError
+from tensorwire.errors import DeadlineExceededError, UnavailableError
 from tensorwire.wire import dataplane
 from tensorwire.wire.dataplane import (
     ACCEPTED,
@@ -212,8 +218,10 @@ class SameHost:
     def _accepted(
         self, name: str, ticket: bytes, fds: list[int], timeout: float | None
     ) -> socket.socket | None:
-        """A connection on which the server accepted the ticket and mapped ``fds``."""
+        """A connection on which the server accepted the ticket and read ``fds``;
+        DeadlineExceededError when the call's deadline passed while it read them."""
         message = REQUEST.pack(SHARED_MAGIC, ticket)
+        deadline = _deadline(timeout)
         while True:
             sock = self.idle.take(name)
             reused = sock is not None
@@ -225,14 +233,20 @@ class SameHost:
                     return None
                 except OSError:
                     break  # its backlog is full: busy
+            sent = False
             try:
                 sock.settimeout(timeout)
                 socket.send_fds(sock, [message], fds)
+                sent = True
                 if sock.recv(len(ACCEPTED)) == ACCEPTED:
                     self.detours.accepted(name)
                     return sock
-            except OSError:
-                pass
+            except OSError as exc:
+                if sent and _late(exc, deadline):
+                    sock.close()
+                    raise DeadlineExceededError(
+                        "the deadline passed while the server read the shared memory"
+                    ) from None
             sock.close()
             if not reused:
                 break
@@ -276,6 +290,7 @@ class LocalCarrier:
         the output segments); the input segments go back to the pool unless the
         server still maps them."""
         segments = [self.outputs[k] for k, view in receiver.payloads if view.nbytes]
+        deadline = _deadline(timeout)
         try:
             self.sock.settimeout(timeout)
             fds = [s.fd for s in segments if s is not None]
@@ -284,9 +299,17 @@ class LocalCarrier:
             reply = self.sock.recv(RESPONSE.size + len(self.inputs))
         except OSError as exc:
             self.discard()
+            if _late(exc, deadline):
+                raise DeadlineExceededError(
+                    "the deadline passed while the server wrote the response into shared memory"
+                ) from None
             raise UnavailableError(f"the same-host connection broke: {exc}") from None
         if len(reply) != RESPONSE.size + len(self.inputs):
             self.discard()
+            if _late(None, deadline):  # the server gave up on the call at its deadline
+                raise DeadlineExceededError(
+                    "the deadline passed while the server wrote the response into shared memory"
+                )
             raise UnavailableError("the same-host connection broke")
         magic, size = RESPONSE.unpack(reply[: RESPONSE.size])
         if magic != RESPONSE_MAGIC or size != receiver.total:
@@ -349,6 +372,20 @@ def _copy(
             if upload is not None:
                 upload(done, total)
         segment.written = True
+
+
+def _deadline(timeout: float | None) -> float | None:
+    """When a wait of ``timeout`` seconds from now ends (None: never)."""
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def _late(exc: OSError | None, deadline: float | None) -> bool:
+    """Whether a wait that failed with ``exc`` (None: the server closed) failed
+    because the call's deadline passed: its own timeout, or the server closing on
+    a call it ended at the deadline."""
+    if isinstance(exc, TimeoutError):
+        return True
+    return deadline is not None and time.monotonic() >= deadline
 
 
 def _drop(segments: list[Segment]) -> None:

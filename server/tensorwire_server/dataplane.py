@@ -10,10 +10,10 @@ handler computes, sends the response's header over gRPC, and ``reply`` hands the
 response's payloads to the connection, which sends them and takes the next ticket.
 
 A client on this host may present its ticket on an abstract Unix socket instead,
-with shared-memory segments in place of the bytes (segments.py): the request's
-tensors are the client's pages, mapped shared; the response is written into
-the client's segments, and the client learns which of its input segments the server
-still maps (so that it never reuses those).
+with shared-memory segments in place of the bytes (segments.py): the kernel copies
+each input segment into memory of the server's own, which the request's tensors then
+are (the client can still write its segments: no kernel may read them), and writes
+the response into the client's output segments.
 
 Each connection has a thread of its own: a blocking ``recv_into`` runs at the
 kernel's speed with the GIL released, where the event loop would wake up for every
@@ -31,14 +31,11 @@ import socket
 import ssl
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
-
-import numpy as np
 
 from tensorwire.errors import InvalidArgumentError
 from tensorwire.wire import dataplane
@@ -80,8 +77,9 @@ class Transfer:
     expires: float
     #: Seconds the payload may take to arrive once claimed (the stream limit).
     stall_seconds: float
-    #: Whether the request's buffers are its tensors (on the CPU): mapped same-host
-    #: segments may then stand in for them; else (staged for a GPU) they are copied.
+    #: Whether the request's buffers are its tensors (on the CPU): the server's copies
+    #: of same-host segments may then stand in for them; else (staged for a GPU) the
+    #: segments are read into them.
     in_place: bool = True
     #: Set when a connection presents the ticket.
     claimed: Future[None] = field(default_factory=Future)
@@ -91,10 +89,6 @@ class Transfer:
     reply: Future[list[memoryview] | None] = field(default_factory=Future)
     #: Set when the response's payloads are sent (or sending failed).
     sent: Future[None] = field(default_factory=Future)
-    #: Set by the handler once it holds nothing of the request: a same-host transfer
-    #: then tells the client which input segments are still mapped (``mapped``).
-    released: Future[None] = field(default_factory=Future)
-    mapped: list[weakref.ref[np.ndarray]] = field(default_factory=list)
 
     #: The connection that claimed it, while it carries the transfer.
     sock: socket.socket | None = None
@@ -124,13 +118,10 @@ class Transfer:
         if not self.reply.done():
             self.reply.set_result(payloads)
 
-    def release(self) -> None:
-        """The handler holds nothing of the request any more."""
-        _settle(self.released)
-
     def _take_reply(self) -> list[memoryview] | None:
         """Wait for the handler's answer, and keep no reference to it after: the
-        payloads may be the request's own pages."""
+        payloads may be the request's own buffers, which go back to the warm pool
+        (region_copies) once nothing holds them."""
         payloads = self.reply.result()
         self.reply = _ANSWERED
         return payloads
@@ -363,11 +354,18 @@ class DataPlane:
         return True
 
     def _transfer_local(self, sock: socket.socket, mappings: segments.Mappings) -> bool:
-        """One same-host transfer on ``sock``; whether it may carry another."""
+        """One same-host transfer on ``sock``; whether it may carry another. When the
+        connection ends (an error, a refusal, the client gone or killed) its windows
+        are unmapped here and now, not whenever the collector runs."""
+        more = False
         try:
-            return self._shared(sock, mappings)
+            more = self._shared(sock, mappings)
         finally:
-            mappings.settle()
+            if more:
+                mappings.settle()
+            else:
+                mappings.close()
+        return more
 
     def _shared(self, sock: socket.socket, mappings: segments.Mappings) -> bool:
         message, fds, flags, _ = socket.recv_fds(sock, REQUEST.size, MAX_SEGMENTS)
@@ -379,12 +377,13 @@ class DataPlane:
             magic, ticket = REQUEST.unpack(message)
             transfer = self._claim(ticket) if magic == SHARED_MAGIC else None
             if transfer is None:
-                return False  # anything but a live ticket: dropped, nothing mapped
+                return False  # anything but a live ticket: dropped, nothing read
             sock.settimeout(transfer.stall_seconds)
+            inputs = len(fds)
             try:
-                _place(transfer, fds, mappings)
+                _place(transfer, fds)
             except BaseException as exc:  # the handler reports it
-                _settle(transfer.arrived, exc)
+                _settle(transfer.arrived, _untraced(exc))
                 return False
         _settle(transfer.arrived)
         try:
@@ -397,15 +396,13 @@ class DataPlane:
                 written = segments.write_outputs(fds, payloads, mappings)
             del payloads
         except BaseException as exc:  # the handler reports it
-            _settle(transfer.sent, exc)
+            _settle(transfer.sent, _untraced(exc))
             return False
         self._count("shared_memory", transfer.receiver.total + written)
         _settle(transfer.sent)
-        # Should the handler not let go in time, every mapping counts as held: the
-        # client then drops them all, and no page the server may read is reused.
-        with contextlib.suppress(TimeoutError):
-            transfer.released.result(transfer.stall_seconds)
-        sock.sendall(RESPONSE.pack(RESPONSE_MAGIC, written) + segments.held(transfer.mapped))
+        # The server holds none of the client's input segments (it copied them): the
+        # client may reuse every one (a zero byte each; the format keeps the flags).
+        sock.sendall(RESPONSE.pack(RESPONSE_MAGIC, written) + bytes(inputs))
         return True
 
     def _count(self, path: str, moved: int) -> None:
@@ -434,41 +431,17 @@ def _outputs(sock: socket.socket, wanted: int) -> list[int]:
             raise
 
 
-def _place(transfer: Transfer, fds: list[int], mappings: segments.Mappings) -> None:
-    """The request's payloads from the client's segments: mapped in place of the
-    allocated buffers, or copied into them (staged for a GPU)."""
+def _place(transfer: Transfer, fds: list[int]) -> None:
+    """The request's payloads from the client's segments, each copied by the kernel:
+    into buffers of the server's own that replace the allocated ones, or into those
+    (staged for a GPU)."""
     receiver = transfer.receiver
     payloads = [v for _, v in receiver.payloads]
-    views, transfer.mapped = segments.map_inputs(fds, payloads, mappings)
     if transfer.in_place:
-        receiver.adopt(views)
+        receiver.adopt(segments.read_inputs(fds, payloads))
     else:
-        receiver.fill(_reader(views))
+        receiver.fill(segments.reader(fds, payloads))
 
-
-def _reader(views: list[memoryview]) -> Callable[[memoryview], int]:
-    """A ``recv_into`` that reads ``views`` back to back: a few MiB at a time, so
-    that a staging copy to the GPU starts while the rest is still copied."""
-    pending = iter(views)
-    current = next(pending, None)
-    offset = 0
-
-    def read_into(target: memoryview) -> int:
-        nonlocal current, offset
-        while current is not None and offset == current.nbytes:
-            current, offset = next(pending, None), 0
-        if current is None:
-            return 0
-        n = min(target.nbytes, current.nbytes - offset, READ_BYTES)
-        target[:n] = current[offset : offset + n]
-        offset += n
-        return n
-
-    return read_into
-
-
-#: Bytes a same-host copy into staging buffers takes at a time.
-READ_BYTES: Final = 8 << 20
 
 #: The reply of a transfer whose connection has taken its payloads.
 _ANSWERED: Future[list[memoryview] | None] = Future()
@@ -486,6 +459,17 @@ def _settle(future: Future[None], error: BaseException | None = None) -> None:
         else:
             error.__traceback__ = error.__context__ = error.__cause__ = None
             future.set_exception(error)
+
+
+def _untraced(exc: BaseException) -> BaseException:
+    """``exc`` without its tracebacks (and its context's): their frames hold the
+    transfer whose future holds ``exc``, a cycle that would keep the request's and
+    response's buffers until the collector runs (a client killed mid-call)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        seen.__traceback__ = None
+        seen = seen.__cause__ or seen.__context__
+    return exc
 
 
 def _family(host: str) -> socket.AddressFamily:

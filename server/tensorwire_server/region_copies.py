@@ -1,5 +1,7 @@
 """Copies between the server's memory and a client's shared-memory object, all made by
-the kernel, so that a client shrinking its object mid-copy cannot fault the server.
+the kernel, so that a client shrinking its object mid-copy cannot fault the server,
+and nothing the client writes later reaches what the server read: Triton's regions
+(shared_memory.py) and same-host segments (segments.py) both copy through here.
 
 A load or store through a mapping of a client's object past its end raises SIGBUS,
 which kills the process, and a client can shrink (``ftruncate``) its object at any
@@ -261,7 +263,13 @@ class Window:
         self._address = address + lead
         #: False once the kernel refused process_vm_writev: writes use pwritev then.
         self.usable = True
-        weakref.finalize(self, _LIBC.munmap, address, size).atexit = False
+        self._unmap = weakref.finalize(self, _LIBC.munmap, address, size)
+        self._unmap.atexit = False
+
+    def close(self) -> None:
+        """Unmap it now (no write may be under way, nor come after)."""
+        self.usable = False
+        self._unmap()
 
     def write(self, start: int, data: memoryview) -> bool:
         """``data`` into the object at ``start`` (inside this window); False if a page

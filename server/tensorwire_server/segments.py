@@ -2,36 +2,41 @@
 passes over the data plane's Unix socket (the format: tensorwire/wire/dataplane.py).
 
 A segment is only ever a file descriptor the client sent, never a name: nothing
-another process can guess or reach. Before a byte of one is mapped, it must be a
-memfd sealed against shrinking (so no mapping of it can fault past its end: SIGBUS
-cannot reach the server however the client treats it) and at least its payload's
-size. Inputs are mapped shared, not copy-on-write (the connection keeps one mapping
-per segment, whatever role the segment plays next): a request's tensors read the
-client's pages in place, and an operation that writes to them writes to the client's
-copy of its own input, nothing else. Outputs are written into the client's segments.
-A connection keeps its mappings for the next transfer, which usually reuses the same
-segments.
+another process can guess or reach. It must be a memfd sealed against shrinking and at
+least its payload's size. The client keeps a writable mapping of it all along, so
+nothing here ever reads or writes one with the server's own instructions, and no
+kernel ever sees its pages (a kernel that checks its indices and then uses them would
+use what the client wrote in between; issue 35). Every byte moves by a kernel copy
+(region_copies, as for Triton's regions):
+
+- Inputs are ``preadv``'d into memory of the server's own (warm huge-page buffers for
+  large ones, on several threads), which the request's tensors then are: what the
+  client writes later reaches nothing, and a kept tensor owns its memory.
+- Outputs are written with ``pwritev`` into a segment whose pages do not exist yet,
+  else with ``process_vm_writev`` through a *window* (a shared mapping of the
+  payload's bytes, never dereferenced here), which the connection keeps for the
+  next transfer (the client reuses its segments; a window kept has its pages
+  mapped already) and unmaps the moment it ends.
+
+No more of a segment than its payload is ever read, mapped or written, however
+large (or sparse) the memfd.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import mmap
 import os
 import secrets
 import socket
 import stat
 import sys
-import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
-import numpy as np
-
-from tensorwire.errors import InvalidArgumentError
-from tensorwire.wire.dataplane import write_at
+from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
+from tensorwire_server import region_copies
 
 #: Whether this platform can serve same-host transfers: Linux's abstract Unix
 #: sockets, SOCK_SEQPACKET and file seals.
@@ -40,9 +45,14 @@ SUPPORTED: Final = (
 )
 
 
-#: Bytes of its client's segments a same-host connection keeps mapped between
-#: transfers (the client keeps up to 2 GiB of idle segments for reuse).
+#: Bytes of its client's output segments a same-host connection keeps windows on
+#: between transfers (the client keeps up to 2 GiB of idle segments for reuse).
 KEPT_BYTES: Final = 2 << 30
+#: Seals that forbid writing (F_SEAL_FUTURE_WRITE: Linux 5.1, Python 3.13's fcntl).
+_NO_WRITES: Final = fcntl.F_SEAL_WRITE | getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
+#: Bytes a copy into staging buffers takes at a time: a staging copy to the GPU
+#: starts while the rest is still read.
+READ_BYTES: Final = 8 << 20
 
 
 def listen(backlog: int) -> tuple[socket.socket, str]:
@@ -61,7 +71,7 @@ def listen(backlog: int) -> tuple[socket.socket, str]:
 
 @contextlib.contextmanager
 def closing(fds: Sequence[int]) -> Iterator[None]:
-    """Close every descriptor received, whatever happens: a mapping outlives its fd."""
+    """Close every descriptor received, whatever happens."""
     try:
         yield
     finally:
@@ -70,9 +80,9 @@ def closing(fds: Sequence[int]) -> Iterator[None]:
                 os.close(fd)
 
 
-def check(fd: int, nbytes: int, what: str) -> os.stat_result:
-    """Refuse a descriptor that could fault or reach outside its payload when mapped;
-    its status."""
+def check(fd: int, nbytes: int, what: str, writing: bool = False) -> os.stat_result:
+    """Refuse a descriptor that is not a sealed memfd of at least ``nbytes``, or
+    (``writing``) that is sealed against writes; its status."""
     try:
         info = os.fstat(fd)
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
@@ -91,71 +101,119 @@ def check(fd: int, nbytes: int, what: str) -> os.stat_result:
         raise InvalidArgumentError(
             f"{what}: {info.st_size} bytes, too small for its {nbytes}-byte payload"
         )
+    if writing and seals & _NO_WRITES:
+        raise InvalidArgumentError(
+            f"{what}: sealed against writing (F_SEAL_WRITE or F_SEAL_FUTURE_WRITE); the "
+            "server writes the response into it"
+        )
     return info
 
 
 class Mappings:
-    """One same-host connection's mappings of its client's segments, kept from one
-    transfer to the next: the client reuses its segments, and a mapping kept is one
+    """One same-host connection's windows on its client's output segments, kept from
+    one transfer to the next: the client reuses its segments, and a window kept is one
     whose pages are not faulted in again (on the 2-core machine that is 10 ms per
-    256 MiB, each way). Shared mappings: a model that writes to its input writes to
-    the client's copy of it, which the client overwrites before its next use (and
-    never uses again when the server keeps it). Only the last transfer's segments are
-    kept (the ones the client most likely still pools: a segment it let go of is not
-    held alive here for long), at most ``limit`` bytes; all go with the connection."""
+    256 MiB). Only the last transfer's are kept (the ones the client most likely still
+    pools), at most ``limit`` bytes; ``close`` unmaps all of them, when the connection
+    ends, whatever ended it."""
 
     def __init__(self, limit: int = KEPT_BYTES) -> None:
         self.limit = limit
-        self._kept: OrderedDict[tuple[int, int], mmap.mmap] = OrderedDict()
+        self._kept: OrderedDict[tuple[int, int], region_copies.Window] = OrderedDict()
         self._bytes = 0
         self._used: set[tuple[int, int]] = set()
 
-    def map(self, fd: int, info: os.stat_result) -> mmap.mmap:
-        """A mapping of all of segment ``fd`` (``info``: what ``check`` found)."""
+    def window(self, fd: int, info: os.stat_result, nbytes: int) -> region_copies.Window | None:
+        """A window on the first ``nbytes`` of segment ``fd`` (``info``: what ``check``
+        found); None when none can be mapped (pwritev then)."""
         key = (info.st_dev, info.st_ino)
         self._used.add(key)
-        mapped = self._kept.get(key)
-        if mapped is not None and len(mapped) == info.st_size:
+        kept = self._kept.get(key)
+        if kept is not None and kept.length >= nbytes:
             self._kept.move_to_end(key)
-            return mapped
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        mapped = mmap.mmap(fd, info.st_size, flags=flags)
-        if info.st_size <= self.limit:
-            self._forget(key)
-            self._kept[key] = mapped
-            self._bytes += len(mapped)
+            return kept
+        try:
+            window = region_copies.Window(fd, 0, nbytes)
+        except OSError:
+            return None
+        self._forget(key)
+        if nbytes <= self.limit:
+            self._kept[key] = window
+            self._bytes += nbytes
             while self._bytes > self.limit:
                 self._forget(next(iter(self._kept)))
-        return mapped
+        return window
 
     def _forget(self, key: tuple[int, int]) -> None:
-        # Not closed: a tensor still on it keeps it (it unmaps once nothing exports it).
         old = self._kept.pop(key, None)
         if old is not None:
-            self._bytes -= len(old)
+            self._bytes -= old.length
+            old.close()  # no write is under way: this connection's thread makes them
 
     def settle(self) -> None:
-        """A transfer ended: let go of the mappings it did not use."""
+        """A transfer ended: unmap the windows it did not use."""
         for key in [k for k in self._kept if k not in self._used]:
             self._forget(key)
         self._used.clear()
 
+    def close(self) -> None:
+        """The connection ended: unmap every window at once."""
+        self._used.clear()
+        self.settle()
 
-def map_inputs(
-    fds: Sequence[int], payloads: Sequence[memoryview], mappings: Mappings
-) -> tuple[list[memoryview], list[weakref.ref[np.ndarray]]]:
+
+def read_inputs(fds: Sequence[int], payloads: Sequence[memoryview]) -> list[memoryview]:
     """The request's non-empty ``payloads`` (the buffers allocated from its header),
-    read in place: for each, a writable view of its segment; and a weak reference
-    that lives as long as anything of the request holds the view (every view of it
-    has the same base array, which only the request's buffers reach)."""
-    views: list[memoryview] = []
-    held: list[weakref.ref[np.ndarray]] = []
+    each read from its segment into a buffer of the server's own (region_copies'
+    warm ones when large): the request's tensors, which nothing of the client's
+    reaches."""
+    copies: list[memoryview] = []
     for k, (fd, payload) in enumerate(_paired(fds, payloads, "request")):
-        info = check(fd, payload.nbytes, f"shared memory: input segment {k}")
-        base = np.frombuffer(mappings.map(fd, info), np.uint8, payload.nbytes)
-        held.append(weakref.ref(base))
-        views.append(memoryview(base))  # type: ignore[arg-type]
-    return views, held
+        what = f"shared memory: input segment {k}"
+        check(fd, payload.nbytes, what)
+        copy = region_copies.buffer(payload.nbytes)
+        _read(fd, 0, copy, what)
+        copies.append(copy)
+    return copies
+
+
+def reader(fds: Sequence[int], payloads: Sequence[memoryview]) -> Callable[[memoryview], int]:
+    """A ``recv_into`` that reads the request's segments back to back into the
+    buffers it is given (staging buffers, on their way to a GPU), READ_BYTES at a
+    time; every segment is checked first."""
+    pending = [
+        (fd, payload.nbytes, f"shared memory: input segment {k}")
+        for k, (fd, payload) in enumerate(_paired(fds, payloads, "request"))
+    ]
+    for fd, nbytes, what in pending:
+        check(fd, nbytes, what)
+    sources = iter(pending)
+    current = next(sources, None)
+    offset = 0
+
+    def read_into(target: memoryview) -> int:
+        nonlocal current, offset
+        while current is not None and offset == current[1]:
+            current, offset = next(sources, None), 0
+        if current is None:
+            return 0
+        fd, nbytes, what = current
+        n = min(target.nbytes, nbytes - offset, READ_BYTES)
+        _read(fd, offset, target[:n], what)
+        offset += n
+        return n
+
+    return read_into
+
+
+def _read(fd: int, start: int, out: memoryview, what: str) -> None:
+    """Fill ``out`` from segment ``fd`` at ``start``; INVALID_ARGUMENT if it cannot be."""
+    try:
+        whole = region_copies.read(fd, start, out)
+    except OSError as exc:
+        raise InvalidArgumentError(f"{what}: cannot be read ({exc.strerror})") from None
+    if not whole:  # it cannot shrink (sealed): never, but say so if it does
+        raise InvalidArgumentError(f"{what}: ended before its payload")
 
 
 def write_outputs(fds: Sequence[int], payloads: Sequence[memoryview], mappings: Mappings) -> int:
@@ -163,13 +221,19 @@ def write_outputs(fds: Sequence[int], payloads: Sequence[memoryview], mappings: 
     bytes written."""
     written = 0
     for k, (fd, payload) in enumerate(_paired(fds, payloads, "response")):
-        info = check(fd, payload.nbytes, f"shared memory: output segment {k}")
+        what = f"shared memory: output segment {k}"
         data = payload.cast("B")
-        if info.st_blocks * 512 < data.nbytes:  # a fresh segment
-            write_at(fd, data, 0)
-        else:
-            target = np.frombuffer(mappings.map(fd, info), np.uint8, data.nbytes)
-            np.copyto(target, np.frombuffer(data, np.uint8))
+        info = check(fd, data.nbytes, what, writing=True)
+        # A fresh segment's pages are made by pwritev as it writes (faulting them in
+        # through a window costs twice as much); one written before takes a window.
+        fresh = info.st_blocks * 512 < data.nbytes
+        window = None if fresh else mappings.window(fd, info, data.nbytes)
+        try:
+            whole = region_copies.write(fd, 0, data, window)
+        except OSError as exc:  # sealed since it was checked, say
+            raise InvalidArgumentError(f"{what}: cannot be written ({exc.strerror})") from None
+        if not whole:
+            raise ResourceExhaustedError(f"{what}: no memory left for its pages")
         written += data.nbytes
     return written
 
@@ -184,8 +248,3 @@ def _paired(
             f"shared memory: {len(fds)} segments for a {what} of {len(given)} payloads"
         )
     return list(zip(fds, given, strict=True))
-
-
-def held(mappings: Sequence[weakref.ref[np.ndarray]]) -> bytes:
-    """One byte per input segment: 1 while something on the server still maps it."""
-    return bytes(int(ref() is not None) for ref in mappings)

@@ -84,8 +84,8 @@ def streamed(
                 request = receiver.finish()
                 servicer.admit(request, unary=False)
                 # Handed over in a box the worker empties: the executor keeps its
-                # arguments a moment after the result is out, and a same-host
-                # transfer asks right then whether anything still holds the request.
+                # arguments a moment after the result is out, and the request's
+                # buffers should go back to the warm pool as soon as nothing uses them.
                 box = [request]
                 del request  # from here on the buffers live only through the outputs
                 encoder = await compute.run(_unboxed, answer, box)
@@ -100,9 +100,7 @@ def streamed(
                 announce = pb.DataTransfer(payload_bytes=encoder.payload_bytes)
                 yield _data_part(announce)
                 transfer.answer(payloads)
-                # Nothing here may hold the request's pages once they are sent: a
-                # same-host client reuses each input segment the server no longer maps.
-                del encoder, header, payloads
+                del encoder, header, payloads  # the response's memory goes once it is sent
                 failed = await _settled(transfer.sent)
                 if failed is not None:  # the client went mid-response, most likely
                     raise UnavailableError(f"the data connection failed: {failed}")
@@ -124,7 +122,6 @@ def streamed(
                     # drops it; an unclaimed ticket lapses now.
                     transfer.abandon()
                     transfer.revoke()
-                    transfer.release()
 
     return handle
 

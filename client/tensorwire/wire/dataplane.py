@@ -30,20 +30,24 @@ A client on the server's host connects to it (SOCK_SEQPACKET: each message whole
 its file descriptors) and passes shared memory instead of bytes: a *segment* is a
 memfd the client made, sealed against shrinking and growing (so a mapping of it can
 never fault past its end), at least as large as its payload; one per non-empty
-payload, in stream order. The server maps input segments (shared), so its
-tensors read the client's pages in place, and writes the response's payloads into
-the client's output segments, which become the client's result arrays. Per transfer:
+payload, in stream order. The server copies each input segment's payload (the
+kernel's copy: ``preadv``) into memory of its own, since the client can still write
+the segment, and writes the response's payloads into the client's output segments
+(which must not be sealed against writes), which become the client's result arrays.
+Neither side reads or writes past a payload's end. Per transfer:
 
     client -> server   SHARED: b"TWS1", the ticket; the input segments' descriptors
-    server -> client   ACCEPTED: b"TWOK" once the inputs are mapped (or the
+    server -> client   ACCEPTED: b"TWOK" once the inputs are copied (or the
                        connection closes: a segment was not acceptable)
     client -> server   OUTPUTS: b"TWO1" (after the response's header came over gRPC);
                        the output segments' descriptors (in several such messages
                        when there are more than MAX_SEGMENTS)
     server -> client   RESPONSE: b"TWR1", the payload byte count written; then one
                        byte per input segment: 1 when the server still holds a mapping
-                       of it (a tensor the request kept), so the client must never
-                       write to it again; 0 when the client may reuse it
+                       of it, so the client must never write to it again; 0 when the
+                       client may reuse it. This server always sends 0 (it copies its
+                       inputs); servers before issue 35 mapped them in place and sent
+                       1 for an input a kept tensor used, so clients still honour it
 """
 
 from __future__ import annotations
