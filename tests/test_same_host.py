@@ -271,7 +271,7 @@ def test_a_killed_client_leaves_no_segment_behind(server: TensorwireServer) -> N
     proc = subprocess.Popen([sys.executable, "-c", KILLED, address(server)], cwd=TESTS)
     try:
         # The model sleeps on the server's copy of the killed client's input.
-        assert settles(lambda: moved(server) == 0 and bool(plane._connections), 30)
+        assert settles(lambda: moved(server) == 0 and bool(len(plane.budgets["shared_memory"])), 30)
         time.sleep(0.5)
     finally:
         proc.send_signal(signal.SIGKILL)

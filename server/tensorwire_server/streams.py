@@ -102,8 +102,7 @@ def streamed(
                 transfer.answer(payloads)
                 del encoder, header, payloads  # the response's memory goes once it is sent
                 failed = await _settled(transfer.sent)
-                if failed is not None:  # the client went mid-response, most likely
-                    raise UnavailableError(f"the data connection failed: {failed}")
+                _raise(failed)  # the client went mid-response, or refused a segment
             except TimeoutError:
                 await rpc.abort(
                     context,
