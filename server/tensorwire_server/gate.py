@@ -7,6 +7,9 @@ later) can be reached around it; tests walk the service descriptors to prove it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import inspect
 import logging
 import threading
@@ -25,9 +28,11 @@ from tensorwire.wire.protocol import (
     STARTING_PUSHBACK_MS,
 )
 from tensorwire_server import observe, rpc
+from tensorwire_server.admission import Admission, Quotas
 from tensorwire_server.heap import HeapTrimmer
 from tensorwire_server.observe import Call, Metrics
 from tensorwire_server.security import AUTHENTICATED, PUBLIC, Tokens, scope_of
+from tensorwire_server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +120,15 @@ class Gate(_Interceptor):
         default_deadline: float,
         metrics: Metrics,
         heap: HeapTrimmer | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.tokens = tokens
         self.lifecycle = lifecycle
         self.default_deadline = default_deadline
         self.metrics = metrics
         self.in_flight = InFlight(heap)
+        #: How many calls may run at once, by kind and by caller.
+        self.admission = Admission(quotas or Quotas.from_settings(Settings()))
         self._guarded: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
@@ -205,18 +213,75 @@ def _bearer(value: str) -> str | None:
     return None
 
 
+#: A request this large is parsed on a thread: tensorwire's splicing of a large message
+#: is Python, and a request of many tensors would hold the event loop meanwhile.
+_OFF_LOOP = 1 << 20
+
+
+class _Run:
+    """One admitted (or refused) call from its arrival to its end, however it ends:
+    gRPC's done callback gives back what it held and records its status, also for a
+    stream whose client went away while its generator waited to be collected."""
+
+    __slots__ = ("call", "token", "ok", "counted", "keys", "responses")
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.token: Any = None
+        self.ok = False  # the behavior finished without an error
+        self.counted = False  # in the gate's InFlight
+        self.keys: tuple[str, ...] = ()  # the admission budgets it holds a place in
+        self.responses: Any = None  # a response generator to close if the call ends early
+
+    def leave(self) -> None:
+        """Restore the task's current call. A response generator that gRPC left
+        suspended is finalized in a task of its own, whose context never had it."""
+        with contextlib.suppress(ValueError):
+            observe.reset_current(self.token)
+
+
 def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
     """``handler`` behind ``gate``: each call admitted (or answered with the gate's
-    status) before the behavior sees its request, its deadline set, counted while it
-    runs (unless it is public: health, reflection), and recorded (metrics, access log)
-    when it ends."""
-    scope = scope_of(method)
-    counter = None if scope == PUBLIC else gate.in_flight
-    metrics = gate.metrics
-    default_deadline = gate.default_deadline
+    status) as it arrives, from its headers alone, before a byte of its request is read;
+    its deadline set, counted while it runs (unless it is public: health), and recorded
+    (metrics, access log) when it ends.
 
-    async def start(context: Context, streams: bool) -> tuple[Call, Any, Reject | None]:
-        """Admit the call, and start its record."""
+    Every method is served as a request stream, so that the gate decides when gRPC
+    reads: a unary method's one message is read only once the call is admitted (the
+    wire does not tell the two apart). A refused call never asks for its message, and
+    HTTP/2 flow control stops its sender."""
+    scope = scope_of(method)
+    public = scope == PUBLIC
+    counter = None if public else gate.in_flight
+    metrics = gate.metrics
+    admission = gate.admission
+    default_deadline = gate.default_deadline
+    streams = handler.response_streaming
+    unary_request = not handler.request_streaming
+    places = functools.partial(
+        admission.places, method, public, handler.request_streaming or streams
+    )
+    deserialize = handler.request_deserializer
+
+    def done(run: _Run, context: Context) -> None:
+        """The call ended (answered, aborted, cancelled): give back what it holds."""
+        if run.counted:
+            counter.__exit__()  # type: ignore[union-attr]
+        if run.keys:
+            admission.leave(run.keys)
+        metrics.running.dec()
+        call = run.call
+        if call.record is not None:  # not recorded yet (rpc.abort records errors)
+            call.record("OK" if run.ok else _code(context))
+        responses = run.responses
+        if responses is not None and not run.ok:
+            # Its client went while it waited at a yield: close it now, not at the next
+            # collection, so that its request's buffers go with the call.
+            with contextlib.suppress(RuntimeError):  # no loop: the server is stopping
+                asyncio.get_running_loop().create_task(_close(responses))
+
+    async def start(context: Context) -> _Run:
+        """Admit the call, and start its record; abort it if it may not run."""
         arrived = time.monotonic()
         call, reject = gate.admit(method, scope, context)
         pair = ((REQUEST_ID_KEY, call.request_id),)
@@ -234,11 +299,25 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
 
         call.record = record
         metrics.running.inc()
-        return call, observe.set_current(call), reject
+        run = _Run(call)
+        context.add_done_callback(functools.partial(done, run))
+        run.token = observe.set_current(call)
+        if reject is None:
+            # A call's budgets: its token's share and the server's. Without tokens
+            # there is nobody to tell apart, and the server's caps alone apply.
+            identity = call.caller if gate.tokens else None
+            entered = admission.enter(places(identity))
+            if isinstance(entered, str):
+                reject = Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, entered)
+            else:
+                run.keys = entered
+        await check(run, reject, context)
+        return run
 
-    async def check(call: Call, reject: Reject | None, context: Context) -> bool:
+    async def check(run: _Run, reject: Reject | None, context: Context) -> None:
         """Abort the call if the gate said so or its deadline passed; else set the
-        deadline it works against and count it in. Whether it was counted."""
+        deadline it works against and count it in."""
+        call = run.call
         if reject is not None:
             if reject.pushback_ms is not None:
                 context.set_trailing_metadata(
@@ -259,77 +338,94 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
             # When the call must have started its work (Compute checks it), and how
             # long it may wait in a model's queue: its own deadline, or the default.
             call.deadline = time.monotonic() + remaining
-        if counter is None:
-            return False
-        counter.__enter__()
-        return True
+        if counter is not None:
+            counter.__enter__()
+            run.counted = True
 
-    def end(call: Call, token: Any, context: Context, ok: bool, counted: bool) -> None:
-        if counted:
-            counter.__exit__()  # type: ignore[union-attr]
-        metrics.running.dec()
-        if call.record is not None:  # not recorded yet (rpc.abort records errors)
-            call.record("OK" if ok else _code(context))
-        observe.reset_current(token)
+    async def request_of(requests: AsyncIterator[Any], context: Context) -> Any:
+        """The request the behavior takes: a unary method's one message, read now
+        (a large one parsed off the loop); a streaming method's stream as it is."""
+        if not unary_request:
+            return requests
+        raw = None
+        async for raw in requests:
+            break
+        if raw is None:
+            if context.cancelled():  # the client went before it sent the message
+                raise asyncio.CancelledError
+            await rpc.abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"{method}: no request message"
+            )
+        if deserialize is None:
+            return raw
+        try:
+            if len(raw) >= _OFF_LOOP:
+                return await asyncio.to_thread(deserialize, raw)
+            return deserialize(raw)
+        except Exception as exc:  # another service's parser (tensorwire's return errors)
+            log.debug("%s: malformed request: %s", method, exc)
+        await rpc.abort(
+            context, grpc.StatusCode.INVALID_ARGUMENT, f"{method}: malformed request message"
+        )
 
     behavior: Any = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
-    streams = handler.response_streaming
 
-    async def unary(request: Any, context: Context) -> Any:
-        call, token, reject = await start(context, streams=False)
-        ok = counted = False
+    async def unary(requests: AsyncIterator[Any], context: Context) -> Any:
+        run = await start(context)
         try:
-            counted = await check(call, reject, context)
-            result = await behavior(request, context)
-            ok = True
+            result = await behavior(await request_of(requests, context), context)
+            run.ok = True
             return result
         finally:
-            end(call, token, context, ok, counted)
+            run.leave()
 
-    async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
-        call, token, reject = await start(context, streams=True)
-        ok = counted = False
+    async def streaming(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        run = await start(context)
         try:
-            counted = await check(call, reject, context)
-            async for response in behavior(request, context):
-                yield response
-            ok = True
+            run.responses = behavior(await request_of(requests, context), context)
+            async with contextlib.aclosing(run.responses) as responses:
+                async for response in responses:
+                    yield response
+            run.ok = True
         finally:
-            end(call, token, context, ok, counted)
+            run.leave()
 
-    async def writing(request: Any, context: Context) -> None:
+    async def writing(requests: AsyncIterator[Any], context: Context) -> None:
         # A streaming handler that writes its responses itself (health's Watch).
-        call, token, reject = await start(context, streams=True)
-        ok = counted = False
+        run = await start(context)
         try:
-            counted = await check(call, reject, context)
-            await behavior(request, context)
-            ok = True
+            await behavior(await request_of(requests, context), context)
+            run.ok = True
         finally:
-            end(call, token, context, ok, counted)
+            run.leave()
 
     if not streams:
-        wrapped = unary
-    else:
-        wrapped = streaming if inspect.isasyncgenfunction(behavior) else writing  # type: ignore[assignment]
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, streams)]
-    guarded: Handler = make(
-        wrapped,
-        request_deserializer=handler.request_deserializer,
+        guarded: Handler = grpc.stream_unary_rpc_method_handler(
+            unary, response_serializer=handler.response_serializer
+        )
+        return guarded
+    wrapped = streaming if inspect.isasyncgenfunction(behavior) else writing
+    guarded = grpc.stream_stream_rpc_method_handler(
+        wrapped,  # type: ignore[arg-type]
+        # A streaming method's messages are its behavior's to read; a unary one's, ours.
+        request_deserializer=None if unary_request else deserialize,
         response_serializer=handler.response_serializer,
     )
     return guarded
 
 
+async def _close(responses: Any) -> None:
+    """Close a response generator the call left; one still running is ending anyway."""
+    with contextlib.suppress(RuntimeError):
+        await responses.aclose()
+
+
 def _code(context: Context) -> str:
-    """The status an aborted call ends with: what abort set, else a server error."""
+    """The status a call that did not finish ends with: what abort set; CANCELLED when
+    its client cancelled it or went away; else a server error."""
     code = context.code()
-    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "CANCELLED" if context.cancelled() else "UNKNOWN"
