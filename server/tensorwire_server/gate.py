@@ -127,6 +127,7 @@ class Gate(_Interceptor):
         self.default_deadline = default_deadline
         self.metrics = metrics
         self.in_flight = InFlight(heap)
+        quiet_sends_to_gone_clients()
         #: How many calls may run at once, by kind and by caller.
         self.admission = Admission(quotas or Quotas.from_settings(Settings()))
         self._guarded: dict[str, tuple[Handler, Handler]] = {}
@@ -223,12 +224,15 @@ class _Run:
     gRPC's done callback gives back what it held and records its status, also for a
     stream whose client went away while its generator waited to be collected."""
 
-    __slots__ = ("call", "token", "ok", "counted", "keys", "responses")
+    __slots__ = ("call", "token", "ok", "gone", "counted", "keys", "responses")
 
     def __init__(self, call: Call) -> None:
         self.call = call
         self.token: Any = None
         self.ok = False  # the behavior finished without an error
+        #: Cancelled, or waiting at a yield while gRPC sent its response: a call that
+        #: ends so, with no status of its own, ended because its client went away.
+        self.gone = False
         self.counted = False  # in the gate's InFlight
         self.keys: tuple[str, ...] = ()  # the admission budgets it holds a place in
         self.responses: Any = None  # a response generator to close if the call ends early
@@ -272,7 +276,7 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         metrics.running.dec()
         call = run.call
         if call.record is not None:  # not recorded yet (rpc.abort records errors)
-            call.record("OK" if run.ok else _code(context))
+            call.record("OK" if run.ok else _code(context, run.gone))
         responses = run.responses
         if responses is not None and not run.ok:
             # Its client went while it waited at a yield: close it now, not at the next
@@ -378,6 +382,9 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
             result = await behavior(await request_of(requests, context), context)
             run.ok = True
             return result
+        except asyncio.CancelledError:
+            run.gone = True
+            raise
         finally:
             run.leave()
 
@@ -387,8 +394,13 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
             run.responses = behavior(await request_of(requests, context), context)
             async with contextlib.aclosing(run.responses) as responses:
                 async for response in responses:
+                    run.gone = True  # until gRPC asks for the next one
                     yield response
+                    run.gone = False
             run.ok = True
+        except asyncio.CancelledError:
+            run.gone = True
+            raise
         finally:
             run.leave()
 
@@ -398,6 +410,9 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         try:
             await behavior(await request_of(requests, context), context)
             run.ok = True
+        except asyncio.CancelledError:
+            run.gone = True
+            raise
         finally:
             run.leave()
 
@@ -422,10 +437,37 @@ async def _close(responses: Any) -> None:
         await responses.aclose()
 
 
-def _code(context: Context) -> str:
+def _code(context: Context, gone: bool) -> str:
     """The status a call that did not finish ends with: what abort set; CANCELLED when
-    its client cancelled it or went away; else a server error."""
+    its client cancelled it or went away (``gone``: as far as the call could tell;
+    gRPC's own flag comes later when a send is what failed); else a server error."""
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
-    return "CANCELLED" if context.cancelled() else "UNKNOWN"
+    return "CANCELLED" if gone or context.cancelled() else "UNKNOWN"
+
+
+class _GoneClientSends(logging.Filter):
+    """grpc.aio logs a response that could not be sent because its client had just
+    cancelled as an ERROR with a traceback, when the failed send is noticed before the
+    cancellation: the call is recorded CANCELLED; this is a debug line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if (
+            type(error).__name__ == "ExecuteBatchError"
+            and "SendMessageOperation" in str(error)
+            and "(<" in str(error)  # one failed operation: a response, not a status
+        ):
+            method = record.getMessage().rpartition("[")[2].rstrip("]")
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+            record.msg, record.args = "%s: a response not sent: its client had gone", (method,)
+        return True
+
+
+def quiet_sends_to_gone_clients() -> None:
+    """Install ``_GoneClientSends`` on grpc.aio's logger, once."""
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _GoneClientSends) for f in logger.filters):
+        logger.addFilter(_GoneClientSends())
