@@ -93,10 +93,9 @@ def test_large_unary_messages_without_a_token_are_refused_before_they_are_read(
     for four of 1 GiB)."""
     monkeypatch.setenv("TENSORWIRE_TOKENS", TOKENS)
     size = 512 * MIB
-    body = pb.InferRequest(
-        model="identity",
-        inputs=[pb.NamedTensor(tensor=pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[size], data=bytes(size)))],
-    ).SerializeToString()
+    tensor = pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[size], data=bytes(size))
+    request = pb.InferRequest(model="identity", inputs=[pb.NamedTensor(tensor=tensor)])
+    body = request.SerializeToString()
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     with spawn_server("--device", "cpu") as (proc, address, _):
         assert small_infer(address, HOG) == [0, 1, 2]  # warm: the unary path has run once
@@ -186,9 +185,7 @@ def test_one_tokens_silent_streams_do_not_starve_another_token(
     release = threading.Event()
     with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
         stream = channel.stream_stream(method_path("InferStream"))
-        calls = [
-            stream(_silent(release), metadata=bearer(HOG), timeout=TIMEOUT) for _ in range(64)
-        ]
+        calls = [stream(_silent(release), metadata=bearer(HOG), timeout=TIMEOUT) for _ in range(64)]
         try:
             assert wait_for(lambda: sum(c.done() for c in calls) >= 60)
             refused = [c for c in calls if c.done()]

@@ -224,7 +224,7 @@ class _Run:
     gRPC's done callback gives back what it held and records its status, also for a
     stream whose client went away while its generator waited to be collected."""
 
-    __slots__ = ("call", "token", "ok", "gone", "counted", "keys", "responses")
+    __slots__ = ("call", "counted", "gone", "keys", "ok", "responses", "token")
 
     def __init__(self, call: Call) -> None:
         self.call = call
@@ -304,7 +304,8 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         call.record = record
         metrics.running.inc()
         run = _Run(call)
-        context.add_done_callback(functools.partial(done, run))
+        # grpc-stubs types the callback as a DoneCallback object; grpc calls any callable.
+        context.add_done_callback(functools.partial(done, run))  # type: ignore[arg-type]
         run.token = observe.set_current(call)
         if reject is None:
             # A call's budgets: its token's share and the server's. Without tokens
@@ -351,15 +352,14 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         (a large one parsed off the loop); a streaming method's stream as it is."""
         if not unary_request:
             return requests
-        raw = None
-        async for raw in requests:
-            break
+        raw = await anext(aiter(requests), None)
         if raw is None:
             if context.cancelled():  # the client went before it sent the message
                 raise asyncio.CancelledError
             await rpc.abort(
                 context, grpc.StatusCode.INVALID_ARGUMENT, f"{method}: no request message"
             )
+            raise AssertionError("unreachable")  # abort raises
         if deserialize is None:
             return raw
         try:
@@ -423,7 +423,7 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         return guarded
     wrapped = streaming if inspect.isasyncgenfunction(behavior) else writing
     guarded = grpc.stream_stream_rpc_method_handler(
-        wrapped,  # type: ignore[arg-type]
+        wrapped,
         # A streaming method's messages are its behavior's to read; a unary one's, ours.
         request_deserializer=None if unary_request else deserialize,
         response_serializer=handler.response_serializer,

@@ -62,9 +62,8 @@ class Limits:
         """Check every tensor of a unary request (its bytes gRPC already bounded; the
         rest of each tensor's description is the decoder's to check) and their count;
         its payload bytes, counted on the same walk."""
-        inline = count = 0
-        for name, tensor in tensors_in(request.message):
-            count += 1
+        inline = 0
+        for count, (name, tensor) in enumerate(tensors_in(request.message), 1):
             self.tensor_count(count)
             self.tensor(name, tuple(tensor.shape))
             inline += len(tensor.data)

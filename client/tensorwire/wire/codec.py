@@ -331,9 +331,7 @@ def receiver(
     return deserialize
 
 
-def receive(
-    cls: type[M], raw: bytes, count: Callable[[int], None] | None = None
-) -> Received[M]:
+def receive(cls: type[M], raw: bytes, count: Callable[[int], None] | None = None) -> Received[M]:
     """Parse ``raw`` as ``cls``; payloads of a large message stay views into ``raw``.
     ``count`` hears a large message's tensors as they are found, before protobuf
     parses it, and may refuse there (a small one's are few: its reader counts them)."""
