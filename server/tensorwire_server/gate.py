@@ -262,9 +262,16 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
     default_deadline = gate.default_deadline
     streams = handler.response_streaming
     unary_request = not handler.request_streaming
-    places = functools.partial(
-        admission.places, method, public, handler.request_streaming or streams
-    )
+    stream = handler.request_streaming or streams
+    # Each caller's budgets, worked out once: identities are the tokens' names.
+    known: dict[str | None, Any] = {}
+
+    def places(identity: str | None) -> Any:
+        found = known.get(identity)
+        if found is None:
+            found = known[identity] = admission.places(method, public, stream, identity)
+        return found
+
     deserialize = handler.request_deserializer
 
     def done(run: _Run, context: Context) -> None:
