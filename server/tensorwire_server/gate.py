@@ -273,6 +273,10 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         return found
 
     deserialize = handler.request_deserializer
+    # A public method whose request has no fields (ServerLive, ServerReady, health's
+    # List) is answered without reading it: nobody needs a token to send one, and
+    # its message could be as large as any.
+    reads = not unary_request or not public or deserialize is None or _fields(deserialize)
 
     def done(run: _Run, context: Context) -> None:
         """The call ended (answered, aborted, cancelled): give back what it holds."""
@@ -359,6 +363,8 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         (a large one parsed off the loop); a streaming method's stream as it is."""
         if not unary_request:
             return requests
+        if not reads:
+            return deserialize(b"")  # type: ignore[misc]
         raw = await anext(aiter(requests), None)
         if raw is None:
             if context.cancelled():  # the client went before it sent the message
@@ -436,6 +442,12 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         response_serializer=handler.response_serializer,
     )
     return guarded
+
+
+def _fields(deserialize: Callable[[bytes], Any]) -> bool:
+    """Whether the messages ``deserialize`` parses have any field."""
+    message = deserialize(b"")
+    return bool(getattr(getattr(message, "DESCRIPTOR", None), "fields", True))
 
 
 async def _close(responses: Any) -> None:
