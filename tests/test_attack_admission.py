@@ -26,6 +26,7 @@ from tensorwire import Client
 from tensorwire._transport import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
+from tensorwire_server.admission import Admission, Quotas
 from tensorwire_server.kserve import grpc_service_pb2 as kpb
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
@@ -363,3 +364,39 @@ def _counter(server: TensorwireServer, method: str, code: str) -> float:
             ):
                 total += sample.value
     return total
+
+
+def test_a_kserve_request_over_max_request_tensors_is_refused(address: str) -> None:
+    one = kpb.ModelInferRequest.InferInputTensor(datatype="UINT8", shape=[1])
+    request = kpb.ModelInferRequest(model_name="echo")
+    for i in range(4097):
+        request.inputs.add().CopyFrom(one)
+        request.inputs[-1].name = f"t{i}"
+    with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            infer(request.SerializeToString(), metadata=bearer(HOG), timeout=TIMEOUT)
+    error: Any = info.value
+    assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_request_tensors" in error.details()
+
+
+# ------------------------------------------------------------------ the budgets themselves
+
+
+def test_server_wide_caps_hold_above_every_tokens_share() -> None:
+    """Two tokens within their shares still meet the server's stream cap, and a public
+    call never takes an authenticated place."""
+    admission = Admission(Quotas(4, 3, 3, 2, 1, 1))
+    a = [admission.enter(admission.places("/m", False, True, "a")) for _ in range(3)]
+    assert isinstance(a[2], str) and "token 'a' has 2 streams open" in a[2]
+    b = [admission.enter(admission.places("/m", False, True, "b")) for _ in range(2)]
+    assert isinstance(b[1], str) and "max_concurrent_streams" in b[1]
+    assert not isinstance(admission.enter(admission.places("/u", False, False, "b")), str)
+    refused = admission.enter(admission.places("/u", False, False, "b"))
+    assert isinstance(refused, str) and "max_concurrent_requests" in refused
+    assert not isinstance(admission.enter(admission.places("/h", True, False, None)), str)
+    for held in (a[0], a[1], b[0]):
+        assert not isinstance(held, str)
+        admission.leave(held)
+    assert admission.held("streams") == 0 and admission.held("calls") == 1
