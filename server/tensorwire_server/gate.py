@@ -218,6 +218,8 @@ def _bearer(value: str) -> str | None:
 #: large message are Python (about 1.3 ms per 10 KiB of tiny fields), and a request of
 #: many small fields would hold the event loop meanwhile (35 ms at most, here).
 _OFF_LOOP = 256 << 10
+#: Seconds a public call's message may take to arrive.
+_PUBLIC_READ_SECONDS = 10.0
 
 
 class _Run:
@@ -366,7 +368,14 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
             return requests
         if not reads:
             return deserialize(b"")  # type: ignore[misc]
-        raw = await anext(aiter(requests), None)
+        try:
+            # A public call holds a place in a small budget anyone may take: its few
+            # bytes must come soon. Others wait on their own budgets.
+            async with asyncio.timeout(_PUBLIC_READ_SECONDS if public else None):
+                raw = await anext(aiter(requests), None)
+        except TimeoutError:
+            late = f"{method}: no request message within {_PUBLIC_READ_SECONDS:g} s"
+            await rpc.abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, late)
         if raw is None:
             if context.cancelled():  # the client went before it sent the message
                 raise asyncio.CancelledError
