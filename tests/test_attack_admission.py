@@ -226,7 +226,7 @@ def test_one_token_over_its_concurrent_calls_is_refused_and_another_is_served(
     assert len(refused) == 4
     assert all(e.code == "RESOURCE_EXHAUSTED" for e in refused)  # type: ignore[attr-defined]
     assert all("max_calls_per_token" in str(e) for e in refused)
-    assert server.gate.admission.held("calls/hog") == 0
+    assert wait_for(lambda: server.gate.admission.held("calls/hog") == 0)
 
 
 # ------------------------------------------------------------------ H: per-request work
@@ -340,7 +340,7 @@ def test_a_cancelled_stream_is_recorded_cancelled_and_logs_nothing_alarming(
     assert "Task exception was never retrieved" not in text
     assert "different Context" not in text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], text
-    assert server.gate.admission.held("streams/hog") == 0
+    assert wait_for(lambda: server.gate.admission.held("streams/hog") == 0)
     assert small_infer(address, HOG) == [0, 1, 2]
 
 

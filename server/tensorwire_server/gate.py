@@ -227,7 +227,7 @@ class _Run:
     gRPC's done callback gives back what it held and records its status, also for a
     stream whose client went away while its generator waited to be collected."""
 
-    __slots__ = ("call", "counted", "gone", "keys", "ok", "responses", "token")
+    __slots__ = ("call", "counted", "ended", "gone", "keys", "ok", "responses", "token")
 
     def __init__(self, call: Call) -> None:
         self.call = call
@@ -237,6 +237,7 @@ class _Run:
         #: ends so, with no status of its own, ended because its client went away.
         self.gone = False
         self.counted = False  # in the gate's InFlight
+        self.ended = False  # no longer counted as running, and recorded
         self.keys: tuple[str, ...] = ()  # the admission budgets it holds a place in
         self.responses: Any = None  # a response generator to close if the call ends early
 
@@ -281,16 +282,26 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
     # its message could be as large as any.
     reads = not unary_request or not public or deserialize is None or _fields(deserialize)
 
-    def done(run: _Run, context: Context) -> None:
-        """The call ended (answered, aborted, cancelled): give back what it holds."""
+    def end(run: _Run, context: Context) -> None:
+        """The behavior is done: the call stops counting as running (a drain waits for
+        no response being sent) and is recorded. Once, from whichever comes first: the
+        handler's end, or gRPC's done callback when a stream's client went away."""
+        if run.ended:
+            return
+        run.ended = True
         if run.counted:
             counter.__exit__()  # type: ignore[union-attr]
-        if run.keys:
-            admission.leave(run.keys)
         metrics.running.dec()
         call = run.call
         if call.record is not None:  # not recorded yet (rpc.abort records errors)
             call.record("OK" if run.ok else _code(context, run.gone))
+
+    def done(run: _Run, context: Context) -> None:
+        """The call ended (answered, aborted, cancelled): give back what it holds. Its
+        budgets are held until its response is sent."""
+        end(run, context)
+        if run.keys:
+            admission.leave(run.keys)
         responses = run.responses
         if responses is not None and not run.ok:
             # Its client went while it waited at a yield: close it now, not at the next
@@ -409,6 +420,7 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
             run.gone = True
             raise
         finally:
+            end(run, context)
             run.leave()
 
     async def streaming(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
@@ -425,6 +437,7 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
             run.gone = True
             raise
         finally:
+            end(run, context)
             run.leave()
 
     async def writing(requests: AsyncIterator[Any], context: Context) -> None:
@@ -437,6 +450,7 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
             run.gone = True
             raise
         finally:
+            end(run, context)
             run.leave()
 
     if not streams:
