@@ -124,7 +124,32 @@ def main(argv: list[str] | None = None) -> int:
     limits.add_argument("--max-request-bytes", type=int, help="payload bytes (default 8 GiB)")
     limits.add_argument("--max-tensor-elements", type=int, help="elements per tensor (2**32)")
     limits.add_argument(
-        "--max-concurrent-requests", type=int, help="RPCs in progress at once (default 64)"
+        "--max-request-tensors", type=int, help="tensors one request may carry (4096)"
+    )
+    limits.add_argument(
+        "--max-message-bytes", type=int, help="bytes of one unary message read (2 GiB - 1)"
+    )
+    limits.add_argument(
+        "--max-concurrent-requests",
+        type=int,
+        help="calls in progress at once, every token together (64); public ones aside",
+    )
+    limits.add_argument(
+        "--max-concurrent-streams", type=int, help="of those, streams open at once (48)"
+    )
+    limits.add_argument(
+        "--max-calls-per-token", type=int, help="calls in progress at once per token (32)"
+    )
+    limits.add_argument(
+        "--max-streams-per-token", type=int, help="streams open at once per token (16)"
+    )
+    limits.add_argument(
+        "--max-public-calls",
+        type=int,
+        help="health checks, ServerLive and ServerReady running at once, no token needed (16)",
+    )
+    limits.add_argument(
+        "--max-health-watches", type=int, help="health Watch streams open at once (8)"
     )
     limits.add_argument(
         "--max-stream-seconds", type=float, help="time a request stream may take (3600)"

@@ -7,6 +7,9 @@ later) can be reached around it; tests walk the service descriptors to prove it.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import inspect
 import logging
 import threading
@@ -25,9 +28,11 @@ from tensorwire.wire.protocol import (
     STARTING_PUSHBACK_MS,
 )
 from tensorwire_server import observe, rpc
+from tensorwire_server.admission import Admission, Quotas
 from tensorwire_server.heap import HeapTrimmer
 from tensorwire_server.observe import Call, Metrics
 from tensorwire_server.security import AUTHENTICATED, PUBLIC, Tokens, scope_of
+from tensorwire_server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +120,16 @@ class Gate(_Interceptor):
         default_deadline: float,
         metrics: Metrics,
         heap: HeapTrimmer | None = None,
+        quotas: Quotas | None = None,
     ) -> None:
         self.tokens = tokens
         self.lifecycle = lifecycle
         self.default_deadline = default_deadline
         self.metrics = metrics
         self.in_flight = InFlight(heap)
+        quiet_sends_to_gone_clients()
+        #: How many calls may run at once, by kind and by caller.
+        self.admission = Admission(quotas or Quotas.from_settings(Settings()))
         self._guarded: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
@@ -206,18 +215,103 @@ def _bearer(value: str) -> str | None:
     return None
 
 
+#: A request this large is parsed on a thread: tensorwire's and KServe's walks of a
+#: large message are Python (about 1.3 ms per 10 KiB of tiny fields), and a request of
+#: many small fields would hold the event loop meanwhile (35 ms at most, here).
+_OFF_LOOP = 256 << 10
+#: Seconds a public call's message may take to arrive.
+_PUBLIC_READ_SECONDS = 10.0
+
+
+class _Run:
+    """One admitted (or refused) call from its arrival to its end, however it ends:
+    gRPC's done callback gives back what it held and records its status, also for a
+    stream whose client went away while its generator waited to be collected."""
+
+    __slots__ = ("call", "counted", "ended", "gone", "keys", "ok", "responses", "token")
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self.token: Any = None
+        self.ok = False  # the behavior finished without an error
+        #: Cancelled, or waiting at a yield while gRPC sent its response: a call that
+        #: ends so, with no status of its own, ended because its client went away.
+        self.gone = False
+        self.counted = False  # in the gate's InFlight
+        self.ended = False  # no longer counted as running, and recorded
+        self.keys: tuple[str, ...] = ()  # the admission budgets it holds a place in
+        self.responses: Any = None  # a response generator to close if the call ends early
+
+    def leave(self) -> None:
+        """Restore the task's current call. A response generator that gRPC left
+        suspended is finalized in a task of its own, whose context never had it."""
+        with contextlib.suppress(ValueError):
+            observe.reset_current(self.token)
+
+
 def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
     """``handler`` behind ``gate``: each call admitted (or answered with the gate's
-    status) before the behavior sees its request, its deadline set, counted while it
-    runs (unless it is public: health, reflection), and recorded (metrics, access log)
-    when it ends."""
-    scope = scope_of(method)
-    counter = None if scope == PUBLIC else gate.in_flight
-    metrics = gate.metrics
-    default_deadline = gate.default_deadline
+    status) as it arrives, from its headers alone, before a byte of its request is read;
+    its deadline set, counted while it runs (unless it is public: health), and recorded
+    (metrics, access log) when it ends.
 
-    async def start(context: Context, streams: bool) -> tuple[Call, Any, Reject | None]:
-        """Admit the call, and start its record."""
+    Every method is served as a request stream, so that the gate decides when gRPC
+    reads: a unary method's one message is read only once the call is admitted (the
+    wire does not tell the two apart). A refused call never asks for its message, and
+    HTTP/2 flow control stops its sender."""
+    scope = scope_of(method)
+    public = scope == PUBLIC
+    counter = None if public else gate.in_flight
+    metrics = gate.metrics
+    admission = gate.admission
+    default_deadline = gate.default_deadline
+    streams = handler.response_streaming
+    unary_request = not handler.request_streaming
+    stream = handler.request_streaming or streams
+    # Each caller's budgets, worked out once: identities are the tokens' names.
+    known: dict[str | None, Any] = {}
+
+    def places(identity: str | None) -> Any:
+        found = known.get(identity)
+        if found is None:
+            found = known[identity] = admission.places(method, public, stream, identity)
+        return found
+
+    deserialize = handler.request_deserializer
+    # A public method whose request has no fields (ServerLive, ServerReady, health's
+    # List) is answered without reading it: nobody needs a token to send one, and
+    # its message could be as large as any.
+    reads = not unary_request or not public or deserialize is None or _fields(deserialize)
+
+    def end(run: _Run, context: Context) -> None:
+        """The behavior is done: the call stops counting as running (a drain waits for
+        no response being sent) and is recorded. Once, from whichever comes first: the
+        handler's end, or gRPC's done callback when a stream's client went away."""
+        if run.ended:
+            return
+        run.ended = True
+        if run.counted:
+            counter.__exit__()  # type: ignore[union-attr]
+        metrics.running.dec()
+        call = run.call
+        if call.record is not None:  # not recorded yet (rpc.abort records errors)
+            call.record("OK" if run.ok else _code(context, run.gone))
+
+    def done(run: _Run, context: Context) -> None:
+        """The call ended (answered, aborted, cancelled): give back what it holds. Its
+        budgets are held until its response is sent."""
+        end(run, context)
+        if run.keys:
+            admission.leave(run.keys)
+        responses = run.responses
+        if responses is not None and not run.ok:
+            # Its client went while it waited at a yield: close it now, not at the next
+            # collection, so that its request's buffers go with the call.
+            with contextlib.suppress(RuntimeError):  # no loop: the server is stopping
+                asyncio.get_running_loop().create_task(_close(responses))
+
+    async def start(context: Context) -> _Run:
+        """Admit the call, and start its record; abort it if it may not run."""
         arrived = time.monotonic()
         call, reject = gate.admit(method, scope, context)
         pair = ((REQUEST_ID_KEY, call.request_id),)
@@ -235,11 +329,26 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
 
         call.record = record
         metrics.running.inc()
-        return call, observe.set_current(call), reject
+        run = _Run(call)
+        # grpc-stubs types the callback as a DoneCallback object; grpc calls any callable.
+        context.add_done_callback(functools.partial(done, run))  # type: ignore[arg-type]
+        run.token = observe.set_current(call)
+        if reject is None:
+            # A call's budgets: its token's share and the server's. Without tokens
+            # there is nobody to tell apart, and the server's caps alone apply.
+            identity = call.caller if gate.tokens else None
+            entered = admission.enter(places(identity))
+            if isinstance(entered, str):
+                reject = Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, entered)
+            else:
+                run.keys = entered
+        await check(run, reject, context)
+        return run
 
-    async def check(call: Call, reject: Reject | None, context: Context) -> bool:
+    async def check(run: _Run, reject: Reject | None, context: Context) -> None:
         """Abort the call if the gate said so or its deadline passed; else set the
-        deadline it works against and count it in. Whether it was counted."""
+        deadline it works against and count it in."""
+        call = run.call
         if reject is not None:
             if reject.pushback_ms is not None:
                 context.set_trailing_metadata(
@@ -260,77 +369,149 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
             # When the call must have started its work (Compute checks it), and how
             # long it may wait in a model's queue: its own deadline, or the default.
             call.deadline = time.monotonic() + remaining
-        if counter is None:
-            return False
-        counter.__enter__()
-        return True
+        if counter is not None:
+            counter.__enter__()
+            run.counted = True
 
-    def end(call: Call, token: Any, context: Context, ok: bool, counted: bool) -> None:
-        if counted:
-            counter.__exit__()  # type: ignore[union-attr]
-        metrics.running.dec()
-        if call.record is not None:  # not recorded yet (rpc.abort records errors)
-            call.record("OK" if ok else _code(context))
-        observe.reset_current(token)
+    async def request_of(requests: AsyncIterator[Any], context: Context) -> Any:
+        """The request the behavior takes: a unary method's one message, read now
+        (a large one parsed off the loop); a streaming method's stream as it is."""
+        if not unary_request:
+            return requests
+        if not reads:
+            return deserialize(b"")  # type: ignore[misc]
+        try:
+            # A public call holds a place in a small budget anyone may take: its few
+            # bytes must come soon. Others wait on their own budgets.
+            async with asyncio.timeout(_PUBLIC_READ_SECONDS if public else None):
+                raw = await anext(aiter(requests), None)
+        except TimeoutError:
+            late = f"{method}: no request message within {_PUBLIC_READ_SECONDS:g} s"
+            await rpc.abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, late)
+        if raw is None:
+            if context.cancelled():  # the client went before it sent the message
+                raise asyncio.CancelledError
+            await rpc.abort(
+                context, grpc.StatusCode.INVALID_ARGUMENT, f"{method}: no request message"
+            )
+            raise AssertionError("unreachable")  # abort raises
+        if deserialize is None:
+            return raw
+        try:
+            if len(raw) >= _OFF_LOOP:
+                return await asyncio.to_thread(deserialize, raw)
+            return deserialize(raw)
+        except Exception as exc:  # another service's parser (tensorwire's return errors)
+            log.debug("%s: malformed request: %s", method, exc)
+        await rpc.abort(
+            context, grpc.StatusCode.INVALID_ARGUMENT, f"{method}: malformed request message"
+        )
 
     behavior: Any = (
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
-    streams = handler.response_streaming
 
-    async def unary(request: Any, context: Context) -> Any:
-        call, token, reject = await start(context, streams=False)
-        ok = counted = False
+    async def unary(requests: AsyncIterator[Any], context: Context) -> Any:
+        run = await start(context)
         try:
-            counted = await check(call, reject, context)
-            result = await behavior(request, context)
-            ok = True
+            result = await behavior(await request_of(requests, context), context)
+            run.ok = True
             return result
+        except asyncio.CancelledError:
+            run.gone = True
+            raise
         finally:
-            end(call, token, context, ok, counted)
+            end(run, context)
+            run.leave()
 
-    async def streaming(request: Any, context: Context) -> AsyncIterator[Any]:
-        call, token, reject = await start(context, streams=True)
-        ok = counted = False
+    async def streaming(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
+        run = await start(context)
         try:
-            counted = await check(call, reject, context)
-            async for response in behavior(request, context):
-                yield response
-            ok = True
+            run.responses = behavior(await request_of(requests, context), context)
+            async with contextlib.aclosing(run.responses) as responses:
+                async for response in responses:
+                    run.gone = True  # until gRPC asks for the next one
+                    yield response
+                    run.gone = False
+            run.ok = True
+        except asyncio.CancelledError:
+            run.gone = True
+            raise
         finally:
-            end(call, token, context, ok, counted)
+            end(run, context)
+            run.leave()
 
-    async def writing(request: Any, context: Context) -> None:
+    async def writing(requests: AsyncIterator[Any], context: Context) -> None:
         # A streaming handler that writes its responses itself (health's Watch).
-        call, token, reject = await start(context, streams=True)
-        ok = counted = False
+        run = await start(context)
         try:
-            counted = await check(call, reject, context)
-            await behavior(request, context)
-            ok = True
+            await behavior(await request_of(requests, context), context)
+            run.ok = True
+        except asyncio.CancelledError:
+            run.gone = True
+            raise
         finally:
-            end(call, token, context, ok, counted)
+            end(run, context)
+            run.leave()
 
     if not streams:
-        wrapped = unary
-    else:
-        wrapped = streaming if inspect.isasyncgenfunction(behavior) else writing  # type: ignore[assignment]
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
-    make = kinds[(handler.request_streaming, streams)]
-    guarded: Handler = make(
+        guarded: Handler = grpc.stream_unary_rpc_method_handler(
+            unary, response_serializer=handler.response_serializer
+        )
+        return guarded
+    wrapped = streaming if inspect.isasyncgenfunction(behavior) else writing
+    guarded = grpc.stream_stream_rpc_method_handler(
         wrapped,
-        request_deserializer=handler.request_deserializer,
+        # A streaming method's messages are its behavior's to read; a unary one's, ours.
+        request_deserializer=None if unary_request else deserialize,
         response_serializer=handler.response_serializer,
     )
     return guarded
 
 
-def _code(context: Context) -> str:
-    """The status an aborted call ends with: what abort set, else a server error."""
+def _fields(deserialize: Callable[[bytes], Any]) -> bool:
+    """Whether the messages ``deserialize`` parses have any field."""
+    message = deserialize(b"")
+    return bool(getattr(getattr(message, "DESCRIPTOR", None), "fields", True))
+
+
+async def _close(responses: Any) -> None:
+    """Close a response generator the call left; one still running is ending anyway."""
+    with contextlib.suppress(RuntimeError):
+        await responses.aclose()
+
+
+def _code(context: Context, gone: bool) -> str:
+    """The status a call that did not finish ends with: what abort set; CANCELLED when
+    its client cancelled it or went away (``gone``: as far as the call could tell;
+    gRPC's own flag comes later when a send is what failed); else a server error."""
     code = context.code()
-    return code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "CANCELLED" if gone or context.cancelled() else "UNKNOWN"
+
+
+class _GoneClientSends(logging.Filter):
+    """grpc.aio logs a response that could not be sent because its client had just
+    cancelled as an ERROR with a traceback, when the failed send is noticed before the
+    cancellation: the call is recorded CANCELLED; this is a debug line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if (
+            type(error).__name__ == "ExecuteBatchError"
+            and "SendMessageOperation" in str(error)
+            and "(<" in str(error)  # one failed operation: a response, not a status
+        ):
+            method = record.getMessage().rpartition("[")[2].rstrip("]")
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.exc_info = record.exc_text = None
+            record.msg, record.args = "%s: a response not sent: its client had gone", (method,)
+        return True
+
+
+def quiet_sends_to_gone_clients() -> None:
+    """Install ``_GoneClientSends`` on grpc.aio's logger, once."""
+    logger = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, _GoneClientSends) for f in logger.filters):
+        logger.addFilter(_GoneClientSends())

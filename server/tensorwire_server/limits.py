@@ -17,13 +17,26 @@ class Limits:
     max_request_bytes: int
     max_tensor_elements: int
     max_stream_seconds: float
+    max_request_tensors: int = 4096
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
         """The limits ``settings`` set."""
         return cls(
-            settings.max_request_bytes, settings.max_tensor_elements, settings.max_stream_seconds
+            settings.max_request_bytes,
+            settings.max_tensor_elements,
+            settings.max_stream_seconds,
+            settings.max_request_tensors,
         )
+
+    def tensor_count(self, count: int) -> None:
+        """Refuse a request once it is found to hold more tensors than allowed (called
+        as they are counted, so that the count stops there)."""
+        if count > self.max_request_tensors:
+            raise ResourceExhaustedError(
+                f"the request holds more than {self.max_request_tensors} tensors, the "
+                f"server's max_request_tensors"
+            )
 
     def tensor(self, name: str, shape: tuple[int, ...]) -> int:
         """Refuse a tensor with more elements than allowed; its element count."""
@@ -47,10 +60,11 @@ class Limits:
 
     def received(self, request: Received[Any]) -> int:
         """Check every tensor of a unary request (its bytes gRPC already bounded; the
-        rest of each tensor's description is the decoder's to check); its payload bytes,
-        counted on the same walk."""
+        rest of each tensor's description is the decoder's to check) and their count;
+        its payload bytes, counted on the same walk."""
         inline = 0
-        for name, tensor in tensors_in(request.message):
+        for count, (name, tensor) in enumerate(tensors_in(request.message), 1):
+            self.tensor_count(count)
             self.tensor(name, tuple(tensor.shape))
             inline += len(tensor.data)
         # A spliced message's tensors hold placeholders; its payloads are views.

@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 import tensorwire_server
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
 from tensorwire_server import kserve, region_copies
+from tensorwire_server.admission import Quotas
 from tensorwire_server.compute import Compute
 from tensorwire_server.dataplane import DataPlane
 from tensorwire_server.engine import Engine
@@ -77,6 +78,12 @@ def _connection_age(seconds: float | None) -> list[tuple[str, int]]:
     return [] if seconds is None else [("grpc.max_connection_age_ms", int(seconds * 1000))]
 
 
+def receive_limit(settings: Settings) -> int:
+    """Bytes of one message gRPC reads (a unary request): its payloads, their names,
+    dtypes and shapes beside them, and no more than the setting or protobuf allow."""
+    return min(settings.max_request_bytes + _SLACK, settings.max_message_bytes, _CAP)
+
+
 def build_engine(settings: Settings) -> Engine:
     """The engine the settings describe: devices chosen, models loaded (a model that
     fails is logged and reported in Info; ValueError instead when strict)."""
@@ -113,7 +120,14 @@ class TensorwireServer:
         self.metrics = Metrics(engine.device if engine is not None else None, settings.access_log)
         #: Gives freed memory back to the OS whenever the server goes idle.
         self.heap = HeapTrimmer(release=[region_copies.release_idle])
-        self.gate = Gate(tokens, self.lifecycle, settings.default_deadline, self.metrics, self.heap)
+        self.gate = Gate(
+            tokens,
+            self.lifecycle,
+            settings.default_deadline,
+            self.metrics,
+            self.heap,
+            Quotas.from_settings(settings),
+        )
         #: Where torch work runs, off the loop.
         self.compute = Compute(settings.workers)
         # Work handed over and waiting for a thread.
@@ -162,11 +176,13 @@ class TensorwireServer:
             options=[
                 *(o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"),
                 # A unary request larger than this is refused by gRPC before it is read.
-                ("grpc.max_receive_message_length", min(settings.max_request_bytes + _SLACK, _CAP)),
+                ("grpc.max_receive_message_length", receive_limit(settings)),
                 *_connection_age(settings.max_connection_age),
             ],
             interceptors=[self.gate],
-            maximum_concurrent_rpcs=settings.max_concurrent_requests,
+            # No maximum_concurrent_rpcs: it counts every RPC alike, so public health
+            # watches could take what authenticated calls need. The gate admits each
+            # call against budgets of its kind and caller instead (admission.py).
         )
         server.add_generic_rpc_handlers(
             (

@@ -517,7 +517,10 @@ def tensor_service_handler(
             where = None if method.name in ON_THE_LOOP else compute
             handlers[method.name] = grpc.unary_unary_rpc_method_handler(
                 _unary(name, getattr(servicer, method.name), servicer, where),
-                request_deserializer=receiver(getattr(pb, method.input_type.name)),
+                # A large request's tensors are counted before protobuf parses it.
+                request_deserializer=receiver(
+                    getattr(pb, method.input_type.name), servicer.service.limits.tensor_count
+                ),
                 response_serializer=bytes,  # the servicer already encoded the response
             )
     return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)

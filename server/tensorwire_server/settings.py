@@ -122,9 +122,32 @@ class Settings:
     max_request_bytes: int = 8 << 30
     #: Elements one request tensor may have.
     max_tensor_elements: int = 1 << 32
-    #: RPCs in progress at once (running or waiting for a worker); more get
-    #: RESOURCE_EXHAUSTED at once.
+    #: Tensors one request may carry (inputs, arguments, outputs of every kind); more
+    #: get RESOURCE_EXHAUSTED before any is decoded (a stream's, from its header).
+    #: Every tensor costs per-request work however small it is.
+    max_request_tensors: int = 4096
+    #: Bytes of one gRPC message the server reads: a unary request, whose payloads
+    #: gRPC buffers whole (tritonclient's ModelInfer sends its tensors so). The server
+    #: reads the smaller of this and max_request_bytes + 1 MiB; protobuf caps a message
+    #: at 2 GiB - 1. Calls the gate refuses never have their message read.
+    max_message_bytes: int = 2**31 - 1
+    #: Calls in progress at once, every token together (running, waiting for a worker
+    #: or for their request); more get RESOURCE_EXHAUSTED at once. Public calls
+    #: (health, ServerLive, ServerReady) do not count: they have budgets of their own.
     max_concurrent_requests: int = 64
+    #: Of those, streams open at once (streamed requests or responses, which a client
+    #: may hold open for max_stream_seconds): room stays for unary calls.
+    max_concurrent_streams: int = 48
+    #: Calls in progress at once per token (with tokens; without, nobody can be told
+    #: apart and only the server-wide caps apply).
+    max_calls_per_token: int = 32
+    #: Streams open at once per token.
+    max_streams_per_token: int = 16
+    #: Public calls (health's Check and List, KServe's ServerLive and ServerReady),
+    #: which need no token, running at once; they never take authenticated capacity.
+    max_public_calls: int = 16
+    #: Health Watch streams open at once on ``port`` (public: they need no token).
+    max_health_watches: int = 8
     #: Seconds a streamed request may take to arrive.
     max_stream_seconds: float = 3600.0
     #: Seconds a call without a deadline of its own may wait for a worker.
@@ -186,6 +209,13 @@ class Settings:
             "max_request_bytes",
             "max_tensor_elements",
             "max_concurrent_requests",
+            "max_request_tensors",
+            "max_message_bytes",
+            "max_concurrent_streams",
+            "max_calls_per_token",
+            "max_streams_per_token",
+            "max_public_calls",
+            "max_health_watches",
             "max_stream_seconds",
             "default_deadline",
             "workers",

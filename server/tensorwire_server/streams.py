@@ -52,6 +52,7 @@ def streamed(
             limits = servicer.service.limits
             stager = servicer.service.stager()
             receiver = StreamReceiver(request_class, stager.allocate, landed=stager.landed)
+            receiver.count = limits.tensor_count  # refused from the header
             transfer: Transfer | None = None
             asked = False  # whether the client asked for the data plane
 

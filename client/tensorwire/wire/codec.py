@@ -315,25 +315,30 @@ class Received(Generic[M]):
         )
 
 
-def receiver(cls: type[M]) -> Callable[[bytes], Received[M] | TensorwireError]:
+def receiver(
+    cls: type[M], count: Callable[[int], None] | None = None
+) -> Callable[[bytes], Received[M] | TensorwireError]:
     """A gRPC deserializer for ``cls`` that returns a malformed message's error instead
-    of raising: gRPC would turn an exception there into an opaque INTERNAL/UNKNOWN."""
+    of raising: gRPC would turn an exception there into an opaque INTERNAL/UNKNOWN.
+    ``count``: see ``receive``."""
 
     def deserialize(raw: bytes) -> Received[M] | TensorwireError:
         try:
-            return receive(cls, raw)
+            return receive(cls, raw, count)
         except TensorwireError as exc:
             return exc
 
     return deserialize
 
 
-def receive(cls: type[M], raw: bytes) -> Received[M]:
-    """Parse ``raw`` as ``cls``; payloads of a large message stay views into ``raw``."""
+def receive(cls: type[M], raw: bytes, count: Callable[[int], None] | None = None) -> Received[M]:
+    """Parse ``raw`` as ``cls``; payloads of a large message stay views into ``raw``.
+    ``count`` hears a large message's tensors as they are found, before protobuf
+    parses it, and may refuse there (a small one's are few: its reader counts them)."""
     try:
         if len(raw) < INLINE_LIMIT:
             return Received(cls.FromString(raw))
-        small, payloads = framing.take_payloads(raw, cls.DESCRIPTOR)
+        small, payloads = framing.take_payloads(raw, cls.DESCRIPTOR, count)
         return Received(cls.FromString(small), payloads)
     except DecodeError as exc:
         raise InvalidArgumentError(f"malformed {cls.DESCRIPTOR.name}: {exc}") from None

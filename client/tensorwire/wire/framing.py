@@ -175,13 +175,18 @@ def _reframe(
     return total
 
 
-def take_payloads(raw: bytes, desc: Descriptor) -> tuple[bytes, list[memoryview]]:
+def take_payloads(
+    raw: bytes, desc: Descriptor, count: Callable[[int], None] | None = None
+) -> tuple[bytes, list[memoryview]]:
     """Split serialized ``raw`` into a small message with placeholders and the
-    payload views (into ``raw``, no copy) the placeholders index."""
+    payload views (into ``raw``, no copy) the placeholders index. ``count`` hears the
+    number of tensors so far after each (a receiver's limit raises there)."""
     payloads: list[memoryview] = []
 
     def swap(body: memoryview) -> bytes:
         payloads.append(body)
+        if count is not None:
+            count(len(payloads))
         return placeholder(len(payloads) - 1)
 
     parts: list[Buffer] = []
@@ -218,13 +223,18 @@ def strip_payloads(
     return b"".join(parts), ordered
 
 
-def number_payloads(header: Buffer, desc: Descriptor) -> tuple[bytes, int]:
+def number_payloads(
+    header: Buffer, desc: Descriptor, check: Callable[[int], None] | None = None
+) -> tuple[bytes, int]:
     """A received stream header with each tensor's empty data replaced by the
-    placeholder of its position in the stream; also the count of tensors."""
+    placeholder of its position in the stream; also the count of tensors, which
+    ``check`` hears after each (a receiver's limit raises there)."""
     count = 0
 
     def swap(body: memoryview) -> bytes:
         nonlocal count
+        if check is not None:
+            check(count + 1)
         if body.nbytes:
             raise InvalidArgumentError(
                 "malformed stream: a header tensor carries inline data; payloads travel "

@@ -120,6 +120,9 @@ class StreamReceiver(Generic[M]):
         self._offset = 0  # bytes of it filled
         self.total = 0
         self.received = 0
+        #: Hears the header's tensors as they are counted, before any is decoded, and
+        #: may refuse there (the server's max_request_tensors).
+        self.count: Callable[[int], None] | None = None
 
     def feed(self, raw: bytes) -> None:
         """Take the next serialized part."""
@@ -222,7 +225,7 @@ class StreamReceiver(Generic[M]):
         self._message = None
 
     def _start(self, header: memoryview) -> None:
-        small, count = framing.number_payloads(header, self._cls.DESCRIPTOR)
+        small, count = framing.number_payloads(header, self._cls.DESCRIPTOR, self.count)
         try:
             message = self._cls.FromString(small)
         except DecodeError as exc:

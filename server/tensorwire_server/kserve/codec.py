@@ -168,6 +168,7 @@ def inputs(request: InferRequest, limits: Limits, read: Read) -> Named[np.ndarra
     those in shared memory what ``read`` makes of them), after checking datatypes,
     shapes, byte lengths, placements, limits and parameters, in that order."""
     message = request.message
+    limits.tensor_count(len(message.inputs))
     raw = request.raw
     checked = []
     shared = 0  # bytes read from shared memory, counted against max_request_bytes
