@@ -134,6 +134,64 @@ def test_large_unary_messages_without_a_token_are_refused_before_they_are_read(
         assert small_infer(address, OTHER) == [0, 1, 2]
 
 
+def test_large_public_messages_are_read_two_at_a_time_and_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Health's Check names a service, so its message is read: eight 256 MiB Check
+    messages at once without a token are read one at a time and refused
+    INVALID_ARGUMENT, so the server (a process of its own) never holds more than one
+    of them, where the public budgets alone would let all eight in."""
+    monkeypatch.setenv("TENSORWIRE_TOKENS", TOKENS)
+    size = 256 * MIB
+    body = health_pb2.HealthCheckRequest(service="x" * size).SerializeToString()
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    with spawn_server("--device", "cpu") as (proc, address, _):
+        assert small_infer(address, HOG) == [0, 1, 2]
+        baseline = peak = rss(proc.pid)
+        sending = threading.Event()
+        sending.set()
+
+        def watch() -> None:
+            nonlocal peak
+            while sending.is_set():
+                peak = max(peak, rss(proc.pid))
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+
+        def check(_: int) -> grpc.StatusCode:
+            with grpc.insecure_channel(address, options=options) as channel:
+                method = channel.unary_unary("/grpc.health.v1.Health/Check")
+                try:
+                    method(body, timeout=TIMEOUT)
+                except grpc.RpcError as exc:
+                    return exc.code()  # type: ignore[attr-defined, no-any-return]
+                return grpc.StatusCode.OK
+
+        with futures.ThreadPoolExecutor(8) as pool:
+            codes = list(pool.map(check, range(8)))
+        sending.clear()
+        watcher.join()
+        # Each refused, or (past the public budget) refused before it was read.
+        assert set(codes) <= {
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        }, codes
+        assert grpc.StatusCode.INVALID_ARGUMENT in codes
+        # Reading one costs about three times its size (gRPC's buffers and Python's);
+        # eight read at once would take 6 GiB. Read one at a time, and nothing of
+        # them stays once they are refused (no collection needed).
+        assert peak - baseline < 16 * size, f"server RSS {baseline >> 20} -> {peak >> 20} MiB"
+        assert wait_for(lambda: rss(proc.pid) - baseline < size), rss(proc.pid) >> 20
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        assert small_infer(address, OTHER) == [0, 1, 2]
+
+
 def test_a_message_to_a_method_the_token_may_not_call_is_not_read_either(address: str) -> None:
     """Out of scope or not, a refused call never reads its message: a garbage body
     gets the gate's status, not a parse error."""

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import grpc
 import grpc.aio
@@ -127,9 +127,14 @@ class Gate(_Interceptor):
         self.default_deadline = default_deadline
         self.metrics = metrics
         self.in_flight = InFlight(heap)
+        self.heap = heap
         quiet_sends_to_gone_clients()
         #: How many calls may run at once, by kind and by caller.
         self.admission = Admission(quotas or Quotas.from_settings(Settings()))
+        #: Public messages (health's Check and Watch name a service) read at once: a
+        #: message may be as large as max_message_bytes and anyone may send one, so at
+        #: most this many are ever buffered, whatever the public budgets allow.
+        self.public_reads = asyncio.Semaphore(PUBLIC_READERS)
         self._guarded: dict[str, tuple[Handler, Handler]] = {}
 
     async def intercept_service(
@@ -219,8 +224,12 @@ def _bearer(value: str) -> str | None:
 #: large message are Python (about 1.3 ms per 10 KiB of tiny fields), and a request of
 #: many small fields would hold the event loop meanwhile (35 ms at most, here).
 _OFF_LOOP = 256 << 10
-#: Seconds a public call's message may take to arrive.
+#: Seconds a public call may wait for its turn to be read and its message take to arrive.
 _PUBLIC_READ_SECONDS = 10.0
+#: Public messages read at once (Gate.public_reads).
+PUBLIC_READERS: Final = 1
+#: The largest public message served: health's requests name a service, nothing more.
+PUBLIC_MESSAGE_BYTES: Final = 4096
 
 
 class _Run:
@@ -383,7 +392,10 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         try:
             # A public call holds a place in a small budget anyone may take: its few
             # bytes must come soon. Others wait on their own budgets.
-            async with asyncio.timeout(_PUBLIC_READ_SECONDS if public else None):
+            if public:
+                async with asyncio.timeout(_PUBLIC_READ_SECONDS), gate.public_reads:
+                    raw = await _read_public(requests, gate.heap)
+            else:
                 raw = await anext(aiter(requests), None)
         except TimeoutError:
             late = f"{method}: no request message within {_PUBLIC_READ_SECONDS:g} s"
@@ -395,6 +407,15 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
                 context, grpc.StatusCode.INVALID_ARGUMENT, f"{method}: no request message"
             )
             raise AssertionError("unreachable")  # abort raises
+        if public and len(raw) > PUBLIC_MESSAGE_BYTES:
+            size = len(raw)
+            del raw  # not kept alive by the abort's traceback until a collection
+            await rpc.abort(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{method}: a {size}-byte request; a public method's is at most "
+                f"{PUBLIC_MESSAGE_BYTES} bytes",
+            )
         if deserialize is None:
             return raw
         try:
@@ -479,6 +500,25 @@ async def _close(responses: Any) -> None:
     """Close a response generator the call left; one still running is ending anyway."""
     with contextlib.suppress(RuntimeError):
         await responses.aclose()
+
+
+async def _read_public(requests: AsyncIterator[Any], heap: HeapTrimmer | None) -> Any:
+    """A public call's message. It may have been large: the heap trimmer hears of it
+    as of a request, so that what reading it took goes back to the system once the
+    server is idle (a public call is no request to it otherwise)."""
+    if heap is not None:
+        heap.busy()
+    try:
+        raw = await anext(aiter(requests), None)
+        if raw is not None:
+            # The end of the call's one message: gRPC's receiver holds the message
+            # until it is asked for the next, and a refusal's traceback would keep
+            # the receiver (with it) until a collection.
+            await anext(aiter(requests), None)
+        return raw
+    finally:
+        if heap is not None:
+            heap.idle()
 
 
 def _code(context: Context, gone: bool) -> str:
