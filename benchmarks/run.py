@@ -1,14 +1,16 @@
 """One command, one table: tensorwire against its floors and a peer, measured in one run.
 
     .venv/bin/python benchmarks/run.py [--sizes 1M,64M,1G,3G] [--repeats 3]
-        [--plot docs/benchmarks.png] [--json results.json]
+        [--plot docs/benchmarks.png] [--json results.json] [--baseline ../before]
 
 Every party runs as its own process on 127.0.0.1: raw TCP (one way; the floor), a bare
 grpcio unary echo, torch.distributed.rpc (TensorPipe) returning the tensor, and
 tensorwire's identity model through Client and AsyncClient, over the data plane's
 TCP port and, for comparison, with every payload in gRPC; and the same-host paths:
 tensorwire's Client passing shared memory (the default on one host), and tritonclient
-through Triton's system shared memory. Round-trip throughput is
+through Triton's system shared memory. ``--baseline TREE`` adds the same-host row of
+another checkout (``git worktree add ../before <commit>``), its client and server, in
+the same run: a before/after against the same floors. Round-trip throughput is
 (bytes sent + bytes received) / best time; the TCP floor is one-way bytes / best time.
 Peak RSS growth is VmHWM, reset before each size, over the payload size. On a machine
 with CUDA, the request path's host-to-device (and the response path's device-to-host)
@@ -54,6 +56,7 @@ SHM = "tritonclient identity, system shared memory (same host)"
 CLIENT = "tensorwire Client identity (data plane, TCP)"
 ASYNC = "tensorwire AsyncClient identity (data plane, TCP)"
 LOCAL = "tensorwire Client identity, shared memory (same host)"
+BASELINE = "tensorwire Client identity, shared memory (same host), --baseline tree"
 IN_GRPC = "tensorwire Client identity, payloads in gRPC (data_plane=False)"
 SERVER_RSS = "tensorwire server peak RSS growth / payload"
 CLIENT_RSS = "tensorwire client peak RSS growth / payload"
@@ -142,8 +145,18 @@ def main() -> None:
     parser.add_argument("--no-rpc", action="store_true", help="skip torch.distributed.rpc")
     parser.add_argument("--plot", type=Path, help="write a PNG of throughput against size")
     parser.add_argument("--json", type=Path, help="write every figure as JSON")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="a checkout of another commit (git worktree add): its client and server's "
+        "same-host row, measured in this run beside this tree's",
+    )
+    parser.add_argument("--same-host-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [parse_size(s) for s in args.sizes.split(",")]
+    if args.same_host_only:  # the --baseline party: this process imports that tree
+        print(json.dumps(same_host_row(sizes, args.repeats)))
+        return
     rows: Rows = {}
     notes: list[str] = []
 
@@ -167,6 +180,8 @@ def main() -> None:
             rows.setdefault(LOCAL, {})[size] = 2 * size / same_host_best(local, payload, repeats)
             del payload
             print(f"  measured {human(size)}", file=sys.stderr)
+        if args.baseline is not None:
+            rows[BASELINE] = baseline_row(args.baseline, sizes, args.repeats)
         if not args.no_rpc:
             rows[RPC_TCP] = measure_rpc(sizes, args.repeats, tcp=True)
             rows[RPC] = measure_rpc(sizes, args.repeats, tcp=False)
@@ -261,6 +276,44 @@ def same_host_best(client: tw.Client, payload: np.ndarray, repeats: int) -> floa
     if not np.array_equal(results[0][:4096], payload[:4096]):
         raise RuntimeError("the same-host round trip came back different")
     return best
+
+
+def same_host_row(sizes: list[int], repeats: int) -> dict[int, float]:
+    """The same-host row alone, with a server of its own: what --baseline runs."""
+    proc, address = start_tensorwire()
+    try:
+        with tw.Client(address, timeout=None) as local:
+            return {
+                size: 2 * size / same_host_best(local, make_payload(size), repeats)
+                for size in sizes
+            }
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def baseline_row(tree: Path, sizes: list[int], repeats: int) -> dict[int, float]:
+    """The same-host row of another checkout's client and server, from a process whose
+    imports come from that tree (this script, run there with --same-host-only)."""
+    tree = tree.resolve()
+    env = {**os.environ, "PYTHONPATH": f"{tree / 'client'}{os.pathsep}{tree / 'server'}"}
+    sizes_arg = ",".join(str(s) for s in sizes)
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--same-host-only",
+            "--sizes",
+            sizes_arg,
+            "--repeats",
+            str(repeats),
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    return {int(k): v for k, v in json.loads(out.splitlines()[-1]).items()}
 
 
 def measure_shared_memory(address: str, sizes: list[int], repeats: int) -> dict[int, float]:
@@ -442,7 +495,7 @@ def report(rows: Rows, sizes: list[int], latency: dict[str, float], notes: list[
             )
             if ratios:
                 print(f"- {name} / {label}: {ratios}")
-    for name in (LOCAL, SHM):  # issue 19's target: >= 3 x torch's same-host defaults
+    for name in (LOCAL, BASELINE, SHM):  # issue 19's target: >= 3 x torch's same-host defaults
         if name in rows and RPC in rows:
             ratios = ", ".join(
                 f"{human(s)}: {rows[name][s] / rows[RPC][s]:.2f}"

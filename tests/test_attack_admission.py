@@ -134,7 +134,7 @@ def test_large_unary_messages_without_a_token_are_refused_before_they_are_read(
         assert small_infer(address, OTHER) == [0, 1, 2]
 
 
-def test_large_public_messages_are_read_two_at_a_time_and_refused(
+def test_large_public_messages_are_read_one_at_a_time_and_refused(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Health's Check names a service, so its message is read: eight 256 MiB Check

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import grpc
 import numpy as np
@@ -457,3 +458,32 @@ def test_a_full_budget_evicts_the_stale_anonymous_then_idle_never_busy() -> None
         for a, b in pairs:
             a.close()
             b.close()
+
+
+# ------------------------------------------------------------ I: deadlines
+
+
+def test_a_deadline_passing_while_the_response_arrives_is_deadline_exceeded(
+    engine: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server is slow to send a response's payloads on the data port and the
+    call's deadline passes while the client reads them: DeadlineExceeded, not a broken
+    connection (UNAVAILABLE, which the client would retry past its deadline)."""
+    from tensorwire_server import dataplane as server_plane
+
+    send_all = server_plane.dataplane.send_all
+
+    def slow(*args: Any) -> None:
+        if threading.current_thread().name == "tensorwire-data-conn":  # the server's
+            time.sleep(1.5)
+        send_all(*args)
+
+    with served(engine) as server:
+        monkeypatch.setattr(server_plane.dataplane, "send_all", slow)
+        with tw.Client(address(server), stream_threshold=0, retries=0, same_host=False) as c:
+            for _ in range(3):
+                with pytest.raises(tw.DeadlineExceededError):
+                    c.infer("identity", BIG, timeout=0.75)
+            monkeypatch.setattr(server_plane.dataplane, "send_all", send_all)
+            np.testing.assert_array_equal(c.infer("identity", BIG, timeout=TIMEOUT)["output"], BIG)
+        assert moved(server, "tcp") >= 1

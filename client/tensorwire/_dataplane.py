@@ -24,7 +24,7 @@ from typing import Any, Final, Protocol
 from tensorwire._connections import ANSWER_SECONDS, CONNECT_SECONDS, Detours, IdleConnections
 from tensorwire._samehost import LocalCarrier, SameHost
 from tensorwire.channel import split_address
-from tensorwire.errors import UnavailableError
+from tensorwire.errors import DeadlineExceededError, UnavailableError
 from tensorwire.targets import SCHEMES, Target, pinned, replicas
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import dataplane, framing
@@ -155,7 +155,8 @@ class DataLinks:
         self, sock: socket.socket, receiver: StreamReceiver[Any], timeout: float | None
     ) -> None:
         """Read a response's payloads from ``sock`` into ``receiver``'s arrays; the
-        connection goes back to the pool after. UnavailableError when it broke."""
+        connection goes back to the pool after. UnavailableError when it broke,
+        DeadlineExceededError when ``timeout`` ran out."""
         try:
             sock.settimeout(timeout)
             magic, size = RESPONSE.unpack(dataplane.recv_exact(sock, RESPONSE.size))
@@ -165,6 +166,11 @@ class DataLinks:
                     f"declares {receiver.total - receiver.received}"
                 )
             receiver.fill(sock.recv_into)
+        except TimeoutError:  # the call's own deadline, which no retry can meet
+            sock.close()
+            raise DeadlineExceededError(
+                "the deadline passed while the response arrived over the data plane"
+            ) from None
         except (OSError, EOFError) as exc:
             sock.close()
             raise UnavailableError(f"the data connection broke: {exc}") from None
