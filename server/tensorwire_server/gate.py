@@ -14,6 +14,7 @@ import inspect
 import logging
 import threading
 import time
+import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -396,7 +397,7 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
                 async with asyncio.timeout(_PUBLIC_READ_SECONDS), gate.public_reads:
                     raw = await _read_public(requests, gate.heap)
             else:
-                raw = await anext(aiter(requests), None)
+                raw = await _read_one(requests)
         except TimeoutError:
             late = f"{method}: no request message within {_PUBLIC_READ_SECONDS:g} s"
             await rpc.abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, late)
@@ -441,6 +442,9 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         except asyncio.CancelledError:
             run.gone = True
             raise
+        except Exception as exc:
+            _let_go(exc)
+            raise
         finally:
             end(run, context)
             run.leave()
@@ -458,6 +462,9 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         except asyncio.CancelledError:
             run.gone = True
             raise
+        except Exception as exc:
+            _let_go(exc)
+            raise
         finally:
             end(run, context)
             run.leave()
@@ -470,6 +477,9 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
             run.ok = True
         except asyncio.CancelledError:
             run.gone = True
+            raise
+        except Exception as exc:
+            _let_go(exc)
             raise
         finally:
             end(run, context)
@@ -502,6 +512,32 @@ async def _close(responses: Any) -> None:
         await responses.aclose()
 
 
+def _let_go(exc: BaseException) -> None:
+    """Clear the locals of the frames a failed call's exception passed through: a
+    frame that caught one error and raised another (an abort) is in a cycle with it,
+    and would keep the call's request (its tensors, a message of any size) until the
+    next collection. The tracebacks themselves stay, for whoever logs them."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        traceback.clear_frames(error.__traceback__)  # skips frames still running
+        pending += (error.__context__, error.__cause__)
+
+
+async def _read_one(requests: AsyncIterator[Any]) -> Any:
+    """A unary call's one message (None: none came), and the end of its stream: gRPC's
+    receiver holds the last message it gave until it is asked for the next, and would
+    keep it alive as long as the call's objects live, after the call is over."""
+    raw = await anext(aiter(requests), None)
+    if raw is not None:
+        await anext(aiter(requests), None)  # the end, which came with the message
+    return raw
+
+
 async def _read_public(requests: AsyncIterator[Any], heap: HeapTrimmer | None) -> Any:
     """A public call's message. It may have been large: the heap trimmer hears of it
     as of a request, so that what reading it took goes back to the system once the
@@ -509,13 +545,7 @@ async def _read_public(requests: AsyncIterator[Any], heap: HeapTrimmer | None) -
     if heap is not None:
         heap.busy()
     try:
-        raw = await anext(aiter(requests), None)
-        if raw is not None:
-            # The end of the call's one message: gRPC's receiver holds the message
-            # until it is asked for the next, and a refusal's traceback would keep
-            # the receiver (with it) until a collection.
-            await anext(aiter(requests), None)
-        return raw
+        return await _read_one(requests)
     finally:
         if heap is not None:
             heap.idle()
