@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -433,12 +433,12 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
         handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     )
 
-    async def unary(requests: AsyncIterator[Any], context: Context) -> Any:
-        run = await start(context)
+    @contextlib.contextmanager
+    def running(run: _Run, context: Context) -> Iterator[None]:
+        """The behavior runs: however it ends, the call is ended and recorded; a call
+        that failed lets go of its request at once; a cancelled one is gone."""
         try:
-            result = await behavior(await request_of(requests, context), context)
-            run.ok = True
-            return result
+            yield
         except asyncio.CancelledError:
             run.gone = True
             raise
@@ -449,9 +449,16 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
             end(run, context)
             run.leave()
 
+    async def unary(requests: AsyncIterator[Any], context: Context) -> Any:
+        run = await start(context)
+        with running(run, context):
+            result = await behavior(await request_of(requests, context), context)
+            run.ok = True
+            return result
+
     async def streaming(requests: AsyncIterator[Any], context: Context) -> AsyncIterator[Any]:
         run = await start(context)
-        try:
+        with running(run, context):
             run.responses = behavior(await request_of(requests, context), context)
             async with contextlib.aclosing(run.responses) as responses:
                 async for response in responses:
@@ -459,31 +466,13 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
                     yield response
                     run.gone = False
             run.ok = True
-        except asyncio.CancelledError:
-            run.gone = True
-            raise
-        except Exception as exc:
-            _let_go(exc)
-            raise
-        finally:
-            end(run, context)
-            run.leave()
 
     async def writing(requests: AsyncIterator[Any], context: Context) -> None:
         # A streaming handler that writes its responses itself (health's Watch).
         run = await start(context)
-        try:
+        with running(run, context):
             await behavior(await request_of(requests, context), context)
             run.ok = True
-        except asyncio.CancelledError:
-            run.gone = True
-            raise
-        except Exception as exc:
-            _let_go(exc)
-            raise
-        finally:
-            end(run, context)
-            run.leave()
 
     if not streams:
         guarded: Handler = grpc.stream_unary_rpc_method_handler(
