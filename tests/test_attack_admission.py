@@ -92,11 +92,14 @@ def engine():  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def server(engine: Any) -> Iterator[TensorwireServer]:
-    """Tokens, default public budgets, small per-token shares (the server-wide caps
-    stay at their defaults)."""
+    """Tokens, default public budgets, small per-token shares, each half of its
+    server-wide cap: one token alone may take the cap less one share, which is its
+    share here."""
     yield from engine_server(
         engine,
         tokens=TOKENS,
+        max_concurrent_requests=16,
+        max_concurrent_streams=8,
         max_calls_per_token=8,
         max_streams_per_token=4,
         data_plane=False,
@@ -456,6 +459,25 @@ def test_server_wide_caps_hold_above_every_tokens_share() -> None:
         assert not isinstance(held, str)
         admission.leave(held)
     assert admission.held("streams") == 0 and admission.held("calls") == 1
+
+
+def test_a_token_alone_may_use_more_than_its_share_but_leaves_one_free() -> None:
+    """Shares are work-conserving: on an idle server one token takes the cap less one
+    share (not its share alone, which would hold a single-token deployment to a
+    fraction of the server); the next token still finds its share free, and past it
+    neither gets more."""
+    admission = Admission(Quotas(8, 8, 2, 2, 1, 1))
+    a = [admission.enter(admission.places("/u", False, False, "a")) for _ in range(7)]
+    assert not any(isinstance(held, str) for held in a[:6])
+    assert isinstance(a[6], str) and "its share (max_calls_per_token)" in a[6]
+    b = [admission.enter(admission.places("/u", False, False, "b")) for _ in range(3)]
+    assert not any(isinstance(held, str) for held in b[:2])
+    assert isinstance(b[2], str) and "max_concurrent_requests" in b[2]  # all taken
+    assert admission.held("calls") == 8
+    for held in a[:6] + b[:2]:
+        assert not isinstance(held, str)
+        admission.leave(held)
+    assert admission.held("calls") == 0
 
 
 # ------------------------------------------------- F: failed requests, without a GC

@@ -45,14 +45,21 @@ class Quotas:
         )
 
 
-#: One budget a call takes a place in: its key in the counts, its size, and the
-#: sentence a refusal says.
-_Place = tuple[str, int, str]
+#: One budget a call takes a place in: its key in the counts, its size, the sentence
+#: a refusal says, and for a token's share, the server-wide budget it is a share of
+#: (else None).
+_Place = tuple[str, int, str, str | None]
 
 
 class Admission:
     """What runs at once, by budget; a call over any of its budgets is refused with a
-    message naming the limit, and holds none of them."""
+    message naming the limit, and holds none of them.
+
+    A token's share is what it is sure of, not all it may use: past its share a token
+    may take more of the server's places while at least a share's worth stay free
+    for the others (work-conserving, so that one busy token on an idle server is not
+    held to a fraction of it). So one token alone gets the server's cap less one
+    share, and whoever comes next finds a share free."""
 
     def __init__(self, quotas: Quotas) -> None:
         self.quotas = quotas
@@ -74,6 +81,7 @@ class Admission:
                         q.max_health_watches,
                         f"{q.max_health_watches} health Watch streams are open, the "
                         "server's max_health_watches; ask Check instead",
+                        None,
                     )
                 ]
             return [
@@ -82,6 +90,7 @@ class Admission:
                     q.max_public_calls,
                     f"{q.max_public_calls} public calls (health, ServerLive, ServerReady) "
                     "are running, the server's max_public_calls; try again shortly",
+                    None,
                 )
             ]
         places: list[_Place] = [
@@ -90,6 +99,7 @@ class Admission:
                 q.max_concurrent_requests,
                 f"the server is running {q.max_concurrent_requests} calls, its "
                 "max_concurrent_requests; try again later",
+                None,
             )
         ]
         if stream:
@@ -99,6 +109,7 @@ class Admission:
                     q.max_concurrent_streams,
                     f"{q.max_concurrent_streams} streams are open, the server's "
                     "max_concurrent_streams; try again later",
+                    None,
                 )
             )
         if identity is not None:
@@ -107,7 +118,9 @@ class Admission:
                     f"calls/{identity}",
                     q.max_calls_per_token,
                     f"token {identity!r} has {q.max_calls_per_token} calls in progress, "
-                    "the server's max_calls_per_token; wait for one to finish",
+                    "its share (max_calls_per_token), and the server has no more to "
+                    "spare; wait for one to finish",
+                    "calls",
                 )
             )
             if stream:
@@ -116,7 +129,9 @@ class Admission:
                         f"streams/{identity}",
                         q.max_streams_per_token,
                         f"token {identity!r} has {q.max_streams_per_token} streams open, "
-                        "the server's max_streams_per_token; close one first",
+                        "its share (max_streams_per_token), and the server has no more "
+                        "to spare; close one first",
+                        "streams",
                     )
                 )
         return places
@@ -125,13 +140,17 @@ class Admission:
         """Take a place in each budget: the keys to ``leave`` later, or the refusal's
         message when one is full (then none is taken)."""
         held = self._held
+        limits = {key: limit for key, limit, _, _ in places}
         with self._lock:
-            for key, limit, refusal in places:
-                if held[key] >= limit:
-                    return refusal
-            for key, _, _ in places:
+            for key, limit, refusal, server in places:
+                if held[key] < limit:
+                    continue
+                if server is not None and held[server] < limits[server] - limit:
+                    continue  # past its share, while a share stays free for others
+                return refusal
+            for key, _, _, _ in places:
                 held[key] += 1
-        return tuple(key for key, _, _ in places)
+        return tuple(key for key, _, _, _ in places)
 
     def leave(self, keys: tuple[str, ...]) -> None:
         """Give back the places ``enter`` took."""

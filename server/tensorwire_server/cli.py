@@ -138,10 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         "--max-concurrent-streams", type=int, help="of those, streams open at once (48)"
     )
     limits.add_argument(
-        "--max-calls-per-token", type=int, help="calls in progress at once per token (32)"
+        "--max-calls-per-token",
+        type=int,
+        help="calls in progress each token is sure of; more while as many stay free (16)",
     )
     limits.add_argument(
-        "--max-streams-per-token", type=int, help="streams open at once per token (16)"
+        "--max-streams-per-token",
+        type=int,
+        help="streams open each token is sure of; more while as many stay free (16)",
     )
     limits.add_argument(
         "--max-public-calls",

@@ -138,10 +138,13 @@ class Settings:
     #: Of those, streams open at once (streamed requests or responses, which a client
     #: may hold open for max_stream_seconds): room stays for unary calls.
     max_concurrent_streams: int = 48
-    #: Calls in progress at once per token (with tokens; without, nobody can be told
-    #: apart and only the server-wide caps apply).
-    max_calls_per_token: int = 32
-    #: Streams open at once per token.
+    #: Calls in progress at once each token is sure of (with tokens; without, nobody
+    #: can be told apart and only the server-wide caps apply). Past it a token may take
+    #: more while this many of max_concurrent_requests stay free for the others: one
+    #: token alone gets the cap less one share.
+    max_calls_per_token: int = 16
+    #: Streams open at once each token is sure of; past it, as above, of
+    #: max_concurrent_streams.
     max_streams_per_token: int = 16
     #: Public calls (health's Check and List, KServe's ServerLive and ServerReady),
     #: which need no token, running at once; they never take authenticated capacity.
