@@ -64,3 +64,18 @@ def test_memory_kept_for_reuse_is_released_before_each_trim() -> None:
         assert order == ["release", "trim"]
     finally:
         heap.stop()
+
+
+def test_trim_now_runs_at_once_without_waiting_for_quiet() -> None:
+    """``trim`` (the gate's, after an oversize public message) gives pages back now,
+    busy or not, and leaves the idle watch as it was."""
+    calls: list[int] = []
+    heap = HeapTrimmer(idle_seconds=60, trim=lambda pad: calls.append(pad))
+    try:
+        heap.busy()
+        heap.trim()
+        assert calls == [0]
+        heap.idle()
+        assert calls == [0]  # the idle trim waits its 60 s as ever
+    finally:
+        heap.stop()

@@ -408,13 +408,11 @@ def _guarded(gate: Gate, method: str, handler: Handler) -> Handler:
                 context, grpc.StatusCode.INVALID_ARGUMENT, f"{method}: no request message"
             )
             raise AssertionError("unreachable")  # abort raises
-        if public and len(raw) > PUBLIC_MESSAGE_BYTES:
-            size = len(raw)
-            del raw  # not kept alive by the abort's traceback until a collection
+        if isinstance(raw, _Oversize):
             await rpc.abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{method}: a {size}-byte request; a public method's is at most "
+                f"{method}: a {raw.size}-byte request; a public method's is at most "
                 f"{PUBLIC_MESSAGE_BYTES} bytes",
             )
         if deserialize is None:
@@ -527,14 +525,30 @@ async def _read_one(requests: AsyncIterator[Any]) -> Any:
     return raw
 
 
+@dataclass(frozen=True)
+class _Oversize:
+    """A public message over PUBLIC_MESSAGE_BYTES, already let go of: its size."""
+
+    size: int
+
+
 async def _read_public(requests: AsyncIterator[Any], heap: HeapTrimmer | None) -> Any:
-    """A public call's message. It may have been large: the heap trimmer hears of it
-    as of a request, so that what reading it took goes back to the system once the
-    server is idle (a public call is no request to it otherwise)."""
+    """A public call's message, or _Oversize. Anyone may send one as large as gRPC
+    takes, and reading it costs about three times its size (gRPC's buffers and
+    Python's): an oversize one is dropped and the heap trimmed before the next public
+    message is read (the caller holds Gate.public_reads), so that reads one after
+    another do not pile up in the allocator."""
     if heap is not None:
         heap.busy()
     try:
-        return await _read_one(requests)
+        raw = await _read_one(requests)
+        if raw is None or len(raw) <= PUBLIC_MESSAGE_BYTES:
+            return raw
+        size = len(raw)
+        del raw
+        if heap is not None:
+            await asyncio.to_thread(heap.trim)
+        return _Oversize(size)
     finally:
         if heap is not None:
             heap.idle()
