@@ -27,6 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tensorwire import Client
 from tensorwire._transport import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire import framing
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
 from tensorwire_server.admission import Admission, Quotas
 from tensorwire_server.kserve import grpc_service_pb2 as kpb
@@ -311,7 +312,7 @@ def test_a_request_of_400k_tensors_is_refused_at_once_while_others_are_served(
     and streamed (from its header); another client's calls go on meanwhile."""
     body = _many_tensors(400_000)
     empty = _many_tensors(400_000, b"")
-    header = b"\x0a" + _varint(len(empty)) + empty  # InferRequestPart.header
+    header = b"\x0a" + framing._varint(len(empty)) + empty  # InferRequestPart.header
     stop = threading.Event()
     latencies: list[float] = []
 
@@ -358,15 +359,6 @@ def test_a_request_at_max_request_tensors_is_served(address: str) -> None:
         unary = channel.unary_unary(method_path("Infer"))
         raw = unary(_many_tensors(4096), metadata=bearer(HOG), timeout=TIMEOUT)
     assert len(pb.InferResponse.FromString(raw).outputs) == 4096
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value > 0x7F:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 # ------------------------------------------------------------------ minor: cancellation

@@ -47,8 +47,9 @@ class Quotas:
 
 #: One budget a call takes a place in: its key in the counts, its size, the sentence
 #: a refusal says, and for a token's share, the server-wide budget it is a share of
-#: (else None).
-_Place = tuple[str, int, str, str | None]
+#: with how many of its places may be taken before none are spare past a share
+#: (its cap less the share), else None.
+_Place = tuple[str, int, str, tuple[str, int] | None]
 
 
 class Admission:
@@ -120,7 +121,7 @@ class Admission:
                     f"token {identity!r} has {q.max_calls_per_token} calls in progress, "
                     "its share (max_calls_per_token), and the server has no more to "
                     "spare; wait for one to finish",
-                    "calls",
+                    ("calls", q.max_concurrent_requests - q.max_calls_per_token),
                 )
             )
             if stream:
@@ -131,7 +132,7 @@ class Admission:
                         f"token {identity!r} has {q.max_streams_per_token} streams open, "
                         "its share (max_streams_per_token), and the server has no more "
                         "to spare; close one first",
-                        "streams",
+                        ("streams", q.max_concurrent_streams - q.max_streams_per_token),
                     )
                 )
         return places
@@ -140,12 +141,11 @@ class Admission:
         """Take a place in each budget: the keys to ``leave`` later, or the refusal's
         message when one is full (then none is taken)."""
         held = self._held
-        limits = {key: limit for key, limit, _, _ in places}
         with self._lock:
-            for key, limit, refusal, server in places:
+            for key, limit, refusal, spare in places:
                 if held[key] < limit:
                     continue
-                if server is not None and held[server] < limits[server] - limit:
+                if spare is not None and held[spare[0]] < spare[1]:
                     continue  # past its share, while a share stays free for others
                 return refusal
             for key, _, _, _ in places:

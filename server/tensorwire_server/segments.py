@@ -158,8 +158,9 @@ class Mappings:
 
     def close(self) -> None:
         """The connection ended: unmap every window at once."""
+        for key in list(self._kept):
+            self._forget(key)
         self._used.clear()
-        self.settle()
 
 
 def read_inputs(fds: Sequence[int], payloads: Sequence[memoryview]) -> list[memoryview]:
