@@ -184,3 +184,24 @@ def test_status_messages_are_clipped_to_travel() -> None:
     long = "é" * 5000  # 10 000 bytes of UTF-8
     clipped = clip(long)
     assert len(clipped.encode()) < 2100 and clipped.endswith("... (5000 characters)")
+
+
+def test_grpc_aio_failing_its_own_send_is_unavailable_not_a_server_bug() -> None:
+    # grpc.aio reports a batch operation that failed in its own core (the server's
+    # process died under a call) as INTERNAL "Internal error from Core"; no server
+    # said that, so the client reads it as the connection breaking.
+    from tensorwire._transport import _code, _details
+
+    local = grpc.aio.AioRpcError(
+        grpc.StatusCode.INTERNAL,
+        grpc.aio.Metadata(),
+        grpc.aio.Metadata(),
+        "Internal error from Core",
+        "send_message failed",
+    )
+    assert _code(local) is grpc.StatusCode.UNAVAILABLE
+    assert "connection to the server broke" in _details(local)
+    served = grpc.aio.AioRpcError(
+        grpc.StatusCode.INTERNAL, grpc.aio.Metadata(), grpc.aio.Metadata(), "a server bug"
+    )
+    assert _code(served) is grpc.StatusCode.INTERNAL and _details(served) == "a server bug"

@@ -193,13 +193,29 @@ class CallState:
         return None if self.deadline is None else max(self.deadline - time.monotonic(), 0.0)
 
 
+# What grpc.aio reports when one of its own batch operations fails, e.g. sending on a
+# connection the server's process dropped (grpc's cygrpc ``set_internal_error``). No
+# server said it: it is the transport breaking, so it is read as UNAVAILABLE.
+_CORE_FAILURE: Final = "Internal error from Core"
+
+
+def _core_failure(exc: grpc.RpcError) -> bool:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else None
+    return code is grpc.StatusCode.INTERNAL and details == _CORE_FAILURE
+
+
 def _code(exc: grpc.RpcError) -> grpc.StatusCode:
     # grpc.Call (sync) and grpc.aio.AioRpcError share code() and details() but no base.
+    if _core_failure(exc):
+        return grpc.StatusCode.UNAVAILABLE
     code = exc.code() if hasattr(exc, "code") else None
     return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.UNKNOWN
 
 
 def _details(exc: grpc.RpcError) -> str:
+    if _core_failure(exc):
+        return "the connection to the server broke during the call"
     return (exc.details() if hasattr(exc, "details") else None) or str(exc)
 
 
