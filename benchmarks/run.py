@@ -380,7 +380,7 @@ def measure_gpu(sizes: list[int], repeats: int) -> Rows:
 
     if not torch.cuda.is_available():
         return {}
-    from tensorwire_server.tensors import to_device, to_numpy
+    from tensorwire_server.device.tensors import to_device, to_numpy
 
     device = torch.device("cuda:0")
     names = (GPU_H2D, GPU_H2D_STREAM, GPU_H2D_FLOOR, GPU_D2H, GPU_D2H_FLOOR)
@@ -430,10 +430,10 @@ def staged_upload(chunks: list[bytes]) -> None:
 
     from tensorwire.v1 import tensorwire_pb2 as pb
     from tensorwire.wire.streaming import StreamReceiver
+    from tensorwire_server.device.staging import CudaStager
+    from tensorwire_server.device.tensors import to_device
     from tensorwire_server.limits import Limits
     from tensorwire_server.settings import Settings
-    from tensorwire_server.staging import CudaStager
-    from tensorwire_server.tensors import to_device
 
     device = torch.device("cuda:0")
     stager = CudaStager(device, Limits.from_settings(Settings()))

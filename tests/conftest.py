@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tensorwire import Client
-from tensorwire_server.engine import Engine
+from tensorwire_server.engine.engine import Engine
 from tensorwire_server.server import TensorwireServer, create_server
 from tensorwire_server.settings import Settings
 

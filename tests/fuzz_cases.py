@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing
 from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
-from tensorwire_server.functions import FUNCTIONS
+from tensorwire_server.engine.functions import FUNCTIONS
 
 # ------------------------------------------------------------------ (a) raw bytes
 

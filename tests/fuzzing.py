@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, Phase, settings
 
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import codec, framing, streaming
-from tensorwire_server.functions import FUNCTIONS
+from tensorwire_server.engine.functions import FUNCTIONS
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TensorService"]
 #: Seconds any one request may take: a malformed request is refused at once.

@@ -29,10 +29,10 @@ from tensorwire._transport import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
-from tensorwire_server.admission import Admission, Quotas
-from tensorwire_server.kserve import grpc_service_pb2 as kpb
+from tensorwire_server.kserve.v2 import grpc_service_pb2 as kpb
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
+from tensorwire_server.transport.admission import Admission, Quotas
 
 HOG = secrets.token_urlsafe(24)
 OTHER = secrets.token_urlsafe(24)

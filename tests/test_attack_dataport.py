@@ -30,9 +30,9 @@ from tensorwire import _messages
 from tensorwire._dataplane import ASK_DATA
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
-from tensorwire.wire.dataplane import ACCEPTED, REQUEST, REQUEST_MAGIC, recv_exact
-from tensorwire_server import segments
-from tensorwire_server.data_budgets import FRESH_SECONDS, Budget
+from tensorwire.wire.dataport import ACCEPTED, REQUEST, REQUEST_MAGIC, recv_exact
+from tensorwire_server.dataport import same_host
+from tensorwire_server.dataport.budgets import FRESH_SECONDS, Budget
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
@@ -40,7 +40,7 @@ from tensorwire_server.settings import Settings
 TIMEOUT = 20
 BIG = np.arange(3 << 20, dtype=np.float32).reshape(3, -1)  # 12 MiB: streamed
 TOKENS = "alice * alice-token-0123456789abcdef;bob * bob-token-0123456789abcdef0"
-same_host_only = pytest.mark.skipif(not segments.SUPPORTED, reason="same-host: Linux")
+same_host_only = pytest.mark.skipif(not same_host.SUPPORTED, reason="same-host: Linux")
 
 
 @pytest.fixture(scope="module")
@@ -469,9 +469,9 @@ def test_a_deadline_passing_while_the_response_arrives_is_deadline_exceeded(
     """The server is slow to send a response's payloads on the data port and the
     call's deadline passes while the client reads them: DeadlineExceeded, not a broken
     connection (UNAVAILABLE, which the client would retry past its deadline)."""
-    from tensorwire_server import dataplane as server_plane
+    from tensorwire_server.dataport import listener as server_plane
 
-    send_all = server_plane.dataplane.send_all
+    send_all = server_plane.dataport.send_all
 
     def slow(*args: Any) -> None:
         if threading.current_thread().name == "tensorwire-data-conn":  # the server's
@@ -479,11 +479,11 @@ def test_a_deadline_passing_while_the_response_arrives_is_deadline_exceeded(
         send_all(*args)
 
     with served(engine) as server:
-        monkeypatch.setattr(server_plane.dataplane, "send_all", slow)
+        monkeypatch.setattr(server_plane.dataport, "send_all", slow)
         with tw.Client(address(server), stream_threshold=0, retries=0, same_host=False) as c:
             for _ in range(3):
                 with pytest.raises(tw.DeadlineExceededError):
                     c.infer("identity", BIG, timeout=0.75)
-            monkeypatch.setattr(server_plane.dataplane, "send_all", send_all)
+            monkeypatch.setattr(server_plane.dataport, "send_all", send_all)
             np.testing.assert_array_equal(c.infer("identity", BIG, timeout=TIMEOUT)["output"], BIG)
         assert moved(server, "tcp") >= 1

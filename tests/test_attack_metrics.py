@@ -22,9 +22,9 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tensorwire_server import metrics_http
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
+from tensorwire_server.transport import metrics_endpoint
 
 FLOOD = 500
 
@@ -102,7 +102,7 @@ def test_idle_connections_cost_no_threads_and_are_closed(port: int) -> None:
         assert threads() - before < 20
         # Past its cap the server keeps only the newest idle ones...
         assert wait_until(
-            lambda: sum(not closed_by_server(s) for s in flood) <= metrics_http.MAX_CONNECTIONS,
+            lambda: sum(not closed_by_server(s) for s in flood) <= metrics_endpoint.MAX_CONNECTIONS,
             20,
         )
         # ...and Prometheus still gets in, during the flood.
@@ -119,7 +119,7 @@ def test_a_request_sent_a_byte_at_a_time_is_cut_off(port: int) -> None:
     request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Padding: " + b"a" * 100 + b"\r\n\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
         sent = 0
-        end = time.monotonic() + 4 * metrics_http.READ_TIMEOUT
+        end = time.monotonic() + 4 * metrics_endpoint.READ_TIMEOUT
         while sent < len(request) and time.monotonic() < end:
             try:
                 sock.sendall(request[sent : sent + 1])
@@ -173,7 +173,7 @@ def test_a_flood_of_scrapes_is_answered_by_one_renderer(port: int) -> None:
     with ExitStack() as stack:
         socks = [
             stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=30))
-            for _ in range(metrics_http.MAX_CONNECTIONS)
+            for _ in range(metrics_endpoint.MAX_CONNECTIONS)
         ]
         for sock in socks:
             sock.sendall(request)
@@ -198,7 +198,7 @@ def test_a_failing_collector_answers_500_and_the_port_keeps_serving() -> None:
 
     registry = CollectorRegistry()
     registry.register(Failing())
-    listener = metrics_http.MetricsListener(registry, "127.0.0.1", 0)
+    listener = metrics_endpoint.MetricsListener(registry, "127.0.0.1", 0)
     try:
         assert scrape(listener.port)[0] == 500
         Failing.fail = False

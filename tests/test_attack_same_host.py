@@ -32,7 +32,7 @@ from tensorwire._dataplane import ASK_DATA
 from tensorwire.errors import DeadlineExceededError, TensorwireError, UnavailableError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
-from tensorwire.wire.dataplane import (
+from tensorwire.wire.dataport import (
     ACCEPTED,
     OUTPUTS_MAGIC,
     REQUEST,
@@ -41,18 +41,18 @@ from tensorwire.wire.dataplane import (
     SHARED_MAGIC,
 )
 from tensorwire.wire.streaming import StreamReceiver
-from tensorwire_server import segments
+from tensorwire_server.dataport import same_host
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
-pytestmark = pytest.mark.skipif(not segments.SUPPORTED, reason="same-host transfers: Linux")
+pytestmark = pytest.mark.skipif(not same_host.SUPPORTED, reason="same-host transfers: Linux")
 
 TIMEOUT = 60
 #: Seconds each kernel is attacked for: the unfixed server died within a few calls.
 ATTACK_SECONDS = 2.5
 #: An index no tensor here has: any mix of its bytes with 0's is 0 or out of range.
 FAR = 1 << 40
-F_SEAL_FUTURE_WRITE = getattr(segments.fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
+F_SEAL_FUTURE_WRITE = getattr(same_host.fcntl, "F_SEAL_FUTURE_WRITE", 0x10)
 
 
 @pytest.fixture(scope="module")
@@ -317,7 +317,7 @@ def memfd(size: int, data: bytes = b"", seals: int = 0) -> int:
     os.ftruncate(fd, size)
     if data:
         os.pwrite(fd, data, 0)
-    fcntl = segments.fcntl
+    fcntl = same_host.fcntl
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | seals)
     return fd
 
@@ -367,7 +367,7 @@ def test_a_sparse_4_gib_segment_costs_no_more_than_its_payload(server: Tensorwir
 
 def test_an_input_sealed_against_writes_is_simply_read(server: TensorwireServer) -> None:
     """An immutable input is what the server wants most: it reads it as any other."""
-    source = memfd(PAYLOAD.nbytes, PAYLOAD.tobytes(), segments.fcntl.F_SEAL_WRITE)
+    source = memfd(PAYLOAD.nbytes, PAYLOAD.tobytes(), same_host.fcntl.F_SEAL_WRITE)
     target = memfd(PAYLOAD.nbytes)
     try:
         raw = Raw(server, PAYLOAD)
@@ -384,8 +384,8 @@ def test_an_input_sealed_against_writes_is_simply_read(server: TensorwireServer)
 @pytest.mark.parametrize(
     ("seal", "written"),
     [
-        (segments.fcntl.F_SEAL_WRITE, False),
-        (segments.fcntl.F_SEAL_WRITE, True),  # as a reused segment: a window, not pwritev
+        (same_host.fcntl.F_SEAL_WRITE, False),
+        (same_host.fcntl.F_SEAL_WRITE, True),  # as a reused segment: a window, not pwritev
         (F_SEAL_FUTURE_WRITE, True),
     ],
     ids=["write-fresh", "write-reused", "future-write"],
@@ -493,18 +493,18 @@ def test_a_deadline_passing_on_the_same_host_connection_is_deadline_exceeded(
     """The response's payloads are slow to be written (a loaded host, say) and the
     call's deadline passes while the client waits on the connection: that is
     DeadlineExceeded, not a broken connection to retry."""
-    write = segments.write_outputs
+    write = same_host.write_outputs
 
     def slow(*args: Any) -> int:
         time.sleep(1.5)
         return write(*args)
 
-    monkeypatch.setattr(segments, "write_outputs", slow)
+    monkeypatch.setattr(same_host, "write_outputs", slow)
     with tw.Client(address(server), stream_threshold=0, retries=0) as client:
         for _ in range(3):
             with pytest.raises(DeadlineExceededError):
                 client.infer("identity", PAYLOAD, timeout=0.75)
-        monkeypatch.setattr(segments, "write_outputs", write)
+        monkeypatch.setattr(same_host, "write_outputs", write)
         np.testing.assert_array_equal(client.infer("identity", PAYLOAD)["output"], PAYLOAD)
 
 
@@ -517,7 +517,7 @@ def test_both_placements_copy_the_segments_and_keep_no_mapping(in_place: bool) -
     (``in_place`` False) the segments are read straight into the staging buffers, a
     few MiB at a time. Either way the request's bytes are the server's own: nothing
     maps a segment, and rewriting it afterwards changes nothing."""
-    from tensorwire_server import dataplane
+    from tensorwire_server.dataport import listener
 
     big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB: more than one staging read
     small = np.arange(10, dtype=np.int64)
@@ -527,7 +527,7 @@ def test_both_placements_copy_the_segments_and_keep_no_mapping(in_place: bool) -
     fds = [memfd(big.nbytes, big.tobytes()), memfd(small.nbytes + 100, small.tobytes())]
     try:
         transfer = type("Transfer", (), {"receiver": receiver, "in_place": in_place})()
-        dataplane._place(transfer, fds)  # type: ignore[arg-type]
+        listener._place(transfer, fds)  # type: ignore[arg-type]
         with open("/proc/self/maps") as maps:
             assert "memfd:attacker" not in maps.read()
         for fd in fds:

@@ -29,10 +29,10 @@ from tritonclient.utils import InferenceServerException
 from tensorwire import Client, PermissionDeniedError, ResourceExhaustedError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.protocol import SESSION_KEY
-from tensorwire_server.region_table import Namespace, RegionExistsError, RegionTable
-from tensorwire_server.sessions import Ledger, Session, Sessions, storage_bytes
+from tensorwire_server.core.sessions import Ledger, Session, Sessions, storage_bytes
+from tensorwire_server.regions.system import SharedMemory
+from tensorwire_server.regions.table import Namespace, RegionExistsError, RegionTable
 from tensorwire_server.settings import Settings
-from tensorwire_server.shared_memory import SharedMemory
 
 pytestmark = pytest.mark.timeout(120)
 

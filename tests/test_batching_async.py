@@ -13,7 +13,7 @@ import pytest
 from test_batching import Gated, rows, serve, statistics
 
 import tensorwire as tw
-from tensorwire_server.compute import Compute
+from tensorwire_server.transport.executor import Compute
 
 pytestmark = pytest.mark.timeout(120)
 

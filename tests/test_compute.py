@@ -10,8 +10,8 @@ import time
 import pytest
 
 from tensorwire import DeadlineExceededError
-from tensorwire_server import observe
-from tensorwire_server.compute import PROBE_EVERY, Compute
+from tensorwire_server.transport import observability
+from tensorwire_server.transport.executor import PROBE_EVERY, Compute
 
 
 def test_cheap_work_moves_onto_the_loop_and_dear_work_stays_on_threads() -> None:
@@ -55,9 +55,9 @@ def test_work_that_waited_past_its_deadline_does_not_run() -> None:
     ran: list[str] = []
 
     async def main() -> None:
-        call = observe.Call("/t/T", "id")
+        call = observability.Call("/t/T", "id")
         call.deadline = time.monotonic() + 0.2
-        token = observe.set_current(call)
+        token = observability.set_current(call)
         try:
             busy = asyncio.ensure_future(compute.run(time.sleep, 0.5))  # holds the worker
             await asyncio.sleep(0.05)
@@ -65,7 +65,7 @@ def test_work_that_waited_past_its_deadline_does_not_run() -> None:
                 await compute.run(ran.append, "late")
             await busy
         finally:
-            observe.reset_current(token)
+            observability.reset_current(token)
 
     try:
         asyncio.run(main())

@@ -21,10 +21,10 @@ from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import codec, streaming
 from tensorwire.wire.dtypes import NAMES, NUMPY_BY_WIRE
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
+from tensorwire_server.device.staging import COPY_BATCH, CudaStager
+from tensorwire_server.device.tensors import resolve_device, to_device, to_numpy
 from tensorwire_server.limits import Limits
 from tensorwire_server.settings import Settings
-from tensorwire_server.staging import COPY_BATCH, CudaStager
-from tensorwire_server.tensors import resolve_device, to_device, to_numpy
 
 pytestmark = pytest.mark.cuda
 

@@ -26,8 +26,8 @@ from tensorwire import _messages
 from tensorwire._dataplane import ASK_DATA
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
-from tensorwire.wire.dataplane import ACCEPTED, REQUEST, REQUEST_MAGIC, RESPONSE, recv_exact
-from tensorwire_server.dataplane import DataPlane
+from tensorwire.wire.dataport import ACCEPTED, REQUEST, REQUEST_MAGIC, RESPONSE, recv_exact
+from tensorwire_server.dataport.listener import DataPlane
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 

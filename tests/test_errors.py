@@ -178,7 +178,7 @@ def test_unreachable_server_names_the_target() -> None:
 
 
 def test_status_messages_are_clipped_to_travel() -> None:
-    from tensorwire_server.rpc import clip
+    from tensorwire_server.transport.rpc import clip
 
     assert clip("short") == "short"
     long = "é" * 5000  # 10 000 bytes of UTF-8

@@ -14,7 +14,7 @@ import pytest
 import torch
 from function_cases import CASES, FORBIDDEN, REQUIRED
 
-from tensorwire_server.functions import FUNCTIONS, Function
+from tensorwire_server.engine.functions import FUNCTIONS, Function
 
 _TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "int64": torch.int64}
 

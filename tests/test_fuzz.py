@@ -68,7 +68,7 @@ from hypothesis import strategies as st
 
 from tensorwire import Client
 from tensorwire.v1 import tensorwire_pb2 as pb
-from tensorwire.wire.dataplane import REQUEST, REQUEST_MAGIC, SHARED_MAGIC, TICKET_BYTES
+from tensorwire.wire.dataport import REQUEST, REQUEST_MAGIC, SHARED_MAGIC, TICKET_BYTES
 from tensorwire.wire.protocol import CHANNEL_OPTIONS, SESSION_KEY
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 
-from tensorwire_server.heap import HeapTrimmer, _malloc_trim
+from tensorwire_server.transport.heap import HeapTrimmer, _malloc_trim
 
 
 def test_glibc_malloc_trim_is_found_and_runs() -> None:

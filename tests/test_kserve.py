@@ -28,7 +28,7 @@ from tritonclient.grpc import service_pb2_grpc as tpb_grpc
 from tritonclient.utils import InferenceServerException
 
 import tensorwire as tw
-from tensorwire_server.kserve import grpc_service_pb2 as ours
+from tensorwire_server.kserve.v2 import grpc_service_pb2 as ours
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 

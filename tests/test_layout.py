@@ -23,7 +23,25 @@ WIRE_LAYER = ("tensorwire.wire", "tensorwire.v1", "tensorwire.errors")
 #: The most lines a hand-written module may have.
 MAX_LINES = 600
 #: The modules that only translate between the wire and the service core.
-SERVICERS = ("tensorwire_server.servicer", "tensorwire_server.kserve.servicer")
+SERVICERS = ("tensorwire_server.v1.servicer", "tensorwire_server.kserve.servicer")
+#: The most hand-written modules one folder of the server may hold.
+MAX_MODULES = 12
+#: The server's shared vocabulary: modules at its root that any package may import.
+SHARED = ("settings", "limits", "named", "identities")
+#: What each server package may import of the others (each package's docstring says
+#: why); the shared modules above are allowed to all, and the root's other modules
+#: (server, the composition root; cli; probe) to none.
+LAYERS: dict[str, set[str]] = {
+    "device": set(),
+    "models": {"device"},
+    "engine": {"models", "device"},
+    "regions": {"device"},
+    "core": {"engine", "models", "regions", "device"},
+    "transport": set(),
+    "dataport": {"regions"},
+    "v1": {"core", "transport", "dataport", "engine", "models"},
+    "kserve": {"core", "transport", "engine", "models", "regions", "device"},
+}
 
 
 def _modules(generated: bool) -> dict[str, Path]:
@@ -111,7 +129,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 def test_the_walk_finds_the_project_and_its_imports() -> None:
     # A guard on the checks below: they are only as good as what they see.
-    assert {"tensorwire.client", "tensorwire.wire.codec", "tensorwire_server.engine"} <= set(
+    assert {"tensorwire.client", "tensorwire.wire.codec", "tensorwire_server.engine.engine"} <= set(
         MODULES
     )
     graph = _graph()
@@ -161,6 +179,77 @@ def test_servicers_translate_without_torch(servicer: str) -> None:
     assert not {n for n in imported if n == "torch" or n.startswith("torch.")}
     others = [s for s in SERVICERS if s != servicer]
     assert not imported & set(others), f"{servicer} imports another servicer"
+
+
+def _package(module: str) -> str | None:
+    """The server package ``module`` belongs to; None for the root's own modules."""
+    parts = module.split(".")
+    if parts[0] != "tensorwire_server" or len(parts) < 2:
+        return None
+    if len(parts) == 2 and parts[1] not in LAYERS:
+        return None
+    return parts[1]
+
+
+def test_every_server_package_is_in_the_layers() -> None:
+    folders = {p.name for p in (PACKAGES["tensorwire_server"] / "tensorwire_server").iterdir()}
+    packages = {
+        f
+        for f in folders
+        if (PACKAGES["tensorwire_server"] / "tensorwire_server" / f / "__init__.py").exists()
+    }
+    assert packages == set(LAYERS)
+    for package in LAYERS:
+        doc = ast.get_docstring(ast.parse(MODULES[f"tensorwire_server.{package}"].read_text()))
+        assert doc and "May import" in doc, f"{package}/__init__.py says what it may import"
+
+
+def test_each_server_package_imports_only_what_its_layer_allows() -> None:
+    wrong = []
+    for module, path in MODULES.items():
+        package = _package(module)
+        if not module.startswith("tensorwire_server") or module.endswith("__main__"):
+            continue
+        shared = {f"tensorwire_server.{m}" for m in SHARED}
+        for name in _imported(module, path):
+            if not name.startswith("tensorwire_server.") or name in shared:
+                continue
+            target = _package(name)
+            if package is None and module.split(".")[-1] in SHARED:
+                allowed = False  # the shared vocabulary imports only itself
+            elif package is None:
+                allowed = (
+                    module == "tensorwire_server.server"
+                    or (module == "tensorwire_server.cli" and name == "tensorwire_server.server")
+                    or target == "models"
+                    and module == "tensorwire_server.cli"
+                )
+            else:
+                allowed = target == package or target in LAYERS[package]
+            if not allowed:
+                wrong.append(f"{module} imports {name}")
+    assert not wrong, wrong
+
+
+def test_only_the_composition_root_wires_the_protocols() -> None:
+    protocols = {"v1", "kserve", "dataport"}
+    wiring = {
+        module
+        for module, path in MODULES.items()
+        if _package(module) is None and module.startswith("tensorwire_server")
+        for name in _imported(module, path)
+        if _package(name) in protocols
+    }
+    assert wiring == {"tensorwire_server.server"}
+
+
+def test_no_server_folder_holds_too_many_modules() -> None:
+    folders: dict[Path, int] = {}
+    for module, path in MODULES.items():
+        if module.startswith("tensorwire_server") and path.name != "__init__.py":
+            folders[path.parent] = folders.get(path.parent, 0) + 1
+    crowded = {str(f.relative_to(ROOT)): n for f, n in folders.items() if n > MAX_MODULES}
+    assert not crowded, f"folders over {MAX_MODULES} modules: {crowded}"
 
 
 def test_no_hand_written_module_is_too_long() -> None:

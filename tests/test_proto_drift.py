@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The generated packages and where each is committed: tensorwire.v1 (the contract, in
 # the client package) and the KServe v2 protocol's messages (next to the server's KServe
 # service, their only user).
-PACKAGES = {"tensorwire/v1": "client", "tensorwire_server/kserve": "server"}
+PACKAGES = {"tensorwire/v1": "client", "tensorwire_server/kserve/v2": "server"}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,7 @@ def test_kserve_messages_live_in_a_pool_of_their_own() -> None:
     # tritonclient's stubs declare the same inference.* names in the default pool.
     from google.protobuf import descriptor_pool
 
-    from tensorwire_server.kserve import grpc_service_pb2
+    from tensorwire_server.kserve.v2 import grpc_service_pb2
 
     assert grpc_service_pb2.DESCRIPTOR.pool is not descriptor_pool.Default()
     with pytest.raises(KeyError):

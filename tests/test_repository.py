@@ -11,8 +11,8 @@ import torch
 from repo_fixtures import make_broken_model, make_repository
 from safetensors.torch import save_file
 
-from tensorwire_server.models import IOSpec
-from tensorwire_server.repository import (
+from tensorwire_server.models.model import IOSpec
+from tensorwire_server.models.repository import (
     Batching,
     ConfigError,
     ModelConfig,

@@ -20,8 +20,8 @@ from repo_fixtures import (
 )
 from safetensors.torch import save_file
 
-from tensorwire_server.models import IOSpec, load_model
-from tensorwire_server.repository import (
+from tensorwire_server.models.model import IOSpec, load_model
+from tensorwire_server.models.repository import (
     ConfigError,
     ModelConfig,
     load_version,

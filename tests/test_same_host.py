@@ -31,13 +31,13 @@ from tensorwire import _messages
 from tensorwire._dataplane import ASK_DATA
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
-from tensorwire.wire.dataplane import MAX_SEGMENTS, REQUEST, SHARED_MAGIC
+from tensorwire.wire.dataport import MAX_SEGMENTS, REQUEST, SHARED_MAGIC
 from tensorwire.wire.dtypes import NUMPY_BY_WIRE
-from tensorwire_server import segments
+from tensorwire_server.dataport import same_host
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
-pytestmark = pytest.mark.skipif(not segments.SUPPORTED, reason="same-host transfers: Linux")
+pytestmark = pytest.mark.skipif(not same_host.SUPPORTED, reason="same-host transfers: Linux")
 
 TIMEOUT = 60
 BIG = np.arange(3 << 20, dtype=np.float32).reshape(3, -1)  # 12 MiB: streamed
@@ -323,11 +323,11 @@ class Asking:
         return failed.value.code(), failed.value.details()
 
 
-def memfd(size: int, seals: int = segments.fcntl.F_SEAL_SHRINK) -> int:
+def memfd(size: int, seals: int = same_host.fcntl.F_SEAL_SHRINK) -> int:
     fd = os.memfd_create("test", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
     if seals:
-        segments.fcntl.fcntl(fd, segments.fcntl.F_ADD_SEALS, seals)
+        same_host.fcntl.fcntl(fd, same_host.fcntl.F_ADD_SEALS, seals)
     return fd
 
 

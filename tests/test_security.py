@@ -16,7 +16,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.v1 import tensorwire_pb2_grpc as pb_grpc
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
-from tensorwire_server.security import (
+from tensorwire_server.server import TensorwireServer, build_engine
+from tensorwire_server.settings import Settings
+from tensorwire_server.transport.security import (
     AUTHENTICATED,
     METHOD_SCOPES,
     PUBLIC,
@@ -27,8 +29,6 @@ from tensorwire_server.security import (
     scope_of,
     with_derived,
 )
-from tensorwire_server.server import TensorwireServer, build_engine
-from tensorwire_server.settings import Settings
 
 TIMEOUT = 10
 

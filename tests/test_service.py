@@ -19,10 +19,10 @@ from tensorwire.errors import (
 )
 from tensorwire.wire.codec import Handle, Ref
 from tensorwire.wire.protocol import SESSION_KEY
-from tensorwire_server.engine import Engine
-from tensorwire_server.loading import ModelControl, load_all
-from tensorwire_server.programs import PlanStep, ProgramPlan
-from tensorwire_server.service import Caller, Service
+from tensorwire_server.core.loading import ModelControl, load_all
+from tensorwire_server.core.service import Caller, Service
+from tensorwire_server.engine.engine import Engine
+from tensorwire_server.engine.programs import PlanStep, ProgramPlan
 from tensorwire_server.settings import Settings
 
 SETTINGS = Settings(device="cpu", session_quota_bytes=1 << 16, max_sessions=2)

@@ -23,8 +23,8 @@ from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.v1 import tensorwire_pb2_grpc as pb_grpc
 from tensorwire.wire.codec import Encoder, Handle, Ref, receive
 from tensorwire.wire.protocol import SESSION_KEY
+from tensorwire_server.core.sessions import Session, Sessions, owned
 from tensorwire_server.server import TensorwireServer
-from tensorwire_server.sessions import Session, Sessions, owned
 from tensorwire_server.settings import Settings
 
 TOKENS = "alice * alice-token-0123456789abcdef;bob * bob-token-0123456789abcdef0"
@@ -318,7 +318,7 @@ def test_a_program_matches_local_torch_outputs_and_gradients(raw: Raw) -> None:
     got = {o.name: response.array(o.tensor, o.name) for o in response.message.outputs}
     grads = {g.name: response.array(g.tensor, g.name) for g in response.message.grads}
 
-    from tensorwire_server.models import MLP
+    from tensorwire_server.models.model import MLP
 
     mlp = MLP(dtype=torch.float64)
     tx = torch.from_numpy(x).requires_grad_(True)

@@ -21,8 +21,8 @@ from test_kserve import ARRAYS, X, infer_input, same
 from tritonclient.grpc import service_pb2 as tpb
 from tritonclient.utils import InferenceServerException
 
-from tensorwire_server.engine import Engine
-from tensorwire_server.kserve import grpc_service_pb2 as ours
+from tensorwire_server.engine.engine import Engine
+from tensorwire_server.kserve.v2 import grpc_service_pb2 as ours
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 

@@ -1,5 +1,5 @@
 """Shared memory shrunk under the server: the kernel copies of
-tensorwire_server.region_copies on real /dev/shm objects, and end to end through
+tensorwire_server.regions.copies on real /dev/shm objects, and end to end through
 NVIDIA's tritonclient. A shrink fails the copy it cut short, and that request, never
 the process: the server never touches a client's pages with its own loads and stores."""
 
@@ -21,7 +21,7 @@ from conftest import TOY_MODELS
 from test_shared_memory import shared_input, shared_output, status
 from tritonclient.utils import InferenceServerException
 
-from tensorwire_server import region_copies
+from tensorwire_server.regions import copies
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
@@ -59,47 +59,47 @@ def mapped_now(fd: int) -> bool:
 def test_reads_and_writes_move_every_byte(shm_file: Any) -> None:
     fd = shm_file()
     payload = np.frombuffer(secrets.token_bytes(SIZE - 4196), np.uint8)
-    window = region_copies.Window(fd, 100, SIZE - 100)  # not on a page boundary
-    assert region_copies.write(fd, 100, memoryview(payload), window)
+    window = copies.Window(fd, 100, SIZE - 100)  # not on a page boundary
+    assert copies.write(fd, 100, memoryview(payload), window)
     assert os.pread(fd, payload.nbytes, 100) == payload.tobytes()
-    out = region_copies.buffer(payload.nbytes)
-    assert region_copies.read(fd, 100, out)
+    out = copies.buffer(payload.nbytes)
+    assert copies.read(fd, 100, out)
     assert np.array_equal(np.frombuffer(out, np.uint8), payload)
     assert torch.from_numpy(np.frombuffer(out, np.uint8)).sum() == int(payload.sum(dtype=np.int64))
-    small = region_copies.buffer(10)  # under the huge-page size: NumPy's own memory
-    assert region_copies.read(fd, 100, small) and bytes(small) == payload[:10].tobytes()
+    small = copies.buffer(10)  # under the huge-page size: NumPy's own memory
+    assert copies.read(fd, 100, small) and bytes(small) == payload[:10].tobytes()
 
 
 def test_a_read_past_a_shrunk_end_comes_up_short(shm_file: Any) -> None:
     fd = shm_file()
-    before = region_copies.short_copies()
+    before = copies.short_copies()
     os.ftruncate(fd, 8192)
-    assert not region_copies.read(fd, 4096, region_copies.buffer(SIZE - 4096))
-    assert region_copies.short_copies() == before + 1
+    assert not copies.read(fd, 4096, copies.buffer(SIZE - 4096))
+    assert copies.short_copies() == before + 1
 
 
 def test_a_write_past_a_shrunk_end_stops_there_and_never_grows_the_object(
     shm_file: Any,
 ) -> None:
     fd = shm_file()
-    window = region_copies.Window(fd, 0, SIZE)
+    window = copies.Window(fd, 0, SIZE)
     os.ftruncate(fd, 8192)
     data = memoryview(np.full(SIZE - 4096, 7, np.uint8))
-    assert not region_copies.write(fd, 4096, data, window)
+    assert not copies.write(fd, 4096, data, window)
     assert os.fstat(fd).st_size == 8192  # the kernel stopped at the end
     assert os.pread(fd, 4096, 4096) == b"\x07" * 4096  # what fitted was written
     os.ftruncate(fd, SIZE)  # grown again: the same window writes all of it
-    assert region_copies.write(fd, 4096, data, window)
+    assert copies.write(fd, 4096, data, window)
     assert os.pread(fd, 8, SIZE - 8) == b"\x07" * 8
 
 
 def test_pwritev_writes_where_there_is_no_window(shm_file: Any) -> None:
     fd = shm_file()
-    window = region_copies.Window(fd, 0, SIZE)
+    window = copies.Window(fd, 0, SIZE)
     window.usable = False  # as after the kernel refused process_vm_writev (seccomp)
     data = memoryview(np.full(SIZE, 5, np.uint8))
-    assert region_copies.write(fd, 0, data, window)
-    assert region_copies.write(fd, 0, data[:3], None)
+    assert copies.write(fd, 0, data, window)
+    assert copies.write(fd, 0, data[:3], None)
     assert os.pread(fd, 4, SIZE - 4) == b"\x05" * 4
 
 
@@ -109,9 +109,9 @@ def test_copies_on_several_threads_under_a_shrinking_client_end_whole_or_short(
     """A shrink while pieces of large copies run on helper threads: each copy comes
     back whole or short, and the process goes on."""
     fd = shm_file()
-    window = region_copies.Window(fd, 0, SIZE)
+    window = copies.Window(fd, 0, SIZE)
     data = memoryview(np.full(SIZE, 3, np.uint8))
-    out = region_copies.buffer(SIZE)
+    out = copies.buffer(SIZE)
     stop = time.monotonic() + 1.5
     outcomes: set[bool] = set()
 
@@ -123,15 +123,15 @@ def test_copies_on_several_threads_under_a_shrinking_client_end_whole_or_short(
     shrinker = threading.Thread(target=shrinking)
     shrinker.start()
     while time.monotonic() < stop:
-        outcomes.add(region_copies.write(fd, 0, data, window))
-        outcomes.add(region_copies.read(fd, 0, out))
+        outcomes.add(copies.write(fd, 0, data, window))
+        outcomes.add(copies.read(fd, 0, out))
     shrinker.join()
     assert outcomes <= {True, False} and os.fstat(fd).st_size == SIZE
 
 
 def test_a_window_goes_with_the_last_write_through_it(shm_file: Any) -> None:
     fd = shm_file()
-    window = region_copies.Window(fd, 0, SIZE)
+    window = copies.Window(fd, 0, SIZE)
     assert mapped_now(fd)
     del window
     gc.collect()
@@ -145,22 +145,22 @@ def start_of(view: memoryview) -> int:
 def test_a_large_buffer_is_reused_once_nothing_uses_it() -> None:
     """A kept buffer comes back warm for the next read of its size, and never while
     an array or tensor still uses it."""
-    region_copies.release_idle()
-    first = region_copies.buffer(SIZE)
+    copies.release_idle()
+    first = copies.buffer(SIZE)
     tensor = torch.from_numpy(np.frombuffer(first, np.uint8))
     del first
     gc.collect()
-    second = region_copies.buffer(SIZE)
+    second = copies.buffer(SIZE)
     assert start_of(second) != tensor.data_ptr()  # the tensor still uses the first
     kept = {tensor.data_ptr(), start_of(second)}
     del tensor, second
     gc.collect()
-    again = [region_copies.buffer(SIZE), region_copies.buffer(SIZE)]
+    again = [copies.buffer(SIZE), copies.buffer(SIZE)]
     assert {start_of(view) for view in again} == kept
 
 
 def test_idle_buffers_are_kept_up_to_their_bound_and_let_go_when_idle() -> None:
-    warm = region_copies._Warm(keep=8 << 20)
+    warm = copies._Warm(keep=8 << 20)
     held = [warm.take(6 << 20), warm.take(6 << 20)]  # 6 MiB each, kept in whole 2 MiB
     assert warm.idle_bytes() == 0
     del held
@@ -168,7 +168,7 @@ def test_idle_buffers_are_kept_up_to_their_bound_and_let_go_when_idle() -> None:
     assert warm.idle_bytes() == 6 << 20  # the bound keeps one; the older one went
     warm.clear()
     assert warm.idle_bytes() == 0
-    region_copies.release_idle()  # the server's own, as its heap trimmer calls it
+    copies.release_idle()  # the server's own, as its heap trimmer calls it
 
 
 # ------------------------------------------------------------------ through tritonclient
@@ -246,7 +246,7 @@ def test_a_client_shrinking_its_regions_never_disturbs_another(
     assert metric("tensorwire_shared_memory_regions", {"kind": "system"}) == 4
     payload = np.frombuffer(secrets.token_bytes(size), np.uint8)
     os.pwrite(fds["alice-in"], payload.tobytes(), 0)
-    short = region_copies.short_copies()
+    short = copies.short_copies()
     stop = time.monotonic() + 3
     bob_codes: set[str] = set()
 
@@ -286,6 +286,6 @@ def test_a_client_shrinking_its_regions_never_disturbs_another(
     client.unregister_system_shared_memory()
     assert results["alice"] > 0
     assert bob_codes <= {"StatusCode.FAILED_PRECONDITION"}
-    assert region_copies.short_copies() > short  # copies cut short, not only fstat's refusals
-    assert metric("tensorwire_shared_memory_short_copies_total") == region_copies.short_copies()
+    assert copies.short_copies() > short  # copies cut short, not only fstat's refusals
+    assert metric("tensorwire_shared_memory_short_copies_total") == copies.short_copies()
     assert metric("tensorwire_shared_memory_regions", {"kind": "system"}) == 0

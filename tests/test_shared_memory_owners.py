@@ -28,9 +28,9 @@ from tritonclient.utils import InferenceServerException
 from tensorwire._transport import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.protocol import SESSION_KEY
-from tensorwire_server.engine import Engine
-from tensorwire_server.region_table import Namespace, RegionExistsError
-from tensorwire_server.shared_memory import SharedMemory
+from tensorwire_server.engine.engine import Engine
+from tensorwire_server.regions.system import SharedMemory
+from tensorwire_server.regions.table import Namespace, RegionExistsError
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -12,7 +12,7 @@ from conftest import spawn_server
 from test_streaming import _rss
 
 from tensorwire import Client, InvalidArgumentError, NotFoundError
-from tensorwire_server.heap import IDLE_SECONDS
+from tensorwire_server.transport.heap import IDLE_SECONDS
 
 CLIENTS = 32
 # Long enough for glibc's arenas and every worker thread's caches to settle: after 10 s

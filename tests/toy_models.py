@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tensorwire_server.models import IOSpec, Model
+from tensorwire_server.models.model import IOSpec, Model
 
 
 class Quadratic(nn.Module):

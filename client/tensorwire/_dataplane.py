@@ -1,4 +1,4 @@
-"""The client's side of the data plane (the format: tensorwire/wire/dataplane.py):
+"""The client's side of the data plane (the format: tensorwire/wire/dataport.py):
 where each streamed attempt's payloads go (DataRoutes), its connections, pooled per
 server port, with TLS as its channel has it, same-host shared memory when the server
 is on this host (_samehost.py), and what it learnt of where either cannot be used.
@@ -27,8 +27,8 @@ from tensorwire.channel import split_address
 from tensorwire.errors import DeadlineExceededError, UnavailableError
 from tensorwire.targets import SCHEMES, Target, pinned, replicas
 from tensorwire.v1 import tensorwire_pb2 as pb
-from tensorwire.wire import dataplane, framing
-from tensorwire.wire.dataplane import (
+from tensorwire.wire import dataport, framing
+from tensorwire.wire.dataport import (
     ACCEPTED,
     REQUEST,
     REQUEST_MAGIC,
@@ -137,7 +137,7 @@ class DataLinks:
                 if not reused:
                     sock = self._secured(sock)
                 sock.sendall(preamble)
-                if dataplane.recv_exact(sock, len(ACCEPTED)) == ACCEPTED:
+                if dataport.recv_exact(sock, len(ACCEPTED)) == ACCEPTED:
                     sock.settimeout(timeout)
                     self.detours.accepted(None)
                     return sock
@@ -159,9 +159,9 @@ class DataLinks:
         DeadlineExceededError when ``timeout`` ran out."""
         try:
             sock.settimeout(timeout)
-            magic, size = RESPONSE.unpack(dataplane.recv_exact(sock, RESPONSE.size))
+            magic, size = RESPONSE.unpack(dataport.recv_exact(sock, RESPONSE.size))
             if magic != RESPONSE_MAGIC or size != receiver.total - receiver.received:
-                raise dataplane.DataPlaneError(
+                raise dataport.DataPlaneError(
                     f"the data connection announced {size} bytes where the response "
                     f"declares {receiver.total - receiver.received}"
                 )
@@ -185,7 +185,7 @@ class DataLinks:
         assert self.host is not None  # usable() said so
         sock = socket.create_connection((self.host, port), timeout=CONNECT_SECONDS)
         try:
-            dataplane.configure(sock)
+            dataport.configure(sock)
         except BaseException:
             sock.close()
             raise

@@ -1,4 +1,4 @@
-"""Same-host transfers, the client's side (the format: tensorwire/wire/dataplane.py):
+"""Same-host transfers, the client's side (the format: tensorwire/wire/dataport.py):
 when a ticket names the server's abstract Unix socket and it answers here, payloads
 move through shared memory the client makes, passes and takes back itself.
 
@@ -35,8 +35,8 @@ import numpy as np
 
 from tensorwire._connections import CONNECT_SECONDS, Detours, IdleConnections
 from tensorwire.errors import DeadlineExceededError, UnavailableError
-from tensorwire.wire import dataplane
-from tensorwire.wire.dataplane import (
+from tensorwire.wire import dataport
+from tensorwire.wire.dataport import (
     ACCEPTED,
     MAX_SEGMENTS,
     OUTPUTS_MAGIC,
@@ -90,7 +90,7 @@ class Segment:
             target = np.frombuffer(self.mapped, np.uint8, piece.nbytes, offset)
             np.copyto(target, np.frombuffer(piece, np.uint8))
         else:
-            dataplane.write_at(self.fd, piece, offset)
+            dataport.write_at(self.fd, piece, offset)
 
     def close(self) -> None:
         """Free it here (a mapping still exported by an array stays until it goes)."""
@@ -314,7 +314,7 @@ class LocalCarrier:
         magic, size = RESPONSE.unpack(reply[: RESPONSE.size])
         if magic != RESPONSE_MAGIC or size != receiver.total:
             self.discard()
-            raise dataplane.DataPlaneError(
+            raise dataport.DataPlaneError(
                 f"the server wrote {size} bytes where the response declares {receiver.total}"
             )
         for segment, held in zip(self.inputs, reply[RESPONSE.size :], strict=True):

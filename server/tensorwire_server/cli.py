@@ -6,7 +6,7 @@ import argparse
 import sys
 from dataclasses import fields
 
-from tensorwire_server.models import parse_model_option
+from tensorwire_server.models.model import parse_model_option
 from tensorwire_server.server import serve
 from tensorwire_server.settings import ACCESS_LOGS, LOG_FORMATS, MODEL_CONTROLS, Settings
 

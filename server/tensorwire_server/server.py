@@ -18,25 +18,26 @@ from grpc_reflection.v1alpha import reflection
 
 import tensorwire_server
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
-from tensorwire_server import kserve, region_copies
-from tensorwire_server.admission import Quotas
-from tensorwire_server.compute import Compute
-from tensorwire_server.dataplane import DataPlane
-from tensorwire_server.engine import Engine
-from tensorwire_server.gate import Gate, Lifecycle
-from tensorwire_server.heap import HeapTrimmer
-from tensorwire_server.loading import ModelControl, load_all
-from tensorwire_server.observe import JsonFormatter, Metrics
-from tensorwire_server.registry import server_devices
-from tensorwire_server.security import (
+from tensorwire_server import kserve
+from tensorwire_server.core.loading import ModelControl, load_all
+from tensorwire_server.core.service import Service
+from tensorwire_server.dataport.listener import DataPlane
+from tensorwire_server.engine.engine import Engine
+from tensorwire_server.models.registry import server_devices
+from tensorwire_server.regions import copies
+from tensorwire_server.settings import Settings
+from tensorwire_server.transport.admission import Quotas
+from tensorwire_server.transport.executor import Compute
+from tensorwire_server.transport.gate import Gate, Lifecycle
+from tensorwire_server.transport.heap import HeapTrimmer
+from tensorwire_server.transport.observability import JsonFormatter, Metrics
+from tensorwire_server.transport.security import (
     Tokens,
     is_loopback,
     server_credentials,
     server_ssl_context,
 )
-from tensorwire_server.service import Service
-from tensorwire_server.servicer import SERVICE, TensorServicer, tensor_service_handler
-from tensorwire_server.settings import Settings
+from tensorwire_server.v1.servicer import SERVICE, TensorServicer, tensor_service_handler
 
 log = logging.getLogger("tensorwire_server")
 T = TypeVar("T")
@@ -119,7 +120,7 @@ class TensorwireServer:
         self.service = Service(settings)
         self.metrics = Metrics(engine.device if engine is not None else None, settings.access_log)
         #: Gives freed memory back to the OS whenever the server goes idle.
-        self.heap = HeapTrimmer(release=[region_copies.release_idle])
+        self.heap = HeapTrimmer(release=[copies.release_idle])
         self.gate = Gate(
             tokens,
             self.lifecycle,
@@ -151,7 +152,7 @@ class TensorwireServer:
             self.servicer.data_plane = self.data_plane
             if self.data_plane is not None:
                 self.metrics.count_data_plane(self.data_plane.totals)
-            self.metrics.count_shared_memory(self._regions, region_copies.short_copies)
+            self.metrics.count_shared_memory(self._regions, copies.short_copies)
         except BaseException:
             # Refused (plain text off loopback, a port taken): nothing is left running.
             built = getattr(self, "server", None)

@@ -30,10 +30,10 @@ from tensorwire.v1 import tensorwire_pb2 as twpb
 from tensorwire.wire import framing
 from tensorwire.wire.codec import as_wire_array, decode_array, layout
 from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
-from tensorwire_server.kserve import grpc_service_pb2 as pb
+from tensorwire_server.kserve.v2 import grpc_service_pb2 as pb
 from tensorwire_server.limits import Limits
 from tensorwire_server.named import Named
-from tensorwire_server.region_table import Placement
+from tensorwire_server.regions.table import Placement
 
 M = TypeVar("M", bound=Message)
 #: Reads the tensor a placement in the caller's shared memory holds, as the Tensor

@@ -6,11 +6,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Final
 
-from tensorwire_server.kserve import grpc_service_pb2 as pb
 from tensorwire_server.kserve.codec import DATATYPE_OF
-from tensorwire_server.models import IOSpec
-from tensorwire_server.registry import ModelEntry, ServedVersion
-from tensorwire_server.statistics import StatsSnapshot
+from tensorwire_server.kserve.v2 import grpc_service_pb2 as pb
+from tensorwire_server.models.model import IOSpec
+from tensorwire_server.models.registry import ModelEntry, ServedVersion
+from tensorwire_server.models.statistics import StatsSnapshot
 
 #: The state of a model version that serves, and of one that does not.
 READY: Final = "READY"

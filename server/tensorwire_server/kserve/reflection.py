@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from google.protobuf import descriptor_pool
 
-from tensorwire_server.kserve import grpc_service_pb2 as pb
+from tensorwire_server.kserve.v2 import grpc_service_pb2 as pb
 
 
 class Pools:
