@@ -3,7 +3,7 @@
     sudo .venv/bin/python benchmarks/two_hosts.py [--mib 256] [--repeats 3]
 
 A server namespace (10.77.0.1) and a client namespace (10.77.0.2) joined by a veth pair
-(tests/netns.py; root and iproute2 needed). Identity round trips of ``--mib`` MiB,
+(tests/support/netns.py; root and iproute2 needed). Identity round trips of ``--mib`` MiB,
 (sent + received) / best time: a raw TCP echo and a Python ``ssl`` echo over the same
 link (the floors; each takes the whole request, then sends it back, as a call does),
 then tensorwire with its data plane in plain text and over TLS, and over TLS with

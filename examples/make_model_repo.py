@@ -15,7 +15,7 @@ Two models, two versions each, one of every file format a version folder may hol
     ``output = input @ weight.T + bias``. Input float32 ``[-1, 4]``, output float32
     ``[-1, 2]``. The weights are multiples of 1/4, so integer inputs give exact results.
 
-The tests build the same models with plainer model.toml files (tests/repo_fixtures.py
+The tests build the same models with plainer model.toml files (tests/support/repo_fixtures.py
 imports this file), so what the README shows is what the tests load.
 """
 

@@ -2,15 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import re
-import subprocess
-import sys
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,15 +13,14 @@ from tensorwire_server.engine.engine import Engine
 from tensorwire_server.server import TensorwireServer, create_server
 from tensorwire_server.settings import Settings
 
-TESTS = Path(__file__).parent
 # Test-only models, served by factory (tests/ is on sys.path under pytest).
 TOY_MODELS = {
-    "quadratic": "toy_models:quadratic",
-    "two_heads": "toy_models:two_heads",
-    "rows": "toy_models:rows",
-    "raises": "toy_models:raises",
-    "hog": "toy_models:hog",
-    "sleeper": "toy_models:sleeper",
+    "quadratic": "support.toy_models:quadratic",
+    "two_heads": "support.toy_models:two_heads",
+    "rows": "support.toy_models:rows",
+    "raises": "support.toy_models:raises",
+    "hog": "support.toy_models:hog",
+    "sleeper": "support.toy_models:sleeper",
 }
 
 
@@ -57,39 +48,6 @@ def start(settings: Settings) -> Iterator[str]:
         yield f"127.0.0.1:{port}"
     finally:
         server.stop(grace=None)
-
-
-@contextmanager
-def spawn_server(*flags: str) -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
-    """Run ``tensorwire-server --port 0 FLAGS`` as its own process (for its exit code,
-    signals or memory); yield it, its address and its log lines so far once it
-    serves; kill it after. Its later log lines keep arriving in the list."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorwire_server", "--port", "0", *flags],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    try:
-        lines: list[str] = []
-        address = ""
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            line = proc.stderr.readline()  # type: ignore[union-attr]
-            lines.append(line)
-            if match := re.search(r"listening on ([\w.:\[\]-]+)", line):
-                address = match.group(1)
-            if "server serving" in line:  # models loaded: TensorService answers
-                # Keep reading: a server blocked on a full stderr pipe would hang.
-                drain = threading.Thread(target=lines.extend, args=(proc.stderr,), daemon=True)
-                drain.start()
-                yield proc, address, lines
-                return
-        pytest.fail("server did not start: " + "".join(lines))
-    finally:
-        proc.kill()
-        proc.wait(30)
 
 
 @pytest.fixture(scope="session")

@@ -256,7 +256,7 @@ def test_no_server_folder_holds_too_many_modules() -> None:
 def test_no_hand_written_module_is_too_long() -> None:
     sources = [
         *(p for p in MODULES.values()),
-        *(ROOT / "tests").glob("*.py"),
+        *(ROOT / "tests").rglob("*.py"),
         *(ROOT / "benchmarks").glob("*.py"),
         *(ROOT / "examples").glob("*.py"),
     ]

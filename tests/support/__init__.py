@@ -1,0 +1,1 @@
+"""What the tests share: scripted servers, toy models, fuzzing, fixtures, network namespaces."""
