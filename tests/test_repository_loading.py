@@ -20,15 +20,10 @@ from repo_fixtures import (
 )
 from safetensors.torch import save_file
 
-from tensorwire_server.models.model import IOSpec, load_model
-from tensorwire_server.models.repository import (
-    ConfigError,
-    ModelConfig,
-    load_version,
-    model_names,
-    read_config,
-    version_numbers,
-)
+from tensorwire_server.models.config import ConfigError, ModelConfig, read_config
+from tensorwire_server.models.loader import load_model, load_version
+from tensorwire_server.models.model import IOSpec
+from tensorwire_server.models.repository import model_names, version_numbers
 
 X = torch.arange(12, dtype=torch.float32).reshape(3, 4) - 5  # integers: exact results
 
