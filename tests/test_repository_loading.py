@@ -229,3 +229,12 @@ def test_load_model_still_loads_files_and_factories(repo: Path) -> None:
     assert (factory.kind, factory.inputs) == ("python", (IOSpec("x"),))
     with pytest.raises(ValueError, match="cannot load TorchScript"):
         load_model("b", str(make_broken_model(repo) / "1" / "model.pt"))
+
+
+def test_load_model_resolves_factories_as_the_repository_does() -> None:
+    with pytest.raises(ValueError, match=r"only a model repository's model\.toml may name one"):
+        load_model("m", "model.py:build")  # a file factory needs a model's folder
+    with pytest.raises(ValueError, match=r"factory 'os:getcwd' returned str, not a Module"):
+        load_model("m", "os:getcwd")
+    with pytest.raises(ValueError, match=r"factory 'toy_models:nothing' failed: AttributeError"):
+        load_model("m", "toy_models:nothing")
