@@ -6,9 +6,16 @@ import argparse
 import sys
 from dataclasses import fields
 
-from tensorwire_server.models.model import parse_model_option
 from tensorwire_server.server import serve
 from tensorwire_server.settings import ACCESS_LOGS, LOG_FORMATS, MODEL_CONTROLS, Settings
+
+
+def parse_model_option(option: str) -> tuple[str, str]:
+    """Split a ``NAME=SOURCE`` command-line option."""
+    name, sep, source = option.partition("=")
+    if not sep or not name or not source:
+        raise ValueError(f"--model expects NAME=SOURCE, got {option!r}")
+    return name, source
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from support.arrays import sample
 import tensorwire as tw
 from tensorwire import AsyncClient, Client, NotFoundError
 from tensorwire.wire.dtypes import NAMES, NUMPY_BY_WIRE
-from tensorwire_server.models.model import MLP
+from tensorwire_server.models.builtins import MLP
 from tensorwire_server.settings import Settings
 
 

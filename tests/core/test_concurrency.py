@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tensorwire import Client, InvalidArgumentError, NotFoundError
-from tensorwire_server.models.model import builtin_models
+from tensorwire_server.models.builtins import builtin_models
 
 CLIENTS, REQUESTS = 16, 50
 MLP = builtin_models()["mlp64"].module

@@ -322,7 +322,7 @@ def test_a_program_matches_local_torch_outputs_and_gradients(raw: Raw) -> None:
     got = {o.name: response.array(o.tensor, o.name) for o in response.message.outputs}
     grads = {g.name: response.array(g.tensor, g.name) for g in response.message.grads}
 
-    from tensorwire_server.models.model import MLP
+    from tensorwire_server.models.builtins import MLP
 
     mlp = MLP(dtype=torch.float64)
     tx = torch.from_numpy(x).requires_grad_(True)

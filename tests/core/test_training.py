@@ -22,7 +22,7 @@ from support.arrays import sample
 import tensorwire as tw
 from tensorwire import AsyncClient, Client, InvalidArgumentError, NotFoundError
 from tensorwire import safetensors as st
-from tensorwire_server.models.model import MLP
+from tensorwire_server.models.builtins import MLP
 
 STEPS = 20
 RNG = np.random.default_rng(7)

@@ -8,7 +8,7 @@ import torch
 from support.toy_models import Quadratic
 
 from tensorwire import Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
-from tensorwire_server.models.model import builtin_models
+from tensorwire_server.models.builtins import builtin_models
 
 RNG = np.random.default_rng(4)
 

@@ -12,7 +12,7 @@ from conftest import start
 from support.toy_models import TwoHeads
 
 from tensorwire import Client, InvalidArgumentError
-from tensorwire_server.models.model import MLP, builtin_models
+from tensorwire_server.models.builtins import MLP, builtin_models
 from tensorwire_server.settings import Settings
 
 

@@ -15,10 +15,10 @@ from conftest import start
 from torch import nn
 
 import tensorwire as tw
-from tensorwire_server.core.loading import builtin_config
 from tensorwire_server.engine.engine import Engine
-from tensorwire_server.models.model import IOSpec, Model, builtin_models
-from tensorwire_server.models.repository import Batching, ModelConfig
+from tensorwire_server.models.builtins import builtin_config, builtin_models
+from tensorwire_server.models.config import Batching, ModelConfig
+from tensorwire_server.models.model import IOSpec, Model
 from tensorwire_server.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)

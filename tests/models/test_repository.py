@@ -11,17 +11,16 @@ import torch
 from safetensors.torch import save_file
 from support.repo_fixtures import make_broken_model, make_repository
 
-from tensorwire_server.models.model import IOSpec
-from tensorwire_server.models.repository import (
+from tensorwire_server.models.config import (
     Batching,
     ConfigError,
     ModelConfig,
     WarmupInput,
-    load_version,
-    model_names,
     read_config,
-    version_numbers,
 )
+from tensorwire_server.models.loader import load_version
+from tensorwire_server.models.model import IOSpec
+from tensorwire_server.models.repository import model_names, version_numbers
 
 BATCHED = """\
 max_batch_size = 32

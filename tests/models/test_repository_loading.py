@@ -20,15 +20,10 @@ from support.repo_fixtures import (
     regressor_weights,
 )
 
-from tensorwire_server.models.model import IOSpec, load_model
-from tensorwire_server.models.repository import (
-    ConfigError,
-    ModelConfig,
-    load_version,
-    model_names,
-    read_config,
-    version_numbers,
-)
+from tensorwire_server.models.config import ConfigError, ModelConfig, read_config
+from tensorwire_server.models.loader import load_model, load_version
+from tensorwire_server.models.model import IOSpec
+from tensorwire_server.models.repository import model_names, version_numbers
 
 X = torch.arange(12, dtype=torch.float32).reshape(3, 4) - 5  # integers: exact results
 
@@ -234,3 +229,12 @@ def test_load_model_still_loads_files_and_factories(repo: Path) -> None:
     assert (factory.kind, factory.inputs) == ("python", (IOSpec("x"),))
     with pytest.raises(ValueError, match="cannot load TorchScript"):
         load_model("b", str(make_broken_model(repo) / "1" / "model.pt"))
+
+
+def test_load_model_resolves_factories_as_the_repository_does() -> None:
+    with pytest.raises(ValueError, match=r"only a model repository's model\.toml may name one"):
+        load_model("m", "model.py:build")  # a file factory needs a model's folder
+    with pytest.raises(ValueError, match=r"factory 'os:getcwd' returned str, not a Module"):
+        load_model("m", "os:getcwd")
+    with pytest.raises(ValueError, match=r"factory 'toy_models:nothing' failed: AttributeError"):
+        load_model("m", "toy_models:nothing")

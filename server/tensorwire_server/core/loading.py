@@ -11,35 +11,15 @@ from pathlib import Path
 
 from tensorwire.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, shown
 from tensorwire_server.engine.engine import Engine
-from tensorwire_server.models.model import Model, builtin_models, load_model
+from tensorwire_server.models.builtins import builtin_config, builtin_models
+from tensorwire_server.models.config import ConfigError, ModelConfig, read_config
+from tensorwire_server.models.loader import load_model, load_version
+from tensorwire_server.models.model import Model
 from tensorwire_server.models.registry import ModelEntry
-from tensorwire_server.models.repository import (
-    Batching,
-    ConfigError,
-    ModelConfig,
-    load_version,
-    model_names,
-    read_config,
-    version_numbers,
-)
+from tensorwire_server.models.repository import model_names, version_numbers
 from tensorwire_server.settings import Settings
 
 log = logging.getLogger(__name__)
-
-# The built-in MLPs batch: rows of 16 floats, stacked up to this many per forward.
-BUILTIN_MAX_BATCH = 1024
-_BATCHED_BUILTINS = ("mlp", "mlp64")
-
-
-def builtin_config(model: Model, dynamic_batching: bool) -> ModelConfig:
-    """How a built-in model is served: the MLPs batch concurrent requests with no
-    queue delay (an idle server answers at once; a busy one batches what waits)."""
-    batched = model.name in _BATCHED_BUILTINS
-    return ModelConfig.of(
-        model,
-        max_batch_size=BUILTIN_MAX_BATCH if batched else 0,
-        batching=Batching() if batched and dynamic_batching else None,
-    )
 
 
 def load_all(engine: Engine, settings: Settings) -> list[str]:
@@ -145,4 +125,4 @@ class ModelControl:
             )
 
 
-__all__ = ["ModelControl", "builtin_config", "load_all", "read_model", "repository_root"]
+__all__ = ["ModelControl", "load_all", "read_model", "repository_root"]

@@ -39,9 +39,9 @@ from tensorwire_server.engine.binding import (
 )
 from tensorwire_server.engine.functions import FUNCTIONS, Function
 from tensorwire_server.models.batching import Runner
+from tensorwire_server.models.config import ModelConfig
 from tensorwire_server.models.model import IOSpec, Model, trainable
 from tensorwire_server.models.registry import Instance, ModelRegistry, ServedVersion
-from tensorwire_server.models.repository import ModelConfig
 from tensorwire_server.named import Named
 
 log = logging.getLogger(__name__)

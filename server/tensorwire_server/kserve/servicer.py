@@ -24,7 +24,7 @@ from tensorwire_server.kserve import codec, describe
 from tensorwire_server.kserve.placements import Regions
 from tensorwire_server.kserve.v2 import grpc_service_pb2 as pb
 from tensorwire_server.models.batching import Runner
-from tensorwire_server.models.repository import ConfigError
+from tensorwire_server.models.config import ConfigError
 from tensorwire_server.named import Named
 from tensorwire_server.transport import observability, rpc
 from tensorwire_server.transport.executor import Compute

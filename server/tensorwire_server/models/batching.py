@@ -33,7 +33,7 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     TensorwireError,
 )
-from tensorwire_server.models.repository import Batching
+from tensorwire_server.models.config import Batching
 from tensorwire_server.models.statistics import VersionStats
 from tensorwire_server.named import Named
 

@@ -27,8 +27,8 @@ from tensorwire.errors import (
 from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
 from tensorwire_server.device.tensors import resolve_device
 from tensorwire_server.models.batching import Batcher
+from tensorwire_server.models.config import ConfigError, ModelConfig
 from tensorwire_server.models.model import Model
-from tensorwire_server.models.repository import ConfigError, ModelConfig
 from tensorwire_server.models.statistics import VersionStats
 from tensorwire_server.named import Named
 

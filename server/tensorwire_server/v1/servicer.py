@@ -19,9 +19,9 @@ from tensorwire_server.dataport.listener import DataPlane
 from tensorwire_server.engine.engine import Inference
 from tensorwire_server.engine.programs import PlanStep, ProgramPlan
 from tensorwire_server.models.batching import Runner
+from tensorwire_server.models.config import ModelConfig
 from tensorwire_server.models.model import IOSpec, Model
 from tensorwire_server.models.registry import FAILED, READY, ModelEntry
-from tensorwire_server.models.repository import ModelConfig
 from tensorwire_server.models.statistics import StatsSnapshot
 from tensorwire_server.named import Named
 from tensorwire_server.transport import observability, rpc
