@@ -24,7 +24,6 @@ from tensorwire_server.core.service import Service
 from tensorwire_server.dataport.listener import DataPlane
 from tensorwire_server.engine.engine import Engine
 from tensorwire_server.models.registry import server_devices
-from tensorwire_server.regions import copies
 from tensorwire_server.settings import Settings
 from tensorwire_server.transport.admission import Quotas
 from tensorwire_server.transport.executor import Compute
@@ -120,7 +119,7 @@ class TensorwireServer:
         self.service = Service(settings)
         self.metrics = Metrics(engine.device if engine is not None else None, settings.access_log)
         #: Gives freed memory back to the OS whenever the server goes idle.
-        self.heap = HeapTrimmer(release=[copies.release_idle])
+        self.heap = HeapTrimmer(release=[self.service.copies.release_idle])
         self.gate = Gate(
             tokens,
             self.lifecycle,
@@ -152,7 +151,7 @@ class TensorwireServer:
             self.servicer.data_plane = self.data_plane
             if self.data_plane is not None:
                 self.metrics.count_data_plane(self.data_plane.totals)
-            self.metrics.count_shared_memory(self._regions, copies.short_copies)
+            self.metrics.count_shared_memory(self._regions, self.service.copies.short_copies)
         except BaseException:
             # Refused (plain text off loopback, a port taken): nothing is left running.
             built = getattr(self, "server", None)
@@ -249,6 +248,7 @@ class TensorwireServer:
             transfers=settings.data_plane_transfers,
             transfers_per_caller=settings.data_plane_transfers_per_caller,
             same_host=settings.same_host,
+            copies=self.service.copies,
         )
 
     async def _health_listener(
@@ -333,7 +333,7 @@ class TensorwireServer:
         if self.data_plane is not None:
             self.data_plane.close()
         self.service.sessions.stop()
-        self.service.shared_memory.close()  # the regions' descriptors
+        self.service.regions.close()  # the regions' descriptors
         self.metrics.close()
         self.compute.close()
         self.heap.stop()

@@ -30,8 +30,9 @@ from tensorwire import Client, PermissionDeniedError, ResourceExhaustedError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.protocol import SESSION_KEY
 from tensorwire_server.core.sessions import Ledger, Session, Sessions, storage_bytes
+from tensorwire_server.regions.copies import Copies
 from tensorwire_server.regions.system import SharedMemory
-from tensorwire_server.regions.table import Namespace, RegionExistsError, RegionTable
+from tensorwire_server.regions.table import RegionExistsError, RegionTable
 from tensorwire_server.settings import Settings
 
 pytestmark = pytest.mark.timeout(120)
@@ -275,27 +276,28 @@ def test_a_huge_sparse_region_takes_only_its_tokens_share(engine: Any) -> None:
 # ---------------------------------------------------------------- one name, both kinds
 
 
-class _SlowSystem(SharedMemory):
-    """System regions whose registration takes a while between its checks and its
+class _SlowTable(RegionTable):
+    """A table whose registrations take a while between their checks and their
     insert (opening and mapping a large object does), to widen the window."""
 
-    def _add(self, owner: str, region: Any) -> None:
+    def add(self, owner: str, region: Any) -> None:
         time.sleep(0.05)
-        super()._add(owner, region)
+        super().add(owner, region)
 
 
-class _SimulatedCuda(RegionTable[Any]):
+class _SimulatedCuda:
     """The CUDA kind as the table sees it, without a GPU: the checks and the insert
-    are RegionTable's (as CudaSharedMemory.register calls them); opening the IPC
+    are the table's (as CudaSharedMemory.register calls them); opening the IPC
     handle, which the driver takes a while to do, is a sleep."""
 
-    noun = "CUDA shared-memory"
+    def __init__(self, table: RegionTable) -> None:
+        self.table = table
 
     def register(self, owner: str, name: str, byte_size: int) -> None:
-        self._on()
-        self._reserve(owner, name, byte_size)
+        self.table.on()
+        self.table.reserve(owner, name, byte_size)
         time.sleep(0.05)  # cuIpcOpenMemHandle
-        self._add(owner, _Opened(_Status(name, byte_size)))
+        self.table.add(owner, _Opened(_Status(name, byte_size)))
 
 
 class _Status:
@@ -304,8 +306,13 @@ class _Status:
 
 
 class _Opened:
+    noun = "CUDA shared-memory"
+
     def __init__(self, status: _Status) -> None:
         self.status = status
+
+    def release(self) -> None:
+        pass
 
 
 def test_one_name_registered_as_both_kinds_at_once_succeeds_once(regions: Any) -> None:
@@ -314,8 +321,8 @@ def test_one_name_registered_as_both_kinds_at_once_succeeds_once(regions: Any) -
     registrations succeeded; the name and the limits are now checked and taken
     under one lock, across both kinds."""
     key = regions(64)[1]
-    names = Namespace(64, 1 << 20, 1 << 20)
-    system, cuda = _SlowSystem(True, names), _SimulatedCuda(True, names)
+    names = _SlowTable(True, 64, 1 << 20, 1 << 20)
+    system, cuda = SharedMemory(names, Copies()), _SimulatedCuda(names)
     rounds = 8
     for round_ in range(rounds):
         name = f"dual-{round_}"
@@ -349,9 +356,8 @@ def test_one_name_registered_as_both_kinds_at_once_succeeds_once(regions: Any) -
         assert isinstance(lost[0], RegionExistsError), lost
         assert "registered already, as a" in str(lost[0])
     assert names.held("mallory") == (rounds, 64 * rounds)
-    assert system.count() + cuda.count() == rounds
-    system.close()
-    cuda.close()
+    assert system.count() + names.count(_Opened) == rounds
+    names.close()
     assert names.held("mallory") == (0, 0) and names.bytes == 0
     assert fds_on(key) == 0
 

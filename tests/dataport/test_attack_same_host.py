@@ -519,6 +519,7 @@ def test_both_placements_copy_the_segments_and_keep_no_mapping(in_place: bool) -
     few MiB at a time. Either way the request's bytes are the server's own: nothing
     maps a segment, and rewriting it afterwards changes nothing."""
     from tensorwire_server.dataport import listener
+    from tensorwire_server.regions.copies import Copies
 
     big = np.arange(3 << 20, dtype=np.float32)  # 12 MiB: more than one staging read
     small = np.arange(10, dtype=np.int64)
@@ -528,7 +529,7 @@ def test_both_placements_copy_the_segments_and_keep_no_mapping(in_place: bool) -
     fds = [memfd(big.nbytes, big.tobytes()), memfd(small.nbytes + 100, small.tobytes())]
     try:
         transfer = type("Transfer", (), {"receiver": receiver, "in_place": in_place})()
-        listener._place(transfer, fds)  # type: ignore[arg-type]
+        listener._place(transfer, fds, Copies())  # type: ignore[arg-type]
         with open("/proc/self/maps") as maps:
             assert "memfd:attacker" not in maps.read()
         for fd in fds:

@@ -22,12 +22,15 @@ from support.regions import shared_input, shared_output, status
 from tritonclient.utils import InferenceServerException
 
 from tensorwire_server.regions import copies
+from tensorwire_server.regions.copies import Copies
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)
 
 SIZE = 32 << 20  # several pieces: copies this long run on helper threads too
+#: The copies of the tests below that use no server, as a server's own.
+COPIES = Copies()
 
 
 @pytest.fixture
@@ -60,22 +63,22 @@ def test_reads_and_writes_move_every_byte(shm_file: Any) -> None:
     fd = shm_file()
     payload = np.frombuffer(secrets.token_bytes(SIZE - 4196), np.uint8)
     window = copies.Window(fd, 100, SIZE - 100)  # not on a page boundary
-    assert copies.write(fd, 100, memoryview(payload), window)
+    assert COPIES.write(fd, 100, memoryview(payload), window)
     assert os.pread(fd, payload.nbytes, 100) == payload.tobytes()
-    out = copies.buffer(payload.nbytes)
-    assert copies.read(fd, 100, out)
+    out = COPIES.buffer(payload.nbytes)
+    assert COPIES.read(fd, 100, out)
     assert np.array_equal(np.frombuffer(out, np.uint8), payload)
     assert torch.from_numpy(np.frombuffer(out, np.uint8)).sum() == int(payload.sum(dtype=np.int64))
-    small = copies.buffer(10)  # under the huge-page size: NumPy's own memory
-    assert copies.read(fd, 100, small) and bytes(small) == payload[:10].tobytes()
+    small = COPIES.buffer(10)  # under the huge-page size: NumPy's own memory
+    assert COPIES.read(fd, 100, small) and bytes(small) == payload[:10].tobytes()
 
 
 def test_a_read_past_a_shrunk_end_comes_up_short(shm_file: Any) -> None:
     fd = shm_file()
-    before = copies.short_copies()
+    before = COPIES.short_copies()
     os.ftruncate(fd, 8192)
-    assert not copies.read(fd, 4096, copies.buffer(SIZE - 4096))
-    assert copies.short_copies() == before + 1
+    assert not COPIES.read(fd, 4096, COPIES.buffer(SIZE - 4096))
+    assert COPIES.short_copies() == before + 1
 
 
 def test_a_write_past_a_shrunk_end_stops_there_and_never_grows_the_object(
@@ -85,11 +88,11 @@ def test_a_write_past_a_shrunk_end_stops_there_and_never_grows_the_object(
     window = copies.Window(fd, 0, SIZE)
     os.ftruncate(fd, 8192)
     data = memoryview(np.full(SIZE - 4096, 7, np.uint8))
-    assert not copies.write(fd, 4096, data, window)
+    assert not COPIES.write(fd, 4096, data, window)
     assert os.fstat(fd).st_size == 8192  # the kernel stopped at the end
     assert os.pread(fd, 4096, 4096) == b"\x07" * 4096  # what fitted was written
     os.ftruncate(fd, SIZE)  # grown again: the same window writes all of it
-    assert copies.write(fd, 4096, data, window)
+    assert COPIES.write(fd, 4096, data, window)
     assert os.pread(fd, 8, SIZE - 8) == b"\x07" * 8
 
 
@@ -98,8 +101,8 @@ def test_pwritev_writes_where_there_is_no_window(shm_file: Any) -> None:
     window = copies.Window(fd, 0, SIZE)
     window.usable = False  # as after the kernel refused process_vm_writev (seccomp)
     data = memoryview(np.full(SIZE, 5, np.uint8))
-    assert copies.write(fd, 0, data, window)
-    assert copies.write(fd, 0, data[:3], None)
+    assert COPIES.write(fd, 0, data, window)
+    assert COPIES.write(fd, 0, data[:3], None)
     assert os.pread(fd, 4, SIZE - 4) == b"\x05" * 4
 
 
@@ -111,7 +114,7 @@ def test_copies_on_several_threads_under_a_shrinking_client_end_whole_or_short(
     fd = shm_file()
     window = copies.Window(fd, 0, SIZE)
     data = memoryview(np.full(SIZE, 3, np.uint8))
-    out = copies.buffer(SIZE)
+    out = COPIES.buffer(SIZE)
     stop = time.monotonic() + 1.5
     outcomes: set[bool] = set()
 
@@ -123,8 +126,8 @@ def test_copies_on_several_threads_under_a_shrinking_client_end_whole_or_short(
     shrinker = threading.Thread(target=shrinking)
     shrinker.start()
     while time.monotonic() < stop:
-        outcomes.add(copies.write(fd, 0, data, window))
-        outcomes.add(copies.read(fd, 0, out))
+        outcomes.add(COPIES.write(fd, 0, data, window))
+        outcomes.add(COPIES.read(fd, 0, out))
     shrinker.join()
     assert outcomes <= {True, False} and os.fstat(fd).st_size == SIZE
 
@@ -145,17 +148,17 @@ def start_of(view: memoryview) -> int:
 def test_a_large_buffer_is_reused_once_nothing_uses_it() -> None:
     """A kept buffer comes back warm for the next read of its size, and never while
     an array or tensor still uses it."""
-    copies.release_idle()
-    first = copies.buffer(SIZE)
+    COPIES.release_idle()
+    first = COPIES.buffer(SIZE)
     tensor = torch.from_numpy(np.frombuffer(first, np.uint8))
     del first
     gc.collect()
-    second = copies.buffer(SIZE)
+    second = COPIES.buffer(SIZE)
     assert start_of(second) != tensor.data_ptr()  # the tensor still uses the first
     kept = {tensor.data_ptr(), start_of(second)}
     del tensor, second
     gc.collect()
-    again = [copies.buffer(SIZE), copies.buffer(SIZE)]
+    again = [COPIES.buffer(SIZE), COPIES.buffer(SIZE)]
     assert {start_of(view) for view in again} == kept
 
 
@@ -168,7 +171,7 @@ def test_idle_buffers_are_kept_up_to_their_bound_and_let_go_when_idle() -> None:
     assert warm.idle_bytes() == 6 << 20  # the bound keeps one; the older one went
     warm.clear()
     assert warm.idle_bytes() == 0
-    copies.release_idle()  # the server's own, as its heap trimmer calls it
+    COPIES.release_idle()  # as a server's heap trimmer calls it
 
 
 # ------------------------------------------------------------------ through tritonclient
@@ -246,7 +249,8 @@ def test_a_client_shrinking_its_regions_never_disturbs_another(
     assert metric("tensorwire_shared_memory_regions", {"kind": "system"}) == 4
     payload = np.frombuffer(secrets.token_bytes(size), np.uint8)
     os.pwrite(fds["alice-in"], payload.tobytes(), 0)
-    short = copies.short_copies()
+    kernel = server.service.copies  # the server's own copies
+    short = kernel.short_copies()
     stop = time.monotonic() + 3
     bob_codes: set[str] = set()
 
@@ -286,6 +290,6 @@ def test_a_client_shrinking_its_regions_never_disturbs_another(
     client.unregister_system_shared_memory()
     assert results["alice"] > 0
     assert bob_codes <= {"StatusCode.FAILED_PRECONDITION"}
-    assert copies.short_copies() > short  # copies cut short, not only fstat's refusals
-    assert metric("tensorwire_shared_memory_short_copies_total") == copies.short_copies()
+    assert kernel.short_copies() > short  # copies cut short, not only fstat's refusals
+    assert metric("tensorwire_shared_memory_short_copies_total") == kernel.short_copies()
     assert metric("tensorwire_shared_memory_regions", {"kind": "system"}) == 0

@@ -29,8 +29,9 @@ from tensorwire._transport import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.protocol import SESSION_KEY
 from tensorwire_server.engine.engine import Engine
+from tensorwire_server.regions.copies import Copies
 from tensorwire_server.regions.system import SharedMemory
-from tensorwire_server.regions.table import Namespace, RegionExistsError
+from tensorwire_server.regions.table import RegionExistsError, RegionTable
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -128,14 +129,14 @@ def test_a_session_that_expires_lets_its_regions_go(engine: Engine, regions: Any
 
 
 def test_region_names_are_one_namespace_across_both_kinds(regions: Any) -> None:
-    # Two system tables stand for the two kinds: CUDA regions need a GPU (their own
-    # tests run the same check through CudaSharedMemoryRegister there).
-    names = Namespace(8, 1 << 20, 1 << 20)
-    first, second = SharedMemory(True, names), SharedMemory(True, names)
+    # Two system front ends on one table stand for the two kinds: CUDA regions need a
+    # GPU (their own tests run the same check through CudaSharedMemoryRegister there;
+    # test_regions_table.py puts both kinds in one table).
+    names = RegionTable(True, 8, 1 << 20, 1 << 20)
+    first, second = SharedMemory(names, Copies()), SharedMemory(names, Copies())
     name = regions(64)[1]
     first.register("", "taken", f"/{name}", 0, 64)
     with pytest.raises(RegionExistsError, match="registered already, as a system"):
         second.register("", "taken", f"/{name}", 0, 64)
     second.register("bob", "taken", f"/{name}", 0, 64)  # another caller's namespace
-    for table in (first, second):
-        table.close()
+    names.close()

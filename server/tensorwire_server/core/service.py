@@ -49,9 +49,10 @@ from tensorwire_server.models.registry import ModelEntry, ServedVersion
 from tensorwire_server.models.repository import model_names
 from tensorwire_server.models.statistics import StatsSnapshot
 from tensorwire_server.named import Named
+from tensorwire_server.regions.copies import Copies
 from tensorwire_server.regions.cuda import CudaSharedMemory
 from tensorwire_server.regions.system import SharedMemory
-from tensorwire_server.regions.table import Namespace, owner_of
+from tensorwire_server.regions.table import RegionTable, owner_of
 from tensorwire_server.settings import Settings
 
 #: Turns a tensor a request names by handle into the session's tensor.
@@ -109,16 +110,21 @@ class Service:
         self.limits = Limits.from_settings(settings)
         #: Every client's kept tensors and trainers.
         self.sessions = Sessions.from_settings(settings)
-        # One namespace of region names, and one set of limits, for both kinds.
-        regions = Namespace(
+        #: This server's kernel copies to and from clients' shared memory (its warm
+        #: buffers, its count of copies cut short): regions' and the data port's.
+        self.copies = Copies()
+        #: The shared-memory regions clients registered, both kinds in one namespace
+        #: with one set of limits (off unless allowed).
+        self.regions = RegionTable(
+            settings.allow_shared_memory,
             settings.max_shared_memory_regions,
             settings.max_shared_memory_bytes,
             settings.shared_memory_bytes_per_token,
         )
-        #: The system shared-memory regions clients registered (off unless allowed).
-        self.shared_memory = SharedMemory(settings.allow_shared_memory, regions)
-        #: The CUDA shared-memory regions (on a CUDA server, when allowed).
-        self.cuda_memory = CudaSharedMemory(settings.allow_shared_memory, regions)
+        #: The system shared-memory regions.
+        self.shared_memory = SharedMemory(self.regions, self.copies)
+        #: The CUDA shared-memory regions (on a CUDA server).
+        self.cuda_memory = CudaSharedMemory(self.regions)
         self._engine = engine
         if engine is not None:
             self.cuda_memory.device = engine.device
@@ -392,12 +398,8 @@ class Service:
         session = self._session(caller)
         owner = owner_of(caller.identity, session.id)
         if registering:
-            session.on_close("shared memory", partial(self._forget_regions, owner))
+            session.on_close("shared memory", partial(self.regions.forget, owner))
         return owner
-
-    def _forget_regions(self, owner: str) -> None:
-        self.shared_memory.forget(owner)
-        self.cuda_memory.forget(owner)
 
     def _keeper(self, caller: Caller) -> Export:
         """An Export keeping results in the caller's session as handles."""

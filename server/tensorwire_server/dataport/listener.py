@@ -52,6 +52,7 @@ from tensorwire.wire.dataport import (
 from tensorwire.wire.streaming import StreamReceiver
 from tensorwire_server.dataport import same_host as segments
 from tensorwire_server.dataport.budgets import Budget, Connection, Slots
+from tensorwire_server.regions.copies import Copies
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,8 @@ class Transfer:
 
     def _take_reply(self) -> list[memoryview] | None:
         """Wait for the handler's answer, and keep no reference to it after: the
-        payloads may be the request's own buffers, which go back to the warm pool
-        (regions.copies) once nothing holds them."""
+        payloads may be the request's own buffers, which go back to the server's warm
+        pool (regions.copies) once nothing holds them."""
         payloads = self.reply.result()
         self.reply = _ANSWERED
         return payloads
@@ -139,12 +140,17 @@ class DataPlane:
         transfers: int = 64,
         transfers_per_caller: int = 16,
         same_host: bool = False,
+        *,
+        copies: Copies,
     ) -> None:
         """``connections``: each listener's budget; ``transfers``: in flight at once,
         ``transfers_per_caller`` of them for one caller (fewer than ``connections``:
-        a ticket holder always finds room)."""
+        a ticket holder always finds room). ``copies``: the server's, which same-host
+        transfers copy through."""
         #: The server's TLS, when gRPC has it: the data plane is never plainer.
         self.tls = tls
+        #: The server's kernel copies, for same-host transfers.
+        self.copies = copies
         self._tickets: dict[bytes, Transfer] = {}
         self._lock = threading.Lock()
         #: Each listener's connections: the data port's, the same-host socket's.
@@ -381,7 +387,7 @@ class DataPlane:
             sock.settimeout(transfer.stall_seconds)
             inputs = len(fds)
             try:
-                _place(transfer, fds)
+                _place(transfer, fds, self.copies)
             except BaseException as exc:  # the handler reports it
                 _settle(transfer.arrived, _untraced(exc))
                 return False
@@ -393,7 +399,7 @@ class DataPlane:
                 return False
             fds = _outputs(sock, sum(1 for p in payloads if p.nbytes))
             with segments.closing(fds):
-                written = segments.write_outputs(fds, payloads, mappings)
+                written = segments.write_outputs(fds, payloads, mappings, self.copies)
             del payloads
         except BaseException as exc:  # the handler reports it
             _settle(transfer.sent, _untraced(exc))
@@ -431,16 +437,16 @@ def _outputs(sock: socket.socket, wanted: int) -> list[int]:
             raise
 
 
-def _place(transfer: Transfer, fds: list[int]) -> None:
+def _place(transfer: Transfer, fds: list[int], copies: Copies) -> None:
     """The request's payloads from the client's segments, each copied by the kernel:
     into buffers of the server's own that replace the allocated ones, or into those
     (staged for a GPU)."""
     receiver = transfer.receiver
     payloads = [v for _, v in receiver.payloads]
     if transfer.in_place:
-        receiver.adopt(segments.read_inputs(fds, payloads))
+        receiver.adopt(segments.read_inputs(fds, payloads, copies))
     else:
-        receiver.fill(segments.reader(fds, payloads))
+        receiver.fill(segments.reader(fds, payloads, copies))
 
 
 #: The reply of a transfer whose connection has taken its payloads.

@@ -7,7 +7,7 @@ least its payload's size. The client keeps a writable mapping of it all along, s
 nothing here ever reads or writes one with the server's own instructions, and no
 kernel ever sees its pages (a kernel that checks its indices and then uses them would
 use what the client wrote in between; issue 35). Every byte moves by a kernel copy
-(regions.copies, as for Triton's regions):
+(the server's regions.copies.Copies, as for Triton's regions):
 
 - Inputs are ``preadv``'d into memory of the server's own (warm huge-page buffers for
   large ones, on several threads), which the request's tensors then are: what the
@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
-from tensorwire_server.regions import copies
+from tensorwire_server.regions.copies import Copies, Window
 
 #: Whether this platform can serve same-host transfers: Linux's abstract Unix
 #: sockets, SOCK_SEQPACKET and file seals.
@@ -119,11 +119,11 @@ class Mappings:
 
     def __init__(self, limit: int = KEPT_BYTES) -> None:
         self.limit = limit
-        self._kept: OrderedDict[tuple[int, int], copies.Window] = OrderedDict()
+        self._kept: OrderedDict[tuple[int, int], Window] = OrderedDict()
         self._bytes = 0
         self._used: set[tuple[int, int]] = set()
 
-    def window(self, fd: int, info: os.stat_result, nbytes: int) -> copies.Window | None:
+    def window(self, fd: int, info: os.stat_result, nbytes: int) -> Window | None:
         """A window on the first ``nbytes`` of segment ``fd`` (``info``: what ``check``
         found); None when none can be mapped (pwritev then)."""
         key = (info.st_dev, info.st_ino)
@@ -133,7 +133,7 @@ class Mappings:
             self._kept.move_to_end(key)
             return kept
         try:
-            window = copies.Window(fd, 0, nbytes)
+            window = Window(fd, 0, nbytes)
         except OSError:
             return None
         self._forget(key)
@@ -163,25 +163,29 @@ class Mappings:
         self._used.clear()
 
 
-def read_inputs(fds: Sequence[int], payloads: Sequence[memoryview]) -> list[memoryview]:
+def read_inputs(
+    fds: Sequence[int], payloads: Sequence[memoryview], copies: Copies
+) -> list[memoryview]:
     """The request's non-empty ``payloads`` (the buffers allocated from its header),
-    each read from its segment into a buffer of the server's own (regions.copies'
-    warm ones when large): the request's tensors, which nothing of the client's
-    reaches."""
+    each read from its segment by ``copies`` (the server's) into a buffer of the
+    server's own (its warm ones when large): the request's tensors, which nothing of
+    the client's reaches."""
     buffers: list[memoryview] = []
     for k, (fd, payload) in enumerate(_paired(fds, payloads, "request")):
         what = f"shared memory: input segment {k}"
         check(fd, payload.nbytes, what)
         copy = copies.buffer(payload.nbytes)
-        _read(fd, 0, copy, what)
+        _read(copies, fd, 0, copy, what)
         buffers.append(copy)
     return buffers
 
 
-def reader(fds: Sequence[int], payloads: Sequence[memoryview]) -> Callable[[memoryview], int]:
-    """A ``recv_into`` that reads the request's segments back to back into the
-    buffers it is given (staging buffers, on their way to a GPU), READ_BYTES at a
-    time; every segment is checked first."""
+def reader(
+    fds: Sequence[int], payloads: Sequence[memoryview], copies: Copies
+) -> Callable[[memoryview], int]:
+    """A ``recv_into`` that reads the request's segments back to back, by ``copies``,
+    into the buffers it is given (staging buffers, on their way to a GPU), READ_BYTES
+    at a time; every segment is checked first."""
     pending = [
         (fd, payload.nbytes, f"shared memory: input segment {k}")
         for k, (fd, payload) in enumerate(_paired(fds, payloads, "request"))
@@ -200,14 +204,14 @@ def reader(fds: Sequence[int], payloads: Sequence[memoryview]) -> Callable[[memo
             return 0
         fd, nbytes, what = current
         n = min(target.nbytes, nbytes - offset, READ_BYTES)
-        _read(fd, offset, target[:n], what)
+        _read(copies, fd, offset, target[:n], what)
         offset += n
         return n
 
     return read_into
 
 
-def _read(fd: int, start: int, out: memoryview, what: str) -> None:
+def _read(copies: Copies, fd: int, start: int, out: memoryview, what: str) -> None:
     """Fill ``out`` from segment ``fd`` at ``start``; INVALID_ARGUMENT if it cannot be."""
     try:
         whole = copies.read(fd, start, out)
@@ -217,9 +221,11 @@ def _read(fd: int, start: int, out: memoryview, what: str) -> None:
         raise InvalidArgumentError(f"{what}: ended before its payload")
 
 
-def write_outputs(fds: Sequence[int], payloads: Sequence[memoryview], mappings: Mappings) -> int:
-    """Write the response's non-empty ``payloads`` into the client's segments; the
-    bytes written."""
+def write_outputs(
+    fds: Sequence[int], payloads: Sequence[memoryview], mappings: Mappings, copies: Copies
+) -> int:
+    """Write the response's non-empty ``payloads`` into the client's segments, by
+    ``copies``; the bytes written."""
     written = 0
     for k, (fd, payload) in enumerate(_paired(fds, payloads, "response")):
         what = f"shared memory: output segment {k}"

@@ -1,14 +1,15 @@
 """Copies between the server's memory and a client's shared-memory object, all made by
 the kernel, so that a client shrinking its object mid-copy cannot fault the server,
-and nothing the client writes later reaches what the server read: Triton's regions
-(system.py, cuda.py) and same-host segments (dataport/same_host.py) both copy through here.
+and nothing the client writes later reaches what the server read: Triton's system
+regions (system.py) and same-host segments (dataport/same_host.py) both copy through
+the server's ``Copies``, which keeps its warm buffers and counts its short copies.
 
 A load or store through a mapping of a client's object past its end raises SIGBUS,
 which kills the process, and a client can shrink (``ftruncate``) its object at any
 moment. So the server never touches a client's pages with its own instructions:
 
 - Reads are ``preadv`` into memory of the server's own: for large inputs, buffers of
-  huge pages kept warm between requests (``buffer``). A read that comes up short
+  huge pages kept warm between requests (``Copies.buffer``). A read that comes up short
   means the object shrank.
 - Writes are ``process_vm_writev`` into this process's own ``MAP_SHARED`` mapping of
   the region (a ``Window``), which nothing here ever dereferences: the kernel pins
@@ -95,31 +96,69 @@ def _libc() -> Any:
 #: pwritev alone.
 _LIBC: Final[Any] = _libc() if sys.platform == "linux" else None
 _MAP_FAILED: Final = ctypes.c_void_p(-1).value
+# The helper threads copying pieces of large copies: the process's, shared by every
+# server in it (they hold nothing of any server's, and sharing them bounds them).
 _helpers: ThreadPoolExecutor | None = None
 _helpers_lock = threading.Lock()
-_short = 0
 
 
-def short_copies() -> int:
-    """Copies cut short since the server started, each because a client shrank its
-    object under it (or /dev/shm had no room left): each failed one request."""
-    return _short
+class Copies:
+    """One server's kernel copies: the large buffers it keeps warm between its
+    requests, and the copies a client cut short (a metric). Each server holds its
+    own (two servers in one process, as the tests run them, count and keep only
+    theirs); Triton's system regions and the data port's same-host path both copy
+    through it."""
 
+    def __init__(self, keep: int = KEEP_IDLE) -> None:
+        self._warm = _Warm(keep)
+        self._short = 0
 
-def buffer(nbytes: int) -> memoryview:
-    """``nbytes`` of writable memory of the server's own, for a read to fill whole and
-    a model to take in place (torch.from_numpy needs no copy). Large ones are reused
-    (``_Warm``): what they held before is stale, never another request's to see,
-    since a read that does not fill a buffer fails its request."""
-    if nbytes < _HUGE_FROM:
-        return memoryview(np.empty(nbytes, np.uint8))  # type: ignore[arg-type]
-    return _WARM.take(nbytes)
+    def short_copies(self) -> int:
+        """Copies cut short since the server started, each because a client shrank its
+        object under it (or /dev/shm had no room left): each failed one request."""
+        return self._short
 
+    def buffer(self, nbytes: int) -> memoryview:
+        """``nbytes`` of writable memory of the server's own, for a read to fill whole
+        and a model to take in place (torch.from_numpy needs no copy). Large ones are
+        reused (``_Warm``): what they held before is stale, never another request's to
+        see, since a read that does not fill a buffer fails its request."""
+        if nbytes < _HUGE_FROM:
+            return memoryview(np.empty(nbytes, np.uint8))  # type: ignore[arg-type]
+        return self._warm.take(nbytes)
 
-def release_idle() -> None:
-    """Unmap every buffer kept idle (the server went quiet: resident memory then shows
-    what it holds, not what it might reuse)."""
-    _WARM.clear()
+    def release_idle(self) -> None:
+        """Unmap every buffer kept idle (the server went quiet: resident memory then
+        shows what it holds, not what it might reuse)."""
+        self._warm.clear()
+
+    def idle_bytes(self) -> int:
+        """Bytes of buffers kept idle now (tests)."""
+        return self._warm.idle_bytes()
+
+    def read(self, fd: int, start: int, out: memoryview) -> bool:
+        """Fill ``out`` from ``fd`` at ``start``; False if the object ended first."""
+        out = out.cast("B")
+        whole = _in_pieces(out.nbytes, partial(_file_copy, os.preadv, fd, out, start))
+        return self._counted(whole)
+
+    def write(self, fd: int, start: int, data: memoryview, window: Window | None) -> bool:
+        """Write ``data`` into ``fd`` at ``start``: through ``window`` (a mapping of the
+        region that holds ``start``) when there is one and the kernel allows it, else
+        with pwritev. False if the object ended first (it shrank, or /dev/shm is full)."""
+        data = data.cast("B")
+        if window is not None and window.usable:
+            try:
+                return self._counted(window.write(start, data))
+            except OSError:  # process_vm_writev refused (seccomp): never again
+                window.usable = False
+        # One piece: the file's lock lets one pwritev through at a time anyway.
+        return self._counted(_file_copy(os.pwritev, fd, data, start, 0, data.nbytes))
+
+    def _counted(self, complete: bool) -> bool:
+        if not complete:
+            self._short += 1  # a lost update only undercounts a metric
+        return complete
 
 
 class _Block:
@@ -193,29 +232,6 @@ class _Warm:
         total = sum(block.capacity for block in self._idle)
         while self._idle and total > self.keep:
             total -= self._idle.pop(0).capacity  # unmapped with its last reference
-
-
-_WARM: Final = _Warm(KEEP_IDLE)
-
-
-def read(fd: int, start: int, out: memoryview) -> bool:
-    """Fill ``out`` from ``fd`` at ``start``; False if the object ended first."""
-    out = out.cast("B")
-    return _counted(_in_pieces(out.nbytes, partial(_file_copy, os.preadv, fd, out, start)))
-
-
-def write(fd: int, start: int, data: memoryview, window: Window | None) -> bool:
-    """Write ``data`` into ``fd`` at ``start``: through ``window`` (a mapping of the
-    region that holds ``start``) when there is one and the kernel allows it, else with
-    pwritev. False if the object ended first (it shrank, or /dev/shm is full)."""
-    data = data.cast("B")
-    if window is not None and window.usable:
-        try:
-            return _counted(window.write(start, data))
-        except OSError:  # process_vm_writev refused (seccomp): never again
-            window.usable = False
-    # One piece: the file's lock lets one pwritev through at a time anyway.
-    return _counted(_file_copy(os.pwritev, fd, data, start, 0, data.nbytes))
 
 
 def _file_copy(
@@ -327,10 +343,3 @@ def _pool() -> ThreadPoolExecutor:
         if _helpers is None:
             _helpers = ThreadPoolExecutor(MAX_PIECES - 1, thread_name_prefix="tensorwire-copy")
         return _helpers
-
-
-def _counted(complete: bool) -> bool:
-    global _short
-    if not complete:
-        _short += 1  # a lost update only undercounts a metric
-    return complete

@@ -21,7 +21,7 @@ import ctypes
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, ClassVar, Final
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ from tensorwire.errors import (
     shown,
 )
 from tensorwire_server.device.tensors import from_numpy
-from tensorwire_server.regions.table import Namespace, Placement, RegionTable
+from tensorwire_server.regions.table import Placement, RegionTable
 
 #: Bytes in a cudaIpcMemHandle_t (CU_IPC_HANDLE_SIZE).
 HANDLE_BYTES: Final = 64
@@ -177,23 +177,30 @@ class CudaRegionStatus:
 
 @dataclass(frozen=True)
 class _CudaRegion:
+    noun: ClassVar[str] = "CUDA shared-memory"
     status: CudaRegionStatus
     memory: torch.Tensor  # uint8, byte_size long, on the region's device
 
+    def release(self) -> None:
+        """Nothing now: the handle closes with the last tensor over the memory."""
 
-class CudaSharedMemory(RegionTable[_CudaRegion]):
-    """Every caller's CUDA regions, within the limits they share with system regions.
-    Refuses everything while ``enabled`` is False (FAILED_PRECONDITION: the operator
-    can turn it on) and, on a server without a CUDA device, UNIMPLEMENTED: this server
-    does not offer the extension (ServerMetadata does not list it), and no retry or
-    setting changes that."""
 
-    noun = "CUDA shared-memory"
+class CudaSharedMemory:
+    """Every caller's CUDA regions, in the ``table`` (and within the limits) they share
+    with system regions. Refuses everything while the table is not ``enabled``
+    (FAILED_PRECONDITION: the operator can turn it on) and, on a server without a CUDA
+    device, UNIMPLEMENTED: this server does not offer the extension (ServerMetadata
+    does not list it), and no retry or setting changes that."""
 
-    def __init__(self, enabled: bool, namespace: Namespace) -> None:
-        super().__init__(enabled, namespace)
+    def __init__(self, table: RegionTable) -> None:
+        self.table = table
         #: The server's device, once its engine is built (Service.ready).
         self.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether shared memory is on (the server's flag)."""
+        return self.table.enabled
 
     @property
     def available(self) -> bool:
@@ -201,7 +208,7 @@ class CudaSharedMemory(RegionTable[_CudaRegion]):
         return self.enabled and self.device.type == "cuda"
 
     def _on(self) -> None:
-        super()._on()
+        self.table.on()
         if self.device.type != "cuda":
             raise UnimplementedError(
                 f"this server has no CUDA device (it runs on {self.device}): CUDA shared "
@@ -226,7 +233,7 @@ class CudaSharedMemory(RegionTable[_CudaRegion]):
                 f"region {shown(name)}: device_id {device_id} is not one of this server's "
                 f"{count} CUDA devices (0 to {count - 1})"
             )
-        self._reserve(owner, name, byte_size)  # before opening anything
+        self.table.reserve(owner, name, byte_size)  # before opening anything
         driver = _the_driver()
         try:
             address, length = driver.open(raw_handle, device_id)
@@ -247,7 +254,7 @@ class CudaSharedMemory(RegionTable[_CudaRegion]):
             memory = _DeviceMemory(driver, address, length, device_id)
             tensor = torch.as_tensor(memory, device=torch.device("cuda", device_id))
             status = CudaRegionStatus(name, device_id, byte_size)
-            self._add(owner, _CudaRegion(status, tensor[:byte_size]))
+            self.table.add(owner, _CudaRegion(status, tensor[:byte_size]))
         except BaseException:
             if memory is None:  # else the memory's finalizer closes it
                 driver.close(address, device_id)
@@ -256,7 +263,22 @@ class CudaSharedMemory(RegionTable[_CudaRegion]):
     def status(self, owner: str, name: str) -> list[CudaRegionStatus]:
         """``owner``'s regions (empty ``name``: all, by name); NOT_FOUND for a name
         ``owner`` has not registered."""
-        return [region.status for region in self._listed(owner, name)]
+        self._on()
+        return [region.status for region in self.table.listed(_CudaRegion, owner, name)]
+
+    def unregister(self, owner: str, name: str) -> None:
+        """Forget ``owner``'s region ``name`` (empty: all of them); an unknown name is
+        no error (as in Triton)."""
+        self._on()
+        self.table.unregister(_CudaRegion, owner, name)
+
+    def has(self, owner: str, name: str) -> bool:
+        """Whether ``owner`` registered a CUDA region called ``name``."""
+        return self.table.has(_CudaRegion, owner, name)
+
+    def count(self) -> int:
+        """CUDA regions registered, by every caller."""
+        return self.table.count(_CudaRegion)
 
     def check(self, owner: str, place: Placement, what: str) -> None:
         """Refuse, before any work, a placement past its region's end."""
@@ -292,8 +314,9 @@ class CudaSharedMemory(RegionTable[_CudaRegion]):
                 torch.cuda.synchronize(flat.device)
 
     def _region(self, owner: str, place: Placement, what: str) -> torch.Tensor:
-        with self._lock:
-            return self._placed(owner, place, what).memory
+        self._on()
+        with self.table.lock:
+            return self.table.placed(_CudaRegion, owner, place, what).memory
 
 
 __all__ = ["CudaRegionStatus", "CudaSharedMemory"]

@@ -4,7 +4,7 @@ the caller that registered it.
 
 A client can shrink its object at any moment, and a load or store past its new end
 through a mapping would raise SIGBUS in the server. So every byte moves by kernel copy
-(``copies``): inputs are read into the server's own memory, which the model then
+(``copies.Copies``): inputs are read into the server's own memory, which the model then
 takes in place (a model writing to its input changes nothing of the client's), and
 outputs are written into the region. A copy the shrink cuts short fails its request
 with FAILED_PRECONDITION; the server goes on.
@@ -19,7 +19,7 @@ import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Final
+from typing import ClassVar, Final
 
 from tensorwire.errors import (
     FailedPreconditionError,
@@ -27,7 +27,7 @@ from tensorwire.errors import (
     NotFoundError,
     shown,
 )
-from tensorwire_server.regions import copies
+from tensorwire_server.regions.copies import Copies, Window
 from tensorwire_server.regions.table import Placement, RegionTable
 
 log = logging.getLogger(__name__)
@@ -50,12 +50,17 @@ class RegionStatus:
 
 @dataclass(eq=False)
 class _Region:
+    noun: ClassVar[str] = "system shared-memory"
     status: RegionStatus
     fd: int
     writable: bool
     #: The region mapped for the kernel to write outputs through (None: read-only to
     #: the server, or no mapping could be made; pwritev then).
-    window: copies.Window | None
+    window: Window | None
+
+    def release(self) -> None:
+        # Copies in flight read their own duplicate of the descriptor, and finish.
+        os.close(self.fd)
 
 
 def check_key(key: str) -> str:
@@ -77,10 +82,22 @@ def check_key(key: str) -> str:
     return name
 
 
-class SharedMemory(RegionTable[_Region]):
-    """Every caller's system shared-memory regions, each an open file descriptor."""
+class SharedMemory:
+    """Every caller's system shared-memory regions, each an open file descriptor, in
+    the ``table`` they share with CUDA regions; ``copies`` (the server's) moves their
+    bytes."""
 
-    noun = "system shared-memory"
+    def __init__(self, table: RegionTable, copies: Copies) -> None:
+        self.table = table
+        self.copies = copies
+
+    @property
+    def enabled(self) -> bool:
+        """Whether system shared memory is on (the server's flag)."""
+        return self.table.enabled
+
+    def _on(self) -> None:
+        self.table.on()
 
     def register(self, owner: str, name: str, key: str, offset: int, byte_size: int) -> None:
         """Open ``key``'s object and register ``byte_size`` bytes of it from ``offset``
@@ -88,7 +105,7 @@ class SharedMemory(RegionTable[_Region]):
         range; nothing is read. A writable region is mapped for outputs (its window)."""
         self._on()
         path = os.path.join(SHM_DIR, check_key(key))
-        self._reserve(owner, name, byte_size)  # before opening anything
+        self.table.reserve(owner, name, byte_size)  # before opening anything
         fd, writable = _open(path, key)
         try:
             info = os.fstat(fd)
@@ -101,32 +118,44 @@ class SharedMemory(RegionTable[_Region]):
                 )
             window = _window(fd, offset, byte_size, name) if writable else None
             status = RegionStatus(name, key, offset, byte_size)
-            self._add(owner, _Region(status, fd, writable, window))
+            self.table.add(owner, _Region(status, fd, writable, window))
         except BaseException:
             os.close(fd)
             raise
 
-    def _release(self, region: _Region) -> None:
-        # Copies in flight read their own duplicate of the descriptor, and finish.
-        os.close(region.fd)
-
     def status(self, owner: str, name: str) -> list[RegionStatus]:
         """``owner``'s regions (empty ``name``: all, by name); NOT_FOUND for a name
         ``owner`` has not registered, whoever else has."""
-        return [region.status for region in self._listed(owner, name)]
+        self._on()
+        return [region.status for region in self.table.listed(_Region, owner, name)]
+
+    def unregister(self, owner: str, name: str) -> None:
+        """Forget ``owner``'s region ``name`` (empty: all of them); an unknown name is
+        no error (as in Triton)."""
+        self._on()
+        self.table.unregister(_Region, owner, name)
+
+    def has(self, owner: str, name: str) -> bool:
+        """Whether ``owner`` registered a system region called ``name``."""
+        return self.table.has(_Region, owner, name)
+
+    def count(self) -> int:
+        """System regions registered, by every caller."""
+        return self.table.count(_Region)
 
     def check(self, owner: str, place: Placement, what: str, write: bool = False) -> None:
         """Refuse, before any work, a placement in an unknown region, past the
         region's end, or (``write``) in a region the server may only read."""
-        with self._lock:
+        self._on()
+        with self.table.lock:
             self._placed_for(owner, place, what, write)
 
     def read(self, owner: str, place: Placement, what: str) -> memoryview:
         """A copy of the placement's bytes in fresh memory of the server's."""
         with self._using(owner, place, what, write=False) as (_, fd, start):
             _fits(fd, start + place.byte_size, place.region, what)
-            out = copies.buffer(place.byte_size)
-            if not copies.read(fd, start, out):
+            out = self.copies.buffer(place.byte_size)
+            if not self.copies.read(fd, start, out):
                 raise _shrunk_while(what, place.region, "read")
             return out
 
@@ -145,7 +174,7 @@ class SharedMemory(RegionTable[_Region]):
             _fits(fd, start + data.nbytes, place.region, what)
             if not data.nbytes:
                 return
-            if not copies.write(fd, start, data, region.window):
+            if not self.copies.write(fd, start, data, region.window):
                 raise _shrunk_while(what, place.region, "written")
 
     @contextmanager
@@ -154,7 +183,8 @@ class SharedMemory(RegionTable[_Region]):
     ) -> Iterator[tuple[_Region, int, int]]:
         """The region, a duplicate of its descriptor, and where the placement starts
         in its object, once ``_placed_for`` accepts the placement."""
-        with self._lock:
+        self._on()
+        with self.table.lock:
             region = self._placed_for(owner, place, what, write)
             fd = os.dup(region.fd)
         try:
@@ -163,8 +193,9 @@ class SharedMemory(RegionTable[_Region]):
             os.close(fd)
 
     def _placed_for(self, owner: str, place: Placement, what: str, write: bool) -> _Region:
-        """``_placed``, and (``write``) a region the server may write (under the lock)."""
-        region = self._placed(owner, place, what)
+        """The table's ``placed``, and (``write``) a region the server may write (under
+        the lock)."""
+        region = self.table.placed(_Region, owner, place, what)
         if write and not region.writable:
             raise FailedPreconditionError(
                 f"{what}: region {shown(place.region)} is read-only to the server (its "
@@ -198,12 +229,12 @@ def _open(path: str, key: str) -> tuple[int, bool]:
         ) from None
 
 
-def _window(fd: int, offset: int, length: int, name: str) -> copies.Window | None:
+def _window(fd: int, offset: int, length: int, name: str) -> Window | None:
     """A window for the kernel to write the region's outputs through; None where none
     can be mapped (out of address space or of mappings, or no Linux), and pwritev
     writes instead."""
     try:
-        return copies.Window(fd, offset, length)
+        return Window(fd, offset, length)
     except OSError as exc:
         log.info("region %s: no window (%s); writes use pwritev", shown(name), exc)
         return None

@@ -1,14 +1,14 @@
-"""Every caller's shared-memory regions of one kind (system or CUDA), by caller and
-then by name, and the namespace both kinds share: one lock and one set of limits per
+"""Every caller's shared-memory regions, both kinds (system and CUDA) in one table, by
+caller and then by name: one namespace per caller, one lock and one set of limits per
 identity and for the server. The two kinds differ in what a region holds and how it is
-read and written; the bookkeeping, the limits and the checks on names and placements
-are this module's, once."""
+read and written (system.py, cuda.py); the bookkeeping, the limits and the checks on
+names and placements are this module's, once."""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Generic, Protocol, TypeVar
+from typing import ClassVar, Final, Protocol, TypeVar
 
 from tensorwire.errors import (
     FailedPreconditionError,
@@ -53,14 +53,20 @@ class Status(Protocol):
     def byte_size(self) -> int: ...
 
 
-class Registered(Protocol):
-    """A region of any kind, as the table keeps it."""
+class Region(Protocol):
+    """A region of either kind, as the table keeps it."""
+
+    #: What its kind is called in messages ("system shared-memory", say).
+    noun: ClassVar[str]
 
     @property
     def status(self) -> Status: ...
 
+    def release(self) -> None:
+        """Let go of what the region holds (it was unregistered; under the lock)."""
 
-R = TypeVar("R", bound=Registered)
+
+R = TypeVar("R", bound=Region)
 
 
 def check_name(name: str) -> None:
@@ -82,38 +88,140 @@ def identity_of(owner: str) -> str:
     return owner.partition("\0")[0]
 
 
-class Namespace:
-    """What the tables of both kinds share. One lock, under which a name is checked
-    and taken across both kinds at once (one namespace per owner, as in Triton: a
-    tensor names its region without saying which kind it is). And the limits, which
-    count both kinds: ``max_regions`` and ``bytes_per_identity`` for each identity,
-    its sessions' regions included, and ``max_bytes`` for everyone together. Without
+class RegionTable:
+    """Every caller's regions, of both kinds (system and CUDA), by owner (``owner_of``)
+    and name: one namespace per owner across both kinds, as in Triton (a tensor names
+    its region without saying which kind it is). One lock, under which a name is
+    checked and taken at once whatever its kind, and one set of limits, which count
+    both kinds: ``max_regions`` and ``bytes_per_identity`` for each identity, its
+    sessions' regions included, and ``max_bytes`` for everyone together. Without
     tokens every caller is the one anonymous identity, bounded by the server's caps
-    (``max_regions`` regions, ``max_bytes`` bytes)."""
+    (``max_regions`` regions, ``max_bytes`` bytes).
 
-    def __init__(self, max_regions: int, max_bytes: int, bytes_per_identity: int) -> None:
+    The kinds (system.py, cuda.py) register, read and write their own regions here,
+    each naming its region class as ``kind``; ``enabled`` False refuses them all
+    (``on``: FAILED_PRECONDITION saying how to enable it)."""
+
+    def __init__(
+        self, enabled: bool, max_regions: int, max_bytes: int, bytes_per_identity: int
+    ) -> None:
+        self.enabled = enabled
         self.max_regions = max_regions
         self.max_bytes = max_bytes
         self.bytes_per_identity = bytes_per_identity
-        #: Guards every table of the namespace and the counts below, and whatever a
-        #: kind must take from a region while it is sure to be registered (a
-        #: descriptor's duplicate, say).
+        #: Guards the regions and the counts below, and whatever a kind must take from
+        #: a region while it is sure to be registered (a descriptor's duplicate, say).
         self.lock = threading.Lock()
-        self.tables: list[RegionTable[Any]] = []
+        self._regions: dict[str, dict[str, Region]] = {}
         #: Bytes every region spans, all kinds and callers together.
         self.bytes = 0
         #: Regions and bytes each identity holds, its sessions' included.
         self._held: dict[str, tuple[int, int]] = {}
 
-    def room(self, owner: str, name: str, byte_size: int) -> None:
+    def on(self) -> None:
+        """FAILED_PRECONDITION, saying how to enable it, while shared memory is off."""
+        if not self.enabled:
+            raise FailedPreconditionError(ENABLE)
+
+    def reserve(self, owner: str, name: str, byte_size: int) -> None:
+        """Refuse registering ``name`` before anything is opened: a bad name or size,
+        a name taken (of either kind), or no room left."""
+        check_name(name)
+        if byte_size <= 0:
+            raise InvalidArgumentError(f"region {shown(name)}: byte_size must be positive")
+        with self.lock:
+            self._room(owner, name, byte_size)
+
+    def add(self, owner: str, region: Region) -> None:
+        """Register ``region``: the name and the limits checked again with the insert,
+        under the one lock (another call, of either kind, may have won meanwhile)."""
+        status = region.status
+        with self.lock:
+            self._room(owner, status.name, status.byte_size)
+            self._regions.setdefault(owner, {})[status.name] = region
+            self._tally(owner, status.byte_size)
+
+    def unregister(self, kind: type[Region], owner: str, name: str) -> None:
+        """Forget ``owner``'s region ``name`` of ``kind`` (empty: all of that kind);
+        a name unknown, or of the other kind, is no error (as in Triton)."""
+        with self.lock:
+            owned = self._regions.get(owner, {})
+            mine = [n for n, region in owned.items() if isinstance(region, kind)]
+            self._drop(owner, mine if not name else [name] if name in mine else [])
+
+    def forget(self, owner: str) -> None:
+        """Let every region of ``owner``, of both kinds, go (its session ended),
+        whatever the flag."""
+        with self.lock:
+            self._drop(owner, list(self._regions.get(owner, {})))
+
+    def close(self) -> None:
+        """Let every region go (the server stops)."""
+        with self.lock:
+            for owner, owned in list(self._regions.items()):
+                self._drop(owner, list(owned))
+
+    def listed(self, kind: type[R], owner: str, name: str) -> list[R]:
+        """``owner``'s regions of ``kind`` (empty ``name``: all, by name); NOT_FOUND for
+        a name ``owner`` has not registered as that kind, whoever else has."""
+        with self.lock:
+            owned = self._regions.get(owner, {})
+            if not name:
+                return [region for _, region in sorted(owned.items()) if isinstance(region, kind)]
+            region = owned.get(name)
+            if not isinstance(region, kind):
+                raise NotFoundError(f"no {kind.noun} region {shown(name)} is registered")
+            return [region]
+
+    def has(self, kind: type[Region], owner: str, name: str) -> bool:
+        """Whether ``owner`` registered a region of ``kind`` called ``name``."""
+        with self.lock:
+            return isinstance(self._regions.get(owner, {}).get(name), kind)
+
+    def count(self, kind: type[Region]) -> int:
+        """Regions of ``kind`` registered, by every caller."""
+        with self.lock:
+            return sum(
+                isinstance(region, kind)
+                for owned in self._regions.values()
+                for region in owned.values()
+            )
+
+    def held(self, identity: str) -> tuple[int, int]:
+        """The regions and bytes ``identity`` holds, its sessions' included."""
+        with self.lock:
+            return self._held.get(identity, (0, 0))
+
+    def placed(self, kind: type[R], owner: str, place: Placement, what: str) -> R:
+        """``owner``'s region of ``kind`` the placement names, which must lie within it
+        (call under the lock)."""
+        region = self._regions.get(owner, {}).get(place.region)
+        if not isinstance(region, kind):
+            raise NotFoundError(
+                f"{what}: no shared-memory region {shown(place.region)} is registered"
+            )
+        size = region.status.byte_size
+        if place.offset < 0 or place.byte_size < 0:
+            raise InvalidArgumentError(
+                f"{what}: shared_memory_offset and shared_memory_byte_size must not be negative"
+            )
+        if place.offset + place.byte_size > size:
+            raise InvalidArgumentError(
+                f"{what}: shared_memory_offset {place.offset} + shared_memory_byte_size "
+                f"{place.byte_size} runs past the end of region {shown(place.region)} "
+                f"({size} bytes)"
+            )
+        return region
+
+    def _room(self, owner: str, name: str, byte_size: int) -> None:
         """Refuse ``owner`` registering ``name`` of ``byte_size`` bytes: a name it holds
         already, of either kind, or a limit it would pass (under the lock)."""
-        for table in self.tables:
-            if table.holds(owner, name):
-                raise RegionExistsError(
-                    f"region {shown(name)} is registered already, as a {table.noun} "
-                    "region: unregister it first"
-                )
+        taken = self._regions.get(owner, {}).get(name)
+        if taken is not None:
+            raise RegionExistsError(
+                f"region {shown(name)} is registered already, as a {taken.noun} "
+                "region: unregister it first"
+            )
         identity = identity_of(owner)
         regions, held = self._held.get(identity, (0, 0))
         if regions >= self.max_regions:
@@ -136,7 +244,7 @@ class Namespace:
                 f"by every caller together ({held} by {who(identity)})"
             )
 
-    def tally(self, owner: str, byte_size: int, regions: int = 1) -> None:
+    def _tally(self, owner: str, byte_size: int, regions: int = 1) -> None:
         """Count ``regions`` more regions of ``owner`` spanning ``byte_size`` more bytes
         (negative: fewer; under the lock)."""
         identity = identity_of(owner)
@@ -148,127 +256,12 @@ class Namespace:
             self._held.pop(identity, None)
         self.bytes += byte_size
 
-    def held(self, identity: str) -> tuple[int, int]:
-        """The regions and bytes ``identity`` holds, its sessions' included."""
-        with self.lock:
-            return self._held.get(identity, (0, 0))
-
-
-class RegionTable(Generic[R]):
-    """Regions of one kind, by owner (``owner_of``) and name, within the limits of the
-    ``namespace`` it shares with the other kind. ``enabled`` False refuses everything
-    (FAILED_PRECONDITION saying how to enable it). Subclasses register, read and
-    write; ``_release`` lets a region go."""
-
-    #: What the kind is called in messages.
-    noun: ClassVar[str] = "shared-memory"
-
-    def __init__(self, enabled: bool, namespace: Namespace) -> None:
-        self.enabled = enabled
-        self.namespace = namespace
-        namespace.tables.append(self)
-        self._regions: dict[str, dict[str, R]] = {}
-        # The namespace's: a check across both kinds and an insert are one step.
-        self._lock = namespace.lock
-
-    def _on(self) -> None:
-        if not self.enabled:
-            raise FailedPreconditionError(ENABLE)
-
-    def _release(self, region: R) -> None:
-        """Let go of what ``region`` holds (it was unregistered; under the lock)."""
-
-    def _reserve(self, owner: str, name: str, byte_size: int) -> None:
-        """Refuse registering ``name`` before anything is opened: a bad name or size,
-        a name taken (of either kind), or no room left."""
-        check_name(name)
-        if byte_size <= 0:
-            raise InvalidArgumentError(f"region {shown(name)}: byte_size must be positive")
-        with self._lock:
-            self.namespace.room(owner, name, byte_size)
-
-    def _add(self, owner: str, region: R) -> None:
-        """Register ``region``: the name and the limits checked again with the insert,
-        under the one lock (another call, of either kind, may have won meanwhile)."""
-        status = region.status
-        with self._lock:
-            self.namespace.room(owner, status.name, status.byte_size)
-            self._regions.setdefault(owner, {})[status.name] = region
-            self.namespace.tally(owner, status.byte_size)
-
     def _drop(self, owner: str, names: list[str]) -> None:
         """Let ``owner``'s regions ``names`` go (under the lock)."""
         owned = self._regions.get(owner, {})
         for each in names:
             region = owned.pop(each)
-            self.namespace.tally(owner, -region.status.byte_size, -1)
-            self._release(region)
+            self._tally(owner, -region.status.byte_size, -1)
+            region.release()
         if not owned:
             self._regions.pop(owner, None)
-
-    def unregister(self, owner: str, name: str) -> None:
-        """Forget ``owner``'s region ``name`` (empty: all of them); an unknown name is
-        no error (as in Triton)."""
-        self._on()
-        with self._lock:
-            owned = self._regions.get(owner, {})
-            self._drop(owner, list(owned) if not name else [name] if name in owned else [])
-
-    def forget(self, owner: str) -> None:
-        """Let every region of ``owner`` go (its session ended), whatever the flag."""
-        with self._lock:
-            self._drop(owner, list(self._regions.get(owner, {})))
-
-    def _listed(self, owner: str, name: str) -> list[R]:
-        """``owner``'s regions (empty ``name``: all, by name); NOT_FOUND for a name
-        ``owner`` has not registered, whoever else has."""
-        self._on()
-        with self._lock:
-            owned = self._regions.get(owner, {})
-            if not name:
-                return [owned[n] for n in sorted(owned)]
-            if name not in owned:
-                raise NotFoundError(f"no {self.noun} region {shown(name)} is registered")
-            return [owned[name]]
-
-    def has(self, owner: str, name: str) -> bool:
-        """Whether ``owner`` registered a region of this kind called ``name``."""
-        with self._lock:
-            return self.holds(owner, name)
-
-    def holds(self, owner: str, name: str) -> bool:
-        """``has``, under the lock."""
-        return name in self._regions.get(owner, {})
-
-    def count(self) -> int:
-        """Regions registered, by every caller."""
-        with self._lock:
-            return sum(len(owned) for owned in self._regions.values())
-
-    def close(self) -> None:
-        """Let every region go (the server stops)."""
-        with self._lock:
-            for owner, owned in list(self._regions.items()):
-                self._drop(owner, list(owned))
-
-    def _placed(self, owner: str, place: Placement, what: str) -> R:
-        """``owner``'s region of the placement, which must lie within it (call under
-        the lock)."""
-        self._on()
-        region = self._regions.get(owner, {}).get(place.region)
-        if region is None:
-            raise NotFoundError(
-                f"{what}: no shared-memory region {shown(place.region)} is registered"
-            )
-        size = region.status.byte_size
-        if place.offset < 0 or place.byte_size < 0:
-            raise InvalidArgumentError(
-                f"{what}: shared_memory_offset and shared_memory_byte_size must not be negative"
-            )
-        if place.offset + place.byte_size > size:
-            raise InvalidArgumentError(
-                f"{what}: shared_memory_offset {place.offset} + shared_memory_byte_size "
-                f"{place.byte_size} runs past the end of region {shown(place.region)} "
-                f"({size} bytes)"
-            )
-        return region
