@@ -37,7 +37,7 @@ from tensorwire_server.transport.security import (
     server_credentials,
     server_ssl_context,
 )
-from tensorwire_server.v1.servicer import SERVICE, TensorServicer, tensor_service_handler
+from tensorwire_server.v1 import SERVICE, TensorServicer, tensor_service_handler
 
 log = logging.getLogger("tensorwire_server")
 T = TypeVar("T")
