@@ -18,7 +18,7 @@ from tensorwire_server.engine.engine import Inference
 from tensorwire_server.engine.programs import PlanStep, ProgramPlan
 from tensorwire_server.models.batching import Runner
 from tensorwire_server.named import Named
-from tensorwire_server.transport import observability, rpc
+from tensorwire_server.transport import calls, rpc
 from tensorwire_server.v1.describe import (
     info_to_wire,
     model_to_wire,
@@ -51,7 +51,7 @@ class TensorServicer:
         """Tell the call's record what is asked of whom; check a unary request against
         the limits (a streamed one was checked as its buffers were allocated); then
         record its payload bytes. One walk of the message for all of it."""
-        call = observability.current()
+        call = calls.current()
         if call is not None:
             message = request.message
             target = getattr(message, "model", "") or getattr(message, "function", "")
@@ -72,7 +72,7 @@ class TensorServicer:
         the method, its model or function, and its payload size to a power of two.
         None (always on a thread) for a batched model, whose requests wait for each
         other on threads."""
-        call = observability.current()
+        call = calls.current()
         if call is None:
             return None
         if method == "Infer" and self.service.batched(request.message.model):
@@ -82,7 +82,7 @@ class TensorServicer:
     @staticmethod
     def answered(response: Encoder[Any]) -> None:
         """Tell the call's record how many bytes its answer carries."""
-        call = observability.current()
+        call = calls.current()
         if call is not None:
             call.bytes_out = response.payload_bytes
 
@@ -330,7 +330,7 @@ class TensorServicer:
 
 def _inferred(message: pb.InferRequest, inference: Inference) -> Encoder[pb.InferResponse]:
     """The InferResponse of ``inference``; the call's record learns its batch."""
-    call = observability.current()
+    call = calls.current()
     if call is not None:
         call.batch = inference.batch
     encoder = Encoder(pb.InferResponse(model=message.model, version=inference.version))
@@ -341,7 +341,7 @@ def _inferred(message: pb.InferRequest, inference: Inference) -> Encoder[pb.Infe
 def _caller() -> Caller:
     """Who makes the call being answered, in which session, until when (the record
     the Gate opened; nobody, no session and no deadline outside one)."""
-    call = observability.current()
+    call = calls.current()
     if call is None:
         return Caller()
     return Caller(call.caller, call.session, call.deadline)
