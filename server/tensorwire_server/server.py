@@ -25,18 +25,20 @@ from tensorwire_server.dataport.listener import DataPlane
 from tensorwire_server.engine.engine import Engine
 from tensorwire_server.models.registry import server_devices
 from tensorwire_server.settings import Settings
+from tensorwire_server.transport.access_log import JsonFormatter
 from tensorwire_server.transport.admission import Quotas
 from tensorwire_server.transport.executor import Compute
-from tensorwire_server.transport.gate import Gate, Lifecycle
+from tensorwire_server.transport.gate import Gate
 from tensorwire_server.transport.heap import HeapTrimmer
-from tensorwire_server.transport.observability import JsonFormatter, Metrics
+from tensorwire_server.transport.lifecycle import Lifecycle
+from tensorwire_server.transport.metrics import Metrics
 from tensorwire_server.transport.security import (
     Tokens,
     is_loopback,
     server_credentials,
     server_ssl_context,
 )
-from tensorwire_server.v1.servicer import SERVICE, TensorServicer, tensor_service_handler
+from tensorwire_server.v1 import SERVICE, TensorServicer, tensor_service_handler
 
 log = logging.getLogger("tensorwire_server")
 T = TypeVar("T")

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tensorwire import DeadlineExceededError
-from tensorwire_server.transport import observability
+from tensorwire_server.transport import calls
 from tensorwire_server.transport.executor import PROBE_EVERY, Compute
 
 
@@ -55,9 +55,9 @@ def test_work_that_waited_past_its_deadline_does_not_run() -> None:
     ran: list[str] = []
 
     async def main() -> None:
-        call = observability.Call("/t/T", "id")
+        call = calls.Call("/t/T", "id")
         call.deadline = time.monotonic() + 0.2
-        token = observability.set_current(call)
+        token = calls.set_current(call)
         try:
             busy = asyncio.ensure_future(compute.run(time.sleep, 0.5))  # holds the worker
             await asyncio.sleep(0.05)
@@ -65,7 +65,7 @@ def test_work_that_waited_past_its_deadline_does_not_run() -> None:
                 await compute.run(ran.append, "late")
             await busy
         finally:
-            observability.reset_current(token)
+            calls.reset_current(token)
 
     try:
         asyncio.run(main())

@@ -26,9 +26,9 @@ from tensorwire_server.kserve.v2 import grpc_service_pb2 as pb
 from tensorwire_server.models.batching import Runner
 from tensorwire_server.models.config import ConfigError
 from tensorwire_server.named import Named
-from tensorwire_server.transport import observability, rpc
+from tensorwire_server.transport import calls, rpc
 from tensorwire_server.transport.executor import Compute
-from tensorwire_server.transport.gate import Lifecycle
+from tensorwire_server.transport.lifecycle import Lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ class InferenceServicer:
         back, the model and version that will answer it, and its shared memory."""
         message = request.message
         self._target(message.model_name)
-        call = observability.current()
+        call = calls.current()
         if call is not None:
             call.bytes_in += request.payload_bytes
         service = self.service
@@ -285,7 +285,7 @@ class InferenceServicer:
     ) -> codec.Answer:
         outputs = inference.outputs
         answer = codec.answer(message, inference.version, outputs, wanted, regions.write)
-        call = observability.current()
+        call = calls.current()
         if call is not None:
             call.batch = inference.batch
             call.bytes_out += answer.payload_bytes
@@ -296,7 +296,7 @@ class InferenceServicer:
     def _owner(self, registering: bool = False) -> str:
         """Whose shared-memory regions the call being answered sees: its token's, or
         its session's (Service.region_owner)."""
-        call = observability.current()
+        call = calls.current()
         if call is None:
             return ""
         return self.service.region_owner(Caller(call.caller, call.session), registering)
@@ -304,7 +304,7 @@ class InferenceServicer:
     def _target(self, name: str) -> None:
         """Tell the call's record which model it asks about (a metric label: see
         Service.label)."""
-        call = observability.current()
+        call = calls.current()
         if call is not None and name:
             call.target = self.service.label(name, functions=False)
 
@@ -370,7 +370,7 @@ def _infer_unary(method: str, servicer: InferenceServicer, compute: Compute) -> 
         return answer.finish()
 
     def run(request: codec.InferRequest) -> bytes:
-        call = observability.current()
+        call = calls.current()
         return finish(servicer.infer(request, call.deadline if call is not None else None))
 
     handle = rpc.unary(method, run, compute, kind)
@@ -380,7 +380,7 @@ def _infer_unary(method: str, servicer: InferenceServicer, compute: Compute) -> 
         async with rpc.statuses(method, context):
             if servicer.batched(request):
                 assert isinstance(request, codec.InferRequest)
-                call = observability.current()
+                call = calls.current()
                 deadline = call.deadline if call is not None else None
                 return finish(await servicer.infer_async(request, deadline, compute.run))
         return await handle(request, context)

@@ -27,7 +27,7 @@ from concurrent import futures
 from typing import Any, Final, TypeVar
 
 from tensorwire.errors import DeadlineExceededError
-from tensorwire_server.transport import observability
+from tensorwire_server.transport import calls
 
 R = TypeVar("R")
 
@@ -112,7 +112,7 @@ def _note(costs: dict[Hashable, float], kind: Hashable | None, seconds: float) -
 
 
 def _on_time(fn: Callable[..., R], args: tuple[Any, ...]) -> R:
-    call = observability.current()
+    call = calls.current()
     if call is not None and call.deadline is not None and time.monotonic() > call.deadline:
         raise DeadlineExceededError(
             "the deadline passed while the request waited for a worker; it did not run"

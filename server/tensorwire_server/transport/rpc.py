@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 
 from tensorwire.errors import OutOfRangeError, TensorwireError
-from tensorwire_server.transport import observability
+from tensorwire_server.transport import calls
 from tensorwire_server.transport.executor import Compute
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ async def statuses(method: str, context: Context) -> AsyncIterator[None]:
 async def abort(context: Context, code: grpc.StatusCode, message: str) -> None:
     """End the call with ``code``: recorded first, then sent (grpc.aio sends the
     status at once, before the handler's own cleanup runs); raises AbortError."""
-    call = observability.current()
+    call = calls.current()
     if call is not None and call.record is not None:
         call.record(code.name)
     await context.abort(code, message)

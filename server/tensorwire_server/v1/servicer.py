@@ -1,34 +1,30 @@
-"""The tensorwire.v1 gRPC service: wire messages -> service calls -> wire messages."""
+"""The tensorwire.v1 servicer: wire messages -> calls on the service core -> wire
+messages. It translates only; ``describe`` words what it reports of the server and its
+models, ``handlers`` serves its methods over gRPC."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
-from typing import Any, Final, TypeVar
+from collections.abc import Hashable
+from typing import Any, TypeVar
 
-import grpc
 from google.protobuf.message import Message
 
-from tensorwire.errors import (
-    InvalidArgumentError,
-)
+from tensorwire.errors import InvalidArgumentError
 from tensorwire.v1 import tensorwire_pb2 as pb
-from tensorwire.wire.codec import Encoder, Received, receiver
-from tensorwire.wire.dtypes import WIRE_BY_NAME
-from tensorwire_server.core.service import Caller, ServerInfo, Service
+from tensorwire.wire.codec import Encoder, Received
+from tensorwire_server.core.service import Caller, Service
 from tensorwire_server.dataport.listener import DataPlane
 from tensorwire_server.engine.engine import Inference
 from tensorwire_server.engine.programs import PlanStep, ProgramPlan
 from tensorwire_server.models.batching import Runner
-from tensorwire_server.models.config import ModelConfig
-from tensorwire_server.models.model import IOSpec, Model
-from tensorwire_server.models.registry import FAILED, READY, ModelEntry
-from tensorwire_server.models.statistics import StatsSnapshot
 from tensorwire_server.named import Named
-from tensorwire_server.transport import observability, rpc
-from tensorwire_server.transport.executor import Compute
-from tensorwire_server.v1.streams import streamed
-
-SERVICE = pb.DESCRIPTOR.services_by_name["TensorService"]
+from tensorwire_server.transport import calls, rpc
+from tensorwire_server.v1.describe import (
+    info_to_wire,
+    model_to_wire,
+    spec_to_wire,
+    statistics_to_wire,
+)
 
 M = TypeVar("M", bound=Message)
 
@@ -55,7 +51,7 @@ class TensorServicer:
         """Tell the call's record what is asked of whom; check a unary request against
         the limits (a streamed one was checked as its buffers were allocated); then
         record its payload bytes. One walk of the message for all of it."""
-        call = observability.current()
+        call = calls.current()
         if call is not None:
             message = request.message
             target = getattr(message, "model", "") or getattr(message, "function", "")
@@ -76,7 +72,7 @@ class TensorServicer:
         the method, its model or function, and its payload size to a power of two.
         None (always on a thread) for a batched model, whose requests wait for each
         other on threads."""
-        call = observability.current()
+        call = calls.current()
         if call is None:
             return None
         if method == "Infer" and self.service.batched(request.message.model):
@@ -86,7 +82,7 @@ class TensorServicer:
     @staticmethod
     def answered(response: Encoder[Any]) -> None:
         """Tell the call's record how many bytes its answer carries."""
-        call = observability.current()
+        call = calls.current()
         if call is not None:
             call.bytes_out = response.payload_bytes
 
@@ -334,7 +330,7 @@ class TensorServicer:
 
 def _inferred(message: pb.InferRequest, inference: Inference) -> Encoder[pb.InferResponse]:
     """The InferResponse of ``inference``; the call's record learns its batch."""
-    call = observability.current()
+    call = calls.current()
     if call is not None:
         call.batch = inference.batch
     encoder = Encoder(pb.InferResponse(model=message.model, version=inference.version))
@@ -345,182 +341,13 @@ def _inferred(message: pb.InferRequest, inference: Inference) -> Encoder[pb.Infe
 def _caller() -> Caller:
     """Who makes the call being answered, in which session, until when (the record
     the Gate opened; nobody, no session and no deadline outside one)."""
-    call = observability.current()
+    call = calls.current()
     if call is None:
         return Caller()
     return Caller(call.caller, call.session, call.deadline)
-
-
-# ---------------------------------------------------------------------- domain -> wire
-
-
-def info_to_wire(info: ServerInfo) -> pb.InfoResponse:
-    """Info's answer."""
-    device = info.device
-    sessions = info.sessions
-    return pb.InfoResponse(
-        server_version=info.server_version,
-        torch_version=info.torch_version,
-        device=pb.DeviceInfo(
-            name=device.name,
-            description=device.description,
-            total_memory_bytes=device.total_memory,
-            free_memory_bytes=device.free_memory,
-        ),
-        models=[model_to_wire(entry) for entry in info.models],
-        functions=[pb.FunctionInfo(name=n, description=d) for n, d in info.functions],
-        sessions=pb.SessionsSummary(
-            count=sessions.count,
-            bytes=sessions.bytes,
-            quota_bytes=sessions.quota,
-            ttl_seconds=sessions.ttl,
-            max_sessions=sessions.max_sessions,
-            losses=sessions.losses,
-            optimizers=sessions.optimizers,
-        ),
-    )
-
-
-def model_to_wire(entry: ModelEntry) -> pb.ModelInfo:
-    """One model: its signature, configuration, state and every version."""
-    config = entry.config
-    newest = entry.newest()
-    # The signature the newest version's files carry, else the configuration's.
-    signature: Model | ModelConfig = newest.model if newest is not None else config
-    info = pb.ModelInfo(
-        name=config.name,
-        description=config.description,
-        inputs=[spec_to_wire(s) for s in signature.inputs],
-        outputs=[spec_to_wire(s) for s in signature.outputs],
-        variadic=config.variadic,
-        state=entry.state,
-        reason=entry.reason,
-        max_batch_size=config.max_batch_size,
-        precision=config.precision,
-        max_queue_size=config.max_queue_size,
-    )
-    if newest is not None:
-        model = newest.model
-        info.kind = model.kind
-        info.description = model.description or config.description
-        info.parameter_count = model.parameter_count()
-        info.instances.extend(str(i.device) for i in newest.instances)
-    if newest is not None and newest.batcher is not None and config.batching is not None:
-        info.dynamic_batching.max_queue_delay_seconds = config.batching.max_queue_delay
-        info.dynamic_batching.preferred_batch_sizes.extend(config.batching.preferred_batch_sizes)
-    for number, served in entry.versions.items():
-        info.versions.add(
-            version=number, state=READY, statistics=statistics_to_wire(served.stats.snapshot())
-        )
-    for number, reason in sorted(entry.failures.items(), reverse=True):
-        if number:
-            info.versions.add(version=number, state=FAILED, reason=reason)
-    return info
-
-
-def statistics_to_wire(snapshot: StatsSnapshot) -> pb.VersionStatistics:
-    """One version's counters."""
-    return pb.VersionStatistics(
-        model=snapshot.model,
-        version=snapshot.version,
-        request_count=snapshot.requests,
-        failure_count=snapshot.failures,
-        inference_count=snapshot.inferences,
-        execution_count=snapshot.executions,
-        queue_seconds=snapshot.queue_seconds,
-        compute_seconds=snapshot.compute_seconds,
-        batch_sizes=snapshot.batch_sizes,
-        rejected_count=snapshot.rejected,
-        expired_count=snapshot.expired,
-    )
-
-
-def spec_to_wire(spec: IOSpec) -> pb.TensorSpec:
-    """An input, output or parameter: no dtype, no shape where any goes."""
-    return pb.TensorSpec(
-        name=spec.name,
-        dtype=WIRE_BY_NAME[spec.dtype] if spec.dtype else pb.DTYPE_UNSPECIFIED,  # type: ignore[arg-type]
-        shape=spec.shape or (),
-        any_shape=spec.shape is None,
-    )
 
 
 def named_to_wire(encoder: Encoder[Any], field: Any, tensors: Named[Any]) -> None:
     """Add each named array (or handle) to repeated NamedTensor ``field``."""
     for name, value in tensors:
         encoder.named(field.add(), name, value)
-
-
-# ---------------------------------------------------------------------- handlers
-
-
-#: The methods that only read or name state already there: answered on the event loop.
-#: Everything else computes, copies or loads, through Compute.
-ON_THE_LOOP: Final = frozenset(
-    {"Info", "ModelStatistics", "OpenSession", "DescribeSession", "Free", "CloseSession"}
-)
-#: The methods whose work Compute places by its measured cost (on the loop when cheap);
-#: the rest always run on a thread.
-PLACED: Final = frozenset({"Infer", "Grad", "Call"})
-
-
-def _unary(
-    method: str,
-    behavior: Callable[[Received[Any]], Encoder[Any]],
-    servicer: TensorServicer,
-    compute: Compute | None,
-) -> rpc.Unary[bytes]:
-    short = method.rpartition(".")[2]
-
-    def prepare(request: Received[Any]) -> Hashable | None:
-        servicer.admit(request, unary=True)
-        return servicer.kind(short, request) if short in PLACED else None
-
-    def finish(encoder: Encoder[Any]) -> bytes:
-        servicer.answered(encoder)
-        rpc.one_message(encoder.payload_bytes, servicer.unary_limit, f"{method}Stream")
-        return encoder.finish()
-
-    def answer(request: Received[Any]) -> bytes:
-        return finish(behavior(request))
-
-    handle = rpc.unary(method, answer, compute, prepare)
-    if short != "Infer" or compute is None:
-        return handle
-
-    async def infer(request: Any, context: rpc.Context) -> bytes:
-        # A batched model's requests wait for their batch on the loop, not on threads.
-        async with rpc.statuses(method, context):
-            if isinstance(request, Received) and servicer.batched(request):
-                servicer.admit(request, unary=True)
-                return finish(await servicer.infer_batched(request, compute.run))
-        return await handle(request, context)
-
-    return infer
-
-
-def tensor_service_handler(
-    servicer: TensorServicer, compute: Compute
-) -> grpc.GenericRpcHandler[Any, Any]:
-    """Every TensorService method, named from the service descriptor, with our codec."""
-    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
-    for method in SERVICE.methods:
-        name = f"{SERVICE.name}.{method.name}"
-        if method.client_streaming:
-            # InferStream streams InferRequestPart, whose header is an InferRequest.
-            request_class = getattr(pb, method.input_type.name.removesuffix("Part"))
-            behavior = getattr(servicer, method.name.removesuffix("Stream"))
-            handlers[method.name] = grpc.stream_stream_rpc_method_handler(
-                streamed(name, request_class, behavior, servicer, compute)
-            )
-        else:
-            where = None if method.name in ON_THE_LOOP else compute
-            handlers[method.name] = grpc.unary_unary_rpc_method_handler(
-                _unary(name, getattr(servicer, method.name), servicer, where),
-                # A large request's tensors are counted before protobuf parses it.
-                request_deserializer=receiver(
-                    getattr(pb, method.input_type.name), servicer.service.limits.tensor_count
-                ),
-                response_serializer=bytes,  # the servicer already encoded the response
-            )
-    return grpc.method_handlers_generic_handler(SERVICE.full_name, handlers)

@@ -24,7 +24,7 @@ from tensorwire.wire.codec import Encoder, Received
 from tensorwire.wire.streaming import StreamReceiver
 from tensorwire_server.core.service import Service
 from tensorwire_server.dataport.listener import TICKET_SECONDS, DataPlane, Transfer
-from tensorwire_server.transport import observability, rpc
+from tensorwire_server.transport import calls, rpc
 from tensorwire_server.transport.executor import Compute
 
 
@@ -145,7 +145,7 @@ def _issue(servicer: Answering, receiver: StreamReceiver[Any], in_place: bool) -
     plane = servicer.data_plane
     if plane is None:
         return None
-    call = observability.current()
+    call = calls.current()
     caller = "" if call is None else call.caller
     limit = servicer.service.limits.max_stream_seconds
     return plane.issue(receiver, limit, in_place, caller)

@@ -1,24 +1,16 @@
-"""What operators see: Prometheus metrics, one access log record per request, and the
-request id that ties a client's error to the server's log.
-
-The Gate opens a ``Call`` record for every RPC; the servicer adds what only it knows
-(the model or function, payload bytes) through ``current()``; the Gate closes the
-record with its status code, and the record becomes metrics and a log line.
+"""The server's Prometheus metrics: calls answered and their latency, payload bytes,
+queue depth, batch sizes, calls running, sessions, device memory, the data plane's
+transfers and shared-memory regions. ``Metrics.finish`` records each finished call
+and writes its access record; ``Metrics.serve`` exposes them over HTTP
+(``metrics_endpoint``).
 """
 
 from __future__ import annotations
 
-import itertools
-import json
-import logging
 import os
-import re
-import secrets
 import time
 from collections.abc import Callable, Iterator
-from contextvars import ContextVar
-from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -26,53 +18,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from tensorwire_server.settings import AccessLog
+from tensorwire_server.transport import access_log
+from tensorwire_server.transport.calls import Call
 from tensorwire_server.transport.metrics_endpoint import MetricsListener
-
-access_log = logging.getLogger("tensorwire_server.access")
-
-_SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-_PROCESS_ID: Final = secrets.token_hex(8)
-_COUNT = itertools.count(secrets.randbits(32))
-
-
-@dataclass
-class Call:
-    """One RPC as it is being answered."""
-
-    method: str
-    request_id: str
-    caller: str = ""
-    target: str = ""  # model or function
-    bytes_in: int = 0
-    bytes_out: int = 0
-    #: Requests in the forward pass that served this one (0: no model ran).
-    batch: int = 0
-    #: When (``time.monotonic()``) the caller stops waiting; None: never.
-    deadline: float | None = None
-    #: The session the call names in its metadata; empty: none.
-    session: str = ""
-    started: float = field(default_factory=time.perf_counter)
-    #: Records the call (metrics, access log) with its status code, once; set by the
-    #: gate. An error is recorded before its status is sent (rpc.abort): a client
-    #: that has its answer finds it counted.
-    record: Callable[[str], None] | None = field(default=None, repr=False)
-
-
-_CURRENT: ContextVar[Call | None] = ContextVar("call", default=None)
-
-
-def current() -> Call | None:
-    """The call being answered on this thread, if any."""
-    return _CURRENT.get()
-
-
-def request_id(given: str) -> str:
-    """The client's own ``x-request-id`` (``given``) if it is a sane token, else a new
-    one: 32 hex digits, a random half for this process and a count, as unique as a
-    uuid4 for a process's calls and a tenth of its cost."""
-    if given and _SAFE_ID.fullmatch(given):
-        return given
-    return f"{_PROCESS_ID}{next(_COUNT):016x}"
 
 
 class Metrics:
@@ -169,27 +117,7 @@ class Metrics:
             self.batch.labels(call.target).observe(call.batch)
         if self.access == "none" or (self.access == "errors" and code == "OK"):
             return
-        access_log.info(
-            "%s %s %s %.1f ms in=%d out=%d",
-            call.method,
-            call.target or "-",
-            code,
-            seconds * 1e3,
-            call.bytes_in,
-            call.bytes_out,
-            extra={
-                "fields": {
-                    "request_id": call.request_id,
-                    "method": call.method,
-                    "target": call.target,
-                    "code": code,
-                    "seconds": round(seconds, 6),
-                    "bytes_in": call.bytes_in,
-                    "bytes_out": call.bytes_out,
-                    "caller": call.caller,
-                }
-            },
-        )
+        access_log.write(call, code, seconds)
 
     def count_data_plane(self, totals: Callable[[], dict[str, tuple[int, int]]]) -> None:
         """Count the data plane's transfers and payload bytes per path, read from
@@ -303,33 +231,3 @@ def _proc_status() -> dict[str, int]:
     except OSError:
         pass
     return values
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, the request id of the
-    call being answered, and an access record's fields."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        call = current()
-        if call is not None:
-            entry["request_id"] = call.request_id
-        entry.update(getattr(record, "fields", {}))  # an access record's own keys
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def set_current(call: Call | None) -> Any:
-    """Make ``call`` the current one; a token for ``reset_current``."""
-    return _CURRENT.set(call)
-
-
-def reset_current(token: Any) -> None:
-    """Restore the call current before ``set_current``."""
-    _CURRENT.reset(token)
