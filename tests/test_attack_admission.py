@@ -25,7 +25,7 @@ from conftest import TOY_MODELS, engine_server, server_address, spawn_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tensorwire import Client
-from tensorwire._transport import method_path
+from tensorwire._transport.methods import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing
 from tensorwire.wire.protocol import CHANNEL_OPTIONS

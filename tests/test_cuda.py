@@ -16,7 +16,7 @@ from test_codec import sample
 from test_streaming import _chunk, _header, _wait_for
 
 from tensorwire import Client
-from tensorwire._transport import method_path
+from tensorwire._transport.methods import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import codec, streaming
 from tensorwire.wire.dtypes import NAMES, NUMPY_BY_WIRE
