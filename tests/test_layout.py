@@ -266,3 +266,21 @@ def test_no_hand_written_module_is_too_long() -> None:
         if (n := len(p.read_text().splitlines())) > MAX_LINES
     }
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+#: What the client's transport package may import of the client: the wire layer, the
+#: contract, the errors, the types and the flows' vocabulary (Send, Route); never the
+#: clients that hold it.
+CLIENT_TRANSPORT = ("tensorwire._transport", *WIRE_LAYER, "tensorwire.types", "tensorwire._flow")
+
+
+def test_the_client_transport_imports_nothing_of_the_clients_that_hold_it() -> None:
+    wrong = [
+        f"{module} imports {name}"
+        for module, path in MODULES.items()
+        if module.split(".")[:2] == ["tensorwire", "_transport"]
+        for name in _imported(module, path)
+        if name.split(".")[0] == "tensorwire"
+        and not any(name == a or name.startswith(f"{a}.") for a in CLIENT_TRANSPORT)
+    ]
+    assert not wrong, wrong

@@ -3,22 +3,26 @@ as a flow (``tensorwire._flow``) that each twin drives with its own loop.
 
 A method's flow builds its request (``_messages``), sends it, statelessly or in the
 client's session (``_session``), and shapes the response: arrays of the caller's own,
-or with ``keep=True`` the twin's remote tensors.
+or with ``keep=True`` the twin's remote tensors. The sending is the transport's
+(``tensorwire._transport``): an object the client holds, not a base class.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
+import grpc
 import numpy as np
 
 from tensorwire import _messages as messages
 from tensorwire._flow import Flow, Route, Send
 from tensorwire._session import Held, SessionKeeper, SessionState
-from tensorwire._transport import Transport
+from tensorwire._transport.channel import Pem
+from tensorwire._transport.status import DEFAULT_RETRIES
+from tensorwire._transport.transport import DEFAULT_STREAM_THRESHOLD, Transport
 from tensorwire.programs import Program
-from tensorwire.targets import Target
 from tensorwire.types import (
     GradResult,
     Inputs,
@@ -32,20 +36,130 @@ from tensorwire.types import (
     VersionStatistics,
 )
 from tensorwire.wire.codec import Handle, Ref
+from tensorwire.wire.streaming import DEFAULT_CHUNK_SIZE
 
 #: The twin's remote tensor and trainer classes.
 RT = TypeVar("RT")
 TR = TypeVar("TR")
 
 
-class BaseClient(Transport, Generic[RT, TR]):
-    """The flows of every method, over the twin's remote tensors (RT) and trainers (TR)."""
+class BaseClient(Generic[RT, TR]):
+    """The flows of every method, over the twin's remote tensors (RT) and trainers (TR),
+    and the transport (``_TRANSPORT``) that sends their calls."""
 
-    def _connect(self, where: Target) -> None:
-        super()._connect(where)
-        #: No session yet: the first call that needs one opens it.
-        self._session = SessionKeeper(self.target, self._metadata, self._session_route)
+    #: The kind of transport the twin holds (BlockingTransport, AsyncTransport): a
+    #: subclass may name its own.
+    _TRANSPORT: ClassVar[type[Transport]]
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout: float | None = 60.0,
+        retries: int = DEFAULT_RETRIES,
+        tls: bool | None = None,
+        root_certificates: Pem | None = None,
+        certificate_chain: Pem | None = None,
+        private_key: Pem | None = None,
+        server_name: str | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        stream_threshold: int = DEFAULT_STREAM_THRESHOLD,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        data_plane: bool = True,
+        same_host: bool = True,
+    ) -> None:
+        transport = self._TRANSPORT(
+            target,
+            name=type(self).__name__,
+            timeout=timeout,
+            retries=retries,
+            tls=tls,
+            root_certificates=root_certificates,
+            certificate_chain=certificate_chain,
+            private_key=private_key,
+            server_name=server_name,
+            token=token,
+            credentials=credentials,
+            options=options,
+            stream_threshold=stream_threshold,
+            chunk_size=chunk_size,
+            data_plane=data_plane,
+            same_host=same_host,
+        )
+        self._use(transport)
+
+    def _use(self, transport: Transport) -> None:
+        """Send every call through ``transport``; no session yet: the first call that
+        needs one opens it."""
+        self._transport = transport
+        self._session = SessionKeeper(transport.target, transport.metadata, self._session_route)
         self._session_lock = self._new_lock()
+
+    def __repr__(self) -> str:
+        # Never the token: reprs end up in logs and tracebacks.
+        transport = self._transport
+        token = ", token=<hidden>" if transport.metadata else ""
+        closed = ", closed" if transport.closed else ""
+        return f"{type(self).__name__}({self.target!r}, secure={transport.secure}{token}{closed})"
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close`` has been called."""
+        return self._transport.closed
+
+    @property
+    def target(self) -> str:
+        """The target, as given."""
+        return self._transport.target
+
+    @property
+    def timeout(self) -> float | None:
+        """The default deadline of every call, in seconds (None: none)."""
+        return self._transport.timeout
+
+    @timeout.setter
+    def timeout(self, value: float | None) -> None:
+        self._transport.timeout = value
+
+    @property
+    def retries(self) -> int:
+        """Attempts made after the first when one finds no server."""
+        return self._transport.retries
+
+    @retries.setter
+    def retries(self, value: int) -> None:
+        self._transport.retries = value
+
+    @property
+    def stream_threshold(self) -> int:
+        """The payload bytes from which a request travels as a stream."""
+        return self._transport.stream_threshold
+
+    @stream_threshold.setter
+    def stream_threshold(self, value: int) -> None:
+        self._transport.stream_threshold = value
+
+    @property
+    def chunk_size(self) -> int:
+        """The bytes of each chunk of a stream."""
+        return self._transport.chunk_size
+
+    @chunk_size.setter
+    def chunk_size(self, value: int) -> None:
+        self._transport.chunk_size = value
+
+    def pin(self) -> Self:
+        """A new client with this one's settings whose calls all go to one replica:
+        the one this client sends its stateful calls to (chosen once, at random, among
+        the addresses its target resolves to; a target of one server: that server).
+        Handles and sessions live on one replica: make them through a pinned client,
+        or with the methods that create them, which pin by themselves. Close it on
+        its own; it keeps the target's name for TLS."""
+        clone = copy.copy(self)
+        clone._use(self._transport.pinned())
+        return clone
 
     @staticmethod
     def _new_lock() -> Any:
@@ -62,7 +176,7 @@ class BaseClient(Transport, Generic[RT, TR]):
 
     def _session_route(self, metadata: Any, idempotent: bool | None, stream: bool) -> Route:
         """The route of a call in a session: the pinned replica, the session's metadata."""
-        return Route(self._pinned_methods(), metadata, idempotent, stream)
+        return Route(self._transport.pinned_methods(), metadata, idempotent, stream)
 
     def _uses_session(self, *values: Any) -> bool:
         """Whether ``values`` hold remote tensors (also inside sequences and mappings),

@@ -20,7 +20,7 @@ import grpc
 
 from tensorwire import _messages as messages
 from tensorwire._flow import Flow, Locked, Route, Send
-from tensorwire.channel import SecretMetadata
+from tensorwire._transport.channel import SecretMetadata
 from tensorwire.errors import NotFoundError, TensorwireError
 from tensorwire.types import ProgressCallback, Timeout
 from tensorwire.v1 import tensorwire_pb2 as pb

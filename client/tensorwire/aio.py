@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Literal, TypeVar, overload
 
-import grpc
-import grpc.aio
 import numpy as np
 
 from tensorwire._base import BaseClient
-from tensorwire._dataplane import ASK_DATA, Carrier, DataRoute, answer_ticket, discard
-from tensorwire._flow import Flow, Locked, Send
+from tensorwire._flow import Flow, Locked
 from tensorwire._messages import OPTIMIZER_OPTIONS
 from tensorwire._session import SessionState
-from tensorwire._transport import CallState, Retry
-from tensorwire.errors import UnavailableError
+from tensorwire._transport.aio import AsyncTransport
 from tensorwire.programs import Program
 from tensorwire.remote import AsyncRemoteTensor, AsyncTrainer
 from tensorwire.types import (
@@ -33,16 +29,9 @@ from tensorwire.types import (
     Timeout,
     VersionStatistics,
 )
-from tensorwire.wire import framing
-from tensorwire.wire.codec import Handle, Received, Ref
+from tensorwire.wire.codec import Handle, Ref
 
 T = TypeVar("T")
-
-
-def _discard_answer(answering: asyncio.Future[tuple[Carrier | None, OSError | None]]) -> None:
-    """Close the data connection a ticket was answered on after its call was cancelled."""
-    if not answering.cancelled() and answering.exception() is None:
-        discard(answering.result()[0])
 
 
 class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
@@ -52,7 +41,8 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
     arguments, results, errors and retries.
     """
 
-    _GRPC: ClassVar[Any] = grpc.aio
+    _TRANSPORT: ClassVar[type[AsyncTransport]] = AsyncTransport
+    _transport: AsyncTransport
 
     def _remote_tensor(self, session: SessionState, handle: Handle) -> AsyncRemoteTensor:
         return AsyncRemoteTensor(self, session, handle)
@@ -78,13 +68,11 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
     async def close(self) -> None:
         """Close the session (freeing its tensors and trainers on the server) and the
         channel; calls made afterwards raise RuntimeError."""
-        if not self._closed:
+        if not self.closed:
             await self._drive(self._session.end())
-            self._closed = True
-            for channel in self._release():
-                await channel.close(grace=None)
+            await self._transport.close()
 
-    # ------------------------------------------------------------------ the loops
+    # ------------------------------------------------------------------ the loop
 
     async def _drive(self, flow: Flow[T]) -> T:
         """See ``Client._drive``."""
@@ -96,104 +84,13 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
                         async with self._session_lock:
                             result: Any = await self._drive(step.flow)
                     else:
-                        result = await self._invoke(step)
+                        result = await self._transport.invoke(step)
                 except BaseException as exc:
                     step = flow.throw(exc)
                 else:
                     step = flow.send(result)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-
-    async def _invoke(self, send: Send) -> Received[Any]:
-        call = self._begin(send)
-        while True:
-            try:
-                return await self._attempt(call)
-            except Retry as retry:
-                await asyncio.sleep(retry.delay)
-
-    async def _attempt(self, call: CallState) -> Received[Any]:
-        self._next_attempt(call)
-        if not call.streamed:
-            try:
-                result = await call.methods[call.method](
-                    call.encoder.finish(), timeout=call.remaining(), metadata=call.metadata
-                )
-            except grpc.RpcError as exc:
-                self._unary_failed(call, exc)  # returns only to ask again as a stream
-            else:
-                return self._unary_done(call, result)
-        return await self._stream(call)
-
-    async def _stream(self, call: CallState) -> Received[Any]:
-        route = self._data_route(call)
-        if route is not None:
-            return await self._stream_data(call, route)
-        parts, receiver = self._stream_parts(call)
-        rpc = call.methods[f"{call.method}Stream"](
-            parts, timeout=call.remaining(), metadata=call.metadata
-        )
-        try:
-            async for raw in rpc:
-                call.responded = True
-                receiver.feed(raw)
-            return receiver.finish()
-        except BaseException as exc:
-            rpc.cancel()  # whatever went wrong, stop the server's work too
-            self._stream_failed(call, exc)
-
-    async def _stream_data(self, call: CallState, route: DataRoute) -> Received[Any]:
-        """See ``Client._stream_data``; the data connection's work runs on a thread."""
-        header, payloads, chunks = self._data_parts(call)
-        receiver = self._receiver(call)
-        upload = call.reporter.stage("upload")
-        chunked: asyncio.Queue[bool] = asyncio.Queue()
-
-        async def requests() -> AsyncIterator[bytes]:
-            yield header
-            yield ASK_DATA
-            if await chunked.get():
-                for chunk in chunks:
-                    yield chunk
-
-        rpc = route.methods[f"{call.method}Stream"](
-            requests(), timeout=call.remaining(), metadata=call.metadata
-        )
-        carrier = broke = None
-        try:
-            async for raw in rpc:
-                number, body = framing.split_part(raw)
-                if number != framing.PART_DATA:
-                    call.responded = True
-                    receiver.take(number, body)
-                elif receiver.started:  # the response's payloads follow on the connection
-                    if carrier is None:
-                        raise UnavailableError("the data connection broke") from broke
-                    await asyncio.to_thread(carrier.receive, receiver, call.remaining())
-                    carrier = None
-                else:  # the ticket
-                    answering = asyncio.ensure_future(
-                        asyncio.to_thread(
-                            answer_ticket,
-                            *(route.links, body, payloads, receiver, call.remaining()),
-                            *(self.chunk_size, upload),
-                        )
-                    )
-                    try:
-                        carrier, broke = await asyncio.shield(answering)
-                    except asyncio.CancelledError:
-                        # The thread runs on: whatever connection it ends with is closed.
-                        answering.add_done_callback(_discard_answer)
-                        raise
-                    chunked.put_nowait(carrier is None and broke is None)
-            if broke is not None:
-                raise UnavailableError(f"the data connection broke: {broke}")
-            return receiver.finish()
-        except BaseException as exc:
-            chunked.put_nowait(False)  # the request side stops waiting
-            discard(carrier)
-            rpc.cancel()  # whatever went wrong, stop the server's work too
-            self._stream_failed(call, exc)
 
     async def info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
         """See ``Client.info``."""

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import queue
 import threading
-import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import TracebackType
 from typing import Any, ClassVar, Literal, TypeVar, overload
 
-import grpc
 import numpy as np
 
 from tensorwire._base import BaseClient
-from tensorwire._dataplane import ASK_DATA, DataRoute, answer_ticket, discard
-from tensorwire._flow import Flow, Locked, Send
+from tensorwire._flow import Flow, Locked
 from tensorwire._messages import OPTIMIZER_OPTIONS
 from tensorwire._session import SessionState
-from tensorwire._transport import CallState, Retry
-from tensorwire.errors import UnavailableError
+from tensorwire._transport.blocking import BlockingTransport
 from tensorwire.programs import Program
 from tensorwire.remote import RemoteTensor, Trainer
 from tensorwire.types import (
@@ -34,8 +29,7 @@ from tensorwire.types import (
     Timeout,
     VersionStatistics,
 )
-from tensorwire.wire import framing
-from tensorwire.wire.codec import Handle, Received, Ref
+from tensorwire.wire.codec import Handle, Ref
 
 T = TypeVar("T")
 
@@ -87,7 +81,8 @@ class Client(BaseClient[RemoteTensor, Trainer]):
     not retried when they create or free something.
     """
 
-    _GRPC: ClassVar[Any] = grpc
+    _TRANSPORT: ClassVar[type[BlockingTransport]] = BlockingTransport
+    _transport: BlockingTransport
 
     def _remote_tensor(self, session: SessionState, handle: Handle) -> RemoteTensor:
         return RemoteTensor(self, session, handle)
@@ -113,13 +108,11 @@ class Client(BaseClient[RemoteTensor, Trainer]):
     def close(self) -> None:
         """Close the session (freeing its tensors and trainers on the server) and the
         channel; calls made afterwards raise RuntimeError."""
-        if not self._closed:
+        if not self.closed:
             self._drive(self._session.end())
-            self._closed = True
-            for channel in self._release():
-                channel.close()
+            self._transport.close()
 
-    # ------------------------------------------------------------------ the loops
+    # ------------------------------------------------------------------ the loop
 
     def _drive(self, flow: Flow[T]) -> T:
         """Run ``flow``: make each call it yields and send back the answer, or throw
@@ -132,96 +125,13 @@ class Client(BaseClient[RemoteTensor, Trainer]):
                         with self._session_lock:
                             result: Any = self._drive(step.flow)
                     else:
-                        result = self._invoke(step)
+                        result = self._transport.invoke(step)
                 except BaseException as exc:
                     step = flow.throw(exc)
                 else:
                     step = flow.send(result)
         except StopIteration as stop:
             return stop.value  # type: ignore[no-any-return]
-
-    def _invoke(self, send: Send) -> Received[Any]:
-        call = self._begin(send)
-        while True:
-            try:
-                return self._attempt(call)
-            except Retry as retry:
-                time.sleep(retry.delay)
-
-    def _attempt(self, call: CallState) -> Received[Any]:
-        self._next_attempt(call)
-        if not call.streamed:
-            try:
-                result = call.methods[call.method](
-                    call.encoder.finish(), timeout=call.remaining(), metadata=call.metadata
-                )
-            except grpc.RpcError as exc:
-                self._unary_failed(call, exc)  # returns only to ask again as a stream
-            else:
-                return self._unary_done(call, result)
-        return self._stream(call)
-
-    def _stream(self, call: CallState) -> Received[Any]:
-        route = self._data_route(call)
-        if route is not None:
-            return self._stream_data(call, route)
-        parts, receiver = self._stream_parts(call)
-        rpc = call.methods[f"{call.method}Stream"](
-            parts, timeout=call.remaining(), metadata=call.metadata
-        )
-        try:
-            for raw in rpc:
-                call.responded = True
-                receiver.feed(raw)
-            return receiver.finish()
-        except BaseException as exc:
-            rpc.cancel()  # whatever went wrong, stop the server's work too
-            self._stream_failed(call, exc)
-
-    def _stream_data(self, call: CallState, route: DataRoute) -> Received[Any]:
-        """A streamed attempt whose payloads go over the data plane: header, then a
-        request for a ticket; the payloads on a data connection (or, when none can be
-        made, as chunks after all); the response's on the same connection."""
-        header, payloads, chunks = self._data_parts(call)
-        receiver = self._receiver(call)
-        upload = call.reporter.stage("upload")
-        chunked: queue.SimpleQueue[bool] = queue.SimpleQueue()
-
-        def requests() -> Iterator[bytes]:
-            yield header
-            yield ASK_DATA
-            if chunked.get():
-                yield from chunks
-
-        rpc = route.methods[f"{call.method}Stream"](
-            requests(), timeout=call.remaining(), metadata=call.metadata
-        )
-        carrier = broke = None
-        try:
-            for raw in rpc:
-                number, body = framing.split_part(raw)
-                if number != framing.PART_DATA:
-                    call.responded = True
-                    receiver.take(number, body)
-                elif receiver.started:  # the response's payloads follow on the connection
-                    if carrier is None:
-                        raise UnavailableError("the data connection broke") from broke
-                    carrier.receive(receiver, call.remaining())
-                    carrier = None
-                else:  # the ticket
-                    carrier, broke = answer_ticket(
-                        *(route.links, body, payloads, receiver, call.remaining()),
-                        *(self.chunk_size, upload),
-                    )
-                    chunked.put(carrier is None and broke is None)
-            if broke is not None:
-                raise UnavailableError(f"the data connection broke: {broke}")
-            return receiver.finish()
-        except BaseException as exc:
-            chunked.put(False)  # the request side stops waiting
-            discard(carrier)
-            rpc.cancel()  # whatever went wrong, stop the server's work too
-            self._stream_failed(call, exc)
 
     def info(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> ServerInfo:
         """The server's versions, device, models with signatures, and Call functions."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,6 +16,10 @@ from tensorwire import (
     DeadlineExceededError,
     TensorwireError,
 )
+from tensorwire._flow import Send
+from tensorwire._transport.blocking import BlockingTransport
+from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire.codec import Received, receive
 
 
 def test_all_names_exist_and_errors_share_one_base() -> None:
@@ -68,3 +73,24 @@ def test_arguments_that_cannot_travel_are_refused_before_sending(client: Client)
         client.call("sum", np.ones(3), dim=object())
     with pytest.raises(tensorwire.InvalidArgumentError, match="cannot travel"):
         client.infer("identity", np.array(["text"]))
+
+
+def test_a_client_sends_its_calls_through_the_transport_it_holds() -> None:
+    # The transport is an object the client holds, of the kind its class names: a
+    # subclass plugs in its own, here one that answers Info without a server.
+    sent: list[str] = []
+
+    class Answering(BlockingTransport):
+        def invoke(self, send: Send) -> Received[Any]:
+            sent.append(send.method)
+            answer = pb.InfoResponse(server_version="9.9")
+            return receive(pb.InfoResponse, answer.SerializeToString())
+
+    class Plugged(Client):
+        _TRANSPORT = Answering
+
+    with Plugged("127.0.0.1:1", retries=0) as client:
+        assert isinstance(client._transport, Answering)
+        assert client.info().server_version == "9.9"
+        assert client.pin()._transport is not client._transport  # its own, on one replica
+    assert sent == ["Info"] and client.closed

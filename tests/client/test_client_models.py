@@ -38,7 +38,7 @@ from tensorwire import (
     UnavailableError,
     VersionStatistics,
 )
-from tensorwire._transport import METHODS
+from tensorwire._transport.methods import METHODS
 from tensorwire_server.settings import Settings
 
 NEW_METHODS = ("model_statistics", "load_model", "unload_model")

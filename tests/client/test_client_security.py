@@ -17,7 +17,7 @@ from support.scripted import Run, Scripted, both_clients
 
 import tensorwire as tw
 from tensorwire import AsyncClient, Client
-from tensorwire.channel import is_loopback
+from tensorwire._transport.channel import is_loopback
 from tensorwire.cli import main
 
 

@@ -26,13 +26,8 @@ from support.servers import TESTS, spawn_server
 
 import tensorwire as tw
 from tensorwire import AsyncClient, Client, Progress
-from tensorwire._transport import (
-    BACKOFF_MAX,
-    METHODS,
-    RETRY_CODES,
-    SERVICE,
-    backoff,
-)
+from tensorwire._transport.methods import METHODS, SERVICE
+from tensorwire._transport.status import BACKOFF_MAX, RETRY_CODES, backoff
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
 
 
@@ -58,7 +53,7 @@ def test_backoff_is_full_jitter_below_a_capped_exponential() -> None:
 def test_every_service_method_declares_whether_it_may_be_sent_again() -> None:
     for method in SERVICE.methods:
         name = method.name.removesuffix("Stream")
-        assert name in METHODS, f"{method.name}: add it to tensorwire._transport.METHODS"
+        assert name in METHODS, f"{method.name}: add it to tensorwire._transport.methods.METHODS"
         assert METHODS[name].streamed or name == method.name
     # Admin actions are never sent twice: a second Load re-reads the files, a second
     # Unload finds nothing to unload. Nor is what makes, frees or changes a session's

@@ -27,7 +27,7 @@ from conftest import server_address as address
 
 import tensorwire as tw
 from tensorwire import _messages
-from tensorwire._dataplane import ASK_DATA
+from tensorwire._transport.dataport import ASK_DATA
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
 from tensorwire.wire.dataport import ACCEPTED, REQUEST, REQUEST_MAGIC, recv_exact
@@ -188,7 +188,10 @@ def test_a_caller_past_its_transfers_sends_chunks_at_once(engine) -> None:  # ty
         with Stalled(server, alice):
             with tw.Client(address(server), timeout=TIMEOUT, token=alice) as client:
                 np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-                assert client._data.links is not None and client._data.links.usable()
+                assert (
+                    client._transport._data.links is not None
+                    and client._transport._data.links.usable()
+                )
             assert moved(server, "tcp") == 0
             with tw.Client(address(server), timeout=TIMEOUT, token=bob) as client:
                 np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
@@ -283,7 +286,7 @@ def test_a_refused_same_host_connection_takes_the_data_port(engine) -> None:  # 
             plane.local_name = name  # tickets name the refusing socket
             with tw.Client(address(server), timeout=TIMEOUT) as client:
                 np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-                same_host = client._data.same_host
+                same_host = client._transport._data.same_host
                 assert same_host is not None and same_host.detours._refusals[name] == 1
                 # A short detour, not the ten minutes of an unreachable socket.
                 assert same_host.detours._until[name] < time.monotonic() + 60
@@ -309,7 +312,7 @@ def test_refused_everywhere_the_call_sends_chunks_at_once(engine) -> None:  # ty
                 for k in range(3):
                     got = client.infer("identity", BIG + k)["output"]
                     np.testing.assert_array_equal(got, BIG + k)
-                links = client._data.links
+                links = client._transport._data.links
                 assert links is not None
                 assert links.detours._until[None] < time.monotonic() + 60
             plane.port = real
@@ -324,7 +327,7 @@ def test_a_refused_tcp_connection_sends_chunks_and_asks_again(engine) -> None:  
             real, plane.port = plane.port, tcp.getsockname()[1]
             with tw.Client(address(server), timeout=TIMEOUT) as client:
                 np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-                links = client._data.links
+                links = client._transport._data.links
                 assert links is not None and links.detours._refusals[None] == 1
                 plane.port = real
                 links.detours._until[None] = 0.0  # as once the short detour is over

@@ -28,8 +28,9 @@ from conftest import server_address as address
 from support.servers import TESTS, spawn_server
 
 import tensorwire as tw
-from tensorwire import _messages, _samehost
-from tensorwire._dataplane import ASK_DATA
+from tensorwire import _messages
+from tensorwire._transport import same_host as client_same_host
+from tensorwire._transport.dataport import ASK_DATA
 from tensorwire.errors import DeadlineExceededError, TensorwireError, UnavailableError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
@@ -71,14 +72,14 @@ class Tap:
     pool (they outlive the client's: a hostile client never lets go)."""
 
     def __init__(self, client: tw.Client) -> None:
-        link = client._data.same_host
+        link = client._transport._data.same_host
         assert link is not None
         self.pool = link.pool
         self.taken: list[tuple[int, mmap.mmap]] = []  # (segment size, mapping)
         self._lock = threading.Lock()
         take = self.pool.take
 
-        def tapped(nbytes: int) -> _samehost.Segment:
+        def tapped(nbytes: int) -> client_same_host.Segment:
             segment = take(nbytes)
             with self._lock:
                 if all(m is not segment for m in self._segments):
@@ -86,7 +87,7 @@ class Tap:
                     self.taken.append((segment.size, mmap.mmap(segment.fd, segment.size)))
             return segment
 
-        self._segments: list[_samehost.Segment] = []
+        self._segments: list[client_same_host.Segment] = []
         self.pool.take = tapped  # type: ignore[method-assign]
 
     def mappings(self, size: int) -> list[mmap.mmap]:
@@ -416,13 +417,13 @@ DYING = """
 import os, signal, sys, time
 import numpy as np
 import tensorwire as tw
-from tensorwire import _samehost
+from tensorwire._transport import same_host
 
 def inodes():
     with open("/proc/self/maps") as maps:
         return " ".join({line.split()[4] for line in maps if "memfd:tensorwire" in line})
 
-receive = _samehost.LocalCarrier.receive
+receive = same_host.LocalCarrier.receive
 calls = []
 
 def receiving(self, receiver, timeout):
@@ -432,7 +433,7 @@ def receiving(self, receiver, timeout):
         os.kill(os.getpid(), signal.SIGKILL)  # before passing the output segments
     return receive(self, receiver, timeout)
 
-_samehost.LocalCarrier.receive = receiving
+same_host.LocalCarrier.receive = receiving
 big = np.arange(3 << 20, dtype=np.float32)
 with tw.Client(sys.argv[1], stream_threshold=0, retries=0) as client:
     for _ in range(4):

@@ -23,7 +23,7 @@ from conftest import server_address as address
 
 import tensorwire as tw
 from tensorwire import _messages
-from tensorwire._dataplane import ASK_DATA
+from tensorwire._transport.dataport import ASK_DATA
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
 from tensorwire.wire.dataport import ACCEPTED, REQUEST, REQUEST_MAGIC, RESPONSE, recv_exact
@@ -94,7 +94,7 @@ def test_a_server_without_a_data_plane_gets_chunks(engine) -> None:  # type: ign
         assert plain.data_plane is None
         with tw.Client(address(plain), timeout=TIMEOUT) as client:
             np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-            assert not client._data.links.usable()  # remembered for a while
+            assert not client._transport._data.links.usable()  # remembered for a while
 
 
 def test_an_unreachable_data_port_falls_back_to_chunks(server: TensorwireServer) -> None:
@@ -102,7 +102,7 @@ def test_an_unreachable_data_port_falls_back_to_chunks(server: TensorwireServer)
     server.data_plane.close()  # as a firewall would: nothing answers on the port
     with tw.Client(address(server), timeout=TIMEOUT) as client:
         np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-        assert not client._data.links.usable()
+        assert not client._transport._data.links.usable()
         np.testing.assert_array_equal(client.infer("identity", BIG + 1)["output"], BIG + 1)
 
 
@@ -120,7 +120,7 @@ def test_a_data_port_that_answers_for_another_server_falls_back(engine) -> None:
         for other in serving(engine):
             assert one.data_plane is not None and other.data_plane is not None
             with tw.Client(address(one), timeout=TIMEOUT) as client:
-                links = client._data.links
+                links = client._transport._data.links
                 ticket = pb.DataTransfer(ticket=os.urandom(16), port=other.data_plane.port)
                 assert links.send(ticket, [memoryview(BIG)], TIMEOUT, 1 << 20) is None
                 assert not links.usable()

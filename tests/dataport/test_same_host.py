@@ -29,7 +29,7 @@ from support.servers import TESTS
 
 import tensorwire as tw
 from tensorwire import _messages
-from tensorwire._dataplane import ASK_DATA
+from tensorwire._transport.dataport import ASK_DATA
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
 from tensorwire.wire.dataport import MAX_SEGMENTS, REQUEST, SHARED_MAGIC
@@ -194,7 +194,10 @@ def test_without_the_servers_socket_the_data_port_takes_the_ticket(
     plane.local_name = f"tensorwire-data-{os.urandom(16).hex()}"
     with tw.Client(address(server), timeout=TIMEOUT) as client:
         np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-        assert client._data.same_host is not None and client._data.same_host.detours.avoided()
+        assert (
+            client._transport._data.same_host is not None
+            and client._transport._data.same_host.detours.avoided()
+        )
     assert moved(server) == 0 and moved(server, "tcp") == 1
 
 

@@ -16,7 +16,7 @@ from support.arrays import sample
 from support.raw_streams import chunk_part, header_part, wait_for
 
 from tensorwire import Client
-from tensorwire._transport import method_path
+from tensorwire._transport.methods import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import codec, streaming
 from tensorwire.wire.dtypes import NAMES, NUMPY_BY_WIRE

@@ -33,7 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.servers import server_argv
 
 from tensorwire import Client, UnimplementedError
-from tensorwire._transport import SERVICE
+from tensorwire._transport.methods import SERVICE
 from tensorwire_server import probe
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import ENV_PREFIX, Settings

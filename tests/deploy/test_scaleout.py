@@ -21,7 +21,7 @@ import trustme
 
 from tensorwire import AsyncClient, Client, UnavailableError
 from tensorwire._messages import infer_request
-from tensorwire.targets import ROUND_ROBIN, Target, parse_target, pinned, replicas
+from tensorwire._transport.targets import ROUND_ROBIN, Target, parse_target, pinned, replicas
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
@@ -149,8 +149,8 @@ def test_a_replica_that_stops_mid_run_fails_no_call_the_retries_cover(three: Rep
 
 def test_pinned_calls_stay_with_one_replica(three: Replicas) -> None:
     with Client(three.addresses, timeout=30) as client:
-        methods = client._pinned_methods()
-        assert client._pinned_methods() is methods  # chosen once per client
+        methods = client._transport.pinned_methods()
+        assert client._transport.pinned_methods() is methods  # chosen once per client
         for _ in range(12):
             methods["Infer"](infer_request("mlp", X, None, 0, False).finish(), timeout=10)
         first = three.served()
@@ -216,7 +216,7 @@ def test_an_async_client_pins_too(three: Replicas) -> None:
 
 def test_a_client_of_one_server_pins_to_it() -> None:
     with Client("127.0.0.1:1") as client:
-        assert client._pinned_methods() is client._methods
+        assert client._transport.pinned_methods() is client._transport._methods
         with client.pin() as pinned_client:
             assert pinned_client.target == "127.0.0.1:1"
     with pytest.raises(RuntimeError, match="closed"):

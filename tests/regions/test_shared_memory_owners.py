@@ -25,7 +25,7 @@ from support.regions import (
 )
 from tritonclient.utils import InferenceServerException
 
-from tensorwire._transport import method_path
+from tensorwire._transport.methods import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.protocol import SESSION_KEY
 from tensorwire_server.engine.engine import Engine

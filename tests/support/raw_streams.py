@@ -10,7 +10,7 @@ from typing import Any
 
 import grpc
 
-from tensorwire._transport import method_path
+from tensorwire._transport.methods import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
 

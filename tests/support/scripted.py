@@ -17,9 +17,7 @@ import grpc
 import pytest
 
 from tensorwire import AsyncClient, Client
-from tensorwire._transport import (
-    SERVICE,
-)
+from tensorwire._transport.methods import SERVICE
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
 from tensorwire.wire.codec import Encoder, receive

@@ -29,10 +29,10 @@ def main() -> None:
             report = {
                 "ok": bool(np.array_equal(out, array)),
                 # A connection goes back to the pool only after a whole response.
-                "data_plane": client._data.links.idle.count() > 0,
+                "data_plane": client._transport._data.links.idle.count() > 0,
                 # The ticket named the server's same-host socket: from another
                 # namespace it does not answer, and the client said so to itself.
-                "same_host_refused": bool(client._data.same_host.detours.avoided()),
+                "same_host_refused": bool(client._transport._data.same_host.detours.avoided()),
             }
     report["seconds"] = time.monotonic() - began
     print(json.dumps(report), flush=True)

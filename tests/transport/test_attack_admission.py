@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from support.servers import spawn_server
 
 from tensorwire import Client
-from tensorwire._transport import method_path
+from tensorwire._transport.methods import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing
 from tensorwire.wire.protocol import CHANNEL_OPTIONS

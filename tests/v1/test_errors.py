@@ -22,7 +22,7 @@ from tensorwire import (
     TensorwireError,
     UnavailableError,
 )
-from tensorwire._transport import method_path
+from tensorwire._transport.methods import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire_server.settings import Settings
 
@@ -190,7 +190,8 @@ def test_grpc_aio_failing_its_own_send_is_unavailable_not_a_server_bug() -> None
     # grpc.aio reports a batch operation that failed in its own core (the server's
     # process died under a call) as INTERNAL "Internal error from Core"; no server
     # said that, so the client reads it as the connection breaking.
-    from tensorwire._transport import _code, _details
+    from tensorwire._transport.status import status_code as _code
+    from tensorwire._transport.status import status_details as _details
 
     local = grpc.aio.AioRpcError(
         grpc.StatusCode.INTERNAL,

@@ -27,7 +27,7 @@ from tensorwire import (
     ResourceExhaustedError,
 )
 from tensorwire._messages import infer_request
-from tensorwire._transport import method_path
+from tensorwire._transport.methods import method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import codec, framing, streaming
 from tensorwire.wire.dtypes import NAMES, NUMPY_BY_WIRE
@@ -207,7 +207,7 @@ def test_a_response_too_large_for_one_message_is_fetched_as_a_stream() -> None:
 
             np.testing.assert_array_equal(asyncio.run(run()), 2 * x)
             # A plain unary caller sees the status itself.
-            raw = c._methods["Infer"]
+            raw = c._transport._methods["Infer"]
             encoder = infer_request("identity", x, None, 0, False)
             with pytest.raises(grpc.RpcError) as info:
                 raw(encoder.finish(), timeout=30)

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-from tensorwire.channel import split_address
+from tensorwire._transport.channel import split_address
 from tensorwire.errors import UnavailableError
 
 #: The service config of every client channel whose options name no policy of their

@@ -1,7 +1,8 @@
-"""The client's side of the data plane (the format: tensorwire/wire/dataport.py):
+"""The client's side of the data port (the format: tensorwire/wire/dataport.py):
 where each streamed attempt's payloads go (DataRoutes), its connections, pooled per
 server port, with TLS as its channel has it, same-host shared memory when the server
-is on this host (_samehost.py), and what it learnt of where either cannot be used.
+is on this host (same_host.py), and what it learnt of where either cannot be used.
+The exchange that decides when to use them is ticket_exchange.py.
 
 Blocking sockets, for both twins: ``recv_into`` and ``sendall`` release the GIL and
 run at the kernel's speed; AsyncClient runs them on a thread.
@@ -21,11 +22,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-from tensorwire._connections import ANSWER_SECONDS, CONNECT_SECONDS, Detours, IdleConnections
-from tensorwire._samehost import LocalCarrier, SameHost
-from tensorwire.channel import split_address
+from tensorwire._transport.channel import split_address
+from tensorwire._transport.connections import (
+    ANSWER_SECONDS,
+    CONNECT_SECONDS,
+    Detours,
+    IdleConnections,
+)
+from tensorwire._transport.same_host import LocalCarrier, SameHost
+from tensorwire._transport.targets import SCHEMES, Target, pinned, replicas
 from tensorwire.errors import DeadlineExceededError, UnavailableError
-from tensorwire.targets import SCHEMES, Target, pinned, replicas
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import dataport, framing
 from tensorwire.wire.dataport import (
@@ -38,11 +44,11 @@ from tensorwire.wire.dataport import (
 from tensorwire.wire.streaming import Advance, StreamReceiver
 
 #: Seconds a multi-replica target's addresses are used before resolving them again
-#: for the data plane (the channel's own resolver keeps its own pace).
+#: for the data port (the channel's own resolver keeps its own pace).
 REPLICAS_SECONDS: Final = 30.0
 
 
-#: The request part, right after the header, that asks for the data plane.
+#: The request part, right after the header, that asks for the data port.
 ASK_DATA: Final = framing.part(framing.PART_DATA, [], 0)
 
 
@@ -65,17 +71,17 @@ class DataLinks:
         self.same_host = same_host
         #: Idle connections, by server port.
         self.idle: IdleConnections[int] = IdleConnections()
-        #: When to ask for the data plane again after it failed (one destination).
+        #: When to ask for the data port again after it failed (one destination).
         self.detours: Detours[None] = Detours()
 
     def usable(self) -> bool:
-        """Whether a streamed call should ask for the data plane now."""
+        """Whether a streamed call should ask for the data port now."""
         reachable = self.host is not None or self.same_host is not None
         return reachable and not self.idle.closed and self.detours.open(None)
 
     def fall_back(self) -> None:
         """Send payloads through gRPC for FALLBACK_SECONDS (then the client asks
-        again): the data plane is unreachable, or the server has none."""
+        again): the data port is unreachable, or the server has none."""
         self.detours.unreachable(None)
 
     def send(
@@ -177,7 +183,7 @@ class DataLinks:
         self.idle.give(sock.getpeername()[1], sock)
 
     def close(self) -> None:
-        """Close every pooled connection; the data plane is off from now on."""
+        """Close every pooled connection; the data port is off from now on."""
         self.idle.close()
 
     def _connect(self, port: int) -> socket.socket:
@@ -269,7 +275,7 @@ def discard(carrier: Carrier | None) -> None:
 
 @dataclass(frozen=True)
 class DataRoute:
-    """Where a streamed attempt over the data plane goes: the methods its call goes
+    """Where a streamed attempt over the data port goes: the methods its call goes
     through, and the data connections to the same server."""
 
     methods: dict[str, Any]
@@ -278,22 +284,17 @@ class DataRoute:
 
 def answer_ticket(
     links: DataLinks,
-    body: memoryview,
+    transfer: pb.DataTransfer,
     payloads: list[memoryview],
     receiver: StreamReceiver[Any],
     timeout: float | None,
     chunk_size: int,
     upload: Advance | None,
 ) -> tuple[Carrier | None, OSError | None]:
-    """Answer the server's ticket (a DataTransfer, in ``body``): the payloads passed
-    in shared memory when the server is on this host, else sent on a data
-    connection; the carrier of the response (None: neither could be had, or the
-    server has no data plane: chunks instead), and the error that cut it."""
-    transfer = pb.DataTransfer.FromString(bytes(body))
-    if not transfer.ticket:
-        if not transfer.port:
-            links.fall_back()  # a server without a data plane
-        return None, None  # else its data plane is busy: chunks for this call
+    """Answer the server's ticket (``transfer``): the payloads passed in shared
+    memory when the server is on this host, else sent on a data connection; the
+    carrier of the response (None: neither could be had: chunks instead), and the
+    error that cut it."""
     try:
         local = links.same_host
         if local is not None and transfer.local_socket and local.usable(transfer.local_socket):
@@ -313,7 +314,7 @@ def answer_ticket(
 
 
 class DataRoutes:
-    """Where one client's streamed attempts send their payloads over the data plane:
+    """Where one client's streamed attempts send their payloads over the data port:
     the data connections to its one server, or each replica's own."""
 
     def __init__(
@@ -358,7 +359,7 @@ class DataRoutes:
         self, methods: dict[str, Any], balanced: bool, session: Target | None
     ) -> DataRoute | None:
         """Where a streamed attempt through ``methods`` goes when its payloads take the
-        data plane (None: they go through gRPC). A ticket is good on the server that
+        data port (None: they go through gRPC). A ticket is good on the server that
         issued it only, so with several replicas a ``balanced`` call (one any replica
         may answer) goes to one replica chosen at random for each call (as gRPC's
         round robin would), and a call of a session to the ``session``'s replica."""

@@ -1,6 +1,6 @@
 """Idle data connections kept for reuse, by where they lead, when to try a data path
 again after it failed, and the waits both data paths share: the data port
-(_dataplane.py) and the same-host socket (_samehost.py)."""
+(dataport.py) and the same-host socket (same_host.py)."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import numpy as np
 
-from tensorwire._connections import CONNECT_SECONDS, Detours, IdleConnections
+from tensorwire._transport.connections import CONNECT_SECONDS, Detours, IdleConnections
 from tensorwire.errors import DeadlineExceededError, UnavailableError
 from tensorwire.wire import dataport
 from tensorwire.wire.dataport import (
