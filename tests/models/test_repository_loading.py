@@ -236,5 +236,7 @@ def test_load_model_resolves_factories_as_the_repository_does() -> None:
         load_model("m", "model.py:build")  # a file factory needs a model's folder
     with pytest.raises(ValueError, match=r"factory 'os:getcwd' returned str, not a Module"):
         load_model("m", "os:getcwd")
-    with pytest.raises(ValueError, match=r"factory 'toy_models:nothing' failed: AttributeError"):
-        load_model("m", "toy_models:nothing")
+    with pytest.raises(
+        ValueError, match=r"factory 'support.toy_models:nothing' failed: AttributeError"
+    ):
+        load_model("m", "support.toy_models:nothing")
