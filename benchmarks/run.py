@@ -24,15 +24,11 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import re
 import socket
-import statistics
 import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Callable
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -41,100 +37,40 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 import peers
+from gpu_copies import measure_gpu
+from measuring import (
+    best_of,
+    human,
+    interleaved_latencies,
+    make_payload,
+    parse_size,
+    peak_rss,
+    reset_peak_rss,
+    start_process,
+    start_tensorwire,
+)
+from table import (
+    ASYNC,
+    BASELINE,
+    CLIENT,
+    CLIENT_RSS,
+    ECHO,
+    IN_GRPC,
+    LOCAL,
+    RPC,
+    RPC_TCP,
+    SERVER_RSS,
+    SHM,
+    TCP,
+    Rows,
+    plot,
+    report,
+)
 
 import tensorwire as tw
 
-UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 # One gRPC message (and protobuf) cannot carry more: the echo floor stops here.
 ONE_MESSAGE = 2**31 - 1
-
-TCP = "raw TCP, one way (floor)"
-ECHO = "grpcio unary echo (floor)"
-RPC = "torch.distributed.rpc identity, same-host defaults (peer)"
-RPC_TCP = "torch.distributed.rpc identity, TCP forced (peer)"
-SHM = "tritonclient identity, system shared memory (same host)"
-CLIENT = "tensorwire Client identity (data plane, TCP)"
-ASYNC = "tensorwire AsyncClient identity (data plane, TCP)"
-LOCAL = "tensorwire Client identity, shared memory (same host)"
-BASELINE = "tensorwire Client identity, shared memory (same host), --baseline tree"
-IN_GRPC = "tensorwire Client identity, payloads in gRPC (data_plane=False)"
-SERVER_RSS = "tensorwire server peak RSS growth / payload"
-CLIENT_RSS = "tensorwire client peak RSS growth / payload"
-GPU_H2D = "GPU host-to-device, unary request path"
-GPU_H2D_STREAM = "GPU host-to-device, streamed request (chunks in, staged while arriving)"
-GPU_H2D_FLOOR = "GPU host-to-device, torch pinned copy (floor)"
-GPU_D2H = "GPU device-to-host, response path"
-GPU_D2H_FLOOR = "GPU device-to-host, torch pinned copy (floor)"
-
-Rows = dict[str, dict[int, float]]
-
-
-def parse_size(text: str) -> int:
-    return int(float(text[:-1]) * UNITS[text[-1].upper()]) if text[-1].isalpha() else int(text)
-
-
-def human(n: float) -> str:
-    for unit in ("GiB", "MiB", "KiB"):
-        scale = UNITS[unit[0]]
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n:.0f} B"
-
-
-def best_of(repeats: int, fn: Callable[[], object]) -> float:
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
-def start_process(target: Callable[..., None], *args: Any) -> tuple[Any, Any]:
-    ctx = mp.get_context("spawn")
-    parent, child = ctx.Pipe()
-    proc = ctx.Process(target=target, args=(*args, child), daemon=True)
-    proc.start()
-    return proc, parent
-
-
-def start_tensorwire() -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tensorwire_server",
-            "--port",
-            "0",
-            "--device",
-            "auto",
-            "--allow-shared-memory",  # for the same-host row (tritonclient)
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stderr is not None
-    for line in proc.stderr:
-        if m := re.search(r"listening on (\S+)", line):
-            return proc, m.group(1)
-    raise RuntimeError("tensorwire server did not start")
-
-
-def reset_peak_rss(pid: int | str) -> None:
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
-def peak_rss(pid: int | str) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) * 1024  # type: ignore[union-attr]
-
-
-def make_payload(size: int) -> np.ndarray:
-    """``size`` bytes of a random 1 MiB block repeated: not compressible, fast to make."""
-    block = np.frombuffer(np.random.default_rng(0).bytes(min(size, 1 << 20)), np.uint8)
-    return np.resize(block, size)
 
 
 def main() -> None:
@@ -371,178 +307,6 @@ def measure_rpc(sizes: list[int], repeats: int, tcp: bool) -> dict[int, float]:
     for w in workers:
         w.join(60)
     return {s: 2 * s / t for s, t in results.items()}
-
-
-def measure_gpu(sizes: list[int], repeats: int) -> Rows:
-    """Host-to-device through the server's own request path against a plain pinned
-    copy, and device-to-host likewise; empty without CUDA."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return {}
-    from tensorwire_server.device.tensors import to_device, to_numpy
-
-    device = torch.device("cuda:0")
-    names = (GPU_H2D, GPU_H2D_STREAM, GPU_H2D_FLOOR, GPU_D2H, GPU_D2H_FLOOR)
-    rows: Rows = {name: {} for name in names}
-    for size in sizes:
-        host = make_payload(size)
-        pinned = torch.from_numpy(host).pin_memory()
-        on_device = pinned.to(device)
-
-        def synced(fn: Callable[[], object]) -> Callable[[], None]:
-            def run() -> None:
-                fn()
-                torch.cuda.synchronize(device)
-
-            return run
-
-        h2d = partial(to_device, host, device)
-        h2d_floor = partial(pinned.to, device, non_blocking=True)
-        d2h = partial(to_numpy, on_device, "x")
-        d2h_floor = partial(pinned.copy_, on_device, non_blocking=True)
-        rows[GPU_H2D][size] = size / best_of(repeats, synced(h2d))
-        chunks = request_parts(host)
-        rows[GPU_H2D_STREAM][size] = size / best_of(repeats, partial(staged_upload, chunks))
-        del chunks
-        rows[GPU_H2D_FLOOR][size] = size / best_of(repeats, synced(h2d_floor))
-        rows[GPU_D2H][size] = size / best_of(repeats, d2h)
-        rows[GPU_D2H_FLOOR][size] = size / best_of(repeats, synced(d2h_floor))
-        del pinned, on_device
-    return rows
-
-
-def request_parts(host: np.ndarray) -> list[bytes]:
-    """The parts of a streamed identity request carrying ``host``, as they arrive."""
-    from tensorwire.v1 import tensorwire_pb2 as pb
-    from tensorwire.wire.codec import Encoder
-    from tensorwire.wire.streaming import parts
-
-    encoder = Encoder(pb.InferRequest(model="identity"))
-    encoder.named(encoder.message.inputs.add(), "x", host)
-    return list(parts(encoder))
-
-
-def staged_upload(chunks: list[bytes]) -> None:
-    """Feed a received stream to the server's receiver with a device stager, until its
-    tensor is usable on the GPU: the request path's host-to-device share."""
-    import torch
-
-    from tensorwire.v1 import tensorwire_pb2 as pb
-    from tensorwire.wire.streaming import StreamReceiver
-    from tensorwire_server.device.staging import CudaStager
-    from tensorwire_server.device.tensors import to_device
-    from tensorwire_server.limits import Limits
-    from tensorwire_server.settings import Settings
-
-    device = torch.device("cuda:0")
-    stager = CudaStager(device, Limits.from_settings(Settings()))
-    receiver = StreamReceiver(pb.InferRequest, stager.allocate, landed=stager.landed)
-    for raw in chunks:
-        receiver.feed(raw)
-    request = receiver.finish()
-    with stager.using():
-        to_device(request.array(request.message.inputs[0].tensor, "x"), device)
-        torch.cuda.synchronize(device)
-    stager.close()
-
-
-def interleaved_latencies(
-    calls: int, ours: Callable[[], object], floor: Callable[[], object]
-) -> dict[str, float]:
-    """p50/p99 of both, sampled alternately so that drift on a shared machine hits both."""
-    for _ in range(200):
-        ours()
-        floor()
-    a: list[float] = []
-    b: list[float] = []
-    for _ in range(calls):
-        for fn, samples in ((ours, a), (floor, b)):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-    qa, qb = statistics.quantiles(a, n=100), statistics.quantiles(b, n=100)
-    return {
-        "tensorwire_p50": qa[49] * 1e6,
-        "tensorwire_p99": qa[98] * 1e6,
-        "echo_p50": qb[49] * 1e6,
-        "echo_p99": qb[98] * 1e6,
-    }
-
-
-def report(rows: Rows, sizes: list[int], latency: dict[str, float], notes: list[str]) -> None:
-    print(f"\n| path | {' | '.join(human(s) for s in sizes)} |")
-    print(f"|---|{'---|' * len(sizes)}")
-    for name, by_size in rows.items():
-        cells = [
-            "n/a"
-            if s not in by_size
-            else f"{by_size[s]:.2f}x"
-            if "RSS" in name
-            else f"{human(by_size[s])}/s"
-            for s in sizes
-        ]
-        print(f"| {name} | {' | '.join(cells)} |")
-    print()
-    for name in (CLIENT, ASYNC):
-        for label, base in (
-            (TCP, rows[TCP]),
-            (RPC_TCP, rows.get(RPC_TCP, {})),
-            (RPC, rows.get(RPC, {})),
-        ):
-            ratios = ", ".join(
-                f"{human(s)}: {rows[name][s] / base[s]:.2f}" for s in sizes if s in base
-            )
-            if ratios:
-                print(f"- {name} / {label}: {ratios}")
-    for name in (LOCAL, BASELINE, SHM):  # issue 19's target: >= 3 x torch's same-host defaults
-        if name in rows and RPC in rows:
-            ratios = ", ".join(
-                f"{human(s)}: {rows[name][s] / rows[RPC][s]:.2f}"
-                for s in rows[name]
-                if s in rows[RPC]
-            )
-            print(f"- {name} / {RPC}: {ratios}")
-    for path in (GPU_H2D, GPU_H2D_STREAM):
-        if path in rows:
-            ratios = ", ".join(
-                f"{human(s)}: {rows[path][s] / rows[GPU_H2D_FLOOR][s]:.2f}" for s in rows[path]
-            )
-            print(f"- {path} / torch pinned copy: {ratios}")
-    for note in notes:
-        print(f"- {note}")
-    print(
-        f"- small request [1,16] float32: tensorwire p50 {latency['tensorwire_p50']:.0f} us, "
-        f"p99 {latency['tensorwire_p99']:.0f} us; grpcio echo p50 {latency['echo_p50']:.0f} us, "
-        f"p99 {latency['echo_p99']:.0f} us; p50 ratio "
-        f"{latency['tensorwire_p50'] / latency['echo_p50']:.2f}"
-    )
-
-
-def plot(rows: Rows, sizes: list[int], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        sys.exit("--plot needs matplotlib: pip install -e '.[bench]'")
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for name, by_size in rows.items():
-        if "RSS" in name:
-            continue
-        xs = [s for s in sizes if s in by_size]
-        ax.plot(xs, [by_size[s] / UNITS["G"] for s in xs], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [human(s) for s in sizes])
-    ax.set_xlabel("tensor size")
-    ax.set_ylabel("throughput, GiB/s (round trip; TCP one way)")
-    ax.set_title("tensorwire on loopback, every row from one run")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"\nplot written to {path}", file=sys.stderr)
 
 
 if __name__ == "__main__":

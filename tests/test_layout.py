@@ -21,7 +21,7 @@ PACKAGES = {"tensorwire": ROOT / "client", "tensorwire_server": ROOT / "server"}
 #: contract (whose path the proto package fixes) and the error tree.
 WIRE_LAYER = ("tensorwire.wire", "tensorwire.v1", "tensorwire.errors")
 #: The most lines a hand-written module may have.
-MAX_LINES = 600
+MAX_LINES = 500
 #: The modules that only translate between the wire and the service core.
 SERVICERS = ("tensorwire_server.v1.servicer", "tensorwire_server.kserve.servicer")
 #: The most hand-written modules one folder of the server may hold.
@@ -257,8 +257,8 @@ def test_no_hand_written_module_is_too_long() -> None:
     sources = [
         *(p for p in MODULES.values()),
         *(ROOT / "tests").rglob("*.py"),
-        *(ROOT / "benchmarks").glob("*.py"),
-        *(ROOT / "examples").glob("*.py"),
+        *(ROOT / "benchmarks").rglob("*.py"),
+        *(ROOT / "examples").rglob("*.py"),
     ]
     long = {
         str(p.relative_to(ROOT)): n

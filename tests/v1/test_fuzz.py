@@ -41,29 +41,27 @@ import pytest
 from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from support.fuzz_cases import FOUND, HUGE_SHAPES, hostile, malformed_stream, mutate, raw_bytes
-from support.fuzzing import (
+from support.fuzz.found import FOUND
+from support.fuzz.harness import Fuzzer, Server
+from support.fuzz.hostile import hostile
+from support.fuzz.mutations import mutate
+from support.fuzz.raw import raw_bytes
+from support.fuzz.service import (
     CALL_TIMEOUT,
     FUZZ,
     METHODS,
     REFUSALS,
     RSS_SLACK,
-    SEEDS,
     STREAMS,
     TOYS,
     TWIN,
     UNARY,
-    VALID_BYTES,
-    VALID_STREAMS,
-    Fuzzer,
-    Server,
-    large_uploads_cut_short,
-    part,
-    stream_header,
     stream_malformed,
-    to_stream,
     unary_malformed,
 )
+from support.fuzz.streams import HUGE_SHAPES, large_uploads_cut_short, malformed_stream
+from support.fuzz.valid import SEEDS, VALID_BYTES, VALID_STREAMS, stream_header
+from support.fuzz.wire import part, to_stream
 from support.servers import TESTS, spawn_server
 
 from tensorwire import Client
