@@ -5,7 +5,7 @@
 
 Every party runs as its own process on 127.0.0.1: raw TCP (one way; the floor), a bare
 grpcio unary echo, torch.distributed.rpc (TensorPipe) returning the tensor, and
-tensorwire's identity model through Client and AsyncClient, over the data plane's
+tensorwire's identity model through Client and AsyncClient, over the data port's
 TCP port and, for comparison, with every payload in gRPC; and the same-host paths:
 tensorwire's Client passing shared memory (the default on one host), and tritonclient
 through Triton's system shared memory. ``--baseline TREE`` adds the same-host row of

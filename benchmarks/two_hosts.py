@@ -1,4 +1,4 @@
-"""The data plane between two hosts, against the floors of the same link, in one run.
+"""The data port between two hosts, against the floors of the same link, in one run.
 
     sudo .venv/bin/python benchmarks/two_hosts.py [--mib 256] [--repeats 3]
 
@@ -6,7 +6,7 @@ A server namespace (10.77.0.1) and a client namespace (10.77.0.2) joined by a ve
 (tests/support/netns.py; root and iproute2 needed). Identity round trips of ``--mib`` MiB,
 (sent + received) / best time: a raw TCP echo and a Python ``ssl`` echo over the same
 link (the floors; each takes the whole request, then sends it back, as a call does),
-then tensorwire with its data plane in plain text and over TLS, and over TLS with
+then tensorwire with its data port in plain text and over TLS, and over TLS with
 every payload in gRPC (``data_plane=False``). Targets (issue 18): plain >= 0.8 x the
 TCP echo, TLS >= 0.8 x the ssl echo.
 """
@@ -160,8 +160,8 @@ def main() -> None:
             echo.wait()
         secure = ["--tls-cert", paths["cert"], "--tls-key", paths["key"]]
         for label, tls, data in (
-            ("tensorwire, data plane, plain", [], True),
-            ("tensorwire, data plane, TLS", secure, True),
+            ("tensorwire, data port, plain", [], True),
+            ("tensorwire, data port, TLS", secure, True),
             ("tensorwire, payloads in gRPC, TLS", secure, False),
         ):
             server, address = serve_tensorwire(hosts, tls)
@@ -173,8 +173,8 @@ def main() -> None:
     print(f"\n| {args.mib} MiB round trip, two namespaces over a veth pair | MiB/s |\n|---|---:|")
     for label, seconds in rows.items():
         print(f"| {label} | {2 * size / seconds / 2**20:,.0f} |")
-    plain = rows["raw TCP echo (floor)"] / rows["tensorwire, data plane, plain"]
-    tls_ratio = rows["Python ssl echo (floor)"] / rows["tensorwire, data plane, TLS"]
+    plain = rows["raw TCP echo (floor)"] / rows["tensorwire, data port, plain"]
+    tls_ratio = rows["Python ssl echo (floor)"] / rows["tensorwire, data port, TLS"]
     print(f"\n- plain / TCP echo: {plain:.2f} (target >= 0.8)")
     print(f"- TLS / ssl echo: {tls_ratio:.2f} (target >= 0.8)")
 

@@ -43,10 +43,10 @@ LAYERS: dict[str, set[str]] = {
     "kserve": {"core", "transport", "engine", "models", "regions", "device"},
 }
 #: What the root's entry points may import: server.py, the composition root, every
-#: package; the command line the server and the models it names.
+#: package; the command line only the server.
 ROOT_IMPORTS = {
     "tensorwire_server.server": set(LAYERS),
-    "tensorwire_server.cli": {"tensorwire_server.server", "models"},
+    "tensorwire_server.cli": {"tensorwire_server.server"},
 }
 
 

@@ -64,7 +64,7 @@ class Client(BaseClient[RemoteTensor, Trainer]):
     Requests with ``stream_threshold`` payload bytes or more, and responses too large
     for one message, travel as streams of ``chunk_size``-byte chunks, so tensors of
     any size that fits in memory go both ways. A stream's payloads skip gRPC on the
-    server's data plane (a ticket over gRPC, the bytes on a pooled TCP connection to
+    server's data port (a ticket over gRPC, the bytes on a pooled TCP connection to
     the same host, with the channel's TLS) and fall back to chunks through gRPC where
     it cannot be reached; ``data_plane=False`` keeps them in gRPC. A server on this
     host (Linux) takes them through shared memory instead: the client copies each

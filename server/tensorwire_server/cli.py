@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--data-port",
         type=int,
-        help="port of the data plane, which moves large payloads beside gRPC (0: any free)",
+        help="TCP port of the data port, where large payloads move beside gRPC (0: any free)",
     )
     parser.add_argument(
         "--no-data-plane", action="store_true", help="move every payload through gRPC"
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-same-host",
         action="store_true",
-        help="do not offer clients on this host shared memory on the data plane",
+        help="do not offer clients on this host shared memory on the data port",
     )
     parser.add_argument(
         "--data-plane-connections",

@@ -21,7 +21,7 @@ from tensorwire.wire.protocol import CHANNEL_OPTIONS
 from tensorwire_server import kserve
 from tensorwire_server.core.loading import ModelControl, load_all
 from tensorwire_server.core.service import Service
-from tensorwire_server.dataport.listener import DataPlane
+from tensorwire_server.dataport.listener import DataPort
 from tensorwire_server.engine.engine import Engine
 from tensorwire_server.models.registry import server_devices
 from tensorwire_server.settings import Settings
@@ -142,17 +142,17 @@ class TensorwireServer:
             self.service, self.lifecycle, settings.default_deadline
         )
         self.health_server: grpc.aio.Server | None = None
-        self.data_plane: DataPlane | None = None
+        self.dataport: DataPort | None = None
         self.metrics_port: int | None = None
         try:
             self.server = self._on_loop(self._build(settings, tokens))
             self.port = self._bind(settings, tokens)
             self.health_server, self.health_port = self._on_loop(self._health_listener(settings))
-            # The data plane beside gRPC, bound as gRPC is (same host, same TLS).
-            self.data_plane = self._data_plane(settings)
-            self.servicer.data_plane = self.data_plane
-            if self.data_plane is not None:
-                self.metrics.count_data_plane(self.data_plane.totals)
+            # The data port beside gRPC, bound as gRPC is (same host, same TLS).
+            self.dataport = self._dataport(settings)
+            self.servicer.dataport = self.dataport
+            if self.dataport is not None:
+                self.metrics.count_data_port(self.dataport.totals)
             self.metrics.count_shared_memory(self._regions, self.service.copies.short_copies)
         except BaseException:
             # Refused (plain text off loopback, a port taken): nothing is left running.
@@ -237,12 +237,12 @@ class TensorwireServer:
         service = self.service
         return {"system": service.shared_memory.count(), "cuda": service.cuda_memory.count()}
 
-    def _data_plane(self, settings: Settings) -> DataPlane | None:
+    def _dataport(self, settings: Settings) -> DataPort | None:
         if not settings.data_plane:
             return None
         tls = server_ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         # _bind already refused plain text off loopback unless settings.insecure.
-        return DataPlane(
+        return DataPort(
             settings.host,
             settings.data_port,
             tls,
@@ -296,8 +296,8 @@ class TensorwireServer:
         """Start answering (TensorService waits, UNAVAILABLE, until ``ready``) and
         expose metrics if a port is set."""
         self._on_loop(self.server.start())
-        if self.data_plane is not None:
-            self.data_plane.start()
+        if self.dataport is not None:
+            self.dataport.start()
         if self.health_server is not None:
             self._on_loop(self.health_server.start())
         if self.settings.metrics_port is not None:
@@ -332,8 +332,8 @@ class TensorwireServer:
         self._on_loop(self.server.stop(0))
         if self.health_server is not None:
             self._on_loop(self.health_server.stop(0))
-        if self.data_plane is not None:
-            self.data_plane.close()
+        if self.dataport is not None:
+            self.dataport.close()
         self.service.sessions.stop()
         self.service.regions.close()  # the regions' descriptors
         self.metrics.close()
@@ -367,10 +367,10 @@ def serve(settings: Settings) -> None:
     log.info("listening on %s:%d", settings.host, server.port)
     if settings.unix_socket is not None:
         log.info("listening on unix:%s", settings.unix_socket)
-    if server.data_plane is not None:
-        plane = server.data_plane
+    if server.dataport is not None:
+        plane = server.dataport
         local = "" if plane.local_name is None else f"; same host on @{plane.local_name}"
-        log.info("data plane on %s:%d%s", settings.host, plane.port, local)
+        log.info("data port on %s:%d%s", settings.host, plane.port, local)
     if server.health_port is not None:
         log.info("health checks on %s:%d (plain text)", settings.host, server.health_port)
     if server.metrics_port is not None:

@@ -80,14 +80,14 @@ class Settings:
     #: in flight finish): clients balancing over a DNS name then resolve it again and
     #: find replicas added since. None: connections last as long as clients keep them.
     max_connection_age: float | None = None
-    #: The data plane: streamed requests and responses move their payloads over TCP
+    #: The data port: streamed requests and responses move their payloads over TCP
     #: connections of their own beside gRPC, with gRPC's TLS (docs/performance.md).
     #: Off: every payload travels through gRPC.
     data_plane: bool = True
     #: Its port on ``host``; 0 picks a free one, which clients learn from each ticket
     #: (a container or a firewall needs a fixed one, published: the image sets 50053).
     data_port: int = 0
-    #: Same-host transfers on the data plane (Linux): clients on this host (in this
+    #: Same-host transfers on the data port (Linux): clients on this host (in this
     #: network namespace) pass shared memory as file descriptors over an abstract
     #: Unix socket, with the same tickets, instead of sending bytes (docs/security.md).
     same_host: bool = True
@@ -96,7 +96,7 @@ class Settings:
     #: waited longest without carrying a transfer (anonymous ones first: no ticket
     #: presented yet); refused only when all carry transfers (docs/security.md).
     data_plane_connections: int = 128
-    #: Transfers on the data plane at once, server-wide (fewer than
+    #: Transfers on the data port at once, server-wide (fewer than
     #: ``data_plane_connections``, so that a ticket holder always finds room); past
     #: it, calls send their payloads through gRPC.
     data_plane_transfers: int = 64

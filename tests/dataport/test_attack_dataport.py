@@ -1,4 +1,4 @@
-"""Attacks on the data plane's connections (issue 35, E and F): anyone who reaches the
+"""Attacks on the data port's connections (issue 35, E and F): anyone who reaches the
 data port or the same-host socket can open connections without a ticket; they must
 not lock out ticket holders, ordinary crowds must not either, a refused connection
 sends chunks through gRPC at once, and a client killed mid-download leaves nothing
@@ -54,8 +54,8 @@ served = contextlib.contextmanager(engine_server)
 
 def moved(server: TensorwireServer, path: str) -> int:
     """Transfers completed over ``path`` ("tcp", "shared_memory")."""
-    assert server.data_plane is not None
-    return server.data_plane.moved[path][0]
+    assert server.dataport is not None
+    return server.dataport.moved[path][0]
 
 
 @contextlib.contextmanager
@@ -91,10 +91,10 @@ def closed_by_server(sock: socket.socket) -> bool:
 @same_host_only
 def test_an_idle_flood_does_not_lock_out_ticket_holders(engine) -> None:  # type: ignore[no-untyped-def]
     """200 anonymous connections on each listener, twice the budget: clients with
-    tickets still get in (on the data plane, not by falling back), the oldest
+    tickets still get in (on the data port, not by falling back), the oldest
     anonymous connections making room."""
     with served(engine, data_plane_connections=100, data_plane_transfers=32) as server:
-        plane = server.data_plane
+        plane = server.dataport
         assert plane is not None and plane.local_name is not None
         tcp = flood(socket.AF_INET, ("127.0.0.1", plane.port), 200)
         local = flood(socket.AF_UNIX, "\0" + plane.local_name, 200)
@@ -122,7 +122,7 @@ def test_a_tls_handshake_that_never_ends_is_evicted_too(engine, tmp_path) -> Non
     ca.cert_pem.write_to_path(str(ca_file))
     tls = {"tls_cert": str(cert_file), "tls_key": str(key_file), "same_host": False}
     with served(engine, data_plane_connections=16, data_plane_transfers=8, **tls) as server:
-        plane = server.data_plane
+        plane = server.dataport
         assert plane is not None
         with flood(socket.AF_INET, ("127.0.0.1", plane.port), 40) as socks:
             for sock in socks[-16:]:
@@ -137,7 +137,7 @@ def test_a_tls_handshake_that_never_ends_is_evicted_too(engine, tmp_path) -> Non
 def test_many_ordinary_clients_all_succeed(engine) -> None:  # type: ignore[no-untyped-def]
     """More clients times threads than the budget holds connections (each client pools
     its own), two tokens each capped below the server's transfers: every call
-    succeeds, on the data plane or through gRPC."""
+    succeeds, on the data port or through gRPC."""
     settings = {
         "data_plane_connections": 12,
         "data_plane_transfers": 8,
@@ -171,7 +171,7 @@ def test_many_ordinary_clients_all_succeed(engine) -> None:  # type: ignore[no-u
         finally:
             for client in clients:
                 client.close()
-        plane = server.data_plane
+        plane = server.dataport
         assert plane is not None
         assert moved(server, "tcp") + moved(server, "shared_memory") > 0
         assert settles(lambda: plane.slots.held() == 0)  # every slot given back
@@ -179,11 +179,11 @@ def test_many_ordinary_clients_all_succeed(engine) -> None:  # type: ignore[no-u
 
 def test_a_caller_past_its_transfers_sends_chunks_at_once(engine) -> None:  # type: ignore[no-untyped-def]
     """One token holding its transfers (tickets claimed, payloads stalled): its next
-    call gets no ticket and sends chunks; another token still gets the data plane."""
+    call gets no ticket and sends chunks; another token still gets the data port."""
     settings = {"data_plane_transfers_per_caller": 1, "tokens": TOKENS, "same_host": False}
     with served(engine, **settings) as server:
         alice, bob = (line.split()[2] for line in TOKENS.split(";"))
-        plane = server.data_plane
+        plane = server.dataport
         assert plane is not None
         with Stalled(server, alice):
             with tw.Client(address(server), timeout=TIMEOUT, token=alice) as client:
@@ -279,7 +279,7 @@ def refusing(family: socket.AddressFamily, where: object) -> Iterator[socket.soc
 @same_host_only
 def test_a_refused_same_host_connection_takes_the_data_port(engine) -> None:  # type: ignore[no-untyped-def]
     with served(engine) as server:
-        plane = server.data_plane
+        plane = server.dataport
         assert plane is not None and plane.local_name is not None
         name = f"tensorwire-refusing-{os.urandom(8).hex()}"
         with refusing(socket.AF_UNIX, "\0" + name):
@@ -297,9 +297,9 @@ def test_a_refused_same_host_connection_takes_the_data_port(engine) -> None:  # 
 def test_refused_everywhere_the_call_sends_chunks_at_once(engine) -> None:  # type: ignore[no-untyped-def]
     """Both data paths close the connection before accepting the ticket: the call
     sends chunks (it used to wait out the ticket's 10 s and fail), and the client
-    tries the data plane again soon."""
+    tries the data port again soon."""
     with served(engine) as server:
-        plane = server.data_plane
+        plane = server.dataport
         assert plane is not None and plane.local_name is not None
         name = f"tensorwire-refusing-{os.urandom(8).hex()}"
         with (
@@ -321,7 +321,7 @@ def test_refused_everywhere_the_call_sends_chunks_at_once(engine) -> None:  # ty
 
 def test_a_refused_tcp_connection_sends_chunks_and_asks_again(engine) -> None:  # type: ignore[no-untyped-def]
     with served(engine, same_host=False) as server:
-        plane = server.data_plane
+        plane = server.dataport
         assert plane is not None
         with refusing(socket.AF_INET, ("127.0.0.1", 0)) as tcp:
             real, plane.port = plane.port, tcp.getsockname()[1]

@@ -240,7 +240,7 @@ def test_a_kept_tensor_does_not_alias_the_clients_segment(server: TensorwireServ
         # Nor do the client's later calls, which reuse the segment.
         client.infer("identity", data + 1)
         np.testing.assert_array_equal(client.get(kept), data)
-    assert server.data_plane is not None and server.data_plane.moved["shared_memory"][0] >= 3
+    assert server.dataport is not None and server.dataport.moved["shared_memory"][0] >= 3
 
 
 # ------------------------------------------------------------ F: killed clients

@@ -1,4 +1,4 @@
-"""The data plane: streamed payloads over a TCP connection beside gRPC, with tickets,
+"""The data port: streamed payloads over a TCP connection beside gRPC, with tickets,
 TLS as gRPC has it, and chunks through gRPC whenever it cannot be had. (These
 servers offer no same-host transfers, which a client on their host would prefer:
 tests/dataport/test_same_host.py has those.)"""
@@ -27,7 +27,7 @@ from tensorwire._transport.dataport import ASK_DATA
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
 from tensorwire.wire.dataport import ACCEPTED, REQUEST, REQUEST_MAGIC, RESPONSE, recv_exact
-from tensorwire_server.dataport.listener import DataPlane
+from tensorwire_server.dataport.listener import DataPort
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
@@ -47,17 +47,17 @@ def serving(engine, **settings: object) -> Iterator[TensorwireServer]:  # type: 
 
 @pytest.fixture
 def server(engine) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def]
-    yield from serving(engine)  # the data plane is on by default, on a free port
+    yield from serving(engine)  # the data port is on by default, on a free port
 
 
-def transfers(plane: DataPlane | None) -> int:
+def transfers(plane: DataPort | None) -> int:
     """Transfers over the data port."""
     assert plane is not None
     return plane.moved["tcp"][0]
 
 
 def test_streamed_calls_move_their_payloads_over_the_data_plane(server: TensorwireServer) -> None:
-    plane = server.data_plane
+    plane = server.dataport
     assert plane is not None
     with tw.Client(address(server), timeout=TIMEOUT) as client:
         out = client.infer("identity", BIG)["output"]
@@ -86,20 +86,20 @@ def test_the_async_client_uses_the_data_plane_too(server: TensorwireServer) -> N
             return first["output"]
 
     np.testing.assert_array_equal(asyncio.run(main()), BIG)
-    assert server.data_plane is not None and transfers(server.data_plane) == 4
+    assert server.dataport is not None and transfers(server.dataport) == 4
 
 
 def test_a_server_without_a_data_plane_gets_chunks(engine) -> None:  # type: ignore[no-untyped-def]
     for plain in serving(engine, data_plane=False):
-        assert plain.data_plane is None
+        assert plain.dataport is None
         with tw.Client(address(plain), timeout=TIMEOUT) as client:
             np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
             assert not client._transport._data.links.usable()  # remembered for a while
 
 
 def test_an_unreachable_data_port_falls_back_to_chunks(server: TensorwireServer) -> None:
-    assert server.data_plane is not None
-    server.data_plane.close()  # as a firewall would: nothing answers on the port
+    assert server.dataport is not None
+    server.dataport.close()  # as a firewall would: nothing answers on the port
     with tw.Client(address(server), timeout=TIMEOUT) as client:
         np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
         assert not client._transport._data.links.usable()
@@ -109,7 +109,7 @@ def test_an_unreachable_data_port_falls_back_to_chunks(server: TensorwireServer)
 def test_the_client_can_keep_payloads_in_grpc(server: TensorwireServer) -> None:
     with tw.Client(address(server), timeout=TIMEOUT, data_plane=False) as client:
         np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-    assert server.data_plane is not None and transfers(server.data_plane) == 0
+    assert server.dataport is not None and transfers(server.dataport) == 0
 
 
 def test_a_data_port_that_answers_for_another_server_falls_back(engine) -> None:  # type: ignore[no-untyped-def]
@@ -118,21 +118,21 @@ def test_a_data_port_that_answers_for_another_server_falls_back(engine) -> None:
     payload byte went astray."""
     for one in serving(engine):
         for other in serving(engine):
-            assert one.data_plane is not None and other.data_plane is not None
+            assert one.dataport is not None and other.dataport is not None
             with tw.Client(address(one), timeout=TIMEOUT) as client:
                 links = client._transport._data.links
-                ticket = pb.DataTransfer(ticket=os.urandom(16), port=other.data_plane.port)
+                ticket = pb.DataTransfer(ticket=os.urandom(16), port=other.dataport.port)
                 assert links.send(ticket, [memoryview(BIG)], TIMEOUT, 1 << 20) is None
                 assert not links.usable()
                 np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-            assert transfers(other.data_plane) == transfers(one.data_plane) == 0
+            assert transfers(other.dataport) == transfers(one.dataport) == 0
 
 
 # ------------------------------------------------------------ tickets, by hand
 
 
 class Asking:
-    """An InferStream call that asks for the data plane, driven by hand."""
+    """An InferStream call that asks for the data port, driven by hand."""
 
     def __init__(
         self,
@@ -153,7 +153,7 @@ class Asking:
         number, body = framing.split_part(next(self.responses))
         assert number == framing.PART_DATA
         self.ticket = pb.DataTransfer.FromString(bytes(body))
-        self.port = server.data_plane.port  # type: ignore[union-attr]
+        self.port = server.dataport.port  # type: ignore[union-attr]
 
     def requests(self) -> Iterator[bytes]:
         yield self.header
@@ -217,8 +217,8 @@ def test_a_ticket_is_single_use_and_bound_to_its_bytes(server: TensorwireServer)
 def test_anything_but_a_live_ticket_is_dropped(
     server: TensorwireServer, first_bytes: bytes
 ) -> None:
-    assert server.data_plane is not None
-    with socket.create_connection(("127.0.0.1", server.data_plane.port), timeout=TIMEOUT) as sock:
+    assert server.dataport is not None
+    with socket.create_connection(("127.0.0.1", server.dataport.port), timeout=TIMEOUT) as sock:
         with contextlib.suppress(ConnectionError):  # dropped while we still sent
             sock.sendall(first_bytes)
         if first_bytes:
@@ -292,7 +292,7 @@ def test_the_data_plane_speaks_tls_when_grpc_does(engine, tmp_path: Path) -> Non
     cert.private_key_pem.write_to_path(str(key_file))
     tls = {"tls_cert": str(cert_file), "tls_key": str(key_file)}
     for secured in serving(engine, **tls):
-        plane = secured.data_plane
+        plane = secured.dataport
         assert plane is not None and plane.tls is not None
         with socket.create_connection(("127.0.0.1", plane.port), timeout=TIMEOUT) as raw:
             raw.sendall(REQUEST.pack(REQUEST_MAGIC, bytes(16)))  # plain text: refused
@@ -318,7 +318,7 @@ def test_mutual_tls_holds_on_the_data_plane(engine, tmp_path: Path) -> None:  # 
         blob.write_to_path(str(tmp_path / name))
         settings[name] = str(tmp_path / name)
     for secured in serving(engine, **settings):
-        plane = secured.data_plane
+        plane = secured.dataport
         assert plane is not None
         with tw.Client(
             address(secured),
@@ -355,10 +355,10 @@ def test_metrics_count_what_the_data_plane_moved(server: TensorwireServer) -> No
 def test_several_replicas_each_take_their_own_tickets(engine) -> None:  # type: ignore[no-untyped-def]
     """A ticket is good only on the server that issued it: with a target of several
     replicas, each streamed call goes to one replica, its payloads to that replica's
-    data plane; a session's calls to the session's replica."""
+    data port; a session's calls to the session's replica."""
     for one in serving(engine):
         for other in serving(engine):
-            planes = [one.data_plane, other.data_plane]
+            planes = [one.dataport, other.dataport]
             target = [address(one), address(other)]
             streamed = np.arange(3 << 18, dtype=np.float32)  # 3 MiB: just past the threshold
             with tw.Client(target, timeout=TIMEOUT) as client:

@@ -1,5 +1,5 @@
 """Same-host transfers: a client on the server's host passes shared memory (sealed
-memfds, over the data plane's abstract Unix socket) instead of sending bytes; results
+memfds, over the data port's abstract Unix socket) instead of sending bytes; results
 land in segments the client owns; nothing is left behind, whatever ends the call."""
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def server(engine) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def
 
 def moved(server: TensorwireServer, path: str = "shared_memory") -> int:
     """Transfers completed over ``path``."""
-    assert server.data_plane is not None
-    return server.data_plane.moved[path][0]
+    assert server.dataport is not None
+    return server.dataport.moved[path][0]
 
 
 def memfds(pid: int | str = "self") -> tuple[int, int]:
@@ -188,7 +188,7 @@ def test_a_tensor_the_server_keeps_is_never_overwritten(server: TensorwireServer
 def test_without_the_servers_socket_the_data_port_takes_the_ticket(
     server: TensorwireServer,
 ) -> None:
-    plane = server.data_plane
+    plane = server.dataport
     assert plane is not None and plane.local_name is not None
     # As from another host or network namespace: nothing answers to the name.
     plane.local_name = f"tensorwire-data-{os.urandom(16).hex()}"
@@ -219,7 +219,7 @@ def test_a_unix_socket_target_passes_shared_memory(engine, tmp_path: Path) -> No
 
 def test_either_side_can_turn_it_off(engine) -> None:  # type: ignore[no-untyped-def]
     for plain in serving(engine, same_host=False):
-        assert plain.data_plane is not None and plain.data_plane.local_name is None
+        assert plain.dataport is not None and plain.dataport.local_name is None
         with tw.Client(address(plain), timeout=TIMEOUT) as client:
             np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
         assert moved(plain) == 0 and moved(plain, "tcp") == 1
@@ -270,7 +270,7 @@ with tw.Client(sys.argv[1], stream_threshold=0, retries=0) as client:
 
 def test_a_killed_client_leaves_no_segment_behind(server: TensorwireServer) -> None:
     before = memfds()
-    plane = server.data_plane
+    plane = server.dataport
     assert plane is not None
     proc = subprocess.Popen([sys.executable, "-c", KILLED, address(server)], cwd=TESTS)
     try:
@@ -291,7 +291,7 @@ def test_a_killed_client_leaves_no_segment_behind(server: TensorwireServer) -> N
 
 
 class Asking:
-    """An InferStream call that asks for the data plane, driven by hand, whose
+    """An InferStream call that asks for the data port, driven by hand, whose
     ticket is presented on the same-host socket with descriptors of our choosing."""
 
     def __init__(self, server: TensorwireServer, array: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""The data plane between two hosts: a server and a client in two network namespaces
+"""The data port between two hosts: a server and a client in two network namespaces
 joined by a veth pair (tests/support/netns.py), TLS on as any off-loopback deployment runs
 it, and the link cut mid-transfer. Skipped where namespaces cannot be made."""
 
@@ -30,7 +30,7 @@ def hosts() -> Iterator[Hosts]:
 
 @pytest.fixture
 def served(hosts: Hosts, tmp_path: Path) -> Iterator[tuple[str, str]]:
-    """A TLS server (data plane on) in the server's namespace: its address and CA."""
+    """A TLS server (data port on) in the server's namespace: its address and CA."""
     ca = trustme.CA()
     cert = ca.issue_cert(SERVER_IP)
     files = {"ca": ca.cert_pem, "cert": cert.cert_chain_pems[0], "key": cert.private_key_pem}
@@ -41,7 +41,7 @@ def served(hosts: Hosts, tmp_path: Path) -> Iterator[tuple[str, str]]:
         "--tls-key", str(tmp_path / "key.pem"),
         launch=partial(hosts.run, hosts.server),
     ) as (_, address, lines):  # fmt: skip
-        assert any(re.search(r"data plane on \S+:\d+", line) for line in lines), "".join(lines)
+        assert any(re.search(r"data port on \S+:\d+", line) for line in lines), "".join(lines)
         yield address, str(tmp_path / "ca.pem")
 
 
@@ -82,7 +82,7 @@ def test_a_link_cut_mid_transfer_fails_that_call_and_the_server_serves_on(
     assert not report["ok"], report
     assert report["error"] in ("DeadlineExceededError", "UnavailableError"), report
     assert report["seconds"] < 8 + 10, report  # bounded by the call's deadline
-    # Mended: the same server answers, over the data plane.
+    # Mended: the same server answers, over the data port.
     subprocess.run(
         ["ip", "netns", "exec", hosts.client, "tc", "qdisc", "del", "dev", hosts.client_link,
          "root"],

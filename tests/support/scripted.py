@@ -22,7 +22,7 @@ from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
 from tensorwire.wire.codec import Encoder, receive
 
-#: The answer to a request for the data plane from a server without one.
+#: The answer to a request for the data port from a server without one.
 NO_DATA_PLANE = framing.part(framing.PART_DATA, [], 0)
 #: Answer the part of the response after its header with UNAVAILABLE (streams only).
 PARTIAL = "partial"

@@ -269,13 +269,13 @@ def test_what_fuzzing_found_stays_fixed(fuzzer: Fuzzer) -> None:
 
 
 def test_random_bytes_to_the_data_port_are_dropped(fuzzer: Fuzzer) -> None:
-    """The data plane's port takes anything: random bytes, other protocols, its own
+    """The data port's port takes anything: random bytes, other protocols, its own
     magic with tickets never issued. Each connection is closed without a byte
     allocated for it; the last test checks the server lived and kept no memory."""
     (port,) = {
         int(m.group(1))
         for line in fuzzer.server.log
-        if (m := re.search(r"data plane on \S+:(\d+)", line))
+        if (m := re.search(r"data port on \S+:(\d+)", line))
     }
     magic = REQUEST_MAGIC
     first_bytes = st.one_of(

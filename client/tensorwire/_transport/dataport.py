@@ -167,7 +167,7 @@ class DataLinks:
             sock.settimeout(timeout)
             magic, size = RESPONSE.unpack(dataport.recv_exact(sock, RESPONSE.size))
             if magic != RESPONSE_MAGIC or size != receiver.total - receiver.received:
-                raise dataport.DataPlaneError(
+                raise dataport.DataPortError(
                     f"the data connection announced {size} bytes where the response "
                     f"declares {receiver.total - receiver.received}"
                 )
@@ -175,7 +175,7 @@ class DataLinks:
         except TimeoutError:  # the call's own deadline, which no retry can meet
             sock.close()
             raise DeadlineExceededError(
-                "the deadline passed while the response arrived over the data plane"
+                "the deadline passed while the response arrived over the data port"
             ) from None
         except (OSError, EOFError) as exc:
             sock.close()

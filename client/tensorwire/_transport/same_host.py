@@ -314,7 +314,7 @@ class LocalCarrier:
         magic, size = RESPONSE.unpack(reply[: RESPONSE.size])
         if magic != RESPONSE_MAGIC or size != receiver.total:
             self.discard()
-            raise dataport.DataPlaneError(
+            raise dataport.DataPortError(
                 f"the server wrote {size} bytes where the response declares {receiver.total}"
             )
         for segment, held in zip(self.inputs, reply[RESPONSE.size :], strict=True):

@@ -1,4 +1,4 @@
-"""The data plane's wire format: payload bytes on a plain TCP connection beside gRPC.
+"""The data port's wire format: payload bytes on a plain TCP connection beside gRPC.
 
 gRPC stays the control plane: a streamed call (InferStream, GradStream, ...) sends its
 header as ever, then a DataTransfer part instead of chunks, and the server answers
@@ -85,12 +85,12 @@ MAX_SEGMENTS: Final = 253
 ReadInto = Callable[[memoryview], int]
 
 
-class DataPlaneError(ConnectionError):
+class DataPortError(ConnectionError):
     """A data connection broke or spoke out of turn."""
 
 
 def recv_exact(sock: socket.socket, size: int) -> bytes:
-    """Exactly ``size`` bytes from ``sock``; DataPlaneError if it closes first
+    """Exactly ``size`` bytes from ``sock``; DataPortError if it closes first
     (EOFError when it closes before the first byte: a clean end between transfers)."""
     buf = bytearray(size)
     view = memoryview(buf)
@@ -100,7 +100,7 @@ def recv_exact(sock: socket.socket, size: int) -> bytes:
         if not n:
             if not got:
                 raise EOFError("the data connection closed")
-            raise DataPlaneError(f"the data connection closed after {got} of {size} bytes")
+            raise DataPortError(f"the data connection closed after {got} of {size} bytes")
         got += n
     return bytes(buf)
 

@@ -31,7 +31,7 @@ PLACEHOLDER_SIZE = 4
 # Field numbers shared by every *Part message of the streaming RPCs.
 PART_HEADER = 1
 PART_CHUNK = 2
-#: A DataTransfer: the payloads travel over the data plane (wire/dataport.py).
+#: A DataTransfer: the payloads travel over the data port (wire/dataport.py).
 PART_DATA = 3
 
 

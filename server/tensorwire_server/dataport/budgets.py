@@ -1,4 +1,4 @@
-"""Who may use the data plane (docs/security.md, "Data plane connections"): each
+"""Who may use the data port (docs/security.md, "Data port connections"): each
 listener's connections within a budget of their own, and the transfers in flight,
 per caller and in all.
 

@@ -1,4 +1,4 @@
-"""The server's data plane: a TCP listener beside gRPC that moves streamed payloads
+"""The server's data port: a TCP listener beside gRPC that moves streamed payloads
 with ``recv_into`` and ``sendall`` (the format: tensorwire/wire/dataport.py).
 
 A streamed call asks for a transfer; the handler allocates the request's buffers
@@ -69,12 +69,12 @@ WARN_SECONDS: Final = 60.0
 
 @dataclass(eq=False)
 class Transfer:
-    """One streamed request's trip over the data plane."""
+    """One streamed request's trip over the data port."""
 
     ticket: bytes
     receiver: StreamReceiver[Any]
     #: The plane that issued it, and the port its connection comes to.
-    plane: DataPlane
+    plane: DataPort
     expires: float
     #: Seconds the payload may take to arrive once claimed (the stream limit).
     stall_seconds: float
@@ -128,7 +128,7 @@ class Transfer:
         return payloads
 
 
-class DataPlane:
+class DataPort:
     """The listener, its connections and the tickets they may present."""
 
     def __init__(
@@ -147,7 +147,7 @@ class DataPlane:
         ``transfers_per_caller`` of them for one caller (fewer than ``connections``:
         a ticket holder always finds room). ``copies``: the server's, which same-host
         transfers copy through."""
-        #: The server's TLS, when gRPC has it: the data plane is never plainer.
+        #: The server's TLS, when gRPC has it: the data port is never plainer.
         self.tls = tls
         #: The server's kernel copies, for same-host transfers.
         self.copies = copies
@@ -293,7 +293,7 @@ class DataPlane:
             self._warned = now
             where = "same-host socket" if local else "data port"
             log.warning(
-                "data plane: the %s refused a connection: all %d carry transfers",
+                "data port: the %s refused a connection: all %d carry transfers",
                 where,
                 budget.limit,
             )

@@ -1,5 +1,5 @@
 """Same-host transfers, the server's side: shared-memory segments a client on this host
-passes over the data plane's Unix socket (the format: tensorwire/wire/dataport.py).
+passes over the data port's Unix socket (the format: tensorwire/wire/dataport.py).
 
 A segment is only ever a file descriptor the client sent, never a name: nothing
 another process can guess or reach. It must be a memfd sealed against shrinking and at

@@ -1,5 +1,5 @@
 """The server's Prometheus metrics: calls answered and their latency, payload bytes,
-queue depth, batch sizes, calls running, sessions, device memory, the data plane's
+queue depth, batch sizes, calls running, sessions, device memory, the data port's
 transfers and shared-memory regions. ``Metrics.finish`` records each finished call
 and writes its access record; ``Metrics.serve`` exposes them over HTTP
 (``metrics_endpoint``).
@@ -119,11 +119,11 @@ class Metrics:
             return
         access_log.write(call, code, seconds)
 
-    def count_data_plane(self, totals: Callable[[], dict[str, tuple[int, int]]]) -> None:
-        """Count the data plane's transfers and payload bytes per path, read from
+    def count_data_port(self, totals: Callable[[], dict[str, tuple[int, int]]]) -> None:
+        """Count the data port's transfers and payload bytes per path, read from
         ``totals`` (path -> (transfers, bytes)) at each scrape;
         ``tensorwire_payload_bytes`` counts every payload whichever way it went."""
-        self.registry.register(_DataPlaneTotals(totals))
+        self.registry.register(_DataPortTotals(totals))
 
     def count_shared_memory(
         self, regions: Callable[[], dict[str, int]], short: Callable[[], int]
@@ -145,8 +145,8 @@ class Metrics:
             self._http = None
 
 
-class _DataPlaneTotals(Collector):
-    """The data plane's counters, kept by its connection threads, read at each scrape."""
+class _DataPortTotals(Collector):
+    """The data port's counters, kept by its connection threads, read at each scrape."""
 
     def __init__(self, totals: Callable[[], dict[str, tuple[int, int]]]) -> None:
         self.totals = totals
@@ -154,13 +154,13 @@ class _DataPlaneTotals(Collector):
     def collect(self) -> Iterator[CounterMetricFamily]:
         transfers = CounterMetricFamily(
             "tensorwire_data_plane_transfers",
-            "Streamed calls whose payloads went over the data plane, per path (tcp: the "
+            "Streamed calls whose payloads went over the data port, per path (tcp: the "
             "data port; shared_memory: a client on the same host).",
             labels=["path"],
         )
         moved = CounterMetricFamily(
             "tensorwire_data_plane_bytes",
-            "Payload bytes the data plane moved, both ways, per path.",
+            "Payload bytes the data port moved, both ways, per path.",
             labels=["path"],
         )
         for path, (count, size) in self.totals().items():

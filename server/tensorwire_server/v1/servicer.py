@@ -13,7 +13,7 @@ from tensorwire.errors import InvalidArgumentError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.codec import Encoder, Received
 from tensorwire_server.core.service import Caller, Service
-from tensorwire_server.dataport.listener import DataPlane
+from tensorwire_server.dataport.listener import DataPort
 from tensorwire_server.engine.engine import Inference
 from tensorwire_server.engine.programs import PlanStep, ProgramPlan
 from tensorwire_server.models.batching import Runner
@@ -37,11 +37,11 @@ class TensorServicer:
         service: Service,
         chunk_size: int,
         unary_limit: int = rpc.UNARY_LIMIT,
-        data_plane: DataPlane | None = None,
+        dataport: DataPort | None = None,
     ) -> None:
         self.service = service
         #: Where streamed payloads may travel instead of chunks; None: chunks only.
-        self.data_plane = data_plane
+        self.dataport = dataport
         #: Payload bytes per chunk message of a streamed response.
         self.chunk_size = chunk_size
         #: Payload bytes a unary response may carry; a larger one is OUT_OF_RANGE.

@@ -1,5 +1,5 @@
 """The streamed methods' handler (InferStream, GradStream, ...): the request's header,
-then its payloads as chunks or over the data plane; the response the same way."""
+then its payloads as chunks or over the data port; the response the same way."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from tensorwire.wire import framing, streaming
 from tensorwire.wire.codec import Encoder, Received
 from tensorwire.wire.streaming import StreamReceiver
 from tensorwire_server.core.service import Service
-from tensorwire_server.dataport.listener import TICKET_SECONDS, DataPlane, Transfer
+from tensorwire_server.dataport.listener import TICKET_SECONDS, DataPort, Transfer
 from tensorwire_server.transport import calls, rpc
 from tensorwire_server.transport.executor import Compute
 
@@ -33,7 +33,7 @@ class Answering(Protocol):
 
     service: Service
     chunk_size: int
-    data_plane: DataPlane | None
+    dataport: DataPort | None
 
     def admit(self, request: Received[Any], unary: bool) -> None: ...
 
@@ -54,7 +54,7 @@ def streamed(
             receiver = StreamReceiver(request_class, stager.allocate, landed=stager.landed)
             receiver.count = limits.tensor_count  # refused from the header
             transfer: Transfer | None = None
-            asked = False  # whether the client asked for the data plane
+            asked = False  # whether the client asked for the data port
 
             def answer(request: Received[Any]) -> Encoder[Any]:
                 with stager.using():
@@ -68,11 +68,11 @@ def streamed(
                     async for raw in requests:
                         number, body = framing.split_part(raw)
                         if number == framing.PART_DATA:
-                            # The payloads will come over the data plane: a ticket.
+                            # The payloads will come over the data port: a ticket.
                             _check_ask(receiver, asked)
                             asked = True
                             transfer = _issue(servicer, receiver, stager.in_place)
-                            yield _ticket(servicer.data_plane, transfer)
+                            yield _ticket(servicer.dataport, transfer)
                             continue
                         if transfer is not None:
                             # The client could not reach the data port: chunks after all.
@@ -131,7 +131,7 @@ def _unboxed(answer: Callable[[Received[Any]], Encoder[Any]], box: list[Received
 
 
 def _check_ask(receiver: StreamReceiver[Any], asked: bool) -> None:
-    """Refuse a request for the data plane anywhere but right after the header."""
+    """Refuse a request for the data port anywhere but right after the header."""
     if asked or not receiver.started or receiver.received:
         raise InvalidArgumentError(
             "malformed stream: a data-plane request must follow the header, once"
@@ -140,9 +140,9 @@ def _check_ask(receiver: StreamReceiver[Any], asked: bool) -> None:
 
 def _issue(servicer: Answering, receiver: StreamReceiver[Any], in_place: bool) -> Transfer | None:
     """A ticket for the payloads ``receiver`` expects, in the caller's name (its
-    token's: the data plane bounds the transfers each caller holds); None: no data
+    token's: the data port bounds the transfers each caller holds); None: no data
     plane here, or none free for this caller now."""
-    plane = servicer.data_plane
+    plane = servicer.dataport
     if plane is None:
         return None
     call = calls.current()
@@ -151,7 +151,7 @@ def _issue(servicer: Answering, receiver: StreamReceiver[Any], in_place: bool) -
     return plane.issue(receiver, limit, in_place, caller)
 
 
-def _ticket(plane: DataPlane | None, transfer: Transfer | None) -> bytes:
+def _ticket(plane: DataPort | None, transfer: Transfer | None) -> bytes:
     """The response part that hands the client its ticket. Without one, the client
     sends chunks: for this call only when the part names the data port (the data
     plane is busy), for a while when it does not (this server has none)."""
@@ -185,7 +185,7 @@ async def _withdraw(transfer: Transfer) -> None:
     if failed is not _PENDING:
         _raise(failed)
     raise InvalidArgumentError(
-        "malformed stream: chunks for a request whose payloads came over the data plane"
+        "malformed stream: chunks for a request whose payloads came over the data port"
     )
 
 
@@ -203,7 +203,7 @@ async def _arrival(transfer: Transfer, remaining: float | None) -> None:
     failed = await _settled(transfer.arrived, remaining)
     if failed is _PENDING:
         raise DeadlineExceededError(
-            "the deadline passed while the payloads arrived over the data plane"
+            "the deadline passed while the payloads arrived over the data port"
         )
     _raise(failed)
 
