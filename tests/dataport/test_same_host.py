@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import grpc
 import numpy as np
@@ -60,17 +61,34 @@ def moved(server: TensorwireServer, path: str = "shared_memory") -> int:
     return server.dataport.moved[path][0]
 
 
-def memfds(pid: int | str = "self") -> tuple[int, int]:
+class Segments(NamedTuple):
+    """The tensorwire segments a process maps and holds descriptors of, by inode."""
+
+    mapped: frozenset[int]
+    held: frozenset[int]
+
+    def since(self, before: Segments) -> Segments:
+        """Those that were not there at ``before``: segments of earlier tests' clients
+        freed meanwhile do not count, nor do those still alive."""
+        return Segments(self.mapped - before.mapped, self.held - before.held)
+
+    @property
+    def none(self) -> bool:
+        return not self.mapped and not self.held
+
+
+def memfds(pid: int | str = "self") -> Segments:
     """The tensorwire segments process ``pid`` maps and holds descriptors of (after
     collecting what earlier tests left as garbage: segments of clients gone)."""
     gc.collect()
     with open(f"/proc/{pid}/maps") as maps:
-        mapped = sum("memfd:tensorwire" in line for line in maps)
-    held = 0
+        mapped = frozenset(int(line.split()[4]) for line in maps if "memfd:tensorwire" in line)
+    held = set()
     for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
-            held += "memfd:tensorwire" in os.readlink(f"/proc/{pid}/fd/{fd}")
-    return mapped, held
+            if "memfd:tensorwire" in os.readlink(f"/proc/{pid}/fd/{fd}"):
+                held.add(os.stat(f"/proc/{pid}/fd/{fd}").st_ino)
+    return Segments(mapped, frozenset(held))
 
 
 def settles(condition: Callable[[], bool], seconds: float = 15) -> bool:
@@ -163,14 +181,14 @@ def test_segments_are_reused_and_none_outlives_the_client(server: TensorwireServ
     with tw.Client(address(server), timeout=TIMEOUT) as client:
         for _ in range(2):
             client.infer("identity", BIG)
-        pooled = memfds()
+        pooled = memfds().since(before)
         for _ in range(5):
             client.infer("identity", BIG)
-        assert memfds() == pooled  # the same segments, again and again
+        assert memfds().since(before) == pooled  # the same segments, again and again
         kept = client.infer("identity", BIG)["output"]
     np.testing.assert_array_equal(kept, BIG)  # a result outlives its client
     del kept
-    assert settles(lambda: memfds() == before), (memfds(), before)
+    assert settles(lambda: memfds().since(before).none), memfds().since(before)
 
 
 def test_a_tensor_the_server_keeps_is_never_overwritten(server: TensorwireServer) -> None:
@@ -247,7 +265,7 @@ def test_a_cancelled_call_leaves_no_segment_behind(server: TensorwireServer) -> 
     async def main() -> None:
         async with tw.AsyncClient(address(server), timeout=TIMEOUT, stream_threshold=0) as c:
             call = asyncio.ensure_future(c.infer("sleeper", np.float64(1.5)))
-            assert await asyncio.to_thread(settles, lambda: memfds()[0] > before[0], 10)
+            assert await asyncio.to_thread(settles, lambda: bool(memfds().since(before).mapped), 10)
             call.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await call
@@ -255,7 +273,7 @@ def test_a_cancelled_call_leaves_no_segment_behind(server: TensorwireServer) -> 
             np.testing.assert_array_equal((await c.infer("identity", BIG))["output"], BIG)
 
     asyncio.run(main())
-    assert settles(lambda: memfds() == before), (memfds(), before)
+    assert settles(lambda: memfds().since(before).none), memfds().since(before)
 
 
 KILLED = """
@@ -281,7 +299,7 @@ def test_a_killed_client_leaves_no_segment_behind(server: TensorwireServer) -> N
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     # The server held none of its segments: read, then closed at once.
-    assert settles(lambda: memfds() == before, 45), (memfds(), before)
+    assert settles(lambda: memfds().since(before).none, 45), memfds().since(before)
     assert not [name for name in os.listdir("/dev/shm") if "tensorwire" in name]
     with tw.Client(address(server), timeout=TIMEOUT) as client:
         np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
@@ -372,7 +390,7 @@ def test_an_unacceptable_segment_gets_a_clear_status(
     assert code is grpc.StatusCode.INVALID_ARGUMENT and wanted in details, details
     with tw.Client(address(server), timeout=TIMEOUT) as client:  # and it serves on
         np.testing.assert_array_equal(client.infer("identity", BIG)["output"], BIG)
-    assert settles(lambda: memfds() == before)
+    assert settles(lambda: memfds().since(before).none)
 
 
 def test_a_ticket_presented_twice_maps_nothing_the_second_time(server: TensorwireServer) -> None:
