@@ -8,9 +8,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import re
 import secrets
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -436,22 +437,35 @@ def test_a_kserve_request_over_max_request_tensors_is_refused(address: str) -> N
 # ------------------------------------------------- F: failed requests, without a GC
 
 
-def test_failed_large_unary_requests_leave_no_memory_without_a_gc(address: str) -> None:
-    """Four 128 MiB unary requests that fail (an unknown model): the server (in this
-    process, the collector off) keeps none of them. A frame that turned one error into
-    an abort was in a cycle with it and held the request until a collection, and gRPC's
-    receiver held the last message it read; both kept 512 MiB here, and two of the four
-    stayed even after a collection."""
+#: The server's command with the collector off, as ``spawn_server``'s launcher.
+GC_OFF = "import gc, sys; gc.disable(); from tensorwire_server.cli import main; sys.exit(main())"
+
+
+def _without_gc(*argv: str, **kwargs: Any) -> subprocess.Popen[str]:
+    """Start ``python -m tensorwire_server FLAGS`` as ``python -c GC_OFF FLAGS``."""
+    return subprocess.Popen([sys.executable, "-c", GC_OFF, *argv[3:]], **kwargs)
+
+
+def test_failed_large_unary_requests_leave_no_memory_without_a_gc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Four 128 MiB unary requests that fail (an unknown model): the server (a process
+    of its own, the collector off) keeps none of them. A frame that turned one error
+    into an abort was in a cycle with it and held the request until a collection, and
+    gRPC's receiver held the last message it read; both kept 512 MiB here, and two of
+    the four stayed even after a collection. (Measured in a server process of its own:
+    the test process's resident size after a thousand tests moved by more than one
+    request's size for reasons of its own.)"""
+    monkeypatch.setenv("TENSORWIRE_TOKENS", TOKENS)
     size = 128 * MIB
     tensor = pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[size], data=bytes(size))
     body = pb.InferRequest(model="nosuchmodel", inputs=[pb.NamedTensor(tensor=tensor)])
     raw = body.SerializeToString()
     del tensor, body
     options = [("grpc.max_send_message_length", -1)]
-    gc.collect()
-    gc.disable()
-    try:
-        baseline = rss(os.getpid())
+    with spawn_server("--device", "cpu", launch=_without_gc) as (proc, address, _):
+        assert small_infer(address, HOG) == [0, 1, 2]  # warm: the unary path has run once
+        baseline = rss(proc.pid)
         with grpc.insecure_channel(address, options=options) as channel:
             infer = channel.unary_unary(method_path("Infer"))
             for _ in range(4):
@@ -459,8 +473,6 @@ def test_failed_large_unary_requests_leave_no_memory_without_a_gc(address: str) 
                     infer(raw, timeout=TIMEOUT, metadata=bearer(HOG))
                 assert info.value.code() is grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
         # The server's heap trimmer runs once it is idle; nothing else is needed.
-        assert wait_for(lambda: rss(os.getpid()) - baseline < size, 10), (
-            f"RSS {baseline >> 20} -> {rss(os.getpid()) >> 20} MiB"
+        assert wait_for(lambda: rss(proc.pid) - baseline < size, 10), (
+            f"server RSS {baseline >> 20} -> {rss(proc.pid) >> 20} MiB"
         )
-    finally:
-        gc.enable()
