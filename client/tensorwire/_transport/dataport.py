@@ -50,6 +50,32 @@ REPLICAS_SECONDS: Final = 30.0
 
 #: The request part, right after the header, that asks for the data port.
 ASK_DATA: Final = framing.part(framing.PART_DATA, [], 0)
+#: The most bytes one blocking send carries before the deadline is looked at again.
+SEND_PIECE: Final = 8 << 20
+
+
+class _Deadline:
+    """A transfer's deadline across its many socket calls. A socket's timeout counts
+    per call (and TLS's ``sendall`` sends piece by piece), so each call is given only
+    what is left: a link cut mid-transfer fails it at the deadline, not a whole
+    timeout after the last byte that got through."""
+
+    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
+        self.sock = sock
+        self.at = None if timeout is None else time.monotonic() + timeout
+
+    def arm(self) -> None:
+        """Give the next blocking call what is left; TimeoutError when nothing is."""
+        if self.at is None:
+            return
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the call's deadline passed")
+        self.sock.settimeout(left)
+
+    def recv_into(self, view: memoryview) -> int:
+        self.arm()
+        return self.sock.recv_into(view)
 
 
 class DataLinks:
@@ -100,20 +126,21 @@ class DataLinks:
         sock = self._accepted(transfer, timeout)
         if sock is None:
             return None
+        deadline = _Deadline(sock, timeout)
         try:
             total = sum(p.nbytes for p in payloads)
             done = 0
             if advance is not None:
                 advance(0, total)
+            step = SEND_PIECE if advance is None else chunk_size
             for payload in payloads:
-                if advance is None:  # whole: each piece would cost a call into the kernel
-                    sock.sendall(payload)
-                    continue
-                for start in range(0, payload.nbytes, chunk_size):
-                    piece = payload[start : start + chunk_size]
+                for start in range(0, payload.nbytes, step):
+                    piece = payload[start : start + step]
+                    deadline.arm()
                     sock.sendall(piece)
                     done += piece.nbytes
-                    advance(done, total)
+                    if advance is not None:
+                        advance(done, total)
         except BaseException:
             sock.close()
             raise
@@ -163,6 +190,7 @@ class DataLinks:
         """Read a response's payloads from ``sock`` into ``receiver``'s arrays; the
         connection goes back to the pool after. UnavailableError when it broke,
         DeadlineExceededError when ``timeout`` ran out."""
+        deadline = _Deadline(sock, timeout)
         try:
             sock.settimeout(timeout)
             magic, size = RESPONSE.unpack(dataport.recv_exact(sock, RESPONSE.size))
@@ -171,7 +199,7 @@ class DataLinks:
                     f"the data connection announced {size} bytes where the response "
                     f"declares {receiver.total - receiver.received}"
                 )
-            receiver.fill(sock.recv_into)
+            receiver.fill(deadline.recv_into)
         except TimeoutError:  # the call's own deadline, which no retry can meet
             sock.close()
             raise DeadlineExceededError(
