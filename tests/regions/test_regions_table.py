@@ -31,8 +31,6 @@ pytestmark = pytest.mark.timeout(120)
 engine = shared_memory.engine
 regions = shared_memory.regions
 
-__all__ = ["engine", "regions"]  # fixtures, shared with the other shared-memory tests
-
 #: Threads registering one name at once, half of them as each kind.
 THREADS = 16
 

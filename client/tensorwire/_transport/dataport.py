@@ -60,22 +60,26 @@ class _Deadline:
     what is left: a link cut mid-transfer fails it at the deadline, not a whole
     timeout after the last byte that got through."""
 
-    def __init__(self, sock: socket.socket, timeout: float | None) -> None:
-        self.sock = sock
+    def __init__(self, timeout: float | None) -> None:
         self.at = None if timeout is None else time.monotonic() + timeout
 
-    def arm(self) -> None:
-        """Give the next blocking call what is left; TimeoutError when nothing is."""
+    def arm(self, sock: socket.socket) -> None:
+        """Give ``sock``'s next blocking call what is left; TimeoutError when nothing is."""
         if self.at is None:
             return
         left = self.at - time.monotonic()
         if left <= 0:
             raise TimeoutError("the call's deadline passed")
-        self.sock.settimeout(left)
+        sock.settimeout(left)
 
-    def recv_into(self, view: memoryview) -> int:
-        self.arm()
-        return self.sock.recv_into(view)
+    def reader(self, sock: socket.socket) -> Callable[[memoryview], int]:
+        """``sock.recv_into``, each call within the deadline."""
+
+        def recv_into(view: memoryview) -> int:
+            self.arm(sock)
+            return sock.recv_into(view)
+
+        return recv_into
 
 
 class DataLinks:
@@ -123,10 +127,10 @@ class DataLinks:
         caller sends chunks instead, and the client does for a while: see Detours).
         ``advance`` hears of every ``chunk_size`` bytes sent. OSError when the
         connection broke mid-way; whatever ``advance`` raises ends the transfer too."""
+        deadline = _Deadline(timeout)  # the ticket's answer and TLS count too
         sock = self._accepted(transfer, timeout)
         if sock is None:
             return None
-        deadline = _Deadline(sock, timeout)
         try:
             total = sum(p.nbytes for p in payloads)
             done = 0
@@ -136,7 +140,7 @@ class DataLinks:
             for payload in payloads:
                 for start in range(0, payload.nbytes, step):
                     piece = payload[start : start + step]
-                    deadline.arm()
+                    deadline.arm(sock)
                     sock.sendall(piece)
                     done += piece.nbytes
                     if advance is not None:
@@ -190,7 +194,7 @@ class DataLinks:
         """Read a response's payloads from ``sock`` into ``receiver``'s arrays; the
         connection goes back to the pool after. UnavailableError when it broke,
         DeadlineExceededError when ``timeout`` ran out."""
-        deadline = _Deadline(sock, timeout)
+        deadline = _Deadline(timeout)
         try:
             sock.settimeout(timeout)
             magic, size = RESPONSE.unpack(dataport.recv_exact(sock, RESPONSE.size))
@@ -199,7 +203,7 @@ class DataLinks:
                     f"the data connection announced {size} bytes where the response "
                     f"declares {receiver.total - receiver.received}"
                 )
-            receiver.fill(deadline.recv_into)
+            receiver.fill(deadline.reader(sock))
         except TimeoutError:  # the call's own deadline, which no retry can meet
             sock.close()
             raise DeadlineExceededError(

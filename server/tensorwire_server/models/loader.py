@@ -218,8 +218,7 @@ def _resolve_factory(factory: str, folder: Path | None = None) -> Callable[[], o
     ``package.module:function`` is imported. Raises whatever importing raises."""
     source, _, attr = factory.rpartition(":")
     if source.endswith(".py"):
-        if folder is None:
-            raise ValueError(f"{factory} is read from a model's folder, and there is none")
+        assert folder is not None  # build_model refuses a file factory without one
         path = (folder / source).resolve()
         digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
         module_name = "tensorwire_model_" + re.sub(r"\W", "_", f"{path.stem}_{digest}")
