@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -19,15 +19,14 @@ import torch
 
 from tensorwire.errors import (
     FailedPreconditionError,
-    InternalError,
     InvalidArgumentError,
     NotFoundError,
-    ResourceExhaustedError,
     TensorwireError,
     listed,
     shown,
 )
 from tensorwire.wire.dtypes import WIRE_BY_NAME
+from tensorwire_server.device.faults import DeviceHealth, Fault, Guard, classify
 from tensorwire_server.device.tensors import dtype_name, is_differentiable, to_device, to_numpy
 from tensorwire_server.engine.binding import (
     bind,
@@ -103,7 +102,8 @@ class Engine:
         self.functions = functions
         #: Hears, once, that the device failed for good (the server stops serving).
         self.on_device_failure: Callable[[str], None] | None = None
-        self.failure: str | None = None
+        #: Where every CUDA error that surfaces is reported (staging and regions too).
+        self.health = DeviceHealth(device, self._failed)
         self.registry = ModelRegistry(devices or [device], self._forward)
         for model in models.values():
             self.serve(model)
@@ -118,7 +118,8 @@ class Engine:
     def describe_device(self) -> DeviceSummary:
         """The device's name, description and memory now."""
         if self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
+            with self.device_guard("describing the device"):
+                free, total = torch.cuda.mem_get_info(self.device)
             return DeviceSummary(
                 str(self.device), torch.cuda.get_device_name(self.device), total, free
             )
@@ -192,12 +193,15 @@ class Engine:
         in, ``export``-ed outputs out."""
         model = served.model
         what = f"model {model.name!r}"
-        with self.device_guard(what), _no_grad(export), instance.context():
-            tensors = [(name, to_device(arr, instance.device)) for name, arr in inputs]
+        with self.device_guard(what), _no_grad(export), instance.context() as crossing:
+            tensors = [(n, crossing.inward(to_device(arr, instance.device))) for n, arr in inputs]
             with _autocast(instance.device, served.autocast):
                 result = self.user_code(what, lambda: invoke(model, instance.module, tensors))
             named = name_outputs(result, model.outputs, what)
-            return [(n, export(n, declared_dtype(t, n, model.outputs))) for n, t in named]
+            return [
+                (n, export(n, crossing.outward(declared_dtype(t, n, model.outputs))))
+                for n, t in named
+            ]
 
     def call(
         self,
@@ -231,8 +235,12 @@ class Engine:
             model = served.model
             bound = bind(model, inputs)
             what = f"model {model.name!r}"
-            with served.alone(bound) as instance, self.device_guard(what), instance.context():
-                leaves = [(name, to_device(arr, instance.device)) for name, arr in bound]
+            with (
+                served.alone(bound) as instance,
+                self.device_guard(what),
+                instance.context() as crossing,
+            ):
+                leaves = [(n, crossing.inward(to_device(a, instance.device))) for n, a in bound]
                 params = list(trainable(instance.module)) if param_grads else []
                 with _autocast(instance.device, served.autocast):
                     outcome = self._grad(
@@ -243,7 +251,7 @@ class Engine:
                         grad_outputs,
                         params,
                         model.outputs,
-                        export,
+                        lambda name, tensor: export(name, crossing.outward(tensor)),
                     )
             return replace(outcome, version=served.version)
 
@@ -403,73 +411,46 @@ class Engine:
                         f"grad_outputs {shown(name)} has shape {list(arr.shape)} but output "
                         f"{shown(name)} has shape {list(out.shape)}"
                     )
-                pairs.append((out, to_device(arr, self.device).to(out.dtype)))
+                # On the output's device: an instance may live on another GPU than the engine's.
+                pairs.append((out, to_device(arr, out.device).to(out.dtype)))
         differentiable = [(o, s) for o, s in pairs if o.requires_grad]
         return [o for o, _ in differentiable], [s for _, s in differentiable]
 
     @staticmethod
     def user_code(what: str, thunk: Callable[[], Any]) -> Any:
         """Run model, function or autograd code: its exceptions are the caller's input
-        problem (INVALID_ARGUMENT) unless they are out-of-memory."""
+        problem (INVALID_ARGUMENT) unless they concern the device (out of memory, a
+        CUDA error: the guard around the request decides what those mean)."""
         try:
             return thunk()
         except (TensorwireError, MemoryError, torch.OutOfMemoryError):
             raise
         except Exception as exc:
-            if _is_out_of_memory(exc) or _is_device_failure(exc):
+            if classify(exc) in _DEVICE_FAULTS:
                 raise
             message = str(exc).strip()[:_MAX_MESSAGE]
             raise InvalidArgumentError(f"{what} raised {type(exc).__name__}: {message}") from exc
 
-    def _fail(self, what: str, exc: BaseException) -> None:
-        reason = str(exc).strip().splitlines()[0][:_MAX_MESSAGE]
-        log.critical("%s: the device failed and cannot recover: %s", what, reason)
-        if self.failure is None:
-            self.failure = reason
-            if self.on_device_failure is not None:
-                self.on_device_failure(reason)
-        # INTERNAL, not UNAVAILABLE: a retry would fail here again, and the request
-        # that broke this device could break the next replica's; health says
-        # NOT_SERVING, so the orchestrator restarts this one.
-        raise InternalError(
-            f"{what}: the server's {self.device.type} device failed ({reason}); "
-            "this server must be restarted"
-        ) from exc
+    def device_guard(self, what: str) -> Guard:
+        """Work on the device: selected on this thread; out-of-memory anywhere in it
+        RESOURCE_EXHAUSTED, once the failed request's memory is given back; a sticky
+        CUDA error INTERNAL, the device failed for good (``on_device_failure`` hears it
+        once, and every later request is refused)."""
+        return self.health.guard(what)
 
-    @contextmanager
-    def device_guard(self, what: str) -> Iterator[None]:
-        """Turn out-of-memory anywhere in a request into RESOURCE_EXHAUSTED and give the
-        allocator's cache back, so the next request finds memory; a device that failed
-        for good into INTERNAL, once reported to ``on_device_failure``."""
-        try:
-            yield
-        except Exception as exc:
-            if _is_device_failure(exc):
-                self._fail(what, exc)
-            if not _is_out_of_memory(exc):
-                raise
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            free = self.describe_device().free_memory
-            first = str(exc).strip().splitlines()[0][:_MAX_MESSAGE] if str(exc).strip() else ""
-            raise ResourceExhaustedError(
-                f"{what} ran out of {self.device.type} memory ({free} bytes free now): {first}"
-            ) from exc
+    @property
+    def failure(self) -> str | None:
+        """Why the device failed for good; None while it serves."""
+        return self.health.failure
+
+    def _failed(self, reason: str) -> None:
+        if self.on_device_failure is not None:
+            self.on_device_failure(reason)
 
 
-def _is_device_failure(exc: BaseException) -> bool:
-    # A CUDA error (illegal address, device-side assert, ...) is sticky: the context is
-    # poisoned and every later kernel fails too. Out-of-memory is not one of them.
-    return isinstance(exc, RuntimeError) and "CUDA error" in str(exc)
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, MemoryError | torch.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "out of memory" in text or "can't allocate memory" in text
-    )
+# A recoverable CUDA error (an invalid launch configuration from the request's shapes)
+# is the request's problem, so it becomes INVALID_ARGUMENT like any other exception.
+_DEVICE_FAULTS = (Fault.OUT_OF_MEMORY, Fault.STICKY, Fault.UNKNOWN)
 
 
 def _no_grad(export: Export) -> Any:

@@ -24,6 +24,7 @@ from tensorwire.wire.protocol import MAX_PROGRAM_STEPS
 from tensorwire_server.device.tensors import dtype_name, is_differentiable, to_device
 from tensorwire_server.engine.binding import bind, invoke, name_outputs
 from tensorwire_server.engine.engine import Engine, Export
+from tensorwire_server.models.registry import Crossing
 from tensorwire_server.named import Named
 
 
@@ -192,16 +193,17 @@ def _run_step(engine: Engine, step: PlanStep, values: _Values) -> list[tuple[str
         label = f"{what} (function {function.name!r})"
         result = engine.user_code(label, lambda: function(*targs, **tkwargs))
         return name_outputs(result, (), label)
-    with _model(engine, step, args, kwargs) as (model, module, tensors):
+    with _model(engine, step, args, kwargs) as (model, module, tensors, crossing):
         label = f"{what} (model {model.name!r})"
         result = engine.user_code(label, lambda: invoke(model, module, tensors))
-        return name_outputs(result, model.outputs, label)
+        # The next steps read them on the program's (ambient) stream.
+        return [(n, crossing.outward(t)) for n, t in name_outputs(result, model.outputs, label)]
 
 
 @contextmanager
 def _model(
     engine: Engine, step: PlanStep, args: list[Any], kwargs: dict[str, Any]
-) -> Iterator[tuple[Any, torch.nn.Module, list[tuple[str, torch.Tensor]]]]:
+) -> Iterator[tuple[Any, torch.nn.Module, list[tuple[str, torch.Tensor]], Crossing]]:
     """The served model a step names, an instance of it held for the step, and the
     step's inputs bound to its signature on the instance's device."""
     if args and kwargs:
@@ -220,9 +222,9 @@ def _model(
         served = stack.enter_context(engine.registry.using(step.model, step.version))
         bound = bind(served.model, given)
         instance = stack.enter_context(served.alone(bound))
-        stack.enter_context(instance.context())
-        tensors = [(n, to_device(t, instance.device)) for n, t in bound]
-        yield served.model, instance.module, tensors
+        crossing = stack.enter_context(instance.context())
+        tensors = [(n, crossing.inward(to_device(t, instance.device))) for n, t in bound]
+        yield served.model, instance.module, tensors, crossing
 
 
 def _gradients(

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext, suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,9 +50,55 @@ class Instance:
     #: Requests running on it that were not batched (for balancing).
     busy: int = 0
 
-    def context(self) -> Any:
-        """Make this instance's stream the current one (nothing on the CPU)."""
-        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+    @contextmanager
+    def context(self) -> Iterator[Crossing]:
+        """Make this instance's stream the current one, ordered against the stream
+        that was current (the ambient one: the device's default stream on a worker).
+
+        Pool streams do not synchronize with the default stream (PyTorch's CUDA
+        semantics, "CUDA streams"): inputs uploaded on the ambient stream (programs,
+        staging, CUDA shared-memory reads, Put) would be read here before they land,
+        and outputs made here read there before they are written. So this stream
+        waits for the ambient one on entry, the ambient one for this on exit, and
+        tensors that cross are recorded on the stream that reads them (``Crossing``)
+        so the caching allocator does not hand their blocks on early."""
+        if self.stream is None:
+            yield _SAME_STREAM
+            return
+        ambient = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(ambient)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield Crossing(self.stream, ambient)
+        finally:
+            ambient.wait_stream(self.stream)
+
+
+class Crossing:
+    """Tensors crossing between an instance's stream and the ambient stream: each is
+    recorded on the stream that will use it (``Tensor.record_stream``), so that its
+    memory is not reused before the work queued there when it is freed is done.
+    Nothing on the CPU."""
+
+    def __init__(self, stream: Any = None, ambient: Any = None) -> None:
+        self.stream = stream
+        self.ambient = ambient
+
+    def inward(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An input made on another stream, now used on the instance's."""
+        if self.stream is not None and tensor.is_cuda and tensor.device == self.stream.device:
+            tensor.record_stream(self.stream)
+        return tensor
+
+    def outward(self, tensor: torch.Tensor) -> torch.Tensor:
+        """An output made on the instance's stream, handed to the ambient stream (a
+        session keeps it, a function or Get reads it there)."""
+        if self.ambient is not None and tensor.is_cuda and tensor.device == self.ambient.device:
+            tensor.record_stream(self.ambient)
+        return tensor
+
+
+_SAME_STREAM = Crossing()
 
 
 #: Runs one forward pass of a version on an instance: bound inputs in, arrays out.
@@ -349,7 +395,7 @@ class ModelRegistry:
             with suppress(NotImplementedError):  # torch.export modules keep their mode
                 module.eval()
             for _ in range(config.instances):
-                stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
+                stream = instance_stream(device) if device.type == "cuda" else None
                 instances.append(Instance(device, module, stream))
         served = ServedVersion(config, version, model, instances, self._forward)
         for request in config.warmup:
@@ -383,6 +429,14 @@ class ModelRegistry:
         return list(dict.fromkeys(devices))
 
 
+def instance_stream(device: torch.device) -> Any:
+    """A stream for an instance on ``device``: from torch's pool of default priority.
+    Staging takes its streams from the high-priority pool (``device.staging``), a
+    different set of streams, so that a stager never shares a stream, and its waits,
+    with a model (torch.cuda.Stream: each priority has its own round-robin pool)."""
+    return torch.cuda.Stream(device, priority=0)  # type: ignore[no-untyped-call]
+
+
 def _rows(inputs: Named[np.ndarray], config: ModelConfig) -> int:
     """Rows a request runs: its first dimension for a model with a batch dimension."""
     if config.max_batch_size > 0 and inputs and inputs[0][1].ndim > 0:
@@ -399,4 +453,12 @@ def _warmup_array(shape: tuple[int, ...], dtype: str, fill: str) -> np.ndarray:
     return np.zeros(shape, np_dtype)
 
 
-__all__ = ["FAILED", "READY", "Instance", "ModelEntry", "ModelRegistry", "ServedVersion"]
+__all__ = [
+    "FAILED",
+    "READY",
+    "Crossing",
+    "Instance",
+    "ModelEntry",
+    "ModelRegistry",
+    "ServedVersion",
+]
