@@ -158,7 +158,8 @@ class Service:
 
     def stager(self) -> Stager:
         """Where a streamed request's payloads land, within the limits."""
-        return stager_for(self.engine.device, self.limits)
+        engine = self.engine
+        return stager_for(engine.device, self.limits, engine.health)
 
     # ------------------------------------------------------------------ description
 

@@ -12,7 +12,8 @@ buffer instead of copying it again.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -20,8 +21,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tensorwire.errors import ResourceExhaustedError
 from tensorwire.wire.streaming import allocate_host
+from tensorwire_server.device.faults import DeviceHealth
 from tensorwire_server.limits import Limits
 
 #: Largest tensor staged through pinned host memory on its way to or from a GPU.
@@ -75,54 +76,104 @@ class Stager:
         """Let go of every buffer, whether the stream finished or not."""
 
 
+class CopyBatches:
+    """Which bytes of each staged buffer go to the device next, and when: a batch once
+    ``batch`` bytes have landed past the last copy (or the buffer is full), launched by
+    ``launch(index, start, stop)`` under one lock with ``close``, so that nothing is
+    launched once ``close`` has begun, and ``close`` waits for a launch under way."""
+
+    def __init__(self, launch: Callable[[int, int, int], None], batch: int = COPY_BATCH) -> None:
+        self._launch = launch
+        self.batch = batch
+        self._lock = threading.Lock()
+        self.closed = False
+        self._sizes: list[int] = []
+        self._copied: list[int] = []  # bytes of each buffer launched so far
+
+    def add(self, nbytes: int) -> None:
+        """One more buffer, ``nbytes`` long."""
+        with self._lock:
+            self._sizes.append(nbytes)
+            self._copied.append(0)
+
+    def landed(self, index: int, stop: int) -> None:
+        """Bytes up to ``stop`` of buffer ``index`` have arrived: launch a batch if due."""
+        with self._lock:
+            if self.closed:
+                return
+            done = self._copied[index]
+            if stop <= done or (stop - done < self.batch and stop < self._sizes[index]):
+                return
+            self._launch(index, done, stop)
+            self._copied[index] = stop
+
+    def close(self) -> bool:
+        """Launch nothing more; True the first time."""
+        with self._lock:
+            first, self.closed = not self.closed, True
+            return first
+
+
 class CudaStager(Stager):
     """Pinned host buffers, each copied to ``device`` on a side stream as it fills.
 
     Tensors larger than ``pinned_limit`` get pageable host memory (see PINNED_LIMIT);
     their copies still run as chunks arrive, synchronously, as the driver stages them.
+
+    ``landed`` is called from the thread that receives the payload (the data port's),
+    ``close`` from the event loop when the stream ends, however it ends: the two are
+    ordered by a lock, and nothing is copied once ``close`` has begun. CUDA errors
+    that surface here go to ``health``, the engine's (device/faults.py).
     """
 
     in_place = False
 
     def __init__(
-        self, device: torch.device, limits: Limits, pinned_limit: int = PINNED_LIMIT
+        self,
+        device: torch.device,
+        limits: Limits,
+        pinned_limit: int = PINNED_LIMIT,
+        health: DeviceHealth | None = None,
     ) -> None:
         super().__init__(limits)
         self.device = device
         self.pinned_limit = pinned_limit
-        self.stream = torch.cuda.Stream(device)  # type: ignore[no-untyped-call]
+        self.health = health or DeviceHealth(device)
+        self.stream = staging_stream(device)
+        self._batches = CopyBatches(self._launch)
         self._hosts: list[torch.Tensor] = []
         self._devices: list[torch.Tensor] = []
-        self._copied: list[int] = []  # bytes of each buffer launched to the device
         self._addresses: dict[int, torch.Tensor] = {}
 
     def allocate(self, dtype: np.dtype[Any], shape: tuple[int, ...], name: str) -> np.ndarray:
         nbytes = self.admit(dtype, shape, name)
-        try:
+        # Out of memory: RESOURCE_EXHAUSTED, the device serving on; a sticky error that
+        # surfaces here (a request before this one failed asynchronously) fails it.
+        with self.health.guard(f"staging {name!r} ({nbytes} bytes)"):
             host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=nbytes <= self.pinned_limit)
             on_device = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
-        except (RuntimeError, MemoryError):  # torch's out-of-memory errors are RuntimeErrors
-            raise ResourceExhaustedError(f"{name}: cannot allocate {nbytes} bytes") from None
         arr = host.numpy().view(dtype).reshape(shape)
+        # The buffer is known to the batches before a byte of it can land.
         self._hosts.append(host)
         self._devices.append(on_device)
-        self._copied.append(0)
         if nbytes:
             self._addresses[arr.__array_interface__["data"][0]] = on_device
+        self._batches.add(nbytes)
         return arr
 
     def landed(self, index: int, start: int, stop: int) -> None:
-        done = self._copied[index]
-        if stop <= done or (stop - done < COPY_BATCH and stop < self._hosts[index].numel()):
-            return
-        with torch.cuda.stream(self.stream):
-            self._devices[index][done:stop].copy_(self._hosts[index][done:stop], non_blocking=True)
-        self._copied[index] = stop
+        self._batches.landed(index, stop)
+
+    def _launch(self, index: int, start: int, stop: int) -> None:
+        source, target = self._hosts[index][start:stop], self._devices[index][start:stop]
+        with self.health.guard("staging a request's payload"), torch.cuda.stream(self.stream):
+            target.copy_(source, non_blocking=True)
 
     @contextmanager
     def using(self) -> Iterator[None]:
         # Work queued on this thread's stream from here on runs after the copies.
-        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        with self.health.guard("staging a request's payload"):
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
         token = _STAGED.set(self._addresses)
         try:
             yield
@@ -130,11 +181,32 @@ class CudaStager(Stager):
             _STAGED.reset(token)
 
     def close(self) -> None:
-        # A cut stream may leave copies in flight on the side stream; the caching
-        # allocators must not hand their memory to anyone before those end.
-        self.stream.synchronize()
-        self._hosts, self._devices, self._copied = [], [], []
-        self._addresses = {}
+        if not self._batches.close():
+            return
+        # From here no copy is launched (a landing on the data port's thread waited
+        # for the lock, or finds the batches closed).
+        devices = self._devices
+        self._hosts, self._devices, self._addresses = [], [], {}
+        if not devices:
+            return
+        # No wait on the host (this runs on the event loop). A cut stream may leave
+        # copies in flight on the side stream: the device buffers were allocated on
+        # the ambient stream, the only one the caching allocator reuses their blocks
+        # for, so it waits for the side stream before they are freed (PyTorch's CUDA
+        # semantics: a sync back to the creation stream, deterministic, rather than
+        # record_stream). Pinned blocks are safe already: the caching host allocator
+        # records an event on the copy's stream and reuses a block only once it passed.
+        with self.health.guard("closing a request's staging"):
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        del devices
+
+
+def staging_stream(device: torch.device) -> Any:
+    """A side stream for staging copies, from torch's high-priority pool: each
+    priority has its own round-robin pool of streams (torch.cuda.Stream), so a stager
+    never shares a stream with a model's instance (default priority), and nothing it
+    waits for is another request's model work. The copies also go ahead of kernels."""
+    return torch.cuda.Stream(device, priority=-1)  # type: ignore[no-untyped-call]
 
 
 def staged(arr: np.ndarray) -> torch.Tensor | None:
@@ -149,8 +221,9 @@ def staged(arr: np.ndarray) -> torch.Tensor | None:
     return on_device
 
 
-def stager_for(device: torch.device, limits: Limits) -> Stager:
-    """The stager a streamed request to ``device`` lands in."""
+def stager_for(device: torch.device, limits: Limits, health: DeviceHealth | None = None) -> Stager:
+    """The stager a streamed request to ``device`` lands in (its CUDA errors reported
+    to ``health``)."""
     if device.type == "cuda":
-        return CudaStager(device, limits)
+        return CudaStager(device, limits, health=health)
     return Stager(limits)
