@@ -127,14 +127,14 @@ class Service:
         self.cuda_memory = CudaSharedMemory(self.regions)
         self._engine = engine
         if engine is not None:
-            self.cuda_memory.device = engine.device
+            self.cuda_memory.device, self.cuda_memory.health = engine.device, engine.health
         #: Loads and unloads models while serving; None: this server cannot.
         self.control = control
 
     def ready(self, engine: Engine, control: ModelControl | None = None) -> None:
         """Serve with ``engine``, its models loaded, and ``control`` over them."""
         self._engine = engine
-        self.cuda_memory.device = engine.device
+        self.cuda_memory.device, self.cuda_memory.health = engine.device, engine.health
         self.control = control
 
     @property

@@ -18,9 +18,10 @@ copy can reach memory the client did not export.
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final
 
 import numpy as np
@@ -32,8 +33,11 @@ from tensorwire.errors import (
     UnimplementedError,
     shown,
 )
+from tensorwire_server.device.faults import DeviceHealth
 from tensorwire_server.device.tensors import from_numpy
 from tensorwire_server.regions.table import Placement, RegionTable
+
+log = logging.getLogger(__name__)
 
 #: Bytes in a cudaIpcMemHandle_t (CU_IPC_HANDLE_SIZE).
 HANDLE_BYTES: Final = 64
@@ -143,12 +147,35 @@ def _the_driver() -> _Driver:
         return _driver
 
 
+class Uses:
+    """The last copy each stream made to or from one region's memory, as CUDA events:
+    what must be finished before its handle may close."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._events: dict[int, Any] = {}
+
+    def record(self, stream: Any) -> None:
+        """A copy was just queued on ``stream``."""
+        event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+        event.record(stream)
+        with self._lock:
+            self._events[stream.stream_id] = event
+
+    def pending(self) -> list[Any]:
+        """The events not yet passed."""
+        with self._lock:
+            return [e for e in self._events.values() if not e.query()]
+
+
 class _DeviceMemory:
     """A client's allocation as torch imports it: tensors over it keep this object,
-    and its finalizer closes the handle once none is left (after the device has
-    finished every copy that might still read or write it)."""
+    and its finalizer closes the handle once none is left (after the copies that
+    might still read or write it are done: ``Uses``)."""
 
-    def __init__(self, driver: _Driver, address: int, length: int, device: int) -> None:
+    def __init__(
+        self, driver: _Driver, address: int, length: int, device: int, health: DeviceHealth
+    ) -> None:
         self.__cuda_array_interface__ = {
             "shape": (length,),
             "typestr": "|u1",
@@ -157,13 +184,50 @@ class _DeviceMemory:
             "strides": None,
             "stream": None,  # the caller orders its own copies (see write and read)
         }
+        self.uses = Uses()
         # Not at exit: the driver lets go of everything with the process.
-        weakref.finalize(self, _close, driver, address, device).atexit = False
+        finalizer = weakref.finalize(self, _close, driver, address, device, self.uses, health)
+        finalizer.atexit = False
 
 
-def _close(driver: _Driver, address: int, device: int) -> None:
-    torch.cuda.synchronize(device)
-    driver.close(address, device)
+def _close(driver: _Driver, address: int, device: int, uses: Uses, health: DeviceHealth) -> None:
+    """Close the handle once the copies that used the memory are done. The finalizer
+    runs on whichever thread drops the last tensor (the event loop, on Unregister), so
+    it waits for nothing there: only this region's own copies matter, not the whole
+    device's work, and if one is still running a thread waits for it instead."""
+    try:
+        pending = uses.pending()
+    except Exception as exc:  # a sticky error surfaced: the device is gone anyway
+        health.surfaced("closing a CUDA shared-memory region", exc)
+        pending = []
+    if not pending:
+        _close_now(driver, address, device)
+        return
+    threading.Thread(
+        target=_close_after,
+        args=(driver, address, device, pending, health),
+        name="tensorwire-cuda-close",
+        daemon=True,
+    ).start()
+
+
+def _close_after(
+    driver: _Driver, address: int, device: int, pending: list[Any], health: DeviceHealth
+) -> None:
+    try:
+        for event in pending:
+            event.synchronize()
+    except Exception as exc:
+        health.surfaced("closing a CUDA shared-memory region", exc)
+    finally:  # the handle closes whatever the wait said: the client's memory is theirs
+        _close_now(driver, address, device)
+
+
+def _close_now(driver: _Driver, address: int, device: int) -> None:
+    try:
+        driver.close(address, device)
+    except _DriverError as exc:
+        log.warning("closing a CUDA IPC handle on device %d failed: %s", device, exc)
 
 
 @dataclass(frozen=True)
@@ -180,6 +244,8 @@ class _CudaRegion:
     noun: ClassVar[str] = "CUDA shared-memory"
     status: CudaRegionStatus
     memory: torch.Tensor  # uint8, byte_size long, on the region's device
+    #: The copies to and from it, which its handle's close waits for.
+    uses: Uses = field(default_factory=Uses)
 
     def release(self) -> None:
         """Nothing now: the handle closes with the last tensor over the memory."""
@@ -196,6 +262,8 @@ class CudaSharedMemory:
         self.table = table
         #: The server's device, once its engine is built (Service.ready).
         self.device = torch.device("cpu")
+        #: Where CUDA errors that surface here are reported: the engine's (ready).
+        self.health = DeviceHealth(self.device)
 
     @property
     def enabled(self) -> bool:
@@ -251,10 +319,11 @@ class CudaSharedMemory:
                     f"exported allocation, which holds {length} bytes from its address"
                 )
             # From here the handle closes with the memory, once no tensor uses it.
-            memory = _DeviceMemory(driver, address, length, device_id)
-            tensor = torch.as_tensor(memory, device=torch.device("cuda", device_id))
+            memory = _DeviceMemory(driver, address, length, device_id, self.health)
+            with self.health.guard(f"region {shown(name)}"):
+                tensor = torch.as_tensor(memory, device=torch.device("cuda", device_id))
             status = CudaRegionStatus(name, device_id, byte_size)
-            self.table.add(owner, _CudaRegion(status, tensor[:byte_size]))
+            self.table.add(owner, _CudaRegion(status, tensor[:byte_size], memory.uses))
         except BaseException:
             if memory is None:  # else the memory's finalizer closes it
                 driver.close(address, device_id)
@@ -289,16 +358,21 @@ class CudaSharedMemory:
     ) -> torch.Tensor:
         """The placement's bytes as a ``dtype`` tensor of ``shape`` of the request's
         own, on the region's device."""
-        memory = self._region(owner, place, what)
-        raw = memory[place.offset : place.offset + place.byte_size].clone()
-        if dtype.kind == "b" and bool((raw > 1).any()):
+        region = self._region(owner, place, what)
+        memory = region.memory
+        with self.health.guard(what):
+            raw = memory[place.offset : place.offset + place.byte_size].clone()
+            region.uses.record(torch.cuda.current_stream(memory.device))
+            invalid = dtype.kind == "b" and bool((raw > 1).any())
+        if invalid:
             raise InvalidArgumentError(f"{what}: bool payload holds bytes other than 0 and 1")
         typed = from_numpy(np.empty(0, dtype)).dtype
         return raw.view(typed).reshape(shape)
 
     def write(self, owner: str, place: Placement, tensor: torch.Tensor, what: str) -> None:
         """Copy ``tensor``'s bytes to the placement; done when this returns."""
-        memory = self._region(owner, place, what)
+        region = self._region(owner, place, what)
+        memory = region.memory
         flat = tensor.detach().contiguous().reshape(-1)
         nbytes = flat.numel() * flat.element_size()
         if nbytes > place.byte_size:
@@ -306,17 +380,27 @@ class CudaSharedMemory:
                 f"{what} is {nbytes} bytes, more than its shared_memory_byte_size "
                 f"({place.byte_size})"
             )
-        if nbytes:
-            memory[place.offset : place.offset + nbytes].copy_(flat.view(torch.uint8))
-            # The client may read the region as soon as the answer arrives.
-            torch.cuda.synchronize(memory.device)
+        if not nbytes:
+            return
+        with self.health.guard(what):
+            # On the stream current on the region's device (an instance's, while a
+            # model's outputs are exported): it follows the work that made ``flat``.
+            stream = torch.cuda.current_stream(memory.device)
             if flat.is_cuda and flat.device != memory.device:
-                torch.cuda.synchronize(flat.device)
+                # Another GPU's tensor: the copy must follow the work that made it.
+                stream.wait_stream(torch.cuda.current_stream(flat.device))
+            with torch.cuda.stream(stream):
+                memory[place.offset : place.offset + nbytes].copy_(flat.view(torch.uint8))
+            region.uses.record(stream)
+            # The client may read the region as soon as the answer arrives: wait for
+            # this copy, not for every other request's work on the device
+            # (torch.cuda.synchronize would).
+            stream.synchronize()
 
-    def _region(self, owner: str, place: Placement, what: str) -> torch.Tensor:
+    def _region(self, owner: str, place: Placement, what: str) -> _CudaRegion:
         self._on()
         with self.table.lock:
-            return self.table.placed(_CudaRegion, owner, place, what).memory
+            return self.table.placed(_CudaRegion, owner, place, what)
 
 
 __all__ = ["CudaRegionStatus", "CudaSharedMemory"]
