@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -24,10 +25,36 @@ TOY_MODELS = {
 }
 
 
+#: The device the suite's servers run on: ``pytest --device cuda`` runs every server
+#: the fixtures start (``address``, ``start``, ``engine_server``) on the GPU; the
+#: tests that need the CPU itself (its memory limits, say) start their own.
+DEVICE = "cpu"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="the device the suite's servers run on: cpu (default), cuda or cuda:N",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global DEVICE
+    DEVICE = config.getoption("--device")
+
+
+def on_device(settings: Settings) -> Settings:
+    """``settings`` on the suite's device (``--device``) where they name the CPU."""
+    if DEVICE != "cpu" and settings.device == "cpu":
+        return replace(settings, device=DEVICE)
+    return settings
+
+
 def engine_server(engine: Engine, **settings: Any) -> Iterator[TensorwireServer]:
-    """A CPU server with ``settings`` on a free loopback port around ``engine`` (built
-    once per module: its models load once); stopped after."""
-    server = TensorwireServer(Settings(port=0, device="cpu", **settings), engine)
+    """A server on ``engine``'s device with ``settings`` on a free loopback port around
+    ``engine`` (built once per module: its models load once); stopped after."""
+    server = TensorwireServer(Settings(port=0, device=str(engine.device), **settings), engine)
     server.start()
     try:
         yield server
@@ -41,8 +68,9 @@ def server_address(server: TensorwireServer) -> str:
 
 
 def start(settings: Settings) -> Iterator[str]:
-    """Start a server with ``settings`` on a free loopback port; yield its address."""
-    server, port = create_server(settings)
+    """Start a server with ``settings`` (on the suite's device, where they name the
+    CPU) on a free loopback port; yield its address."""
+    server, port = create_server(on_device(settings))
     server.start()
     try:
         yield f"127.0.0.1:{port}"
@@ -52,7 +80,7 @@ def start(settings: Settings) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def address() -> Iterator[str]:
-    """A CPU server with the built-in models and the toy models."""
+    """A server with the built-in models and the toy models, on the suite's device."""
     yield from start(Settings(host="127.0.0.1", port=0, device="cpu", models=TOY_MODELS))
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from conftest import engine_server
+from conftest import engine_server, on_device
 from conftest import server_address as address
 
 import tensorwire as tw
@@ -45,7 +45,7 @@ same_host_only = pytest.mark.skipif(not same_host.SUPPORTED, reason="same-host: 
 
 @pytest.fixture(scope="module")
 def engine():  # type: ignore[no-untyped-def]
-    return build_engine(Settings(device="cpu"))
+    return build_engine(on_device(Settings(device="cpu")))
 
 
 #: A CPU server around the module's engine, as a context manager.

@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import pytest
 import trustme
-from conftest import engine_server
+from conftest import engine_server, on_device
 from conftest import server_address as address
 
 import tensorwire as tw
@@ -37,7 +37,7 @@ BIG = np.arange(3 << 20, dtype=np.float32).reshape(3, -1)  # 12 MiB: streamed
 
 @pytest.fixture(scope="module")
 def engine():  # type: ignore[no-untyped-def]
-    return build_engine(Settings(device="cpu"))
+    return build_engine(on_device(Settings(device="cpu")))
 
 
 def serving(engine, **settings: object) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def]

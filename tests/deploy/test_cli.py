@@ -7,6 +7,7 @@ import signal
 import subprocess
 
 import pytest
+import torch
 from support.servers import server_argv, spawn_server
 
 from tensorwire import Client
@@ -56,7 +57,9 @@ def test_settings_parse_by_type_and_check_choices() -> None:
 def test_server_command_logs_its_device_serves_and_stops_cleanly() -> None:
     with spawn_server("--device", "auto") as (proc, address, lines):
         assert address.startswith("127.0.0.1:")
-        assert any("device cpu" in line for line in lines)  # auto picks the CPU and says so
+        # auto picks the first GPU where torch sees one, else the CPU, and says so.
+        picked = "cuda:0" if torch.cuda.is_available() else "cpu"
+        assert any(f"device {picked} (" in line for line in lines), lines
         with Client(address, timeout=30) as c:
             assert "mlp" in c.info().models
         proc.send_signal(signal.SIGTERM)

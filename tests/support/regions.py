@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 import tritonclient.utils.shared_memory as shm
+from conftest import on_device
 from tritonclient.utils import InferenceServerException
 
 from support.kserve import ARRAYS
@@ -24,7 +25,7 @@ from tensorwire_server.settings import Settings
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    return build_engine(Settings(device="cpu"))
+    return build_engine(on_device(Settings(device="cpu")))
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import trustme
+from conftest import on_device
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -35,7 +36,7 @@ TIMEOUT = 10
 
 @pytest.fixture(scope="module")
 def engine():  # type: ignore[no-untyped-def]
-    return build_engine(Settings(device="cpu"))
+    return build_engine(on_device(Settings(device="cpu")))
 
 
 @pytest.fixture(scope="module")
