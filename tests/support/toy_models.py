@@ -117,3 +117,33 @@ class DeviceFailure(nn.Module):
 
 def device_failure() -> nn.Module:
     return DeviceFailure()
+
+
+class DeviceAssert(nn.Module):
+    """A real device-side assert on CUDA: an index far past the input's end, checked
+    by the gather kernel on the device (asynchronously; the context is poisoned)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[torch.full((1,), 1 << 30, dtype=torch.long, device=x.device)]
+
+
+def device_assert() -> nn.Module:
+    return DeviceAssert()
+
+
+class SlowDouble(nn.Module):
+    """2 * x, after holding its stream for about ``cycles`` GPU clock cycles (CUDA;
+    torch.cuda._sleep): a producer that finishes late, for stream-race tests."""
+
+    def __init__(self, cycles: int = 1 << 27) -> None:
+        super().__init__()
+        self.cycles = cycles
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            torch.cuda._sleep(self.cycles)
+        return x * 2
+
+
+def slow_double() -> nn.Module:
+    return SlowDouble()

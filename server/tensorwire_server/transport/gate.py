@@ -109,7 +109,7 @@ class Gate(_Interceptor):
                 pushback_ms=STARTING_PUSHBACK_MS,
             )
         if state == Lifecycle.FAILED:
-            # Not UNAVAILABLE: no retry here can succeed (engine.Engine._fail).
+            # Not UNAVAILABLE: no retry here can succeed (device.faults.DeviceHealth).
             return Reject(
                 grpc.StatusCode.INTERNAL, "the server's device failed; it must be restarted"
             )
