@@ -211,7 +211,10 @@ class DeviceHealth:
     def free_memory(self) -> int:
         """Bytes free on the device now (host memory on the CPU)."""
         if self.device.type == "cuda":
-            return int(torch.cuda.mem_get_info(self.device)[0])
+            try:
+                return int(torch.cuda.mem_get_info(self.device)[0])
+            except Exception:  # only said in a message: never fail for it
+                return 0
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
@@ -232,8 +235,14 @@ class Guard:
         if health.device.type == "cuda":
             # torch's current device is per thread; kernels launched by code that names
             # no device (a function's "cuda", a model's bare .cuda()) go to it.
-            self._device = torch.cuda.device(health.device)
-            self._device.__enter__()  # type: ignore[no-untyped-call]
+            device = torch.cuda.device(health.device)
+            try:
+                device.__enter__()  # type: ignore[no-untyped-call]
+            except Exception as exc:  # an earlier request's error surfaced here
+                if health.surfaced(self.what, exc) is Fault.STICKY:
+                    raise health.refusal(self.what) from exc
+                raise
+            self._device = device
         self._token = _SELECTED.set(health.device)
         return self
 
@@ -244,11 +253,18 @@ class Guard:
         tb: TracebackType | None,
     ) -> None:
         _SELECTED.reset(self._token)  # type: ignore[arg-type]
+        health = self.health
         if self._device is not None:
-            self._device.__exit__(None, None, None)
+            try:  # back to the thread's device; after a sticky error this may fail too
+                self._device.__exit__(None, None, None)
+            except Exception as restoring:
+                if exc is None:  # the error surfaced here: report it, then raise it
+                    if health.surfaced(self.what, restoring) is Fault.STICKY:
+                        raise health.refusal(self.what) from restoring
+                    raise
+                log.debug("%s: restoring the current device failed: %s", self.what, restoring)
         if exc is None or not isinstance(exc, Exception) or _is_ours(exc):
             return
-        health = self.health
         fault = health.surfaced(self.what, exc)
         if fault is Fault.STICKY:
             raise health.refusal(self.what) from exc
