@@ -25,13 +25,13 @@ from tensorwire_server.dataport.listener import DataPort
 from tensorwire_server.engine.engine import Engine
 from tensorwire_server.models.registry import server_devices
 from tensorwire_server.settings import Settings
-from tensorwire_server.transport.access_log import JsonFormatter
+from tensorwire_server.telemetry.access_log import JsonFormatter
+from tensorwire_server.telemetry.metrics import Metrics
 from tensorwire_server.transport.admission import Quotas
 from tensorwire_server.transport.executor import Compute
 from tensorwire_server.transport.gate import Gate
 from tensorwire_server.transport.heap import HeapTrimmer
 from tensorwire_server.transport.lifecycle import Lifecycle
-from tensorwire_server.transport.metrics import Metrics
 from tensorwire_server.transport.security import (
     Tokens,
     is_loopback,
@@ -136,6 +136,7 @@ class TensorwireServer:
         self.metrics.waiting.set_function(self.compute.waiting)
         self.metrics.sessions.set_function(self.service.sessions.count)
         self.metrics.session_bytes.set_function(self.service.sessions.bytes)
+        self.metrics.count_models(self.service.is_model)
         # tensorwire.v1 and the KServe v2 protocol, over the same service and models.
         self.servicer = TensorServicer(self.service, settings.chunk_size)
         self.inference = kserve.InferenceServicer(
