@@ -45,9 +45,11 @@ class Timeline:
     ``time.perf_counter_ns``; the batch it ran in, if any; and, where the tracer follows
     the call, the span it made at the call's start (``root``)."""
 
-    __slots__ = ("batch", "device_timing", "root", "spans")
+    __slots__ = ("batch", "device_timing", "root", "spans", "start")
 
     def __init__(self) -> None:
+        #: When the call arrived (perf_counter_ns): its record was made then.
+        self.start = time.perf_counter_ns()
         self.spans: list[tuple[str, int, int, dict[str, Any] | None]] = []
         self.batch: Batch | None = None
         #: The tracer's span for the whole call (opaque here); None: not traced.

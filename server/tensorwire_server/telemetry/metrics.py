@@ -22,6 +22,7 @@ from tensorwire_server.calls import Call
 from tensorwire_server.settings import AccessLog
 from tensorwire_server.telemetry import access_log
 from tensorwire_server.telemetry.metrics_endpoint import MetricsListener
+from tensorwire_server.telemetry.tracing import Tracer
 
 #: Latency buckets of the per-model histograms: 100 µs to 10 s.
 MODEL_BUCKETS: Final = (
@@ -34,9 +35,11 @@ class Metrics:
     """The server's Prometheus metrics, in a registry of its own (tests run several
     servers in one process)."""
 
-    def __init__(self, device: Any, access: AccessLog) -> None:
+    def __init__(self, device: Any, access: AccessLog, tracer: Tracer | None = None) -> None:
         #: Which finished calls write an access record (the setting access_log).
         self.access = access
+        #: Makes the calls' spans, where tracing is on.
+        self.tracer = tracer
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -147,6 +150,8 @@ class Metrics:
     def finish(self, call: Call, code: str) -> None:
         """Record a finished call and write its access log line."""
         seconds = time.perf_counter() - call.started
+        if self.tracer is not None:
+            self.tracer.finish(call, code)
         # Each labelled child looked up once and kept: prometheus_client's labels()
         # checks and locks on every call, a few µs per metric per request.
         children = self._children
@@ -197,6 +202,8 @@ class Metrics:
         """Count ``call`` as running until ``end``."""
         self.running.inc()
         self._live[id(call)] = call
+        if self.tracer is not None:
+            self.tracer.begin(call)
 
     def end(self, call: Call) -> None:
         """``call`` no longer runs."""
@@ -232,6 +239,9 @@ class Metrics:
         if self._http is not None:
             self._http.close()
             self._http = None
+        if self.tracer is not None:
+            self.tracer.close()
+            self.tracer = None
 
 
 class _ModelsInFlight(Collector):

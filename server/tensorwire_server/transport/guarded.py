@@ -171,7 +171,6 @@ def guarded(gate: Gatekeeper, method: str, handler: Handler) -> Handler:
     async def start(context: Context) -> _Run:
         """Admit the call, and start its record; abort it if it may not run."""
         arrived = time.monotonic()
-        arrived_ns = time.perf_counter_ns()
         call, reject = gate.admit(method, scope, context)
         pair = ((REQUEST_ID_KEY, call.request_id),)
         if streams:  # a streaming client has the id before the end
@@ -202,7 +201,7 @@ def guarded(gate: Gatekeeper, method: str, handler: Handler) -> Handler:
             else:
                 run.keys = entered
         await check(run, reject, context)
-        call.timeline.add(timeline.GATE, arrived_ns, time.perf_counter_ns())
+        call.timeline.add(timeline.GATE, call.timeline.start, time.perf_counter_ns())
         return run
 
     async def check(run: _Run, reject: Reject | None, context: Context) -> None:
