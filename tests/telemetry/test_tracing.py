@@ -219,3 +219,26 @@ def test_a_client_that_does_not_trace_never_imports_opentelemetry(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_a_bulk_call_traces_its_transfers(traced: tuple[Receiver, str, str]) -> None:
+    """A large payload's trip beside gRPC (the data port, or shared memory on the same
+    host) is a span of its call, each way."""
+    receiver, address, endpoint = traced
+    provider, tracer = client_tracer(endpoint)
+    x = np.ones(2 << 20, np.float32)  # 8 MiB: past the client's stream threshold
+    with tw.Client(address, timeout=60) as client, tracer.start_as_current_span("bulk") as span:
+        client.infer("identity", {"input": x})
+    provider.shutdown()
+    trace_id = f"{span.get_span_context().trace_id:032x}"
+
+    def transfers(spans: list[Span]) -> list[Span]:
+        return [s for s in spans_of(spans, trace_id) if s.name == "transfer"]
+
+    spans = receiver.wait_for(lambda spans: len(transfers(spans)) >= 2)
+    found = {
+        (s.attributes["tensorwire.direction"], s.attributes["tensorwire.bytes"])
+        for s in transfers(spans)
+    }
+    assert found == {("in", x.nbytes), ("out", x.nbytes)}
+    assert {s.attributes["tensorwire.path"] for s in transfers(spans)} <= {"tcp", "shared_memory"}

@@ -18,7 +18,7 @@ from google.protobuf.message import Message
 
 import tensorwire_server
 from tensorwire.errors import InvalidArgumentError, TensorwireError, shown
-from tensorwire_server import calls
+from tensorwire_server import calls, timeline
 from tensorwire_server.core.service import Caller, Service
 from tensorwire_server.engine.engine import Inference
 from tensorwire_server.kserve import codec, describe
@@ -285,7 +285,8 @@ class InferenceServicer:
         regions: Regions,
     ) -> codec.Answer:
         outputs = inference.outputs
-        answer = codec.answer(message, inference.version, outputs, wanted, regions.write)
+        with timeline.phase(timeline.ENCODE):
+            answer = codec.answer(message, inference.version, outputs, wanted, regions.write)
         call = calls.current()
         if call is not None:
             call.batch = inference.batch

@@ -12,7 +12,7 @@ from google.protobuf.message import Message
 from tensorwire.errors import InvalidArgumentError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.codec import Encoder, Received
-from tensorwire_server import calls
+from tensorwire_server import calls, timeline
 from tensorwire_server.core.service import Caller, Service
 from tensorwire_server.dataport.listener import DataPort
 from tensorwire_server.engine.engine import Inference
@@ -335,8 +335,9 @@ def _inferred(message: pb.InferRequest, inference: Inference) -> Encoder[pb.Infe
     if call is not None:
         call.batch = inference.batch
         call.version = inference.version
-    encoder = Encoder(pb.InferResponse(model=message.model, version=inference.version))
-    named_to_wire(encoder, encoder.message.outputs, inference.outputs)
+    with timeline.phase(timeline.ENCODE):
+        encoder = Encoder(pb.InferResponse(model=message.model, version=inference.version))
+        named_to_wire(encoder, encoder.message.outputs, inference.outputs)
     return encoder
 
 
