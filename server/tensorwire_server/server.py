@@ -312,6 +312,7 @@ class TensorwireServer:
         """Serve requests with ``engine``: models loaded and warm."""
         self.service.ready(engine, ModelControl(engine, self.settings))
         self.metrics.memory.device = engine.device
+        self.metrics.count_gpus(engine.registry.devices)
         if self.metrics.tracer is not None:
             self.metrics.tracer.device = str(engine.device)
         engine.on_device_failure = lambda _: self.lifecycle.move(Lifecycle.FAILED)

@@ -116,3 +116,34 @@ def test_requests_in_flight_are_counted_per_model(observed: tuple[str, int]) -> 
         slow.join(30)
     assert seen == 1
     assert in_flight() == 0
+
+
+def test_a_cpu_server_reports_no_gpu_series(observed: tuple[str, int]) -> None:
+    """GPU utilisation and memory come from NVML on a GPU server; on the CPU they are
+    absent, not zeros."""
+    _, port = observed
+    assert not [name for name, _ in samples(port) if name.startswith("tensorwire_gpu_")]
+
+
+@pytest.mark.cuda
+def test_a_gpu_server_reports_each_gpus_utilisation_and_memory() -> None:
+    settings = Settings(port=0, device="cuda", metrics_port=0)
+    server = TensorwireServer(settings, build_engine(settings))
+    server.start()
+    try:
+        assert server.metrics_port
+        found = samples(server.metrics_port)
+    finally:
+        server.stop(None)
+    devices = {
+        dict(labels)["device"] for name, labels in found if name.startswith("tensorwire_gpu_")
+    }
+    assert devices and all(d.startswith("cuda:") for d in devices)
+    for device in devices:
+        labels = (("device", device),)
+        assert 0 <= found[("tensorwire_gpu_utilization_ratio", labels)] <= 1
+        assert found[("tensorwire_gpu_memory_used_bytes", labels)] > 0
+        assert (
+            found[("tensorwire_gpu_memory_used_bytes", labels)]
+            <= found[("tensorwire_gpu_memory_total_bytes", labels)]
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 import torch
@@ -21,6 +21,7 @@ from tensorwire_server import timeline
 from tensorwire_server.calls import Call
 from tensorwire_server.settings import AccessLog
 from tensorwire_server.telemetry import access_log
+from tensorwire_server.telemetry.devices import GpuCollector
 from tensorwire_server.telemetry.metrics_endpoint import MetricsListener
 from tensorwire_server.telemetry.tracing import Tracer
 
@@ -146,6 +147,7 @@ class Metrics:
         self.memory = _DeviceMemory(device)
         r.register(self.memory)
         self._http: MetricsListener | None = None  # the HTTP endpoint, once served
+        self._gpus: GpuCollector | None = None
 
     def finish(self, call: Call, code: str) -> None:
         """Record a finished call and write its access log line."""
@@ -214,6 +216,15 @@ class Metrics:
         """Report the calls running per model (``is_model`` tells a model's name from a
         function's), counted at each scrape from the calls running."""
         self.registry.register(_ModelsInFlight(self._live, is_model))
+
+    def count_gpus(self, devices: Sequence[Any]) -> None:
+        """Report the utilisation and memory of the GPUs among ``devices``, where NVML
+        answers (telemetry.devices); nothing on a CPU server."""
+        if self._gpus is not None:
+            return
+        self._gpus = GpuCollector.open(devices)
+        if self._gpus is not None:
+            self.registry.register(self._gpus)
 
     def count_data_port(self, totals: Callable[[], dict[str, tuple[int, int]]]) -> None:
         """Count the data port's transfers and payload bytes per path, read from
