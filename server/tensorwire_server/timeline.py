@@ -26,6 +26,8 @@ BACKWARD: Final = "backward"
 DOWNLOAD: Final = "device_to_host"
 TRANSFER: Final = "transfer"  # bulk bytes over the data port or a same-host segment
 ENCODE: Final = "encode"  # the response message built
+#: The attribute that carries a phase's CUDA events (start, end), for the tracer.
+EVENTS: Final = "_cuda_events"
 #: The phases the per-model compute time adds up.
 COMPUTE: Final = (FORWARD, BACKWARD)
 
@@ -72,6 +74,9 @@ class Timeline:
 
 
 _CURRENT: ContextVar[Timeline | None] = ContextVar("timeline", default=None)
+#: The timelines a batch's forward pass records into (set while it runs): every
+#: request in the batch, whichever request's thread leads it.
+_GROUP: ContextVar[list[Timeline] | None] = ContextVar("timelines", default=None)
 
 
 def current() -> Timeline | None:
@@ -89,34 +94,75 @@ def deactivate(token: Token[Timeline | None]) -> None:
     _CURRENT.reset(token)
 
 
-class phase:
-    """Record the block as phase ``name`` of the current call's timeline (of
-    ``timelines`` instead, when given: a batch's forward pass belongs to every request
-    in it). Outside a call it records nothing and costs a context-variable read."""
+class grouped:
+    """Within the block, phases record into ``timelines`` (a batch's requests) instead
+    of the current call's: ``with timeline.grouped(members): ...``."""
 
-    __slots__ = ("attributes", "name", "start", "timelines")
+    __slots__ = ("timelines", "token")
+
+    def __init__(self, timelines: list[Timeline]) -> None:
+        self.timelines = timelines
+        self.token: Token[list[Timeline] | None] | None = None
+
+    def __enter__(self) -> None:
+        self.token = _GROUP.set(self.timelines)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.token is not None:
+            _GROUP.reset(self.token)
+
+
+class phase:
+    """Record the block as phase ``name`` of the current call's timeline (of a batch's
+    requests, within ``grouped``): ``with timeline.phase(FORWARD): ...``. Outside a
+    call it records nothing and costs two context-variable reads.
+
+    Given the ``device`` the block works on, and where a timeline asks for device
+    timing (a traced call on CUDA), the block is also timed by CUDA events on the
+    current stream: a kernel launch returns before the device has run it. The events
+    ride in the phase's attributes (``EVENTS``) for the tracer, which reads them once
+    the call is over."""
+
+    __slots__ = ("attributes", "device", "events", "name", "start", "timelines")
 
     def __init__(
-        self,
-        name: str,
-        attributes: dict[str, Any] | None = None,
-        timelines: list[Timeline] | None = None,
+        self, name: str, attributes: dict[str, Any] | None = None, device: Any = None
     ) -> None:
         self.name = name
         self.attributes = attributes
+        timelines = _GROUP.get()
         if timelines is None:
             found = _CURRENT.get()
             timelines = [found] if found is not None else []
         self.timelines = timelines
+        self.device = device
+        self.events: tuple[Any, Any] | None = None
         self.start = 0
 
     def __enter__(self) -> phase:
         if self.timelines:
+            device = self.device
+            if (
+                device is not None
+                and device.type == "cuda"
+                and any(t.device_timing for t in self.timelines)
+            ):
+                import torch  # the device's package has it loaded already
+
+                self.events = (
+                    torch.cuda.Event(enable_timing=True),  # type: ignore[no-untyped-call]
+                    torch.cuda.Event(enable_timing=True),  # type: ignore[no-untyped-call]
+                )
+                self.events[0].record()
             self.start = time.perf_counter_ns()
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self.timelines:
             end = time.perf_counter_ns()
+            attributes = self.attributes
+            if self.events is not None:
+                self.events[1].record()
+                attributes = {**(attributes or {}), EVENTS: self.events}
             for timeline in self.timelines:
-                timeline.spans.append((self.name, self.start, end, self.attributes))
+                timeline.spans.append((self.name, self.start, end, attributes))

@@ -90,7 +90,9 @@ def test_a_traced_call_is_one_trace_from_the_caller_through_each_phase(
     assert root.status != 2
     phases = [s for s in spans_of(spans, trace_id) if s.parent == root.span_id]
     names = {s.name for s in phases}
-    assert {"gate", "batch", "forward"} <= names, names
+    assert {"gate", "batch", "host_to_device", "forward", "device_to_host", "encode"} <= names, (
+        names
+    )
     for phase in phases:  # each phase within the call
         assert root.start <= phase.start <= phase.end <= root.end, phase
     # One trace: the caller's span, the server's, and the server's phases, nothing else.
@@ -242,3 +244,36 @@ def test_a_bulk_call_traces_its_transfers(traced: tuple[Receiver, str, str]) -> 
     }
     assert found == {("in", x.nbytes), ("out", x.nbytes)}
     assert {s.attributes["tensorwire.path"] for s in transfers(spans)} <= {"tcp", "shared_memory"}
+
+
+def test_a_gradient_call_traces_its_backward_pass(traced: tuple[Receiver, str, str]) -> None:
+    receiver, address, endpoint = traced
+    provider, tracer = client_tracer(endpoint)
+    with tw.Client(address, timeout=30) as client, tracer.start_as_current_span("grad") as span:
+        x = np.ones((2, 16), np.float32)
+        client.grad("mlp", {"input": x}, grad_outputs=np.ones((2, 4), np.float32))
+    provider.shutdown()
+    trace_id = f"{span.get_span_context().trace_id:032x}"
+
+    def names(spans: list[Span]) -> set[str]:
+        return {s.name for s in spans_of(spans, trace_id)}
+
+    spans = receiver.wait_for(lambda spans: "backward" in names(spans))
+    assert {"Grad", "forward", "backward"} <= names(spans)
+    (forward,) = [s for s in spans_of(spans, trace_id) if s.name == "forward"]
+    (backward,) = [s for s in spans_of(spans, trace_id) if s.name == "backward"]
+    assert forward.end <= backward.start
+
+
+@pytest.mark.cuda
+def test_on_cuda_compute_and_copies_are_timed_on_the_device() -> None:
+    with (
+        otlp_receiver() as (receiver, endpoint),
+        spawn_server("--device", "cuda", env=tracing_env(endpoint)) as (_, address, _),
+    ):
+        with tw.Client(address, timeout=60) as client:
+            client.infer("mlp", {"input": np.ones((64, 16), np.float32)})
+        spans = receiver.wait_for(lambda spans: any(s.name == "forward" for s in spans), seconds=30)
+    timed = {s.name: s.attributes.get("tensorwire.timing") for s in spans if s.service == SERVER}
+    assert timed.get("forward") == "device"
+    assert timed.get("host_to_device") == "device"

@@ -300,17 +300,16 @@ class Batcher(Generic[I]):
         timelines = _joined(batch, rows)
         results: list[Named[np.ndarray] | BaseException] | None
         try:
-            if len(batch) == 1:
-                with timeline.phase(timeline.FORWARD, timelines=timelines):
+            # The pass's phases (copies, forward) belong to every request in it.
+            with timeline.grouped(timelines):
+                if len(batch) == 1:
                     results = [self.execute(instance, batch[0].inputs)]
-            else:
-                stacked = [
-                    (name, np.concatenate([p.inputs[i][1] for p in batch]))
-                    for i, (name, _) in enumerate(batch[0].inputs)
-                ]
-                with timeline.phase(timeline.FORWARD, timelines=timelines):
-                    outputs = self.execute(instance, stacked)
-                results = list(_split(outputs, batch, rows))
+                else:
+                    stacked = [
+                        (name, np.concatenate([p.inputs[i][1] for p in batch]))
+                        for i, (name, _) in enumerate(batch[0].inputs)
+                    ]
+                    results = list(_split(self.execute(instance, stacked), batch, rows))
         except (*_OWN_ERRORS, _SplitError) as exc:
             # Alone, the request's own error. In a batch, somebody's inputs broke it (or
             # its outputs cannot be split): run the requests one by one to find whose.
@@ -330,7 +329,7 @@ class Batcher(Generic[I]):
             result: Named[np.ndarray] | BaseException
             alone = [pending.timeline] if pending.timeline is not None else []
             try:
-                with timeline.phase(timeline.FORWARD, timelines=alone):
+                with timeline.grouped(alone):
                     result = self.execute(instance, pending.inputs)
             except Exception as exc:
                 result = exc

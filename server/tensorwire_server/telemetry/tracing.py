@@ -23,7 +23,7 @@ from typing import Any, Final
 import grpc
 
 from tensorwire_server.calls import Call
-from tensorwire_server.timeline import BATCH
+from tensorwire_server.timeline import BATCH, EVENTS
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,13 @@ class Tracer:
                     for member in batch.members
                     if member is not timeline and member.root is not None
                 )
+            if attributes is not None and EVENTS in attributes:
+                # Timed on the device: from the launch, as long as the device took.
+                attributes = dict(attributes)
+                first, last = attributes.pop(EVENTS)
+                last.synchronize()  # done long ago: the call's results came back
+                end = start + int(first.elapsed_time(last) * 1e6)
+                attributes["tensorwire.timing"] = "device"
             span = self.tracer.start_span(
                 name, context=context, start_time=epoch + start, attributes=attributes, links=links
             )
