@@ -30,12 +30,15 @@ JOB = "tensorwire"
 def prometheus_binary() -> str:
     """The ``prometheus`` binary ($TENSORWIRE_PROMETHEUS, else on PATH, else Debian's);
     skips the test, saying why, where there is none."""
-    found = (
-        os.environ.get("TENSORWIRE_PROMETHEUS")
-        or shutil.which("prometheus")
-        or ("/usr/bin/prometheus" if os.access("/usr/bin/prometheus", os.X_OK) else None)
-    )
-    if not found:
+    named = os.environ.get("TENSORWIRE_PROMETHEUS")
+    if named:
+        if not os.access(named, os.X_OK):
+            pytest.skip(f"TENSORWIRE_PROMETHEUS={named} is not an executable file")
+        return named
+    found = shutil.which("prometheus")
+    if found is None and os.access("/usr/bin/prometheus", os.X_OK):
+        found = "/usr/bin/prometheus"
+    if found is None:
         pytest.skip(
             "the prometheus binary is not installed (Debian/Ubuntu: apt-get install "
             "prometheus; or set TENSORWIRE_PROMETHEUS): the dashboard's queries are unchecked"
