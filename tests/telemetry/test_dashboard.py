@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from support.deploy_files import run, tool
 from support.prometheus import JOB, Prometheus, QueryError, running_prometheus
@@ -226,6 +227,7 @@ def test_every_panel_query_answers_from_a_real_prometheus(
             at = time.time()
             values = resolve_variables(dashboard, prometheus, since)
             failures, report = evaluate(panels, values, prometheus, at, on_gpu)
+            failures += scaling_signals(prometheus, at)
         finally:
             stop.set()
             for worker in workers:
@@ -293,6 +295,34 @@ def evaluate(
             elif not finite:
                 failures.append(f"{where}: only NaN\n    {expr}")
     return failures, report
+
+
+def scaling_signals(prometheus: Prometheus, at: float) -> list[str]:
+    """The autoscalers' queries (deploy/kustomize: prometheus-adapter's rule for the
+    HPA, KEDA's trigger) answer from the same Prometheus: one finite value each. The
+    cluster's namespace and pod labels become this scrape's job and instance."""
+    components = DASHBOARD.parents[2] / "deploy" / "kustomize" / "components"
+    rules = yaml.safe_load((components / "hpa" / "adapter-rules.yaml").read_text())
+    (rule,) = yaml.safe_load(rules["data"]["config.yaml"])["rules"]
+    adapter = (
+        rule["metricsQuery"]
+        .replace("<<.LabelMatchers>>", f'job="{JOB}"')
+        .replace("<<.GroupBy>>", "instance")
+    )
+    scaled = yaml.safe_load((components / "keda" / "scaledobject.yaml").read_text())
+    keda = re.sub(
+        r'namespace="[^"]*"', f'job="{JOB}"', scaled["spec"]["triggers"][0]["metadata"]["query"]
+    )
+    failures = []
+    for name, expr in (("prometheus-adapter rule", adapter), ("KEDA trigger", keda)):
+        try:
+            result = prometheus.query(expr, at)
+        except QueryError as exc:
+            failures.append(f"{name}: {exc}\n    {expr}")
+            continue
+        if len(result) != 1 or not math.isfinite(float(result[0]["value"][1])):
+            failures.append(f"{name}: not one finite value: {result}\n    {expr}")
+    return failures
 
 
 def test_every_exported_metric_is_on_the_dashboard(server: TensorwireServer) -> None:
