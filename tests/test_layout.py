@@ -27,7 +27,7 @@ SERVICERS = ("tensorwire_server.v1.servicer", "tensorwire_server.kserve.servicer
 #: The most hand-written modules one folder of the server may hold.
 MAX_MODULES = 12
 #: The server's shared vocabulary: modules at its root that any package may import.
-SHARED = ("settings", "limits", "named", "identities")
+SHARED = ("settings", "limits", "named", "identities", "calls", "timeline")
 #: What each server package may import of the others (each package's docstring says
 #: why); the shared modules above are allowed to all, and the root's other modules
 #: (server, the composition root; cli; probe) to none.
@@ -37,7 +37,8 @@ LAYERS: dict[str, set[str]] = {
     "engine": {"models", "device"},
     "regions": {"device"},
     "core": {"engine", "models", "regions", "device"},
-    "transport": set(),
+    "telemetry": set(),
+    "transport": {"telemetry"},
     "dataport": {"regions"},
     "v1": {"core", "transport", "dataport", "engine", "models"},
     "kserve": {"core", "transport", "engine", "models", "regions", "device"},

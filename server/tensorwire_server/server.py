@@ -25,13 +25,15 @@ from tensorwire_server.dataport.listener import DataPort
 from tensorwire_server.engine.engine import Engine
 from tensorwire_server.models.registry import server_devices
 from tensorwire_server.settings import Settings
-from tensorwire_server.transport.access_log import JsonFormatter
+from tensorwire_server.telemetry import tracing
+from tensorwire_server.telemetry.access_log import JsonFormatter
+from tensorwire_server.telemetry.metrics import Metrics
+from tensorwire_server.telemetry.tracing import Tracer
 from tensorwire_server.transport.admission import Quotas
 from tensorwire_server.transport.executor import Compute
 from tensorwire_server.transport.gate import Gate
 from tensorwire_server.transport.heap import HeapTrimmer
 from tensorwire_server.transport.lifecycle import Lifecycle
-from tensorwire_server.transport.metrics import Metrics
 from tensorwire_server.transport.security import (
     Tokens,
     is_loopback,
@@ -119,7 +121,9 @@ class TensorwireServer:
         tokens = Tokens.load(settings.tokens_file, settings.tokens)
         #: What both services do, over the engine once ``ready`` gives it.
         self.service = Service(settings)
-        self.metrics = Metrics(engine.device if engine is not None else None, settings.access_log)
+        self.metrics = Metrics(
+            engine.device if engine is not None else None, settings.access_log, _tracer()
+        )
         #: Gives freed memory back to the OS whenever the server goes idle.
         self.heap = HeapTrimmer(release=[self.service.copies.release_idle])
         self.gate = Gate(
@@ -136,6 +140,7 @@ class TensorwireServer:
         self.metrics.waiting.set_function(self.compute.waiting)
         self.metrics.sessions.set_function(self.service.sessions.count)
         self.metrics.session_bytes.set_function(self.service.sessions.bytes)
+        self.metrics.count_models(self.service.is_model)
         # tensorwire.v1 and the KServe v2 protocol, over the same service and models.
         self.servicer = TensorServicer(self.service, settings.chunk_size)
         self.inference = kserve.InferenceServicer(
@@ -307,6 +312,9 @@ class TensorwireServer:
         """Serve requests with ``engine``: models loaded and warm."""
         self.service.ready(engine, ModelControl(engine, self.settings))
         self.metrics.memory.device = engine.device
+        self.metrics.count_gpus(engine.registry.devices)
+        if self.metrics.tracer is not None:
+            self.metrics.tracer.device = str(engine.device)
         engine.on_device_failure = lambda _: self.lifecycle.move(Lifecycle.FAILED)
         self.lifecycle.move(Lifecycle.SERVING)
 
@@ -390,3 +398,18 @@ def serve(settings: Settings) -> None:
     log.info("stopping: finishing in-flight requests (up to %g s)", settings.shutdown_grace)
     server.stop(settings.shutdown_grace)
     log.info("stopped")
+
+
+def _tracer() -> Tracer | None:
+    """The tracer the ``OTEL_*`` variables ask for (telemetry.tracing), if any."""
+    if not tracing.wanted():
+        return None
+    try:
+        return Tracer("cpu")  # the engine's device, once it has one (ready)
+    except ImportError as exc:
+        log.warning(
+            "OTEL_* asks for traces, but OpenTelemetry is not installed (%s): install "
+            "tensorwire-server[tracing]; serving without traces",
+            exc,
+        )
+        return None

@@ -264,7 +264,7 @@ def test_a_cancelled_call_leaves_no_segment_behind(server: TensorwireServer) -> 
 
     async def main() -> None:
         async with tw.AsyncClient(address(server), timeout=TIMEOUT, stream_threshold=0) as c:
-            call = asyncio.ensure_future(c.infer("sleeper", np.float64(1.5)))
+            call = asyncio.ensure_future(c.infer("sleeper", np.float64(5.0)))
             assert await asyncio.to_thread(settles, lambda: bool(memfds().since(before).mapped), 10)
             call.cancel()
             with pytest.raises(asyncio.CancelledError):

@@ -30,6 +30,8 @@ def manifests() -> dict[str, dict[str, Any]]:
     """Every object under deploy/kubernetes, by kind."""
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(KUBERNETES.glob("*.yaml")):
+        if path.name == "kustomization.yaml":  # the base of deploy/kustomize, not an object
+            continue
         for document in yaml.safe_load_all(path.read_text()):
             assert document["kind"] not in found, f"two {document['kind']}s"
             found[document["kind"]] = document

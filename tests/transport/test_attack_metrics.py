@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
-from tensorwire_server.transport import metrics_endpoint
+from tensorwire_server.telemetry import metrics_endpoint
 
 FLOOD = 500
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from tensorwire import DeadlineExceededError
-from tensorwire_server.transport import calls
+from tensorwire_server import calls
 from tensorwire_server.transport.executor import PROBE_EVERY, Compute
 
 

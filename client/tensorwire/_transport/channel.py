@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import grpc
 
@@ -145,3 +146,26 @@ def client_security(
             )
         metadata = SecretMetadata((("authorization", f"Bearer {token}"),))
     return credentials, options, metadata
+
+
+def with_trace_context(metadata: tuple[tuple[str, str], ...] | None) -> Any:
+    """``metadata`` with the caller's W3C trace context (``traceparent``,
+    ``tracestate``) added, when the caller traces with OpenTelemetry and a span is
+    active. A caller who never imported OpenTelemetry pays a dictionary lookup: this
+    neither imports it nor needs it installed."""
+    if "opentelemetry.trace" not in sys.modules:
+        return metadata
+    from opentelemetry import propagate  # the caller's own, configured by the caller
+
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    if not carrier:
+        return metadata
+    added = tuple((key, value) for key, value in carrier.items() if key in _TRACE_KEYS)
+    if isinstance(metadata, SecretMetadata):
+        return SecretMetadata(metadata + added)
+    return (metadata or ()) + added
+
+
+#: The W3C trace-context keys carried; a propagator's others (baggage) stay home.
+_TRACE_KEYS: Final = frozenset({"traceparent", "tracestate"})

@@ -20,7 +20,13 @@ from google.protobuf.message import Message
 
 from tensorwire._flow import Route, Send
 from tensorwire._transport.calls import CallState, Reporter
-from tensorwire._transport.channel import CLIENT_OPTIONS, Pem, client_security, read_pem
+from tensorwire._transport.channel import (
+    CLIENT_OPTIONS,
+    Pem,
+    client_security,
+    read_pem,
+    with_trace_context,
+)
 from tensorwire._transport.dataport import DataRoute, DataRoutes, tls_context
 from tensorwire._transport.methods import METHODS, RESPONSES, STREAMED, method_path
 from tensorwire._transport.status import DEFAULT_RETRIES, status_code
@@ -241,7 +247,7 @@ class Transport:
             deadline,
             streamed,
             methods=route.methods,
-            metadata=route.metadata,
+            metadata=with_trace_context(route.metadata),
             idempotent=idempotent,
         )
 

@@ -152,6 +152,11 @@ class Service:
         known = name in engine.registry or (functions and name in engine.functions)
         return name if known or not name else "unknown"
 
+    def is_model(self, name: str) -> bool:
+        """Whether ``name`` is a model the server serves (False while none is loaded)."""
+        engine = self._engine
+        return engine is not None and name in engine.registry
+
     def batched(self, model: str) -> bool:
         """Whether requests to ``model`` (any version of it) may be batched together."""
         return self.engine.registry.batched(model)

@@ -37,12 +37,10 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 
-from tensorwire.errors import InvalidArgumentError
 from tensorwire.wire import dataport
 from tensorwire.wire.dataport import (
     ACCEPTED,
     MAX_SEGMENTS,
-    OUTPUTS_MAGIC,
     REQUEST,
     REQUEST_MAGIC,
     RESPONSE,
@@ -50,9 +48,11 @@ from tensorwire.wire.dataport import (
     SHARED_MAGIC,
 )
 from tensorwire.wire.streaming import StreamReceiver
+from tensorwire_server import timeline
 from tensorwire_server.dataport import same_host as segments
 from tensorwire_server.dataport.budgets import Budget, Connection, Slots
 from tensorwire_server.regions.copies import Copies
+from tensorwire_server.timeline import TRANSFER, Timeline
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,19 @@ class Transfer:
     sock: socket.socket | None = None
     #: The caller whose transfer slot it holds; None once given back (``revoke``).
     holder: str | None = None
+    #: The call's timeline (the ticket is issued in the call): its transfers go in it.
+    timeline: Timeline | None = field(default_factory=timeline.current)
+
+    def record(self, path: str, direction: str, start: int, moved: int) -> None:
+        """Record a transfer from ``start`` (perf_counter_ns) until now in the call's
+        timeline."""
+        if self.timeline is not None:
+            attributes = {
+                "tensorwire.path": path,
+                "tensorwire.direction": direction,
+                "tensorwire.bytes": moved,
+            }
+            self.timeline.add(TRANSFER, start, time.perf_counter_ns(), attributes)
 
     def abandon(self) -> None:
         """The call ended without an answer (failed, cancelled, past its deadline):
@@ -333,6 +346,7 @@ class DataPort:
             return False  # anything but a live ticket: dropped, nothing allocated
         sock.settimeout(transfer.stall_seconds)
         transfer.sock = sock
+        began = time.perf_counter_ns()
         try:
             sock.sendall(ACCEPTED)
             transfer.receiver.fill(sock.recv_into)
@@ -341,10 +355,12 @@ class DataPort:
             return False
         finally:
             transfer.sock = None
+        transfer.record("tcp", "in", began, transfer.receiver.total)
         _settle(transfer.arrived)
         payloads = transfer._take_reply()  # the handler always answers (finally)
         if payloads is None:
             return False
+        began = time.perf_counter_ns()
         try:
             total = sum(p.nbytes for p in payloads)
             dataport.send_all(sock, RESPONSE.pack(RESPONSE_MAGIC, total), payloads)
@@ -356,6 +372,7 @@ class DataPort:
         # Counted before the handler hears of it: the call ends (and its client may read
         # the metrics) only after that.
         self._count("tcp", transfer.receiver.total + total)
+        transfer.record("tcp", "out", began, total)
         _settle(transfer.sent)
         return True
 
@@ -386,18 +403,21 @@ class DataPort:
                 return False  # anything but a live ticket: dropped, nothing read
             sock.settimeout(transfer.stall_seconds)
             inputs = len(fds)
+            began = time.perf_counter_ns()
             try:
                 _place(transfer, fds, self.copies)
             except BaseException as exc:  # the handler reports it
                 _settle(transfer.arrived, _untraced(exc))
                 return False
+        transfer.record("shared_memory", "in", began, transfer.receiver.total)
         _settle(transfer.arrived)
         try:
             sock.sendall(ACCEPTED)
             payloads = transfer._take_reply()  # the handler always answers (finally)
             if payloads is None:
                 return False
-            fds = _outputs(sock, sum(1 for p in payloads if p.nbytes))
+            fds = segments.receive_outputs(sock, sum(1 for p in payloads if p.nbytes))
+            began = time.perf_counter_ns()
             with segments.closing(fds):
                 written = segments.write_outputs(fds, payloads, mappings, self.copies)
             del payloads
@@ -405,6 +425,7 @@ class DataPort:
             _settle(transfer.sent, _untraced(exc))
             return False
         self._count("shared_memory", transfer.receiver.total + written)
+        transfer.record("shared_memory", "out", began, written)
         _settle(transfer.sent)
         # The server holds none of the client's input segments (it copied them): the
         # client may reuse every one (a zero byte each; the format keeps the flags).
@@ -416,25 +437,6 @@ class DataPort:
         counts = self.moved[path]
         counts[0] += 1
         counts[1] += moved
-
-
-def _outputs(sock: socket.socket, wanted: int) -> list[int]:
-    """The descriptors of the response's segments: ``wanted`` of them, in as many
-    OUTPUTS messages as it takes (each carries MAX_SEGMENTS at most)."""
-    fds: list[int] = []
-    try:
-        while True:
-            message, more, flags, _ = socket.recv_fds(sock, len(OUTPUTS_MAGIC), MAX_SEGMENTS)
-            fds += more
-            if message != OUTPUTS_MAGIC or flags & socket.MSG_CTRUNC:
-                raise InvalidArgumentError(
-                    "shared memory: the client did not send the response's segments"
-                )
-            if len(fds) >= wanted:
-                return fds
-    except BaseException:
-        with segments.closing(fds):
-            raise
 
 
 def _place(transfer: Transfer, fds: list[int], copies: Copies) -> None:

@@ -36,6 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Final
 
 from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
+from tensorwire.wire.dataport import MAX_SEGMENTS, OUTPUTS_MAGIC
 from tensorwire_server.regions.copies import Copies, Window
 
 #: Whether this platform can serve same-host transfers: Linux's abstract Unix
@@ -255,3 +256,22 @@ def _paired(
             f"shared memory: {len(fds)} segments for a {what} of {len(given)} payloads"
         )
     return list(zip(fds, given, strict=True))
+
+
+def receive_outputs(sock: socket.socket, wanted: int) -> list[int]:
+    """The descriptors of the response's segments: ``wanted`` of them, in as many
+    OUTPUTS messages as it takes (each carries MAX_SEGMENTS at most)."""
+    fds: list[int] = []
+    try:
+        while True:
+            message, more, flags, _ = socket.recv_fds(sock, len(OUTPUTS_MAGIC), MAX_SEGMENTS)
+            fds += more
+            if message != OUTPUTS_MAGIC or flags & socket.MSG_CTRUNC:
+                raise InvalidArgumentError(
+                    "shared memory: the client did not send the response's segments"
+                )
+            if len(fds) >= wanted:
+                return fds
+    except BaseException:
+        with closing(fds):
+            raise

@@ -26,6 +26,7 @@ from tensorwire.errors import (
     shown,
 )
 from tensorwire.wire.dtypes import WIRE_BY_NAME
+from tensorwire_server import timeline
 from tensorwire_server.device.faults import DeviceHealth, Fault, Guard, classify
 from tensorwire_server.device.tensors import dtype_name, is_differentiable, to_device, to_numpy
 from tensorwire_server.engine.binding import (
@@ -193,15 +194,21 @@ class Engine:
         in, ``export``-ed outputs out."""
         model = served.model
         what = f"model {model.name!r}"
+        device = instance.device
         with self.device_guard(what), _no_grad(export), instance.context() as crossing:
-            tensors = [(n, crossing.inward(to_device(arr, instance.device))) for n, arr in inputs]
-            with _autocast(instance.device, served.autocast):
+            with timeline.phase(timeline.UPLOAD, device=device):
+                tensors = [(n, crossing.inward(to_device(arr, device))) for n, arr in inputs]
+            with (
+                _autocast(device, served.autocast),
+                timeline.phase(timeline.FORWARD, device=device),
+            ):
                 result = self.user_code(what, lambda: invoke(model, instance.module, tensors))
             named = name_outputs(result, model.outputs, what)
-            return [
-                (n, export(n, crossing.outward(declared_dtype(t, n, model.outputs))))
-                for n, t in named
-            ]
+            with timeline.phase(timeline.DOWNLOAD, device=device):
+                return [
+                    (n, export(n, crossing.outward(declared_dtype(t, n, model.outputs))))
+                    for n, t in named
+                ]
 
     def call(
         self,
@@ -215,9 +222,12 @@ class Engine:
         function = self.function(function_name)
         what = f"function {function.name!r}"
         with self.device_guard(what), _no_grad(export):
-            targs, tkwargs = self.torch_arguments(args, kwargs)
-            result = self.user_code(what, lambda: function(*targs, **tkwargs))
-            return [(n, export(n, t)) for n, t in name_outputs(result, (), what)]
+            with timeline.phase(timeline.UPLOAD, device=self.device):
+                targs, tkwargs = self.torch_arguments(args, kwargs)
+            with timeline.phase(timeline.FORWARD, device=self.device):
+                result = self.user_code(what, lambda: function(*targs, **tkwargs))
+            with timeline.phase(timeline.DOWNLOAD, device=self.device):
+                return [(n, export(n, t)) for n, t in name_outputs(result, (), what)]
 
     def grad_model(
         self,
@@ -240,7 +250,8 @@ class Engine:
                 self.device_guard(what),
                 instance.context() as crossing,
             ):
-                leaves = [(n, crossing.inward(to_device(a, instance.device))) for n, a in bound]
+                with timeline.phase(timeline.UPLOAD, device=instance.device):
+                    leaves = [(n, crossing.inward(to_device(a, instance.device))) for n, a in bound]
                 params = list(trainable(instance.module)) if param_grads else []
                 with _autocast(instance.device, served.autocast):
                     outcome = self._grad(
@@ -357,26 +368,27 @@ class Engine:
         # In wrt's order, which names the gradients, whatever the inputs' order.
         prepared = dict(tensors)
         sources = [prepared[n] for n in wrt] + [p for _, p in params]
+        device = self.device
         with torch.enable_grad():
-            result = self.user_code(what, lambda: run(tensors))
+            with timeline.phase(timeline.FORWARD, device=device):
+                result = self.user_code(what, lambda: run(tensors))
             named = name_outputs(result, declared, what)
             roots, seeds = self._grad_roots(named, grad_outputs, what)
             if roots:
-                grads = self.user_code(
-                    f"gradient of {what}",
-                    lambda: torch.autograd.grad(
-                        roots, sources, seeds, allow_unused=True, materialize_grads=True
-                    ),
-                )
+                with timeline.phase(timeline.BACKWARD, device=device):
+                    grads = self.user_code(
+                        f"gradient of {what}",
+                        lambda: torch.autograd.grad(
+                            roots, sources, seeds, allow_unused=True, materialize_grads=True
+                        ),
+                    )
             else:  # no output depends differentiably on anything: every gradient is zero
                 grads = tuple(torch.zeros_like(s) for s in sources)
         names = [*wrt, *(n for n, _ in params)]
-        pairs = [(n, export(n, g)) for n, g in zip(names, grads, strict=True)]
-        return GradOutcome(
-            outputs=[(n, export(n, t.detach())) for n, t in named],
-            grads=pairs[: len(wrt)],
-            param_grads=pairs[len(wrt) :],
-        )
+        with timeline.phase(timeline.DOWNLOAD, device=device):
+            pairs = [(n, export(n, g)) for n, g in zip(names, grads, strict=True)]
+            outputs = [(n, export(n, t.detach())) for n, t in named]
+        return GradOutcome(outputs=outputs, grads=pairs[: len(wrt)], param_grads=pairs[len(wrt) :])
 
     def _grad_roots(
         self,

@@ -18,6 +18,7 @@ from google.protobuf.message import Message
 
 import tensorwire_server
 from tensorwire.errors import InvalidArgumentError, TensorwireError, shown
+from tensorwire_server import calls, timeline
 from tensorwire_server.core.service import Caller, Service
 from tensorwire_server.engine.engine import Inference
 from tensorwire_server.kserve import codec, describe
@@ -26,7 +27,7 @@ from tensorwire_server.kserve.v2 import grpc_service_pb2 as pb
 from tensorwire_server.models.batching import Runner
 from tensorwire_server.models.config import ConfigError
 from tensorwire_server.named import Named
-from tensorwire_server.transport import calls, rpc
+from tensorwire_server.transport import rpc
 from tensorwire_server.transport.executor import Compute
 from tensorwire_server.transport.lifecycle import Lifecycle
 
@@ -284,10 +285,12 @@ class InferenceServicer:
         regions: Regions,
     ) -> codec.Answer:
         outputs = inference.outputs
-        answer = codec.answer(message, inference.version, outputs, wanted, regions.write)
+        with timeline.phase(timeline.ENCODE):
+            answer = codec.answer(message, inference.version, outputs, wanted, regions.write)
         call = calls.current()
         if call is not None:
             call.batch = inference.batch
+            call.version = inference.version
             call.bytes_out += answer.payload_bytes
         return answer
 

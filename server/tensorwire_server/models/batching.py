@@ -33,9 +33,11 @@ from tensorwire.errors import (
     ResourceExhaustedError,
     TensorwireError,
 )
+from tensorwire_server import timeline
 from tensorwire_server.models.config import Batching
 from tensorwire_server.models.statistics import VersionStats
 from tensorwire_server.named import Named
+from tensorwire_server.timeline import Batch, Timeline
 
 I = TypeVar("I")  # noqa: E741 -- an instance of the model, whatever the registry makes it
 
@@ -51,6 +53,7 @@ class _Pending:
     """One request in the queue, and then its answer."""
 
     __slots__ = (
+        "arrived",
         "batch",
         "deadline",
         "done",
@@ -64,6 +67,7 @@ class _Pending:
         "outputs",
         "queued",
         "rows",
+        "timeline",
     )
 
     def __init__(
@@ -79,6 +83,10 @@ class _Pending:
         self.rows = rows
         self.deadline = deadline
         self.enqueued = time.monotonic()
+        #: The call's timeline (its wait here and its share of the forward pass go in
+        #: it), and when it arrived, on the timeline's clock.
+        self.timeline = timeline.current()
+        self.arrived = time.perf_counter_ns()
         self.queued = True
         self.finished = False
         self.done = threading.Event()
@@ -289,16 +297,19 @@ class Batcher(Generic[I]):
     def _run(self, instance: I, batch: list[_Pending]) -> None:
         started = time.monotonic()
         rows = sum(p.rows for p in batch)
+        timelines = _joined(batch, rows)
         results: list[Named[np.ndarray] | BaseException] | None
         try:
-            if len(batch) == 1:
-                results = [self.execute(instance, batch[0].inputs)]
-            else:
-                stacked = [
-                    (name, np.concatenate([p.inputs[i][1] for p in batch]))
-                    for i, (name, _) in enumerate(batch[0].inputs)
-                ]
-                results = list(_split(self.execute(instance, stacked), batch, rows))
+            # The pass's phases (copies, forward) belong to every request in it.
+            with timeline.grouped(timelines):
+                if len(batch) == 1:
+                    results = [self.execute(instance, batch[0].inputs)]
+                else:
+                    stacked = [
+                        (name, np.concatenate([p.inputs[i][1] for p in batch]))
+                        for i, (name, _) in enumerate(batch[0].inputs)
+                    ]
+                    results = list(_split(self.execute(instance, stacked), batch, rows))
         except (*_OWN_ERRORS, _SplitError) as exc:
             # Alone, the request's own error. In a batch, somebody's inputs broke it (or
             # its outputs cannot be split): run the requests one by one to find whose.
@@ -316,8 +327,10 @@ class Batcher(Generic[I]):
         for pending in batch:
             began = time.monotonic()
             result: Named[np.ndarray] | BaseException
+            alone = [pending.timeline] if pending.timeline is not None else []
             try:
-                result = self.execute(instance, pending.inputs)
+                with timeline.grouped(alone):
+                    result = self.execute(instance, pending.inputs)
             except Exception as exc:
                 result = exc
             self.stats.executed(pending.rows, time.monotonic() - began)
@@ -343,6 +356,21 @@ class Batcher(Generic[I]):
 
 class _SplitError(Exception):
     """A batch's outputs do not share its first dimension: they cannot be split."""
+
+
+def _joined(batch: list[_Pending], rows: int) -> list[Timeline]:
+    """The timelines of a batch's requests, each told of its wait for the batch and of
+    the others in it (a tracer links them)."""
+    now = time.perf_counter_ns()
+    together = Batch()
+    attributes = {"tensorwire.batch_size": rows, "tensorwire.batch_requests": len(batch)}
+    for pending in batch:
+        found = pending.timeline
+        if found is not None:
+            found.add(timeline.BATCH, pending.arrived, now, attributes)
+            found.batch = together
+            together.members.append(found)
+    return together.members
 
 
 def _batchable(inputs: Named[np.ndarray], max_batch_size: int) -> tuple[int, object]:

@@ -27,7 +27,7 @@ from concurrent import futures
 from typing import Any, Final, TypeVar
 
 from tensorwire.errors import DeadlineExceededError
-from tensorwire_server.transport import calls
+from tensorwire_server import calls, timeline
 
 R = TypeVar("R")
 
@@ -88,9 +88,17 @@ class Compute:
                 _note(self.loop_costs, kind, time.thread_time() - began)
         context = contextvars.copy_context()
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.pool, context.run, self._on_thread, kind, fn, args)
+        handed = time.perf_counter_ns()
+        return await loop.run_in_executor(
+            self.pool, context.run, self._on_thread, kind, fn, args, handed
+        )
 
-    def _on_thread(self, kind: Hashable | None, fn: Callable[..., R], args: tuple[Any, ...]) -> R:
+    def _on_thread(
+        self, kind: Hashable | None, fn: Callable[..., R], args: tuple[Any, ...], handed: int
+    ) -> R:
+        found = timeline.current()
+        if found is not None:  # the wait for a worker
+            found.add(timeline.QUEUE, handed, time.perf_counter_ns())
         began = time.thread_time()
         try:
             return _on_time(fn, args)

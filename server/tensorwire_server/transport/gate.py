@@ -18,14 +18,14 @@ import grpc
 import grpc.aio
 
 from tensorwire.wire.protocol import REQUEST_ID_KEY, SESSION_KEY, STARTING_PUSHBACK_MS
+from tensorwire_server import calls
+from tensorwire_server.calls import Call
 from tensorwire_server.settings import Settings
-from tensorwire_server.transport import calls
+from tensorwire_server.telemetry.metrics import Metrics
 from tensorwire_server.transport.admission import Admission, Quotas
-from tensorwire_server.transport.calls import Call
 from tensorwire_server.transport.guarded import PUBLIC_READERS, Context, Handler, Reject, guarded
 from tensorwire_server.transport.heap import HeapTrimmer
 from tensorwire_server.transport.lifecycle import InFlight, Lifecycle
-from tensorwire_server.transport.metrics import Metrics
 from tensorwire_server.transport.security import AUTHENTICATED, PUBLIC, Tokens
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class Gate(_Interceptor):
         """The record of a call as it arrives, with the verdict on it (None: it runs):
         the server's state, then the caller's token and scope. One pass over its
         metadata for the request id, the session and the token."""
-        request_id = session = ""
+        request_id = session = traceparent = tracestate = ""
         token: str | None = None
         for key, value in context.invocation_metadata() or ():
             if not isinstance(value, str):
@@ -93,8 +93,14 @@ class Gate(_Interceptor):
                 session = value
             elif key == "authorization" and token is None:
                 token = _bearer(value)
+            elif key == "traceparent":
+                traceparent = value
+            elif key == "tracestate":
+                tracestate = value
         call = Call(method, calls.request_id(request_id))
         call.session = session
+        call.traceparent = traceparent
+        call.tracestate = tracestate
         return call, self._state(scope) or self._caller(call, scope, token)
 
     def _state(self, scope: str) -> Reject | None:

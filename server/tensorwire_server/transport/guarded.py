@@ -23,12 +23,13 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import grpc
 
 from tensorwire.wire.protocol import REQUEST_ID_KEY, RETRY_PUSHBACK_KEY
-from tensorwire_server.transport import calls, rpc
+from tensorwire_server import calls, timeline
+from tensorwire_server.calls import Call
+from tensorwire_server.telemetry.metrics import Metrics
+from tensorwire_server.transport import rpc
 from tensorwire_server.transport.admission import Admission
-from tensorwire_server.transport.calls import Call
 from tensorwire_server.transport.heap import HeapTrimmer
 from tensorwire_server.transport.lifecycle import InFlight
-from tensorwire_server.transport.metrics import Metrics
 from tensorwire_server.transport.security import PUBLIC, Tokens, scope_of
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,8 @@ def guarded(gate: Gatekeeper, method: str, handler: Handler) -> Handler:
         run.ended = True
         if run.counted:
             counter.__exit__()  # type: ignore[union-attr]
-        metrics.running.dec()
         call = run.call
+        metrics.end(call)
         if call.record is not None:  # not recorded yet (rpc.abort records errors)
             call.record("OK" if run.ok else _code(context, run.gone))
 
@@ -185,7 +186,7 @@ def guarded(gate: Gatekeeper, method: str, handler: Handler) -> Handler:
             metrics.finish(call, code)
 
         call.record = record
-        metrics.running.inc()
+        metrics.begin(call)
         run = _Run(call)
         # grpc-stubs types the callback as a DoneCallback object; grpc calls any callable.
         context.add_done_callback(functools.partial(done, run))  # type: ignore[arg-type]
@@ -200,6 +201,7 @@ def guarded(gate: Gatekeeper, method: str, handler: Handler) -> Handler:
             else:
                 run.keys = entered
         await check(run, reject, context)
+        call.timeline.add(timeline.GATE, call.timeline.start, time.perf_counter_ns())
         return run
 
     async def check(run: _Run, reject: Reject | None, context: Context) -> None:

@@ -12,7 +12,7 @@ import grpc
 import grpc.aio
 
 from tensorwire.errors import OutOfRangeError, TensorwireError
-from tensorwire_server.transport import calls
+from tensorwire_server import calls
 from tensorwire_server.transport.executor import Compute
 
 log = logging.getLogger(__name__)

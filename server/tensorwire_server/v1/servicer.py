@@ -12,13 +12,14 @@ from google.protobuf.message import Message
 from tensorwire.errors import InvalidArgumentError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.codec import Encoder, Received
+from tensorwire_server import calls, timeline
 from tensorwire_server.core.service import Caller, Service
 from tensorwire_server.dataport.listener import DataPort
 from tensorwire_server.engine.engine import Inference
 from tensorwire_server.engine.programs import PlanStep, ProgramPlan
 from tensorwire_server.models.batching import Runner
 from tensorwire_server.named import Named
-from tensorwire_server.transport import calls, rpc
+from tensorwire_server.transport import rpc
 from tensorwire_server.v1.describe import (
     info_to_wire,
     model_to_wire,
@@ -333,8 +334,10 @@ def _inferred(message: pb.InferRequest, inference: Inference) -> Encoder[pb.Infe
     call = calls.current()
     if call is not None:
         call.batch = inference.batch
-    encoder = Encoder(pb.InferResponse(model=message.model, version=inference.version))
-    named_to_wire(encoder, encoder.message.outputs, inference.outputs)
+        call.version = inference.version
+    with timeline.phase(timeline.ENCODE):
+        encoder = Encoder(pb.InferResponse(model=message.model, version=inference.version))
+        named_to_wire(encoder, encoder.message.outputs, inference.outputs)
     return encoder
 
 

@@ -22,9 +22,10 @@ from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
 from tensorwire.wire.codec import Encoder, Received
 from tensorwire.wire.streaming import StreamReceiver
+from tensorwire_server import calls
 from tensorwire_server.core.service import Service
 from tensorwire_server.dataport.listener import TICKET_SECONDS, DataPort, Transfer
-from tensorwire_server.transport import calls, rpc
+from tensorwire_server.transport import rpc
 from tensorwire_server.transport.executor import Compute
 
 

@@ -9,27 +9,38 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Final
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from tensorwire_server import timeline
+from tensorwire_server.calls import Call
 from tensorwire_server.settings import AccessLog
-from tensorwire_server.transport import access_log
-from tensorwire_server.transport.calls import Call
-from tensorwire_server.transport.metrics_endpoint import MetricsListener
+from tensorwire_server.telemetry import access_log
+from tensorwire_server.telemetry.devices import GpuCollector
+from tensorwire_server.telemetry.metrics_endpoint import MetricsListener
+from tensorwire_server.telemetry.tracing import Tracer
+
+#: Latency buckets of the per-model histograms: 100 µs to 10 s.
+MODEL_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
 
 class Metrics:
     """The server's Prometheus metrics, in a registry of its own (tests run several
     servers in one process)."""
 
-    def __init__(self, device: Any, access: AccessLog) -> None:
+    def __init__(self, device: Any, access: AccessLog, tracer: Tracer | None = None) -> None:
         #: Which finished calls write an access record (the setting access_log).
         self.access = access
+        #: Makes the calls' spans, where tracing is on.
+        self.tracer = tracer
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -88,6 +99,47 @@ class Metrics:
             "Device bytes the sessions' tensors and trainers hold.",
             registry=r,
         )
+        # Per model and version: where an inference's time went (timeline.py), its
+        # bytes and its batches. Buckets from 100 µs to 10 s, about three a decade.
+        model = ["model", "version"]
+        self.model_queue = Histogram(
+            "tensorwire_model_queue_seconds",
+            "Time a model's requests waited: for a worker thread, and in the model's "
+            "batch queue until their forward pass began.",
+            model,
+            buckets=MODEL_BUCKETS,
+            registry=r,
+        )
+        self.model_compute = Histogram(
+            "tensorwire_model_compute_seconds",
+            "Time a model's requests spent in forward and backward passes (a batch's "
+            "pass counts for each request in it).",
+            model,
+            buckets=MODEL_BUCKETS,
+            registry=r,
+        )
+        self.model_latency = Histogram(
+            "tensorwire_model_request_seconds",
+            "Time from a model request's arrival to its last response byte.",
+            model,
+            buckets=MODEL_BUCKETS,
+            registry=r,
+        )
+        self.model_bytes = Counter(
+            "tensorwire_model_payload_bytes",
+            "Tensor payload bytes a model's requests sent (in) and its answers carried (out).",
+            [*model, "direction"],
+            registry=r,
+        )
+        self.model_batch = Histogram(
+            "tensorwire_model_batch_size",
+            "Requests run together in the forward pass that served a request.",
+            model,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
+        )
+        self._models: dict[tuple[str, int], tuple[Any, ...]] = {}
+        self._live: dict[int, Call] = {}
         self._bytes_in = self.payload.labels("in")
         self._bytes_out = self.payload.labels("out")
         # Bounded: methods are the server's, targets known names or "unknown".
@@ -95,10 +147,13 @@ class Metrics:
         self.memory = _DeviceMemory(device)
         r.register(self.memory)
         self._http: MetricsListener | None = None  # the HTTP endpoint, once served
+        self._gpus: GpuCollector | None = None
 
     def finish(self, call: Call, code: str) -> None:
         """Record a finished call and write its access log line."""
         seconds = time.perf_counter() - call.started
+        if self.tracer is not None:
+            self.tracer.finish(call, code)
         # Each labelled child looked up once and kept: prometheus_client's labels()
         # checks and locks on every call, a few µs per metric per request.
         children = self._children
@@ -115,9 +170,61 @@ class Metrics:
         self._bytes_out.inc(call.bytes_out)
         if call.batch and code == "OK":
             self.batch.labels(call.target).observe(call.batch)
+        if call.version:
+            self._model(call, seconds)
         if self.access == "none" or (self.access == "errors" and code == "OK"):
             return
         access_log.write(call, code, seconds)
+
+    def _model(self, call: Call, seconds: float) -> None:
+        """Record an inference in its model's metrics."""
+        key = (call.target, call.version)
+        children = self._models.get(key)
+        if children is None:
+            labels = (call.target, str(call.version))
+            children = self._models[key] = (
+                self.model_queue.labels(*labels),
+                self.model_compute.labels(*labels),
+                self.model_latency.labels(*labels),
+                self.model_bytes.labels(*labels, "in"),
+                self.model_bytes.labels(*labels, "out"),
+                self.model_batch.labels(*labels),
+            )
+        queue, compute, latency, bytes_in, bytes_out, batch = children
+        spans = call.timeline
+        queue.observe(spans.total((timeline.QUEUE, timeline.BATCH)))
+        compute.observe(spans.total(timeline.COMPUTE))
+        latency.observe(seconds)
+        bytes_in.inc(call.bytes_in)
+        bytes_out.inc(call.bytes_out)
+        if call.batch:
+            batch.observe(call.batch)
+
+    def begin(self, call: Call) -> None:
+        """Count ``call`` as running until ``end``."""
+        self.running.inc()
+        self._live[id(call)] = call
+        if self.tracer is not None:
+            self.tracer.begin(call)
+
+    def end(self, call: Call) -> None:
+        """``call`` no longer runs."""
+        self.running.dec()
+        self._live.pop(id(call), None)
+
+    def count_models(self, is_model: Callable[[str], bool]) -> None:
+        """Report the calls running per model (``is_model`` tells a model's name from a
+        function's), counted at each scrape from the calls running."""
+        self.registry.register(_ModelsInFlight(self._live, is_model))
+
+    def count_gpus(self, devices: Sequence[Any]) -> None:
+        """Report the utilisation and memory of the GPUs among ``devices``, where NVML
+        answers (telemetry.devices); nothing on a CPU server."""
+        if self._gpus is not None:
+            return
+        self._gpus = GpuCollector.open(devices)
+        if self._gpus is not None:
+            self.registry.register(self._gpus)
 
     def count_data_port(self, totals: Callable[[], dict[str, tuple[int, int]]]) -> None:
         """Count the data port's transfers and payload bytes per path, read from
@@ -143,6 +250,31 @@ class Metrics:
         if self._http is not None:
             self._http.close()
             self._http = None
+        if self.tracer is not None:
+            self.tracer.close()
+            self.tracer = None
+
+
+class _ModelsInFlight(Collector):
+    """The calls running per model, read at each scrape."""
+
+    def __init__(self, live: dict[int, Call], is_model: Callable[[str], bool]) -> None:
+        self.live = live
+        self.is_model = is_model
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts: dict[str, int] = {}
+        for call in list(self.live.values()):  # the loop adds and drops calls meanwhile
+            if call.target and self.is_model(call.target):
+                counts[call.target] = counts.get(call.target, 0) + 1
+        family = GaugeMetricFamily(
+            "tensorwire_model_in_flight",
+            "Requests to each model being worked on.",
+            labels=["model"],
+        )
+        for name, count in sorted(counts.items()):
+            family.add_metric([name], count)
+        yield family
 
 
 class _DataPortTotals(Collector):

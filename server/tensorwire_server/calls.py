@@ -19,6 +19,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from tensorwire_server import timeline
+from tensorwire_server.timeline import Timeline
+
 _SAFE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _PROCESS_ID: Final = secrets.token_hex(8)
 _COUNT = itertools.count(secrets.randbits(32))
@@ -32,6 +35,8 @@ class Call:
     request_id: str
     caller: str = ""
     target: str = ""  # model or function
+    #: The version of the model that answered (0: no model ran).
+    version: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     #: Requests in the forward pass that served this one (0: no model ran).
@@ -41,6 +46,11 @@ class Call:
     #: The session the call names in its metadata; empty: none.
     session: str = ""
     started: float = field(default_factory=time.perf_counter)
+    #: Where its time went (timeline.py): read by the metrics and the tracer.
+    timeline: Timeline = field(default_factory=Timeline, repr=False)
+    #: The caller's W3C trace context (``traceparent``, ``tracestate``), if it sent one.
+    traceparent: str = ""
+    tracestate: str = ""
     #: Records the call (metrics, access log) with its status code, once; set by the
     #: gate. An error is recorded before its status is sent (rpc.abort): a client
     #: that has its answer finds it counted.
@@ -56,13 +66,15 @@ def current() -> Call | None:
 
 
 def set_current(call: Call | None) -> Any:
-    """Make ``call`` the current one; a token for ``reset_current``."""
-    return _CURRENT.set(call)
+    """Make ``call`` (and its timeline) the current one; a token for ``reset_current``."""
+    return _CURRENT.set(call), timeline.activate(call.timeline if call is not None else None)
 
 
 def reset_current(token: Any) -> None:
     """Restore the call current before ``set_current``."""
-    _CURRENT.reset(token)
+    calls_token, timeline_token = token
+    _CURRENT.reset(calls_token)
+    timeline.deactivate(timeline_token)
 
 
 def request_id(given: str) -> str:

@@ -8,7 +8,7 @@ import json
 import logging
 from typing import Any
 
-from tensorwire_server.transport.calls import Call, current
+from tensorwire_server.calls import Call, current
 
 log = logging.getLogger("tensorwire_server.access")
 
