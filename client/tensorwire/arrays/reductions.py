@@ -83,21 +83,21 @@ def sum(a, axis=None, dtype=None, out=None, keepdims=False, initial=None, where=
 def prod(a, axis=None, dtype=None, out=None, keepdims=False, initial=None, where=True):  # type: ignore[no-untyped-def]
     """numpy.prod (over all dimensions or one)."""
     _check("numpy.prod", out, where, initial)
-    dims = axes(axis, _remote(a, "numpy.prod").ndim)
-    if axis is None:
-        flat = a.reshape(-1) if a.ndim != 1 else a
-        return _reduction(flat, "numpy.prod", "prod", np.prod, 0, False, dtype).reshape(
-            (1,) * a.ndim if keepdims else ()
-        )
+    a = _remote(a, "numpy.prod")
+    dims = axes(axis, a.ndim)
+    result = np.asarray(np.prod(probe(a.shape, a.dtype), axis=dims, dtype=dtype)).dtype
+    cast = [None if dtype is None or np.dtype(dtype) == a.dtype else _name(np.dtype(dtype))]
+    if axis is None or len(dims) == a.ndim <= 1:
+        full = apply(a._ctx, "prod", [a._use], casts=cast, dtypes=[result], shapes=[()])
+        return full.reshape((1,) * a.ndim) if keepdims else full
     if len(dims) != 1:
         raise unsupported("numpy.prod", "axis", axis)
-    a = _remote(a, "numpy.prod")
-    result = np.asarray(np.prod(probe(a.shape, a.dtype), axis=dims, dtype=dtype)).dtype
     return apply(
         a._ctx,
         "prod",
         [a._use, dims[0]],
         {"keepdim": bool(keepdims)},
+        casts=[*cast, None],
         dtypes=[result],
         shapes=[reduced(a.shape, dims, keepdims)],
     )
