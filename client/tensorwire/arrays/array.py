@@ -120,7 +120,7 @@ class RemoteArray:
                 spec.append(int(item))
             else:
                 raise UnsupportedError(
-                    f"index {item!r}: remote arrays take basic indexing only (ints, slices, "
+                    f"index {shown(item)}: remote arrays take basic indexing only (ints, slices, "
                     "None, ...); advanced (array or boolean) indexing is not supported"
                 )
         shape = standin(self._shape, self._dtype)[key].shape  # NumPy's own checks
@@ -331,6 +331,11 @@ class RemoteArray:
     def _is_bool(self, other: Any) -> bool:
         other_dtype = np.dtype(bool) if isinstance(other, bool) else getattr(other, "dtype", None)
         return self._dtype == np.bool_ and other_dtype == np.bool_
+
+
+def shown(value: Any) -> str:
+    """``value`` for an error message: a remote array described, never computed."""
+    return value.describe() if isinstance(value, RemoteArray) else repr(value)
 
 
 def _no_bitwise(op: str) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire.arrays.array import RemoteArray, dtype_name
+from tensorwire.arrays.array import RemoteArray, dtype_name, shown
 from tensorwire.arrays.dispatch import UnsupportedError
 from tensorwire.arrays.execute import Context
 from tensorwire.arrays.graph import Node, Use
@@ -127,4 +127,6 @@ def elementwise(
 
 def unsupported(function: str, argument: str, value: Any) -> UnsupportedError:
     """The error for an argument value remote arrays do not implement."""
-    return UnsupportedError(f"{function}: {argument}={value!r} is not supported on remote arrays")
+    return UnsupportedError(
+        f"{function}: {argument}={shown(value)} is not supported on remote arrays"
+    )

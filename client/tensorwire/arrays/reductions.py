@@ -4,6 +4,7 @@ dtype NumPy gives a one-element array of the same dtype and rank)."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +43,9 @@ def _reduction(
     if axis is not None and not dims and a.ndim:
         raise unsupported(name, "axis", axis)  # torch reads an empty dim list as "all"
     options = {"dtype": dtype} if dtype is not None else {}
-    result = np.asarray(reference(probe(a.shape, a.dtype), axis=dims, **options, **extra)).dtype
+    with warnings.catch_warnings(), np.errstate(all="ignore"):  # a probe of one element
+        warnings.simplefilter("ignore")
+        result = np.asarray(reference(probe(a.shape, a.dtype), axis=dims, **options, **extra)).dtype
     cast = None
     if compute_as_result and a.dtype != result:  # mean, std, var of ints: in NumPy's float
         cast = result
