@@ -15,12 +15,17 @@ from tensorwire.arrays.ops import (
     cast_for,
     context_of,
     dtype_of,
+    is_weak,
     operand,
     shape_of,
 )
 from tensorwire.arrays.shapes import matmul_shape
 
 _FLOOR = {"rounding_mode": "floor"}
+# torch functions without a bool kernel where NumPy has a bool loop: computed in int64
+# (wide enough for matmul's sums), the result cast back to NumPy's bool.
+_COMPARE = {"eq", "ne", "lt", "le", "gt", "ge"}
+_NO_BOOL = {"abs", "floor", "ceil", "trunc", "round", "matmul", "pow", "remainder", "fmod"}
 
 UFUNCS.update(
     {
@@ -84,6 +89,22 @@ UFUNCS.update(
 )
 
 
+def _out_of_range(value: Any, dtype: np.dtype[Any]) -> bool:
+    """A weak Python int outside an integer dtype's range."""
+    if not (is_weak(value) and isinstance(value, int) and dtype.kind in "iu"):
+        return False
+    info = np.iinfo(dtype)
+    return not int(info.min) <= value <= int(info.max)
+
+
+def _resolve(ufunc: Any, name: str, operands: Sequence[Any]) -> tuple[np.dtype[Any], ...]:
+    """The dtypes NumPy computes ``ufunc`` in and returns, by NumPy's own resolution."""
+    try:
+        return tuple(ufunc.resolve_dtypes((*(dtype_of(o) for o in operands), *(None,) * ufunc.nout)))
+    except TypeError as exc:  # NumPy has no loop for these dtypes: it refuses too
+        raise UnsupportedError(f"{name}: {exc}") from None
+
+
 def call_ufunc(ufunc: Any, inputs: Sequence[Any]) -> Any:
     """``ufunc(*inputs)`` on the server, with NumPy's result dtype and shape."""
     name = f"numpy.{ufunc.__name__}"
@@ -92,11 +113,12 @@ def call_ufunc(ufunc: Any, inputs: Sequence[Any]) -> Any:
     ctx = context_of(name, *inputs)
     operands = [operand(v) for v in inputs]
     function, extra = UFUNCS[ufunc]
-    try:  # NumPy's own type resolution: the dtypes it would compute in and return
-        loop = ufunc.resolve_dtypes((*(dtype_of(o) for o in operands), *(None,) * ufunc.nout))
-    except TypeError as exc:
-        raise UnsupportedError(f"{name}: {exc}") from None
+    loop = _resolve(ufunc, name, operands)
     ins, outs = loop[: ufunc.nin], loop[ufunc.nin :]
+    if function in _COMPARE and any(_out_of_range(o, d) for o, d in zip(operands, ins, strict=True)):
+        ins = (np.dtype(np.int64),) * len(ins)  # NumPy compares such Python ints exactly
+    if function in _NO_BOOL:
+        ins = tuple(np.dtype(np.int64) if d == np.bool_ else d for d in ins)
     if ufunc is np.matmul:
         shape = matmul_shape(shape_of(operands[0]), shape_of(operands[1]))
     else:
