@@ -62,30 +62,78 @@ CASES: list[tuple[tuple[str, ...], tuple[np.ndarray, ...], Fn]] = [
     (("numpy.matmul",), (A, B), lambda a, b: a @ b),
     (("numpy.matmul",), (T3, V[:4]), lambda a, b: np.matmul(a, b)),
     (("numpy.matmul",), (B.T.copy(), A.T.copy()), lambda b, a: b @ a),
-    (("numpy.maximum", "numpy.minimum"), (A, A[::-1]), lambda a, b: np.maximum(a, np.minimum(b, 0.5))),  # fmt: skip
-    (("numpy.arctan2", "numpy.hypot"), (A, B[:, 0]), lambda a, b: np.arctan2(a, b) + np.hypot(a, b)),  # fmt: skip
+    (
+        ("numpy.maximum", "numpy.minimum"),
+        (A, A[::-1]),
+        lambda a, b: np.maximum(a, np.minimum(b, 0.5)),
+    ),
+    (
+        ("numpy.arctan2", "numpy.hypot"),
+        (A, B[:, 0]),
+        lambda a, b: np.arctan2(a, b) + np.hypot(a, b),
+    ),
     (("numpy.logaddexp",), (A,), lambda a: np.logaddexp(a, 0.5)),
     # Comparisons and logic.
     (("numpy.less",), (A,), lambda a: a < 0.1),
     (("numpy.less",), (I32,), lambda a: a < 2.5),
-    (("numpy.less_equal", "numpy.greater", "numpy.greater_equal"), (I32, D32), lambda a, b: ((a <= b) & (a > -3)) | (b >= 4)),  # fmt: skip
+    (
+        ("numpy.less_equal", "numpy.greater", "numpy.greater_equal"),
+        (I32, D32),
+        lambda a, b: ((a <= b) & (a > -3)) | (b >= 4),
+    ),
     (("numpy.equal", "numpy.not_equal"), (I32, D32), lambda a, b: (a == b) ^ (a != 3)),
-    (("numpy.logical_and", "numpy.logical_or", "numpy.logical_xor", "numpy.logical_not"), (M, M.T.copy().reshape(3, 4)), lambda a, b: np.logical_xor(np.logical_and(a, b), np.logical_or(~a, np.logical_not(b)))),  # fmt: skip
-    (("numpy.isfinite", "numpy.isnan", "numpy.isinf"), (A,), lambda a: np.isfinite(a / (a > 0)) & ~np.isnan(a) & ~np.isinf(a)),  # fmt: skip
+    (
+        ("numpy.logical_and", "numpy.logical_or", "numpy.logical_xor", "numpy.logical_not"),
+        (M, M.T.copy().reshape(3, 4)),
+        lambda a, b: np.logical_xor(np.logical_and(a, b), np.logical_or(~a, np.logical_not(b))),
+    ),
+    (
+        ("numpy.isfinite", "numpy.isnan", "numpy.isinf"),
+        (A,),
+        lambda a: np.isfinite(a / (a > 0)) & ~np.isnan(a) & ~np.isinf(a),
+    ),
     # Elementwise functions.
     (("numpy.exp", "numpy.expm1"), (A,), lambda a: np.exp(a) + np.expm1(a)),
-    (("numpy.log", "numpy.log1p", "numpy.log2", "numpy.log10"), (P,), lambda a: np.log(a) + np.log1p(a) + np.log2(a) + np.log10(a)),  # fmt: skip
+    (
+        ("numpy.log", "numpy.log1p", "numpy.log2", "numpy.log10"),
+        (P,),
+        lambda a: np.log(a) + np.log1p(a) + np.log2(a) + np.log10(a),
+    ),
     (("numpy.log",), (I32,), lambda a: np.log(abs(a) + 1)),  # int: float64
-    (("numpy.sqrt", "numpy.square", "numpy.reciprocal"), (P,), lambda a: np.sqrt(a) + np.square(a) + np.reciprocal(a)),  # fmt: skip
+    (
+        ("numpy.sqrt", "numpy.square", "numpy.reciprocal"),
+        (P,),
+        lambda a: np.sqrt(a) + np.square(a) + np.reciprocal(a),
+    ),
     (("numpy.sin", "numpy.cos", "numpy.tan"), (A,), lambda a: np.sin(a) + np.cos(a) + np.tan(a)),
-    (("numpy.arcsin", "numpy.arccos", "numpy.arctan", "numpy.arctanh"), (U1,), lambda a: np.arcsin(a) + np.arccos(a) + np.arctan(a) + np.arctanh(a)),  # fmt: skip
-    (("numpy.sinh", "numpy.cosh", "numpy.tanh", "numpy.arcsinh"), (A,), lambda a: np.sinh(a) + np.cosh(a) + np.tanh(a) + np.arcsinh(a)),  # fmt: skip
+    (
+        ("numpy.arcsin", "numpy.arccos", "numpy.arctan", "numpy.arctanh"),
+        (U1,),
+        lambda a: np.arcsin(a) + np.arccos(a) + np.arctan(a) + np.arctanh(a),
+    ),
+    (
+        ("numpy.sinh", "numpy.cosh", "numpy.tanh", "numpy.arcsinh"),
+        (A,),
+        lambda a: np.sinh(a) + np.cosh(a) + np.tanh(a) + np.arcsinh(a),
+    ),
     (("numpy.arccosh",), (G,), lambda a: np.arccosh(a)),
-    (("numpy.sign", "numpy.floor", "numpy.ceil", "numpy.trunc", "numpy.rint"), (A,), lambda a: np.sign(a) + np.floor(3 * a) + np.ceil(3 * a) + np.trunc(3 * a) + np.rint(3 * a)),  # fmt: skip
+    (
+        ("numpy.sign", "numpy.floor", "numpy.ceil", "numpy.trunc", "numpy.rint"),
+        (A,),
+        lambda a: np.sign(a) + np.floor(3 * a) + np.ceil(3 * a) + np.trunc(3 * a) + np.rint(3 * a),
+    ),
     (("numpy.where",), (A,), lambda a: np.where(a > 0, a, 0)),
     (("numpy.where",), (I32, A[:3, :4]), lambda i, a: np.where(i > 0, i, a)),
-    (("numpy.clip", "RemoteArray.clip"), (A, I32), lambda a, i: np.clip(a[:3, :4], -0.5, 0.5) + i.clip(-3, 3)),  # fmt: skip
-    (("numpy.round", "numpy.around", "RemoteArray.round"), (A,), lambda a: np.round(a * 10) + np.around(a, 2) + a.round(1)),  # fmt: skip
+    (
+        ("numpy.clip", "RemoteArray.clip"),
+        (A, I32),
+        lambda a, i: np.clip(a[:3, :4], -0.5, 0.5) + i.clip(-3, 3),
+    ),
+    (
+        ("numpy.round", "numpy.around", "RemoteArray.round"),
+        (A,),
+        lambda a: np.round(a * 10) + np.around(a, 2) + a.round(1),
+    ),
     # Reductions, with axis and keepdims, and their integer and bool dtypes.
     (("numpy.sum", "RemoteArray.sum"), (A,), lambda a: np.sum(a) + a.sum(axis=0, keepdims=True)),
     (("numpy.sum",), (I32,), lambda a: np.sum(a, axis=1)),  # int32: int64
@@ -93,42 +141,100 @@ CASES: list[tuple[tuple[str, ...], tuple[np.ndarray, ...], Fn]] = [
     (("numpy.sum",), (M,), lambda a: np.sum(a, axis=(0, 1))),  # bool: int64
     (("numpy.sum",), (A,), lambda a: np.sum(a, axis=-1, dtype=np.float64)),
     (("numpy.add.reduce",), (I32,), lambda a: np.add.reduce(a)),
-    (("numpy.prod", "RemoteArray.prod", "numpy.multiply.reduce"), (P,), lambda a: np.prod(a) + a.prod(axis=1).sum() + np.multiply.reduce(a).sum()),  # fmt: skip
+    (
+        ("numpy.prod", "RemoteArray.prod", "numpy.multiply.reduce"),
+        (P,),
+        lambda a: np.prod(a) + a.prod(axis=1).sum() + np.multiply.reduce(a).sum(),
+    ),
     (("numpy.mean", "RemoteArray.mean"), (A,), lambda a: np.mean(a, axis=0) + a.mean()),
     (("numpy.mean",), (I32,), lambda a: np.mean(a, axis=1, keepdims=True)),  # int: float64
     (("numpy.std", "RemoteArray.std"), (A,), lambda a: np.std(a, axis=1) + a.std(ddof=1)),
     (("numpy.var", "RemoteArray.var"), (I32,), lambda a: np.var(a, axis=0) + a.var()),
-    (("numpy.max", "numpy.amax", "RemoteArray.max", "numpy.maximum.reduce"), (A,), lambda a: np.max(a, axis=1) + np.amax(a) + a.max(axis=-1) + np.maximum.reduce(a, axis=1)),  # fmt: skip
-    (("numpy.min", "numpy.amin", "RemoteArray.min", "numpy.minimum.reduce"), (I32,), lambda a: np.min(a, axis=0) + np.amin(a) + a.min(axis=0) + np.minimum.reduce(a)),  # fmt: skip
+    (
+        ("numpy.max", "numpy.amax", "RemoteArray.max", "numpy.maximum.reduce"),
+        (A,),
+        lambda a: np.max(a, axis=1) + np.amax(a) + a.max(axis=-1) + np.maximum.reduce(a, axis=1),
+    ),
+    (
+        ("numpy.min", "numpy.amin", "RemoteArray.min", "numpy.minimum.reduce"),
+        (I32,),
+        lambda a: np.min(a, axis=0) + np.amin(a) + a.min(axis=0) + np.minimum.reduce(a),
+    ),
     (("numpy.argmax", "RemoteArray.argmax"), (A,), lambda a: np.argmax(a, axis=1) + a.argmax()),
     (("numpy.argmin", "RemoteArray.argmin"), (I64,), lambda a: np.argmin(a) + a.argmin(axis=0)),
-    (("numpy.all", "numpy.any", "RemoteArray.all", "RemoteArray.any", "numpy.logical_and.reduce", "numpy.logical_or.reduce"), (M,), lambda a: np.all(a, axis=0) ^ np.any(a, axis=0) ^ a.all(axis=0) ^ a.any(axis=0) ^ np.logical_and.reduce(a) ^ np.logical_or.reduce(a)),  # fmt: skip
+    (
+        (
+            "numpy.all",
+            "numpy.any",
+            "RemoteArray.all",
+            "RemoteArray.any",
+            "numpy.logical_and.reduce",
+            "numpy.logical_or.reduce",
+        ),
+        (M,),
+        lambda a: (
+            np.all(a, axis=0)
+            ^ np.any(a, axis=0)
+            ^ a.all(axis=0)
+            ^ a.any(axis=0)
+            ^ np.logical_and.reduce(a)
+            ^ np.logical_or.reduce(a)
+        ),
+    ),
     # Products.
     (("numpy.dot", "RemoteArray.dot"), (A, B), lambda a, b: np.dot(a, b) + a.dot(b)),
     (("numpy.dot",), (V,), lambda v: np.dot(v, v)),
     (("numpy.einsum",), (A, B), lambda a, b: np.einsum("ij,jk->ik", a, b)),
     (("numpy.einsum",), (T3,), lambda t: np.einsum("bij->j", t)),
     # Shape and layout.
-    (("numpy.reshape", "RemoteArray.reshape"), (A,), lambda a: np.reshape(a, (2, -1)) + a.reshape(2, 10)),  # fmt: skip
-    (("numpy.ravel", "RemoteArray.ravel", "RemoteArray.flatten"), (A,), lambda a: np.ravel(a) + a.ravel() + a.flatten()),  # fmt: skip
-    (("numpy.transpose", "RemoteArray.transpose", "RemoteArray.T"), (T3,), lambda t: np.transpose(t, (2, 0, 1)) + t.transpose(2, 0, 1) + t.T.transpose((0, 2, 1))),  # fmt: skip
-    (("numpy.swapaxes", "RemoteArray.swapaxes", "RemoteArray.mT"), (T3,), lambda t: np.swapaxes(t, 1, 2) + t.swapaxes(-1, -2) + t.mT),  # fmt: skip
-    (("numpy.expand_dims", "numpy.squeeze", "RemoteArray.squeeze"), (A,), lambda a: np.squeeze(np.expand_dims(a, 1)) + np.expand_dims(a, 0).squeeze()),  # fmt: skip
+    (
+        ("numpy.reshape", "RemoteArray.reshape"),
+        (A,),
+        lambda a: np.reshape(a, (2, -1)) + a.reshape(2, 10),
+    ),
+    (
+        ("numpy.ravel", "RemoteArray.ravel", "RemoteArray.flatten"),
+        (A,),
+        lambda a: np.ravel(a) + a.ravel() + a.flatten(),
+    ),
+    (
+        ("numpy.transpose", "RemoteArray.transpose", "RemoteArray.T"),
+        (T3,),
+        lambda t: np.transpose(t, (2, 0, 1)) + t.transpose(2, 0, 1) + t.T.transpose((0, 2, 1)),
+    ),
+    (
+        ("numpy.swapaxes", "RemoteArray.swapaxes", "RemoteArray.mT"),
+        (T3,),
+        lambda t: np.swapaxes(t, 1, 2) + t.swapaxes(-1, -2) + t.mT,
+    ),
+    (
+        ("numpy.expand_dims", "numpy.squeeze", "RemoteArray.squeeze"),
+        (A,),
+        lambda a: np.squeeze(np.expand_dims(a, 1)) + np.expand_dims(a, 0).squeeze(),
+    ),
     (("numpy.concatenate",), (A, I32), lambda a, i: np.concatenate([a[:3], i], axis=1)),
     (("numpy.concatenate",), (A,), lambda a: np.concatenate([a, a], axis=None)),
     (("numpy.stack",), (A, P), lambda a, p: np.stack([a[:3, :4], p], axis=1)),
-    (("RemoteArray.astype", "numpy.astype"), (A,), lambda a: a.astype(np.int32) + np.astype(a, np.float64)),  # fmt: skip
+    (
+        ("RemoteArray.astype", "numpy.astype"),
+        (A,),
+        lambda a: a.astype(np.int32) + np.astype(a, np.float64),
+    ),
     (("RemoteArray.copy",), (A,), lambda a: a.copy()),
     # Sorting.
     (("numpy.sort",), (A,), lambda a: np.sort(a, axis=0)),
     (("numpy.sort",), (I32,), lambda a: np.sort(a, axis=None)),
     # Linear algebra.
     (("numpy.linalg.svd",), (A,), lambda a: np.linalg.svd(a)[1]),
-    (("numpy.linalg.svd",), (B,), lambda b: (lambda u, s, vh: (u * s) @ vh)(*np.linalg.svd(b, full_matrices=False))),  # fmt: skip
+    (
+        ("numpy.linalg.svd",),
+        (B,),
+        lambda b: (lambda u, s, vh: (u * s) @ vh)(*np.linalg.svd(b, full_matrices=False)),
+    ),
     (("numpy.linalg.svd",), (I32,), lambda a: np.linalg.svd(a, compute_uv=False)),
     (("numpy.linalg.solve",), (S, A), lambda s, a: np.linalg.solve(s, a)),
     (("numpy.linalg.solve",), (S,), lambda s: np.linalg.solve(s, s[0])),
-    (("numpy.linalg.inv", "numpy.linalg.det"), (S,), lambda s: np.linalg.inv(s) * np.linalg.det(s)),  # fmt: skip
+    (("numpy.linalg.inv", "numpy.linalg.det"), (S,), lambda s: np.linalg.inv(s) * np.linalg.det(s)),
     (("numpy.linalg.norm",), (A,), lambda a: np.linalg.norm(a)),
     (("numpy.linalg.norm",), (A,), lambda a: np.linalg.norm(a, axis=1, keepdims=True)),
     (("numpy.linalg.norm",), (A,), lambda a: np.linalg.norm(a, ord=1, axis=0)),
@@ -139,9 +245,39 @@ CASES: list[tuple[tuple[str, ...], tuple[np.ndarray, ...], Fn]] = [
     (("numpy.fft.rfft",), (I64,), lambda v: np.fft.rfft(v, n=8)),  # int: complex128
     (("numpy.fft.irfft",), (V,), lambda v: np.fft.irfft(np.fft.rfft(v))),
     (("numpy.fft.irfft",), (A,), lambda a: np.fft.irfft(np.fft.rfft(a, axis=0), n=4, axis=0)),
-    (("numpy.fft.fft", "numpy.fft.ifft"), (C64,), lambda c: np.fft.ifft(np.fft.fft(c, axis=0) * 2, axis=0)),  # fmt: skip
+    (
+        ("numpy.fft.fft", "numpy.fft.ifft"),
+        (C64,),
+        lambda c: np.fft.ifft(np.fft.fft(c, axis=0) * 2, axis=0),
+    ),
     # Indexing, and facts known on the client.
-    (("numpy.shape", "numpy.ndim", "numpy.size", "RemoteArray.shape", "RemoteArray.ndim", "RemoteArray.size", "RemoteArray.dtype", "RemoteArray.nbytes", "numpy.result_type"), (T3,), lambda t: t * (np.size(t) + np.ndim(t) + np.shape(t)[0] + t.size + t.ndim + t.shape[1] + t.nbytes + (np.result_type(t, 1.0) == t.dtype))),  # fmt: skip
+    (
+        (
+            "numpy.shape",
+            "numpy.ndim",
+            "numpy.size",
+            "RemoteArray.shape",
+            "RemoteArray.ndim",
+            "RemoteArray.size",
+            "RemoteArray.dtype",
+            "RemoteArray.nbytes",
+            "numpy.result_type",
+        ),
+        (T3,),
+        lambda t: (
+            t
+            * (
+                np.size(t)
+                + np.ndim(t)
+                + np.shape(t)[0]
+                + t.size
+                + t.ndim
+                + t.shape[1]
+                + t.nbytes
+                + (np.result_type(t, 1.0) == t.dtype)
+            )
+        ),
+    ),
 ]
 
 
@@ -187,10 +323,18 @@ def test_every_supported_name_has_a_case() -> None:
 def test_basic_indexing_and_slicing_like_numpy(client: Client) -> None:
     t = ta.asarray(client, T3)
     keys: list[Any] = [
-        0, -1, (1, 2), (slice(None), 1), (Ellipsis, 0), (None, 0, slice(None, None, -1)),
-        (slice(1, None), slice(None, None, 2), -2), (slice(None, None, -2), Ellipsis, None),
-        (0, slice(5, 0, -2)), slice(3, 1), (1, 2, 3),
-    ]  # fmt: skip
+        0,
+        -1,
+        (1, 2),
+        (slice(None), 1),
+        (Ellipsis, 0),
+        (None, 0, slice(None, None, -1)),
+        (slice(1, None), slice(None, None, 2), -2),
+        (slice(None, None, -2), Ellipsis, None),
+        (0, slice(5, 0, -2)),
+        slice(3, 1),
+        (1, 2, 3),
+    ]
     got = ta.compute(*(t[k] for k in keys))
     for key, value in zip(keys, got, strict=True):
         assert_like_numpy(value, T3[key], f"[{key}]")

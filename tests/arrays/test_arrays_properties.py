@@ -14,12 +14,44 @@ from hypothesis import strategies as st
 import tensorwire.arrays as ta
 from tensorwire import Client
 
-DTYPES = [np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8,
-          np.float16, np.float32, np.float64]  # fmt: skip
-BINARY = [np.add, np.subtract, np.multiply, np.true_divide, np.floor_divide, np.remainder,
-          np.maximum, np.minimum, np.less, np.greater_equal, np.equal, np.arctan2]  # fmt: skip
-UNARY = [np.negative, np.absolute, np.exp, np.sin, np.tanh, np.sqrt, np.log1p, np.square,
-         np.floor, np.sign, np.isfinite]  # fmt: skip
+DTYPES = [
+    np.bool_,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.float16,
+    np.float32,
+    np.float64,
+]
+BINARY = [
+    np.add,
+    np.subtract,
+    np.multiply,
+    np.true_divide,
+    np.floor_divide,
+    np.remainder,
+    np.maximum,
+    np.minimum,
+    np.less,
+    np.greater_equal,
+    np.equal,
+    np.arctan2,
+]
+UNARY = [
+    np.negative,
+    np.absolute,
+    np.exp,
+    np.sin,
+    np.tanh,
+    np.sqrt,
+    np.log1p,
+    np.square,
+    np.floor,
+    np.sign,
+    np.isfinite,
+]
 
 PROPERTY = settings(
     max_examples=40,
@@ -41,15 +73,21 @@ def _elements(dtype: Any, positive: bool = False) -> st.SearchStrategy[Any]:
 
 @st.composite
 def operands(draw: st.DrawFn, nonzero_second: bool = False) -> tuple[Any, Any]:
-    shapes = draw(hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3,
-                                                    max_side=4)).input_shapes  # fmt: skip
+    shapes = draw(
+        hnp.mutually_broadcastable_shapes(num_shapes=2, min_dims=0, max_dims=3, max_side=4)
+    ).input_shapes
     values = []
     for i, shape in enumerate(shapes):
         kind = draw(st.sampled_from(["array", "array", "scalar"]))
         positive = nonzero_second and i == 1
         if kind == "scalar":
-            values.append(draw(st.integers(1, 5) if positive else st.integers(-5, 5)
-                               | st.floats(0.5 if positive else -5.0, 5.0)))  # fmt: skip
+            values.append(
+                draw(
+                    st.integers(1, 5)
+                    if positive
+                    else st.integers(-5, 5) | st.floats(0.5 if positive else -5.0, 5.0)
+                )
+            )
         else:
             dtype = draw(st.sampled_from(DTYPES))
             values.append(draw(hnp.arrays(dtype, shape, elements=_elements(dtype, positive))))
@@ -83,11 +121,12 @@ def _same(client: Client, fn: Any, *values: Any) -> None:
             fn(*(_remote(client, v) for v in values))
         except family:
             return
-        raise AssertionError(f"NumPy refuses ({refused}); the remote array did not")
+        raise AssertionError(f"NumPy refuses ({refused}); the remote array did not") from None
     got = fn(*(_remote(client, v) for v in values))
     assert got.dtype == np.asarray(expected).dtype  # known on the client already
-    scale = max([1.0] + [float(np.max(np.abs(np.asarray(v, np.float64)), initial=0))
-                         for v in values])  # fmt: skip
+    scale = max(
+        [1.0] + [float(np.max(np.abs(np.asarray(v, np.float64)), initial=0)) for v in values]
+    )
     _compare(np.asarray(got), expected, scale)
 
 
@@ -103,15 +142,18 @@ def test_operators_like_numpy(client: Client, op: str, pair: tuple[Any, Any]) ->
     a, b = pair
     if op == "@" and (np.ndim(a) == 0 or np.ndim(b) == 0):
         return
-    _same(client, lambda x, y: eval(f"x {op} y"), a, b)  # noqa: S307 - our own operators
+    _same(client, lambda x, y: eval(f"x {op} y"), a, b)
 
 
 @PROPERTY
 @given(
     ufunc=st.sampled_from(UNARY),
     x=st.sampled_from(DTYPES).flatmap(
-        lambda d: hnp.arrays(d, hnp.array_shapes(min_dims=0, max_dims=3, max_side=4),
-                             elements=_elements(d, positive=True))  # fmt: skip
+        lambda d: hnp.arrays(
+            d,
+            hnp.array_shapes(min_dims=0, max_dims=3, max_side=4),
+            elements=_elements(d, positive=True),
+        )
     ),
 )
 def test_unary_ufuncs_like_numpy(client: Client, ufunc: Any, x: np.ndarray) -> None:
@@ -120,11 +162,11 @@ def test_unary_ufuncs_like_numpy(client: Client, ufunc: Any, x: np.ndarray) -> N
 
 @PROPERTY
 @given(
-    function=st.sampled_from([np.sum, np.mean, np.max, np.min, np.argmax, np.std, np.prod,
-                              np.any]),  # fmt: skip
+    function=st.sampled_from([np.sum, np.mean, np.max, np.min, np.argmax, np.std, np.prod, np.any]),
     x=st.sampled_from(DTYPES).flatmap(
-        lambda d: hnp.arrays(d, hnp.array_shapes(min_dims=1, max_dims=3, max_side=4),
-                             elements=_elements(d))  # fmt: skip
+        lambda d: hnp.arrays(
+            d, hnp.array_shapes(min_dims=1, max_dims=3, max_side=4), elements=_elements(d)
+        )
     ),
     data=st.data(),
 )

@@ -49,7 +49,7 @@ class RemoteArray:
     def __init__(self, ctx: Context, use: Use, dtype: Any, shape: Sequence[int]) -> None:
         self._ctx = ctx
         self._use = use
-        self._dtype = np.dtype(dtype)
+        self._dtype: np.dtype[Any] = np.dtype(dtype)
         self._shape = tuple(int(d) for d in shape)
 
     # ------------------------------------------------------------------ attributes
@@ -80,14 +80,14 @@ class RemoteArray:
         return self.size * self._dtype.itemsize
 
     @property
-    def T(self) -> RemoteArray:  # noqa: N802 - NumPy's name
+    def T(self) -> Any:
         """The transpose (dimensions reversed)."""
-        return np.transpose(self)  # type: ignore[no-any-return]
+        return np.transpose(self)
 
     @property
-    def mT(self) -> RemoteArray:  # noqa: N802 - NumPy's name
+    def mT(self) -> Any:
         """The transpose of the last two dimensions."""
-        return np.swapaxes(self, -1, -2)  # type: ignore[no-any-return]
+        return np.swapaxes(self, -1, -2)
 
     @property
     def round_trips(self) -> int:
@@ -299,10 +299,10 @@ class RemoteArray:
     def __ge__(self, other: Any) -> Any:
         return np.greater_equal(self, other)
 
-    def __eq__(self, other: Any) -> Any:  # type: ignore[override]
+    def __eq__(self, other: Any) -> Any:
         return np.equal(self, other)
 
-    def __ne__(self, other: Any) -> Any:  # type: ignore[override]
+    def __ne__(self, other: Any) -> Any:
         return np.not_equal(self, other)
 
     def __and__(self, other: Any) -> Any:

@@ -4,6 +4,7 @@ round trips they make."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Generator, Sequence
 from typing import Any
 
@@ -19,10 +20,7 @@ class Context:
         self.client = client
         # AsyncClient's methods are coroutines; which client it is decides which
         # materialisations are allowed (blocking ones or awaited ones).
-        run = getattr(type(client), "run", None)
-        self.is_async = bool(getattr(run, "__code__", None)) and bool(
-            run.__code__.co_flags & 0x80  # CO_COROUTINE
-        )
+        self.is_async = inspect.iscoroutinefunction(getattr(type(client), "run", None))
         #: Round trips this context's materialisations made (Run and Get calls).
         self.round_trips = 0
 

@@ -84,11 +84,7 @@ def uses_in(value: Any) -> Iterator[Use]:
 
 def _is_source(use: Use, cached: bool) -> bool:
     node = use.node
-    return (
-        not node.function
-        or use.index in node.kept
-        or (cached and use.index in node.values)
-    )
+    return not node.function or use.index in node.kept or (cached and use.index in node.values)
 
 
 def _order(wanted: Sequence[Use], cached: bool) -> list[Node]:

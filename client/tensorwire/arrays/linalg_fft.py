@@ -31,7 +31,7 @@ def _float_cast(a: RemoteArray, computed: np.dtype[Any]) -> list[str | None]:
     return [None if a.dtype.kind in "fc" else dtype_name(computed)]
 
 
-def _matrix(a: Any, name: str) -> RemoteArray:
+def _matrix(a: Any, name: str) -> Any:
     if not isinstance(a, RemoteArray):
         raise UnsupportedError(f"{name}: the array must be a remote array")
     if a.ndim < 2:
@@ -42,7 +42,9 @@ def _matrix(a: Any, name: str) -> RemoteArray:
 
 
 @implements(np.linalg.svd)
-def svd(a: Any, full_matrices: bool = True, compute_uv: bool = True, hermitian: bool = False) -> Any:  # fmt: skip
+def svd(
+    a: Any, full_matrices: bool = True, compute_uv: bool = True, hermitian: bool = False
+) -> Any:
     """numpy.linalg.svd."""
     a = _matrix(a, "numpy.linalg.svd")
     if hermitian:
@@ -52,9 +54,13 @@ def svd(a: Any, full_matrices: bool = True, compute_uv: bool = True, hermitian: 
     if not compute_uv:
         s_dtype = np.linalg.svd(_square_probe(a), compute_uv=False).dtype
         return apply(
-            a._ctx, "linalg.svdvals", [a._use], casts=_float_cast(a, s_dtype),
-            dtypes=[s_dtype], shapes=[(*batch, k)],
-        )  # fmt: skip
+            a._ctx,
+            "linalg.svdvals",
+            [a._use],
+            casts=_float_cast(a, s_dtype),
+            dtypes=[s_dtype],
+            shapes=[(*batch, k)],
+        )
     u, s, vh = np.linalg.svd(_square_probe(a))
     rows, cols = (m, n) if full_matrices else (k, k)
     out = apply(
@@ -70,53 +76,64 @@ def svd(a: Any, full_matrices: bool = True, compute_uv: bool = True, hermitian: 
 
 
 @implements(np.linalg.solve)
-def solve(a: Any, b: Any) -> RemoteArray:
+def solve(a: Any, b: Any) -> Any:
     """numpy.linalg.solve (b a vector when it is 1-D)."""
     a = _matrix(a, "numpy.linalg.solve")
     if not isinstance(b, RemoteArray):
         raise UnsupportedError("numpy.linalg.solve: b must be a remote array")
-    computed = np.linalg.solve(_square_probe(a).astype(np.result_type(a.dtype, b.dtype)), probe(
-        (1,) * b.ndim, b.dtype)).dtype  # fmt: skip
+    computed = np.linalg.solve(
+        _square_probe(a).astype(np.result_type(a.dtype, b.dtype)), probe((1,) * b.ndim, b.dtype)
+    ).dtype
     if b.ndim == 1:
         shape = (*a.shape[:-2], a.shape[-1])
     else:
         shape = (*np.broadcast_shapes(a.shape[:-2], b.shape[:-2]), *b.shape[-2:])
     casts = [None if x.dtype == computed else dtype_name(computed) for x in (a, b)]
-    return apply(  # type: ignore[no-any-return]
+    return apply(
         a._ctx, "linalg.solve", [a._use, b._use], casts=casts, dtypes=[computed], shapes=[shape]
     )
 
 
 @implements(np.linalg.inv)
-def inv(a: Any) -> RemoteArray:
+def inv(a: Any) -> Any:
     """numpy.linalg.inv."""
     a = _matrix(a, "numpy.linalg.inv")
     computed = np.linalg.inv(_square_probe(a)).dtype
-    return apply(  # type: ignore[no-any-return]
-        a._ctx, "linalg.inv", [a._use], casts=_float_cast(a, computed), dtypes=[computed],
+    return apply(
+        a._ctx,
+        "linalg.inv",
+        [a._use],
+        casts=_float_cast(a, computed),
+        dtypes=[computed],
         shapes=[a.shape],
-    )  # fmt: skip
+    )
 
 
 @implements(np.linalg.det)
-def det(a: Any) -> RemoteArray:
+def det(a: Any) -> Any:
     """numpy.linalg.det."""
     a = _matrix(a, "numpy.linalg.det")
     computed = np.linalg.det(_square_probe(a)).dtype
-    return apply(  # type: ignore[no-any-return]
-        a._ctx, "linalg.det", [a._use], casts=_float_cast(a, computed), dtypes=[computed],
+    return apply(
+        a._ctx,
+        "linalg.det",
+        [a._use],
+        casts=_float_cast(a, computed),
+        dtypes=[computed],
         shapes=[a.shape[:-2]],
-    )  # fmt: skip
+    )
 
 
 @implements(np.linalg.norm)
-def norm(x: Any, ord: Any = None, axis: Any = None, keepdims: bool = False) -> RemoteArray:  # noqa: A002
+def norm(x: Any, ord: Any = None, axis: Any = None, keepdims: bool = False) -> Any:
     """numpy.linalg.norm: vector norms over one axis (or the flattened array when ord
     is None), matrix norms over two."""
     if not isinstance(x, RemoteArray):
         raise UnsupportedError("numpy.linalg.norm: the array must be a remote array")
     dims = axes(axis, x.ndim)
-    computed = np.dtype(np.linalg.norm(probe(x.shape, x.dtype), ord=ord, axis=axis, keepdims=keepdims).dtype)  # fmt: skip
+    computed = np.dtype(
+        np.linalg.norm(probe(x.shape, x.dtype), ord=ord, axis=axis, keepdims=keepdims).dtype
+    )
     kwargs: dict[str, Any] = {"keepdim": bool(keepdims)}
     if axis is None and ord is None:
         function = "linalg.vector_norm"
@@ -135,15 +152,20 @@ def norm(x: Any, ord: Any = None, axis: Any = None, keepdims: bool = False) -> R
         raise unsupported("numpy.linalg.norm", "axis", axis)
     if isinstance(kwargs.get("ord"), float) and np.isinf(kwargs["ord"]):
         kwargs["ord"] = float(kwargs["ord"])
-    return apply(  # type: ignore[no-any-return]
-        x._ctx, function, [x._use], kwargs, casts=_float_cast(x, computed), dtypes=[computed],
+    return apply(
+        x._ctx,
+        function,
+        [x._use],
+        kwargs,
+        casts=_float_cast(x, computed),
+        dtypes=[computed],
         shapes=[shape],
-    )  # fmt: skip
+    )
 
 
 def _fft(
     name: str, function: str, reference: Any, a: Any, n: Any, axis: int, norm: Any, size: Any
-) -> RemoteArray:
+) -> Any:
     if not isinstance(a, RemoteArray):
         raise UnsupportedError(f"{name}: the array must be a remote array")
     dim = axis_index(axis, a.ndim)
@@ -163,13 +185,13 @@ def _fft(
         kwargs["norm"] = norm
     shape = (*a.shape[:dim], out, *a.shape[dim + 1 :])
     cast = None if a.dtype == computed_in else dtype_name(computed_in)
-    return apply(  # type: ignore[no-any-return]
+    return apply(
         a._ctx, function, [a._use], kwargs, casts=[cast], dtypes=[computed_out], shapes=[shape]
     )
 
 
 @implements(np.fft.rfft)
-def rfft(a: Any, n: Any = None, axis: int = -1, norm: Any = None, out: Any = None) -> RemoteArray:
+def rfft(a: Any, n: Any = None, axis: int = -1, norm: Any = None, out: Any = None) -> Any:
     """numpy.fft.rfft."""
     if out is not None:
         raise unsupported("numpy.fft.rfft", "out", out)
@@ -179,7 +201,7 @@ def rfft(a: Any, n: Any = None, axis: int = -1, norm: Any = None, out: Any = Non
 
 
 @implements(np.fft.irfft)
-def irfft(a: Any, n: Any = None, axis: int = -1, norm: Any = None, out: Any = None) -> RemoteArray:
+def irfft(a: Any, n: Any = None, axis: int = -1, norm: Any = None, out: Any = None) -> Any:
     """numpy.fft.irfft."""
     if out is not None:
         raise unsupported("numpy.fft.irfft", "out", out)
@@ -191,7 +213,7 @@ def irfft(a: Any, n: Any = None, axis: int = -1, norm: Any = None, out: Any = No
 
 
 @implements(np.fft.fft)
-def fft(a: Any, n: Any = None, axis: int = -1, norm: Any = None, out: Any = None) -> RemoteArray:
+def fft(a: Any, n: Any = None, axis: int = -1, norm: Any = None, out: Any = None) -> Any:
     """numpy.fft.fft."""
     if out is not None:
         raise unsupported("numpy.fft.fft", "out", out)
@@ -199,7 +221,7 @@ def fft(a: Any, n: Any = None, axis: int = -1, norm: Any = None, out: Any = None
 
 
 @implements(np.fft.ifft)
-def ifft(a: Any, n: Any = None, axis: int = -1, norm: Any = None, out: Any = None) -> RemoteArray:
+def ifft(a: Any, n: Any = None, axis: int = -1, norm: Any = None, out: Any = None) -> Any:
     """numpy.fft.ifft."""
     if out is not None:
         raise unsupported("numpy.fft.ifft", "out", out)

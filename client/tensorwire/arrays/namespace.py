@@ -11,13 +11,13 @@ import numpy as np
 from tensorwire.arrays import linalg_fft
 
 add, subtract, multiply, divide = np.add, np.subtract, np.multiply, np.true_divide
-floor_divide, remainder, pow, negative = np.floor_divide, np.remainder, np.power, np.negative  # noqa: A001
-positive, abs, sign, sqrt, square = np.positive, np.absolute, np.sign, np.sqrt, np.square  # noqa: A001
+floor_divide, remainder, pow, negative = np.floor_divide, np.remainder, np.power, np.negative
+positive, abs, sign, sqrt, square = np.positive, np.absolute, np.sign, np.sqrt, np.square
 exp, expm1, log, log1p, log2, log10 = np.exp, np.expm1, np.log, np.log1p, np.log2, np.log10
 sin, cos, tan, asin, acos, atan = np.sin, np.cos, np.tan, np.arcsin, np.arccos, np.arctan
 atan2, sinh, cosh, tanh = np.arctan2, np.sinh, np.cosh, np.tanh
 asinh, acosh, atanh = np.arcsinh, np.arccosh, np.arctanh
-floor, ceil, trunc, round = np.floor, np.ceil, np.trunc, np.round  # noqa: A001
+floor, ceil, trunc, round = np.floor, np.ceil, np.trunc, np.round
 equal, not_equal, less, less_equal = np.equal, np.not_equal, np.less, np.less_equal
 greater, greater_equal = np.greater, np.greater_equal
 logical_and, logical_or, logical_xor, logical_not = (
@@ -29,8 +29,8 @@ logical_and, logical_or, logical_xor, logical_not = (
 isfinite, isnan, isinf = np.isfinite, np.isnan, np.isinf
 maximum, minimum, hypot, logaddexp = np.maximum, np.minimum, np.hypot, np.logaddexp
 matmul = np.matmul
-sum, prod, mean, std, var = np.sum, np.prod, np.mean, np.std, np.var  # noqa: A001
-max, min, argmax, argmin, all, any = np.max, np.min, np.argmax, np.argmin, np.all, np.any  # noqa: A001
+sum, prod, mean, std, var = np.sum, np.prod, np.mean, np.std, np.var
+max, min, argmax, argmin, all, any = np.max, np.min, np.argmax, np.argmin, np.all, np.any
 reshape, permute_dims, concat, stack = np.reshape, np.transpose, np.concatenate, np.stack
 expand_dims, squeeze, where, clip, sort = np.expand_dims, np.squeeze, np.where, np.clip, np.sort
 astype = np.astype

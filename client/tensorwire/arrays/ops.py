@@ -43,7 +43,7 @@ def _remote(values: Any) -> list[RemoteArray]:
     return found
 
 
-def operand(value: Any) -> RemoteArray | np.ndarray | int | float | complex:
+def operand(value: Any) -> Any:
     """A remote array, a weak Python scalar, or anything else as a local NumPy array."""
     if isinstance(value, RemoteArray) or is_weak(value):
         return value
@@ -111,11 +111,11 @@ def apply(
 
 def elementwise(
     ctx: Context, function: str, operands: Sequence[Any], dtype: Any, *, shape: Any = None
-) -> RemoteArray:
+) -> Any:
     """``function`` on operands all cast to ``dtype`` first, with a result of ``dtype``."""
     dtype = np.dtype(dtype)
     shape = np.broadcast_shapes(*(shape_of(o) for o in operands)) if shape is None else shape
-    return apply(  # type: ignore[no-any-return]
+    return apply(
         ctx,
         function,
         [argument(o, dtype) for o in operands],

@@ -36,7 +36,7 @@ def _reduction(
     *,
     compute_as_result: bool = False,
     **extra: Any,
-) -> RemoteArray:
+) -> Any:
     """``function`` over ``axis`` (all dimensions for None)."""
     a = _remote(a, name)
     dims = axes(axis, a.ndim)
@@ -52,7 +52,7 @@ def _reduction(
     elif dtype is not None and a.dtype != np.dtype(dtype):
         cast = np.dtype(dtype)
     torch_extra = {("correction" if k == "ddof" else k): v for k, v in extra.items()}
-    return apply(  # type: ignore[no-any-return]
+    return apply(
         a._ctx,
         function,
         [a._use],
@@ -69,21 +69,37 @@ def _name(dtype: np.dtype[Any]) -> str:
     return dtype_name(dtype)
 
 
-def _remote(a: Any, name: str) -> RemoteArray:
+def _remote(a: Any, name: str) -> Any:
     if not isinstance(a, RemoteArray):
         raise UnsupportedError(f"{name}: the array must be a remote array")
     return a
 
 
 @implements(np.sum)
-def sum(a, axis=None, dtype=None, out=None, keepdims=False, initial=None, where=True):  # type: ignore[no-untyped-def]  # noqa: A001
+def sum(
+    a: Any,
+    axis: Any = None,
+    dtype: Any = None,
+    out: Any = None,
+    keepdims: Any = False,
+    initial: Any = None,
+    where: Any = True,
+) -> Any:
     """numpy.sum."""
     _check("numpy.sum", out, where, initial)
     return _reduction(a, "numpy.sum", "sum", np.sum, axis, keepdims, dtype)
 
 
 @implements(np.prod)
-def prod(a, axis=None, dtype=None, out=None, keepdims=False, initial=None, where=True):  # type: ignore[no-untyped-def]
+def prod(
+    a: Any,
+    axis: Any = None,
+    dtype: Any = None,
+    out: Any = None,
+    keepdims: Any = False,
+    initial: Any = None,
+    where: Any = True,
+) -> Any:
     """numpy.prod (over all dimensions or one)."""
     _check("numpy.prod", out, where, initial)
     a = _remote(a, "numpy.prod")
@@ -107,7 +123,15 @@ def prod(a, axis=None, dtype=None, out=None, keepdims=False, initial=None, where
 
 
 @implements(np.mean)
-def mean(a, axis=None, dtype=None, out=None, keepdims=False, *, where=True):  # type: ignore[no-untyped-def]
+def mean(
+    a: Any,
+    axis: Any = None,
+    dtype: Any = None,
+    out: Any = None,
+    keepdims: Any = False,
+    *,
+    where: Any = True,
+) -> Any:
     """numpy.mean (ints computed in float64, as NumPy does)."""
     _check("numpy.mean", out, where)
     return _reduction(
@@ -116,7 +140,18 @@ def mean(a, axis=None, dtype=None, out=None, keepdims=False, *, where=True):  # 
 
 
 @implements(np.std)
-def std(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *, where=True, mean=None, correction=None):  # type: ignore[no-untyped-def]
+def std(
+    a: Any,
+    axis: Any = None,
+    dtype: Any = None,
+    out: Any = None,
+    ddof: Any = 0,
+    keepdims: Any = False,
+    *,
+    where: Any = True,
+    mean: Any = None,
+    correction: Any = None,
+) -> Any:
     """numpy.std (ddof or correction)."""
     _check("numpy.std", out, where, mean)
     ddof = correction if correction is not None else ddof
@@ -126,7 +161,18 @@ def std(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *, where=Tru
 
 
 @implements(np.var)
-def var(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *, where=True, mean=None, correction=None):  # type: ignore[no-untyped-def]
+def var(
+    a: Any,
+    axis: Any = None,
+    dtype: Any = None,
+    out: Any = None,
+    ddof: Any = 0,
+    keepdims: Any = False,
+    *,
+    where: Any = True,
+    mean: Any = None,
+    correction: Any = None,
+) -> Any:
     """numpy.var (ddof or correction)."""
     _check("numpy.var", out, where, mean)
     ddof = correction if correction is not None else ddof
@@ -136,34 +182,52 @@ def var(a, axis=None, dtype=None, out=None, ddof=0, keepdims=False, *, where=Tru
 
 
 @implements(np.max, np.amax)
-def max(a, axis=None, out=None, keepdims=False, initial=None, where=True):  # type: ignore[no-untyped-def]  # noqa: A001
+def max(
+    a: Any,
+    axis: Any = None,
+    out: Any = None,
+    keepdims: Any = False,
+    initial: Any = None,
+    where: Any = True,
+) -> Any:
     """numpy.max."""
     _check("numpy.max", out, where, initial)
     return _reduction(a, "numpy.max", "amax", np.max, axis, keepdims)
 
 
 @implements(np.min, np.amin)
-def min(a, axis=None, out=None, keepdims=False, initial=None, where=True):  # type: ignore[no-untyped-def]  # noqa: A001
+def min(
+    a: Any,
+    axis: Any = None,
+    out: Any = None,
+    keepdims: Any = False,
+    initial: Any = None,
+    where: Any = True,
+) -> Any:
     """numpy.min."""
     _check("numpy.min", out, where, initial)
     return _reduction(a, "numpy.min", "amin", np.min, axis, keepdims)
 
 
 @implements(np.all)
-def all(a, axis=None, out=None, keepdims=False, *, where=True):  # type: ignore[no-untyped-def]  # noqa: A001
+def all(
+    a: Any, axis: Any = None, out: Any = None, keepdims: Any = False, *, where: Any = True
+) -> Any:
     """numpy.all."""
     _check("numpy.all", out, where)
     return _reduction(a, "numpy.all", "all", np.all, axis, keepdims)
 
 
 @implements(np.any)
-def any(a, axis=None, out=None, keepdims=False, *, where=True):  # type: ignore[no-untyped-def]  # noqa: A001
+def any(
+    a: Any, axis: Any = None, out: Any = None, keepdims: Any = False, *, where: Any = True
+) -> Any:
     """numpy.any."""
     _check("numpy.any", out, where)
     return _reduction(a, "numpy.any", "any", np.any, axis, keepdims)
 
 
-def _arg(name: str, function: str, a: Any, axis: Any, out: Any, keepdims: bool) -> RemoteArray:
+def _arg(name: str, function: str, a: Any, axis: Any, out: Any, keepdims: bool) -> Any:
     _check(name, out)
     a = _remote(a, name)
     kwargs: dict[str, Any] = {"keepdim": bool(keepdims)}
@@ -174,25 +238,31 @@ def _arg(name: str, function: str, a: Any, axis: Any, out: Any, keepdims: bool) 
         kwargs["dim"] = dim
         shape = reduced(a.shape, (dim,), keepdims)
     cast = "uint8" if a.dtype == np.bool_ else None  # torch has no argmax of bools
-    return apply(  # type: ignore[no-any-return]
-        a._ctx, function, [a._use], kwargs, casts=[cast], dtypes=[np.intp], shapes=[shape]
-    )
+    return apply(a._ctx, function, [a._use], kwargs, casts=[cast], dtypes=[np.intp], shapes=[shape])
 
 
 @implements(np.argmax)
-def argmax(a, axis=None, out=None, *, keepdims=False):  # type: ignore[no-untyped-def]
+def argmax(a: Any, axis: Any = None, out: Any = None, *, keepdims: Any = False) -> Any:
     """numpy.argmax."""
     return _arg("numpy.argmax", "argmax", a, axis, out, keepdims)
 
 
 @implements(np.argmin)
-def argmin(a, axis=None, out=None, *, keepdims=False):  # type: ignore[no-untyped-def]
+def argmin(a: Any, axis: Any = None, out: Any = None, *, keepdims: Any = False) -> Any:
     """numpy.argmin."""
     return _arg("numpy.argmin", "argmin", a, axis, out, keepdims)
 
 
 def _reduce_method(function: Callable[..., Any]) -> Callable[..., Any]:
-    def reduce(a, axis=0, dtype=None, out=None, keepdims=False, initial=None, where=True):  # type: ignore[no-untyped-def]
+    def reduce(
+        a: Any,
+        axis: Any = 0,
+        dtype: Any = None,
+        out: Any = None,
+        keepdims: Any = False,
+        initial: Any = None,
+        where: Any = True,
+    ) -> Any:
         _check("reduce", out, where, initial)
         if dtype is not None:
             return function(a, axis=axis, dtype=dtype, keepdims=keepdims)

@@ -100,7 +100,9 @@ def _out_of_range(value: Any, dtype: np.dtype[Any]) -> bool:
 def _resolve(ufunc: Any, name: str, operands: Sequence[Any]) -> tuple[np.dtype[Any], ...]:
     """The dtypes NumPy computes ``ufunc`` in and returns, by NumPy's own resolution."""
     try:
-        return tuple(ufunc.resolve_dtypes((*(dtype_of(o) for o in operands), *(None,) * ufunc.nout)))
+        return tuple(
+            ufunc.resolve_dtypes((*(dtype_of(o) for o in operands), *(None,) * ufunc.nout))
+        )
     except TypeError as exc:  # NumPy has no loop for these dtypes: it refuses too
         raise UnsupportedError(f"{name}: {exc}") from None
 
@@ -115,7 +117,9 @@ def call_ufunc(ufunc: Any, inputs: Sequence[Any]) -> Any:
     function, extra = UFUNCS[ufunc]
     loop = _resolve(ufunc, name, operands)
     ins, outs = loop[: ufunc.nin], loop[ufunc.nin :]
-    if function in _COMPARE and any(_out_of_range(o, d) for o, d in zip(operands, ins, strict=True)):
+    if function in _COMPARE and any(
+        _out_of_range(o, d) for o, d in zip(operands, ins, strict=True)
+    ):
         ins = (np.dtype(np.int64),) * len(ins)  # NumPy compares such Python ints exactly
     if function in _NO_BOOL:
         ins = tuple(np.dtype(np.int64) if d == np.bool_ else d for d in ins)

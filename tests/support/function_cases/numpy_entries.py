@@ -16,9 +16,7 @@ _rng = np.random.default_rng(36)  # its own generator: the other families' draws
 
 
 def _index(input: torch.Tensor, items: list[Any]) -> torch.Tensor:
-    key = tuple(
-        Ellipsis if i == "..." else slice(*i) if isinstance(i, list) else i for i in items
-    )
+    key = tuple(Ellipsis if i == "..." else slice(*i) if isinstance(i, list) else i for i in items)
     return torch.from_numpy(np.ascontiguousarray(input.numpy()[key]))
 
 
