@@ -19,14 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire.arrays import functions, linalg_fft, reductions, ufuncs
+from tensorwire.arrays import functions, linalg_fft, namespace, reductions, ufuncs
 from tensorwire.arrays.array import RemoteArray, dtype_name
 from tensorwire.arrays.dispatch import UnsupportedError, supported
 from tensorwire.arrays.execute import Context, run_async, run_sync
 from tensorwire.arrays.graph import Node, Use
 from tensorwire.arrays.linalg_fft import SVDResult
 
-_ = (functions, linalg_fft, reductions, ufuncs)  # imported to fill the dispatch tables
+_ = (functions, linalg_fft, namespace, reductions, ufuncs)  # imported to fill the dispatch tables
 _CONTEXTS: weakref.WeakKeyDictionary[Any, Context] = weakref.WeakKeyDictionary()
 
 

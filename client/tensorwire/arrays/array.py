@@ -9,7 +9,14 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire.arrays.dispatch import FUNCTIONS, REDUCES, UFUNCS, UnsupportedError, public_name
+from tensorwire.arrays.dispatch import (
+    FUNCTIONS,
+    HOOKS,
+    REDUCES,
+    UFUNCS,
+    UnsupportedError,
+    public_name,
+)
 from tensorwire.arrays.execute import Context, run_async, run_sync
 from tensorwire.arrays.graph import Node, Use
 from tensorwire.wire.dtypes import NAME_OF_DTYPE
@@ -216,9 +223,7 @@ class RemoteArray:
             raise UnsupportedError(
                 f"numpy.{ufunc.__name__}: argument {refused[0]!r} is not supported on remote arrays"
             )
-        from tensorwire.arrays.ufuncs import call_ufunc  # the ufunc table's module
-
-        return call_ufunc(ufunc, inputs)
+        return HOOKS["ufunc"](ufunc, inputs)
 
     def __array_function__(
         self, func: Any, types: Sequence[type], args: Sequence[Any], kwargs: dict[str, Any]
@@ -233,9 +238,7 @@ class RemoteArray:
         return impl(*args, **kwargs)
 
     def __array_namespace__(self, *, api_version: str | None = None) -> Any:
-        from tensorwire.arrays import namespace
-
-        return namespace
+        return HOOKS["namespace"]
 
     # ------------------------------------------------------------------ operators
 

@@ -18,6 +18,9 @@ FUNCTIONS: Final[dict[Callable[..., Any], Callable[..., Any]]] = {}
 UFUNCS: Final[dict[Any, tuple[str, dict[str, Any]]]] = {}
 #: ufunc -> implementation of its ``reduce`` method.
 REDUCES: Final[dict[Any, Callable[..., Any]]] = {}
+#: What the array type calls without importing its implementers (no import cycle):
+#: "ufunc" -> the ufunc caller; "namespace" -> the array API namespace module.
+HOOKS: Final[dict[str, Any]] = {}
 #: Public names of the NumPy functions this package implements, as ``numpy.linalg.svd``.
 METHODS: Final[list[str]] = []
 

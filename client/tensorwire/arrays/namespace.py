@@ -4,11 +4,13 @@ is the NumPy function, which dispatches to the remote implementation
 
 from __future__ import annotations
 
+import sys
 from types import SimpleNamespace
 
 import numpy as np
 
 from tensorwire.arrays import linalg_fft
+from tensorwire.arrays.dispatch import HOOKS
 
 add, subtract, multiply, divide = np.add, np.subtract, np.multiply, np.true_divide
 floor_divide, remainder, pow, negative = np.floor_divide, np.remainder, np.power, np.negative
@@ -44,3 +46,5 @@ linalg = SimpleNamespace(
 fft = SimpleNamespace(
     fft=linalg_fft.fft, ifft=linalg_fft.ifft, rfft=linalg_fft.rfft, irfft=linalg_fft.irfft
 )
+
+HOOKS["namespace"] = sys.modules[__name__]

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from tensorwire.arrays.dispatch import UFUNCS, UnsupportedError
+from tensorwire.arrays.dispatch import HOOKS, UFUNCS, UnsupportedError
 from tensorwire.arrays.ops import (
     apply,
     argument,
@@ -139,3 +139,6 @@ def call_ufunc(ufunc: Any, inputs: Sequence[Any]) -> Any:
         dtypes=list(outs),
         shapes=[shape] * len(outs),
     )
+
+
+HOOKS["ufunc"] = call_ufunc
