@@ -94,6 +94,25 @@ def test_a_graph_past_the_program_limit_is_cut_not_refused(client: Client) -> No
     assert all(r["steps"] <= MAX_PROGRAM_STEPS for r in runs)
 
 
+def test_persist_keeps_shared_intermediates_on_the_server(client: Client) -> None:
+    counting = Counting(client)
+    x = ta.asarray(counting, X)
+    z = (x - x.mean(axis=0)) / x.std(axis=0)
+    ta.persist(z)
+    assert counting.calls[-1][0] == "run" and counting.calls[-1][1]["keep"] is True
+    a, b = np.linalg.svd(z.T @ z, compute_uv=False), np.abs(z).max()
+    for value in (a, b):
+        np.asarray(value)
+        assert counting.calls[-1][1]["steps"] <= 3  # z is an input now, not recomputed
+    zn = (X - X.mean(axis=0)) / X.std(axis=0)
+    np.testing.assert_allclose(np.asarray(a), np.linalg.svd(zn.T @ zn, compute_uv=False), rtol=1e-4)
+    w = ta.asarray(counting, np.ones(16, np.float32))
+    y = z @ w
+    ta.persist(y)
+    value, (grad,) = ta.grad((y**2).sum(), w)  # through y, not from its kept copy
+    np.testing.assert_allclose(grad, 2 * zn.T @ (zn @ np.ones(16)), rtol=1e-3, atol=1e-3)
+
+
 def test_scalars_and_truth_values(client: Client) -> None:
     x = ta.asarray(client, np.arange(6, dtype=np.int64))
     if x.sum() > 10:  # a comparison used in `if`
@@ -173,6 +192,7 @@ def test_async_client_awaits_values(address: str) -> None:
             with pytest.raises(TypeError, match="await"):
                 np.asarray(s)
             first = await s
+            await ta.persist_async(peak)
             rest = await ta.compute_async(peak, flag)
             w = ta.constant(ac, np.ones(16, np.float32))
             value, (grad,) = await ta.grad_async(((x @ w) ** 2).sum(), w)
@@ -184,4 +204,4 @@ def test_async_client_awaits_values(address: str) -> None:
     assert peak == expected[1] and flag == expected[2]
     np.testing.assert_allclose(grad, 2 * X.T @ (X @ np.ones(16, np.float32)), rtol=1e-4)
     assert value.dtype == np.float32
-    assert trips == 3
+    assert trips == 4

@@ -92,6 +92,22 @@ async def compute_async(*arrays: RemoteArray) -> tuple[np.ndarray, ...]:
     return tuple(values)
 
 
+def persist(*arrays: RemoteArray) -> None:
+    """Compute ``arrays`` in one program and keep them on the server: later values
+    that need them start from them instead of computing them again. Nothing comes
+    back (one round trip)."""
+    ctx, uses = _uses(arrays, "persist")
+    ctx.check_sync("persist()")
+    run_sync(ctx, uses, keep=True)
+
+
+async def persist_async(*arrays: RemoteArray) -> None:
+    """``persist`` for an AsyncClient's arrays."""
+    ctx, uses = _uses(arrays, "persist_async")
+    ctx.check_async("persist_async()")
+    await run_async(ctx, uses, keep=True)
+
+
 def _grad_uses(loss: RemoteArray, wrt: Sequence[RemoteArray]) -> tuple[Context, Use, list[Use]]:
     ctx, uses = _uses([loss, *wrt], "grad")
     if loss.size != 1 or loss.dtype.kind not in "fc":
@@ -141,6 +157,8 @@ __all__ = [
     "constant",
     "grad",
     "grad_async",
+    "persist",
+    "persist_async",
     "round_trips",
     "supported",
 ]

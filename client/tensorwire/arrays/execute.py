@@ -50,9 +50,13 @@ def run_sync(
     *,
     loss: Use | None = None,
     wrt: Sequence[Use] = (),
+    keep: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Compute ``wanted`` (and gradients) with a blocking Client."""
-    steps: Generator[Call, Any, tuple[list[Any], list[Any]]] = plan(wanted, loss=loss, wrt=wrt)
+    """Compute ``wanted`` (and gradients) with a blocking Client; ``keep``: leave
+    them on the server (``plan``)."""
+    steps: Generator[Call, Any, tuple[list[Any], list[Any]]] = plan(
+        wanted, loss=loss, wrt=wrt, keep=keep
+    )
     try:
         call = next(steps)
         while True:
@@ -68,6 +72,8 @@ def run_sync(
             call = steps.send(result)
     except StopIteration as done:
         values, grads = done.value
+    if keep:
+        return [], []
     fetched = []
     for value in values:
         if not isinstance(value, np.ndarray):  # a server-held source asked for as such
@@ -83,9 +89,10 @@ async def run_async(
     *,
     loss: Use | None = None,
     wrt: Sequence[Use] = (),
+    keep: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Compute ``wanted`` (and gradients) with an AsyncClient."""
-    steps = plan(wanted, loss=loss, wrt=wrt)
+    steps = plan(wanted, loss=loss, wrt=wrt, keep=keep)
     try:
         call = next(steps)
         while True:
@@ -101,6 +108,8 @@ async def run_async(
             call = steps.send(result)
     except StopIteration as done:
         values, grads = done.value
+    if keep:
+        return [], []
     fetched = []
     for value in values:
         if not isinstance(value, np.ndarray):

@@ -84,7 +84,9 @@ def uses_in(value: Any) -> Iterator[Use]:
 
 def _is_source(use: Use, cached: bool) -> bool:
     node = use.node
-    return not node.function or use.index in node.kept or (cached and use.index in node.values)
+    # A gradient (cached False) must flow through every step back to the sources, so
+    # results kept or brought back earlier count as sources only when not differentiating.
+    return not node.function or (cached and (use.index in node.kept or use.index in node.values))
 
 
 def _order(wanted: Sequence[Use], cached: bool) -> list[Node]:
@@ -159,11 +161,16 @@ def source_value(use: Use, cached: bool) -> Any:
 
 
 def plan(
-    wanted: Sequence[Use], *, loss: Use | None = None, wrt: Sequence[Use] = ()
+    wanted: Sequence[Use],
+    *,
+    loss: Use | None = None,
+    wrt: Sequence[Use] = (),
+    keep: bool = False,
 ) -> Generator[Call, Any, tuple[list[Any], list[Any]]]:
     """Compute ``wanted`` (and, with ``loss``, its gradient with respect to the sources
     ``wrt``): yields the Run calls to make, is sent each call's ProgramResult, and
-    returns the wanted values and the gradients. Graphs longer than one program are
+    returns the wanted values and the gradients (``keep``: nothing; the wanted values
+    stay on the server, held by their nodes, for later programs). Graphs longer than one program are
     cut: each piece but the last keeps on the server what later pieces read."""
     differentiate = loss is not None
     cached = not differentiate  # a gradient must flow through every step, so recompute
@@ -195,8 +202,13 @@ def plan(
     for node in pieces[-1] if pieces else ():
         builder.add(node)
     if not builder.program.steps:  # every target is a source already
-        return [source_value(u, cached) for u in wanted], []
+        return ([] if keep else [source_value(u, cached) for u in wanted]), []
     refs = [builder.ref(u).name for u in wanted]
+    if keep:
+        result = yield Call(builder.program, builder.inputs, refs, keep=True)
+        for use, ref in zip(wanted, refs, strict=True):
+            use.node.kept[use.index] = result[ref]
+        return [], []
     wrt_names = [builder.ref(u).name for u in wrt]
     loss_ref = builder.ref(loss).name if loss is not None else None
     result = yield Call(builder.program, builder.inputs, refs, False, loss_ref, wrt_names)
