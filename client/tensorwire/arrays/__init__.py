@@ -21,7 +21,7 @@ import numpy as np
 
 from tensorwire.arrays import functions, linalg_fft, namespace, reductions, ufuncs
 from tensorwire.arrays.array import RemoteArray, dtype_name
-from tensorwire.arrays.dispatch import UnsupportedError, supported
+from tensorwire.arrays.dispatch import UnsupportedError, supported, supported_markdown
 from tensorwire.arrays.execute import Context, run_async, run_sync
 from tensorwire.arrays.graph import Node, Use
 from tensorwire.arrays.linalg_fft import SVDResult
@@ -161,4 +161,5 @@ __all__ = [
     "persist_async",
     "round_trips",
     "supported",
+    "supported_markdown",
 ]

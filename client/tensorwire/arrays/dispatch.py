@@ -57,3 +57,29 @@ def supported() -> list[str]:
     names |= {f"numpy.{u.__name__}.reduce" for u in REDUCES}
     names |= {f"RemoteArray.{m}" for m in METHODS}
     return sorted(names)
+
+
+def supported_markdown() -> str:
+    """``supported()`` as the README lists it: one bullet per kind of name."""
+    names = supported()
+    ufuncs = {f"numpy.{u.__name__}" for u in UFUNCS}
+    groups: dict[str, list[str]] = {
+        "ufuncs (and operators)": [n for n in names if n in ufuncs],
+        "ufunc methods": [n for n in names if n.endswith(".reduce")],
+        "functions": [
+            n
+            for n in names
+            if n.startswith("numpy.")
+            and n not in ufuncs
+            and not n.endswith(".reduce")
+            and n.count(".") == 1
+        ],
+        "numpy.linalg": [n for n in names if n.startswith("numpy.linalg.")],
+        "numpy.fft": [n for n in names if n.startswith("numpy.fft.")],
+        "RemoteArray methods and attributes": [n for n in names if n.startswith("RemoteArray.")],
+    }
+    lines = []
+    for title, members in groups.items():
+        short = [m.removeprefix("numpy.").removeprefix("RemoteArray.") for m in members]
+        lines.append(f"- {title}: " + ", ".join(f"`{s}`" for s in short))
+    return "\n".join(lines)
