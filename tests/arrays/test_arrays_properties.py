@@ -187,3 +187,33 @@ def test_reductions_like_numpy(client: Client, function: Any, x: np.ndarray, dat
     assert got.dtype == np.asarray(expected).dtype and got.shape == np.shape(expected)
     # Sums may be accumulated in another order (or precision) than NumPy's.
     _compare(np.asarray(got), expected, float(np.sum(np.abs(x.astype(np.float64)))) + 1)
+
+
+@PROPERTY
+@given(data=st.data())
+def test_basic_indexing_like_numpy(client: Client, data: Any) -> None:
+    shape = data.draw(hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5))
+    x = np.arange(int(np.prod(shape)), dtype=np.int32).reshape(shape)
+    key = data.draw(hnp.basic_indices(shape, allow_newaxis=True, allow_ellipsis=True))
+    remote = ta.asarray(client, x)[key]
+    assert remote.shape == x[key].shape
+    _compare(np.asarray(remote), x[key], 1.0)
+
+
+@PROPERTY
+@given(
+    shapes=hnp.mutually_broadcastable_shapes(
+        signature=np.matmul.signature,
+        max_dims=2,
+        max_side=4,  # type: ignore[arg-type]
+    ),
+    dtypes=st.tuples(st.sampled_from(DTYPES[1:]), st.sampled_from(DTYPES[1:])),
+)
+def test_matmul_shapes_and_dtypes_like_numpy(
+    client: Client, shapes: Any, dtypes: tuple[Any, Any]
+) -> None:
+    a_shape, b_shape = shapes.input_shapes
+    rng = np.random.default_rng(0)
+    a = rng.integers(-3, 4, a_shape).astype(dtypes[0])
+    b = rng.integers(-3, 4, b_shape).astype(dtypes[1])
+    _same(client, np.matmul, a, b)
