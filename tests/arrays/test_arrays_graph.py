@@ -188,6 +188,10 @@ def test_async_client_awaits_values(address: str) -> None:
     async def main() -> tuple[Any, ...]:
         async with AsyncClient(address, timeout=60) as ac:
             x = ta.asarray(await ac.put(X))
+            with pytest.raises(TypeError, match="asarray_async"):
+                ta.asarray(ac, X)
+            y = await ta.asarray_async(ac, X)
+            assert float(await (x - y).max()) == 0.0
             s, peak, flag = _workload(x)
             with pytest.raises(TypeError, match="await"):
                 np.asarray(s)
@@ -204,4 +208,4 @@ def test_async_client_awaits_values(address: str) -> None:
     assert peak == expected[1] and flag == expected[2]
     np.testing.assert_allclose(grad, 2 * X.T @ (X @ np.ones(16, np.float32)), rtol=1e-4)
     assert value.dtype == np.float32
-    assert trips == 4
+    assert trips == 6  # asarray_async, the max, s, persist, compute, grad

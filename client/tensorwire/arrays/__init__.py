@@ -49,13 +49,25 @@ def asarray(source: Any, data: Any = None) -> RemoteArray:
     if data is None:
         raise TypeError("asarray(client, data) or asarray(remote_tensor)")
     ctx = _context(source)
-    ctx.check_sync("asarray(client, data)")
+    if ctx.is_async:
+        raise TypeError("asarray(client, data) would block: `await asarray_async(client, data)`")
     if isinstance(data, RemoteArray):
         return data
     arr = np.asarray(data)
     dtype_name(arr.dtype)
     ctx.round_trips += 1
     tensor = source.put(arr)
+    return RemoteArray(ctx, Use(Node(tensor=tensor)), arr.dtype, arr.shape)
+
+
+async def asarray_async(client: Any, data: Any) -> RemoteArray:
+    """``asarray(client, data)`` for an AsyncClient: ``await`` the upload."""
+    ctx = _context(client)
+    ctx.check_async("asarray_async(client, data)")
+    arr = np.asarray(data)
+    dtype_name(arr.dtype)
+    ctx.round_trips += 1
+    tensor = await client.put(arr)
     return RemoteArray(ctx, Use(Node(tensor=tensor)), arr.dtype, arr.shape)
 
 
@@ -152,6 +164,7 @@ __all__ = [
     "SVDResult",
     "UnsupportedError",
     "asarray",
+    "asarray_async",
     "compute",
     "compute_async",
     "constant",
