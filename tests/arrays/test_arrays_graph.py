@@ -26,7 +26,7 @@ class Counting:
         self.calls: list[tuple[str, dict[str, Any]]] = []
 
     def run(self, program: Any, inputs: Any, **kwargs: Any) -> Any:
-        self.calls.append(("run", {"steps": len(program.steps), **kwargs}))
+        self.calls.append(("run", {"steps": len(program.steps), "inputs": inputs, **kwargs}))
         return self.client.run(program, inputs, **kwargs)
 
     def get(self, tensor: Any) -> Any:
@@ -111,6 +111,19 @@ def test_persist_keeps_shared_intermediates_on_the_server(client: Client) -> Non
     ta.persist(y)
     value, (grad,) = ta.grad((y**2).sum(), w)  # through y, not from its kept copy
     np.testing.assert_allclose(grad, 2 * zn.T @ (zn @ np.ones(16)), rtol=1e-3, atol=1e-3)
+
+
+def test_local_arrays_in_operations_travel_once_per_program(client: Client) -> None:
+    counting = Counting(client)
+    x = ta.asarray(counting, X)
+    shift = np.linspace(0, 1, X.size, dtype=np.float32).reshape(X.shape)  # 4 KiB
+    y = ((x - shift) * (x + shift)).sum(axis=0) / shift.sum(axis=0)
+    got = np.asarray(y)
+    expected = ((X - shift) * (X + shift)).sum(axis=0) / shift.sum(axis=0)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    assert got.dtype == expected.dtype
+    inputs = counting.calls[-1][1]["inputs"]
+    assert sum(1 for v in inputs.values() if v is shift) == 1  # one input, used by 2 steps
 
 
 def test_scalars_and_truth_values(client: Client) -> None:

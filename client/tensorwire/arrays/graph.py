@@ -20,6 +20,9 @@ from tensorwire.programs import Program
 from tensorwire.wire.codec import Ref
 from tensorwire.wire.protocol import MAX_PROGRAM_STEPS
 
+# Local arrays up to this size travel inside the step that uses them.
+_INLINE_BYTES = 1024
+
 
 class Node:
     """One step of the graph, or a source (``data`` or ``tensor`` set)."""
@@ -145,6 +148,14 @@ class _Builder:
     def _resolve(self, value: Any) -> Any:
         if isinstance(value, Use):
             return self.ref(value)
+        if isinstance(value, np.ndarray) and value.nbytes > _INLINE_BYTES:
+            # Local data used by several steps travels once, as a program input.
+            key = (id(value), -1)
+            if key not in self._input_refs:
+                name = f"a{len(self._input_refs)}"
+                self._input_refs[key] = self.program.input(name)
+                self.inputs[name] = value
+            return self._input_refs[key]
         if isinstance(value, list | tuple):
             return [self._resolve(v) for v in value]
         return value
