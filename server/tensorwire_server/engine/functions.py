@@ -10,6 +10,8 @@ from typing import Any, Final
 import torch
 import torch.nn.functional as F
 
+from tensorwire_server.engine import numpy_functions
+
 
 @dataclass(frozen=True)
 class Function:
@@ -471,6 +473,14 @@ def _build() -> dict[str, Function]:
     unused = (set(_WRAPPERS) | set(_CHECKS)) - set(functions)
     if unused:
         raise ValueError(f"wrappers or checks for names not on the allowlist: {sorted(unused)}")
+    # The numpy.* entries: apply sees only the torch entries above, so it cannot nest.
+    numpy_fns: dict[str, Callable[..., Any]] = {
+        "numpy.cast": numpy_functions.cast,
+        "numpy.index": numpy_functions.index,
+        "numpy.apply": numpy_functions.make_apply(dict(functions)),
+    }
+    for name, description in numpy_functions.DESCRIPTIONS:
+        functions[name] = Function(name, numpy_fns[name], description)
     return functions
 
 

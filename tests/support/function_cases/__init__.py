@@ -9,6 +9,7 @@ from support.function_cases import (
     fourier_and_conv,
     linalg,
     nn,
+    numpy_entries,
     reductions,
     selection_and_shape,
 )
@@ -24,6 +25,7 @@ CASES: list[Case] = [
     *reductions.cases(),
     *selection_and_shape.cases(),
     *elementwise.cases(),
+    *numpy_entries.cases(),
 ]
 
 # Functions every client can count on.
