@@ -273,6 +273,36 @@ def test_a_program_step_with_several_outputs(client: Client) -> None:
     np.testing.assert_allclose(r[total], np.linalg.svd(a, compute_uv=False).sum(), rtol=1e-12)
 
 
+def test_a_program_returns_values_and_keeps_intermediates_in_one_call(client: Client) -> None:
+    a = np.random.default_rng(5).standard_normal((6, 4))
+    p = tw.Program()
+    svd = p.call("linalg.svd", p.input("a"), full_matrices=False)
+    total = p.call("sum", svd.output("S"))
+    r = client.run(p, {"a": a}, outputs=[total], kept=[svd.output("Vh"), total])
+    assert list(r.outputs) == ["s1"] and isinstance(r[total], np.ndarray)
+    assert list(r.kept) == ["s0.Vh", "s1"]
+    vh, kept_total = r.kept["s0.Vh"], r.kept["s1"]
+    assert isinstance(vh, tw.RemoteTensor) and vh.shape == (4, 4)
+    np.testing.assert_allclose(kept_total.numpy(), r[total], rtol=1e-12)
+    # A later program starts from the kept intermediate, without computing it again.
+    q = tw.Program()
+    projected = q.call("matmul", q.input("a"), q.call("transpose", q.input("vh"), 0, 1))
+    again = client.run(q, {"a": a, "vh": vh}, outputs=[projected])
+    _, _, want_vh = np.linalg.svd(a, full_matrices=False)
+    np.testing.assert_allclose(np.abs(again[projected]), np.abs(a @ want_vh.T), rtol=1e-10)
+    with pytest.raises(tw.InvalidArgumentError, match="ghost"):
+        client.run(p, {"a": a}, kept=["ghost"])
+    client.free(vh, kept_total)
+
+    async def go() -> None:
+        async with AsyncClient(client.target) as c:
+            ar = await c.run(p, {"a": a}, outputs=[total], kept=[svd.output("S")])
+            assert isinstance(ar.kept["s0.S"], tw.AsyncRemoteTensor)
+            np.testing.assert_allclose(await ar.kept["s0.S"].numpy(), np.linalg.svd(a)[1])
+
+    asyncio.run(go())
+
+
 def test_programs_are_checked_before_sending(client: Client) -> None:
     p = tw.Program()
     x = p.input("x")
