@@ -61,7 +61,7 @@ class ProgramOutcome:
 
     outputs: Named[Any]
     grads: Named[Any]
-    kept: Named[Any] = ()
+    kept: Named[Any] = field(default_factory=list)
 
 
 def check(program: ProgramPlan) -> None:
@@ -92,11 +92,11 @@ def check(program: ProgramPlan) -> None:
     if program.loss:
         _known(program.loss, known, "loss")
     repeated: set[str] = set()
-    for ref in program.kept:
-        _known(ref, known, "kept")
-        if ref in repeated:
-            raise InvalidArgumentError(f"kept names {shown(ref)} twice")
-        repeated.add(ref)
+    for name in program.kept:
+        _known(name, known, "kept")
+        if name in repeated:
+            raise InvalidArgumentError(f"kept names {shown(name)} twice")
+        repeated.add(name)
     inputs = {name for name, _ in program.inputs}
     for name in program.wrt:
         if name not in inputs:
