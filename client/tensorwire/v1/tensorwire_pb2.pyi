@@ -551,7 +551,7 @@ class ProgramStep(_message.Message):
     def __init__(self, name: _Optional[str] = ..., function: _Optional[str] = ..., model: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("inputs", "steps", "outputs", "loss", "wrt", "keep", "kept")
+    __slots__ = ("inputs", "steps", "outputs", "loss", "wrt", "keep", "kept", "free")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -559,6 +559,7 @@ class RunRequest(_message.Message):
     WRT_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
     KEPT_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     steps: _containers.RepeatedCompositeFieldContainer[ProgramStep]
     outputs: _containers.RepeatedScalarFieldContainer[str]
@@ -566,7 +567,8 @@ class RunRequest(_message.Message):
     wrt: _containers.RepeatedScalarFieldContainer[str]
     keep: bool
     kept: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[ProgramStep, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., keep: _Optional[bool] = ..., kept: _Optional[_Iterable[str]] = ...) -> None: ...
+    free: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[ProgramStep, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., keep: _Optional[bool] = ..., kept: _Optional[_Iterable[str]] = ..., free: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunResponse(_message.Message):
     __slots__ = ("outputs", "grads", "kept")
