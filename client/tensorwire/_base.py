@@ -354,7 +354,7 @@ class BaseClient(Generic[RT, TR]):
         request = messages.run_request(program, inputs, outputs, loss, wrt, keep, kept or ())
         makes_handles = keep or bool(kept)  # then never sent twice
         session, received = yield from self._session.call(
-            "Run", request, timeout, keep=makes_handles
+            "Run", request, timeout, keep=makes_handles, carry=request.message.free.extend
         )
         return messages.program_result(received, keep, self._remote(session))
 

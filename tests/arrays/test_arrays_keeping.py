@@ -59,7 +59,16 @@ def test_each_value_alone_computes_the_shared_svd_once(client: Client) -> None:
     recording = Recording(client)
     x = ta.asarray(recording, X)
     results = _results(x)
+    frees: list[list[str]] = []
+    flush = client._session.free
+
+    def spy(session: object, ids: list[str], timeout: object) -> object:  # counts Free calls
+        frees.append(ids)
+        return flush(session, ids, timeout)  # type: ignore[arg-type]
+
+    client._session.free = spy  # type: ignore[method-assign,assignment]
     values = [np.asarray(r) for r in results]  # as a NumPy user prints them
+    assert frees == []  # what was let go of went with the next Run, no Free of its own
     for got, want in zip(values, _results(X), strict=True):
         assert got.dtype == want.dtype
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)

@@ -120,6 +120,27 @@ def test_with_blocks_free_and_garbage_collection_frees_on_the_next_call(address:
         assert info.handles == () and info.bytes == 0
 
 
+def test_a_run_carries_what_garbage_collection_freed(address: str) -> None:
+    with Client(address) as c:
+        frees: list[list[str]] = []
+        flush = c._session.free
+
+        def spy(session: object, ids: list[str], timeout: object) -> object:  # counts Free calls
+            frees.append(ids)
+            return flush(session, ids, timeout)  # type: ignore[arg-type]
+
+        c._session.free = spy  # type: ignore[method-assign,assignment]
+        dropped = [c.put(np.ones(4)) for _ in range(2)]
+        ids = [t.handle.id for t in dropped]
+        del dropped
+        gc.collect()
+        p = tw.Program()
+        p.call("neg", p.input("x"))
+        np.testing.assert_array_equal(c.run(p, {"x": np.ones(2)})["s0"], -np.ones(2))
+        info = c.session_info()
+        assert frees == [] and not {h.id for h in info.handles} & set(ids)  # in the Run
+
+
 def test_a_freed_handle_is_not_found(client: Client) -> None:
     t = client.put(np.arange(3.0))
     handle = t.handle

@@ -232,3 +232,7 @@ def test_a_program_keeps_refs_besides_the_outputs_it_returns(
         service.run(alice, plan(["total", "sq"], [("x", big)]), keep=True)
     assert workspace.summary() == before
     assert not service.run(Caller(), plan([])).kept  # no kept, no session needed
+    # What the client let go of is freed first; ids the session lacks are ignored.
+    held = [h.id for h in workspace.summary().handles]
+    service.run(alice, plan([]), free=[kept["sq"].id, "h-gone"])
+    assert [h.id for h in workspace.summary().handles] == [i for i in held if i != kept["sq"].id]

@@ -363,10 +363,16 @@ class Service:
         export = self._keeper(caller) if keep else as_array
         return self.engine.call(function, args, kwargs, export)
 
-    def run(self, caller: Caller, plan: ProgramPlan, keep: bool = False) -> ProgramOutcome:
+    def run(
+        self, caller: Caller, plan: ProgramPlan, keep: bool = False, free: Sequence[str] = ()
+    ) -> ProgramOutcome:
         """Run a program (differentiated end to end when it names a loss); ``keep``:
         its outputs and gradients stay in the session as handles, as its ``kept`` refs
-        always do. A call that fails keeps nothing: handles it made are freed."""
+        always do. A call that fails keeps nothing: handles it made are freed. ``free``:
+        ids the caller let go of, freed first (those the session lacks are ignored)."""
+        if free:
+            with suppress(NotFoundError):  # the others are freed all the same
+                self.workspace(caller).free(free)
         if not keep and not plan.kept:
             return programs.run(self.engine, plan, as_array)
         workspace = self.workspace(caller)  # FAILED_PRECONDITION before anything runs
