@@ -5,6 +5,7 @@ never holds more than the live arrays need."""
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import Iterator
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 from conftest import start
 
 import tensorwire.arrays as ta
-from tensorwire import Client
+from tensorwire import AsyncClient, Client
 from tensorwire.arrays.graph import MAX_PROGRAM_STEPS
 from tensorwire_server.settings import Settings
 
@@ -136,3 +137,20 @@ def test_a_cut_graph_keeps_its_pieces_results_only_while_needed(client: Client) 
     del other, y
     np.asarray(x.sum())
     assert x._ctx.liveness.held() == 0
+
+
+def test_an_async_clients_values_share_work_too(address: str) -> None:
+    async def main() -> list[np.ndarray]:
+        async with AsyncClient(address, timeout=60) as ac:
+            x = await ta.asarray_async(ac, X)
+            results = _results(x)
+            ctx = x._ctx
+            values = [await results[0]]
+            assert ctx.liveness.held() == 2  # z and vh, which the other three read
+            values += [await r for r in results[1:]]
+            assert ctx.round_trips == 5 and ctx.liveness.held() == 0
+            return values
+
+    values = asyncio.run(main())
+    for got, want in zip(values, _results(X), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
