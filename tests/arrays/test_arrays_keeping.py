@@ -146,7 +146,7 @@ def test_an_async_clients_values_share_work_too(address: str) -> None:
             results = _results(x)
             ctx = x._ctx
             values = [await results[0]]
-            assert ctx.liveness.held() == 2  # z and vh, which the other three read
+            assert ctx.liveness.held() == 3  # z, s and vh, which the other three read
             values += [await r for r in results[1:]]
             assert ctx.round_trips == 5 and ctx.liveness.held() == 0
             return values
