@@ -234,16 +234,24 @@ def plan(
             for u in uses_in((n.args, n.kwargs))
             if not _is_source(u, cached) and id(u.node) not in later
         ] + [u for u in targets if not _is_source(u, cached) and id(u.node) not in later]
-        needed += [u for u in shared if piece_of[id(u.node)] == number]
         needed = list({(id(u.node), u.index): u for u in needed}.values())
+        # What live arrays need besides, kept apart (so the call can run without it).
+        besides = {(id(u.node), u.index) for u in needed}
+        extra = [
+            u
+            for u in shared
+            if piece_of[id(u.node)] == number and (id(u.node), u.index) not in besides
+        ]
         builder = _Builder(cached)
         for node in piece:
             builder.add(node)
         refs = [builder.ref(u).name for u in needed]
-        result = yield Call(builder.program, builder.inputs, refs, keep=True)
+        kept = [builder.ref(u).name for u in extra]
+        result = yield Call(builder.program, builder.inputs, refs, keep=True, kept=kept)
         for use, ref in zip(needed, refs, strict=True):
             # Kept for the pieces after it: let go, like the shared ones, once unneeded.
             (_adopt if (id(use.node), use.index) in explicit else adopt)(use, result[ref])
+        _take_kept(result, extra, kept, adopt)
     builder = _Builder(cached)
     for node in pieces[-1] if pieces else ():
         builder.add(node)
