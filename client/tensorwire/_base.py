@@ -348,10 +348,14 @@ class BaseClient(Generic[RT, TR]):
         wrt: Ref | str | Sequence[Ref | str] | None,
         keep: bool,
         timeout: Timeout,
+        kept: Sequence[Ref | str] | None = None,
     ) -> Flow[ProgramResult[np.ndarray] | ProgramResult[RT]]:
         self._uses_session(inputs, [(s.args, s.kwargs) for s in program.calls])
-        request = messages.run_request(program, inputs, outputs, loss, wrt, keep)
-        session, received = yield from self._session.call("Run", request, timeout, keep=keep)
+        request = messages.run_request(program, inputs, outputs, loss, wrt, keep, kept or ())
+        makes_handles = keep or bool(kept)  # then never sent twice
+        session, received = yield from self._session.call(
+            "Run", request, timeout, keep=makes_handles, carry=request.message.free.extend
+        )
         return messages.program_result(received, keep, self._remote(session))
 
     # ------------------------------------------------------------------ training

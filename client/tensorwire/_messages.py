@@ -239,6 +239,7 @@ def run_request(
     loss: Ref | str | None,
     wrt: Ref | str | Sequence[Ref | str] | None,
     keep: bool,
+    kept: Sequence[Ref | str] = (),
 ) -> Encoder[pb.RunRequest]:
     program.check_inputs(inputs)
     if isinstance(wrt, Ref | str):
@@ -248,6 +249,7 @@ def run_request(
         loss="" if loss is None else ref_name(loss),
         wrt=[ref_name(r) for r in wrt or ()],
         keep=keep,
+        kept=[ref_name(r) for r in kept],
     )
     encoder = Encoder(request)
     for name, value in inputs.items():
@@ -373,7 +375,11 @@ def program_result(
 ) -> ProgramResult[np.ndarray] | ProgramResult[R]:
     m = received.message
     outputs: dict[str, Any] = results(received, m.outputs, keep, remote)
-    return ProgramResult(outputs, results(received, m.grads, keep, remote))
+    grads: dict[str, Any] = results(received, m.grads, keep, remote)
+    if not m.kept:
+        return ProgramResult(outputs, grads)
+    assert remote is not None, "results kept on the server need a maker of remote tensors"
+    return ProgramResult(outputs, grads, kept(received, m.kept, remote))
 
 
 def put_handle(received: Received[pb.PutResponse]) -> Handle:

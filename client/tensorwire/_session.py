@@ -156,26 +156,38 @@ class SessionKeeper:
         *,
         keep: bool = False,
         stream: bool = False,
+        carry: Callable[[list[str]], None] | None = None,
     ) -> Flow[tuple[SessionState, Received[Any]]]:
         """Make a call in this client's session, opening it if need be; ``keep``: the
         call makes handles, so it is never sent twice; ``stream``: its response is
-        known to be large."""
-        session = yield from self.open(timeout)
+        known to be large; ``carry``: puts the ids garbage collection queued into the
+        request (a Run's ``free``), to be freed without a Free call of their own."""
+        session = yield from self.open(timeout, flush=carry is None)
+        carried: list[str] = []
+        if carry is not None:
+            carried = session.take_pending()
+            if carried:
+                carry(carried)
         route = self._route(session.metadata, False if keep else None, stream)
         try:
             received = yield Send(method, encoder, timeout, progress, route)
         except NotFoundError as exc:
+            session.pending.extend(carried)  # freed by the next call (again: harmless)
             if (yield from self._exists(session)):
                 raise
             raise self._lost(session) from exc
+        except BaseException:
+            session.pending.extend(carried)
+            raise
         return session, received
 
-    def open(self, timeout: Timeout) -> Flow[SessionState]:
-        """The session, opened on first use; frees what garbage collection queued."""
+    def open(self, timeout: Timeout, flush: bool = True) -> Flow[SessionState]:
+        """The session, opened on first use; frees what garbage collection queued
+        (``flush``; else the call carries them)."""
         session = self.current
         if session is None:
             session = yield Locked(self._open_once(timeout))
-        ids = session.take_pending()
+        ids = session.take_pending() if flush else []
         if ids:
             yield from self.free(session, ids, timeout)
         return session

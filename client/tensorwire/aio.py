@@ -285,6 +285,7 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
         loss: Ref | str | None = ...,
         wrt: Ref | str | Sequence[Ref | str] | None = ...,
         keep: Literal[False] = ...,
+        kept: Sequence[Ref | str] | None = ...,
         timeout: Timeout = ...,
     ) -> ProgramResult[np.ndarray]: ...
     @overload
@@ -297,6 +298,7 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
         loss: Ref | str | None = ...,
         wrt: Ref | str | Sequence[Ref | str] | None = ...,
         keep: Literal[True],
+        kept: Sequence[Ref | str] | None = ...,
         timeout: Timeout = ...,
     ) -> ProgramResult[AsyncRemoteTensor]: ...
     async def run(
@@ -308,10 +310,13 @@ class AsyncClient(BaseClient[AsyncRemoteTensor, AsyncTrainer]):
         loss: Ref | str | None = None,
         wrt: Ref | str | Sequence[Ref | str] | None = None,
         keep: bool = False,
+        kept: Sequence[Ref | str] | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> ProgramResult[np.ndarray] | ProgramResult[AsyncRemoteTensor]:
         """See ``Client.run``."""
-        return await self._drive(self._run_flow(program, inputs, outputs, loss, wrt, keep, timeout))
+        return await self._drive(
+            self._run_flow(program, inputs, outputs, loss, wrt, keep, timeout, kept)
+        )
 
     # ------------------------------------------------------------------ training
 

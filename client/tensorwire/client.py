@@ -348,6 +348,7 @@ class Client(BaseClient[RemoteTensor, Trainer]):
         loss: Ref | str | None = ...,
         wrt: Ref | str | Sequence[Ref | str] | None = ...,
         keep: Literal[False] = ...,
+        kept: Sequence[Ref | str] | None = ...,
         timeout: Timeout = ...,
     ) -> ProgramResult[np.ndarray]: ...
     @overload
@@ -360,6 +361,7 @@ class Client(BaseClient[RemoteTensor, Trainer]):
         loss: Ref | str | None = ...,
         wrt: Ref | str | Sequence[Ref | str] | None = ...,
         keep: Literal[True],
+        kept: Sequence[Ref | str] | None = ...,
         timeout: Timeout = ...,
     ) -> ProgramResult[RemoteTensor]: ...
     def run(
@@ -371,14 +373,18 @@ class Client(BaseClient[RemoteTensor, Trainer]):
         loss: Ref | str | None = None,
         wrt: Ref | str | Sequence[Ref | str] | None = None,
         keep: bool = False,
+        kept: Sequence[Ref | str] | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> ProgramResult[np.ndarray] | ProgramResult[RemoteTensor]:
         """Run ``program`` on the server in one round trip, its inputs given by name
         (arrays or remote tensors). Returns the refs in ``outputs`` (default: the last
         step's results) named by their refs, and with ``loss`` (a ref to a scalar) its
         gradient with respect to the inputs in ``wrt`` (default: every floating point
-        input). ``keep``: the results stay on the server, as RemoteTensors."""
-        return self._drive(self._run_flow(program, inputs, outputs, loss, wrt, keep, timeout))
+        input). ``keep``: the results stay on the server, as RemoteTensors. ``kept``:
+        refs (intermediates, or outputs too) that stay on the server as well, whatever
+        ``keep`` says, in ``result.kept`` as RemoteTensors: one call both returns
+        values and keeps what later programs read."""
+        return self._drive(self._run_flow(program, inputs, outputs, loss, wrt, keep, timeout, kept))
 
     # ------------------------------------------------------------------ training
 

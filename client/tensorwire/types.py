@@ -223,10 +223,12 @@ def ref_name(ref: Ref | str) -> str:
 @dataclass(frozen=True)
 class ProgramResult(Generic[T]):
     """What ``run`` returns: ``outputs`` named by their refs (``result[ref]`` reads
-    one) and the loss's gradients named as in ``wrt``."""
+    one), the loss's gradients named as in ``wrt``, and the remote tensors of the refs
+    in ``kept`` (RemoteTensors, or AsyncRemoteTensors from an AsyncClient)."""
 
     outputs: dict[str, T]
     grads: dict[str, T] = field(default_factory=dict)
+    kept: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, ref: Ref | str) -> T:
         return self.outputs[ref_name(ref)]

@@ -120,6 +120,27 @@ def test_with_blocks_free_and_garbage_collection_frees_on_the_next_call(address:
         assert info.handles == () and info.bytes == 0
 
 
+def test_a_run_carries_what_garbage_collection_freed(address: str) -> None:
+    with Client(address) as c:
+        frees: list[list[str]] = []
+        flush = c._session.free
+
+        def spy(session: object, ids: list[str], timeout: object) -> object:  # counts Free calls
+            frees.append(ids)
+            return flush(session, ids, timeout)  # type: ignore[arg-type]
+
+        c._session.free = spy  # type: ignore[method-assign,assignment]
+        dropped = [c.put(np.ones(4)) for _ in range(2)]
+        ids = [t.handle.id for t in dropped]
+        del dropped
+        gc.collect()
+        p = tw.Program()
+        p.call("neg", p.input("x"))
+        np.testing.assert_array_equal(c.run(p, {"x": np.ones(2)})["s0"], -np.ones(2))
+        info = c.session_info()
+        assert frees == [] and not {h.id for h in info.handles} & set(ids)  # in the Run
+
+
 def test_a_freed_handle_is_not_found(client: Client) -> None:
     t = client.put(np.arange(3.0))
     handle = t.handle
@@ -271,6 +292,36 @@ def test_a_program_step_with_several_outputs(client: Client) -> None:
     assert list(r.outputs) == ["s0.S", "s1"]
     np.testing.assert_allclose(r[s], np.linalg.svd(a, compute_uv=False), rtol=1e-12)
     np.testing.assert_allclose(r[total], np.linalg.svd(a, compute_uv=False).sum(), rtol=1e-12)
+
+
+def test_a_program_returns_values_and_keeps_intermediates_in_one_call(client: Client) -> None:
+    a = np.random.default_rng(5).standard_normal((6, 4))
+    p = tw.Program()
+    svd = p.call("linalg.svd", p.input("a"), full_matrices=False)
+    total = p.call("sum", svd.output("S"))
+    r = client.run(p, {"a": a}, outputs=[total], kept=[svd.output("Vh"), total])
+    assert list(r.outputs) == ["s1"] and isinstance(r[total], np.ndarray)
+    assert list(r.kept) == ["s0.Vh", "s1"]
+    vh, kept_total = r.kept["s0.Vh"], r.kept["s1"]
+    assert isinstance(vh, tw.RemoteTensor) and vh.shape == (4, 4)
+    np.testing.assert_allclose(kept_total.numpy(), r[total], rtol=1e-12)
+    # A later program starts from the kept intermediate, without computing it again.
+    q = tw.Program()
+    projected = q.call("matmul", q.input("a"), q.call("transpose", q.input("vh"), 0, 1))
+    again = client.run(q, {"a": a, "vh": vh}, outputs=[projected])
+    _, _, want_vh = np.linalg.svd(a, full_matrices=False)
+    np.testing.assert_allclose(np.abs(again[projected]), np.abs(a @ want_vh.T), rtol=1e-10)
+    with pytest.raises(tw.InvalidArgumentError, match="ghost"):
+        client.run(p, {"a": a}, kept=["ghost"])
+    client.free(vh, kept_total)
+
+    async def go() -> None:
+        async with AsyncClient(client.target) as c:
+            ar = await c.run(p, {"a": a}, outputs=[total], kept=[svd.output("S")])
+            assert isinstance(ar.kept["s0.S"], tw.AsyncRemoteTensor)
+            np.testing.assert_allclose(await ar.kept["s0.S"].numpy(), np.linalg.svd(a)[1])
+
+    asyncio.run(go())
 
 
 def test_programs_are_checked_before_sending(client: Client) -> None:

@@ -192,3 +192,47 @@ def test_a_trainer_steps_and_counts_against_the_quota(service: Service, alice: C
         workspace.trainer(kept["layers.0.bias"].id)
     with pytest.raises(InvalidArgumentError, match="only valid inside a Run program"):
         workspace.create_trainer("mlp", 0, "sgd", {"lr": Ref("x")}, "mse", {})
+
+
+def test_a_program_keeps_refs_besides_the_outputs_it_returns(
+    service: Service, alice: Caller
+) -> None:
+    x = np.array([1.0, 2.0, 3.0])
+    steps = [
+        PlanStep("sq", function="mul", args=[Ref("x"), Ref("x")]),
+        PlanStep("total", function="sum", args=[Ref("sq")]),
+    ]
+
+    def plan(kept: list[str], inputs: list[tuple[str, object]] | None = None) -> ProgramPlan:
+        return ProgramPlan(inputs or [("x", x)], steps, ["total"], loss="total", kept=kept)
+
+    outcome = service.run(alice, plan(["sq", "total"]))
+    assert float(dict(outcome.outputs)["total"]) == 14.0  # data, as keep=False says
+    np.testing.assert_array_equal(dict(outcome.grads)["x"], 2 * x)
+    kept = dict(outcome.kept)
+    assert list(kept) == ["sq", "total"] and all(isinstance(h, Handle) for h in kept.values())
+    workspace = service.workspace(alice)
+    np.testing.assert_array_equal(workspace.get(kept["sq"].id), x * x)
+    assert float(workspace.get(kept["total"].id)) == 14.0
+    held = [h.id for h in workspace.summary().handles]
+    assert held == [kept["sq"].id, kept["total"].id]
+
+    both = service.run(alice, plan(["sq"]), keep=True)  # keep and kept together
+    assert all(isinstance(h, Handle) for _, h in [*both.outputs, *both.grads, *both.kept])
+
+    for refs, message in [(["ghost"], "kept: ref 'ghost'"), (["sq", "sq"], "'sq' twice")]:
+        with pytest.raises(InvalidArgumentError, match=message):
+            service.run(alice, plan(refs))
+    with pytest.raises(FailedPreconditionError, match="OpenSession"):
+        service.run(Caller(), plan(["sq"]))
+    # Past the quota nothing of the call stays: the handle made before it is freed.
+    before = workspace.summary()
+    big = np.ones(6000)  # 48 KB; its square and the kept sum exceed the 64 KiB quota
+    with pytest.raises(ResourceExhaustedError, match="quota"):
+        service.run(alice, plan(["total", "sq"], [("x", big)]), keep=True)
+    assert workspace.summary() == before
+    assert not service.run(Caller(), plan([])).kept  # no kept, no session needed
+    # What the client let go of is freed first; ids the session lacks are ignored.
+    held = [h.id for h in workspace.summary().handles]
+    service.run(alice, plan([]), free=[kept["sq"].id, "h-gone"])
+    assert [h.id for h in workspace.summary().handles] == [i for i in held if i != kept["sq"].id]

@@ -58,6 +58,7 @@ class RemoteArray:
         self._use = use
         self._dtype: np.dtype[Any] = np.dtype(dtype)
         self._shape = tuple(int(d) for d in shape)
+        ctx.liveness.track(self)  # what it needs stays kept on the server while it lives
 
     # ------------------------------------------------------------------ attributes
 

@@ -1,6 +1,7 @@
 """Running plans: the client a graph belongs to, and the loops that drive a plan
 through ``Client.run`` (blocking) or ``AsyncClient.run`` (awaited), counting the
-round trips they make."""
+round trips they make, keeping what live arrays still need and letting go of the
+rest (``keeping``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Any
 import numpy as np
 
 from tensorwire.arrays.graph import Call, Use, plan
+from tensorwire.arrays.keeping import Liveness
+from tensorwire.errors import ResourceExhaustedError
 
 
 class Context:
@@ -23,6 +26,27 @@ class Context:
         self.is_async = inspect.iscoroutinefunction(getattr(type(client), "run", None))
         #: Round trips this context's materialisations made (Run and Get calls).
         self.round_trips = 0
+        #: Its live arrays, and the results kept on the server for them.
+        self.liveness = Liveness()
+
+    def plan(
+        self, wanted: Sequence[Use], loss: Use | None, wrt: Sequence[Use], keep: bool
+    ) -> Generator[Call, Any, tuple[list[Any], list[Any]]]:
+        """The plan computing ``wanted``, keeping what live arrays still need."""
+        live = self.liveness
+        return plan(wanted, loss=loss, wrt=wrt, keep=keep, share=live.shared, adopt=live.adopt)
+
+    def arguments(self, call: Call, kept: bool = True) -> dict[str, Any]:
+        """``run``'s keyword arguments for ``call`` (``kept``: with its kept refs)."""
+        arguments: dict[str, Any] = {
+            "outputs": call.outputs,
+            "loss": call.loss,
+            "wrt": call.wrt or None,
+            "keep": call.keep,
+        }
+        if kept and call.kept:
+            arguments["kept"] = call.kept
+        return arguments
 
     def check_sync(self, what: str) -> None:
         """TypeError if this is an AsyncClient's graph: ``what`` would block."""
@@ -54,25 +78,25 @@ def run_sync(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Compute ``wanted`` (and gradients) with a blocking Client; ``keep``: leave
     them on the server (``plan``)."""
-    steps: Generator[Call, Any, tuple[list[Any], list[Any]]] = plan(
-        wanted, loss=loss, wrt=wrt, keep=keep
-    )
+    steps = ctx.plan(wanted, loss, wrt, keep)
     try:
         call = next(steps)
         while True:
             ctx.round_trips += 1
-            result = ctx.client.run(
-                call.program,
-                call.inputs,
-                outputs=call.outputs,
-                loss=call.loss,
-                wrt=call.wrt or None,
-                keep=call.keep,
-            )
+            try:
+                result = ctx.client.run(call.program, call.inputs, **ctx.arguments(call))
+            except ResourceExhaustedError:
+                if not call.kept:
+                    raise
+                # Past the session's quota with the extra results: without them (the
+                # call kept nothing); later values compute them again.
+                ctx.round_trips += 1
+                result = ctx.client.run(call.program, call.inputs, **ctx.arguments(call, False))
             call = steps.send(result)
     except StopIteration as done:
         values, grads = done.value
     if keep:
+        ctx.liveness.release()
         return [], []
     fetched = []
     for value in values:
@@ -80,7 +104,9 @@ def run_sync(
             ctx.round_trips += 1
             value = ctx.client.get(value)
         fetched.append(value)
-    return _finish(wanted, fetched), grads
+    _finish(wanted, fetched)
+    ctx.liveness.release()  # now that they are here, what only they needed can go
+    return fetched, grads
 
 
 async def run_async(
@@ -92,23 +118,24 @@ async def run_async(
     keep: bool = False,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Compute ``wanted`` (and gradients) with an AsyncClient."""
-    steps = plan(wanted, loss=loss, wrt=wrt, keep=keep)
+    steps = ctx.plan(wanted, loss, wrt, keep)
     try:
         call = next(steps)
         while True:
             ctx.round_trips += 1
-            result = await ctx.client.run(
-                call.program,
-                call.inputs,
-                outputs=call.outputs,
-                loss=call.loss,
-                wrt=call.wrt or None,
-                keep=call.keep,
-            )
+            try:
+                result = await ctx.client.run(call.program, call.inputs, **ctx.arguments(call))
+            except ResourceExhaustedError:
+                if not call.kept:
+                    raise
+                ctx.round_trips += 1  # as in run_sync
+                arguments = ctx.arguments(call, False)
+                result = await ctx.client.run(call.program, call.inputs, **arguments)
             call = steps.send(result)
     except StopIteration as done:
         values, grads = done.value
     if keep:
+        ctx.liveness.release()
         return [], []
     fetched = []
     for value in values:
@@ -116,4 +143,6 @@ async def run_async(
             ctx.round_trips += 1
             value = await ctx.client.get(value)
         fetched.append(value)
-    return _finish(wanted, fetched), grads
+    _finish(wanted, fetched)
+    ctx.liveness.release()  # now that they are here, what only they needed can go
+    return fetched, grads

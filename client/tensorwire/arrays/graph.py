@@ -10,7 +10,7 @@ same plan drives ``Client`` and ``AsyncClient`` (see ``execute``).
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +27,18 @@ _INLINE_BYTES = 1024
 class Node:
     """One step of the graph, or a source (``data`` or ``tensor`` set)."""
 
-    __slots__ = ("args", "data", "function", "kept", "kwargs", "outputs", "tensor", "values")
+    __slots__ = (
+        "__weakref__",
+        "args",
+        "auto",
+        "data",
+        "function",
+        "kept",
+        "kwargs",
+        "outputs",
+        "tensor",
+        "values",
+    )
 
     def __init__(
         self,
@@ -48,6 +59,8 @@ class Node:
         self.tensor = tensor
         #: Results kept on the server by an earlier piece of a cut program, by output.
         self.kept: dict[int, Any] = {}
+        #: Outputs in ``kept`` kept for live arrays (``keeping``), let go when unneeded.
+        self.auto: set[int] = set()
         #: Results already brought back, by output.
         self.values: dict[int, np.ndarray] = {}
 
@@ -63,7 +76,8 @@ class Use:
 @dataclass
 class Call:
     """One Run call to make: the program, its inputs, the refs to return, whether they
-    stay on the server, and the loss and inputs to differentiate if any."""
+    stay on the server, the loss and inputs to differentiate if any, and the refs kept
+    on the server besides (for arrays that need them later)."""
 
     program: Program
     inputs: dict[str, Any]
@@ -71,6 +85,18 @@ class Call:
     keep: bool
     loss: str | None = None
     wrt: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+
+
+#: Which outputs of a program's steps (its nodes, computing the wanted uses) live
+#: arrays still need; the program keeps them (``keeping.Liveness.shared``).
+Share = Callable[[Sequence[Node], Sequence[Use]], list[Use]]
+#: Takes a result kept for live arrays (``keeping.Liveness.adopt``).
+Adopt = Callable[[Use, Any], None]
+
+
+def _adopt(use: Use, tensor: Any) -> None:
+    use.node.kept[use.index] = tensor
 
 
 def uses_in(value: Any) -> Iterator[Use]:
@@ -177,22 +203,29 @@ def plan(
     loss: Use | None = None,
     wrt: Sequence[Use] = (),
     keep: bool = False,
+    share: Share | None = None,
+    adopt: Adopt = _adopt,
 ) -> Generator[Call, Any, tuple[list[Any], list[Any]]]:
     """Compute ``wanted`` (and, with ``loss``, its gradient with respect to the sources
     ``wrt``): yields the Run calls to make, is sent each call's ProgramResult, and
     returns the wanted values and the gradients (``keep``: nothing; the wanted values
-    stay on the server, held by their nodes, for later programs). Graphs longer than one program are
-    cut: each piece but the last keeps on the server what later pieces read."""
+    stay on the server, held by their nodes, for later programs). Graphs longer than
+    one program are cut: each piece but the last keeps on the server what later pieces
+    read. ``share``: what else live arrays need of the steps, kept by the same calls
+    and given to ``adopt`` (a gradient's program keeps nothing more)."""
     differentiate = loss is not None
     cached = not differentiate  # a gradient must flow through every step, so recompute
     targets = [*wanted, *([loss] if loss is not None else [])]
     order = _order(targets, cached)
+    shared = share(order, wanted) if share is not None and not differentiate else []
     if differentiate and len(order) > MAX_PROGRAM_STEPS:
         raise ValueError(
             f"the gradient's graph has {len(order)} steps; one program has at most "
             f"{MAX_PROGRAM_STEPS}: compute part of it first"
         )
     pieces = [order[i : i + MAX_PROGRAM_STEPS] for i in range(0, len(order), MAX_PROGRAM_STEPS)]
+    piece_of = {id(n): number for number, p in enumerate(pieces) for n in p}
+    explicit = {(id(u.node), u.index) for u in wanted} if keep else set()
     for number, piece in enumerate(pieces[:-1]):
         later = {id(n) for p in pieces[number + 1 :] for n in p}
         needed = [
@@ -202,25 +235,51 @@ def plan(
             if not _is_source(u, cached) and id(u.node) not in later
         ] + [u for u in targets if not _is_source(u, cached) and id(u.node) not in later]
         needed = list({(id(u.node), u.index): u for u in needed}.values())
+        # What live arrays need besides, kept apart (so the call can run without it).
+        besides = {(id(u.node), u.index) for u in needed}
+        extra = [
+            u
+            for u in shared
+            if piece_of[id(u.node)] == number and (id(u.node), u.index) not in besides
+        ]
         builder = _Builder(cached)
         for node in piece:
             builder.add(node)
         refs = [builder.ref(u).name for u in needed]
-        result = yield Call(builder.program, builder.inputs, refs, keep=True)
+        kept = [builder.ref(u).name for u in extra]
+        result = yield Call(builder.program, builder.inputs, refs, keep=True, kept=kept)
         for use, ref in zip(needed, refs, strict=True):
-            use.node.kept[use.index] = result[ref]
+            # Kept for the pieces after it: let go, like the shared ones, once unneeded.
+            (_adopt if (id(use.node), use.index) in explicit else adopt)(use, result[ref])
+        _take_kept(result, extra, kept, adopt)
     builder = _Builder(cached)
     for node in pieces[-1] if pieces else ():
         builder.add(node)
     if not builder.program.steps:  # every target is a source already
         return ([] if keep else [source_value(u, cached) for u in wanted]), []
     refs = [builder.ref(u).name for u in wanted]
+    last = len(pieces) - 1
+    extra = [
+        u for u in shared if piece_of[id(u.node)] == last and (id(u.node), u.index) not in explicit
+    ]
+    kept = [builder.ref(u).name for u in extra]
     if keep:
-        result = yield Call(builder.program, builder.inputs, refs, keep=True)
+        result = yield Call(builder.program, builder.inputs, refs, keep=True, kept=kept)
         for use, ref in zip(wanted, refs, strict=True):
             use.node.kept[use.index] = result[ref]
+        _take_kept(result, extra, kept, adopt)
         return [], []
     wrt_names = [builder.ref(u).name for u in wrt]
     loss_ref = builder.ref(loss).name if loss is not None else None
-    result = yield Call(builder.program, builder.inputs, refs, False, loss_ref, wrt_names)
+    result = yield Call(builder.program, builder.inputs, refs, False, loss_ref, wrt_names, kept)
+    _take_kept(result, extra, kept, adopt)
     return [result[r] for r in refs], [result.grads[n] for n in wrt_names]
+
+
+def _take_kept(result: Any, uses: Sequence[Use], refs: Sequence[str], adopt: Adopt) -> None:
+    """Hold what a call kept besides its outputs (nothing when it ran without: see
+    ``execute``, past the session's quota)."""
+    for use, ref in zip(uses, refs, strict=True):
+        tensor = result.kept.get(ref)
+        if tensor is not None:
+            adopt(use, tensor)

@@ -551,28 +551,34 @@ class ProgramStep(_message.Message):
     def __init__(self, name: _Optional[str] = ..., function: _Optional[str] = ..., model: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class RunRequest(_message.Message):
-    __slots__ = ("inputs", "steps", "outputs", "loss", "wrt", "keep")
+    __slots__ = ("inputs", "steps", "outputs", "loss", "wrt", "keep", "kept", "free")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     LOSS_FIELD_NUMBER: _ClassVar[int]
     WRT_FIELD_NUMBER: _ClassVar[int]
     KEEP_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     steps: _containers.RepeatedCompositeFieldContainer[ProgramStep]
     outputs: _containers.RepeatedScalarFieldContainer[str]
     loss: str
     wrt: _containers.RepeatedScalarFieldContainer[str]
     keep: bool
-    def __init__(self, inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[ProgramStep, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., keep: _Optional[bool] = ...) -> None: ...
+    kept: _containers.RepeatedScalarFieldContainer[str]
+    free: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[ProgramStep, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., keep: _Optional[bool] = ..., kept: _Optional[_Iterable[str]] = ..., free: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunResponse(_message.Message):
-    __slots__ = ("outputs", "grads")
+    __slots__ = ("outputs", "grads", "kept")
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     GRADS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
     outputs: _containers.RepeatedCompositeFieldContainer[NamedTensor]
     grads: _containers.RepeatedCompositeFieldContainer[NamedTensor]
-    def __init__(self, outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
+    kept: _containers.RepeatedCompositeFieldContainer[NamedTensor]
+    def __init__(self, outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., grads: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., kept: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ...) -> None: ...
 
 class Optimizer(_message.Message):
     __slots__ = ("name", "options")

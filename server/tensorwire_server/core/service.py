@@ -11,7 +11,7 @@ sessions, limits, model control, statistics and metric labels exist once.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -23,6 +23,7 @@ import tensorwire_server
 from tensorwire.errors import (
     FailedPreconditionError,
     NotFoundError,
+    TensorwireError,
     UnavailableError,
     shown,
 )
@@ -362,10 +363,32 @@ class Service:
         export = self._keeper(caller) if keep else as_array
         return self.engine.call(function, args, kwargs, export)
 
-    def run(self, caller: Caller, plan: ProgramPlan, keep: bool = False) -> ProgramOutcome:
-        """Run a program (differentiated end to end when it names a loss)."""
-        export = self._keeper(caller) if keep else as_array
-        return programs.run(self.engine, plan, export)
+    def run(
+        self, caller: Caller, plan: ProgramPlan, keep: bool = False, free: Sequence[str] = ()
+    ) -> ProgramOutcome:
+        """Run a program (differentiated end to end when it names a loss); ``keep``:
+        its outputs and gradients stay in the session as handles, as its ``kept`` refs
+        always do. A call that fails keeps nothing: handles it made are freed. ``free``:
+        ids the caller let go of, freed first (those the session lacks are ignored)."""
+        if free:
+            with suppress(NotFoundError):  # the others are freed all the same
+                self.workspace(caller).free(free)
+        if not keep and not plan.kept:
+            return programs.run(self.engine, plan, as_array)
+        workspace = self.workspace(caller)  # FAILED_PRECONDITION before anything runs
+        made: list[str] = []
+
+        def keeper(name: str, tensor: torch.Tensor) -> Handle:
+            handle = workspace.keep(name, tensor)
+            made.append(handle.id)
+            return handle
+
+        try:
+            return programs.run(self.engine, plan, keeper if keep else as_array, keeper)
+        except BaseException:
+            with suppress(TensorwireError):  # the session may have ended meanwhile
+                workspace.free(made)
+            raise
 
     # ------------------------------------------------------------------ sessions
 

@@ -50,14 +50,18 @@ class ProgramPlan:
     outputs: Sequence[str] = ()
     loss: str = ""
     wrt: Sequence[str] = ()
+    #: Refs kept in the caller's session (``run``'s ``keeper``) besides the outputs.
+    kept: Sequence[str] = ()
 
 
 @dataclass(frozen=True)
 class ProgramOutcome:
-    """The outputs by ref and the gradients by input name, exported."""
+    """The outputs by ref and the gradients by input name, exported; the refs in
+    ``kept``, kept."""
 
     outputs: Named[Any]
     grads: Named[Any]
+    kept: Named[Any] = field(default_factory=list)
 
 
 def check(program: ProgramPlan) -> None:
@@ -87,6 +91,12 @@ def check(program: ProgramPlan) -> None:
         _known(wanted, known, "outputs")
     if program.loss:
         _known(program.loss, known, "loss")
+    repeated: set[str] = set()
+    for name in program.kept:
+        _known(name, known, "kept")
+        if name in repeated:
+            raise InvalidArgumentError(f"kept names {shown(name)} twice")
+        repeated.add(name)
     inputs = {name for name, _ in program.inputs}
     for name in program.wrt:
         if name not in inputs:
@@ -98,9 +108,14 @@ def check(program: ProgramPlan) -> None:
         raise InvalidArgumentError("wrt needs a loss: the ref of a scalar to differentiate")
 
 
-def run(engine: Engine, program: ProgramPlan, export: Export) -> ProgramOutcome:
-    """Run ``program`` on ``engine``'s device; gradients of its loss when it has one."""
+def run(
+    engine: Engine, program: ProgramPlan, export: Export, keeper: Export | None = None
+) -> ProgramOutcome:
+    """Run ``program`` on ``engine``'s device; gradients of its loss when it has one.
+    ``export`` makes the outputs and gradients, ``keeper`` the handles of ``kept``."""
     check(program)
+    if program.kept and keeper is None:
+        raise InvalidArgumentError("kept needs a session to keep the tensors in")
     differentiate = bool(program.loss)
     with engine.device_guard("program"):
         leaves = {name: to_device(t, engine.device) for name, t in program.inputs}
@@ -122,6 +137,7 @@ def run(engine: Engine, program: ProgramPlan, export: Export) -> ProgramOutcome:
                 values.add(step.name, _run_step(engine, step, values))
             wanted = list(program.outputs) or _last_outputs(program, values)
             outputs = [(ref, values.get(ref, "outputs")) for ref in wanted]
+            kept = [(ref, values.get(ref, "kept")) for ref in program.kept]
             grads: list[tuple[str, torch.Tensor]] = []
             if differentiate:
                 grads = list(
@@ -134,6 +150,7 @@ def run(engine: Engine, program: ProgramPlan, export: Export) -> ProgramOutcome:
         return ProgramOutcome(
             outputs=[(ref, export(ref, t.detach())) for ref, t in outputs],
             grads=[(name, export(name, g)) for name, g in grads],
+            kept=[(ref, keeper(ref, t.detach())) for ref, t in kept if keeper is not None],
         )
 
 

@@ -270,11 +270,13 @@ class TensorServicer:
             outputs=list(message.outputs),
             loss=message.loss,
             wrt=list(message.wrt),
+            kept=list(message.kept),
         )
-        outcome = self.service.run(caller, plan, message.keep)
+        outcome = self.service.run(caller, plan, message.keep, list(message.free))
         encoder = Encoder(pb.RunResponse())
         named_to_wire(encoder, encoder.message.outputs, outcome.outputs)
         named_to_wire(encoder, encoder.message.grads, outcome.grads)
+        named_to_wire(encoder, encoder.message.kept, outcome.kept)
         return encoder
 
     def CreateTrainer(
