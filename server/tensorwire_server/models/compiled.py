@@ -158,7 +158,8 @@ def prepare(config: ModelConfig, model: Model, instances: Sequence[Any], warm: W
     except Exception as exc:
         for instance in modules:
             instance.module._compiled_call_impl = None
-        reason = f"torch.compile ({mode}) failed: {type(exc).__name__}: {_first_line(exc)}"
+        cause = exc.__cause__ or exc  # the warm-up's request names the model's own error
+        reason = f"torch.compile ({mode}) failed: {type(cause).__name__}: {_first_line(cause)}"
         if config.compile.on_failure == "fail":
             raise ConfigError(reason) from exc
         log.warning("model %r: %s; it runs eagerly", config.name, reason)

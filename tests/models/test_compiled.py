@@ -1,0 +1,202 @@
+"""Compiled models through a real server: an AOTInductor package and a torch.compile'd
+model (examples/make_compiled_repo.py, small), a --model package and a --model factory
+compiled by --model-compile, beside the test repository's eager, exported and
+TorchScript versions. Each compiles once, in the module's server's warm-up."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import start
+from support.compiled_fixtures import (
+    FEATURES,
+    MAX_BATCH,
+    MIXER_AOTI_PACKAGE,
+    build_compiled_repository,
+    mixer_grads,
+)
+
+import tensorwire as tw
+from tensorwire.errors import FailedPreconditionError
+from tensorwire_server.settings import Settings
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, torch.nn.Module]]:
+    root = tmp_path_factory.mktemp("compiled") / "repo"
+    yield build_compiled_repository(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def address(repository: tuple[Path, torch.nn.Module]) -> Iterator[str]:
+    root, _ = repository
+    settings = Settings(
+        port=0,
+        device="cpu",
+        builtins=False,
+        model_repo=str(root),
+        models={
+            "packed": str(root / "mixer_aoti" / "1" / MIXER_AOTI_PACKAGE),
+            "two_heads": "support.toy_models:two_heads",
+        },
+        model_compile="default",
+    )
+    with contextmanager(start)(settings) as address:
+        yield address
+
+
+@pytest.fixture
+def client(address: str) -> Iterator[tw.Client]:
+    with tw.Client(address, timeout=120) as c:
+        yield c
+
+
+def rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, FEATURES)).astype(np.float32)
+
+
+def eager(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return module(torch.from_numpy(x)).numpy()  # type: ignore[no-any-return]
+
+
+def test_info_says_how_each_model_runs(client: tw.Client) -> None:
+    models = client.info().models
+    runs = {name: (m.kind, m.execution) for name, m in models.items() if m.state == "READY"}
+    assert runs == {
+        "mixer": ("safetensors", "compiled"),
+        "mixer_aoti": ("aotinductor", "aotinductor"),
+        "packed": ("aotinductor", "aotinductor"),
+        "scaler": ("export", "exported"),  # its newest version; version 1 is TorchScript
+        "regressor": ("safetensors", "eager"),
+        "two_heads": ("python", "compiled"),
+        "fallback": ("safetensors", "eager"),
+    }
+    mixer = models["mixer"]
+    assert mixer.compiled_graphs >= 2  # one row and several; forward and backward
+    assert mixer.recompilations == 0
+    # The package's own signature, read from its metadata (--model has no model.toml).
+    packed = models["packed"]
+    assert [(s.name, s.dtype, s.shape) for s in packed.inputs] == [
+        ("input", "float32", (-1, FEATURES))
+    ]
+    assert [s.name for s in packed.outputs] == ["output"]
+
+
+def test_compile_failures_fall_back_or_fail_as_configured(client: tw.Client) -> None:
+    models = client.info().models
+    fallback = models["fallback"]
+    assert fallback.execution == "eager"
+    assert "torch.compile (default) failed: ConstraintViolationError" in fallback.description
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    np.testing.assert_array_equal(client.infer("fallback", {"x": x})["output"], x.reshape(2, 4) * 2)
+    strict = models["strict"]
+    assert strict.state == "FAILED"
+    assert "torch.compile (default) failed: ConstraintViolationError" in strict.reason
+    cudagraphs = models["cudagraphs"]
+    assert cudagraphs.state == "FAILED"
+    assert "reduce-overhead records CUDA graphs, which run on CUDA only" in cudagraphs.reason
+    assert "on cpu" in cudagraphs.reason
+
+
+@pytest.mark.parametrize("name", ["mixer", "mixer_aoti", "packed"])
+def test_every_batch_size_computes_what_eager_does(
+    client: tw.Client, repository: tuple[Path, torch.nn.Module], name: str
+) -> None:
+    _, module = repository
+    for n in (1, 2, 3, 7, MAX_BATCH):
+        x = rows(n, seed=n)
+        out = client.infer(name, {"input": x})["output"]
+        np.testing.assert_allclose(out, eager(module, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["mixer", "mixer_aoti"])
+def test_dynamic_batching_over_32_callers_compiles_nothing_more(
+    address: str, repository: tuple[Path, torch.nn.Module], name: str
+) -> None:
+    _, module = repository
+    before = tw.Client(address).info().models[name]
+    errors: list[BaseException] = []
+
+    def caller(i: int) -> None:
+        try:
+            with tw.Client(address, timeout=120) as c:
+                for j in range(6):
+                    x = rows(1 + (i + j) % 3, seed=i * 10 + j)
+                    out = c.infer(name, {"input": x})["output"]
+                    np.testing.assert_allclose(out, eager(module, x), rtol=1e-4, atol=1e-5)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=240)
+    assert not errors, errors[0]
+    with tw.Client(address) as c:
+        after = c.info().models[name]
+    assert after.recompilations == before.recompilations == 0
+    assert after.compiled_graphs == before.compiled_graphs
+    statistics = after.versions[0].statistics
+    assert statistics is not None
+    # Requests were batched together: some forward pass ran more rows than any one sent.
+    assert max(statistics.batch_sizes) > 3
+
+
+def test_grad_through_a_compiled_model_is_eager_autograd(
+    client: tw.Client, repository: tuple[Path, torch.nn.Module]
+) -> None:
+    _, module = repository
+    x = rows(5, seed=3)
+    seed = np.random.default_rng(4).standard_normal((5, FEATURES)).astype(np.float32)
+    result = client.grad("mixer", {"input": x}, grad_outputs={"output": seed}, param_grads=True)
+    want_input, want_params = mixer_grads(module, x, seed)
+    np.testing.assert_allclose(result.grads["input"], want_input, rtol=1e-4, atol=1e-5)
+    assert set(result.param_grads) == set(want_params)
+    for name, grad in want_params.items():
+        np.testing.assert_allclose(result.param_grads[name], grad, rtol=1e-4, atol=1e-4)
+    assert client.info().models["mixer"].recompilations == 0
+
+
+def test_training_a_compiled_model_trains_a_copy(client: tw.Client) -> None:
+    x = rows(16, seed=5)
+    target = np.tanh(x)
+    before = client.infer("mixer", {"input": x})["output"]
+    with client.trainer("mixer", optimizer="sgd", lr=0.05, loss="mse") as trainer:
+        losses = [trainer.step(x, target) for _ in range(5)]
+    assert losses[-1] < losses[0]
+    # The served (compiled) model is untouched by its trainer.
+    np.testing.assert_array_equal(client.infer("mixer", {"input": x})["output"], before)
+
+
+@pytest.mark.parametrize("name", ["mixer_aoti", "packed"])
+def test_grad_and_training_refuse_an_aotinductor_package(client: tw.Client, name: str) -> None:
+    x = rows(2)
+    with pytest.raises(FailedPreconditionError, match=r"AOTInductor package.*inference only"):
+        client.grad(name, {"input": x}, grad_outputs={"output": np.ones_like(x)})
+    with pytest.raises(FailedPreconditionError, match="cannot be trained: it runs an AOTInduc"):
+        client.trainer(name, optimizer="sgd", lr=0.1)
+    # The server goes on serving it.
+    assert client.infer(name, {"input": x})["output"].shape == (2, FEATURES)
+
+
+def test_a_factory_compiled_by_model_compile(client: tw.Client) -> None:
+    x = np.linspace(-1, 1, 5)
+    y = np.linspace(2, 3, 5)
+    out = client.infer("two_heads", {"x": x, "y": y})
+    np.testing.assert_allclose(out["sum"], x + y)
+    np.testing.assert_allclose(out["prod"], np.sin(x) * y)
+    out = client.infer("two_heads", {"x": x[:3], "y": y[:3]})  # another size: no recompile
+    np.testing.assert_allclose(out["sum"], x[:3] + y[:3])
+    assert client.info().models["two_heads"].recompilations == 0
