@@ -5,8 +5,11 @@ TorchScript versions. Each compiles once, in the module's server's warm-up."""
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import shutil
 import threading
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +28,11 @@ from support.compiled_fixtures import (
 
 import tensorwire as tw
 from tensorwire.errors import FailedPreconditionError
+from tensorwire_server.engine.engine import Engine
+from tensorwire_server.models.aotinductor import AOTInductorModule, _call_spec_inputs, file_format
+from tensorwire_server.models.config import Compilation, ConfigError, ModelConfig, read_config
+from tensorwire_server.models.loader import load_model, load_version
+from tensorwire_server.models.model import IOSpec
 from tensorwire_server.settings import Settings
 
 pytestmark = pytest.mark.timeout(300)
@@ -200,3 +208,76 @@ def test_a_factory_compiled_by_model_compile(client: tw.Client) -> None:
     out = client.infer("two_heads", {"x": x[:3], "y": y[:3]})  # another size: no recompile
     np.testing.assert_allclose(out["sum"], x[:3] + y[:3])
     assert client.info().models["two_heads"].recompilations == 0
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def test_formats_are_told_by_their_contents(
+    repository: tuple[Path, torch.nn.Module], tmp_path: Path
+) -> None:
+    root, module = repository
+    package = root / "mixer_aoti" / "1" / MIXER_AOTI_PACKAGE
+    assert file_format(root / "scaler" / "1" / "model.pt") == "torchscript"
+    assert file_format(root / "scaler" / "2" / "model.pt2") == "export"
+    assert file_format(package) == "aotinductor"
+    # A package named model.pt still loads as what it is.
+    folder = tmp_path / "renamed"
+    (folder / "1").mkdir(parents=True)
+    shutil.copy(package, folder / "1" / "model.pt")
+    (folder / "model.toml").write_text("max_batch_size = 4\n")
+    loaded = load_version(read_config(folder), 1)
+    assert (loaded.kind, loaded.execution) == ("aotinductor", "aotinductor")
+    assert [s.name for s in loaded.inputs] == ["input"]  # from the package's metadata
+    x = torch.from_numpy(rows(3))
+    torch.testing.assert_close(loaded.module(x), torch.from_numpy(eager(module, x.numpy())))
+    # Without metadata a package's inputs are named by position (its call spec).
+    assert _call_spec_inputs(AOTInductorModule(package)) == (IOSpec("input0"),)
+    junk = tmp_path / "junk.pt2"
+    with zipfile.ZipFile(junk, "w") as archive:
+        archive.writestr("junk/readme.txt", "hello")
+    with pytest.raises(ValueError, match=r"neither TorchScript, torch\.export nor AOTInductor"):
+        file_format(junk)
+    with pytest.raises(ValueError, match=r"cannot load torch\.export or AOTInductor .*neither"):
+        load_model("junk", str(junk))
+    with pytest.raises(ValueError, match="no such file"):
+        load_model("gone", str(tmp_path / "gone.pt2"))
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('mode = "fast"', "compile.mode must be one of off, default, max-autotune, reduce-o"),
+        ('on_failure = "ignore"', "compile.on_failure must be one of eager, fail"),
+        ('grad = "yes"', "compile.grad must be true or false"),
+        ("modes = 1", "unknown key compile.modes: did you mean compile.mode?"),
+    ],
+)
+def test_compile_table_is_checked(tmp_path: Path, table: str, message: str) -> None:
+    (tmp_path / "model.toml").write_text(f"[compile]\n{table}\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        read_config(tmp_path)
+
+
+def test_compiling_needs_warmup_inputs_and_an_eager_module(
+    repository: tuple[Path, torch.nn.Module],
+) -> None:
+    root, _ = repository
+    engine = Engine(torch.device("cpu"))
+    unshaped = ModelConfig("m", compile=Compilation("default"))
+    scripted = read_config(root / "scaler")
+    entries = {
+        "inputs that each declare a dtype and a shape": engine.registry.serve(
+            unshaped, {1: load_model("m", "support.toy_models:quadratic")}
+        ),
+        "a TorchScript model cannot be compiled": engine.registry.serve(
+            dataclasses.replace(scripted, compile=Compilation("default")),
+            {1: load_version(scripted, 1)},
+        ),
+        "an AOTInductor package is compiled already": engine.registry.serve(
+            dataclasses.replace(read_config(root / "mixer_aoti"), compile=Compilation("default")),
+            {1: load_version(read_config(root / "mixer_aoti"), 1)},
+        ),
+    }
+    for reason, entry in entries.items():
+        assert reason in entry.failures[1]
