@@ -34,19 +34,20 @@ INFERENCE_ONLY = (
 
 def file_format(path: str | os.PathLike[str]) -> str:
     """What a model file holds, read from its contents: ``aotinductor`` (an
-    AOTInductor package), ``export`` (a torch.export archive) or ``torchscript``.
-    ValueError for anything else."""
-    if not zipfile.is_zipfile(path):
-        raise ValueError("not a zip archive (TorchScript, torch.export and AOTInductor files are)")
-    with zipfile.ZipFile(path) as archive:
-        names = archive.namelist()
-    if any("/data/aotinductor/" in n or n.startswith("data/aotinductor/") for n in names):
+    AOTInductor package), ``export`` (a torch.export archive) or ``torchscript``. When
+    the contents tell none of these, the extension decides (``.pt2``: export), so that
+    the format's own loader says what is wrong with the file."""
+    names: list[str] = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    if any("/data/aotinductor/" in f"/{n}" for n in names):
         return "aotinductor"
     if any(n.endswith(".json") and "/models/" in f"/{n}" for n in names):
         return "export"
-    if any(n.endswith("/data.pkl") or n.endswith("/constants.pkl") for n in names):
+    if any(n.endswith(("/data.pkl", "/constants.pkl")) for n in names):
         return "torchscript"
-    raise ValueError("a zip archive, but neither TorchScript, torch.export nor AOTInductor")
+    return "export" if os.fspath(path).endswith(".pt2") else "torchscript"
 
 
 class AOTInductorModule(nn.Module):
