@@ -53,14 +53,24 @@ Dims = dict[int | str, tuple[int, ...]]
 def use_cache_dir(root: str | os.PathLike[str] | None) -> Path | None:
     """Keep compiled artefacts under ``root`` (one folder per torch version), across
     restarts; None leaves Inductor's default (a folder under /tmp). Call before the
-    first compilation."""
+    first compilation. A folder that cannot be written is logged and Inductor's default
+    used: the cache saves time, serving does not need it."""
     if root is None:
         return None
     folder = Path(root) / f"torch-{torch.__version__}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".written-by-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
     except OSError as exc:
-        raise ValueError(f"compile_cache_dir {os.fspath(root)!r} cannot be used: {exc}") from exc
+        log.error(
+            "compile_cache_dir %s cannot be written (%s): compiled models are cached in "
+            "Inductor's default folder instead, and compile again after a restart",
+            os.fspath(root),
+            exc,
+        )
+        return None
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     return folder
 
