@@ -19,7 +19,7 @@ import tensorwire as tw
 pytestmark = pytest.mark.timeout(300)
 
 _COMPILED = re.compile(
-    r"model 'mixer' compiled \(default\) in warm-up: (\d+) graphs, (\d+) found in the "
+    r"model 'mixer' compiled \(default\) in warm-up in [\d.]+ s: (\d+) graphs, (\d+) found in the "
     r"compile cache, (\d+) not"
 )
 

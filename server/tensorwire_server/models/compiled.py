@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -159,12 +160,15 @@ def prepare(config: ModelConfig, model: Model, instances: Sequence[Any], warm: W
             torch._dynamo.config.recompile_limit = max(
                 torch._dynamo.config.recompile_limit, _RECOMPILE_LIMIT
             )
+            began = time.monotonic()
             before, hits, misses = graphs_compiled(), *_cache_counts()
             for instance in modules:
-                _compile(instance, mode, dynamic, stats, requests, warm, config.compile.grad)
+                grad = config.compile.grad
+                _compile(instance, mode, dynamic, stats, requests, warm, grad, model.variadic)
             stats.graphs = graphs_compiled() - before
             stats.cache_hits = _cache_counts()[0] - hits
             stats.cache_misses = _cache_counts()[1] - misses
+            seconds = time.monotonic() - began
     except Exception as exc:
         for instance in modules:
             instance.module._compiled_call_impl = None
@@ -177,9 +181,11 @@ def prepare(config: ModelConfig, model: Model, instances: Sequence[Any], warm: W
         return
     model.compile_stats = stats
     log.info(
-        "model %r compiled (%s) in warm-up: %d graphs, %d found in the compile cache, %d not",
+        "model %r compiled (%s) in warm-up in %.1f s: %d graphs, %d found in the compile "
+        "cache, %d not",
         config.name,
         mode,
+        seconds,
         stats.graphs,
         stats.cache_hits,
         stats.cache_misses,
@@ -194,6 +200,7 @@ def _compile(
     requests: list[Request],
     warm: Warm,
     grad: bool,
+    variadic: bool,
 ) -> None:
     module: nn.Module = instance.module
     call = CompiledCall(module, mode, dynamic, stats)
@@ -203,20 +210,22 @@ def _compile(
         for request in requests:
             warm(instance, request)
             if grad:
-                _warm_grad(module, instance.device, request)
+                _warm_grad(module, instance.device, request, variadic)
     finally:
         call.warming = False
 
 
-def _warm_grad(module: nn.Module, device: torch.device, request: Request) -> None:
+def _warm_grad(module: nn.Module, device: torch.device, request: Request, variadic: bool) -> None:
     """Compile the graph Grad runs: a forward and backward with every floating
     input requiring gradients."""
     tensors = []
-    for _, array in request:
+    for name, array in request:
         tensor = torch.from_numpy(array).to(device)
-        tensors.append(tensor.requires_grad_(True) if tensor.is_floating_point() else tensor)
+        if tensor.is_floating_point():
+            tensor.requires_grad_(True)
+        tensors.append((name, tensor))
     with torch.enable_grad():
-        out = module(*tensors)
+        out = module(**dict(tensors)) if variadic else module(*(t for _, t in tensors))
         leaves = out if isinstance(out, tuple | list) else [out]
         roots = [o.float().sum() for o in leaves if isinstance(o, torch.Tensor) and o.requires_grad]
         if roots:
