@@ -217,7 +217,7 @@ def test_a_factory_compiled_by_model_compile(client: tw.Client) -> None:
 
 
 def test_formats_are_told_by_their_contents(
-    repository: tuple[Path, torch.nn.Module], tmp_path: Path
+    repository: tuple[Path, torch.nn.Module], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root, module = repository
     package = root / "mixer_aoti" / "1" / MIXER_AOTI_PACKAGE
@@ -229,11 +229,13 @@ def test_formats_are_told_by_their_contents(
     (folder / "1").mkdir(parents=True)
     shutil.copy(package, folder / "1" / "model.pt")
     (folder / "model.toml").write_text("max_batch_size = 4\n")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler to be found: none is needed
     loaded = load_version(read_config(folder), 1)
     assert (loaded.kind, loaded.execution) == ("aotinductor", "aotinductor")
     assert [s.name for s in loaded.inputs] == ["input"]  # from the package's metadata
     x = torch.from_numpy(rows(3))
     torch.testing.assert_close(loaded.module(x), torch.from_numpy(eager(module, x.numpy())))
+    monkeypatch.undo()
     # Without metadata a package's inputs are named by position (its call spec).
     assert _call_spec_inputs(AOTInductorModule(package)) == (IOSpec("input0"),)
     junk = tmp_path / "junk.pt2"
