@@ -27,6 +27,7 @@ from support.compiled_fixtures import (
 )
 
 import tensorwire as tw
+from tensorwire.cli.display import format_info
 from tensorwire.errors import FailedPreconditionError
 from tensorwire_server.engine.engine import Engine
 from tensorwire_server.models.aotinductor import AOTInductorModule, _call_spec_inputs, file_format
@@ -99,6 +100,11 @@ def test_info_says_how_each_model_runs(client: tw.Client) -> None:
         ("input", "float32", (-1, FEATURES))
     ]
     assert [s.name for s in packed.outputs] == ["output"]
+    # `tensorwire info` says it too.
+    shown = format_info(client.info(), "here")
+    assert f"safetensors, runs compiled ({mixer.compiled_graphs} graphs in warm-up, 0 " in shown
+    assert "aotinductor, runs aotinductor: " in shown
+    assert "export, runs exported: " in shown
 
 
 def test_compile_failures_fall_back_or_fail_as_configured(client: tw.Client) -> None:
