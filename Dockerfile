@@ -47,9 +47,13 @@ FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="tensorwire" \
       org.opencontainers.image.description="tensorwire server: NumPy arrays in, torch on the GPU, NumPy arrays out, over gRPC" \
       org.opencontainers.image.licenses="Apache-2.0"
+# /var/cache/tensorwire: the compile cache's mount point (TENSORWIRE_COMPILE_CACHE_DIR in
+# docker-compose.yml and deploy/kubernetes), the server's own, so that a volume mounted
+# there starts writable by it. No C++ compiler: docs/server.md, "Compiled models".
 RUN groupadd --system --gid 10001 tensorwire \
     && useradd --system --no-log-init --uid 10001 --gid 10001 \
-        --home-dir /home/tensorwire --create-home --shell /usr/sbin/nologin tensorwire
+        --home-dir /home/tensorwire --create-home --shell /usr/sbin/nologin tensorwire \
+    && install -d -o 10001 -g 10001 -m 0700 /var/cache/tensorwire
 COPY --from=build /opt/tensorwire /opt/tensorwire
 # Settings come from TENSORWIRE_* variables (docs/operations.md); flags after the
 # image name win over them. Listen on every address of the container, in plain text

@@ -450,6 +450,9 @@ def model_info_from_wire(m: pb.ModelInfo) -> ModelInfo:
         instances=tuple(m.instances),
         precision=m.precision,
         max_queue_size=m.max_queue_size,
+        execution=m.execution,
+        compiled_graphs=m.compiled_graphs,
+        recompilations=m.recompilations,
     )
 
 

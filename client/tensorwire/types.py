@@ -97,7 +97,10 @@ class ModelInfo:
     ``max_batch_size`` is the most rows one forward pass takes (0: no batch dimension);
     ``dynamic_batching`` None: requests never grouped. ``instances`` names the device
     of each copy of the model, ``precision`` its compute dtype, and ``max_queue_size``
-    how many requests may wait for it at once (0: unknown).
+    how many requests may wait for it at once (0: unknown). ``execution`` says how the
+    newest version runs (eager, exported, compiled, aotinductor or torchscript; empty
+    from an older server); a compiled one's ``compiled_graphs`` were compiled in
+    warm-up and its ``recompilations`` since, while serving (none expected).
     """
 
     name: str
@@ -115,6 +118,9 @@ class ModelInfo:
     instances: tuple[str, ...] = ()
     precision: str = ""
     max_queue_size: int = 0
+    execution: str = ""
+    compiled_graphs: int = 0
+    recompilations: int = 0
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,13 @@ import sys
 from dataclasses import fields
 
 from tensorwire_server.server import serve
-from tensorwire_server.settings import ACCESS_LOGS, LOG_FORMATS, MODEL_CONTROLS, Settings
+from tensorwire_server.settings import (
+    ACCESS_LOGS,
+    COMPILE_MODES,
+    LOG_FORMATS,
+    MODEL_CONTROLS,
+    Settings,
+)
 
 
 def parse_model_option(option: str) -> tuple[str, str]:
@@ -37,7 +43,19 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="NAME=SOURCE",
-        help="serve a model: a .pt2 torch.export file, a TorchScript file or module:factory",
+        help="serve a model: a TorchScript file, a .pt2 torch.export file or AOTInductor "
+        "package, or module:factory",
+    )
+    parser.add_argument(
+        "--model-compile",
+        choices=COMPILE_MODES,
+        help="torch.compile the --model models in warm-up (default off; reduce-overhead: "
+        "CUDA only)",
+    )
+    parser.add_argument(
+        "--compile-cache-dir",
+        metavar="DIR",
+        help="keep compiled models here across restarts (default: Inductor's, under /tmp)",
     )
     parser.add_argument("--no-builtins", action="store_true", help="do not serve built-in models")
     parser.add_argument("--model-repo", metavar="DIR", help="serve a model repository")

@@ -18,11 +18,14 @@ LogFormat = Literal["text", "json"]
 AccessLog = Literal["errors", "all", "none"]
 #: Whether the Load and Unload RPCs may change the models while serving.
 ModelControlMode = Literal["none", "explicit"]
+#: torch.compile's mode for --model models (model.toml's [compile] for a repository's).
+CompileMode = Literal["off", "default", "max-autotune", "reduce-overhead"]
 
 #: The choices of each of those settings (the command line offers the same).
 LOG_FORMATS: Final = get_args(LogFormat)
 ACCESS_LOGS: Final = get_args(AccessLog)
 MODEL_CONTROLS: Final = get_args(ModelControlMode)
+COMPILE_MODES: Final = get_args(CompileMode)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,15 @@ class Settings:
     #: A model repository: a folder of models, each with a model.toml and numbered
     #: version folders (README, "Model repository").
     model_repo: str | None = None
+    #: torch.compile the ``models`` above in warm-up, before they serve: off, default,
+    #: max-autotune or reduce-overhead (CUDA graphs: CUDA only). A factory returning a
+    #: ``Model`` with ``compile`` set chooses its own. A failure serves the model
+    #: eagerly (logged), or, with ``strict``, refuses to start.
+    model_compile: CompileMode = "off"
+    #: A folder compiled models are kept in (Inductor's caches, per torch version), so
+    #: that a restarted server or a new replica serves without compiling again; a
+    #: volume in containers. None: Inductor's default, a folder under /tmp.
+    compile_cache_dir: str | None = None
     #: ``none``: the models loaded at start serve until exit; ``explicit``: the Load
     #: and Unload RPCs (admin scope) add, replace and remove models while serving.
     model_control: ModelControlMode = "none"

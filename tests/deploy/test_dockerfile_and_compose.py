@@ -149,8 +149,11 @@ def test_compose_runs_gpu_and_cpu_services_with_models_health_and_replicas() -> 
         settings = Settings.from_env(environment)  # every variable a valid setting
         assert settings.device == kind and settings.model_repo == "/models"
         assert set(environment) <= VARIABLES
-        (volume,) = service["volumes"]
-        assert volume["target"] == "/models" and volume["read_only"] is True
+        models, cache = service["volumes"]
+        assert models["target"] == "/models" and models["read_only"] is True
+        # torch.compile's cache: a named volume, where the image's user may write.
+        assert (cache["type"], cache["target"]) == ("volume", settings.compile_cache_dir)
+        assert cache["source"] in compose()["volumes"]
         assert service["healthcheck"]["test"] == ["CMD", "python", "-m", "tensorwire_server.probe"]
         assert service["restart"] == "unless-stopped"
         assert service["deploy"]["replicas"] == "${TENSORWIRE_REPLICAS:-1}"

@@ -88,6 +88,8 @@ def test_the_deployment_asks_for_a_gpu_probes_grpc_health_and_mounts_its_secrets
     volumes = {v["name"]: v for v in pod["volumes"]}
     assert "emptyDir" in volumes[mounts["/tmp"]]
     assert "persistentVolumeClaim" in volumes[mounts[settings.model_repo or ""]]
+    # torch.compile's cache survives a container's restart in its pod.
+    assert "emptyDir" in volumes[mounts[settings.compile_cache_dir or ""]]
     # The TLS files and the tokens file the settings name come from secrets.
     for path in (settings.tls_cert, settings.tls_key, settings.tokens_file):
         volume = volumes[mounts[str(Path(str(path)).parent)]]

@@ -132,6 +132,18 @@ def _seconds(seconds: float) -> str:
     return f"{seconds * 1000:.3g} ms"
 
 
+def _runs(model: ModelInfo) -> str:
+    """How the newest version runs, when not eagerly (and what compiling it took)."""
+    if model.execution in ("", "eager"):
+        return ""
+    if model.execution != "compiled":
+        return f", runs {model.execution}"
+    return (
+        f", runs compiled ({model.compiled_graphs} graphs in warm-up, "
+        f"{model.recompilations} recompiled since)"
+    )
+
+
 def _serving(model: ModelInfo) -> str:
     """How ``model`` serves, in one line: state, versions, batching, devices."""
     ready = [str(v.version) for v in model.versions if v.state == "READY"]
@@ -175,7 +187,8 @@ def format_info(info: ServerInfo, target: str) -> str:
         model = info.models[name]
         params = f", {model.parameter_count:,} parameters" if model.parameter_count else ""
         lines.append(f"  {name} {_signature(model)}")
-        lines.append(f"      {model.kind or 'not loaded'}{params}: {model.description}")
+        kind = f"{model.kind or 'not loaded'}{_runs(model)}{params}"
+        lines.append(f"      {kind}: {model.description}")
         lines.append(f"      {_serving(model)}")
         if model.reason:
             lines.append(f"      reason: {model.reason}")

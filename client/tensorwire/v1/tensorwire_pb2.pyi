@@ -101,7 +101,7 @@ class TensorSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., any_shape: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "kind", "description", "inputs", "outputs", "variadic", "parameter_count", "state", "reason", "versions", "max_batch_size", "dynamic_batching", "instances", "precision", "max_queue_size")
+    __slots__ = ("name", "kind", "description", "inputs", "outputs", "variadic", "parameter_count", "state", "reason", "versions", "max_batch_size", "dynamic_batching", "instances", "precision", "max_queue_size", "execution", "compiled_graphs", "recompilations")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -117,6 +117,9 @@ class ModelInfo(_message.Message):
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_FIELD_NUMBER: _ClassVar[int]
+    COMPILED_GRAPHS_FIELD_NUMBER: _ClassVar[int]
+    RECOMPILATIONS_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     description: str
@@ -132,7 +135,10 @@ class ModelInfo(_message.Message):
     instances: _containers.RepeatedScalarFieldContainer[str]
     precision: str
     max_queue_size: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., variadic: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., dynamic_batching: _Optional[_Union[DynamicBatching, _Mapping]] = ..., instances: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., max_queue_size: _Optional[int] = ...) -> None: ...
+    execution: str
+    compiled_graphs: int
+    recompilations: int
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., variadic: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., dynamic_batching: _Optional[_Union[DynamicBatching, _Mapping]] = ..., instances: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., execution: _Optional[str] = ..., compiled_graphs: _Optional[int] = ..., recompilations: _Optional[int] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
     __slots__ = ("version", "state", "reason", "statistics")

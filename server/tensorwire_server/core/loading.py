@@ -12,12 +12,13 @@ from pathlib import Path
 from tensorwire.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, shown
 from tensorwire_server.engine.engine import Engine
 from tensorwire_server.models.builtins import builtin_config, builtin_models
-from tensorwire_server.models.config import ConfigError, ModelConfig, read_config
+from tensorwire_server.models.compiled import use_cache_dir
+from tensorwire_server.models.config import Compilation, ConfigError, ModelConfig, read_config
 from tensorwire_server.models.loader import load_model, load_version
 from tensorwire_server.models.model import Model
 from tensorwire_server.models.registry import ModelEntry
 from tensorwire_server.models.repository import model_names, version_numbers
-from tensorwire_server.settings import Settings
+from tensorwire_server.settings import COMPILE_MODES, Settings
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 def load_all(engine: Engine, settings: Settings) -> list[str]:
     """Load every model the settings name into ``engine``, at start; return what failed,
     one line each (ValueError instead, with all of them, when the settings are strict)."""
+    use_cache_dir(settings.compile_cache_dir)  # before anything compiles
     entries: list[ModelEntry] = []
     if settings.builtins:
         for model in builtin_models().values():
@@ -33,7 +35,9 @@ def load_all(engine: Engine, settings: Settings) -> list[str]:
     for name, source in settings.models.items():
         try:
             model = load_model(name, source)
-            entries.append(engine.registry.serve(ModelConfig.of(model), {1: model}))
+            compilation = model_compilation(model, settings)
+            config = ModelConfig.of(model, compile=compilation)
+            entries.append(engine.registry.serve(config, {1: model}))
         except ValueError as exc:
             entries.append(ModelEntry(ModelConfig(name), failures={0: str(exc)}))
     root = repository_root(settings)
@@ -51,6 +55,22 @@ def load_all(engine: Engine, settings: Settings) -> list[str]:
         if entry.failures:
             log.error("model %r did not load: %s", entry.config.name, entry.reason)
     return failures
+
+
+def model_compilation(model: Model, settings: Settings) -> Compilation:
+    """torch.compile for a --model model: its factory's choice, else the settings'
+    (which leave compiled artefacts, AOTInductor and TorchScript, as they are); a
+    failure fails the model when the settings are strict, else it serves eagerly."""
+    mode = model.compile
+    if mode is None:
+        compilable = model.kind not in ("aotinductor", "torchscript")
+        mode = settings.model_compile if compilable else "off"
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"model {model.name!r}: its factory chose compile mode {mode!r}, not one of "
+            + ", ".join(COMPILE_MODES)
+        )
+    return Compilation(mode, on_failure="fail" if settings.strict else "eager")
 
 
 def repository_root(settings: Settings) -> Path | None:

@@ -134,6 +134,10 @@ class TrainingState:
         for key in ("input", "target", "out"):
             if key in loss_options:
                 raise InvalidArgumentError(f"loss option {key!r} is not allowed")
+        if model.inference_only:
+            raise FailedPreconditionError(
+                f"model {model.name!r} cannot be trained: {model.inference_only}"
+            )
         checked = optimizer_options(optimizer, options)
         self.model = model
         self.device = device

@@ -243,6 +243,10 @@ class Engine:
         Never batched: each request runs its own forward and backward pass."""
         with self.registry.using(model_name, version) as served:
             model = served.model
+            if model.inference_only:
+                raise FailedPreconditionError(
+                    f"model {model.name!r} cannot take gradients: {model.inference_only}"
+                )
             bound = bind(model, inputs)
             what = f"model {model.name!r}"
             with (

@@ -7,7 +7,11 @@ which device, dynamic batching, and per-version statistics.
 - ``config``: a model's ``model.toml`` (``ModelConfig``), read and checked (``ConfigError``).
 - ``repository``: a repository's folders: its models, their versions, a version's file.
 - ``loader``: the one way a model loads, for ``--model`` and a repository's versions
-  alike: TorchScript, ``torch.export`` and safetensors files, and factories.
+  alike: TorchScript, ``torch.export``, AOTInductor and safetensors files, and factories.
+- ``aotinductor``: a model file's format told from its contents; AOTInductor packages
+  and the signature they carry.
+- ``compiled``: torch.compile in warm-up, AOTInductor packages placed on devices, the
+  compile cache.
 - ``registry``: what is served, version by version, on which devices.
 - ``batching``: concurrent requests stacked into one forward pass.
 - ``statistics``: what each version has done.

@@ -18,6 +18,10 @@ from tensorwire_server.models.model import IOSpec, Model
 CONFIG_FILE = "model.toml"
 PRECISIONS = ("float32", "float16", "bfloat16")
 FILLS = ("zeros", "ones", "random")
+#: torch.compile's modes, and "off"; reduce-overhead (CUDA graphs) runs on CUDA only.
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+#: What a version does when compiling it fails: serve eagerly (logged) or fail to load.
+COMPILE_FAILURES = ("eager", "fail")
 
 
 class ConfigError(ValueError):
@@ -31,6 +35,21 @@ class Batching:
 
     max_queue_delay: float = 0.0
     preferred_batch_sizes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class Compilation:
+    """torch.compile for a model: the mode ("off": eager), what a failure does, and
+    whether warm-up also compiles the graph Grad runs (forward and backward)."""
+
+    mode: str = "off"
+    on_failure: str = "eager"
+    grad: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """Whether the model is compiled at all."""
+        return self.mode != "off"
 
 
 @dataclass(frozen=True)
@@ -75,6 +94,8 @@ class ModelConfig:
     path: Path | None = None
     #: The model's inputs are keyword arguments of any names (built-in echo).
     variadic: bool = False
+    #: torch.compile, done in warm-up before the version serves ([compile]).
+    compile: Compilation = Compilation()
 
     @classmethod
     def of(cls, model: Model, **settings: Any) -> ModelConfig:
@@ -103,7 +124,9 @@ _KEYS = (
     "outputs",
     "dynamic_batching",
     "warmup",
+    "compile",
 )
+_COMPILE_KEYS = ("mode", "on_failure", "grad")
 _SPEC_KEYS = ("name", "dtype", "shape")
 _BATCHING_KEYS = ("max_queue_delay_ms", "preferred_batch_sizes")
 _WARMUP_KEYS = ("shape", "dtype", "fill")
@@ -141,6 +164,7 @@ def read_config(folder: Path) -> ModelConfig:
     outputs = check.specs("outputs", raw.get("outputs", []), max_batch_size)
     batching = check.batching(raw.get("dynamic_batching"), max_batch_size)
     warmup = check.warmup(raw.get("warmup", []), inputs, max_batch_size)
+    compilation = check.compilation(raw.get("compile"))
     return ModelConfig(
         name=folder.name,
         description=description,
@@ -156,6 +180,7 @@ def read_config(folder: Path) -> ModelConfig:
         factory=factory,
         versions=versions,
         path=folder,
+        compile=compilation,
     )
 
 
@@ -318,6 +343,19 @@ class _Checker:
             if size > max_batch_size:
                 raise self.error(f"{key}[{i}] is {size}, more than max_batch_size {max_batch_size}")
         return Batching(delay / 1000, tuple(sorted(set(sizes))))
+
+    def compilation(self, value: object) -> Compilation:
+        if value is None:
+            return Compilation()
+        table = self.table("compile", value, _COMPILE_KEYS)
+        mode = self.choice("compile.mode", table.get("mode", "default"), COMPILE_MODES)
+        on_failure = self.choice(
+            "compile.on_failure", table.get("on_failure", "eager"), COMPILE_FAILURES
+        )
+        grad = table.get("grad", False)
+        if not isinstance(grad, bool):
+            raise self.wrong("compile.grad", "true or false", grad)
+        return Compilation(mode, on_failure, grad)
 
     def warmup(
         self, value: object, inputs: tuple[IOSpec, ...], max_batch_size: int

@@ -1,7 +1,8 @@
 """Loading a model, one way for every place that names one: ``--model NAME=SOURCE``
 (``load_model``) and a repository's version folders (``load_version``).
 
-A model is read from a TorchScript file, a ``torch.export`` file (``.pt2``), or built by
+A model is read from a TorchScript file, a ``torch.export`` file or an AOTInductor
+package (both ``.pt2``; each file's contents tell which it is), or built by
 a factory: ``package.module:function`` (imported) or, for a repository's model only,
 ``file.py:function`` (a file in the model's folder), returning an ``nn.Module`` (its
 ``forward`` tells the signature) or a ``Model`` (with a signature of its own). A
@@ -28,6 +29,7 @@ from torch import nn
 
 from tensorwire.wire.dtypes import WIRE_BY_NAME
 from tensorwire_server.device.tensors import dtype_name
+from tensorwire_server.models.aotinductor import INFERENCE_ONLY, file_format, read_package
 from tensorwire_server.models.config import CONFIG_FILE, ConfigError, ModelConfig
 from tensorwire_server.models.model import IOSpec, Model, forward_signature
 from tensorwire_server.models.repository import model_folder, version_file
@@ -36,36 +38,35 @@ from tensorwire_server.models.repository import model_folder, version_file
 KIND_LABELS = {
     "torchscript": "TorchScript model",
     "export": "torch.export program",
+    "aotinductor": "AOTInductor package",
     "safetensors": "safetensors weights",
 }
-_SHORT_LABELS = {"torchscript": "TorchScript", "export": "torch.export"}
 
 
 # ----------------------------------------------------------------------------- --model
 
 
 def load_model(name: str, source: str) -> Model:
-    """Load ``source`` as model ``name``: a ``.pt2`` torch.export file, a TorchScript
-    file, or ``package.module:function`` (operator-trusted Python returning an
-    ``nn.Module`` or a ``Model``). Raises ValueError naming the model and the problem."""
-    if source.endswith(".pt2"):
-        kind = "export"
-    elif os.path.isfile(source):
-        kind = "torchscript"
-    elif ":" in source and os.path.sep not in source:
+    """Load ``source`` as model ``name``: a TorchScript file, a torch.export file or an
+    AOTInductor package (told apart by their contents), or ``package.module:function``
+    (operator-trusted Python returning an ``nn.Module`` or a ``Model``). Raises
+    ValueError naming the model and the problem."""
+    if os.path.isfile(source):
+        try:
+            model = read_model_file(name, source)
+        except Exception as exc:
+            what = "torch.export or AOTInductor" if source.endswith(".pt2") else "TorchScript"
+            raise ValueError(f"model {name!r}: cannot load {what} {source!r}: {exc}") from exc
+        model.description = f"{KIND_LABELS[model.kind]} from {source}"
+        return model
+    if ":" in source and os.path.sep not in source:
         try:
             return build_model(name, source)
         except ValueError as exc:
             raise ValueError(f"model {name!r}: {exc}") from exc
-    else:
-        raise ValueError(f"model {name!r}: {source!r} is not a file nor a module:factory")
-    try:
-        module, inputs = read_file(source, kind)
-    except Exception as exc:
-        raise ValueError(
-            f"model {name!r}: cannot load {_SHORT_LABELS[kind]} {source!r}: {exc}"
-        ) from exc
-    return Model(name, module, inputs, (), kind, f"{KIND_LABELS[kind]} from {source}")
+    if source.endswith(".pt2"):
+        raise ValueError(f"model {name!r}: no such file {source!r}")
+    raise ValueError(f"model {name!r}: {source!r} is not a file nor a module:factory")
 
 
 # ----------------------------------------------------------------------------- repository
@@ -79,7 +80,8 @@ def load_version(config: ModelConfig, version: int) -> Model:
         if kind == "safetensors":
             read = _load_weights(config, file)
         else:
-            read = Model(config.name, *read_file(file, kind))
+            read = read_model_file(config.name, file)
+            kind = read.kind
     except ConfigError:
         raise
     except Exception as exc:
@@ -104,6 +106,8 @@ def load_version(config: ModelConfig, version: int) -> Model:
         description=config.description or description,
         variadic=config.variadic or (read.variadic and not config.inputs),
         extra={"version": version, "file": file},
+        compile=read.compile,
+        inference_only=read.inference_only,
     )
 
 
@@ -134,6 +138,17 @@ def _load_weights(config: ModelConfig, file: Path) -> Model:
 
 
 # ----------------------------------------------------------------------------- files
+
+
+def read_model_file(name: str, path: str | os.PathLike[str]) -> Model:
+    """The model a TorchScript, torch.export or AOTInductor file holds (its contents
+    tell which), with the signature it carries; raises whatever loading raises."""
+    kind = file_format(path)
+    if kind == "aotinductor":
+        package, inputs, outputs = read_package(path)
+        return Model(name, package, inputs, outputs, kind, inference_only=INFERENCE_ONLY)
+    module, read = read_file(path, kind)
+    return Model(name, module, read, (), kind)
 
 
 def read_file(path: str | os.PathLike[str], kind: str) -> tuple[nn.Module, tuple[IOSpec, ...]]:

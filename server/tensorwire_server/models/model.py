@@ -27,6 +27,27 @@ class IOSpec:
             raise ValueError(f"spec {self.name!r}: unknown dtype {self.dtype!r}")
 
 
+#: How each kind of model runs when it is not compiled, as Info's ``execution`` says.
+EXECUTIONS = {
+    "export": "exported",
+    "torchscript": "torchscript",
+    "aotinductor": "aotinductor",
+}
+
+
+@dataclass
+class CompileStats:
+    """torch.compile's work for one version: its mode, the graphs compiled in warm-up
+    and those compiled afterwards, while serving (none are expected)."""
+
+    mode: str
+    graphs: int = 0
+    recompilations: int = 0
+    #: Inductor's compile-cache lookups in warm-up (a warm restart's are all hits).
+    cache_hits: int = 0
+    cache_misses: int = 0
+
+
 @dataclass
 class Model:
     """A named callable with its signature. ``module`` is called with the inputs in
@@ -40,6 +61,19 @@ class Model:
     description: str = ""
     variadic: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    #: torch.compile's mode for this model, when its factory chooses one (a
+    #: repository's model.toml and --model-compile choose otherwise); None: not said.
+    compile: str | None = None
+    #: Why the model cannot take gradients (an inference-only artefact); empty: it can.
+    inference_only: str = ""
+    #: What torch.compile did for it in warm-up; None: it is not compiled.
+    compile_stats: CompileStats | None = None
+
+    @property
+    def execution(self) -> str:
+        """Which way the model runs: eager, exported, compiled, aotinductor or
+        torchscript."""
+        return "compiled" if self.compile_stats else EXECUTIONS.get(self.kind, "eager")
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """The trainable parameters by qualified name."""

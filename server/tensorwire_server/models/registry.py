@@ -26,6 +26,7 @@ from tensorwire.errors import (
 )
 from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
 from tensorwire_server.device.tensors import resolve_device
+from tensorwire_server.models import compiled
 from tensorwire_server.models.batching import Batcher
 from tensorwire_server.models.config import ConfigError, ModelConfig
 from tensorwire_server.models.model import Model
@@ -398,6 +399,8 @@ class ModelRegistry:
                 stream = instance_stream(device) if device.type == "cuda" else None
                 instances.append(Instance(device, module, stream))
         served = ServedVersion(config, version, model, instances, self._forward)
+        # Compiled before it serves: AOTInductor packages placed, torch.compile warmed up.
+        compiled.prepare(config, model, instances, lambda i, x: self._forward(served, i, x))
         for request in config.warmup:
             inputs = [
                 (name, _warmup_array(spec.shape, spec.dtype, spec.fill))

@@ -61,6 +61,10 @@ def model_to_wire(entry: ModelEntry) -> pb.ModelInfo:
     if newest is not None:
         model = newest.model
         info.kind = model.kind
+        info.execution = model.execution
+        if model.compile_stats is not None:
+            info.compiled_graphs = model.compile_stats.graphs
+            info.recompilations = model.compile_stats.recompilations
         info.description = model.description or config.description
         info.parameter_count = model.parameter_count()
         info.instances.extend(str(i.device) for i in newest.instances)
