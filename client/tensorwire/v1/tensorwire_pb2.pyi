@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -80,7 +79,7 @@ class Value(_message.Message):
     list_value: ValueList
     none_value: bool
     ref: str
-    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., none_value: _Optional[bool] = ..., ref: _Optional[str] = ...) -> None: ...
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., bool_value: bool = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., none_value: bool = ..., ref: _Optional[str] = ...) -> None: ...
 
 class ValueList(_message.Message):
     __slots__ = ("values",)
@@ -98,7 +97,7 @@ class TensorSpec(_message.Message):
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     any_shape: bool
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., any_shape: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., any_shape: bool = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "kind", "description", "inputs", "outputs", "variadic", "parameter_count", "state", "reason", "versions", "max_batch_size", "dynamic_batching", "instances", "precision", "max_queue_size")
@@ -132,7 +131,7 @@ class ModelInfo(_message.Message):
     instances: _containers.RepeatedScalarFieldContainer[str]
     precision: str
     max_queue_size: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., variadic: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., dynamic_batching: _Optional[_Union[DynamicBatching, _Mapping]] = ..., instances: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., max_queue_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., variadic: bool = ..., parameter_count: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., dynamic_batching: _Optional[_Union[DynamicBatching, _Mapping]] = ..., instances: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., max_queue_size: _Optional[int] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
     __slots__ = ("version", "state", "reason", "statistics")
@@ -257,7 +256,7 @@ class InferRequest(_message.Message):
     outputs: _containers.RepeatedScalarFieldContainer[str]
     version: int
     keep: bool
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ..., keep: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ..., keep: bool = ...) -> None: ...
 
 class InferResponse(_message.Message):
     __slots__ = ("model", "outputs", "version")
@@ -298,7 +297,7 @@ class GradRequest(_message.Message):
     param_grads: bool
     model_version: int
     keep: bool
-    def __init__(self, model: _Optional[str] = ..., function: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., wrt: _Optional[_Iterable[str]] = ..., grad_outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., param_grads: _Optional[bool] = ..., model_version: _Optional[int] = ..., keep: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., function: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., wrt: _Optional[_Iterable[str]] = ..., grad_outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., param_grads: bool = ..., model_version: _Optional[int] = ..., keep: bool = ...) -> None: ...
 
 class GradResponse(_message.Message):
     __slots__ = ("outputs", "grads", "param_grads")
@@ -327,7 +326,7 @@ class CallRequest(_message.Message):
     args: _containers.RepeatedCompositeFieldContainer[Value]
     kwargs: _containers.MessageMap[str, Value]
     keep: bool
-    def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., keep: _Optional[bool] = ...) -> None: ...
+    def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., keep: bool = ...) -> None: ...
 
 class CallResponse(_message.Message):
     __slots__ = ("outputs",)
@@ -564,7 +563,7 @@ class RunRequest(_message.Message):
     loss: str
     wrt: _containers.RepeatedScalarFieldContainer[str]
     keep: bool
-    def __init__(self, inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[ProgramStep, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., keep: _Optional[bool] = ...) -> None: ...
+    def __init__(self, inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[ProgramStep, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., keep: bool = ...) -> None: ...
 
 class RunResponse(_message.Message):
     __slots__ = ("outputs", "grads")
@@ -646,7 +645,7 @@ class ParametersRequest(_message.Message):
     KEEP_FIELD_NUMBER: _ClassVar[int]
     trainer: str
     keep: bool
-    def __init__(self, trainer: _Optional[str] = ..., keep: _Optional[bool] = ...) -> None: ...
+    def __init__(self, trainer: _Optional[str] = ..., keep: bool = ...) -> None: ...
 
 class ParametersResponse(_message.Message):
     __slots__ = ("parameters",)
