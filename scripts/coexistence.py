@@ -3,11 +3,14 @@ downgrading any of them, and does each of them then work?
 
     python scripts/coexistence.py [--wheel CLIENT.whl] [--target HOST:PORT]
 
-In one fresh virtual environment (this interpreter's Python), pip resolves the client
-together with the newest ``tritonclient[grpc]``, ``tritonclient[http]``, ``mlserver``,
-``kserve`` and ``ray[serve]``; each peer is also resolved alone (``pip install
---dry-run --report``), and the run fails if the joint resolution picks an older
-release of any peer than it gets alone. Then everything is installed, each package
+In one fresh virtual environment (this interpreter's Python), pip resolves each of
+``tritonclient[grpc]``, ``tritonclient[http]``, ``mlserver``, ``kserve`` and
+``ray[serve]`` alone (``pip install --dry-run --report``), then the client together
+with each of them pinned to the release it resolved to alone: the run fails if that
+has no resolution, i.e. if the client would force any of them down. (Unpinned, the
+peers' own conflicts decide: pip backtracks for over ten minutes, and uv settles on
+mlserver 1.2.1 with or without tensorwire, since mlserver 1.7.1 and kserve 0.21 can
+be installed together but a resolver need not find that.) Then everything is installed, each package
 imported, and one call made with each client that speaks to a server: tensorwire's
 own, tritonclient's gRPC v2 client, kserve's ``InferenceGRPCClient`` and mlserver's
 v2 gRPC stubs, against ``--target`` or a CPU server started here (this interpreter
@@ -122,10 +125,6 @@ def name_of(spec: str) -> str:
     return spec.split("[")[0].lower()
 
 
-def version_key(version: str) -> tuple[int, ...]:
-    return tuple(int(n) for n in re.findall(r"\d+", version))
-
-
 def build_wheel(out: Path) -> Path:
     run(
         [
@@ -181,7 +180,7 @@ def main(args: Sequence[str] | None = None) -> int:
             return SKIPPED
         wheel = options.wheel or build_wheel(work / "dist")
         started = time.monotonic()
-        with ThreadPoolExecutor(len(PEERS) + 1) as pool:
+        with ThreadPoolExecutor(len(PEERS)) as pool:
             alone = dict(
                 zip(
                     PEERS,
@@ -192,28 +191,27 @@ def main(args: Sequence[str] | None = None) -> int:
                     strict=True,
                 )
             )
-            together = resolve(python, [str(wheel), *PEERS], work / "together.json")
+        # Each peer at the release it resolves to alone: a downgrade would be a conflict.
+        newest = [f"{peer}=={alone[peer][name_of(peer)]}" for peer in PEERS]
+        try:
+            together = resolve(python, [str(wheel), *newest], work / "together.json")
+        except RuntimeError as error:
+            print(f"coexistence: FAILED, no resolution with {' '.join(newest)}:\n{error}")
+            try:
+                resolve(python, newest, work / "peers.json")
+            except RuntimeError:
+                print("  (the peers conflict among themselves, without tensorwire too)")
+            return 1
         print(f"coexistence: resolved in {time.monotonic() - started:.0f} s")
-        downgraded = []
         for peer in PEERS:
             own, joint = alone[peer][name_of(peer)], together[name_of(peer)]
-            verdict = (
-                "same"
-                if joint == own
-                else ("NEWER" if version_key(joint) > version_key(own) else "DOWNGRADED")
-            )
-            print(f"  {peer:20} alone {own:12} with tensorwire {joint:12} {verdict}")
-            if verdict == "DOWNGRADED":
-                downgraded.append(peer)
+            print(f"  {peer:20} alone {own:12} with tensorwire {joint:12} same")
         shared = ", ".join(
             f"{n} {together[n]}" for n in ("tensorwire", "protobuf", "grpcio", "numpy")
         )
         print(f"  together: {shared}")
-        if downgraded:
-            print(f"coexistence: FAILED, tensorwire downgrades {', '.join(downgraded)}")
-            return 1
         started = time.monotonic()
-        run([python, "-m", "pip", "install", "--quiet", str(wheel), *PEERS])
+        run([python, "-m", "pip", "install", "--quiet", str(wheel), *newest])
         print(f"coexistence: installed in {time.monotonic() - started:.0f} s")
         with server() if options.target is None else _given(options.target) as target:
             print(run([python, "-c", CALLS, target], timeout=180), end="")

@@ -32,12 +32,16 @@ print("loaded")
 
 
 def floor(requirement: str) -> str:
-    """``name>=X,...`` -> X, from the client's declared dependencies."""
+    """The lowest X of ``name>=X...`` in the client's declared dependencies (on any
+    Python: protobuf's floor is higher on 3.12 and newer)."""
     project = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
-    for dependency in project["dependencies"]:
-        if match := re.fullmatch(rf"{requirement}>=([\d.]+)(,.*)?", dependency):
-            return match.group(1)
-    raise AssertionError(f"client/pyproject.toml has no floor for {requirement}")
+    floors = [
+        match.group(1)
+        for dependency in project["dependencies"]
+        if (match := re.match(rf"{requirement}>=([\d.]+)", dependency))
+    ]
+    assert floors, f"client/pyproject.toml has no floor for {requirement}"
+    return min(floors, key=lambda v: tuple(int(n) for n in v.split(".")))
 
 
 def test_stubs_load_without_a_warning() -> None:

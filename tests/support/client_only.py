@@ -38,8 +38,15 @@ _THROUGH_SUPPORT = re.compile(
     re.MULTILINE,
 )
 # Checks of the repository, not of the client: the layout, the stubs' generator, the
-# deploy files and the distributions' builds run in the development environment.
-_REPOSITORY_CHECKS = {"test_layout.py", "test_proto_drift.py", "test_distributions.py", "deploy"}
+# deploy files, the distributions' builds and the coexistence check (which makes its
+# own environment) run in the development environment.
+_REPOSITORY_CHECKS = {
+    "test_layout.py",
+    "test_proto_drift.py",
+    "test_distributions.py",
+    "test_coexistence.py",
+    "deploy",
+}
 
 
 def ignored(path: Path) -> bool:
