@@ -3,18 +3,23 @@ downgrading any of them, and does each of them then work?
 
     python scripts/coexistence.py [--wheel CLIENT.whl] [--target HOST:PORT]
 
-In one fresh virtual environment (this interpreter's Python), pip resolves each of
-``tritonclient[grpc]``, ``tritonclient[http]``, ``mlserver``, ``kserve`` and
-``ray[serve]`` alone (``pip install --dry-run --report``), then the client together
-with each of them pinned to the release it resolved to alone: the run fails if that
-has no resolution, i.e. if the client would force any of them down. (Unpinned, the
-peers' own conflicts decide: pip backtracks for over ten minutes, and uv settles on
-mlserver 1.2.1 with or without tensorwire, since mlserver 1.7.1 and kserve 0.21 can
-be installed together but a resolver need not find that.) Then everything is installed, each package
-imported, and one call made with each client that speaks to a server: tensorwire's
-own, tritonclient's gRPC v2 client, kserve's ``InferenceGRPCClient`` and mlserver's
-v2 gRPC stubs, against ``--target`` or a CPU server started here (this interpreter
-must then have tensorwire-server: the development environment).
+In one fresh virtual environment (this interpreter's Python) it resolves, with uv
+(installed there: pip's resolver backtracks for over ten minutes over these peers):
+
+1. each of ``tritonclient[grpc]``, ``tritonclient[http]``, ``mlserver``, ``kserve`` and
+   ``ray[serve]`` alone: the release each gets alone;
+2. the client with each peer pinned to that release: each must resolve, so the client
+   forces none of them down;
+3. all the peers together, without the client and with it: the client must move none
+   of them. (The newest peers conflict among themselves: mlserver 1.7.1 needs
+   fastapi < 0.116 and ray[serve] 2.60 fastapi >= 0.133, so together a resolver takes
+   an older mlserver, with or without tensorwire. The table shows both.)
+
+Then it installs the joint resolution with pip, imports each package and makes one
+call with each client that speaks to a server: tensorwire's own, tritonclient's gRPC
+v2 client, kserve's ``InferenceGRPCClient`` and mlserver's v2 gRPC stubs, against
+``--target`` or a CPU server started here (this interpreter must then have
+tensorwire-server: the development environment).
 
 Exit status 0: all held; 1: a downgrade or a failed call; 77: skipped, because the
 package index does not answer (it says so). Time is bounded: every pip and every call
@@ -24,7 +29,6 @@ has a deadline. The tests run it: tests/packaging/test_coexistence.py.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -41,37 +45,31 @@ PEERS = ["tritonclient[grpc]", "tritonclient[http]", "mlserver", "kserve", "ray[
 SKIPPED = 77
 PIP_SECONDS = 600  # one resolution or the install; a cold pip cache downloads ~1 GB
 
-# Run in the fresh environment: import every peer, then one call with each client.
-CALLS = r"""
+# Run in the fresh environment: one call with each client, each a section of its own.
+PRELUDE = """
 import asyncio, sys
 import numpy as np
 target = sys.argv[1]
 x = np.ones((2, 16), np.float32)
-
+"""
+CALLS = {
+    "tensorwire": """
 import tensorwire as tw
 with tw.Client(target, timeout=30) as c:
     assert c.infer("mlp", x)["output"].shape == (2, 4)
-print("tensorwire: Client.infer('mlp') -> (2, 4)")
-
+print("  tensorwire: Client.infer('mlp') -> (2, 4)")
+""",
+    "tritonclient": """
 import tritonclient.grpc as triton
-import tritonclient.http  # noqa: F401  (the server speaks gRPC only: imported, not called)
+import tritonclient.http  # the server speaks gRPC only: imported, not called
 with triton.InferenceServerClient(target) as c:
     assert c.is_server_live() and c.is_model_ready("mlp")
     i = triton.InferInput("input", [2, 16], "FP32")
     i.set_data_from_numpy(x)
-    y = c.infer("mlp", [i]).as_numpy("output")
-    assert y.shape == (2, 4)
-print("tritonclient.grpc: is_server_live, is_model_ready, infer('mlp') -> (2, 4)")
-
-import grpc
-from mlserver.grpc import dataplane_pb2 as mpb, dataplane_pb2_grpc as mgrpc
-with grpc.insecure_channel(target) as channel:
-    stub = mgrpc.GRPCInferenceServiceStub(channel)
-    assert stub.ServerLive(mpb.ServerLiveRequest(), timeout=30).live
-    meta = stub.ModelMetadata(mpb.ModelMetadataRequest(name="mlp"), timeout=30)
-    assert [t.name for t in meta.inputs] == ["input"]
-print("mlserver.grpc: ServerLive, ModelMetadata('mlp') -> inputs ['input']")
-
+    assert c.infer("mlp", [i]).as_numpy("output").shape == (2, 4)
+print("  tritonclient.grpc: is_server_live, is_model_ready, infer('mlp') -> (2, 4)")
+""",
+    "kserve": """
 from kserve import InferenceGRPCClient, InferInput, InferRequest
 
 async def kserve_call():
@@ -86,11 +84,24 @@ async def kserve_call():
         await client.close()
 
 assert asyncio.run(kserve_call()) == (2, 4)
-print("kserve: InferenceGRPCClient.is_server_ready, infer('mlp') -> (2, 4)")
-
-import ray, ray.serve  # noqa: E401  (a serving framework: no client of a remote server)
-print(f"ray[serve]: imported ray {ray.__version__}")
-"""
+print("  kserve: InferenceGRPCClient.is_server_ready, infer('mlp') -> (2, 4)")
+""",
+    "mlserver": """
+import grpc
+import mlserver
+from mlserver.grpc import dataplane_pb2 as mpb, dataplane_pb2_grpc as mgrpc
+with grpc.insecure_channel(target) as channel:
+    stub = mgrpc.GRPCInferenceServiceStub(channel)
+    assert stub.ServerLive(mpb.ServerLiveRequest(), timeout=30).live
+    meta = stub.ModelMetadata(mpb.ModelMetadataRequest(name="mlp"), timeout=30)
+    assert [t.name for t in meta.inputs] == ["input"]
+print(f"  mlserver {mlserver.__version__}: v2 gRPC ServerLive, ModelMetadata('mlp')")
+""",
+    "ray[serve]": """
+import ray, ray.serve  # a serving framework: no client of a remote server to call
+print(f"  ray[serve]: imported ray {ray.__version__}")
+""",
+}
 
 
 def run(argv: Sequence[str], timeout: float = PIP_SECONDS) -> str:
@@ -111,14 +122,24 @@ def index_answers(python: str) -> bool:
     return True
 
 
-def resolve(python: str, specs: Sequence[str], report: Path) -> dict[str, str]:
-    """What pip would install for ``specs`` in an empty environment: name -> version."""
-    pip = [python, "-m", "pip", "install", "--quiet", "--dry-run", "--ignore-installed"]
-    run([*pip, "--report", str(report), *specs])
-    chosen = json.loads(report.read_text())["install"]
-    return {
-        p["metadata"]["name"].lower().replace("_", "-"): p["metadata"]["version"] for p in chosen
-    }
+def resolve(python: str, specs: Sequence[str], out: Path) -> dict[str, str]:
+    """What an empty environment of ``python`` gets for ``specs``: name -> version (and
+    the pinned list in ``out``, for pip to install)."""
+    out.with_suffix(".in").write_text("\n".join(specs) + "\n")
+    uv = str(Path(python).parent / "uv")
+    compile_ = [uv, "pip", "compile", "--quiet", "--python", python, "--no-header"]
+    run([*compile_, "--no-annotate", "--output-file", str(out), str(out.with_suffix(".in"))])
+    chosen = {}
+    for line in out.read_text().splitlines():
+        if "==" in line:
+            name, version = line.split("==", 1)
+        elif " @ " in line:  # the client's wheel: its version is in its file's name
+            name, url = line.split(" @ ", 1)
+            version = re.search(r"-(\d[\w.]*)-py3", url).group(1)  # type: ignore[union-attr]
+        else:
+            continue
+        chosen[name.strip().lower().replace("_", "-")] = version.strip()
+    return chosen
 
 
 def name_of(spec: str) -> str:
@@ -179,44 +200,80 @@ def main(args: Sequence[str] | None = None) -> int:
             print("coexistence: SKIPPED, the package index does not answer (pip index versions)")
             return SKIPPED
         wheel = options.wheel or build_wheel(work / "dist")
+        run([python, "-m", "pip", "install", "--quiet", "uv"])
         started = time.monotonic()
+        client = f"tensorwire @ {wheel.resolve().as_uri()}"
         with ThreadPoolExecutor(len(PEERS)) as pool:
-            alone = dict(
-                zip(
-                    PEERS,
-                    pool.map(
-                        lambda i: resolve(python, [PEERS[i]], work / f"alone-{i}.json"),
-                        range(len(PEERS)),
-                    ),
-                    strict=True,
+            alone = list(
+                pool.map(
+                    lambda i: resolve(python, [PEERS[i]], work / f"alone{i}.txt"), range(len(PEERS))
                 )
             )
-        # Each peer at the release it resolves to alone: a downgrade would be a conflict.
-        newest = [f"{peer}=={alone[peer][name_of(peer)]}" for peer in PEERS]
-        try:
-            together = resolve(python, [str(wheel), *newest], work / "together.json")
-        except RuntimeError as error:
-            print(f"coexistence: FAILED, no resolution with {' '.join(newest)}:\n{error}")
-            try:
-                resolve(python, newest, work / "peers.json")
-            except RuntimeError:
-                print("  (the peers conflict among themselves, without tensorwire too)")
-            return 1
+            newest = [f"{p}=={a[name_of(p)]}" for p, a in zip(PEERS, alone, strict=True)]
+            pairs = list(
+                pool.map(
+                    lambda i: _resolves(python, [client, newest[i]], work / f"pair{i}.txt"),
+                    range(len(PEERS)),
+                )
+            )
+        peers = resolve(python, PEERS, work / "peers.txt")
+        together = resolve(python, [client, *PEERS], work / "together.txt")
         print(f"coexistence: resolved in {time.monotonic() - started:.0f} s")
-        for peer in PEERS:
-            own, joint = alone[peer][name_of(peer)], together[name_of(peer)]
-            print(f"  {peer:20} alone {own:12} with tensorwire {joint:12} same")
+        head = ("alone", "tensorwire + it", "all peers", "+ tensorwire")
+        print(f"  {'':20} {head[0]:>10} {head[1]:>16} {head[2]:>10} {head[3]:>13}")
+        failed = []
+        for peer, own, pair in zip(PEERS, alone, pairs, strict=True):
+            name = name_of(peer)
+            moved = together[name] != peers[name]
+            if pair is None or moved:
+                failed.append(peer)
+            with_it = "no solution" if pair is None else pair[name]
+            print(
+                f"  {peer:20} {own[name]:>10} {with_it:>16} {peers[name]:>10} {together[name]:>13}"
+            )
         shared = ", ".join(
             f"{n} {together[n]}" for n in ("tensorwire", "protobuf", "grpcio", "numpy")
         )
-        print(f"  together: {shared}")
+        print(f"  all together: {shared}")
+        if failed:
+            print(f"coexistence: FAILED, tensorwire downgrades {', '.join(failed)}")
+            return 1
         started = time.monotonic()
-        run([python, "-m", "pip", "install", "--quiet", str(wheel), *newest])
+        run([python, "-m", "pip", "install", "--quiet", "-r", str(work / "together.txt")])
         print(f"coexistence: installed in {time.monotonic() - started:.0f} s")
         with server() if options.target is None else _given(options.target) as target:
-            print(run([python, "-c", CALLS, target], timeout=180), end="")
-        print("coexistence: OK, no peer downgraded, every client answered")
+            print("coexistence: one call with each client, all in that one environment")
+            for section, code in CALLS.items():
+                try:
+                    print(run([python, "-c", PRELUDE + code, target], timeout=180), end="")
+                except RuntimeError as error:
+                    if section != "mlserver":
+                        print(f"coexistence: FAILED, {section}:\n{error}")
+                        return 1
+                    # The peers' own compromise: the mlserver that fits beside the newest
+                    # kserve and ray[serve] (fastapi), with or without tensorwire.
+                    why = str(error).strip().splitlines()[-1]
+                    print(f"  mlserver {together['mlserver']} (the peers' compromise) does not")
+                    print(f"    import: {why}")
+                    # So the newest mlserver again, beside tensorwire alone.
+                    pair = work / "venv-mlserver"
+                    run([sys.executable, "-m", "venv", str(pair)], timeout=120)
+                    pair_python = str(pair / "bin" / "python")
+                    pins = str(work / "pair2.txt")  # tensorwire + the newest mlserver
+                    run([pair_python, "-m", "pip", "install", "--quiet", "-r", pins])
+                    print(f"  and in an environment of tensorwire with {newest[2]}:")
+                    for again in ("tensorwire", "mlserver"):
+                        code = PRELUDE + CALLS[again]
+                        print(run([pair_python, "-c", code, target], timeout=180), end="")
+        print("coexistence: OK, tensorwire downgrades no peer, every client answered")
         return 0
+
+
+def _resolves(python: str, specs: Sequence[str], out: Path) -> dict[str, str] | None:
+    try:
+        return resolve(python, specs, out)
+    except RuntimeError:
+        return None
 
 
 @contextmanager
