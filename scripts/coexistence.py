@@ -17,8 +17,8 @@ In one fresh virtual environment (this interpreter's Python) it resolves, with u
 
 Then it installs the joint resolution (with uv: the resolution is settled), imports
 each package and makes one call with each client that speaks to a server: tensorwire's
-own, tritonclient's gRPC
-v2 client, kserve's ``InferenceGRPCClient`` and mlserver's v2 gRPC stubs, against
+own, tritonclient's gRPC v2 client, kserve's ``InferenceGRPCClient`` and mlserver's
+v2 gRPC stubs, against
 ``--target`` or a CPU server started here (this interpreter must then have
 tensorwire-server: the development environment).
 
