@@ -29,14 +29,15 @@ WORKDIR /src
 # .dockerignore lets through only the package's sources and wheelhouse/, if any.
 COPY . .
 # --system-site-packages: the base's own torch (and numpy) count as installed, so
-# pip leaves a CUDA base's torch as it is. The server's extra pins torch==2.13.0.
+# pip leaves a CUDA base's torch as it is. The two distributions, client/ (tensorwire)
+# and server/ (tensorwire-server, which pins torch==2.13.0), install together.
 # Then out go what only builds: torch's C++ headers and test binaries (145 MB of a
 # CPU wheel; the server compiles no extensions), pip and setuptools.
 RUN python3 -m venv --system-site-packages /opt/tensorwire \
     && env -u PIP_INDEX_URL -u PIP_NO_INDEX /opt/tensorwire/bin/pip install \
         --no-cache-dir --find-links /src/wheelhouse \
         ${PIP_NO_INDEX:+--no-index} ${PIP_INDEX_URL:+--index-url "$PIP_INDEX_URL"} \
-        --extra-index-url "${TORCH_INDEX_URL}" ".[server]" \
+        --extra-index-url "${TORCH_INDEX_URL}" ./client ./server \
     && /opt/tensorwire/bin/python -c \
         "import torch, tensorwire_server; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
     && rm -rf /opt/tensorwire/lib/python3*/site-packages/torch/include \

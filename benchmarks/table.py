@@ -85,7 +85,7 @@ def plot(rows: Rows, sizes: list[int], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        sys.exit("--plot needs matplotlib: pip install -e '.[bench]'")
+        sys.exit("--plot needs matplotlib: pip install --group bench")
     fig, ax = plt.subplots(figsize=(8, 5))
     for name, by_size in rows.items():
         if "RSS" in name:

@@ -1,18 +1,27 @@
-"""Shared fixtures: real servers on 127.0.0.1:0 and clients talking real gRPC to them."""
+"""Shared fixtures: real servers on 127.0.0.1:0 and clients talking real gRPC to them.
+
+In an environment with the client alone (no torch, no server: scripts/test-matrix), the
+tests that need neither run, against servers started from $TENSORWIRE_TEST_SERVER_PYTHON
+(support/client_only.py); the others are not collected."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from support import client_only
 
 from tensorwire import Client
-from tensorwire_server.engine.engine import Engine
-from tensorwire_server.server import TensorwireServer, create_server
-from tensorwire_server.settings import Settings
+
+if not client_only.ACTIVE:
+    import torch
+
+    from tensorwire_server.engine.engine import Engine
+    from tensorwire_server.server import TensorwireServer, create_server
+    from tensorwire_server.settings import Settings
 
 # Test-only models, served by factory (tests/ is on sys.path under pytest).
 TOY_MODELS = {
@@ -81,6 +90,9 @@ def start(settings: Settings) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def address() -> Iterator[str]:
     """A server with the built-in models and the toy models, on the suite's device."""
+    if client_only.ACTIVE:
+        yield from client_only.served(TOY_MODELS)
+        return
     yield from start(Settings(host="127.0.0.1", port=0, device="cpu", models=TOY_MODELS))
 
 
@@ -91,8 +103,12 @@ def client(address: str) -> Iterator[Client]:
         yield c
 
 
+def pytest_ignore_collect(collection_path: Path) -> bool | None:
+    return client_only.ignored(collection_path) or None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
+    if not client_only.ACTIVE and torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

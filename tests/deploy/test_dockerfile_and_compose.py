@@ -95,8 +95,12 @@ def test_the_build_context_is_an_allowlist_of_the_sources() -> None:
     ]
     assert patterns[0] == "*"
     allowed = {p.removeprefix("!").rstrip("/") for p in patterns if p.startswith("!")}
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert {"pyproject.toml", project["project"]["readme"], "client", "server"} <= allowed
+    # Each distribution's folder holds all it builds from: pyproject.toml, README, LICENSE.
+    assert {"client", "server"} <= allowed
+    for folder in ("client", "server"):
+        project = tomllib.loads((ROOT / folder / "pyproject.toml").read_text())["project"]
+        for name in [project["readme"], *project["license-files"]]:
+            assert (ROOT / folder / name).is_file(), f"{folder}/{name}"
     assert "**/__pycache__" in patterns
 
 

@@ -37,7 +37,7 @@ def tool(name: str) -> str:
     missing one skips the test here, and fails it in CI, where the extra is installed."""
     found = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
     if found is None:
-        message = f"{name} is not installed: pip install -e '.[dev]'"
+        message = f"{name} is not installed: pip install --group dev (scripts/_env.sh dev)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
@@ -83,8 +83,8 @@ def env_of(steps: list[tuple[str, str]]) -> dict[str, str]:
 
 
 def torch_pin() -> str:
-    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    pins = [d for d in extras["optional-dependencies"]["server"] if d.startswith("torch==")]
+    server = tomllib.loads((ROOT / "server" / "pyproject.toml").read_text())["project"]
+    pins = [d for d in server["dependencies"] if d.startswith("torch==")]
     return pins[0].removeprefix("torch==")
 
 

@@ -23,8 +23,10 @@ Launch = Callable[..., "subprocess.Popen[str]"]
 
 
 def server_argv(*flags: str) -> list[str]:
-    """``python -m tensorwire_server FLAGS`` with this interpreter."""
-    return [sys.executable, "-m", "tensorwire_server", *flags]
+    """``python -m tensorwire_server FLAGS`` with this interpreter, or with
+    $TENSORWIRE_TEST_SERVER_PYTHON where set (a client-only run: support/client_only.py)."""
+    python = os.environ.get("TENSORWIRE_TEST_SERVER_PYTHON") or sys.executable
+    return [python, "-m", "tensorwire_server", *flags]
 
 
 def server_env(**extra: str) -> dict[str, str]:

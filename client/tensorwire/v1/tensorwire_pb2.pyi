@@ -2,8 +2,7 @@ from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -80,7 +79,7 @@ class Value(_message.Message):
     list_value: ValueList
     none_value: bool
     ref: str
-    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., bool_value: _Optional[bool] = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., none_value: _Optional[bool] = ..., ref: _Optional[str] = ...) -> None: ...
+    def __init__(self, tensor: _Optional[_Union[Tensor, _Mapping]] = ..., bool_value: bool = ..., int_value: _Optional[int] = ..., float_value: _Optional[float] = ..., string_value: _Optional[str] = ..., list_value: _Optional[_Union[ValueList, _Mapping]] = ..., none_value: bool = ..., ref: _Optional[str] = ...) -> None: ...
 
 class ValueList(_message.Message):
     __slots__ = ("values",)
@@ -98,7 +97,7 @@ class TensorSpec(_message.Message):
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     any_shape: bool
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., any_shape: _Optional[bool] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., any_shape: bool = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "kind", "description", "inputs", "outputs", "variadic", "parameter_count", "state", "reason", "versions", "max_batch_size", "dynamic_batching", "instances", "precision", "max_queue_size", "execution", "compiled_graphs", "recompilations")
@@ -138,7 +137,7 @@ class ModelInfo(_message.Message):
     execution: str
     compiled_graphs: int
     recompilations: int
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., variadic: _Optional[bool] = ..., parameter_count: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., dynamic_batching: _Optional[_Union[DynamicBatching, _Mapping]] = ..., instances: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., execution: _Optional[str] = ..., compiled_graphs: _Optional[int] = ..., recompilations: _Optional[int] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., description: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., outputs: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., variadic: bool = ..., parameter_count: _Optional[int] = ..., state: _Optional[str] = ..., reason: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., max_batch_size: _Optional[int] = ..., dynamic_batching: _Optional[_Union[DynamicBatching, _Mapping]] = ..., instances: _Optional[_Iterable[str]] = ..., precision: _Optional[str] = ..., max_queue_size: _Optional[int] = ..., execution: _Optional[str] = ..., compiled_graphs: _Optional[int] = ..., recompilations: _Optional[int] = ...) -> None: ...
 
 class ModelVersion(_message.Message):
     __slots__ = ("version", "state", "reason", "statistics")
@@ -263,7 +262,7 @@ class InferRequest(_message.Message):
     outputs: _containers.RepeatedScalarFieldContainer[str]
     version: int
     keep: bool
-    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ..., keep: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., version: _Optional[int] = ..., keep: bool = ...) -> None: ...
 
 class InferResponse(_message.Message):
     __slots__ = ("model", "outputs", "version")
@@ -304,7 +303,7 @@ class GradRequest(_message.Message):
     param_grads: bool
     model_version: int
     keep: bool
-    def __init__(self, model: _Optional[str] = ..., function: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., wrt: _Optional[_Iterable[str]] = ..., grad_outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., param_grads: _Optional[bool] = ..., model_version: _Optional[int] = ..., keep: _Optional[bool] = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., function: _Optional[str] = ..., inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., wrt: _Optional[_Iterable[str]] = ..., grad_outputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., param_grads: bool = ..., model_version: _Optional[int] = ..., keep: bool = ...) -> None: ...
 
 class GradResponse(_message.Message):
     __slots__ = ("outputs", "grads", "param_grads")
@@ -333,7 +332,7 @@ class CallRequest(_message.Message):
     args: _containers.RepeatedCompositeFieldContainer[Value]
     kwargs: _containers.MessageMap[str, Value]
     keep: bool
-    def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., keep: _Optional[bool] = ...) -> None: ...
+    def __init__(self, function: _Optional[str] = ..., args: _Optional[_Iterable[_Union[Value, _Mapping]]] = ..., kwargs: _Optional[_Mapping[str, Value]] = ..., keep: bool = ...) -> None: ...
 
 class CallResponse(_message.Message):
     __slots__ = ("outputs",)
@@ -574,7 +573,7 @@ class RunRequest(_message.Message):
     keep: bool
     kept: _containers.RepeatedScalarFieldContainer[str]
     free: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[ProgramStep, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., keep: _Optional[bool] = ..., kept: _Optional[_Iterable[str]] = ..., free: _Optional[_Iterable[str]] = ...) -> None: ...
+    def __init__(self, inputs: _Optional[_Iterable[_Union[NamedTensor, _Mapping]]] = ..., steps: _Optional[_Iterable[_Union[ProgramStep, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., loss: _Optional[str] = ..., wrt: _Optional[_Iterable[str]] = ..., keep: bool = ..., kept: _Optional[_Iterable[str]] = ..., free: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunResponse(_message.Message):
     __slots__ = ("outputs", "grads", "kept")
@@ -658,7 +657,7 @@ class ParametersRequest(_message.Message):
     KEEP_FIELD_NUMBER: _ClassVar[int]
     trainer: str
     keep: bool
-    def __init__(self, trainer: _Optional[str] = ..., keep: _Optional[bool] = ...) -> None: ...
+    def __init__(self, trainer: _Optional[str] = ..., keep: bool = ...) -> None: ...
 
 class ParametersResponse(_message.Message):
     __slots__ = ("parameters",)

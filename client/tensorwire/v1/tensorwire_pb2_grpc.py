@@ -5,8 +5,10 @@ import warnings
 
 from tensorwire.v1 import tensorwire_pb2 as tensorwire_dot_v1_dot_tensorwire__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.63.0'
 GRPC_VERSION = grpc.__version__
+EXPECTED_ERROR_RELEASE = '1.65.0'
+SCHEDULED_RELEASE_DATE = 'June 25, 2024'
 _version_not_supported = False
 
 try:
@@ -16,16 +18,19 @@ except ImportError:
     _version_not_supported = True
 
 if _version_not_supported:
-    raise RuntimeError(
+    warnings.warn(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in tensorwire/v1/tensorwire_pb2_grpc.py depends on'
+        + f' but the generated code in tensorwire/v1/tensorwire_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
+        + f' This warning will become an error in {EXPECTED_ERROR_RELEASE},'
+        + f' scheduled for release on {SCHEDULED_RELEASE_DATE}.',
+        RuntimeWarning
     )
 
 
-class TensorServiceStub:
+class TensorServiceStub(object):
     """TensorService runs models, gradients and allowlisted torch functions on the
     server's device.
     """
@@ -148,7 +153,7 @@ class TensorServiceStub:
                 _registered_method=True)
 
 
-class TensorServiceServicer:
+class TensorServiceServicer(object):
     """TensorService runs models, gradients and allowlisted torch functions on the
     server's device.
     """
@@ -479,11 +484,10 @@ def add_TensorServiceServicer_to_server(servicer, server):
     generic_handler = grpc.method_handlers_generic_handler(
             'tensorwire.v1.TensorService', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('tensorwire.v1.TensorService', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class TensorService:
+class TensorService(object):
     """TensorService runs models, gradients and allowlisted torch functions on the
     server's device.
     """

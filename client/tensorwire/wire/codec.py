@@ -130,7 +130,9 @@ def tensors_in(message: Message, path: str = "") -> Iterator[tuple[str, pb.Tenso
             if fd.message_type.fields_by_name["value"].message_type is None:
                 continue  # a map of scalars, such as batch sizes: no tensors there
             items = ((f"{where}[{shown(k)}]", v) for k, v in value.items())
-        elif fd.is_repeated:
+        elif not isinstance(value, Message):
+            # A repeated field (a container of messages). Not fd.is_repeated nor fd.label:
+            # protobuf 5 has only the one, protobuf 7 only the other.
             items = ((f"{where}[{i}]", v) for i, v in enumerate(value))
         else:
             items = ((where, value),)
