@@ -19,6 +19,15 @@ from typing import Any
 
 import numpy as np
 
+# NumPy 2's promotion rules (NEP 50: Python scalars are weak) are the semantics remote
+# arrays reproduce, and what their dtypes are computed with; NumPy 1's value-based
+# casting gives other dtypes for the same code. The rest of the client takes NumPy 1.24+.
+if int(np.__version__.split(".")[0]) < 2:
+    raise ImportError(
+        f"tensorwire.arrays needs NumPy 2 or newer (NEP 50 promotion); NumPy {np.__version__} "
+        "is installed. The rest of tensorwire works with it."
+    )
+
 from tensorwire.arrays import functions, linalg_fft, namespace, reductions, ufuncs
 from tensorwire.arrays.array import RemoteArray, dtype_name
 from tensorwire.arrays.dispatch import UnsupportedError, supported, supported_markdown
