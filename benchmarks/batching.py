@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import platform
 import re
 import subprocess
@@ -45,8 +46,10 @@ CEILING = "identity"  # no forward pass: what is left is the RPC's cost
 
 
 def start_server(
-    device: str, batching: bool, model_repo: str | None = None
+    device: str, batching: bool, model_repo: str | None = None, env: dict[str, str] | None = None
 ) -> tuple[subprocess.Popen[str], str]:
+    """A tensorwire server process (``env`` added to this one's environment) and its
+    address, once it serves."""
     flags = ["--port", "0", "--device", device, "--log-level", "INFO"]
     if not batching:
         flags.append("--no-dynamic-batching")
@@ -57,6 +60,7 @@ def start_server(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     assert proc.stderr is not None
     address = ""

@@ -22,10 +22,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import re
-import subprocess
 import sys
-import threading
 import time
 from concurrent import futures
 from multiprocessing.connection import Connection
@@ -35,6 +32,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+from batching import start_server
 from control_plane import quantiles, start
 from measuring import best_of, human, make_payload, parse_size
 
@@ -63,25 +61,6 @@ def otlp_sink(port_out: Connection) -> None:
     server.wait_for_termination()
 
 
-def start_server(env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tensorwire_server", "--port", "0", "--device", "cpu"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **env},
-    )
-    assert proc.stderr is not None
-    address = ""
-    for line in proc.stderr:
-        if match := re.search(r"listening on (\S+)", line):
-            address = match.group(1)
-        if "server serving" in line:
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
-            return proc, address
-    raise RuntimeError("the server did not start")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=2000)
@@ -98,8 +77,8 @@ def main() -> None:
         "OTEL_EXPORTER_OTLP_INSECURE": "true",
         "OTEL_TRACES_SAMPLER": "always_on",
     }
-    off, off_address = start_server({})
-    on, on_address = start_server(traced_env)
+    off, off_address = start_server("cpu", batching=True)
+    on, on_address = start_server("cpu", batching=True, env=traced_env)
     caller = TracerProvider().get_tracer("benchmark")  # spans made, never exported
     results: dict[str, Any] = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
     try:
