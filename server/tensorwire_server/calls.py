@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import re
 import secrets
-import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -45,8 +44,8 @@ class Call:
     deadline: float | None = None
     #: The session the call names in its metadata; empty: none.
     session: str = ""
-    started: float = field(default_factory=time.perf_counter)
-    #: Where its time went (timeline.py): read by the metrics and the tracer.
+    #: Where its time went (timeline.py), from its arrival (``timeline.start``): read
+    #: by the metrics and the tracer.
     timeline: Timeline = field(default_factory=Timeline, repr=False)
     #: The caller's W3C trace context (``traceparent``, ``tracestate``), if it sent one.
     traceparent: str = ""

@@ -151,7 +151,7 @@ class Metrics:
 
     def finish(self, call: Call, code: str) -> None:
         """Record a finished call and write its access log line."""
-        seconds = time.perf_counter() - call.started
+        seconds = (time.perf_counter_ns() - call.timeline.start) / 1e9
         if self.tracer is not None:
             self.tracer.finish(call, code)
         # Each labelled child looked up once and kept: prometheus_client's labels()

@@ -178,7 +178,6 @@ def guarded(gate: Gatekeeper, method: str, handler: Handler) -> Handler:
         # Trailing metadata only otherwise: a unary response's initial metadata would
         # cost a separate send operation, ~10% of a small request's server CPU.
         context.set_trailing_metadata(pair)
-        call.started = time.perf_counter()
         call.deadline = arrived + default_deadline  # until check() knows better
 
         def record(code: str) -> None:
