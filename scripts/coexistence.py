@@ -30,11 +30,13 @@ has a deadline. The tests run it: tests/packaging/test_coexistence.py.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -180,6 +182,11 @@ def server() -> Iterator[str]:
             if match := re.search(r"listening on ([\w.:\[\]-]+)", line):
                 address = match.group(1)
             if "server serving" in line and address:
+                # Keep reading: a server blocked on a full stderr pipe would hang.
+                drain = threading.Thread(
+                    target=collections.deque, args=(proc.stderr, 0), daemon=True
+                )
+                drain.start()
                 yield address
                 return
         raise RuntimeError("the tensorwire server did not start")

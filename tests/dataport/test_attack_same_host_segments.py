@@ -18,6 +18,7 @@ import pytest
 from conftest import TOY_MODELS
 from conftest import engine_server as serving
 from conftest import server_address as address
+from support.raw_streams import rss
 
 import tensorwire as tw
 from tensorwire import _messages
@@ -120,12 +121,6 @@ def memfd(size: int, data: bytes = b"", seals: int = 0) -> int:
     return fd
 
 
-def rss() -> int:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmRSS:"))
-    return int(line.split()[1]) << 10
-
-
 PAYLOAD = np.arange(3 << 18, dtype=np.float32)  # 3 MiB
 SPARSE = 4 << 30
 
@@ -137,7 +132,7 @@ def test_a_sparse_4_gib_segment_costs_no_more_than_its_payload(server: Tensorwir
     """A 3 MiB request whose input and output memfds are 4 GiB sparse files (the
     output's payload already written, so that the server writes it in place): the
     server touches the payloads' bytes and nothing else of them."""
-    before = rss()
+    before = rss(os.getpid())
     source = memfd(SPARSE, PAYLOAD.tobytes())
     target = memfd(SPARSE, bytes(PAYLOAD.nbytes))
     try:
@@ -153,7 +148,7 @@ def test_a_sparse_4_gib_segment_costs_no_more_than_its_payload(server: Tensorwir
         # Pages the server made exist: neither file grew beyond its payload.
         for fd in (source, target):
             assert os.fstat(fd).st_blocks * 512 < 64 << 20, os.fstat(fd).st_blocks
-        grown = rss() - before
+        grown = rss(os.getpid()) - before
         assert grown < 1 << 30, f"RSS grew by {grown >> 20} MiB for a 3 MiB request"
     finally:
         os.close(source)

@@ -123,6 +123,21 @@ def test_out_of_memory_is_resource_exhausted_and_the_device_serves_on(exc: Excep
         pass  # served
 
 
+def test_an_allocation_out_of_memory_is_refused_without_a_collection() -> None:
+    """Staging allocates on the event loop and holds nothing to give back: its guard
+    (recover=False) answers RESOURCE_EXHAUSTED without collecting or emptying caches."""
+    health = fresh()
+    recovered: list[bool] = []
+    health.recover = lambda: recovered.append(True)  # type: ignore[method-assign]
+    with pytest.raises(ResourceExhaustedError), health.guard("staging", recover=False):
+        _raise(MemoryError())
+    assert recovered == []
+    with pytest.raises(ResourceExhaustedError), health.guard("a request"):
+        _raise(MemoryError())
+    assert recovered == [True]
+    assert health.failure is None
+
+
 def test_a_refused_launch_stays_the_requests_error_and_the_device_serves_on() -> None:
     health = fresh()
     with pytest.raises(RuntimeError, match="invalid configuration"), health.guard("m"):

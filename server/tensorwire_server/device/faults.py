@@ -151,10 +151,13 @@ class DeviceHealth:
         self.failure: str | None = None
         self._lock = threading.Lock()
 
-    def guard(self, what: str) -> Guard:
+    def guard(self, what: str, recover: bool = True) -> Guard:
         """A context for work on the device: the device selected on this thread, every
-        error that surfaces classified (see the module's docstring)."""
-        return Guard(self, what)
+        error that surfaces classified (see the module's docstring). ``recover=False``
+        for work that holds no request's tensors (an allocation): out of memory is then
+        RESOURCE_EXHAUSTED without a collection, which could not give anything back
+        (the caching allocator frees its cache and retries before it raises)."""
+        return Guard(self, what, recover)
 
     def surfaced(self, what: str, exc: BaseException) -> Fault:
         """Hear that ``exc`` surfaced in ``what``; what it means, confirmed. A sticky
@@ -222,9 +225,10 @@ class Guard:
     """``DeviceHealth.guard``'s context (a class, not a generator: its ``__exit__``
     must raise the request's error after letting go of the failed one)."""
 
-    def __init__(self, health: DeviceHealth, what: str) -> None:
+    def __init__(self, health: DeviceHealth, what: str, recover: bool = True) -> None:
         self.health = health
         self.what = what
+        self.recover = recover
         self._token: object = None
         self._device: torch.cuda.device | None = None
 
@@ -278,7 +282,8 @@ class Guard:
             traceback.clear_frames(tb)
         exc.__traceback__ = None
         del exc, tb
-        health.recover()
+        if self.recover:
+            health.recover()
         error = ResourceExhaustedError(
             f"{self.what} ran out of {health.device.type} memory "
             f"({health.free_memory()} bytes free now): {message}"

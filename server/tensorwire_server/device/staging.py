@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from typing import Any
 
@@ -147,9 +147,10 @@ class CudaStager(Stager):
 
     def allocate(self, dtype: np.dtype[Any], shape: tuple[int, ...], name: str) -> np.ndarray:
         nbytes = self.admit(dtype, shape, name)
-        # Out of memory: RESOURCE_EXHAUSTED, the device serving on; a sticky error that
-        # surfaces here (a request before this one failed asynchronously) fails it.
-        with self.health.guard(f"staging {name!r} ({nbytes} bytes)"):
+        # Out of memory: RESOURCE_EXHAUSTED, the device serving on, and no collection
+        # (this runs on the event loop and holds nothing to give back); a sticky error
+        # that surfaces here (a request before this one failed asynchronously) fails it.
+        with self.health.guard(f"staging {name!r} ({nbytes} bytes)", recover=False):
             host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=nbytes <= self.pinned_limit)
             on_device = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
         arr = host.numpy().view(dtype).reshape(shape)
@@ -196,8 +197,13 @@ class CudaStager(Stager):
         # semantics: a sync back to the creation stream, deterministic, rather than
         # record_stream). Pinned blocks are safe already: the caching host allocator
         # records an event on the copy's stream and reuses a block only once it passed.
-        with self.health.guard("closing a request's staging"):
-            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        # Never raises: it runs in the stream handler's finally, before the call's data
+        # port transfer is abandoned and revoked, and must not hide the call's own
+        # status. On a failed device nothing runs after the copies anyway; an error
+        # here the guard has reported to the hook (a sticky one fails the device).
+        if self.health.failure is None:
+            with suppress(Exception), self.health.guard("closing a request's staging"):
+                torch.cuda.current_stream(self.device).wait_stream(self.stream)
         del devices
 
 

@@ -130,11 +130,17 @@ def prepare(config: ModelConfig, model: Model, instances: Sequence[Any], warm: W
             raise ConfigError(
                 "[compile] is for eager models; an AOTInductor package is compiled already"
             )
+        # Loaded once per device: the instances on one device share its module (as
+        # the registry places eager modules), not a copy of the weights each.
+        placed: dict[Any, Any] = {}
         for instance in instances:
-            try:
-                instance.module = model.module.for_device(instance.device)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from exc
+            module = placed.get(instance.device)
+            if module is None:
+                try:
+                    module = placed[instance.device] = model.module.for_device(instance.device)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from exc
+            instance.module = module
         return
     mode = config.compile.mode
     if mode == "off":
@@ -266,14 +272,24 @@ def warmup_requests(config: ModelConfig, model: Model) -> tuple[list[Request], D
         request = []
         for name, (shape, dtype) in shapes.items():
             sized = (count, *shape[1:]) if count is not None and shape else shape
-            np_dtype = np.dtype(NUMPY_BY_WIRE[WIRE_BY_NAME[dtype]])
-            if np_dtype.kind in "fc":  # zeros elsewhere: valid indices, masks, ids
-                array = np.random.default_rng(0).standard_normal(sized).astype(np_dtype)
-            else:
-                array = np.zeros(sized, np_dtype)
-            request.append((name, array))
+            kind = np.dtype(NUMPY_BY_WIRE[WIRE_BY_NAME[dtype]]).kind
+            # Zeros but for floats: valid indices, masks, ids.
+            request.append(
+                (name, warmup_array(sized, dtype, "random" if kind in "fc" else "zeros"))
+            )
         requests.append(request)
     return requests, dynamic
+
+
+def warmup_array(shape: tuple[int, ...], dtype: str, fill: str) -> np.ndarray:
+    """A warm-up input of ``shape`` and wire ``dtype``, filled with zeros, ones, or a
+    fixed random normal draw ("random")."""
+    np_dtype = NUMPY_BY_WIRE[WIRE_BY_NAME[dtype]]
+    if fill == "ones":
+        return np.ones(shape, np_dtype)
+    if fill == "random":
+        return np.random.default_rng(0).standard_normal(shape).astype(np_dtype)
+    return np.zeros(shape, np_dtype)
 
 
 def _cache_counts() -> tuple[int, int]:

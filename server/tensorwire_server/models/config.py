@@ -14,12 +14,11 @@ from typing import Any
 
 from tensorwire.wire.dtypes import WIRE_BY_NAME
 from tensorwire_server.models.model import IOSpec, Model
+from tensorwire_server.settings import COMPILE_MODES  # torch.compile's modes, and "off"
 
 CONFIG_FILE = "model.toml"
 PRECISIONS = ("float32", "float16", "bfloat16")
 FILLS = ("zeros", "ones", "random")
-#: torch.compile's modes, and "off"; reduce-overhead (CUDA graphs) runs on CUDA only.
-COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
 #: What a version does when compiling it fails: serve eagerly (logged) or fail to load.
 COMPILE_FAILURES = ("eager", "fail")
 

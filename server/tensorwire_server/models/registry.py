@@ -24,7 +24,6 @@ from tensorwire.errors import (
     listed,
     shown,
 )
-from tensorwire.wire.dtypes import NUMPY_BY_WIRE, WIRE_BY_NAME
 from tensorwire_server.device.tensors import resolve_device
 from tensorwire_server.models import compiled
 from tensorwire_server.models.batching import Batcher
@@ -403,7 +402,7 @@ class ModelRegistry:
         compiled.prepare(config, model, instances, lambda i, x: self._forward(served, i, x))
         for request in config.warmup:
             inputs = [
-                (name, _warmup_array(spec.shape, spec.dtype, spec.fill))
+                (name, compiled.warmup_array(spec.shape, spec.dtype, spec.fill))
                 for name, spec in request.items()
             ]
             for instance in instances:
@@ -445,15 +444,6 @@ def _rows(inputs: Named[np.ndarray], config: ModelConfig) -> int:
     if config.max_batch_size > 0 and inputs and inputs[0][1].ndim > 0:
         return int(inputs[0][1].shape[0])
     return 1
-
-
-def _warmup_array(shape: tuple[int, ...], dtype: str, fill: str) -> np.ndarray:
-    np_dtype = NUMPY_BY_WIRE[WIRE_BY_NAME[dtype]]
-    if fill == "ones":
-        return np.ones(shape, np_dtype)
-    if fill == "random":
-        return np.random.default_rng(0).standard_normal(shape).astype(np_dtype)
-    return np.zeros(shape, np_dtype)
 
 
 __all__ = [
