@@ -371,8 +371,8 @@ class Service:
         always do. A call that fails keeps nothing: handles it made are freed. ``free``:
         ids the caller let go of, freed first (those the session lacks are ignored)."""
         if free:
-            with suppress(NotFoundError):  # the others are freed all the same
-                self.workspace(caller).free(free)
+            # Only the ids are let off: a session that is gone is still NOT_FOUND.
+            self.workspace(caller).free(free, missing_ok=True)
         if not keep and not plan.kept:
             return programs.run(self.engine, plan, as_array)
         workspace = self.workspace(caller)  # FAILED_PRECONDITION before anything runs

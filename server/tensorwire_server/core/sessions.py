@@ -226,9 +226,9 @@ class Session:
                 self._ledger.give(self.owner, -extra)
             self._sizes[holding_id] = size
 
-    def free(self, ids: Iterable[str]) -> int:
+    def free(self, ids: Iterable[str], missing_ok: bool = False) -> int:
         """Release handles and holdings; the bytes freed. NOT_FOUND names the first id
-        this session does not hold, after freeing the others."""
+        this session does not hold, after freeing the others (unless ``missing_ok``)."""
         missing: str | None = None
         freed = 0
         with self._lock:
@@ -239,7 +239,7 @@ class Session:
                     continue
                 freed += self._sizes.pop(item)
             self._ledger.give(self.owner, freed)
-        if missing is not None:
+        if missing is not None and not missing_ok:
             raise NotFoundError(f"handle {shown(missing)} is not in this session")
         return freed
 

@@ -57,9 +57,10 @@ class Workspace:
         with self.engine.device_guard("Get"):
             return as_array(handle, tensor)
 
-    def free(self, ids: Iterable[str]) -> int:
-        """Free handles and trainers; the bytes freed."""
-        return self.session.free(ids)
+    def free(self, ids: Iterable[str], missing_ok: bool = False) -> int:
+        """Free handles and trainers; the bytes freed (``missing_ok``: ids the session
+        does not hold are no error)."""
+        return self.session.free(ids, missing_ok)
 
     def summary(self) -> SessionSummary:
         """What the session holds."""

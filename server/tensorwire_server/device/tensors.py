@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from typing import Final
 
 import ml_dtypes
 import numpy as np
 import torch
 
-from tensorwire.errors import FailedPreconditionError
+from tensorwire.errors import FailedPreconditionError, InvalidArgumentError
 from tensorwire_server.device.staging import PINNED_LIMIT, staged
 
 # Request payloads are read-only views of the received bytes, handed to torch without a
@@ -67,9 +68,19 @@ def to_device(arr: np.ndarray | torch.Tensor, device: torch.device) -> torch.Ten
     return pinned.to(device, non_blocking=True)
 
 
+#: The most dimensions a NumPy array (and so a result) may have.
+MAX_DIMS: Final = 64
+
+
 def to_numpy(tensor: torch.Tensor, name: str) -> np.ndarray:
     """``tensor.detach().cpu().numpy()``, for every dtype that can travel; from a GPU
-    into pinned memory, which copies at full bus speed."""
+    into pinned memory, which copies at full bus speed. A tensor of more dimensions
+    than an array can have (a client's reshape or index may make one) is refused
+    before it is copied, not left to fail as a server error in NumPy."""
+    if tensor.dim() > MAX_DIMS:
+        raise InvalidArgumentError(
+            f"output {name!r} has {tensor.dim()} dimensions; at most {MAX_DIMS} can travel"
+        )
     host = _to_host(tensor.detach().resolve_conj().resolve_neg())
     if host.dtype == torch.bfloat16:
         return host.view(torch.int16).numpy().view(_BFLOAT16)

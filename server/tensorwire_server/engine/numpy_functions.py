@@ -19,24 +19,10 @@ from typing import Any, Final
 
 import torch
 
-#: Dtypes the entries cast to, by the names NumPy (and the wire) use.
-DTYPES: Final[Mapping[str, torch.dtype]] = {
-    "bool": torch.bool,
-    "uint8": torch.uint8,
-    "int8": torch.int8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "uint16": torch.uint16,
-    "uint32": torch.uint32,
-    "uint64": torch.uint64,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "complex64": torch.complex64,
-    "complex128": torch.complex128,
-}
+from tensorwire.wire.dtypes import WIRE_BY_NAME
+
+#: Dtypes the entries cast to, by the names NumPy and the wire use (the wire's table).
+DTYPES: Final[Mapping[str, torch.dtype]] = {name: getattr(torch, name) for name in WIRE_BY_NAME}
 #: The most items an index may have (NumPy allows at most 64 dimensions).
 MAX_INDEX_ITEMS: Final = 64
 #: The most outputs ``numpy.apply`` casts.
@@ -44,7 +30,11 @@ MAX_RESULTS: Final = 8
 
 
 def torch_dtype(name: Any, what: str) -> torch.dtype:
-    """The torch dtype a NumPy dtype name names; ValueError if it is not one."""
+    """The torch dtype a NumPy dtype name names; ValueError if it is not one. A torch
+    dtype among them passes as it is: the engine turns a ``dtype=`` keyword's name into
+    one before the entry sees it."""
+    if isinstance(name, torch.dtype) and name in DTYPES.values():
+        return name
     if not isinstance(name, str) or name not in DTYPES:
         raise ValueError(f"{what}: {name!r} is not a dtype name; one of {', '.join(DTYPES)}")
     return DTYPES[name]

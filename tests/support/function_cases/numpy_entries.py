@@ -37,7 +37,9 @@ def _apply(function: str, *args: Any, casts: Any = None, results: Any = None) ->
 
 #: Entry name -> what it computes, for tests/engine/test_functions.py.
 REFERENCES: dict[str, Callable[..., Any]] = {
-    "numpy.cast": lambda x, dtype: x.to(getattr(torch, dtype)),
+    "numpy.cast": lambda x, dtype: x.to(
+        dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+    ),
     "numpy.index": _index,
     "numpy.apply": _apply,
 }
@@ -51,6 +53,7 @@ def cases() -> list[Case]:
     return [
         ("numpy.cast", (x, "float32"), {}),
         ("numpy.cast", (n, "float64"), {}),
+        ("numpy.cast", (x,), {"dtype": "int64"}),  # by keyword
         ("numpy.index", (x, [1, [None, None, -2], None, "..."]), {}),
         ("numpy.index", (x, ["...", [4, 0, -1]]), {}),
         ("numpy.index", (x, [-1, [1, 3, None], 2]), {}),
