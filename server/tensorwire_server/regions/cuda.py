@@ -391,10 +391,10 @@ class CudaSharedMemory:
                 stream.wait_stream(torch.cuda.current_stream(flat.device))
             with torch.cuda.stream(stream):
                 memory[place.offset : place.offset + nbytes].copy_(flat.view(torch.uint8))
-            region.uses.record(stream)
             # The client may read the region as soon as the answer arrives: wait for
             # this copy, not for every other request's work on the device
-            # (torch.cuda.synchronize would).
+            # (torch.cuda.synchronize would). Waited for here, it needs no event for the
+            # handle's close to wait on (a read's clone, still running, does).
             stream.synchronize()
 
     def _region(self, owner: str, place: Placement, what: str) -> _CudaRegion:
