@@ -106,7 +106,6 @@ def load_version(config: ModelConfig, version: int) -> Model:
         description=config.description or description,
         variadic=config.variadic or (read.variadic and not config.inputs),
         extra={"version": version, "file": file},
-        compile=read.compile,
         inference_only=read.inference_only,
     )
 
