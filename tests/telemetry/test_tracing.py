@@ -277,3 +277,29 @@ def test_on_cuda_compute_and_copies_are_timed_on_the_device() -> None:
     timed = {s.name: s.attributes.get("tensorwire.timing") for s in spans if s.service == SERVER}
     assert timed.get("forward") == "device"
     assert timed.get("host_to_device") == "device"
+
+
+def test_a_malformed_or_huge_trace_context_starts_a_trace_of_its_own(
+    traced: tuple[Receiver, str, str],
+) -> None:
+    """A caller's trace context is only ever parsed by the W3C propagator: garbage (or
+    as much of it as gRPC's metadata limit lets through) gives the call a new trace,
+    and the server answers as ever."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    receiver, address, _ = traced
+    before = {s.span_id for s in receiver.spans}
+    metadata = (("traceparent", "00-" + "z" * 6000), ("tracestate", "k=" + "v" * 1000))
+    with grpc.insecure_channel(address) as channel:
+        answer = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), metadata=metadata, timeout=30
+        )
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+
+    def fresh(spans: list[Span]) -> list[Span]:
+        return [s for s in spans if s.name == "Check" and s.span_id not in before]
+
+    spans = receiver.wait_for(lambda spans: bool(fresh(spans)))
+    check = fresh(spans)[0]
+    assert check.parent == "" and check.status != 2
