@@ -42,6 +42,9 @@ LAYERS: dict[str, set[str]] = {
     "dataport": {"regions"},
     "v1": {"core", "transport", "dataport", "engine", "models"},
     "kserve": {"core", "transport", "engine", "models", "regions", "device"},
+    # The v2 protocol over HTTP/REST: kserve's protocol, codec and messages, behind
+    # transport's gate; it answers nothing kserve does not.
+    "rest": {"kserve", "transport"},
 }
 #: What the root's entry points may import: server.py, the composition root, every
 #: package; the command line only the server.

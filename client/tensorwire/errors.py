@@ -1,4 +1,5 @@
-"""The tensorwire exception tree, its one table to and from gRPC status codes, and the
+"""The tensorwire exception tree, its one table to and from gRPC status codes (and from
+those to HTTP statuses, for the v2 protocol over REST), and the
 helpers that quote client-supplied names in error messages.
 
 The server raises these and the client raises the same classes, so a caller catches
@@ -8,7 +9,7 @@ import grpc: codes are carried by name so that the server's engine stays grpc-fr
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import ClassVar, Final
 
 # An error message travels as gRPC metadata, which clients cap (8 KiB by default): past
@@ -131,6 +132,35 @@ _BY_CODE.update(
     ALREADY_EXISTS=FailedPreconditionError,
     ABORTED=UnavailableError,
 )
+
+
+#: The HTTP status of each gRPC status code's name, for the v2 protocol over HTTP/REST
+#: (the server's rest package): the mapping gRPC's own HTTP gateways use (Google's
+#: API design guide), so that a REST client sees the status a gRPC client's code means.
+HTTP_STATUS: Final[Mapping[str, int]] = {
+    "OK": 200,
+    "CANCELLED": 499,
+    "UNKNOWN": 500,
+    "INVALID_ARGUMENT": 400,
+    "DEADLINE_EXCEEDED": 504,
+    "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
+    "PERMISSION_DENIED": 403,
+    "UNAUTHENTICATED": 401,
+    "RESOURCE_EXHAUSTED": 429,
+    "FAILED_PRECONDITION": 400,
+    "ABORTED": 409,
+    "OUT_OF_RANGE": 400,
+    "UNIMPLEMENTED": 501,
+    "INTERNAL": 500,
+    "UNAVAILABLE": 503,
+    "DATA_LOSS": 500,
+}
+
+
+def http_status(code_name: str) -> int:
+    """The HTTP status of a gRPC status code's name (HTTP_STATUS); 500 if unmapped."""
+    return HTTP_STATUS.get(code_name, 500)
 
 
 def error_class(code_name: str) -> type[TensorwireError]:

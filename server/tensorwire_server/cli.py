@@ -3,17 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from dataclasses import fields
+from typing import Final
 
 from tensorwire_server.server import serve
 from tensorwire_server.settings import (
     ACCESS_LOGS,
     COMPILE_MODES,
+    ENV_PREFIX,
     LOG_FORMATS,
     MODEL_CONTROLS,
     Settings,
 )
+
+#: The REST port the command serves on unless told otherwise (Triton's and KServe's).
+HTTP_PORT: Final = 8000
+_OFF: Final = -1
+
+
+def _port_or_off(text: str) -> int:
+    """A port number, or ``off`` (no REST listener)."""
+    if text.strip().lower() == "off":
+        return _OFF
+    port = int(text)
+    if not 0 <= port < 65536:
+        raise argparse.ArgumentTypeError(f"{text} is not a port")
+    return port
 
 
 def parse_model_option(option: str) -> tuple[str, str]:
@@ -93,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
         "--health-port",
         type=int,
         help="also answer health checks (only) in plain text on this port, for probes",
+    )
+    parser.add_argument(
+        "--http-port",
+        type=_port_or_off,
+        metavar="PORT|off",
+        help=f"serve the KServe v2 REST API on this port (default {HTTP_PORT}; 0: any free; "
+        "off: none)",
     )
     parser.add_argument(
         "--data-port",
@@ -239,6 +263,13 @@ def main(argv: list[str] | None = None) -> int:
         # straight through; None means "not given", so the environment's value stays.
         named = {f.name for f in fields(Settings)}
         overrides = {k: v for k, v in vars(args).items() if k in named}
+        # The command serves REST on its port unless told otherwise (by the flag or
+        # TENSORWIRE_HTTP_PORT); "off" from either is no REST (None).
+        if args.http_port is None and base.http_port is None:
+            off = os.environ.get(ENV_PREFIX + "HTTP_PORT", "").strip().lower() == "off"
+            overrides["http_port"] = None if off else HTTP_PORT
+        elif args.http_port == _OFF:
+            overrides["http_port"] = None
         settings = Settings.from_env(
             **overrides,
             models={**base.models, **extra} or None,

@@ -24,6 +24,8 @@ from tensorwire_server.core.service import Service
 from tensorwire_server.dataport.listener import DataPort
 from tensorwire_server.engine.engine import Engine
 from tensorwire_server.models.registry import server_devices
+from tensorwire_server.rest import RestServer
+from tensorwire_server.rest.endpoints import Endpoints
 from tensorwire_server.settings import Settings
 from tensorwire_server.telemetry import tracing
 from tensorwire_server.telemetry.access_log import JsonFormatter
@@ -149,10 +151,15 @@ class TensorwireServer:
         self.health_server: grpc.aio.Server | None = None
         self.dataport: DataPort | None = None
         self.metrics_port: int | None = None
+        #: The KServe v2 REST API (settings.http_port), and the port it bound.
+        self.rest: RestServer | None = None
+        self.http_port: int | None = None
         try:
             self.server = self._on_loop(self._build(settings, tokens))
             self.port = self._bind(settings, tokens)
             self.health_server, self.health_port = self._on_loop(self._health_listener(settings))
+            # REST beside gRPC, bound as gRPC is (same host, same TLS, same gate).
+            self.rest, self.http_port = self._on_loop(self._rest_listener(settings))
             # The data port beside gRPC, bound as gRPC is (same host, same TLS).
             self.dataport = self._dataport(settings)
             self.servicer.dataport = self.dataport
@@ -164,6 +171,8 @@ class TensorwireServer:
             built = getattr(self, "server", None)
             if built is not None:
                 self._on_loop(built.stop(None))
+            if self.rest is not None:
+                self._on_loop(self.rest.close(0))
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
             self._loop.close()
@@ -283,6 +292,34 @@ class TensorwireServer:
             raise OSError(f"could not bind the health port {address}")
         return server, port
 
+    async def _rest_listener(self, settings: Settings) -> tuple[RestServer | None, int | None]:
+        """The REST API's listener, bound (it answers once ``start`` runs); _bind
+        already refused plain text off loopback unless settings.insecure."""
+        if settings.http_port is None:
+            return None, None
+        endpoints = Endpoints(
+            self.inference,
+            self.gate,
+            self.compute,
+            settings.http_json_bytes,
+            settings.http_read_timeout,
+        )
+        rest = RestServer(
+            endpoints,
+            settings.host,
+            settings.http_port,
+            server_ssl_context(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
+            settings.http_connections,
+        )
+        try:
+            port = await rest.bind()
+        except OSError as exc:
+            raise OSError(
+                f"could not bind the REST port {settings.host}:{settings.http_port}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        return rest, port
+
     def _report(self, state: str) -> None:
         """Tell the health service ``state``, in order: from another thread, once it is
         told; from the loop itself, as soon as the loop gets to it."""
@@ -305,6 +342,8 @@ class TensorwireServer:
             self.dataport.start()
         if self.health_server is not None:
             self._on_loop(self.health_server.start())
+        if self.rest is not None:
+            self._on_loop(self.rest.start())
         if self.settings.metrics_port is not None:
             self.metrics_port = self.metrics.serve(self.settings.host, self.settings.metrics_port)
 
@@ -337,6 +376,10 @@ class TensorwireServer:
     def _close(self) -> None:
         if self._loop.is_closed():
             return
+        if self.rest is not None:
+            # Calls already drained (stop waited for them): responses still being
+            # written get a moment, then every connection closes.
+            self._on_loop(self.rest.close(1.0))
         self._on_loop(self.server.stop(0))
         if self.health_server is not None:
             self._on_loop(self.health_server.stop(0))
@@ -379,6 +422,9 @@ def serve(settings: Settings) -> None:
         plane = server.dataport
         local = "" if plane.local_name is None else f"; same host on @{plane.local_name}"
         log.info("data port on %s:%d%s", settings.host, plane.port, local)
+    if server.http_port is not None:
+        scheme = "https" if settings.tls_cert else "http"
+        log.info("KServe v2 REST on %s://%s:%d/v2", scheme, settings.host, server.http_port)
     if server.health_port is not None:
         log.info("health checks on %s:%d (plain text)", settings.host, server.health_port)
     if server.metrics_port is not None:

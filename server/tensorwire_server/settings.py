@@ -88,6 +88,21 @@ class Settings:
     #: (Kubernetes' gRPC probes, a container's HEALTHCHECK); none: health is asked on
     #: ``port`` only. It tells SERVING or NOT_SERVING and nothing else.
     health_port: int | None = None
+    #: Port of the KServe v2 REST API (HTTP/1.1, with Triton's binary tensor data and
+    #: the extensions tritonclient.http calls), on ``host`` with gRPC's TLS and tokens
+    #: (docs/kserve.md, "REST"); 0 picks a free one; None: no REST. The server command
+    #: (tensorwire-server) serves it on 8000, as Triton and KServe do, unless given
+    #: ``--http-port off``; a server built in Python serves it only when asked.
+    http_port: int | None = None
+    #: Bytes of JSON one REST inference request may hold beside its binary data (its
+    #: Inference-Header-Content-Length, or all of a body without binary data): each
+    #: JSON number becomes a Python object of about 30 bytes while it is parsed.
+    http_json_bytes: int = 64 << 20
+    #: Seconds a REST request's body may pause before it is refused (408): a stalled
+    #: sender holds a connection and a place in the server's budgets.
+    http_read_timeout: float = 60.0
+    #: REST connections held at once; past it, a new one is answered 503 and closed.
+    http_connections: int = 256
     #: Seconds after which the server asks a client to reconnect (HTTP/2 GOAWAY; calls
     #: in flight finish): clients balancing over a DNS name then resolve it again and
     #: find replicas added since. None: connections last as long as clients keep them.
@@ -247,6 +262,9 @@ class Settings:
             "data_plane_connections",
             "data_plane_transfers",
             "data_plane_transfers_per_caller",
+            "http_json_bytes",
+            "http_read_timeout",
+            "http_connections",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -269,7 +287,10 @@ class Settings:
 
 def _parse(name: str, raw: str, kind: Any) -> Any:
     """``raw`` as a value of the setting's type (``kind``, its resolved type hint)."""
+    optional = _without_none(kind) is not kind
     kind = _without_none(kind)
+    if optional and raw.strip().lower() in ("off", "none"):
+        return None  # an optional port or limit switched off
     try:
         if kind is int:
             return int(raw)

@@ -33,7 +33,10 @@ def server_env(**extra: str) -> dict[str, str]:
     """This process's environment with tests/ on PYTHONPATH, unbuffered output and
     ``extra`` on top."""
     path = os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH", "")]))
-    return {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra}
+    # The command serves REST on 8000 by default: tests' servers take any free port,
+    # so that several run at once.
+    rest = {"TENSORWIRE_HTTP_PORT": os.environ.get("TENSORWIRE_HTTP_PORT", "0")}
+    return {**os.environ, **rest, "PYTHONUNBUFFERED": "1", "PYTHONPATH": path, **extra}
 
 
 def _popen(*argv: str, **kwargs: object) -> subprocess.Popen[str]:

@@ -1,6 +1,7 @@
 """The KServe v2 / Open Inference Protocol (inference.GRPCInferenceService), served beside
-tensorwire.v1 on the same port and over the same models: ``servicer`` translates its
-RPCs, ``codec`` its tensors, ``describe`` what it says about models and
+tensorwire.v1 on the same port and over the same models: ``protocol`` answers its
+methods over the service core for any transport, ``servicer`` serves them as gRPC
+RPCs (the rest package as HTTP), ``codec`` its tensors, ``describe`` what it says about models and
 ``placements`` which of a caller's shared-memory regions a request names; ``v2`` holds
 the generated messages.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -82,9 +82,17 @@ class Gate(_Interceptor):
         """The record of a call as it arrives, with the verdict on it (None: it runs):
         the server's state, then the caller's token and scope. One pass over its
         metadata for the request id, the session and the token."""
+        return self.admit_headers(method, scope, context.invocation_metadata() or ())
+
+    def admit_headers(
+        self, method: str, scope: str, headers: Iterable[tuple[str, Any]]
+    ) -> tuple[Call, Reject | None]:
+        """``admit`` from a call's headers as (lower-case name, value) pairs, whatever
+        the protocol that carried them: gRPC's metadata or HTTP's headers (the rest
+        package), so that both pass the same checks."""
         request_id = session = traceparent = tracestate = ""
         token: str | None = None
-        for key, value in context.invocation_metadata() or ():
+        for key, value in headers:
             if not isinstance(value, str):
                 continue
             if key == REQUEST_ID_KEY:
