@@ -175,6 +175,8 @@ def _from_json(data: Any, datatype: str, shape: list[int], what: str) -> np.ndar
         found = np.array(data)
     except (ValueError, OverflowError) as exc:
         raise InvalidArgumentError(f"{what}: 'data' is not a list of numbers: {exc}") from None
+    if found.dtype.kind in "fO" and np.dtype(target).kind == "u":
+        found = _unsigned(data, found, what)
     count = 1
     for dim in shape:
         count *= dim
@@ -196,6 +198,15 @@ def _from_json(data: Any, datatype: str, shape: list[int], what: str) -> np.ndar
                 f"of {datatype}"
             )
     return np.ascontiguousarray(found, dtype=target)
+
+
+def _unsigned(data: list[Any], found: np.ndarray, what: str) -> np.ndarray:
+    """Whole numbers past int64's range (NumPy makes floats or objects of a list that
+    mixes them with others) as uint64, where every one of them is a whole number."""
+    values = np.array(data, dtype=object).reshape(-1)
+    if not all(type(v) is int and 0 <= v < 2**64 for v in values):
+        return found  # refused below, as what it holds
+    return np.array(values.tolist(), dtype=np.uint64)
 
 
 def _kind_name(kind: str) -> str:
