@@ -55,7 +55,7 @@ async def read_body(request: web.BaseRequest, limit: int, pause: float) -> memor
         return await _chunked(request, limit, pause)
     # np.empty, not bytearray: pages are not zeroed before the body fills them.
     buffer = np.empty(length, dtype=np.uint8)
-    view = memoryview(buffer).cast("B")
+    view = memoryview(buffer).cast("B")  # type: ignore[arg-type]
     filled = 0
     content = request.content
     while filled < length:

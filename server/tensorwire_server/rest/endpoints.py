@@ -89,9 +89,10 @@ class Endpoints:
                     extra[RETRY_AFTER] = str(max(1, round(reject.pushback_ms / 1000)))
                 return error_response(reject.code.name, reject.message, request_id, extra)
             try:
-                response = await self._answer(request, found, here)
-                here.code = "OK" if response.status < 400 else here.code
-                return response
+                answered = await self._answer(request, found, here)
+                # A probe's 503 (not live, not ready) is an answer, as gRPC's is OK.
+                here.code = "OK"
+                return answered
             except BodyError as exc:
                 # Its own status (413, 408, 415); the rest of its body is not read, so
                 # the connection cannot carry another request.
@@ -148,23 +149,9 @@ class Endpoints:
         limit = limits.max_request_bytes + self.json_bytes
         header_length = request.headers.get(HEADER_LENGTH)
         body = await read_body(request, limit, self.read_timeout)
-        if header_length is None and body.nbytes > self.json_bytes:
-            raise BodyError(
-                f"the request's JSON is {body.nbytes} bytes, more than the {self.json_bytes} "
-                "this server parses (http_json_bytes); send tensors as binary data",
-                413,
-            )
-        if (
-            header_length is not None
-            and header_length.isdigit()
-            and int(header_length) > self.json_bytes
-        ):
-            raise BodyError(
-                f"Inference-Header-Content-Length is {header_length[:20]}, more than the "
-                f"{self.json_bytes} bytes of JSON this server parses (http_json_bytes)",
-                413,
-            )
-        parsed = infer_json.parse(body, header_length, found.model, found.version, limits)
+        parsed = infer_json.parse(
+            body, header_length, found.model, found.version, limits, self.json_bytes
+        )
         call = here.call
         if parsed.timeout is not None:
             call.deadline = min(call.deadline or float("inf"), time.monotonic() + parsed.timeout)

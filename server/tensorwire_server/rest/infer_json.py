@@ -23,6 +23,7 @@ from tensorwire.wire.dtypes import NUMPY_BY_WIRE
 from tensorwire_server.kserve import codec
 from tensorwire_server.kserve.v2 import grpc_service_pb2 as pb
 from tensorwire_server.limits import Limits
+from tensorwire_server.rest.body import BodyError
 
 #: The largest value a shape's dimension or a size may have (protobuf's int64).
 _INT64: Final = 2**63 - 1
@@ -48,16 +49,28 @@ class Parsed:
 
 
 def parse(
-    body: memoryview, header_length: str | None, model: str, version: str, limits: Limits
+    body: memoryview,
+    header_length: str | None,
+    model: str,
+    version: str,
+    limits: Limits,
+    json_limit: int,
 ) -> Parsed:
-    """The request ``body`` makes for ``model`` (and ``version``); INVALID_ARGUMENT
-    naming what is wrong."""
+    """The request ``body`` makes for ``model`` (and ``version``), its JSON no more
+    than ``json_limit`` bytes (413 past it); INVALID_ARGUMENT naming
+    what is wrong."""
     size = body.nbytes
     if header_length is None:
         json_part, binary = body, body[:0]
     else:
         length = _header_length(header_length, size)
         json_part, binary = body[:length], body[length:]
+    if json_part.nbytes > json_limit:
+        raise BodyError(
+            f"the request's JSON is {json_part.nbytes} bytes, more than the {json_limit} "
+            "this server parses (http_json_bytes); send tensors as binary data",
+            413,
+        )
     try:
         document = orjson.loads(json_part)
     except orjson.JSONDecodeError as exc:
@@ -146,7 +159,7 @@ def _input(
                 f"data holds {binary.nbytes - used} more bytes)"
             )
         raw.append(binary[used : used + size])
-        return used + size
+        return used + int(size)
     if "shared_memory_region" in parameters:
         if data is not None:
             raise InvalidArgumentError(f"{what} has JSON 'data' and lies in shared memory")
@@ -156,7 +169,7 @@ def _input(
             f"{what} has no data: give 'data', or binary data with binary_data_size"
         )
     arr = _from_json(data, datatype, shape, what)
-    raw.append(memoryview(arr.reshape(-1).view(np.uint8)))
+    raw.append(memoryview(arr.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]
     return used
 
 
@@ -267,7 +280,7 @@ def _timeout(parameters: Mapping[str, Any]) -> float | None:
         return None
     if not _is_int(value) or value < 0:
         raise InvalidArgumentError("parameter timeout must be a whole number of microseconds")
-    return value / 1e6
+    return float(value) / 1e6
 
 
 def _parameters(into: Any, parameters: Mapping[str, Any], skip: tuple[str, ...], what: str) -> None:

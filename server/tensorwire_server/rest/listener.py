@@ -65,6 +65,10 @@ class RestServer:
             access_log=None,  # the gate writes the access log, as for gRPC
             max_line_size=8190,
             max_field_size=8190,
+            # After a refusal that leaves a body unread, its sender gets this long to
+            # see the answer before the connection closes under it (aiohttp's 10 s
+            # would let a refused sender hold the connection that long).
+            lingering_time=2.0,
         )
         self.listener: asyncio.Server | None = None
         self.port = 0

@@ -68,7 +68,7 @@ def to_json(message: Message) -> dict[str, Any]:
     return found
 
 
-def _value(field: FieldDescriptor, value: Any) -> Any:
+def _value(field: Any, value: Any) -> Any:
     if field.message_type is not None:
         return to_json(value)
     if field.enum_type is not None:
@@ -76,7 +76,7 @@ def _value(field: FieldDescriptor, value: Any) -> Any:
     return value
 
 
-def _repeated(field: FieldDescriptor) -> bool:
+def _repeated(field: Any) -> bool:
     # protobuf 6 and later say is_repeated; earlier ones the label (gone in 7).
     found = getattr(field, "is_repeated", None)
     if found is not None:
