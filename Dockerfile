@@ -61,7 +61,8 @@ COPY --from=build /opt/tensorwire /opt/tensorwire
 # only if TENSORWIRE_INSECURE=true says so (else TENSORWIRE_TLS_CERT and _KEY), and
 # answer health checks in plain text on 50052 for HEALTHCHECK and Kubernetes probes;
 # large payloads travel on the data plane's 50053 (with gRPC's TLS) when it is
-# published, else through gRPC.
+# published, else through gRPC; the KServe v2 REST API (HTTP, with gRPC's TLS and
+# tokens) answers on 8000, as Triton's and KServe's images do.
 # MALLOC_*: resident memory steady under load (docs/operations.md, "Memory").
 ENV PATH=/opt/tensorwire/bin:$PATH \
     PYTHONUNBUFFERED=1 \
@@ -71,10 +72,11 @@ ENV PATH=/opt/tensorwire/bin:$PATH \
     TENSORWIRE_HOST=0.0.0.0 \
     TENSORWIRE_PORT=50051 \
     TENSORWIRE_HEALTH_PORT=50052 \
-    TENSORWIRE_DATA_PORT=50053
+    TENSORWIRE_DATA_PORT=50053 \
+    TENSORWIRE_HTTP_PORT=8000
 USER 10001:10001
 WORKDIR /home/tensorwire
-EXPOSE 50051 50052 50053
+EXPOSE 50051 50052 50053 8000
 # Loading models can take minutes: failures only count after the start period.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "tensorwire_server.probe"]

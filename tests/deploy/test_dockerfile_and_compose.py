@@ -80,7 +80,8 @@ def test_the_image_runs_the_server_as_a_numeric_user_with_a_health_check() -> No
     assert settings.host == "0.0.0.0" and settings.health_port is not None
     exposed = {int(p) for keyword, rest in steps if keyword == "EXPOSE" for p in rest.split()}
     assert settings.data_plane and settings.data_port  # fixed, to be published
-    assert exposed == {settings.port, settings.health_port, settings.data_port}
+    assert settings.http_port is not None  # the REST API, published
+    assert exposed == {settings.port, settings.health_port, settings.data_port, settings.http_port}
     (health,) = [rest for keyword, rest in steps if keyword == "HEALTHCHECK"]
     assert "--start-period=" in health
     assert health.endswith('CMD ["python", "-m", "tensorwire_server.probe"]')
@@ -161,8 +162,9 @@ def test_compose_runs_gpu_and_cpu_services_with_models_health_and_replicas() -> 
         assert service["healthcheck"]["test"] == ["CMD", "python", "-m", "tensorwire_server.probe"]
         assert service["restart"] == "unless-stopped"
         assert service["deploy"]["replicas"] == "${TENSORWIRE_REPLICAS:-1}"
-        (ports,) = service["ports"]
-        assert re.fullmatch(r"\$\{\w+:-127\.0\.0\.1\}:\$\{\w+:-50051-50058\}:50051", ports)
+        grpc_ports, rest_ports = service["ports"]
+        assert re.fullmatch(r"\$\{\w+:-127\.0\.0\.1\}:\$\{\w+:-50051-50058\}:50051", grpc_ports)
+        assert re.fullmatch(r"\$\{\w+:-127\.0\.0\.1\}:\$\{\w+:-8000-8007\}:8000", rest_ports)
 
 
 # ---------------------------------------------------------------------- the script

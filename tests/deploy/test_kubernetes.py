@@ -75,6 +75,7 @@ def test_the_deployment_asks_for_a_gpu_probes_grpc_health_and_mounts_its_secrets
     assert {"cpu", "memory"} <= set(resources["limits"]) & set(resources["requests"])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["grpc"] == settings.port and ports["health"] == settings.health_port
+    assert ports["http"] == settings.http_port  # the REST API
     for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe_name]["grpc"]["port"] == settings.health_port, probe_name
     assert container["readinessProbe"]["grpc"]["service"] == SERVICE.full_name
@@ -104,6 +105,9 @@ def test_a_headless_service_and_a_disruption_budget_select_the_pods() -> None:
     assert service["clusterIP"] == "None"  # headless: DNS answers every pod's address
     assert service["selector"].items() <= labels.items()
     assert {"name": "grpc", "port": 50051}.items() <= service["ports"][0].items()
+    assert {"name": "http", "port": 8000, "targetPort": "http"} in [
+        {k: p[k] for k in ("name", "port", "targetPort")} for p in service["ports"]
+    ]
     budget = objects["PodDisruptionBudget"]["spec"]
     assert budget["selector"]["matchLabels"].items() <= labels.items()
     assert budget["maxUnavailable"] == 1
@@ -181,3 +185,28 @@ def test_the_kserve_runtime_serves_grpc_v2_from_mnt_models_with_the_image_health
     assert model["runtime"] == runtime["metadata"]["name"]
     assert model["protocolVersion"] in spec["protocolVersions"]
     assert model["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_the_kserve_rest_runtime_declares_the_rest_port_as_http1() -> None:
+    """KServe gives a runtime's container one port: the REST runtime's is the v2 REST
+    API (http1), with everything else as the gRPC runtime has it."""
+    grpc_runtime, _ = kserve()
+    runtime = yaml.safe_load((KSERVE / "servingruntime-rest.yaml").read_text())
+    spec = runtime["spec"]
+    assert runtime["metadata"]["name"] == "tensorwire-rest"
+    assert spec["protocolVersions"] == ["v2"]
+    (model_format,) = spec["supportedModelFormats"]
+    assert model_format["name"] == "tensorwire" and model_format["autoSelect"] is False
+    (container,) = spec["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    image_env = env_of(final_stage())
+    settings = Settings.from_env(
+        {k: v for k, v in (image_env | env).items() if k.startswith(ENV_PREFIX)}
+    )
+    (port,) = container["ports"]
+    assert port["name"] == "http1" and port["containerPort"] == settings.http_port
+    assert settings.port != settings.http_port and settings.model_repo == "/mnt/models"
+    (grpc_container,) = grpc_runtime["spec"]["containers"]
+    for key in ("image", "startupProbe", "readinessProbe", "livenessProbe", "securityContext"):
+        assert container[key] == grpc_container[key], key
+    assert "servingruntime-rest.yaml" in (KSERVE / "kustomization.yaml").read_text()
