@@ -6,6 +6,7 @@ the HTTP status of its gRPC code; request ids and timeouts in headers."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -172,3 +173,48 @@ def test_request_ids_and_timeouts(port: int) -> None:
     )
     slow = send(port, "POST", "/v2/models/sleeper/infer", body)
     assert slow.status == 504, slow.body
+
+
+def test_rest_calls_are_counted_and_logged_as_grpc_calls_are(
+    server: TensorwireServer, port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    body = infer_body([{"name": "input", "shape": [1], "datatype": "INT32", "data": [7]}])
+    assert send(port, "POST", "/v2/models/identity/infer", body).status == 200
+    with caplog.at_level("INFO", logger="tensorwire_server.access"):
+        assert send(port, "GET", "/v2/models/no-such-model").status == 404
+    registry = server.metrics.registry
+    ok = registry.get_sample_value(
+        "tensorwire_requests_total",
+        {"method": "REST/ModelInfer", "target": "identity", "code": "OK"},
+    )
+    assert ok is not None and ok >= 1
+    missing = registry.get_sample_value(
+        "tensorwire_requests_total",
+        # An unknown model's name is no label (any caller could grow the series).
+        {"method": "REST/ModelMetadata", "target": "unknown", "code": "NOT_FOUND"},
+    )
+    assert missing is not None and missing >= 1
+    assert any("REST/ModelMetadata" in r.getMessage() for r in caplog.records)
+
+
+def test_a_stop_drains_rest_calls_in_flight() -> None:
+    import threading
+
+    engine = build_engine(Settings(device="cpu", models=TOY_MODELS))
+    served = TensorwireServer(Settings(port=0, http_port=0, device="cpu"), engine)
+    served.start()
+    port = served.http_port
+    assert port is not None
+    body = infer_body([{"name": "x", "shape": [], "datatype": "FP64", "data": [1.0]}])
+    replies: list[Any] = []
+    caller = threading.Thread(
+        target=lambda: replies.append(send(port, "POST", "/v2/models/sleeper/infer", body))
+    )
+    caller.start()
+    deadline = time.monotonic() + 20
+    while served.gate.in_flight.wait_idle(0) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the call runs
+    served.stop(30)
+    caller.join(30)
+    assert replies and replies[0].status == 200, replies
+    assert replies[0].json()["outputs"][0]["data"] == [1.0]
