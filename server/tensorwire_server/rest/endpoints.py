@@ -162,11 +162,11 @@ class Endpoints:
             lambda answer: infer_reply.reply(parsed, answer),
         )
         headers = {REQUEST_ID_KEY: here.call.request_id}
-        if reply.binary:
-            headers[HEADER_LENGTH] = str(len(reply.header))
-            content_type = "application/octet-stream"
-        else:
-            content_type = JSON
+        if not reply.binary:
+            # JSON alone: one write, headers and body together.
+            return web.Response(body=reply.header, headers=headers, content_type=JSON)
+        headers[HEADER_LENGTH] = str(len(reply.header))
+        content_type = "application/octet-stream"
         response = web.StreamResponse(status=200, headers=headers)
         response.content_type = content_type
         response.content_length = reply.size
