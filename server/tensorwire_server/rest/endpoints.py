@@ -17,6 +17,7 @@ from aiohttp import web
 
 from tensorwire.errors import InvalidArgumentError, TensorwireError
 from tensorwire.wire.protocol import REQUEST_ID_KEY
+from tensorwire_server import calls
 from tensorwire_server.kserve.protocol import OFF_LOOP, InferenceServicer
 from tensorwire_server.kserve.v2 import grpc_service_pb2 as pb
 from tensorwire_server.rest import infer_json, infer_reply
@@ -67,10 +68,13 @@ class Endpoints:
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         found = route(request.path)
         if found is None:
-            return error_response("NOT_FOUND", f"no such endpoint: {request.path[:200]}", "")
+            unrouted = calls.request_id(request.headers.get(REQUEST_ID_KEY, ""))
+            return error_response("NOT_FOUND", f"no such endpoint: {request.path[:200]}", unrouted)
         if request.method != found.verb and not (request.method == "HEAD" and found.verb == "GET"):
             response = error_response(
-                "INVALID_ARGUMENT", f"{request.path[:200]} takes {found.verb}", ""
+                "INVALID_ARGUMENT",
+                f"{request.path[:200]} takes {found.verb}",
+                calls.request_id(request.headers.get(REQUEST_ID_KEY, "")),
             )
             response.set_status(405)
             response.headers["Allow"] = found.verb
@@ -78,7 +82,8 @@ class Endpoints:
         try:
             timeout = _timeout(request.headers.get(TIMEOUT_HEADER))
         except InvalidArgumentError as exc:
-            return error_response(exc.code, exc.message, "")
+            given = calls.request_id(request.headers.get(REQUEST_ID_KEY, ""))
+            return error_response(exc.code, exc.message, given)
         headers = ((k.lower(), v) for k, v in request.headers.items())
         with passage(self.gate, found.label, found.grpc_method, headers, timeout) as here:
             request_id = here.call.request_id
@@ -105,7 +110,10 @@ class Endpoints:
                 log.debug("%s: %s %s", found.label, exc.code, exc.message)
                 here.code = exc.code
                 return error_response(exc.code, exc.message, request_id)
-            except (ConnectionError, web.HTTPException):
+            except ConnectionError:
+                here.code = "CANCELLED"  # the client went while its answer was written
+                raise
+            except web.HTTPException:
                 raise
             except Exception:
                 log.exception("%s failed with a server error", found.label)
