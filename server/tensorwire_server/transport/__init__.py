@@ -1,6 +1,7 @@
 """What every RPC passes through, whichever protocol: ``gate`` (the server's
 interceptor: the server's state, tokens and scopes, budgets) with ``guarded`` (each
-call behind it: deadline, request reading, counting, recording), ``lifecycle`` (the
+call behind it: deadline, request reading, counting, recording), ``passage`` (the
+same for a call of another protocol: the rest package's HTTP), ``lifecycle`` (the
 server's state, the calls in flight), ``admission`` (the budgets), ``security`` (TLS
 and tokens), ``rpc`` (the error mapping and handler shapes), ``executor`` (Compute,
 where torch work runs) and ``heap`` (the heap trimmer). Each call's record is the
