@@ -218,3 +218,19 @@ def test_a_stop_drains_rest_calls_in_flight() -> None:
     caller.join(30)
     assert replies and replies[0].status == 200, replies
     assert replies[0].json()["outputs"][0]["data"] == [1.0]
+
+
+def test_cuda_shared_memory_on_a_server_without_cuda(port: int) -> None:
+    # The module's server has shared memory off: FAILED_PRECONDITION, as over gRPC.
+    body = json.dumps({"raw_handle": {"b64": "AAAA"}, "device_id": 0, "byte_size": 64}).encode()
+    reply = send(port, "POST", "/v2/cudasharedmemory/region/r/register", body)
+    assert reply.status == 400 and reply.json()["error"]
+    engine = build_engine(Settings(device="cpu"))
+    with rest_server(engine, allow_shared_memory=True) as served:
+        assert served.http_port is not None
+        reply = send(served.http_port, "POST", "/v2/cudasharedmemory/region/r/register", body)
+        assert reply.status == 501, reply.body  # UNIMPLEMENTED: no CUDA device here
+        bad = send(served.http_port, "POST", "/v2/cudasharedmemory/region/r/register", b"{}")
+        assert bad.status == 400 and "raw_handle" in bad.json()["error"]
+        status = send(served.http_port, "GET", "/v2/cudasharedmemory/status")
+        assert status.status in (200, 501)
