@@ -289,3 +289,20 @@ def test_binary_inputs_are_views_of_the_body(port: int) -> None:
     assert reply.status == 200
     n = int(reply.headers["inference-header-content-length"])
     assert np.array_equal(np.frombuffer(reply.body[n:], np.float32), x)
+
+
+def test_a_client_gone_mid_answer_frees_its_call(server: TensorwireServer, port: int) -> None:
+    x = np.ones(LIMIT // 4, np.float32)
+    header = {"inputs": [{"name": "input", "shape": [x.size], "datatype": "FP32",
+                          "parameters": {"binary_data_size": x.nbytes}}],
+              "parameters": {"binary_data_output": True}}  # fmt: skip
+    body, length = binary_request(header, x.tobytes())
+    head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: x\r\nInference-Header-Content-Length: {length}\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head + body)
+            sock.recv(64)  # the answer has begun; leave without reading it
+    assert server.gate.in_flight.wait_idle(30)  # no call left counted as running

@@ -111,8 +111,12 @@ class Endpoints:
                 here.code = exc.code
                 return error_response(exc.code, exc.message, request_id)
             except ConnectionError:
-                here.code = "CANCELLED"  # the client went while its answer was written
-                raise
+                # The client went (mid-body or mid-answer): nobody to answer, nothing
+                # for the log but the access record.
+                here.code = "CANCELLED"
+                gone = web.Response(status=499)
+                gone.force_close()
+                return gone
             except web.HTTPException:
                 raise
             except Exception:
