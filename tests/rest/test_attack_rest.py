@@ -102,6 +102,20 @@ def test_json_past_its_own_limit(port: int) -> None:
     assert reply.status in (400, 413)
 
 
+@pytest.mark.parametrize("json_length", [None, str(JSON_LIMIT + 1)])
+def test_json_past_its_limit_is_refused_from_the_headers(
+    port: int, json_length: str | None
+) -> None:
+    # No body is sent: waiting for it would end in 408 (http_read_timeout), not 413.
+    extra = "" if json_length is None else f"Inference-Header-Content-Length: {json_length}\r\n"
+    head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {JSON_LIMIT + 100}\r\n"
+        f"{extra}Content-Type: application/json\r\n\r\n"
+    ).encode()
+    response = raw(port, head)
+    assert status_of(response) == 413 and b"http_json_bytes" in response
+
+
 @pytest.mark.parametrize(
     ("length", "words"),
     [("99999", "past the end"), ("-1", "not a length"), ("1e3", "not a length"),
@@ -254,6 +268,39 @@ def test_a_stalled_body_is_refused_after_the_read_timeout(port: int) -> None:
     head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n".encode()
     response = raw(port, head + b'{"inputs": [', wait=30)
     assert status_of(response) == 408 and b"http_read_timeout" in response
+
+
+def test_a_trickled_body_is_cut_at_the_calls_deadline(port: int) -> None:
+    # A byte every 0.3 s never pauses past http_read_timeout (1 s); the call's own
+    # deadline (1.5 s) bounds the whole read.
+    head = (
+        f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n"
+        "X-Request-Timeout: 1.5\r\n\r\n"
+    ).encode()
+    got = b""
+    with socket.create_connection(("127.0.0.1", port), timeout=0.3) as sock:
+        sock.sendall(head)
+        for _ in range(100):  # 30 s at most
+            try:
+                sock.sendall(b" ")
+                got += sock.recv(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            if got:
+                break
+    assert status_of(got) == 408 and b"deadline" in got
+
+
+def test_a_get_with_a_body_is_answered_without_reading_it(port: int) -> None:
+    # A probe's sender declares a body it never sends: the probe is answered at once
+    # (no body read holds its place in the public budget).
+    head = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        got = sock.recv(65536)
+    assert status_of(got) == 200
 
 
 def test_too_many_connections_are_told_so() -> None:

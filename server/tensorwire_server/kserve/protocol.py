@@ -268,13 +268,21 @@ class InferenceServicer:
         deadline: float | None,
         compute: Compute,
         then: Callable[[codec.Answer], R],
+        then_kind: Hashable | None = None,
     ) -> R:
         """``then(infer(...))`` where it belongs, for any protocol: a batched model's
-        request waits for its batch on the loop and ``then`` runs there (the answer's
-        bytes are small or views); another runs on a Compute thread (or inline when
-        its kind costs little), ``then`` with it, off the loop."""
+        request waits for its batch on the loop and ``then`` runs there (gRPC's: the
+        answer's bytes are views), or where Compute puts work of ``then_kind`` and the
+        answer's size when given (REST's JSON of a large output costs a thread's
+        time); another runs on a Compute thread (or inline when its kind costs
+        little), ``then`` with it, off the loop."""
         if self.batched(request):
-            return then(await self.infer_async(request, deadline, compute.run))
+            answer = await self.infer_async(request, deadline, compute.run)
+            if then_kind is None:
+                return then(answer)
+            return await compute.run(
+                then, answer, kind=(then_kind, answer.payload_bytes.bit_length())
+            )
 
         def answered(request: codec.InferRequest) -> R:
             return then(self.infer(request, deadline))

@@ -53,11 +53,15 @@ async def read_body(request: web.BaseRequest, limit: int, pause: float) -> memor
         )
     if length is None:
         return await _chunked(request, limit, pause)
+    content = request.content
+    if content.is_eof() and content.total_bytes == length:
+        # All of it arrived with the headers (a small call): the parser's own bytes,
+        # no buffer, no copy.
+        return memoryview(content.read_nowait(-1))
     # np.empty, not bytearray: pages are not zeroed before the body fills them.
     buffer = np.empty(length, dtype=np.uint8)
     view = memoryview(buffer).cast("B")  # type: ignore[arg-type]
     filled = 0
-    content = request.content
     while filled < length:
         chunk = await _next(content, pause)
         if not chunk:
@@ -68,7 +72,10 @@ async def read_body(request: web.BaseRequest, limit: int, pause: float) -> memor
         size = len(chunk)
         view[filled : filled + size] = chunk
         filled += size
-    return view
+    # Read-only from here, as gRPC's request bytes are: the tensors made from it are
+    # views, and nothing of the server's may write into a caller's input.
+    buffer.flags.writeable = False
+    return view.toreadonly()
 
 
 async def _chunked(request: web.BaseRequest, limit: int, pause: float) -> memoryview:

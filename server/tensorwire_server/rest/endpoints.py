@@ -6,6 +6,7 @@ object with the HTTP status of their gRPC code."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import logging
@@ -34,6 +35,7 @@ from tensorwire_server.rest.replies import (
 from tensorwire_server.rest.routes import Route, route
 from tensorwire_server.transport.executor import Compute
 from tensorwire_server.transport.gate import Gate
+from tensorwire_server.transport.guarded import OFF_LOOP_BYTES
 from tensorwire_server.transport.passage import Passage, passage
 
 log = logging.getLogger(__name__)
@@ -133,12 +135,13 @@ class Endpoints:
         method = found.method
         if method == "ModelInfer":
             return await self._infer(request, found, here)
-        body = (
-            await read_body(request, _SMALL_BODY, self.read_timeout)
-            if request.can_read_body
-            else memoryview(b"")
+        # A GET's body is not read (a probe's place in the public budget is not held
+        # by a sender trickling a body nobody wants).
+        document = (
+            _document(await self._body(request, here, _SMALL_BODY))
+            if found.verb == "POST" and request.can_read_body
+            else {}
         )
-        document = _document(body)
         answer = getattr(self, "_" + method)
         if method in OFF_LOOP:
             result = await self.compute.run(answer, found, document)
@@ -158,12 +161,25 @@ class Endpoints:
     ) -> web.StreamResponse:
         servicer = self.servicer
         limits = servicer.service.limits
-        limit = limits.max_request_bytes + self.json_bytes
-        header_length = request.headers.get(HEADER_LENGTH)
-        body = await read_body(request, limit, self.read_timeout)
-        parsed = infer_json.parse(
-            body, header_length, found.model, found.version, limits, self.json_bytes
-        )
+        json_length = request.headers.get(HEADER_LENGTH)
+        if json_length is None:
+            limit = self.json_bytes  # all JSON: refused by its Content-Length alone
+        else:
+            limit = limits.max_request_bytes + self.json_bytes
+            declared = request.content_length
+            infer_json.json_within(
+                infer_json.header_length(json_length, limit if declared is None else declared),
+                self.json_bytes,
+            )
+        body = await self._body(request, here, limit)
+        arguments = (body, json_length, found.model, found.version, limits, self.json_bytes)
+        json_size = body.nbytes if json_length is None else int(json_length)
+        if json_size >= OFF_LOOP_BYTES:
+            # Large JSON takes the loop's time to parse (gRPC parses a large message
+            # off the loop too); binary data after it takes none.
+            parsed = await asyncio.to_thread(infer_json.parse, *arguments)
+        else:
+            parsed = infer_json.parse(*arguments)
         call = here.call
         if parsed.timeout is not None:
             call.deadline = min(call.deadline or float("inf"), time.monotonic() + parsed.timeout)
@@ -172,6 +188,7 @@ class Endpoints:
             call.deadline,
             self.compute,
             lambda answer: infer_reply.reply(parsed, answer),
+            then_kind=("REST reply", found.model),
         )
         headers = {REQUEST_ID_KEY: here.call.request_id}
         if not reply.binary:
@@ -191,6 +208,18 @@ class Endpoints:
                 await response.write(payload[start : start + _SLICE])
         await response.write_eof()
         return response
+
+    async def _body(self, request: web.BaseRequest, here: Passage, limit: int) -> memoryview:
+        """The request's body within ``limit`` bytes, each pause bounded by
+        http_read_timeout and the whole by the call's deadline: a trickling sender
+        holds a place in the budgets and a drain waits for it, so not forever."""
+        try:
+            async with asyncio.timeout_at(here.call.deadline):
+                return await read_body(request, limit, self.read_timeout)
+        except TimeoutError:
+            raise BodyError(
+                "the request body had not all arrived by the call's deadline", 408
+            ) from None
 
     # ------------------------------------------------------------------ the rest
 

@@ -12,7 +12,7 @@ same as over gRPC.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final
 
 import numpy as np
@@ -28,7 +28,7 @@ from tensorwire_server.rest.body import BodyError
 #: The largest value a shape's dimension or a size may have (protobuf's int64).
 _INT64: Final = 2**63 - 1
 #: Datatypes whose elements JSON cannot carry exactly: binary data only.
-_BINARY_ONLY: Final = frozenset({"FP16", "BF16"})
+BINARY_ONLY: Final = frozenset({"FP16", "BF16"})
 #: What kind of JSON numbers each kind of datatype takes (NumPy's kind letters of the
 #: array NumPy makes of them): integers for integers, any number for floats.
 _KINDS: Final = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
@@ -44,13 +44,11 @@ class Parsed:
     binary: Mapping[str, bool]
     binary_default: bool
     timeout: float | None = None
-    #: Outputs asked for with their binary_data flag, in the request's order.
-    names: list[str] = field(default_factory=list)
 
 
 def parse(
     body: memoryview,
-    header_length: str | None,
+    json_length: str | None,
     model: str,
     version: str,
     limits: Limits,
@@ -60,17 +58,12 @@ def parse(
     than ``json_limit`` bytes (413 past it); INVALID_ARGUMENT naming
     what is wrong."""
     size = body.nbytes
-    if header_length is None:
+    if json_length is None:
         json_part, binary = body, body[:0]
     else:
-        length = _header_length(header_length, size)
+        length = header_length(json_length, size)
         json_part, binary = body[:length], body[length:]
-    if json_part.nbytes > json_limit:
-        raise BodyError(
-            f"the request's JSON is {json_part.nbytes} bytes, more than the {json_limit} "
-            "this server parses (http_json_bytes); send tensors as binary data",
-            413,
-        )
+    json_within(json_part.nbytes, json_limit)
     try:
         document = orjson.loads(json_part)
     except orjson.JSONDecodeError as exc:
@@ -107,10 +100,23 @@ def parse(
     for i, entry in enumerate(outputs):
         name, flag = _output(message, entry, i, binary_default)
         wanted[name] = flag
-    return Parsed(codec.InferRequest(message, raw), wanted, binary_default, timeout, list(wanted))
+    return Parsed(codec.InferRequest(message, raw), wanted, binary_default, timeout)
 
 
-def _header_length(text: str, size: int) -> int:
+def json_within(size: int, json_limit: int) -> None:
+    """413 for ``size`` bytes of a request's JSON past ``json_limit``: checked from
+    the request's headers before its body is read, and from the body itself."""
+    if size > json_limit:
+        raise BodyError(
+            f"the request's JSON is {size} bytes, more than the {json_limit} "
+            "this server parses (http_json_bytes); send tensors as binary data",
+            413,
+        )
+
+
+def header_length(text: str, size: int) -> int:
+    """Inference-Header-Content-Length ``text`` as a length within ``size`` bytes of
+    body; INVALID_ARGUMENT naming what is wrong."""
     if not (text.isascii() and text.isdigit()) or len(text) > 19:
         raise InvalidArgumentError(
             f"Inference-Header-Content-Length {text[:40]!r} is not a length in bytes"
@@ -176,7 +182,7 @@ def _input(
 def _from_json(data: Any, datatype: str, shape: list[int], what: str) -> np.ndarray:
     """JSON ``data`` (flat or nested, row-major) as an array of ``datatype``, its
     values checked to be numbers of the datatype's kind and to fit it."""
-    if datatype in _BINARY_ONLY:
+    if datatype in BINARY_ONLY:
         raise InvalidArgumentError(
             f"{what}: {datatype} cannot travel as JSON numbers; send it as binary data "
             "(binary_data_size)"

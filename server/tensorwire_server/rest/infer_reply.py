@@ -6,7 +6,7 @@ serialized by orjson straight from the array."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any
 
 import numpy as np
 import orjson
@@ -14,10 +14,9 @@ import orjson
 from tensorwire.errors import InvalidArgumentError, shown
 from tensorwire.wire.dtypes import NUMPY_BY_WIRE
 from tensorwire_server.kserve import codec
-from tensorwire_server.rest.infer_json import Parsed
+from tensorwire_server.rest.infer_json import BINARY_ONLY, Parsed
 
 #: Datatypes JSON numbers do not carry exactly: binary data only, as for inputs.
-_BINARY_ONLY: Final = frozenset({"FP16", "BF16"})
 
 
 @dataclass(frozen=True)
@@ -76,7 +75,7 @@ def reply(parsed: Parsed, answer: codec.Answer) -> Reply:
 
 def _data(datatype: str, payload: memoryview, what: str) -> np.ndarray:
     """An output's bytes as the flat array orjson writes as JSON numbers."""
-    if datatype in _BINARY_ONLY:
+    if datatype in BINARY_ONLY:
         raise InvalidArgumentError(
             f"{what} is {datatype}, which JSON numbers do not carry; ask for it as binary "
             "data (binary_data true)"

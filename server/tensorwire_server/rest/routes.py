@@ -4,6 +4,7 @@ version or region the URL names."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import unquote
@@ -52,6 +53,7 @@ _MEMORY: Final = {
 _MEMORY_VERBS: Final = {"status": "GET", "register": "POST", "unregister": "POST"}
 
 
+@functools.lru_cache(maxsize=256)  # a server's few paths, each parsed once
 def route(path: str) -> Route | None:
     """The call ``path`` asks for; None for a URL the protocol does not have."""
     parts = [unquote(p) for p in path.split("/")]

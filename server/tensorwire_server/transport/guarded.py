@@ -55,7 +55,7 @@ class Reject:
 #: A request this large is parsed on a thread: tensorwire's and KServe's walks of a
 #: large message are Python (about 1.3 ms per 10 KiB of tiny fields), and a request of
 #: many small fields would hold the event loop meanwhile (35 ms at most, here).
-_OFF_LOOP = 256 << 10
+OFF_LOOP_BYTES = 256 << 10
 #: Seconds a public call may wait for its turn to be read and its message take to arrive.
 _PUBLIC_READ_SECONDS = 10.0
 #: Public messages read at once (Gate.public_reads).
@@ -266,7 +266,7 @@ def guarded(gate: Gatekeeper, method: str, handler: Handler) -> Handler:
         if deserialize is None:
             return raw
         try:
-            if len(raw) >= _OFF_LOOP:
+            if len(raw) >= OFF_LOOP_BYTES:
                 return await asyncio.to_thread(deserialize, raw)
             return deserialize(raw)
         except Exception as exc:  # another service's parser (tensorwire's return errors)
