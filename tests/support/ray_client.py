@@ -106,7 +106,11 @@ def session(target: str, opts: dict[str, Any]) -> dict[str, Any]:
             c.session_info()
             return {"again": "ok"}
         except tw.TensorwireError as exc:
-            return {"again": type(exc).__name__, "message": str(exc), "seconds": time.monotonic() - began}
+            return {
+                "again": type(exc).__name__,
+                "message": str(exc),
+                "seconds": time.monotonic() - began,
+            }
 
 
 def main() -> None:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from support.netns import CLIENT_IP, SERVER_IP, Hosts, two_hosts
 from support.servers import TESTS
 
@@ -165,7 +166,9 @@ class Fleet:
                 return found
             assert self.proc.poll() is None, self.cluster.log("fleet")[-4000:]
             time.sleep(0.5)
-        raise AssertionError(f"not {count} replicas: {self.replicas()}\n{self.cluster.log('fleet')[-4000:]}")
+        raise AssertionError(
+            f"not {count} replicas: {self.replicas()}\n{self.cluster.log('fleet')[-4000:]}"
+        )
 
 
 @contextlib.contextmanager

@@ -52,12 +52,16 @@ class Autoscaler:
         per = total_load / replicas if replicas else float("inf")
         high = per > s.target_load and replicas < s.maximum
         low = replicas > s.minimum and total_load <= s.target_load * (replicas - 1) / 2
-        self._above_since = (self._above_since or now) if high else None
-        self._below_since = (self._below_since or now) if low else None
-        if high and now - self._above_since >= s.up_seconds:  # type: ignore[operator]
+        self._above_since = _since(self._above_since, now) if high else None
+        self._below_since = _since(self._below_since, now) if low else None
+        if self._above_since is not None and now - self._above_since >= s.up_seconds:
             self._above_since = None
             return 1
-        if low and now - self._below_since >= s.down_seconds:  # type: ignore[operator]
+        if self._below_since is not None and now - self._below_since >= s.down_seconds:
             self._below_since = None
             return -1
         return 0
+
+
+def _since(began: float | None, now: float) -> float:
+    return now if began is None else began

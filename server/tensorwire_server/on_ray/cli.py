@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from tensorwire_server.cli import build_parser, settings_from
 
@@ -86,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     server_args = build_parser("tensorwire-server (after --)").parse_args(server_argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        import ray
+        import ray as imported
     except ImportError:
         print("tensorwire on Ray needs Ray: pip install 'tensorwire-server[ray]'", file=sys.stderr)
         return 2
+    ray: Any = imported  # parts of its API carry no types
     # After ray: fleet imports it.
     from tensorwire_server.on_ray.autoscale import Scaling
     from tensorwire_server.on_ray.dns import Responder

@@ -80,9 +80,7 @@ def answer(packet: bytes, name: bytes, ips: Iterable[str]) -> bytes | None:
             records += struct.pack("!HHHIH", 0xC00C, _A, _IN, TTL, 4) + socket.inet_aton(ip)
             count += 1
     # QR, the query's opcode and RD, AA (ours is the authority), RA off.
-    head = struct.pack(
-        "!HHHHHH", ident, 0x8000 | (flags & 0x7900) | 0x0400 | rcode, 1, count, 0, 0
-    )
+    head = struct.pack("!HHHHHH", ident, 0x8000 | (flags & 0x7900) | 0x0400 | rcode, 1, count, 0, 0)
     return head + packet[12:end] + records
 
 

@@ -22,6 +22,8 @@ from tensorwire_server.on_ray.replica import Placed, ReplicaServer
 from tensorwire_server.settings import Settings
 
 log = logging.getLogger(__name__)
+#: Ray, for its calls that carry no types (nodes()): mypy checks with Ray or without.
+RAY: Any = ray
 
 #: Seconds a replica may take to answer the fleet's load probe.
 PROBE_SECONDS = 2.0
@@ -73,7 +75,7 @@ class Fleet:
 
     def __post_init__(self) -> None:
         self.autoscaler = Autoscaler(self.scaling)
-        self._remote = ray.remote(ReplicaServer)
+        self._remote: Any = ray.remote(ReplicaServer)
 
     # ------------------------------------------------------------ the loop
 
@@ -111,7 +113,7 @@ class Fleet:
 
     def _nodes(self) -> list[dict[str, Any]]:
         now = time.monotonic()
-        alive = [n for n in ray.nodes() if n.get("Alive")]
+        alive = [n for n in RAY.nodes() if n.get("Alive")]
         return [n for n in alive if self.quarantine.get(n["NodeID"], 0.0) <= now]
 
     def _add(self) -> bool:
@@ -240,7 +242,11 @@ class Fleet:
         log.info("replicas: %s", ", ".join(addresses) or "none")
         if self.dns is not None:
             # A name carries addresses, not ports: the replicas on the first port.
-            first = [m.placed.ip for m in self.members if m.placed and m.placed.port == self.settings.port]
+            first = [
+                m.placed.ip
+                for m in self.members
+                if m.placed and m.placed.port == self.settings.port
+            ]
             self.dns.set_addresses(first)
         if self.list_file is not None:
             # The list, and beside it every replica's ports (data, metrics, health).
