@@ -113,10 +113,59 @@ def session(target: str, opts: dict[str, Any]) -> dict[str, Any]:
             }
 
 
+def latency(target: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """p50 of ``n`` small mlp calls (ms), after 50 to warm up; ``raw``: the ``Info``
+    RPC through a bare gRPC stub instead (with ``application`` metadata, for Serve)."""
+    small = X[:2]
+    times = []
+    if opts.get("raw"):
+        import grpc
+
+        from tensorwire.v1 import tensorwire_pb2 as pb
+        from tensorwire.v1 import tensorwire_pb2_grpc as pbg
+
+        metadata = [("application", opts["raw"])] if opts["raw"] != "direct" else None
+        with grpc.insecure_channel(target) as channel:
+            stub = pbg.TensorServiceStub(channel)
+            for i in range(opts["n"] + 50):
+                began = time.perf_counter()
+                stub.Info(pb.InfoRequest(), metadata=metadata, timeout=30)
+                if i >= 50:
+                    times.append(time.perf_counter() - began)
+    else:
+        with client(target, opts) as c:
+            for i in range(opts["n"] + 50):
+                began = time.perf_counter()
+                c.infer("mlp", small)
+                if i >= 50:
+                    times.append(time.perf_counter() - began)
+    return {"p50_ms": 1000 * float(np.median(times))}
+
+
+def roundtrip(target: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """Best of ``repeats`` identity round trips of ``mib`` MiB: (sent + received) MiB/s."""
+    array = np.arange((opts["mib"] << 20) // 4, dtype=np.float32)
+    best = float("inf")
+    with client(target, opts, timeout=300) as c:
+        for _ in range(opts["repeats"]):
+            began = time.perf_counter()
+            c.infer("identity", array)
+            best = min(best, time.perf_counter() - began)
+    return {"mib_s": 2 * opts["mib"] / best}
+
+
 def main() -> None:
     mode, target = sys.argv[1], sys.argv[2]
     opts = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
-    modes = {"calls": calls, "load": load, "stats": stats, "big": big, "session": session}
+    modes = {
+        "calls": calls,
+        "load": load,
+        "stats": stats,
+        "big": big,
+        "session": session,
+        "latency": latency,
+        "roundtrip": roundtrip,
+    }
     print(json.dumps(modes[mode](target, opts)), flush=True)
 
 
