@@ -65,7 +65,7 @@ def serve_app() -> None:
 
     @serve.deployment(ray_actor_options={"num_cpus": 0.25})
     class Ingress:
-        def Info(self, request: Any) -> Any:  # noqa: N802 - the RPC's name
+        def Info(self, request: Any) -> Any:  # Serve calls the RPC by its name
             return pb.InfoResponse()
 
     serve.run(Ingress.bind(), name="tw", route_prefix=None)
@@ -119,7 +119,7 @@ def main() -> None:
             out["ray_replica_mib_s"] = cluster.client(
                 "roundtrip", WORKER, timeout=600, mib=args.mib, repeats=3
             )["mib_s"]
-            for round_ in range(2):  # interleaved: the machine's load drifts
+            for _ in range(2):  # interleaved: the machine's load drifts
                 for key, target in (("direct", WORKER), ("name", TARGET)):
                     p50 = cluster.client("latency", target, n=args.calls)["p50_ms"]
                     out.setdefault(f"p50_ms_{key}", []).append(p50)
