@@ -68,13 +68,24 @@ def serve_app() -> None:
         def Info(self, request: Any) -> Any:  # Serve calls the RPC by its name
             return pb.InfoResponse()
 
-    serve.run(Ingress.bind(), name="tw", route_prefix=None)
+    serve.run(Ingress.bind(), name="tw", route_prefix="/tw")
     print("serve ready", flush=True)
     try:
         while True:
             time.sleep(3600)
     finally:
         serve.shutdown()
+
+
+class Results(dict[str, Any]):
+    """Measurements, each printed as it comes (a later failure keeps the earlier)."""
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        super().__setitem__(key, value)
+        print(f"{key}: {value}", flush=True)
+
+    def add(self, key: str, value: float) -> None:
+        self[key] = [*self.get(key, []), value]
 
 
 def wait_line(cluster: Cluster, key: str, text: str, timeout: float = 180) -> None:
@@ -95,7 +106,7 @@ def main() -> None:
     if args.serve_app:
         serve_app()
         return
-    out: dict[str, Any] = {}
+    out = Results()
     with ray_cluster() as cluster:
         # One plain server on the worker: the two-namespace figure of the same link.
         single = cluster.spawn(
@@ -122,7 +133,7 @@ def main() -> None:
             for _ in range(2):  # interleaved: the machine's load drifts
                 for key, target in (("direct", WORKER), ("name", TARGET)):
                     p50 = cluster.client("latency", target, n=args.calls)["p50_ms"]
-                    out.setdefault(f"p50_ms_{key}", []).append(p50)
+                    out.add(f"p50_ms_{key}", p50)
             if importlib.util.find_spec("ray.serve") is not None:
                 serve = cluster.spawn(
                     "serve", cluster.hosts.server, sys.executable, __file__, "--serve-app"
@@ -135,7 +146,7 @@ def main() -> None:
                             ("info_serve", f"{HEAD_IP}:{SERVE_PORT}", "tw"),
                         ):
                             p50 = cluster.client("latency", target, n=args.calls, raw=raw)
-                            out.setdefault(f"p50_ms_{key}", []).append(p50["p50_ms"])
+                            out.add(f"p50_ms_{key}", p50["p50_ms"])
                 finally:
                     end_session(serve)
     best = {k: min(v) if isinstance(v, list) else v for k, v in out.items()}

@@ -68,6 +68,10 @@ def test_the_fleet_grows_on_load_and_shrinks_when_idle_and_no_call_fails(
             grown = deployed.wait_for(2, timeout=60)
             grew_in = time.monotonic() - began
             assert {r["address"] for r in grown} == {HEAD, WORKER}
+            # The callers find the new replica (on the worker) as their connections age.
+            while cluster.client("stats", WORKER)["requests"][WORKER] == 0:
+                assert heavy.poll() is None, "the load ended before the new replica served"
+                time.sleep(2)
             heavy_out, _ = heavy.communicate(timeout=120)
             shrunk = deployed.wait_for(1, timeout=60)
             light_out, _ = light.communicate(timeout=120)

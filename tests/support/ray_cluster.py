@@ -183,6 +183,9 @@ def ray_cluster() -> Iterator[Cluster]:
             **os.environ,
             "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server"), str(TESTS)]),
             "RAY_USAGE_STATS_ENABLED": "0",
+            # Ray keeps files under ~/.ray (Serve writes an auth token there, which
+            # every later cluster then demands): this cluster's own home instead.
+            "HOME": tmp,
             "RAY_DEDUP_LOGS": "0",
         }
         cluster = Cluster(hosts, Path(tmp), env)

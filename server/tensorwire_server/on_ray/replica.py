@@ -10,6 +10,9 @@ from tensorwire_server.settings import Settings
 
 #: Ports tried above a configured one when replicas share a node (one per GPU there).
 PORTS_PER_NODE = 16
+#: Seconds a client keeps one connection to a replica unless ``--max-connection-age``
+#: says otherwise: it then resolves the fleet's name again and finds replicas added.
+CONNECTION_AGE = 30.0
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,7 @@ class ReplicaServer:
             health_port=health,
             data_port=data,
             metrics_port=metrics,
+            max_connection_age=settings.max_connection_age or CONNECTION_AGE,
             unix_socket=None,  # a socket path is one per host; the data port's suffices
         )
         self.server = TensorwireServer(self.settings)
