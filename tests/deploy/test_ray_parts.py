@@ -79,3 +79,17 @@ def test_the_autoscaler_grows_on_load_shrinks_when_idle_and_keeps_its_bounds() -
     assert scale.decide(10.0, 4, 0) == -1  # above the maximum: at once
     with pytest.raises(ValueError, match="minimum <= maximum"):
         Scaling(minimum=3, maximum=2)
+
+
+def test_the_command_checks_its_flags_and_the_servers_before_it_joins_a_cluster(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from tensorwire_server.on_ray.cli import main
+
+    assert main(["--replicas", "3", "--max-replicas", "2", "--", "--device", "cpu"]) == 2
+    assert "minimum <= maximum" in capsys.readouterr().err
+    # The server's flags are tensorwire-server's own, checked by its own parser.
+    assert main(["--", "--model", "no-equals-sign"]) == 2
+    assert "--model expects NAME=SOURCE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--", "--no-such-flag"])

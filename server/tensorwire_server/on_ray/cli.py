@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tensorwire_server.cli import build_parser, settings_from
+from tensorwire_server.on_ray.autoscale import Scaling
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -87,17 +88,6 @@ def main(argv: list[str] | None = None) -> int:
     server_args = build_parser("tensorwire-server (after --)").parse_args(server_argv)
     logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        import ray as imported
-    except ImportError:
-        print("tensorwire on Ray needs Ray: pip install 'tensorwire-server[ray]'", file=sys.stderr)
-        return 2
-    ray: Any = imported  # parts of its API carry no types
-    # After ray: fleet imports it.
-    from tensorwire_server.on_ray.autoscale import Scaling
-    from tensorwire_server.on_ray.dns import Responder
-    from tensorwire_server.on_ray.fleet import Fleet, Placement
-
-    try:
         settings = settings_from(server_args)
         scaling = Scaling(
             minimum=args.replicas,
@@ -109,6 +99,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"tensorwire on Ray: {exc}", file=sys.stderr)
         return 2
+    try:
+        import ray as imported
+    except ImportError:
+        print("tensorwire on Ray needs Ray: pip install 'tensorwire-server[ray]'", file=sys.stderr)
+        return 2
+    ray: Any = imported  # parts of its API carry no types
+    # After ray: fleet imports it.
+    from tensorwire_server.on_ray.dns import Responder
+    from tensorwire_server.on_ray.fleet import Fleet, Placement
+
     ray.init(address=args.address, logging_level=logging.WARNING)
     gpus = args.num_gpus
     if gpus is None:
