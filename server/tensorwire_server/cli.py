@@ -41,10 +41,11 @@ def parse_model_option(option: str) -> tuple[str, str]:
     return name, source
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse flags (over TENSORWIRE_* environment) and serve."""
+def build_parser(prog: str = "tensorwire-server") -> argparse.ArgumentParser:
+    """The server's flags: this command's, and those a deployment passes on to each
+    replica (``python -m tensorwire_server.on_ray ... -- FLAGS``)."""
     parser = argparse.ArgumentParser(
-        prog="tensorwire-server",
+        prog=prog,
         description="Serve models, gradients and torch functions to tensorwire clients.",
     )
     parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
@@ -255,30 +256,40 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="bytes one token's regions may span, its sessions' included (4 GiB)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    """The settings ``build_parser``'s flags ask for, over TENSORWIRE_* environment;
+    ValueError names a wrong one."""
+    extra = dict(parse_model_option(option) for option in args.model)
+    base = Settings.from_env()
+    # Flags named after settings (--max-request-bytes -> max_request_bytes) pass
+    # straight through; None means "not given", so the environment's value stays.
+    named = {f.name for f in fields(Settings)}
+    overrides = {k: v for k, v in vars(args).items() if k in named}
+    # The command serves REST on its port unless told otherwise (by the flag or
+    # TENSORWIRE_HTTP_PORT); "off" from either is no REST (None).
+    if args.http_port is None and base.http_port is None:
+        off = os.environ.get(ENV_PREFIX + "HTTP_PORT", "").strip().lower() == "off"
+        overrides["http_port"] = None if off else HTTP_PORT
+    elif args.http_port == _OFF:
+        overrides["http_port"] = None
+    return Settings.from_env(
+        **overrides,
+        models={**base.models, **extra} or None,
+        builtins=False if args.no_builtins else None,
+        dynamic_batching=False if args.no_dynamic_batching else None,
+        data_plane=False if args.no_data_plane else None,
+        same_host=False if args.no_same_host else None,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse flags (over TENSORWIRE_* environment) and serve."""
+    args = build_parser().parse_args(argv)
     try:
-        extra = dict(parse_model_option(option) for option in args.model)
-        base = Settings.from_env()
-        # Flags named after settings (--max-request-bytes -> max_request_bytes) pass
-        # straight through; None means "not given", so the environment's value stays.
-        named = {f.name for f in fields(Settings)}
-        overrides = {k: v for k, v in vars(args).items() if k in named}
-        # The command serves REST on its port unless told otherwise (by the flag or
-        # TENSORWIRE_HTTP_PORT); "off" from either is no REST (None).
-        if args.http_port is None and base.http_port is None:
-            off = os.environ.get(ENV_PREFIX + "HTTP_PORT", "").strip().lower() == "off"
-            overrides["http_port"] = None if off else HTTP_PORT
-        elif args.http_port == _OFF:
-            overrides["http_port"] = None
-        settings = Settings.from_env(
-            **overrides,
-            models={**base.models, **extra} or None,
-            builtins=False if args.no_builtins else None,
-            dynamic_batching=False if args.no_dynamic_batching else None,
-            data_plane=False if args.no_data_plane else None,
-            same_host=False if args.no_same_host else None,
-        )
-        serve(settings)
+        serve(settings_from(args))
     except ValueError as exc:
         print(f"tensorwire-server: {exc}", file=sys.stderr)
         return 2
