@@ -123,6 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         help="data-plane transfers one token holds at once (default 16)",
     )
     parser.add_argument(
+        "--no-fast-lane",
+        action="store_true",
+        help="carry every call over gRPC: no fast lane on the data port's connections",
+    )
+    parser.add_argument(
+        "--fast-lane-connections",
+        type=int,
+        help="fast-lane connections held at once (default 256)",
+    )
+    parser.add_argument(
         "--max-connection-age",
         type=float,
         metavar="SECONDS",
@@ -246,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             dynamic_batching=False if args.no_dynamic_batching else None,
             data_plane=False if args.no_data_plane else None,
             same_host=False if args.no_same_host else None,
+            fast_lane=False if args.no_fast_lane else None,
         )
         serve(settings)
     except ValueError as exc:

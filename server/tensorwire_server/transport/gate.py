@@ -26,7 +26,7 @@ from tensorwire_server.transport.admission import Admission, Quotas
 from tensorwire_server.transport.guarded import PUBLIC_READERS, Context, Handler, Reject, guarded
 from tensorwire_server.transport.heap import HeapTrimmer
 from tensorwire_server.transport.lifecycle import InFlight, Lifecycle
-from tensorwire_server.transport.security import AUTHENTICATED, PUBLIC, Tokens
+from tensorwire_server.transport.security import AUTHENTICATED, PUBLIC, Identity, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,10 @@ class Gate(_Interceptor):
         call.session = session
         call.traceparent = traceparent
         call.tracestate = tracestate
-        return call, self._state(scope) or self._caller(call, scope, token)
+        # A fast-lane call (lane.LaneContext) is its connection's grant's identity,
+        # authenticated when the grant was issued: no token travels on the lane.
+        granted: Identity | None = getattr(context, "granted", None)
+        return call, self._state(scope) or self._caller(call, scope, token, granted)
 
     def _state(self, scope: str) -> Reject | None:
         state = self.lifecycle.state
@@ -121,10 +124,14 @@ class Gate(_Interceptor):
             )
         return Reject(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
-    def _caller(self, call: Call, scope: str, token: str | None) -> Reject | None:
+    def _caller(
+        self, call: Call, scope: str, token: str | None, granted: Identity | None = None
+    ) -> Reject | None:
         method = call.method
         if not self.tokens or scope == PUBLIC:
             return None
+        if granted is not None:
+            return self._scoped(call, scope, granted)
         if token is None:
             return Reject(
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -134,6 +141,11 @@ class Gate(_Interceptor):
         if identity is None:
             log.info("%s: refused an unknown token", method)
             return Reject(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid")
+        return self._scoped(call, scope, identity)
+
+    def _scoped(self, call: Call, scope: str, identity: Identity) -> Reject | None:
+        """The call is ``identity``'s: refused unless it holds ``scope``."""
+        method = call.method
         call.caller = identity.name
         if scope != AUTHENTICATED and scope not in identity.scopes:
             log.info("%s: token %r lacks scope %r", method, identity.name, scope)
