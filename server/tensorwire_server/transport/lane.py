@@ -98,6 +98,8 @@ class LaneServer:
         self._handlers = tuple(handlers)
         self._guarded: dict[str, Handler | None] = {}
         self.connections: set[LaneConnection] = set()
+        #: Calls answered on the lane (tests, benchmarks).
+        self.answered = 0
         self.closed = False
 
     def grant(self, name: str) -> tuple[bytes, float]:
@@ -311,6 +313,7 @@ class LaneConnection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             meta = lane.pairs(context.trailing)
             pieces = lane.response_frame(call_id, code.value[0], details, meta, response)
+            self.server.answered += 1  # before: its client may look at once
             transport.writelines(pieces)
         # Its budgets go once its answer is written, as gRPC's done callback does.
         context.done()
