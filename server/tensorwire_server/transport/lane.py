@@ -191,11 +191,15 @@ class LaneConnection(asyncio.Protocol):
         self.calls: dict[int, tuple[asyncio.Task[None], LaneContext]] = {}
         self.last = time.monotonic()
         self.paused = False
+        self.gone = False
         self._timer: asyncio.TimerHandle | None = None
         self._pending: tuple[int, float, str, bytes, int] | None = None  # a frame's head
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if self.gone:  # evicted while it was being set up
+            transport.abort()  # type: ignore[attr-defined]
+            return
         self._arm(HELLO_SECONDS)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -208,6 +212,9 @@ class LaneConnection(asyncio.Protocol):
         self.buffer = bytearray()
 
     def close(self) -> None:
+        """Close it now; it no longer counts against the server's connections."""
+        self.gone = True
+        self.server.connections.discard(self)
         if self.transport is not None:
             self.transport.abort()
 
