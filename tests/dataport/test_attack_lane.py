@@ -110,7 +110,9 @@ def infer_body(model: str = "identity") -> bytes:
 
 def serves(server: TensorwireServer) -> None:
     """The server still answers an honest client on the lane."""
-    with tw.Client(address(server), timeout=TIMEOUT, token="alice-token-0123456789abcdef") as c:
+    with tw.Client(
+        address(server), timeout=TIMEOUT, fast_lane=True, token="alice-token-0123456789abcdef"
+    ) as c:
         np.testing.assert_array_equal(c.infer("identity", SMALL)["output"], SMALL)
 
 
@@ -236,7 +238,9 @@ def test_the_lane_speaks_tls_when_grpc_does(engine, tmp_path: Path) -> None:  # 
             raw.sendall(OPENING + HELLO.pack(HELLO_MAGIC, bytes(16)))  # plain text: refused
             assert closed_by_server(raw)
         roots = ca.cert_pem.bytes()
-        with tw.Client(address(secured), timeout=TIMEOUT, root_certificates=roots) as c:
+        with tw.Client(
+            address(secured), timeout=TIMEOUT, fast_lane=True, root_certificates=roots
+        ) as c:
             np.testing.assert_array_equal(c.infer("identity", SMALL)["output"], SMALL)
             np.testing.assert_array_equal(c.infer("identity", SMALL)["output"], SMALL)
         assert secured.lane.answered == 2

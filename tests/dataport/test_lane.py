@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -15,9 +17,11 @@ import numpy as np
 import pytest
 from conftest import TOY_MODELS, engine_server, on_device
 from conftest import server_address as address
+from support.servers import spawn_server
 
 import tensorwire as tw
 from tensorwire._transport import lane as client_lane
+from tensorwire._transport import lane_aio
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
@@ -56,7 +60,7 @@ def lane_of(client: tw.Client | tw.AsyncClient, method: str = "Infer") -> client
 
 def test_small_calls_take_the_lane_and_answer_as_grpc(server: TensorwireServer) -> None:
     before = on_lane(server)
-    with tw.Client(address(server), timeout=TIMEOUT) as client:
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
         out = client.infer("identity", SMALL)["output"]
         np.testing.assert_array_equal(out, SMALL)
         out[0, 0] = -1  # the caller's own, writable array
@@ -72,7 +76,7 @@ def test_small_calls_take_the_lane_and_answer_as_grpc(server: TensorwireServer) 
 
 def test_errors_are_grpcs_statuses_and_messages(server: TensorwireServer) -> None:
     with (
-        tw.Client(address(server), timeout=TIMEOUT) as fast,
+        tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as fast,
         tw.Client(address(server), timeout=TIMEOUT, fast_lane=False) as slow,
     ):
         errors = []
@@ -91,17 +95,21 @@ def test_errors_are_grpcs_statuses_and_messages(server: TensorwireServer) -> Non
 def test_scopes_hold_on_the_lane(engine) -> None:  # type: ignore[no-untyped-def]
     with served(engine, tokens=TOKENS) as server:
         target = address(server)
-        with tw.Client(target, timeout=TIMEOUT, token="reader-token-0123456789abcdef") as reader:
+        with tw.Client(
+            target, timeout=TIMEOUT, fast_lane=True, token="reader-token-0123456789abcdef"
+        ) as reader:
             before = on_lane(server)
             np.testing.assert_array_equal(reader.call("add", SMALL, SMALL), 2 * SMALL)
             with pytest.raises(tw.PermissionDeniedError, match="lacks the 'infer' scope"):
                 reader.infer("identity", SMALL)
             assert on_lane(server) - before == 2  # both answered on the lane
-        with tw.Client(target, timeout=TIMEOUT, token="alice-token-0123456789abcdef") as alice:
+        with tw.Client(
+            target, timeout=TIMEOUT, fast_lane=True, token="alice-token-0123456789abcdef"
+        ) as alice:
             np.testing.assert_array_equal(alice.infer("identity", SMALL)["output"], SMALL)
         wrong = "wrong-token-0123456789abcdef"
         with (
-            tw.Client(target, timeout=TIMEOUT, token=wrong) as nobody,
+            tw.Client(target, timeout=TIMEOUT, fast_lane=True, token=wrong) as nobody,
             pytest.raises(tw.UnauthenticatedError),
         ):
             nobody.infer("identity", SMALL)  # no grant: gRPC says why
@@ -109,7 +117,7 @@ def test_scopes_hold_on_the_lane(engine) -> None:  # type: ignore[no-untyped-def
 
 def test_deadline_and_cancellation_end_the_call_on_the_server(server: TensorwireServer) -> None:
     slow = np.array(1.0)
-    with tw.Client(address(server), timeout=TIMEOUT) as client:
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
         client.infer("identity", SMALL)  # the lane is open
         began = time.monotonic()
         with pytest.raises(tw.DeadlineExceededError):
@@ -119,7 +127,7 @@ def test_deadline_and_cancellation_end_the_call_on_the_server(server: Tensorwire
         np.testing.assert_array_equal(client.infer("identity", SMALL)["output"], SMALL)
 
     async def cancelled() -> None:
-        async with tw.AsyncClient(address(server), timeout=TIMEOUT) as client:
+        async with tw.AsyncClient(address(server), timeout=TIMEOUT, fast_lane=True) as client:
             await client.infer("identity", SMALL)
             task = asyncio.ensure_future(client.infer("sleeper", slow))
             await asyncio.sleep(0.2)
@@ -137,7 +145,7 @@ def test_deadline_and_cancellation_end_the_call_on_the_server(server: Tensorwire
 
 
 def test_many_threads_and_tasks_each_get_their_own_answer(server: TensorwireServer) -> None:
-    with tw.Client(address(server), timeout=TIMEOUT) as client:
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
         failures: list[BaseException] = []
 
         def caller(k: int) -> None:
@@ -157,7 +165,7 @@ def test_many_threads_and_tasks_each_get_their_own_answer(server: TensorwireServ
         assert len(lane_of(client).idle) <= client_lane.POOLED
 
     async def tasks() -> None:
-        async with tw.AsyncClient(address(server), timeout=TIMEOUT) as client:
+        async with tw.AsyncClient(address(server), timeout=TIMEOUT, fast_lane=True) as client:
             xs = [np.full((1, 16), k, np.float32) for k in range(32)]
             outs = await asyncio.gather(*(client.infer("identity", x) for x in xs))
             for x, out in zip(xs, outs, strict=True):
@@ -168,7 +176,7 @@ def test_many_threads_and_tasks_each_get_their_own_answer(server: TensorwireServ
 
 def test_sessions_and_remote_tensors_on_the_lane(server: TensorwireServer) -> None:
     before = on_lane(server)
-    with tw.Client(address(server), timeout=TIMEOUT) as client:
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
         handle = client.put(SMALL)
         kept = client.call("add", handle, handle, keep=True)
         np.testing.assert_array_equal(kept.numpy(), 2 * SMALL)
@@ -177,7 +185,10 @@ def test_sessions_and_remote_tensors_on_the_lane(server: TensorwireServer) -> No
 
 
 def test_a_lane_that_breaks_mid_call_fails_that_call_as_grpc_would(engine) -> None:  # type: ignore[no-untyped-def]
-    with served(engine) as server, tw.Client(address(server), timeout=TIMEOUT) as client:
+    with (
+        served(engine) as server,
+        tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client,
+    ):
         client.infer("identity", SMALL)
 
         def cut() -> None:
@@ -195,7 +206,7 @@ def test_a_lane_that_breaks_mid_call_fails_that_call_as_grpc_would(engine) -> No
 def test_fallback_to_grpc_where_there_is_no_lane(engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     with served(engine, fast_lane=False) as server:
         assert server.lane is None
-        with tw.Client(address(server), timeout=TIMEOUT) as client:
+        with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
             for _ in range(3):
                 np.testing.assert_array_equal(client.infer("identity", SMALL)["output"], SMALL)
             assert lane_of(client).detours.avoided() == [None]  # remembered: no more asks
@@ -206,8 +217,9 @@ def test_fallback_to_grpc_where_there_is_no_lane(engine, monkeypatch) -> None:  
         monkeypatch.setenv(client_lane.ENV, "0")
         with tw.Client(address(server), timeout=TIMEOUT) as client:
             assert not hasattr(client._transport._methods["Infer"], "lane")
-        monkeypatch.setenv(client_lane.ENV, "1")
-        with tw.Client(address(server), timeout=TIMEOUT, data_plane=False) as client:
+        with tw.Client(
+            address(server), timeout=TIMEOUT, fast_lane=True, data_plane=False
+        ) as client:
             assert not hasattr(client._transport._methods["Infer"], "lane")
         assert on_lane(server) == 0
 
@@ -215,9 +227,34 @@ def test_fallback_to_grpc_where_there_is_no_lane(engine, monkeypatch) -> None:  
 def test_large_requests_and_responses_keep_their_paths(server: TensorwireServer) -> None:
     big = np.arange(1 << 20, dtype=np.float32)  # 4 MiB: streamed, over the data port
     mid = np.arange(16 << 10, dtype=np.float32)  # 64 KiB: on the lane
-    with tw.Client(address(server), timeout=TIMEOUT) as client:
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
         before = on_lane(server)
         np.testing.assert_array_equal(client.infer("identity", mid)["output"], mid)
         assert on_lane(server) == before + 1
         np.testing.assert_array_equal(client.infer("identity", big)["output"], big)
         assert on_lane(server) == before + 1
+
+
+def test_keepalive_notices_a_stopped_server_on_the_lane_as_grpc_does() -> None:
+    quick = [("grpc.keepalive_time_ms", 500), ("grpc.keepalive_timeout_ms", 1000)]
+    flags = ("--device", "cpu", "--model", "sleeper=support.toy_models:sleeper")
+
+    async def long_call(target: str, proc: subprocess.Popen[str]) -> float:
+        async with tw.AsyncClient(
+            target, timeout=30, retries=0, options=quick, fast_lane=True
+        ) as client:
+            await client.infer("identity", SMALL)  # on the lane
+            assert isinstance(client._transport._methods["Infer"], lane_aio.AsyncLaneMethod)
+            call = asyncio.ensure_future(client.infer("sleeper", np.array(25.0)))
+            await asyncio.sleep(0.2)
+            proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+            stopped = time.monotonic()
+            with pytest.raises(tw.UnavailableError, match="keepalive"):
+                await call
+            return time.monotonic() - stopped
+
+    with spawn_server(*flags) as (proc, target, _):
+        try:
+            assert asyncio.run(long_call(target, proc)) < 6
+        finally:
+            proc.send_signal(signal.SIGCONT)

@@ -144,6 +144,8 @@ class Lane:
         self.idle: list[tuple[float, Any]] = []
         self.lock = threading.Lock()
         self.closed = False
+        #: Keepalive interval and timeout in seconds: the channel's (set_keepalive).
+        self.keepalive = (60.0, 20.0)
 
     def usable(self, size: int) -> bool:
         """Whether a request of ``size`` bytes should try the lane now."""
@@ -247,6 +249,7 @@ class LaneMethod:
         self, sock: socket.socket, request: bytes, timeout: float | None, metadata: Any
     ) -> Any:
         at = None if timeout is None else time.monotonic() + timeout
+        watch = Watch(self.lane.keepalive)
         head, body = frame(self.path, request, timeout, metadata)
         try:
             sock.settimeout(timeout)
@@ -257,11 +260,9 @@ class LaneMethod:
                 sock.sendall(body)
             got = bytearray()
             while len(got) < RESPONSE.size:
-                _arm(sock, at)
-                piece = sock.recv(65536)
-                if not piece:
-                    raise EOFError("the server closed the connection")
-                got += piece
+                got += self._receive(sock, at, watch)
+                while len(got) >= RESPONSE.size and got[:4] == lane.PONG_MAGIC:
+                    del got[: RESPONSE.size]  # the server is alive: wait on
             total = RESPONSE.size + sizes(bytes(got[: RESPONSE.size]))
             if len(got) < total:
                 buf = bytearray(total)
@@ -284,9 +285,51 @@ class LaneMethod:
         except BaseException:
             _close(sock)  # interrupted: nothing is known of what is left on it
             raise
-        self.lane.give(sock)
+        if watch.pinged is None:
+            self.lane.give(sock)
+        else:  # a PONG may still be on its way: not a connection to reuse
+            _close(sock)
         view = memoryview(got)
         return answer(bytes(view[: RESPONSE.size]), view[RESPONSE.size :], self.deserialize)
+
+    @staticmethod
+    def _receive(sock: socket.socket, at: float | None, watch: Watch) -> bytes:
+        """The next bytes of the answer, within the deadline ``at``; pinging a server
+        that says nothing for a keepalive interval, which must then answer in time."""
+        while True:
+            now = time.monotonic()
+            if at is not None and at <= now:
+                raise TimeoutError("the call's deadline passed")
+            wait = watch.wait(now)
+            sock.settimeout(wait if at is None else min(at - now, wait))
+            try:
+                piece = sock.recv(65536)
+            except TimeoutError:
+                if at is not None and time.monotonic() >= at:
+                    raise
+                if watch.pinged is not None:
+                    raise OSError("the server stopped answering keepalive pings") from None
+                sock.sendall(lane.PING)
+                watch.pinged = time.monotonic()
+                continue
+            if not piece:
+                raise EOFError("the server closed the connection")
+            return piece
+
+
+class Watch:
+    """A call's keepalive: ping after ``interval`` seconds of silence, and give up
+    ``timeout`` seconds after a ping that brought nothing."""
+
+    def __init__(self, keepalive: tuple[float, float]) -> None:
+        self.interval, self.timeout = keepalive
+        self.pinged: float | None = None
+
+    def wait(self, now: float) -> float:
+        """Seconds to wait for bytes before the next step (a ping, or giving up)."""
+        if self.pinged is None:
+            return self.interval
+        return max(self.pinged + self.timeout - now, 0.001)
 
 
 def lane_methods(
@@ -305,6 +348,16 @@ def lane_methods(
 def _within(timeout: float | None) -> float:
     """A grant's and a connection's wait: ANSWER_SECONDS, or less when the call has less."""
     return ANSWER_SECONDS if timeout is None else max(min(timeout, ANSWER_SECONDS), 0.001)
+
+
+def keepalive(options: Sequence[tuple[str, Any]]) -> tuple[float, float]:
+    """The keepalive interval and timeout (seconds) channel ``options`` set (the last
+    of each key wins, as in the channel); the lane keeps the same watch on a call."""
+    given = dict(options)
+    interval = given.get("grpc.keepalive_time_ms", 60_000)
+    timeout = given.get("grpc.keepalive_timeout_ms", 20_000)
+    timeout = min(timeout, given.get("grpc.http2.ping_timeout_ms", timeout))
+    return max(interval, 1) / 1000, max(timeout, 1) / 1000
 
 
 def _arm(sock: socket.socket, at: float | None) -> None:

@@ -16,6 +16,7 @@ from tensorwire._transport.lane import (
     _OPEN_LANE_REQUEST,
     IDLE_SECONDS,
     Lane,
+    Watch,
     _within,
     answer,
     broke,
@@ -119,10 +120,13 @@ class AsyncLaneMethod:
     ) -> Any:
         reader, writer = conn
         done = False
+        watch = Watch(self.lane.keepalive)
         try:
             async with asyncio.timeout(timeout):
                 writer.writelines(frame(self.path, request, timeout, metadata))
-                head = await reader.readexactly(RESPONSE.size)
+                head = await _head(reader, writer, watch)
+                while head[:4] == lane.PONG_MAGIC:  # the server is alive: wait on
+                    head = await _head(reader, writer, watch)
                 rest = await reader.readexactly(sizes(head))
             done = True
         except TimeoutError:
@@ -132,5 +136,22 @@ class AsyncLaneMethod:
         finally:
             if not done:  # cut short: closing it cancels the call on the server
                 writer.transport.abort()
-        self.lane.give(conn)
+        if watch.pinged is None:
+            self.lane.give(conn)
+        else:  # a PONG may still be on its way: not a connection to reuse
+            writer.transport.abort()
         return answer(head, memoryview(rest), self.deserialize)
+
+
+async def _head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, watch: Watch) -> bytes:
+    """The next frame head, pinging a server silent for a keepalive interval, which
+    must then answer in time (the call's own deadline is the caller's to keep)."""
+    while True:
+        try:
+            wait = watch.wait(time.monotonic())
+            return await asyncio.wait_for(reader.readexactly(RESPONSE.size), wait)
+        except TimeoutError:
+            if watch.pinged is not None:
+                raise OSError("the server stopped answering keepalive pings") from None
+            writer.write(lane.PING)
+            watch.pinged = time.monotonic()

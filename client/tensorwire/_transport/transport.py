@@ -29,7 +29,7 @@ from tensorwire._transport.channel import (
     with_trace_context,
 )
 from tensorwire._transport.dataport import DataRoute, DataRoutes, data_host, tls_context
-from tensorwire._transport.lane import Lane, LaneMethod, lane_methods, wanted
+from tensorwire._transport.lane import Lane, LaneMethod, keepalive, lane_methods, wanted
 from tensorwire._transport.methods import METHODS, RESPONSES, STREAMED, method_path
 from tensorwire._transport.status import DEFAULT_RETRIES, status_code
 from tensorwire._transport.targets import ROUND_ROBIN, Target, parse_target, pinned, replicas
@@ -234,6 +234,7 @@ class Transport:
             None if named is None else split_address(named)[0],
             methods["OpenLane"],
         )
+        lane.keepalive = keepalive([*CHANNEL_OPTIONS, *CLIENT_OPTIONS, *self._options])
         self._lanes.append(lane)
         return lane_methods(methods, lane, self._LANE_METHOD)
 

@@ -21,6 +21,12 @@ Then the connection carries calls, each a REQUEST frame and its RESPONSE frame:
               status message (uint16), the trailing metadata (uint16) and the body
               (uint32), then those bytes; the body is empty unless the code is OK
 
+While a call runs longer than its keepalive interval, the client may send a PING
+(REQUEST's layout, magic b"TWP1", every other field 0); the server answers each with a
+PONG at once (RESPONSE's layout, magic b"TWP2", every other field 0), before or after
+the call's RESPONSE. A server that is alive but not answering (stopped, wedged) is so
+noticed, as gRPC's keepalive pings notice it.
+
 All integers are little-endian. A server may carry several calls of one connection at
 once and answers each with its id; this client sends one at a time per connection
 (docs/performance.md says why). Closing the connection cancels its calls. A frame past
@@ -47,6 +53,12 @@ REQUEST: Final = struct.Struct("<4sQdHHI")
 REQUEST_MAGIC: Final = b"TWQ1"
 RESPONSE: Final = struct.Struct("<4sQHHHI")
 RESPONSE_MAGIC: Final = b"TWA1"
+
+#: Keepalive: a ping and its answer.
+PING_MAGIC: Final = b"TWP1"
+PONG_MAGIC: Final = b"TWP2"
+PING: Final = REQUEST.pack(PING_MAGIC, 0, 0.0, 0, 0, 0)
+PONG: Final = RESPONSE.pack(PONG_MAGIC, 0, 0, 0, 0, 0)
 
 #: The longest method path and metadata a request frame may carry.
 MAX_METHOD: Final = 128

@@ -256,6 +256,10 @@ class LaneConnection(asyncio.Protocol):
                 if len(buffer) < REQUEST.size:
                     return
                 magic, call_id, timeout, m, d, b = REQUEST.unpack_from(buffer)
+                if magic == lane.PING_MAGIC:  # a client waiting long: still here
+                    del buffer[: REQUEST.size]
+                    self.transport.write(lane.PONG)
+                    continue
                 if magic != REQUEST_MAGIC or m > MAX_METHOD or d > MAX_METADATA:
                     raise lane.LaneError("not a request frame")
                 if b > self.server.max_request_bytes:
