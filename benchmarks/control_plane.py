@@ -88,9 +88,7 @@ def rpc_latency(calls: int, tcp: bool = True) -> dict[str, float]:
     parent, child = ctx.Pipe()
     port = peers.free_port()
     workers = [
-        ctx.Process(
-            target=peers.rpc_latency_worker, args=(r, port, calls, child, tcp), daemon=True
-        )
+        ctx.Process(target=peers.rpc_latency_worker, args=(r, port, calls, child, tcp), daemon=True)
         for r in (0, 1)
     ]
     for w in workers:

@@ -126,8 +126,9 @@ def main() -> None:
             seq = results["sequential"]
             seq["torch.distributed.rpc (defaults)"] = cp.rpc_latency(args.calls, tcp=False)
             seq["torch.distributed.rpc (TCP)"] = cp.rpc_latency(args.calls, tcp=True)
+        echo_target = f"127.0.0.1:{aio_port}"
         results["concurrent"] = {
-            "bare grpc.aio echo": cp.concurrent(f"127.0.0.1:{aio_port}", "echo", aio_echo.pid, args),
+            "bare grpc.aio echo": cp.concurrent(echo_target, "echo", aio_echo.pid, args),
             "tensorwire, gRPC": cp.concurrent(address, "grpc", server.pid, args),
             "tensorwire, fast lane": cp.concurrent(address, "tensorwire", server.pid, args),
         }

@@ -87,9 +87,7 @@ def _identity(tensor: object) -> object:
     return tensor
 
 
-def rpc_latency_worker(
-    rank: int, port: int, calls: int, out: Connection, tcp: bool = True
-) -> None:
+def rpc_latency_worker(rank: int, port: int, calls: int, out: Connection, tcp: bool = True) -> None:
     """torch.distributed.rpc forced onto TCP (TensorPipe's uv transport, basic channel,
     as between two hosts; ``tcp=False``: its defaults, shared memory on one host): rank
     0 times ``calls`` sequential round trips of a [1, 16] float32 tensor to an identity

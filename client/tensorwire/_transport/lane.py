@@ -40,8 +40,9 @@ from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE
 #: The environment variable that turns the lane off where ``fast_lane`` is not given
 #: ("0", "false", "off", "no"): how a test run or a deployment keeps calls on gRPC.
 ENV: Final = "TENSORWIRE_FAST_LANE"
-#: Idle connections kept per server; more calls at once open more, closed when done.
-POOLED: Final = 16
+#: Idle connections kept per server: as many as calls a client makes at once, up to
+#: this (each new one costs a grant's gRPC call and a connect); past it, closed when done.
+POOLED: Final = 64
 #: Seconds an idle connection is kept: less than the server's 300, so that the
 #: client, not the server, ends an idle connection, and never sends on one the server
 #: is closing.

@@ -15,6 +15,7 @@ from tensorwire._transport.connections import CONNECT_SECONDS
 from tensorwire._transport.lane import (
     _OPEN_LANE_REQUEST,
     IDLE_SECONDS,
+    POOLED,
     Lane,
     Watch,
     _within,
@@ -49,7 +50,7 @@ class AsyncLane(Lane):
 
     def give(self, conn: Any) -> None:
         with self.lock:
-            if not self.closed and len(self.idle) < 16:
+            if not self.closed and len(self.idle) < POOLED:
                 self.idle.append((time.monotonic(), conn))
                 return
         conn[1].transport.abort()
