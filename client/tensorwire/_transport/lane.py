@@ -108,6 +108,13 @@ def frame(method: str, request: bytes, timeout: float | None, metadata: Any) -> 
     return lane.request_frame(next(_IDS), method, timeout, lane.pairs(pairs), request)
 
 
+def credentials(metadata: Any) -> Any:
+    """A call's metadata as its grant's call takes it: the token only. The grant is
+    no part of the call (its trace, its session), only its way there."""
+    kept = [(k, v) for k, v in metadata or () if k == "authorization"]
+    return kept or None
+
+
 def answer(head: bytes, rest: memoryview, deserialize: Callable[[bytes], Any]) -> Any:
     """The result of a response frame (``head`` and the bytes after it): the response,
     or its LaneRpcError raised."""
@@ -219,7 +226,7 @@ class LaneMethod:
         lane = self.lane
         try:
             grant = lane.open_lane(
-                _OPEN_LANE_REQUEST, timeout=_within(timeout), metadata=metadata
+                _OPEN_LANE_REQUEST, timeout=_within(timeout), metadata=credentials(metadata)
             ).message
         except grpc.RpcError as exc:
             lane.refused(exc)

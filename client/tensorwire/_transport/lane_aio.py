@@ -21,6 +21,7 @@ from tensorwire._transport.lane import (
     _within,
     answer,
     broke,
+    credentials,
     frame,
     late,
     sizes,
@@ -86,7 +87,8 @@ class AsyncLaneMethod:
         lane = self.lane
         try:
             wait = _within(timeout)
-            granted = await lane.open_lane(_OPEN_LANE_REQUEST, timeout=wait, metadata=metadata)
+            given = credentials(metadata)
+            granted = await lane.open_lane(_OPEN_LANE_REQUEST, timeout=wait, metadata=given)
             grant = granted.message
         except grpc.RpcError as exc:
             lane.refused(exc)
