@@ -276,7 +276,8 @@ class LaneConnection(asyncio.Protocol):
             call_id, timeout, method, meta, size = self._pending
             if len(buffer) < size:
                 return
-            body = bytes(buffer[:size])
+            with memoryview(buffer) as view:  # one copy, not a slice's and then bytes'
+                body = bytes(view[:size])
             del buffer[:size]
             self._pending = None
             self._start(call_id, timeout, method, lane.unpairs(meta), body)
