@@ -368,7 +368,7 @@ class TensorwireServer:
         if self.dataport is not None:
             self.dataport.close()
         if self.lane is not None:
-            self._loop.call_soon_threadsafe(self.lane.close)
+            self._on_loop(_closed(self.lane))
         self.service.sessions.stop()
         self.service.regions.close()  # the regions' descriptors
         self.metrics.close()
@@ -425,6 +425,11 @@ def serve(settings: Settings) -> None:
     log.info("stopping: finishing in-flight requests (up to %g s)", settings.shutdown_grace)
     server.stop(settings.shutdown_grace)
     log.info("stopped")
+
+
+async def _closed(lane: LaneServer) -> None:
+    """Close ``lane``'s connections, on the loop that serves them."""
+    lane.close()
 
 
 def _tracer() -> Tracer | None:

@@ -19,6 +19,7 @@ and the time a connection may take to present its grant or sit idle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
@@ -173,10 +174,11 @@ class LaneServer:
         return found
 
     def close(self) -> None:
-        """Close every connection (their calls are cancelled); accept no more."""
+        """Close every connection (their calls are cancelled); accept no more. Each is
+        shut down at once, not when the loop next runs: the server may be stopping it."""
         self.closed = True
         for conn in list(self.connections):
-            conn.close()
+            conn.close(shutdown=True)
 
 
 class LaneConnection(asyncio.Protocol):
@@ -211,12 +213,19 @@ class LaneConnection(asyncio.Protocol):
             task.cancel()  # its client went: stop its work, as gRPC does
         self.buffer = bytearray()
 
-    def close(self) -> None:
-        """Close it now; it no longer counts against the server's connections."""
+    def close(self, shutdown: bool = False) -> None:
+        """Close it now; it no longer counts against the server's connections.
+        ``shutdown``: its socket too, at once (the client hears it even if the loop
+        stops before the transport's own close runs)."""
         self.gone = True
         self.server.connections.discard(self)
-        if self.transport is not None:
-            self.transport.abort()
+        if self.transport is None:
+            return
+        if shutdown:
+            sock = self.transport.get_extra_info("socket")
+            with contextlib.suppress(OSError, AttributeError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.transport.abort()
 
     def _arm(self, seconds: float) -> None:
         if self._timer is not None:
