@@ -7,8 +7,8 @@ the bare floors, every server its own process on 127.0.0.1.
 1. Sequential [1, 16] float32 round trips, p50 and p99, sampled in turn so that drift
    on a shared machine hits all alike: a raw TCP ping-pong (Python sockets, 64 B), a
    bare grpc.aio echo, tensorwire ``infer("identity")`` over gRPC and over the lane;
-   then torch.distributed.rpc with its defaults (shared memory on one host) and forced
-   onto TCP, each timed on its own.
+   then the lane, and torch.distributed.rpc with its defaults (shared memory on one
+   host) and forced onto TCP, each timed on its own (the targets compare these).
 2. ``--clients`` concurrent AsyncClient callers for ``--seconds``: requests/s and the
    server process's CPU per request, for the bare grpc.aio echo, gRPC and the lane.
 3. 64 KiB and 1 MiB identity round trips (median of ``--rounds``), gRPC against lane.
@@ -120,6 +120,14 @@ def main() -> None:
                     "tensorwire infer, fast lane": lambda: lane.infer("identity", SMALL),
                 },
             )
+            # Timed alone too, as torch.distributed.rpc is below: no other party's
+            # wake-ups between its calls.
+            results["sequential"].update(
+                cp.sequential(
+                    args.calls,
+                    {"tensorwire infer, fast lane (alone)": lambda: lane.infer("identity", SMALL)},
+                )
+            )
         aio_channel.close()
         raw.close()
         if not args.no_rpc:
@@ -162,7 +170,7 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> None:
             f"| {label} | {t['gRPC'] * 1e3:.2f} | {t['lane'] * 1e3:.2f} | "
             f"{t['gRPC'] / t['lane']:.2f} |"
         )
-    ours = seq["tensorwire infer, fast lane"]["p50_us"]
+    ours = seq["tensorwire infer, fast lane (alone)"]["p50_us"]
     print("\ntargets:")
     if "torch.distributed.rpc (defaults)" in seq:
         peer = seq["torch.distributed.rpc (defaults)"]["p50_us"]
