@@ -124,6 +124,8 @@ def test_deadline_and_cancellation_end_the_call_on_the_server(server: Tensorwire
             client.infer("sleeper", slow, timeout=0.2)
         assert time.monotonic() - began < 0.9  # the caller's deadline, not the model's
         assert len(lane_of(client).idle) == 0  # the cut connection is not reused
+        with pytest.raises(tw.DeadlineExceededError):
+            client.infer("identity", SMALL, timeout=0)  # no time left: as gRPC answers
         np.testing.assert_array_equal(client.infer("identity", SMALL)["output"], SMALL)
 
     async def cancelled() -> None:

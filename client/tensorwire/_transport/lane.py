@@ -85,6 +85,8 @@ class LaneRpcError(grpc.RpcError):
         return ()
 
 
+#: A grant's call that ended so keeps a client off the lane for a while (growing).
+_REFUSALS: Final = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 #: Status codes by their number on the wire.
 CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
 _IDS = itertools.count(1)
@@ -185,11 +187,13 @@ class Lane:
         self.max_request = response.max_request_bytes
 
     def refused(self, error: grpc.RpcError | None) -> None:
-        """No lane now: gRPC for a while (a server without one: for long)."""
+        """No lane now: gRPC for a while (a server without one: for long; one that
+        answered the grant's call with a passing status, such as a starting server's
+        UNAVAILABLE: only this call, which gRPC then answers as it would)."""
         code = getattr(error, "code", lambda: None)()
         if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
             self.detours.unreachable(None)
-        else:
+        elif error is None or code in _REFUSALS:
             self.detours.refused(None)
 
     def close(self) -> None:
@@ -256,6 +260,9 @@ class LaneMethod:
     def _call(
         self, sock: socket.socket, request: bytes, timeout: float | None, metadata: Any
     ) -> Any:
+        if timeout is not None and timeout <= 0:
+            self.lane.give(sock)
+            raise late()  # as gRPC answers a call with no time left
         at = None if timeout is None else time.monotonic() + timeout
         watch = Watch(self.lane.keepalive)
         head, body = frame(self.path, request, timeout, metadata)
