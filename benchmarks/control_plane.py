@@ -83,12 +83,12 @@ def sequential(calls: int, parties: dict[str, Callable[[], object]]) -> dict[str
     return {name: quantiles(s) for name, s in samples.items()}
 
 
-def rpc_latency(calls: int) -> dict[str, float]:
+def rpc_latency(calls: int, tcp: bool = True) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
     port = peers.free_port()
     workers = [
-        ctx.Process(target=peers.rpc_latency_worker, args=(r, port, calls, child), daemon=True)
+        ctx.Process(target=peers.rpc_latency_worker, args=(r, port, calls, child, tcp), daemon=True)
         for r in (0, 1)
     ]
     for w in workers:
@@ -114,8 +114,8 @@ def load(target: str, kind: str, clients: int, seconds: float, out: Connection) 
             async def one() -> None:
                 await echo(raw)
 
-        else:
-            client = tw.AsyncClient(target, timeout=60)
+        else:  # "tensorwire": the fast lane where it can; "grpc": gRPC only
+            client = tw.AsyncClient(target, timeout=60, fast_lane=kind != "grpc")
 
             async def one() -> None:
                 await client.infer("identity", SMALL)

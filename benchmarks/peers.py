@@ -87,17 +87,17 @@ def _identity(tensor: object) -> object:
     return tensor
 
 
-def rpc_latency_worker(rank: int, port: int, calls: int, out: Connection) -> None:
+def rpc_latency_worker(rank: int, port: int, calls: int, out: Connection, tcp: bool = True) -> None:
     """torch.distributed.rpc forced onto TCP (TensorPipe's uv transport, basic channel,
-    as between two hosts): rank 0 times ``calls`` sequential round trips of a [1, 16]
-    float32 tensor to an identity on rank 1; sends the times in seconds."""
+    as between two hosts; ``tcp=False``: its defaults, shared memory on one host): rank
+    0 times ``calls`` sequential round trips of a [1, 16] float32 tensor to an identity
+    on rank 1; sends the times in seconds."""
     import torch
     import torch.distributed.rpc as rpc
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    options = rpc.TensorPipeRpcBackendOptions(
-        num_worker_threads=4, rpc_timeout=600, _transports=["uv"], _channels=["basic"]
-    )
+    forced: dict[str, object] = {"_transports": ["uv"], "_channels": ["basic"]} if tcp else {}
+    options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4, rpc_timeout=600, **forced)
     rpc.init_rpc(f"w{rank}", rank=rank, world_size=2, rpc_backend_options=options)
     if rank == 0:
         tensor = torch.ones((1, 16), dtype=torch.float32)

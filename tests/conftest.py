@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from support import client_only
+from support import client_only, fast_lane
 
 from tensorwire import Client
 
@@ -47,11 +47,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="cpu",
         help="the device the suite's servers run on: cpu (default), cuda or cuda:N",
     )
+    fast_lane.add_option(parser)
 
 
 def pytest_configure(config: pytest.Config) -> None:
     global DEVICE
     DEVICE = config.getoption("--device")
+    fast_lane.configure(config)
 
 
 def on_device(settings: Settings) -> Settings:

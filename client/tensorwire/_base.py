@@ -69,6 +69,7 @@ class BaseClient(Generic[RT, TR]):
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         data_plane: bool = True,
         same_host: bool = True,
+        fast_lane: bool | None = None,
     ) -> None:
         transport = self._TRANSPORT(
             target,
@@ -87,6 +88,7 @@ class BaseClient(Generic[RT, TR]):
             chunk_size=chunk_size,
             data_plane=data_plane,
             same_host=same_host,
+            fast_lane=fast_lane,
         )
         self._use(transport)
 

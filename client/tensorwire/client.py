@@ -70,7 +70,11 @@ class Client(BaseClient[RemoteTensor, Trainer]):
     host (Linux) takes them through shared memory instead: the client copies each
     payload into a segment of its own, the server reads it in place and writes the
     results into segments that become the returned arrays (``same_host=False``: the
-    network path always). Methods that move
+    network path always). Smaller calls take the server's fast lane where they
+    can: compact frames on a pooled data-port connection opened with a grant obtained
+    over gRPC, with gRPC's statuses, deadlines and retries; ``fast_lane=False`` (or
+    the environment's TENSORWIRE_FAST_LANE=0 when it is not given) keeps them on
+    gRPC, as does a server without the lane. Methods that move
     tensors take a ``progress`` callback, called with a ``tensorwire.Progress`` as
     bytes move; a retried upload reports its stage again from 0.
 

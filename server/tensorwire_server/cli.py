@@ -148,6 +148,16 @@ def build_parser(prog: str = "tensorwire-server") -> argparse.ArgumentParser:
         help="data-plane transfers one token holds at once (default 16)",
     )
     parser.add_argument(
+        "--no-fast-lane",
+        action="store_true",
+        help="carry every call over gRPC: no fast lane on the data port's connections",
+    )
+    parser.add_argument(
+        "--fast-lane-connections",
+        type=int,
+        help="fast-lane connections held at once (default 256)",
+    )
+    parser.add_argument(
         "--max-connection-age",
         type=float,
         metavar="SECONDS",
@@ -282,6 +292,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         dynamic_batching=False if args.no_dynamic_batching else None,
         data_plane=False if args.no_data_plane else None,
         same_host=False if args.no_same_host else None,
+        fast_lane=False if args.no_fast_lane else None,
     )
 
 

@@ -34,7 +34,9 @@ from tensorwire_server.telemetry.tracing import Tracer
 from tensorwire_server.transport.admission import Quotas
 from tensorwire_server.transport.executor import Compute
 from tensorwire_server.transport.gate import Gate
+from tensorwire_server.transport.grants import Grants
 from tensorwire_server.transport.heap import HeapTrimmer
+from tensorwire_server.transport.lane import MAX_LANE_REQUEST, LaneServer
 from tensorwire_server.transport.lifecycle import Lifecycle
 from tensorwire_server.transport.security import (
     Tokens,
@@ -150,6 +152,8 @@ class TensorwireServer:
         )
         self.health_server: grpc.aio.Server | None = None
         self.dataport: DataPort | None = None
+        #: The fast lane on the data port's connections; None: off (or no data port).
+        self.lane: LaneServer | None = None
         self.metrics_port: int | None = None
         #: The KServe v2 REST API (settings.http_port), and the port it bound.
         self.rest: RestServer | None = None
@@ -163,6 +167,7 @@ class TensorwireServer:
             # The data port beside gRPC, bound as gRPC is (same host, same TLS).
             self.dataport = self._dataport(settings)
             self.servicer.dataport = self.dataport
+            self.lane = self.servicer.lane = self._lane(settings, tokens)
             if self.dataport is not None:
                 self.metrics.count_data_port(self.dataport.totals)
             self.metrics.count_shared_memory(self._regions, self.service.copies.short_copies)
@@ -200,9 +205,10 @@ class TensorwireServer:
             # watches could take what authenticated calls need. The gate admits each
             # call against budgets of its kind and caller instead (admission.py).
         )
+        self._tensor_handler = tensor_service_handler(self.servicer, self.compute)
         server.add_generic_rpc_handlers(
             (
-                tensor_service_handler(self.servicer, self.compute),
+                self._tensor_handler,
                 kserve.inference_service_handler(self.inference, self.compute),
             )
         )
@@ -266,6 +272,25 @@ class TensorwireServer:
             same_host=settings.same_host,
             copies=self.service.copies,
         )
+
+    def _lane(self, settings: Settings, tokens: Tokens) -> LaneServer | None:
+        """The fast lane: the data port hands it the connections that open as one;
+        their calls go through the gate and the handlers gRPC's do."""
+        if not settings.fast_lane or self.dataport is None:
+            return None
+        lane = LaneServer(
+            self._loop,
+            self.gate.intercept_service,
+            (self._tensor_handler,),
+            Grants(),
+            tls=self.dataport.tls,
+            max_request_bytes=min(receive_limit(settings), MAX_LANE_REQUEST),
+            max_connections=settings.fast_lane_connections,
+            tokens=tokens,
+            port=self.dataport.port,
+        )
+        self.dataport.lane = lane.adopt
+        return lane
 
     async def _health_listener(
         self, settings: Settings
@@ -385,6 +410,8 @@ class TensorwireServer:
             self._on_loop(self.health_server.stop(0))
         if self.dataport is not None:
             self.dataport.close()
+        if self.lane is not None:
+            self._on_loop(_closed(self.lane))
         self.service.sessions.stop()
         self.service.regions.close()  # the regions' descriptors
         self.metrics.close()
@@ -444,6 +471,11 @@ def serve(settings: Settings) -> None:
     log.info("stopping: finishing in-flight requests (up to %g s)", settings.shutdown_grace)
     server.stop(settings.shutdown_grace)
     log.info("stopped")
+
+
+async def _closed(lane: LaneServer) -> None:
+    """Close ``lane``'s connections, on the loop that serves them."""
+    lane.close()
 
 
 def _tracer() -> Tracer | None:

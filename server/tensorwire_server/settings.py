@@ -130,6 +130,13 @@ class Settings:
     #: Of those, the most one caller (token) holds; its further calls send their
     #: payloads through gRPC. Without tokens only the server-wide bound applies.
     data_plane_transfers_per_caller: int = 16
+    #: The fast lane (issue 33): small calls as compact frames on a side-channel
+    #: connection to the data port, opened with a grant obtained over gRPC and
+    #: admitted by the same gate (docs/performance.md). Needs the data port.
+    fast_lane: bool = True
+    #: Fast-lane connections held at once; past it a new one replaces the one idle
+    #: longest, and is refused when none is idle (its client uses gRPC).
+    fast_lane_connections: int = 256
 
     # Transport security and authentication (docs/security.md).
     #: PEM certificate chain and private key files: serve TLS.
@@ -265,6 +272,7 @@ class Settings:
             "http_json_bytes",
             "http_read_timeout",
             "http_connections",
+            "fast_lane_connections",
         )
         for name in positive:
             if getattr(self, name) <= 0:

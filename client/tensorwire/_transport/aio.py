@@ -12,6 +12,7 @@ import grpc.aio
 
 from tensorwire._flow import Send
 from tensorwire._transport.calls import CallState, Retry
+from tensorwire._transport.lane_aio import AsyncLane, AsyncLaneMethod
 from tensorwire._transport.ticket_exchange import Work
 from tensorwire._transport.transport import Transport
 from tensorwire.wire.codec import Received
@@ -22,6 +23,8 @@ class AsyncTransport(Transport):
     runs the data port's work on a thread."""
 
     _GRPC: ClassVar[Any] = grpc.aio
+    _LANE: ClassVar[Any] = AsyncLane
+    _LANE_METHOD: ClassVar[Any] = AsyncLaneMethod
 
     async def close(self) -> None:
         """See ``BlockingTransport.close``."""

@@ -52,6 +52,8 @@ METHODS: Final[dict[str, MethodSpec]] = {
     "CreateTrainer": MethodSpec(pb.CreateTrainerResponse, streamed=False, idempotent=False),
     "Step": MethodSpec(pb.StepResponse, streamed=False, idempotent=False),
     "Parameters": MethodSpec(pb.ParametersResponse, streamed=False, idempotent=True),
+    # A fast-lane grant (lane.py): one asked twice lapses unused, holding nothing.
+    "OpenLane": MethodSpec(pb.OpenLaneResponse, streamed=False, idempotent=True),
 }
 
 #: The response message of each TensorService method.

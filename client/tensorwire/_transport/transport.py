@@ -25,9 +25,11 @@ from tensorwire._transport.channel import (
     Pem,
     client_security,
     read_pem,
+    split_address,
     with_trace_context,
 )
-from tensorwire._transport.dataport import DataRoute, DataRoutes, tls_context
+from tensorwire._transport.dataport import DataRoute, DataRoutes, data_host, tls_context
+from tensorwire._transport.lane import Lane, LaneMethod, keepalive, lane_methods, wanted
 from tensorwire._transport.methods import METHODS, RESPONSES, STREAMED, method_path
 from tensorwire._transport.status import DEFAULT_RETRIES, status_code
 from tensorwire._transport.targets import ROUND_ROBIN, Target, parse_target, pinned, replicas
@@ -51,6 +53,9 @@ class Transport:
     (its class: "Client is closed")."""
 
     _GRPC: ClassVar[Any]
+    #: The fast lane's kind of connection pool and method (blocking or asyncio).
+    _LANE: ClassVar[type[Lane]] = Lane
+    _LANE_METHOD: ClassVar[Any] = LaneMethod
 
     def __init__(
         self,
@@ -71,6 +76,7 @@ class Transport:
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         data_plane: bool = True,
         same_host: bool = True,
+        fast_lane: bool | None = None,
     ) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of bytes, not {chunk_size}")
@@ -112,6 +118,8 @@ class Transport:
             )
         self._server_name = server_name
         self._same_host = same_host
+        # The fast lane rides the data port: its TLS, its reach (lane.py).
+        self._lane_on = self._data_on and wanted(fast_lane)
         self._connect(where)
 
     def _connect(self, where: Target) -> None:
@@ -120,7 +128,8 @@ class Transport:
         self.target = where.name
         self._where = where
         self._channel = self._open_channel(where)
-        self._methods = self._bind_methods(self._channel)
+        self._lanes: list[Lane] = []
+        self._methods = self._laned(self._bind_methods(self._channel), where)
         self._data = DataRoutes(
             where,
             self._data_on,
@@ -179,7 +188,7 @@ class Transport:
                 else:
                     where = pinned(self._where, random.choice(found))
                     channel = self._open_channel(where)
-                    self._pinned = (where, self._bind_methods(channel), channel)
+                    self._pinned = (where, self._laned(self._bind_methods(channel), where), channel)
             return self._pinned
 
     def pinned_methods(self) -> dict[str, Any]:
@@ -194,6 +203,8 @@ class Transport:
         """Mark it closed and close every data connection; every channel it opened,
         which ``close`` closes (each kind its own way)."""
         self._closed = True
+        for lane in self._lanes:
+            lane.close()
         pinned_channel = None if self._pinned is None else self._pinned[2]
         channels = [self._channel] if pinned_channel is None else [self._channel, pinned_channel]
         return channels + self._data.close()
@@ -208,6 +219,24 @@ class Transport:
             balanced=call.methods is self._methods,
             session=session[0] if session is not None and of_session else None,
         )
+
+    def _laned(self, methods: dict[str, Any], where: Target) -> dict[str, Any]:
+        """``methods`` with their unary calls on the fast lane to ``where``'s one
+        server, when the lane is on and ``where`` names one host (a Unix socket or
+        several replicas: gRPC; a session's calls go to its replica's lane)."""
+        host = data_host(where.channel) if self._lane_on else None
+        if host is None:
+            return methods
+        named = self._server_name or where.authority  # the name TLS checks, as gRPC's
+        lane = self._LANE(
+            host,
+            self._data_tls,
+            None if named is None else split_address(named)[0],
+            methods["OpenLane"],
+        )
+        lane.keepalive = keepalive([*CHANNEL_OPTIONS, *CLIENT_OPTIONS, *self._options])
+        self._lanes.append(lane)
+        return lane_methods(methods, lane, self._LANE_METHOD)
 
     @staticmethod
     def _bind_methods(channel: Any) -> dict[str, Any]:

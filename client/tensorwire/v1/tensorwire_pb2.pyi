@@ -704,3 +704,19 @@ class GetResponsePart(_message.Message):
     chunk: bytes
     data: DataTransfer
     def __init__(self, header: _Optional[_Union[GetResponse, _Mapping]] = ..., chunk: _Optional[bytes] = ..., data: _Optional[_Union[DataTransfer, _Mapping]] = ...) -> None: ...
+
+class OpenLaneRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class OpenLaneResponse(_message.Message):
+    __slots__ = ("grant", "port", "expires_in_seconds", "max_request_bytes")
+    GRANT_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    grant: bytes
+    port: int
+    expires_in_seconds: float
+    max_request_bytes: int
+    def __init__(self, grant: _Optional[bytes] = ..., port: _Optional[int] = ..., expires_in_seconds: _Optional[float] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...

@@ -151,6 +151,11 @@ class TensorServiceStub(object):
                 request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.ParametersRequest.SerializeToString,
                 response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.ParametersResponse.FromString,
                 _registered_method=True)
+        self.OpenLane = channel.unary_unary(
+                '/tensorwire.v1.TensorService/OpenLane',
+                request_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.OpenLaneRequest.SerializeToString,
+                response_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.OpenLaneResponse.FromString,
+                _registered_method=True)
 
 
 class TensorServiceServicer(object):
@@ -367,6 +372,18 @@ class TensorServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenLane(self, request, context):
+        """OpenLane grants one fast-lane connection: a side-channel connection to the data
+        port that then carries small calls as compact frames instead of gRPC (the
+        format: client/tensorwire/wire/lane.py). The grant is bound to the caller's token
+        (every call on the connection is authorised as that token's, method by method,
+        as it would be over gRPC), good once, and only for `expires_in_seconds`. Any valid
+        token may ask. FAILED_PRECONDITION when the server's fast lane is off.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TensorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -479,6 +496,11 @@ def add_TensorServiceServicer_to_server(servicer, server):
                     servicer.Parameters,
                     request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.ParametersRequest.FromString,
                     response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.ParametersResponse.SerializeToString,
+            ),
+            'OpenLane': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenLane,
+                    request_deserializer=tensorwire_dot_v1_dot_tensorwire__pb2.OpenLaneRequest.FromString,
+                    response_serializer=tensorwire_dot_v1_dot_tensorwire__pb2.OpenLaneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1076,6 +1098,33 @@ class TensorService(object):
             '/tensorwire.v1.TensorService/Parameters',
             tensorwire_dot_v1_dot_tensorwire__pb2.ParametersRequest.SerializeToString,
             tensorwire_dot_v1_dot_tensorwire__pb2.ParametersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenLane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tensorwire.v1.TensorService/OpenLane',
+            tensorwire_dot_v1_dot_tensorwire__pb2.OpenLaneRequest.SerializeToString,
+            tensorwire_dot_v1_dot_tensorwire__pb2.OpenLaneResponse.FromString,
             options,
             channel_credentials,
             insecure,

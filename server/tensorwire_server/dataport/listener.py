@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final
 
-from tensorwire.wire import dataport
+from tensorwire.wire import dataport, lane
 from tensorwire.wire.dataport import (
     ACCEPTED,
     MAX_SEGMENTS,
@@ -180,6 +180,9 @@ class DataPort:
             (host, port), family=_family(host), backlog=connections
         )
         self.port: int = self._listener.getsockname()[1]
+        #: Where a connection that opens with the fast lane's bytes goes (None: no
+        #: lane; it is closed as any other unknown opening).
+        self.lane: Callable[[socket.socket], None] | None = None
         #: The abstract Unix socket same-host clients present tickets on; None: none.
         self.local_name: str | None = None
         self._local: socket.socket | None = None
@@ -318,6 +321,10 @@ class DataPort:
             sock.settimeout(HELLO_SECONDS)
             if not local:
                 dataport.configure(sock)
+                if self.lane is not None and _opens_lane(sock):
+                    # A fast-lane connection: the lane serves it (on the event loop).
+                    self.lane(socket.socket(fileno=sock.detach()))
+                    return
                 if self.tls is not None:
                     sock = connection.sock = self.tls.wrap_socket(
                         sock, server_side=True, do_handshake_on_connect=False
@@ -440,15 +447,15 @@ class DataPort:
 
 
 def _place(transfer: Transfer, fds: list[int], copies: Copies) -> None:
-    """The request's payloads from the client's segments, each copied by the kernel:
-    into buffers of the server's own that replace the allocated ones, or into those
-    (staged for a GPU)."""
-    receiver = transfer.receiver
-    payloads = [v for _, v in receiver.payloads]
-    if transfer.in_place:
-        receiver.adopt(segments.read_inputs(fds, payloads, copies))
-    else:
-        receiver.fill(segments.reader(fds, payloads, copies))
+    """The request's payloads from the client's segments (same_host.place)."""
+    segments.place(transfer.receiver, transfer.in_place, fds, copies)
+
+
+def _opens_lane(sock: socket.socket) -> bool:
+    """Whether ``sock``'s first bytes are the fast lane's opening (then consumed)."""
+    if sock.recv(len(lane.OPENING), socket.MSG_PEEK | socket.MSG_WAITALL) != lane.OPENING:
+        return False
+    return dataport.recv_exact(sock, len(lane.OPENING)) == lane.OPENING
 
 
 #: The reply of a transfer whose connection has taken its payloads.

@@ -33,10 +33,11 @@ import stat
 import sys
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from typing import Final
+from typing import Any, Final
 
 from tensorwire.errors import InvalidArgumentError, ResourceExhaustedError
 from tensorwire.wire.dataport import MAX_SEGMENTS, OUTPUTS_MAGIC
+from tensorwire.wire.streaming import StreamReceiver
 from tensorwire_server.regions.copies import Copies, Window
 
 #: Whether this platform can serve same-host transfers: Linux's abstract Unix
@@ -275,3 +276,14 @@ def receive_outputs(sock: socket.socket, wanted: int) -> list[int]:
     except BaseException:
         with closing(fds):
             raise
+
+
+def place(receiver: StreamReceiver[Any], in_place: bool, fds: list[int], copies: Copies) -> None:
+    """A request's payloads from the client's segments, each copied by the kernel:
+    into buffers of the server's own that replace ``receiver``'s (``in_place``), or
+    into those (staged for a GPU)."""
+    payloads = [v for _, v in receiver.payloads]
+    if in_place:
+        receiver.adopt(read_inputs(fds, payloads, copies))
+    else:
+        receiver.fill(reader(fds, payloads, copies))

@@ -26,7 +26,7 @@ from tensorwire_server.transport.admission import Admission, Quotas
 from tensorwire_server.transport.guarded import PUBLIC_READERS, Context, Handler, Reject, guarded
 from tensorwire_server.transport.heap import HeapTrimmer
 from tensorwire_server.transport.lifecycle import InFlight, Lifecycle
-from tensorwire_server.transport.security import AUTHENTICATED, PUBLIC, Tokens
+from tensorwire_server.transport.security import AUTHENTICATED, PUBLIC, Identity, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +81,23 @@ class Gate(_Interceptor):
     def admit(self, method: str, scope: str, context: Context) -> tuple[Call, Reject | None]:
         """The record of a call as it arrives, with the verdict on it (None: it runs):
         the server's state, then the caller's token and scope. One pass over its
-        metadata for the request id, the session and the token."""
-        return self.admit_headers(method, scope, context.invocation_metadata() or ())
+        metadata for the request id, the session and the token. A fast-lane call
+        (lane.LaneContext) is its connection's grant's identity, authenticated when
+        the grant was issued: no token travels on the lane."""
+        granted: Identity | None = getattr(context, "granted", None)
+        return self.admit_headers(method, scope, context.invocation_metadata() or (), granted)
 
     def admit_headers(
-        self, method: str, scope: str, headers: Iterable[tuple[str, Any]]
+        self,
+        method: str,
+        scope: str,
+        headers: Iterable[tuple[str, Any]],
+        granted: Identity | None = None,
     ) -> tuple[Call, Reject | None]:
         """``admit`` from a call's headers as (lower-case name, value) pairs, whatever
         the protocol that carried them: gRPC's metadata or HTTP's headers (the rest
-        package), so that both pass the same checks."""
+        package), so that both pass the same checks; ``granted``: the identity a
+        fast-lane grant established."""
         request_id = session = traceparent = tracestate = ""
         token: str | None = None
         for key, value in headers:
@@ -109,7 +117,7 @@ class Gate(_Interceptor):
         call.session = session
         call.traceparent = traceparent
         call.tracestate = tracestate
-        return call, self._state(scope) or self._caller(call, scope, token)
+        return call, self._state(scope) or self._caller(call, scope, token, granted)
 
     def _state(self, scope: str) -> Reject | None:
         state = self.lifecycle.state
@@ -129,10 +137,14 @@ class Gate(_Interceptor):
             )
         return Reject(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
 
-    def _caller(self, call: Call, scope: str, token: str | None) -> Reject | None:
+    def _caller(
+        self, call: Call, scope: str, token: str | None, granted: Identity | None = None
+    ) -> Reject | None:
         method = call.method
         if not self.tokens or scope == PUBLIC:
             return None
+        if granted is not None:
+            return self._scoped(call, scope, granted)
         if token is None:
             return Reject(
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -142,6 +154,11 @@ class Gate(_Interceptor):
         if identity is None:
             log.info("%s: refused an unknown token", method)
             return Reject(grpc.StatusCode.UNAUTHENTICATED, "the bearer token is not valid")
+        return self._scoped(call, scope, identity)
+
+    def _scoped(self, call: Call, scope: str, identity: Identity) -> Reject | None:
+        """The call is ``identity``'s: refused unless it holds ``scope``."""
+        method = call.method
         call.caller = identity.name
         if scope != AUTHENTICATED and scope not in identity.scopes:
             log.info("%s: token %r lacks scope %r", method, identity.name, scope)

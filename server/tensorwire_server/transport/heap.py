@@ -55,6 +55,7 @@ class HeapTrimmer:
         self._generation = 0  # requests started so far: a new one means "not idle"
         self._trimmed_at = 0  # the generation last trimmed after (none ran yet)
         self._stopped = False
+        self._waiting = False  # the watcher waits for requests to end (no timeout)
         self._thread: threading.Thread | None = None
         if self._trim is not None:
             self._thread = threading.Thread(target=self._watch, name="tensorwire-heap", daemon=True)
@@ -67,10 +68,13 @@ class HeapTrimmer:
             self._generation += 1
 
     def idle(self) -> None:
-        """A request ended."""
+        """A request ended. The watcher is woken only when it waits for this (not
+        when it already times a quiet moment, which it checks when that ends): a
+        server answering one call after another would otherwise wake it for each, a
+        thread switch on every small call's way."""
         with self._changed:
             self._running -= 1
-            if not self._running:
+            if not self._running and self._waiting:
                 self._changed.notify_all()
 
     def trim(self) -> None:
@@ -93,7 +97,9 @@ class HeapTrimmer:
             while not self._stopped:
                 # Wait for a quiet moment after requests ran since the last trim.
                 if self._running or self._generation == self._trimmed_at:
+                    self._waiting = True
                     self._changed.wait()
+                    self._waiting = False
                     continue
                 generation = self._generation
                 self._changed.wait(self.idle_seconds)

@@ -60,6 +60,8 @@ METHOD_SCOPES: Final[Mapping[str, str]] = {
     "/tensorwire.v1.TensorService/CreateTrainer": "train",
     "/tensorwire.v1.TensorService/Step": "train",
     "/tensorwire.v1.TensorService/Parameters": "train",
+    # A fast-lane grant: each call on its connection is then checked for its own scope.
+    "/tensorwire.v1.TensorService/OpenLane": AUTHENTICATED,
     # The KServe v2 protocol: probes are public like health, which they mirror (and
     # reveal no model); whatever names or describes models needs a token, as Info does.
     "/inference.GRPCInferenceService/ServerLive": PUBLIC,
@@ -129,6 +131,13 @@ class Tokens:
 
     def __len__(self) -> int:
         return len(self._digests)
+
+    def named(self, name: str) -> Identity | None:
+        """The identity a token's line names ``name`` (a fast-lane grant's)."""
+        for _, identity in self._digests:
+            if identity.name == name:
+                return identity
+        return None
 
     def identify(self, token: str) -> Identity | None:
         """The identity ``token`` belongs to, or None. Every entry is compared, in

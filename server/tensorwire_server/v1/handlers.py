@@ -21,7 +21,15 @@ SERVICE: Final = pb.DESCRIPTOR.services_by_name["TensorService"]
 #: The methods that only read or name state already there: answered on the event loop.
 #: Everything else computes, copies or loads, through Compute.
 ON_THE_LOOP: Final = frozenset(
-    {"Info", "ModelStatistics", "OpenSession", "DescribeSession", "Free", "CloseSession"}
+    {
+        "Info",
+        "ModelStatistics",
+        "OpenSession",
+        "DescribeSession",
+        "Free",
+        "CloseSession",
+        "OpenLane",
+    }
 )
 #: The methods whose work Compute places by its measured cost (on the loop when cheap);
 #: the rest always run on a thread.

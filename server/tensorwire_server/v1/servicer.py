@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 from google.protobuf.message import Message
 
-from tensorwire.errors import InvalidArgumentError
+from tensorwire.errors import FailedPreconditionError, InvalidArgumentError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.codec import Encoder, Received
 from tensorwire_server import calls, timeline
@@ -20,6 +20,7 @@ from tensorwire_server.engine.programs import PlanStep, ProgramPlan
 from tensorwire_server.models.batching import Runner
 from tensorwire_server.named import Named
 from tensorwire_server.transport import rpc
+from tensorwire_server.transport.lane import LaneServer
 from tensorwire_server.v1.describe import (
     info_to_wire,
     model_to_wire,
@@ -47,6 +48,8 @@ class TensorServicer:
         self.chunk_size = chunk_size
         #: Payload bytes a unary response may carry; a larger one is OUT_OF_RANGE.
         self.unary_limit = unary_limit
+        #: The fast lane, whose grants OpenLane gives; None: off.
+        self.lane: LaneServer | None = None
 
     def admit(self, request: Received[Any], unary: bool) -> None:
         """Tell the call's record what is asked of whom; check a unary request against
@@ -86,6 +89,21 @@ class TensorServicer:
         call = calls.current()
         if call is not None:
             call.bytes_out = response.payload_bytes
+
+    def OpenLane(self, request: Received[pb.OpenLaneRequest]) -> Encoder[pb.OpenLaneResponse]:
+        lane = self.lane
+        if lane is None:
+            raise FailedPreconditionError("the server's fast lane is off: call over gRPC")
+        call = calls.current()
+        grant, seconds = lane.grant(call.caller if call is not None else "")
+        return Encoder(
+            pb.OpenLaneResponse(
+                grant=grant,
+                port=lane.port,
+                expires_in_seconds=seconds,
+                max_request_bytes=lane.max_request_bytes,
+            )
+        )
 
     def Info(self, request: Received[pb.InfoRequest]) -> Encoder[pb.InfoResponse]:
         return Encoder(info_to_wire(self.service.info()))

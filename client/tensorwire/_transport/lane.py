@@ -1,0 +1,410 @@
+"""The client's side of the fast lane (the format: tensorwire/wire/lane.py): unary calls
+below the streaming threshold sent as frames on a pooled data-port connection instead
+of gRPC, with gRPC's statuses, so that retries, pushback and the exception mapping
+stay the transport's own.
+
+``LaneMethod`` stands in for a grpc unary callable: it tries the lane and falls back to
+the callable it wraps when the lane cannot be had (no grant, nothing listening, a
+server without a lane), remembering it for a while (``connections.Detours``). A lane
+that breaks mid-call fails that call with UNAVAILABLE, which the transport retries by
+gRPC's rules. Each call holds a connection of its own while it runs (one thread or
+task per connection: no hand-over between threads, which costs more than the call;
+docs/performance.md), and gives it back to the pool when answered; a call cut short
+(deadline, cancellation) closes its connection, which cancels its work on the server.
+
+Blocking sockets here (Client); lane_aio.py is AsyncClient's twin.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import grpc
+
+from tensorwire._transport.connections import ANSWER_SECONDS, CONNECT_SECONDS, Detours
+from tensorwire._transport.methods import RESPONSES, method_path
+from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire import lane
+from tensorwire.wire.codec import receiver
+from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE, RESPONSE_MAGIC
+
+#: The environment variable that turns the lane off where ``fast_lane`` is not given
+#: ("0", "false", "off", "no"): how a test run or a deployment keeps calls on gRPC.
+ENV: Final = "TENSORWIRE_FAST_LANE"
+#: Idle connections kept per server: as many as calls a client makes at once, up to
+#: this (each new one costs a grant's gRPC call and a connect); past it, closed when done.
+POOLED: Final = 64
+#: Seconds an idle connection is kept: less than the server's 300, so that the
+#: client, not the server, ends an idle connection, and never sends on one the server
+#: is closing.
+IDLE_SECONDS: Final = 240.0
+#: A grant's gRPC call: the serialized OpenLaneRequest, timeout, metadata -> response.
+OpenLane = Callable[..., Any]
+_OPEN_LANE_REQUEST: Final = pb.OpenLaneRequest().SerializeToString()
+
+
+def wanted(fast_lane: bool | None) -> bool:
+    """Whether a client uses the lane: ``fast_lane`` when given, else the environment
+    (on unless TENSORWIRE_FAST_LANE says 0, false, off or no)."""
+    if fast_lane is not None:
+        return fast_lane
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+class LaneRpcError(grpc.RpcError):
+    """A lane call's status, read as a grpc error is (code, details, trailing
+    metadata), so that the transport handles it exactly as gRPC's."""
+
+    def __init__(
+        self, code: grpc.StatusCode, details: str, trailing: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code = code
+        self._details = details
+        self._trailing = tuple(trailing)
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> Any:
+        return self._trailing
+
+    def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
+
+
+#: A grant's call that ended so keeps a client off the lane for a while (growing).
+_REFUSALS: Final = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+#: Status codes by their number on the wire.
+CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
+_IDS = itertools.count(1)
+
+
+def broke(exc: BaseException) -> LaneRpcError:
+    """The status of a call whose connection broke: UNAVAILABLE, retried as gRPC's."""
+    return LaneRpcError(
+        grpc.StatusCode.UNAVAILABLE, f"the fast-lane connection broke during the call: {exc}"
+    )
+
+
+def late() -> LaneRpcError:
+    """The status of a call whose deadline passed on the lane (gRPC's own words)."""
+    return LaneRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
+
+
+def frame(method: str, request: bytes, timeout: float | None, metadata: Any) -> list[bytes]:
+    """A call's request frame: the metadata without the token (the grant stands for it)."""
+    pairs = [(k, v) for k, v in metadata or () if k != "authorization" and isinstance(v, str)]
+    return lane.request_frame(next(_IDS), method, timeout, lane.pairs(pairs), request)
+
+
+def credentials(metadata: Any) -> Any:
+    """A call's metadata as its grant's call takes it: the token only. The grant is
+    no part of the call (its trace, its session), only its way there."""
+    kept = [(k, v) for k, v in metadata or () if k == "authorization"]
+    return kept or None
+
+
+def answer(head: bytes, rest: memoryview, deserialize: Callable[[bytes], Any]) -> Any:
+    """The result of a response frame (``head`` and the bytes after it): the response,
+    or its LaneRpcError raised."""
+    _, _, code, d, m, _ = RESPONSE.unpack(head)
+    if code == 0:
+        return deserialize(rest[d + m :])  # type: ignore[arg-type]
+    details = bytes(rest[:d]).decode(errors="replace")
+    trailing = lane.unpairs(rest[d : d + m])
+    raise LaneRpcError(CODES.get(code, grpc.StatusCode.UNKNOWN), details, trailing)
+
+
+def sizes(head: bytes) -> int:
+    """The bytes a response frame holds after its head; LaneError if it is not one."""
+    magic, _, _, d, m, b = RESPONSE.unpack(head)
+    if magic != RESPONSE_MAGIC:
+        raise lane.LaneError("not a response frame")
+    return int(d + m + b)
+
+
+class Lane:
+    """A client's lane to one server: where it is, its idle connections, its grant's
+    gRPC method, and when to try it again after it could not be had."""
+
+    def __init__(
+        self, host: str, tls: ssl.SSLContext | None, server_name: str | None, open_lane: OpenLane
+    ) -> None:
+        self.host = host
+        self.tls = tls
+        self.server_name = server_name or host
+        self.open_lane = open_lane
+        #: The data port and the largest request the server takes, from a grant.
+        self.port = 0
+        self.max_request = 1 << 20
+        self.detours: Detours[None] = Detours()
+        self.idle: list[tuple[float, Any]] = []
+        self.lock = threading.Lock()
+        self.closed = False
+        #: Keepalive interval and timeout in seconds: the channel's (set_keepalive).
+        self.keepalive = (60.0, 20.0)
+
+    def usable(self, size: int) -> bool:
+        """Whether a request of ``size`` bytes should try the lane now."""
+        return not self.closed and size <= self.max_request and self.detours.open(None)
+
+    def take(self) -> Any:
+        """An idle connection (None: none); the stale ones go."""
+        now = time.monotonic()
+        while True:
+            with self.lock:
+                if not self.idle:
+                    return None
+                since, conn = self.idle.pop()
+            if now - since < IDLE_SECONDS and _quiet(conn):
+                return conn
+            _close(conn)
+
+    def give(self, conn: Any) -> None:
+        """Keep ``conn`` for the next call (or close it: the pool is full, or closed)."""
+        with self.lock:
+            if not self.closed and len(self.idle) < POOLED:
+                self.idle.append((time.monotonic(), conn))
+                return
+        _close(conn)
+
+    def granted(self, response: Any) -> None:
+        """Learn where the lane is from a grant (an OpenLaneResponse)."""
+        self.port = response.port
+        self.max_request = response.max_request_bytes
+
+    def refused(self, error: grpc.RpcError | None) -> None:
+        """No lane now: gRPC for a while (a server without one: for long; one that
+        answered the grant's call with a passing status, such as a starting server's
+        UNAVAILABLE: only this call, which gRPC then answers as it would)."""
+        code = getattr(error, "code", lambda: None)()
+        if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+            self.detours.unreachable(None)
+        elif error is None or code in _REFUSALS:
+            self.detours.refused(None)
+
+    def close(self) -> None:
+        """Close every idle connection, and each one given from now on."""
+        with self.lock:
+            self.closed = True
+            idle, self.idle = self.idle, []
+        for _, conn in idle:
+            _close(conn)
+
+
+class LaneMethod:
+    """A grpc unary callable (``fallback``) whose calls take the lane when they can."""
+
+    def __init__(
+        self, path: str, fallback: Any, lane: Lane, deserialize: Callable[[bytes], Any]
+    ) -> None:
+        self.path = path
+        self.fallback = fallback
+        self.lane = lane
+        #: The response's deserializer: the one gRPC's callable has (our codec's).
+        self.deserialize = deserialize
+
+    def __call__(self, request: bytes, timeout: float | None = None, metadata: Any = None) -> Any:
+        lane = self.lane
+        if lane.usable(len(request)):
+            sock = lane.take() or self._open(timeout, metadata)
+            if sock is not None:
+                return self._call(sock, request, timeout, metadata)
+        return self.fallback(request, timeout=timeout, metadata=metadata)
+
+    def _open(self, timeout: float | None, metadata: Any) -> socket.socket | None:
+        """A new connection with a fresh grant; None when none can be had now."""
+        lane = self.lane
+        try:
+            grant = lane.open_lane(
+                _OPEN_LANE_REQUEST, timeout=_within(timeout), metadata=credentials(metadata)
+            ).message
+        except grpc.RpcError as exc:
+            lane.refused(exc)
+            return None
+        lane.granted(grant)
+        try:
+            sock = socket.create_connection((lane.host, grant.port), timeout=CONNECT_SECONDS)
+        except OSError:
+            lane.detours.unreachable(None)  # nothing listens there, or no route
+            return None
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(_within(timeout))
+            sock.sendall(OPENING)
+            if lane.tls is not None:
+                sock = lane.tls.wrap_socket(sock, server_hostname=lane.server_name)
+            sock.sendall(HELLO.pack(HELLO_MAGIC, grant.grant))
+            if _recv_exact(sock, len(ACCEPTED)) == ACCEPTED:
+                lane.detours.accepted(None)
+                return sock
+        except (OSError, EOFError):
+            pass
+        _close(sock)
+        lane.refused(None)  # it answered, but not as a lane: gRPC, a while
+        return None
+
+    def _call(
+        self, sock: socket.socket, request: bytes, timeout: float | None, metadata: Any
+    ) -> Any:
+        if timeout is not None and timeout <= 0:
+            self.lane.give(sock)
+            raise late()  # as gRPC answers a call with no time left
+        at = None if timeout is None else time.monotonic() + timeout
+        watch = Watch(self.lane.keepalive)
+        head, body = frame(self.path, request, timeout, metadata)
+        try:
+            sock.settimeout(timeout)
+            if len(body) < 65536:
+                sock.sendall(head + body)
+            else:
+                sock.sendall(head)
+                sock.sendall(body)
+            got = bytearray()
+            while len(got) < RESPONSE.size:
+                got += self._receive(sock, at, watch)
+                while len(got) >= RESPONSE.size and got[:4] == lane.PONG_MAGIC:
+                    del got[: RESPONSE.size]  # the server is alive: wait on
+            total = RESPONSE.size + sizes(bytes(got[: RESPONSE.size]))
+            if len(got) < total:
+                buf = bytearray(total)
+                buf[: len(got)] = got
+                view = memoryview(buf)
+                done = len(got)
+                while done < total:
+                    _arm(sock, at)
+                    n = sock.recv_into(view[done:])
+                    if not n:
+                        raise EOFError("the server closed the connection")
+                    done += n
+                got = buf
+        except TimeoutError:
+            _close(sock)  # the server sees it closed, and cancels the call
+            raise late() from None
+        except (OSError, EOFError, lane.LaneError) as exc:
+            _close(sock)
+            raise broke(exc) from None
+        except BaseException:
+            _close(sock)  # interrupted: nothing is known of what is left on it
+            raise
+        if watch.pinged is None:
+            self.lane.give(sock)
+        else:  # a PONG may still be on its way: not a connection to reuse
+            _close(sock)
+        view = memoryview(got)
+        return answer(bytes(view[: RESPONSE.size]), view[RESPONSE.size :], self.deserialize)
+
+    @staticmethod
+    def _receive(sock: socket.socket, at: float | None, watch: Watch) -> bytes:
+        """The next bytes of the answer, within the deadline ``at``; pinging a server
+        that says nothing for a keepalive interval, which must then answer in time."""
+        while True:
+            now = time.monotonic()
+            if at is not None and at <= now:
+                raise TimeoutError("the call's deadline passed")
+            wait = watch.wait(now)
+            sock.settimeout(wait if at is None else min(at - now, wait))
+            try:
+                piece = sock.recv(65536)
+            except TimeoutError:
+                if at is not None and time.monotonic() >= at:
+                    raise
+                if watch.pinged is not None:
+                    raise OSError("the server stopped answering keepalive pings") from None
+                sock.sendall(lane.PING)
+                watch.pinged = time.monotonic()
+                continue
+            if not piece:
+                raise EOFError("the server closed the connection")
+            return piece
+
+
+class Watch:
+    """A call's keepalive: ping after ``interval`` seconds of silence, and give up
+    ``timeout`` seconds after a ping that brought nothing."""
+
+    def __init__(self, keepalive: tuple[float, float]) -> None:
+        self.interval, self.timeout = keepalive
+        self.pinged: float | None = None
+
+    def wait(self, now: float) -> float:
+        """Seconds to wait for bytes before the next step (a ping, or giving up)."""
+        if self.pinged is None:
+            return self.interval
+        return max(self.pinged + self.timeout - now, 0.001)
+
+
+def lane_methods(
+    methods: dict[str, Any], lane: Any, kind: type[LaneMethod] | Any = LaneMethod
+) -> dict[str, Any]:
+    """``methods`` (a channel's callables by name) with every unary TensorService
+    method but OpenLane going through ``lane`` when it can (``kind``: LaneMethod, or
+    lane_aio's twin)."""
+    out = dict(methods)
+    for name, cls in RESPONSES.items():
+        if name != "OpenLane":
+            out[name] = kind(method_path(name), methods[name], lane, receiver(cls))
+    return out
+
+
+def _within(timeout: float | None) -> float:
+    """A grant's and a connection's wait: ANSWER_SECONDS, or less when the call has less."""
+    return ANSWER_SECONDS if timeout is None else max(min(timeout, ANSWER_SECONDS), 0.001)
+
+
+def keepalive(options: Sequence[tuple[str, Any]]) -> tuple[float, float]:
+    """The keepalive interval and timeout (seconds) channel ``options`` set (the last
+    of each key wins, as in the channel); the lane keeps the same watch on a call."""
+    given = dict(options)
+    interval = given.get("grpc.keepalive_time_ms", 60_000)
+    timeout = given.get("grpc.keepalive_timeout_ms", 20_000)
+    timeout = min(timeout, given.get("grpc.http2.ping_timeout_ms", timeout))
+    return max(interval, 1) / 1000, max(timeout, 1) / 1000
+
+
+def _arm(sock: socket.socket, at: float | None) -> None:
+    if at is not None:
+        left = at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the call's deadline passed")
+        sock.settimeout(left)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    got = b""
+    while len(got) < size:
+        piece = sock.recv(size - len(got))
+        if not piece:
+            raise EOFError("the lane connection closed")
+        got += piece
+    return got
+
+
+def _quiet(sock: socket.socket) -> bool:
+    """Whether an idle connection has nothing to read: a server that closed it (idle,
+    evicted, stopped) made it readable."""
+    try:
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            return False
+        readable, _, _ = select.select([sock], [], [], 0)
+        return not readable
+    except (OSError, ValueError):
+        return False
+
+
+def _close(sock: Any) -> None:
+    with contextlib.suppress(OSError):
+        sock.close()

@@ -1,0 +1,160 @@
+"""AsyncClient's side of the fast lane: lane.py's LaneMethod on asyncio streams. A task
+holds a connection for its call; a task cancelled (or past its deadline) mid-call
+closes it, which cancels the call's work on the server."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from typing import Any
+
+import grpc
+
+from tensorwire._transport.connections import CONNECT_SECONDS
+from tensorwire._transport.lane import (
+    _OPEN_LANE_REQUEST,
+    IDLE_SECONDS,
+    POOLED,
+    Lane,
+    Watch,
+    _within,
+    answer,
+    broke,
+    credentials,
+    frame,
+    late,
+    sizes,
+)
+from tensorwire.wire import lane
+from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+class AsyncLane(Lane):
+    """Lane with asyncio streams as its connections."""
+
+    def take(self) -> Any:
+        now = time.monotonic()
+        while True:
+            with self.lock:
+                if not self.idle:
+                    return None
+                since, conn = self.idle.pop()
+            reader, writer = conn
+            if now - since < IDLE_SECONDS and not (
+                reader.at_eof() or writer.is_closing() or reader._buffer
+            ):
+                return conn
+            writer.transport.abort()
+
+    def give(self, conn: Any) -> None:
+        with self.lock:
+            if not self.closed and len(self.idle) < POOLED:
+                self.idle.append((time.monotonic(), conn))
+                return
+        conn[1].transport.abort()
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+            idle, self.idle = self.idle, []
+        for _, (_, writer) in idle:
+            writer.transport.abort()
+
+
+class AsyncLaneMethod:
+    """A grpc.aio unary callable whose calls take the lane when they can."""
+
+    def __init__(self, path: str, fallback: Any, lane: AsyncLane, deserialize: Any) -> None:
+        self.path = path
+        self.fallback = fallback
+        self.lane = lane
+        self.deserialize = deserialize
+
+    async def __call__(
+        self, request: bytes, timeout: float | None = None, metadata: Any = None
+    ) -> Any:
+        lane = self.lane
+        if lane.usable(len(request)):
+            conn = lane.take() or await self._open(timeout, metadata)
+            if conn is not None:
+                return await self._call(conn, request, timeout, metadata)
+        return await self.fallback(request, timeout=timeout, metadata=metadata)
+
+    async def _open(self, timeout: float | None, metadata: Any) -> Stream | None:
+        lane = self.lane
+        try:
+            wait = _within(timeout)
+            given = credentials(metadata)
+            granted = await lane.open_lane(_OPEN_LANE_REQUEST, timeout=wait, metadata=given)
+            grant = granted.message
+        except grpc.RpcError as exc:
+            lane.refused(exc)
+            return None
+        lane.granted(grant)
+        try:
+            async with asyncio.timeout(CONNECT_SECONDS):
+                reader, writer = await asyncio.open_connection(lane.host, grant.port)
+        except (OSError, TimeoutError):
+            lane.detours.unreachable(None)
+            return None
+        try:
+            async with asyncio.timeout(_within(timeout)):
+                sock = writer.get_extra_info("socket")
+                if sock is not None:
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                writer.write(OPENING)
+                if lane.tls is not None:
+                    await writer.start_tls(lane.tls, server_hostname=lane.server_name)
+                writer.write(HELLO.pack(HELLO_MAGIC, grant.grant))
+                if await reader.readexactly(len(ACCEPTED)) == ACCEPTED:
+                    lane.detours.accepted(None)
+                    return reader, writer
+        except (OSError, EOFError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        writer.transport.abort()
+        lane.refused(None)
+        return None
+
+    async def _call(
+        self, conn: Stream, request: bytes, timeout: float | None, metadata: Any
+    ) -> Any:
+        reader, writer = conn
+        done = False
+        watch = Watch(self.lane.keepalive)
+        try:
+            async with asyncio.timeout(timeout):
+                writer.writelines(frame(self.path, request, timeout, metadata))
+                head = await _head(reader, writer, watch)
+                while head[:4] == lane.PONG_MAGIC:  # the server is alive: wait on
+                    head = await _head(reader, writer, watch)
+                rest = await reader.readexactly(sizes(head))
+            done = True
+        except TimeoutError:
+            raise late() from None
+        except (OSError, asyncio.IncompleteReadError, lane.LaneError) as exc:
+            raise broke(exc) from None
+        finally:
+            if not done:  # cut short: closing it cancels the call on the server
+                writer.transport.abort()
+        if watch.pinged is None:
+            self.lane.give(conn)
+        else:  # a PONG may still be on its way: not a connection to reuse
+            writer.transport.abort()
+        return answer(head, memoryview(rest), self.deserialize)
+
+
+async def _head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, watch: Watch) -> bytes:
+    """The next frame head, pinging a server silent for a keepalive interval, which
+    must then answer in time (the call's own deadline is the caller's to keep)."""
+    while True:
+        try:
+            wait = watch.wait(time.monotonic())
+            return await asyncio.wait_for(reader.readexactly(RESPONSE.size), wait)
+        except TimeoutError:
+            if watch.pinged is not None:
+                raise OSError("the server stopped answering keepalive pings") from None
+            writer.write(lane.PING)
+            watch.pinged = time.monotonic()

@@ -1,0 +1,350 @@
+"""The fast lane's server: small calls as frames (tensorwire/wire/lane.py) on
+connections the data port hands over, served on the event loop through the SAME gate
+and handlers as gRPC's calls.
+
+The data port's thread reads a connection's plain-text opening; a lane's it hands to
+``LaneServer.adopt``, which serves it on the loop (TLS there when the server has it).
+The connection presents a grant (grants.py) and then sends calls. Each call is looked
+up in the server's own gRPC handlers, wrapped by the ``Gate`` exactly as gRPC's
+interceptor wraps it, and run with a ``LaneContext`` (lane_context.py) in place of
+gRPC's: the same lifecycle, scope and admission checks, deadline, request id, metrics,
+access log and status mapping, with the grant's identity standing for a token. Its
+answer goes back as a frame with the same status code and message.
+
+Bounded: connections (``max_connections``, the idlest replaced), calls in flight per
+connection (reading pauses past MAX_IN_FLIGHT), frame sizes (``max_request_bytes``),
+and the time a connection may take to present its grant or sit idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Final, NamedTuple
+
+import grpc
+
+from tensorwire.wire import lane
+from tensorwire.wire.lane import (
+    ACCEPTED,
+    HELLO,
+    HELLO_MAGIC,
+    MAX_METADATA,
+    MAX_METHOD,
+    REQUEST,
+    REQUEST_MAGIC,
+)
+from tensorwire_server.transport.grants import Grant, Grants
+from tensorwire_server.transport.lane_context import LaneContext, lane_metadata
+from tensorwire_server.transport.security import Tokens
+
+log = logging.getLogger(__name__)
+
+#: Seconds a connection has to finish TLS and present its grant.
+HELLO_SECONDS: Final = 3.0
+#: Seconds a connection may sit idle (no call in flight) before it is closed.
+IDLE_SECONDS: Final = 300.0
+#: Calls one connection may have in flight before the server stops reading it.
+MAX_IN_FLIGHT: Final = 4
+#: The largest request frame body the lane takes (the client sends larger requests,
+#: and those of the streaming threshold or more, through gRPC): with the connection
+#: cap and MAX_IN_FLIGHT, what bounds the bytes lane calls hold before admission.
+MAX_LANE_REQUEST: Final = 8 << 20
+#: The methods the lane carries: every unary TensorService method but OpenLane itself.
+SERVICE: Final = "/tensorwire.v1.TensorService/"
+NOT_ON_LANE: Final = frozenset({SERVICE + "OpenLane"})
+
+Handler = Any  # grpc.RpcMethodHandler, as the gate returns it
+
+
+class _Details(NamedTuple):
+    """grpc.HandlerCallDetails, as the gate and generic handlers read it."""
+
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...]
+
+
+class LaneServer:
+    """Lane connections, and the handler each of their calls runs."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        intercept: Callable[[Callable[[Any], Awaitable[Any]], Any], Awaitable[Handler]],
+        handlers: Sequence[grpc.GenericRpcHandler[Any, Any]],
+        grants: Grants,
+        tls: ssl.SSLContext | None,
+        max_request_bytes: int,
+        max_connections: int = 256,
+        *,
+        tokens: Tokens,
+        port: int,
+    ) -> None:
+        """``intercept``: the gate's ``intercept_service``; ``handlers``: the server's
+        generic handlers, in the order gRPC asks them; ``tokens``: the server's (the
+        identities grants are bound to); ``port``: the data port's."""
+        self.loop = loop
+        self.grants = grants
+        self.tokens = tokens
+        self.port = port
+        self.tls = tls
+        self.max_request_bytes = max_request_bytes
+        self.max_connections = max_connections
+        self._intercept = intercept
+        self._handlers = tuple(handlers)
+        self._guarded: dict[str, Handler | None] = {}
+        self.connections: set[LaneConnection] = set()
+        #: Calls answered on the lane (tests, benchmarks).
+        self.answered = 0
+        self.closed = False
+
+    def grant(self, name: str) -> tuple[bytes, float]:
+        """A grant for the caller named ``name`` (the gate authenticated it; "" on a
+        server without tokens), and the seconds it stays good."""
+        identity = self.tokens.named(name) if self.tokens else None
+        return self.grants.issue(identity, name), self.grants.seconds
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Serve ``sock`` (its opening read) on the loop; from the data port's thread."""
+        try:
+            self.loop.call_soon_threadsafe(self._adopt, sock)
+        except RuntimeError:  # the loop is closed: the server is stopping
+            sock.close()
+
+    def _adopt(self, sock: socket.socket) -> None:
+        if self.closed or not self._room():
+            sock.close()
+            return
+        sock.setblocking(False)
+        conn = LaneConnection(self)
+        self.connections.add(conn)
+        self.loop.create_task(self._connect(sock, conn))
+
+    async def _connect(self, sock: socket.socket, conn: LaneConnection) -> None:
+        try:
+            async with asyncio.timeout(HELLO_SECONDS):
+                await self.loop.connect_accepted_socket(
+                    lambda: conn,
+                    sock,
+                    ssl=self.tls,
+                    ssl_handshake_timeout=HELLO_SECONDS if self.tls is not None else None,
+                )
+        except (OSError, TimeoutError, ssl.SSLError, ValueError):
+            self.connections.discard(conn)
+            sock.close()
+
+    def _room(self) -> bool:
+        """Whether a new connection may be held: past the cap, the one idle longest
+        (or still without a grant) goes; none idle: refused."""
+        if len(self.connections) < self.max_connections:
+            return True
+        idle = [c for c in self.connections if not c.calls]
+        if not idle:
+            log.warning("fast lane: refused a connection: all %d are busy", self.max_connections)
+            return False
+        min(idle, key=lambda c: (c.grant is not None, c.last)).close()
+        return True
+
+    async def handler(self, method: str) -> Handler | None:
+        """The gate-wrapped handler of unary ``method``; None when the lane does not
+        carry it (unknown, streaming, or not on the lane)."""
+        if method in self._guarded:
+            return self._guarded[method]
+        found: Handler | None = None
+        if method.startswith(SERVICE) and method not in NOT_ON_LANE and len(method) <= MAX_METHOD:
+            details = _Details(method, ())
+
+            async def continuation(details: Any) -> Any:
+                for generic in self._handlers:
+                    handler = generic.service(details)
+                    if handler is not None:
+                        return handler
+                return None
+
+            inner = await continuation(details)
+            if inner is not None and not (inner.request_streaming or inner.response_streaming):
+                found = await self._intercept(continuation, details)
+        if len(self._guarded) < 256:  # names are the client's: keep only so many
+            self._guarded[method] = found
+        return found
+
+    def close(self) -> None:
+        """Close every connection (their calls are cancelled); accept no more. Each is
+        shut down at once, not when the loop next runs: the server may be stopping it."""
+        self.closed = True
+        for conn in list(self.connections):
+            conn.close(shutdown=True)
+
+
+class LaneConnection(asyncio.Protocol):
+    """One lane connection: its grant, its frames, its calls in flight."""
+
+    def __init__(self, server: LaneServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.grant: Grant | None = None
+        self.buffer = bytearray()
+        #: Calls in flight, by id, with their contexts.
+        self.calls: dict[int, tuple[asyncio.Task[None], LaneContext]] = {}
+        self.last = time.monotonic()
+        self.paused = False
+        self.gone = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending: tuple[int, float, str, bytes, int] | None = None  # a frame's head
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        if self.gone:  # evicted while it was being set up
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        self._arm(HELLO_SECONDS)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server.connections.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+        for task, context in list(self.calls.values()):
+            context.cancel()
+            task.cancel()  # its client went: stop its work, as gRPC does
+        self.buffer = bytearray()
+
+    def close(self, shutdown: bool = False) -> None:
+        """Close it now; it no longer counts against the server's connections.
+        ``shutdown``: its socket too, at once (the client hears it even if the loop
+        stops before the transport's own close runs)."""
+        self.gone = True
+        self.server.connections.discard(self)
+        if self.transport is None:
+            return
+        if shutdown:
+            sock = self.transport.get_extra_info("socket")
+            with contextlib.suppress(OSError, AttributeError):
+                sock.shutdown(socket.SHUT_RDWR)
+        self.transport.abort()
+
+    def _arm(self, seconds: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self.server.loop.call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        if self.grant is None or not self.calls:
+            self.close()  # no grant in time, or idle too long
+        else:
+            self._arm(IDLE_SECONDS)
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        try:
+            self._frames()
+        except lane.LaneError as exc:
+            log.debug("fast lane: closed a connection: %s", exc)
+            self.close()
+
+    def _frames(self) -> None:
+        buffer = self.buffer
+        while self.transport is not None and not self.transport.is_closing():
+            if self.grant is None:
+                if len(buffer) < HELLO.size:
+                    return
+                magic, grant = HELLO.unpack_from(buffer)
+                del buffer[: HELLO.size]
+                claimed = self.server.grants.claim(grant) if magic == HELLO_MAGIC else None
+                if claimed is None:
+                    raise lane.LaneError("no live grant")
+                self.grant = claimed
+                self.transport.write(ACCEPTED)
+                self._arm(IDLE_SECONDS)
+                continue
+            if self._pending is None:
+                if len(buffer) < REQUEST.size:
+                    return
+                magic, call_id, timeout, m, d, b = REQUEST.unpack_from(buffer)
+                if magic == lane.PING_MAGIC:  # a client waiting long: still here
+                    del buffer[: REQUEST.size]
+                    self.transport.write(lane.PONG)
+                    continue
+                if magic != REQUEST_MAGIC or m > MAX_METHOD or d > MAX_METADATA:
+                    raise lane.LaneError("not a request frame")
+                if b > self.server.max_request_bytes:
+                    raise lane.LaneError(f"a {b}-byte request, past the lane's limit")
+                if call_id in self.calls:
+                    raise lane.LaneError("a call id already in flight")
+                head = REQUEST.size + m + d
+                if len(buffer) < head:
+                    return
+                method = bytes(buffer[REQUEST.size : REQUEST.size + m]).decode("ascii", "replace")
+                meta = bytes(buffer[REQUEST.size + m : head])
+                del buffer[:head]
+                self._pending = (call_id, timeout, method, meta, b)
+            call_id, timeout, method, meta, size = self._pending
+            if len(buffer) < size:
+                return
+            with memoryview(buffer) as view:  # one copy, not a slice's and then bytes'
+                body = bytes(view[:size])
+            del buffer[:size]
+            self._pending = None
+            self._start(call_id, timeout, method, lane.unpairs(meta), body)
+
+    def _start(
+        self, call_id: int, timeout: float, method: str, meta: list[tuple[str, str]], body: bytes
+    ) -> None:
+        assert self.grant is not None
+        context = LaneContext(
+            lane_metadata(meta), None if timeout < 0 else timeout, self.grant.identity
+        )
+        task = self.server.loop.create_task(self._call(call_id, method, body, context))
+        self.calls[call_id] = (task, context)
+        self.last = time.monotonic()
+        if len(self.calls) >= MAX_IN_FLIGHT and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    async def _call(self, call_id: int, method: str, body: bytes, context: LaneContext) -> None:
+        response = b""
+        try:
+            handler = await self.server.handler(method)
+            if handler is None:
+                context.set_code(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not on the lane")
+            else:
+                result = await handler.stream_unary(_one(body), context)
+                del body
+                serialize = handler.response_serializer
+                response = result if serialize is None else serialize(result)
+                context.set_code(grpc.StatusCode.OK, "")
+        except grpc.aio.AbortError:
+            pass  # the context has the status abort gave it
+        except asyncio.CancelledError:
+            context.cancel()
+            context.done()
+            raise
+        except Exception:
+            log.exception("fast lane: %s failed with a server error", method)
+            context.set_code(grpc.StatusCode.INTERNAL, f"{method}: internal server error")
+        self._answer(call_id, context, response)
+
+    def _answer(self, call_id: int, context: LaneContext, response: bytes) -> None:
+        code, details = context.status()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            meta = lane.pairs(context.trailing)
+            pieces = lane.response_frame(call_id, code.value[0], details, meta, response)
+            self.server.answered += 1  # before: its client may look at once
+            transport.writelines(pieces)
+        # Its budgets go once its answer is written, as gRPC's done callback does.
+        context.done()
+        self.calls.pop(call_id, None)
+        self.last = time.monotonic()
+        if self.paused and len(self.calls) < MAX_IN_FLIGHT and transport is not None:
+            self.paused = False
+            transport.resume_reading()
+
+
+async def _one(body: bytes) -> AsyncIterator[bytes]:
+    """A unary call's request, as the gate reads it from gRPC: one message."""
+    yield body

@@ -1,0 +1,246 @@
+"""Attacks on the fast lane (issue 33), as test_attack_dataport.py makes on the data
+port: whoever reaches the data port can open lane connections and send any bytes. The
+server must close what is not a live grant or a well-formed frame, never crash, hold
+no more than its bounds, and run nothing outside the grant's identity and scopes."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import trustme
+from conftest import engine_server, on_device
+from conftest import server_address as address
+
+import tensorwire as tw
+from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.v1 import tensorwire_pb2_grpc as pb_grpc
+from tensorwire.wire import lane
+from tensorwire.wire.codec import Encoder
+from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE
+from tensorwire_server.server import TensorwireServer, build_engine
+from tensorwire_server.settings import Settings
+from tensorwire_server.transport import lane as server_lane
+
+TIMEOUT = 20
+SMALL = np.ones((1, 16), np.float32)
+TOKENS = (
+    "alice * alice-token-0123456789abcdef;"
+    "reader call reader-token-0123456789abcdef"  # may Call, may not Infer
+)
+INFER = "/tensorwire.v1.TensorService/Infer"
+
+
+@pytest.fixture(scope="module")
+def engine():  # type: ignore[no-untyped-def]
+    return build_engine(on_device(Settings(device="cpu")))
+
+
+served = contextlib.contextmanager(engine_server)
+
+
+@pytest.fixture(scope="module")
+def server(engine) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def]
+    with served(engine, tokens=TOKENS, fast_lane_connections=24) as running:
+        yield running
+
+
+def grant(server: TensorwireServer, token: str) -> bytes:
+    """A fresh grant, asked over gRPC as ``token``."""
+    with grpc.insecure_channel(address(server)) as channel:
+        response = pb_grpc.TensorServiceStub(channel).OpenLane(
+            pb.OpenLaneRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=TIMEOUT
+        )
+    return bytes(response.grant)
+
+
+def connect(server: TensorwireServer) -> socket.socket:
+    assert server.dataport is not None
+    sock = socket.create_connection(("127.0.0.1", server.dataport.port), timeout=TIMEOUT)
+    sock.sendall(OPENING)
+    return sock
+
+
+def opened(server: TensorwireServer, token: str = "alice-token-0123456789abcdef") -> socket.socket:
+    """A lane connection the server accepted."""
+    sock = connect(server)
+    sock.sendall(HELLO.pack(HELLO_MAGIC, grant(server, token)))
+    assert sock.recv(len(ACCEPTED), socket.MSG_WAITALL) == ACCEPTED
+    return sock
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """Whether the server closes ``sock`` (whatever it sent before)."""
+    sock.settimeout(TIMEOUT)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    return True
+
+
+def call(
+    sock: socket.socket,
+    body: bytes,
+    method: str = INFER,
+    meta: list[tuple[str, str]] = (),  # type: ignore[assignment]
+) -> tuple[int, str]:
+    """Send one request frame; the answer's status code and message."""
+    sock.sendall(b"".join(lane.request_frame(7, method, 5.0, lane.pairs(meta), body)))
+    head = sock.recv(RESPONSE.size, socket.MSG_WAITALL)
+    _, call_id, code, d, m, b = RESPONSE.unpack(head)
+    rest = sock.recv(d + m + b, socket.MSG_WAITALL) if d + m + b else b""
+    assert call_id == 7
+    return code, rest[:d].decode()
+
+
+def infer_body(model: str = "identity") -> bytes:
+    from tensorwire import _messages
+
+    return _messages.infer_request(model, {"input": SMALL}, None, 0, False).finish()  # type: ignore[arg-type]
+
+
+def serves(server: TensorwireServer) -> None:
+    """The server still answers an honest client on the lane."""
+    with tw.Client(
+        address(server), timeout=TIMEOUT, fast_lane=True, token="alice-token-0123456789abcdef"
+    ) as c:
+        np.testing.assert_array_equal(c.infer("identity", SMALL)["output"], SMALL)
+
+
+def test_random_bytes_and_bad_grants_are_closed(server: TensorwireServer) -> None:
+    rng = random.Random(33)
+    for size in (1, 3, 19, 20, 64, 4096):
+        with connect(server) as sock:
+            sock.sendall(rng.randbytes(size))
+            assert closed_by_server(sock)
+    good = grant(server, "alice-token-0123456789abcdef")
+    with connect(server) as sock:  # a grant with the wrong magic
+        sock.sendall(HELLO.pack(b"TWD1", good))
+        assert closed_by_server(sock)
+    replayed = good  # still good: a wrong opening spends no grant; once, though
+    first = connect(server)
+    first.sendall(HELLO.pack(HELLO_MAGIC, replayed))
+    assert first.recv(4, socket.MSG_WAITALL) == ACCEPTED
+    with connect(server) as again:
+        again.sendall(HELLO.pack(HELLO_MAGIC, replayed))
+        assert closed_by_server(again)
+    first.close()
+    assert server.lane is not None
+    server.lane.grants.seconds = 0.05
+    try:
+        lapsed = grant(server, "alice-token-0123456789abcdef")
+        time.sleep(0.2)
+        with connect(server) as sock:
+            sock.sendall(HELLO.pack(HELLO_MAGIC, lapsed))
+            assert closed_by_server(sock)
+    finally:
+        server.lane.grants.seconds = 10.0
+    serves(server)
+
+
+def test_a_grant_is_its_tokens_and_no_more(server: TensorwireServer) -> None:
+    with opened(server, "reader-token-0123456789abcdef") as sock:
+        code, message = call(sock, infer_body())
+        assert grpc.StatusCode(code_of(code)) is grpc.StatusCode.PERMISSION_DENIED
+        assert "lacks the 'infer' scope" in message
+        # A token in the frame's metadata is dropped, never taken for the grant's.
+        elevated = [("authorization", "Bearer alice-token-0123456789abcdef")]
+        code, _ = call(sock, infer_body(), meta=elevated)
+        assert grpc.StatusCode(code_of(code)) is grpc.StatusCode.PERMISSION_DENIED
+        # Methods the lane does not carry: UNIMPLEMENTED, and the connection stays.
+        for method in (
+            "/tensorwire.v1.TensorService/OpenLane",
+            "/tensorwire.v1.TensorService/InferStream",
+            "/grpc.health.v1.Health/Check",
+            "/tensorwire.v1.TensorService/Nope",
+        ):
+            code, _ = call(sock, b"", method=method)
+            assert grpc.StatusCode(code_of(code)) is grpc.StatusCode.UNIMPLEMENTED
+        code, _ = call(sock, Encoder(pb.CallRequest(function="add")).finish(), method=CALL)
+        assert grpc.StatusCode(code_of(code)) is grpc.StatusCode.INVALID_ARGUMENT
+
+
+CALL = "/tensorwire.v1.TensorService/Call"
+
+
+def code_of(number: int) -> tuple[int, str]:
+    return next(c.value for c in grpc.StatusCode if c.value[0] == number)
+
+
+def test_frames_past_limits_close_the_connection(server: TensorwireServer) -> None:
+    assert server.lane is not None
+    head = lane.REQUEST
+    for frame in (
+        head.pack(b"TWQ1", 1, 1.0, 10, 0, server.lane.max_request_bytes + 1),  # too big a body
+        head.pack(b"TWQ1", 1, 1.0, lane.MAX_METHOD + 1, 0, 0),  # too long a method
+        head.pack(b"TWQ1", 1, 1.0, 10, lane.MAX_METADATA + 1, 0),  # too much metadata
+        head.pack(b"XXXX", 1, 1.0, 10, 0, 0),  # not a frame
+        head.pack(b"TWQ1", 1, 1.0, 4, 5, 0) + b"/a/b" + b"\xff\xff\xff\xff\xff",  # bad pairs
+    ):
+        with opened(server) as sock:
+            sock.sendall(frame)
+            assert closed_by_server(sock)
+    serves(server)
+
+
+def test_fuzzed_requests_get_statuses_and_the_server_goes_on(server: TensorwireServer) -> None:
+    rng = random.Random(330)
+    valid = infer_body()
+    with opened(server) as sock:
+        for _ in range(200):
+            body = bytearray(valid)
+            for _ in range(rng.randint(1, 8)):
+                body[rng.randrange(len(body))] = rng.randrange(256)
+            if rng.random() < 0.3:
+                body = bytearray(rng.randbytes(rng.randint(0, 300)))
+            code, message = call(sock, bytes(body))
+            assert code_of(code)[0] in (0, 3, 5, 9, 11)  # OK or the request's fault
+            assert "internal" not in message.lower()
+    serves(server)
+
+
+def test_slow_and_idle_connections_are_bounded(server: TensorwireServer) -> None:
+    assert server.lane is not None
+    held = [connect(server) for _ in range(40)]  # no grant: anonymous, evicted first
+    held += [opened(server) for _ in range(30)]  # granted, idle
+    time.sleep(0.2)
+    assert len(server.lane.connections) <= 24  # fast_lane_connections
+    serves(server)  # an honest client still gets in (the idlest go)
+    with connect(server) as slow:  # the opening, then nothing: closed by HELLO_SECONDS
+        began = time.monotonic()
+        assert closed_by_server(slow)
+        assert time.monotonic() - began < server_lane.HELLO_SECONDS + 5
+    half = opened(server)
+    half.sendall(lane.REQUEST.pack(b"TWQ1", 9, 1.0, len(INFER), 0, 1000) + INFER.encode())
+    serves(server)  # half a frame holds nothing but its own connection
+    for sock in [*held, half]:
+        sock.close()
+
+
+def test_the_lane_speaks_tls_when_grpc_does(engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.cert_chain_pems[0].write_to_path(str(cert_file))
+    cert.private_key_pem.write_to_path(str(key_file))
+    with served(engine, tls_cert=str(cert_file), tls_key=str(key_file)) as secured:
+        assert secured.dataport is not None and secured.lane is not None
+        with socket.create_connection(("127.0.0.1", secured.dataport.port)) as raw:
+            raw.sendall(OPENING + HELLO.pack(HELLO_MAGIC, bytes(16)))  # plain text: refused
+            assert closed_by_server(raw)
+        roots = ca.cert_pem.bytes()
+        with tw.Client(
+            address(secured), timeout=TIMEOUT, fast_lane=True, root_certificates=roots
+        ) as c:
+            np.testing.assert_array_equal(c.infer("identity", SMALL)["output"], SMALL)
+            np.testing.assert_array_equal(c.infer("identity", SMALL)["output"], SMALL)
+        assert secured.lane.answered == 2

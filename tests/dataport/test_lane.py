@@ -1,0 +1,262 @@
+"""The fast lane (issue 33) on both ends: small calls as frames on a data-port
+connection, through the same gate as gRPC (scopes, statuses, request ids, deadlines),
+with its semantics kept (concurrency, cancellation, sessions, retries) and its
+fallbacks (a server without it, fast_lane=False, the environment)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from conftest import TOY_MODELS, engine_server, on_device
+from conftest import server_address as address
+from support.servers import spawn_server
+
+import tensorwire as tw
+from tensorwire._transport import lane as client_lane
+from tensorwire._transport import lane_aio
+from tensorwire_server.server import TensorwireServer, build_engine
+from tensorwire_server.settings import Settings
+
+TIMEOUT = 20
+SMALL = np.arange(16, dtype=np.float32).reshape(1, 16)
+TOKENS = (
+    "alice * alice-token-0123456789abcdef;"
+    "reader call reader-token-0123456789abcdef"  # may Call, may not Infer
+)
+
+
+@pytest.fixture(scope="module")
+def engine():  # type: ignore[no-untyped-def]
+    return build_engine(on_device(Settings(device="cpu", models=TOY_MODELS)))
+
+
+served = contextlib.contextmanager(engine_server)
+
+
+@pytest.fixture(scope="module")
+def server(engine) -> Iterator[TensorwireServer]:  # type: ignore[no-untyped-def]
+    with served(engine) as running:
+        yield running
+
+
+def on_lane(server: TensorwireServer) -> int:
+    assert server.lane is not None
+    return server.lane.answered
+
+
+def lane_of(client: tw.Client | tw.AsyncClient, method: str = "Infer") -> client_lane.Lane:
+    found = client._transport._methods[method]
+    assert hasattr(found, "lane"), f"{method} is not on the lane"
+    return found.lane  # type: ignore[no-any-return]
+
+
+def test_small_calls_take_the_lane_and_answer_as_grpc(server: TensorwireServer) -> None:
+    before = on_lane(server)
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        out = client.infer("identity", SMALL)["output"]
+        np.testing.assert_array_equal(out, SMALL)
+        out[0, 0] = -1  # the caller's own, writable array
+        assert client.call("add", SMALL, SMALL) is not None
+        x = np.arange(5, dtype=np.float64)
+        over_lane = client.grad("quadratic", {"x": x}, wrt=["x"])
+        with tw.Client(address(server), timeout=TIMEOUT, fast_lane=False) as grpc_only:
+            over_grpc = grpc_only.grad("quadratic", {"x": x}, wrt=["x"])
+        np.testing.assert_array_equal(over_lane.grads["x"], over_grpc.grads["x"])
+        assert client.info().models
+    assert on_lane(server) - before >= 4
+
+
+def test_errors_are_grpcs_statuses_and_messages(server: TensorwireServer) -> None:
+    with (
+        tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as fast,
+        tw.Client(address(server), timeout=TIMEOUT, fast_lane=False) as slow,
+    ):
+        errors = []
+        for client in (fast, slow):
+            with pytest.raises(tw.NotFoundError) as caught:
+                client.infer("no-such-model", SMALL)
+            errors.append(caught.value)
+            with pytest.raises(tw.InvalidArgumentError) as bad:
+                client.infer("identity", {"nope": SMALL})
+            errors.append(bad.value)
+        assert str(errors[0]).split(" (request id")[0] == str(errors[2]).split(" (request id")[0]
+        assert str(errors[1]).split(" (request id")[0] == str(errors[3]).split(" (request id")[0]
+        assert all(e.request_id for e in errors)  # the server's id, over both
+
+
+def test_scopes_hold_on_the_lane(engine) -> None:  # type: ignore[no-untyped-def]
+    with served(engine, tokens=TOKENS) as server:
+        target = address(server)
+        with tw.Client(
+            target, timeout=TIMEOUT, fast_lane=True, token="reader-token-0123456789abcdef"
+        ) as reader:
+            before = on_lane(server)
+            np.testing.assert_array_equal(reader.call("add", SMALL, SMALL), 2 * SMALL)
+            with pytest.raises(tw.PermissionDeniedError, match="lacks the 'infer' scope"):
+                reader.infer("identity", SMALL)
+            assert on_lane(server) - before == 2  # both answered on the lane
+        with tw.Client(
+            target, timeout=TIMEOUT, fast_lane=True, token="alice-token-0123456789abcdef"
+        ) as alice:
+            np.testing.assert_array_equal(alice.infer("identity", SMALL)["output"], SMALL)
+        wrong = "wrong-token-0123456789abcdef"
+        with (
+            tw.Client(target, timeout=TIMEOUT, fast_lane=True, token=wrong) as nobody,
+            pytest.raises(tw.UnauthenticatedError),
+        ):
+            nobody.infer("identity", SMALL)  # no grant: gRPC says why
+
+
+def test_deadline_and_cancellation_end_the_call_on_the_server(server: TensorwireServer) -> None:
+    slow = np.array(1.0)
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        client.infer("identity", SMALL)  # the lane is open
+        began = time.monotonic()
+        with pytest.raises(tw.DeadlineExceededError):
+            client.infer("sleeper", slow, timeout=0.2)
+        assert time.monotonic() - began < 0.9  # the caller's deadline, not the model's
+        assert len(lane_of(client).idle) == 0  # the cut connection is not reused
+        with pytest.raises(tw.DeadlineExceededError):
+            client.infer("identity", SMALL, timeout=0)  # no time left: as gRPC answers
+        np.testing.assert_array_equal(client.infer("identity", SMALL)["output"], SMALL)
+
+    async def cancelled() -> None:
+        async with tw.AsyncClient(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+            await client.infer("identity", SMALL)
+            task = asyncio.ensure_future(client.infer("sleeper", slow))
+            await asyncio.sleep(0.2)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert (await client.infer("identity", SMALL))["output"].shape == (1, 16)
+
+    asyncio.run(cancelled())
+    # Every place the calls held is given back once the sleeps end.
+    deadline = time.monotonic() + 10
+    while server.gate.admission.held("calls") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.gate.admission.held("calls") == 0
+
+
+def test_many_threads_and_tasks_each_get_their_own_answer(server: TensorwireServer) -> None:
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        failures: list[BaseException] = []
+
+        def caller(k: int) -> None:
+            try:
+                for i in range(30):
+                    x = np.full((1, 16), k * 1000 + i, np.float32)
+                    np.testing.assert_array_equal(client.infer("identity", x)["output"], x)
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures
+        assert len(lane_of(client).idle) <= client_lane.POOLED
+
+    async def tasks() -> None:
+        async with tw.AsyncClient(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+            xs = [np.full((1, 16), k, np.float32) for k in range(32)]
+            outs = await asyncio.gather(*(client.infer("identity", x) for x in xs))
+            for x, out in zip(xs, outs, strict=True):
+                np.testing.assert_array_equal(out["output"], x)
+
+    asyncio.run(tasks())
+
+
+def test_sessions_and_remote_tensors_on_the_lane(server: TensorwireServer) -> None:
+    before = on_lane(server)
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        handle = client.put(SMALL)
+        kept = client.call("add", handle, handle, keep=True)
+        np.testing.assert_array_equal(kept.numpy(), 2 * SMALL)
+        kept.free()
+    assert on_lane(server) - before >= 4  # OpenSession, Put, Call, Get, Free, ...
+
+
+def test_a_lane_that_breaks_mid_call_fails_that_call_as_grpc_would(engine) -> None:  # type: ignore[no-untyped-def]
+    with (
+        served(engine) as server,
+        tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client,
+    ):
+        client.infer("identity", SMALL)
+
+        def cut() -> None:
+            time.sleep(0.3)
+            assert server.lane is not None
+            server._loop.call_soon_threadsafe(server.lane.close)
+
+        threading.Thread(target=cut).start()
+        # Idempotent: retried (gRPC now: the lane is closed) and answered.
+        out = client.infer("sleeper", np.array(0.8))["output"]
+        assert float(out) == 0.8
+        np.testing.assert_array_equal(client.infer("identity", SMALL)["output"], SMALL)
+
+
+def test_fallback_to_grpc_where_there_is_no_lane(engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    with served(engine, fast_lane=False) as server:
+        assert server.lane is None
+        with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+            for _ in range(3):
+                np.testing.assert_array_equal(client.infer("identity", SMALL)["output"], SMALL)
+            assert lane_of(client).detours.avoided() == [None]  # remembered: no more asks
+    with served(engine) as server:
+        with tw.Client(address(server), timeout=TIMEOUT, fast_lane=False) as client:
+            assert not hasattr(client._transport._methods["Infer"], "lane")
+            client.infer("identity", SMALL)
+        monkeypatch.setenv(client_lane.ENV, "0")
+        with tw.Client(address(server), timeout=TIMEOUT) as client:
+            assert not hasattr(client._transport._methods["Infer"], "lane")
+        with tw.Client(
+            address(server), timeout=TIMEOUT, fast_lane=True, data_plane=False
+        ) as client:
+            assert not hasattr(client._transport._methods["Infer"], "lane")
+        assert on_lane(server) == 0
+
+
+def test_large_requests_and_responses_keep_their_paths(server: TensorwireServer) -> None:
+    big = np.arange(1 << 20, dtype=np.float32)  # 4 MiB: streamed, over the data port
+    mid = np.arange(16 << 10, dtype=np.float32)  # 64 KiB: on the lane
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        before = on_lane(server)
+        np.testing.assert_array_equal(client.infer("identity", mid)["output"], mid)
+        assert on_lane(server) == before + 1
+        np.testing.assert_array_equal(client.infer("identity", big)["output"], big)
+        assert on_lane(server) == before + 1
+
+
+def test_keepalive_notices_a_stopped_server_on_the_lane_as_grpc_does() -> None:
+    quick = [("grpc.keepalive_time_ms", 500), ("grpc.keepalive_timeout_ms", 1000)]
+    flags = ("--device", "cpu", "--model", "sleeper=support.toy_models:sleeper")
+
+    async def long_call(target: str, proc: subprocess.Popen[str]) -> float:
+        async with tw.AsyncClient(
+            target, timeout=30, retries=0, options=quick, fast_lane=True
+        ) as client:
+            await client.infer("identity", SMALL)  # on the lane
+            assert isinstance(client._transport._methods["Infer"], lane_aio.AsyncLaneMethod)
+            call = asyncio.ensure_future(client.infer("sleeper", np.array(25.0)))
+            await asyncio.sleep(0.2)
+            proc.send_signal(signal.SIGSTOP)  # alive, connected, silent
+            stopped = time.monotonic()
+            with pytest.raises(tw.UnavailableError, match="keepalive"):
+                await call
+            return time.monotonic() - stopped
+
+    with spawn_server(*flags) as (proc, target, _):
+        try:
+            assert asyncio.run(long_call(target, proc)) < 6
+        finally:
+            proc.send_signal(signal.SIGCONT)
