@@ -56,11 +56,11 @@ def test_the_fleet_grows_on_load_and_shrinks_when_idle_and_no_call_fails(
         deployed.wait_for(1)
         # Callers through scale-up, a while on two replicas, then scale-down.
         heavy = subprocess.Popen(
-            cluster.client_argv("load", TARGET, {"threads": 12, "seconds": 45}),
+            cluster.client_argv("load", TARGET, {"threads": 12, "seconds": 60}),
             stdout=subprocess.PIPE, text=True, env=cluster.env,
         )  # fmt: skip
         light = subprocess.Popen(
-            cluster.client_argv("load", TARGET, {"threads": 1, "seconds": 75}),
+            cluster.client_argv("load", TARGET, {"threads": 1, "seconds": 90}),
             stdout=subprocess.PIPE, text=True, env=cluster.env,
         )  # fmt: skip
         try:

@@ -32,6 +32,7 @@ import grpc
 
 from tensorwire._transport.connections import ANSWER_SECONDS, CONNECT_SECONDS, Detours
 from tensorwire._transport.methods import RESPONSES, method_path
+from tensorwire.errors import TensorwireError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import lane
 from tensorwire.wire.codec import receiver
@@ -47,6 +48,9 @@ POOLED: Final = 64
 #: client, not the server, ends an idle connection, and never sends on one the server
 #: is closing.
 IDLE_SECONDS: Final = 240.0
+#: Seconds between resolutions of a lane's target name: a fleet that grows behind the
+#: name is seen this soon, and its calls then go to gRPC's round robin.
+RESOLVE_SECONDS: Final = 5.0
 #: A grant's gRPC call: the serialized OpenLaneRequest, timeout, metadata -> response.
 OpenLane = Callable[..., Any]
 _OPEN_LANE_REQUEST: Final = pb.OpenLaneRequest().SerializeToString()
@@ -92,11 +96,26 @@ CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
 _IDS = itertools.count(1)
 
 
-def broke(exc: BaseException) -> LaneRpcError:
-    """The status of a call whose connection broke: UNAVAILABLE, retried as gRPC's."""
+def broke(exc: BaseException, lane: Lane) -> LaneRpcError:
+    """The status of a call whose connection to ``lane``'s server broke: UNAVAILABLE,
+    retried as gRPC's, naming the server (as gRPC's names the address it lost). A
+    connection the network failed (no route, unacknowledged, reset) sends the next
+    calls to gRPC a while: its retry then waits on gRPC's own connection, which knows
+    the peer's state, rather than on a grant that server may never answer."""
+    if isinstance(exc, OSError):
+        lane.detours.unreachable(None)
     return LaneRpcError(
-        grpc.StatusCode.UNAVAILABLE, f"the fast-lane connection broke during the call: {exc}"
+        grpc.StatusCode.UNAVAILABLE,
+        f"the fast-lane connection to {lane.host}:{lane.port} broke during the call: {exc}",
     )
+
+
+def unacknowledged(sock: socket.socket, lane: Lane) -> None:
+    """Give up on ``sock`` when what it sent goes unacknowledged for the keepalive
+    timeout, as gRPC's connections do (TCP_USER_TIMEOUT, Linux): a server whose link
+    is cut is then UNAVAILABLE in that time, not silent until the call's deadline."""
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(lane.keepalive[1] * 1000))
 
 
 def late() -> LaneRpcError:
@@ -141,9 +160,18 @@ class Lane:
     gRPC method, and when to try it again after it could not be had."""
 
     def __init__(
-        self, host: str, tls: ssl.SSLContext | None, server_name: str | None, open_lane: OpenLane
+        self,
+        host: str,
+        tls: ssl.SSLContext | None,
+        server_name: str | None,
+        open_lane: OpenLane,
+        resolve: Callable[[], list[str]] | None = None,
     ) -> None:
         self.host = host
+        #: The addresses the target resolves to now ([]: one server); None: it names
+        #: one server for good (an IP address).
+        self.resolve = resolve
+        self._one: tuple[float, bool] = (-RESOLVE_SECONDS, True)
         self.tls = tls
         self.server_name = server_name or host
         self.open_lane = open_lane
@@ -159,7 +187,29 @@ class Lane:
 
     def usable(self, size: int) -> bool:
         """Whether a request of ``size`` bytes should try the lane now."""
-        return not self.closed and size <= self.max_request and self.detours.open(None)
+        return (
+            not self.closed
+            and size <= self.max_request
+            and self.one_server()
+            and self.detours.open(None)
+        )
+
+    def one_server(self) -> bool:
+        """Whether the target reaches one server, its name resolved again every
+        RESOLVE_SECONDS: behind a name of several replicas a lane would hold every
+        call on whichever replica its connections reached (and a grant is good only
+        on the replica that gave it), so gRPC's round robin carries those calls."""
+        if self.resolve is None:
+            return True
+        when, one = self._one
+        now = time.monotonic()
+        if now - when > RESOLVE_SECONDS:
+            try:
+                one = len(self.resolve()) <= 1
+            except (OSError, TensorwireError):
+                one = False  # it does not resolve now: gRPC says so in its words
+            self._one = (now, one)
+        return one
 
     def take(self) -> Any:
         """An idle connection (None: none); the stale ones go."""
@@ -243,6 +293,7 @@ class LaneMethod:
             return None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            unacknowledged(sock, lane)
             sock.settimeout(_within(timeout))
             sock.sendall(OPENING)
             if lane.tls is not None:
@@ -296,7 +347,7 @@ class LaneMethod:
             raise late() from None
         except (OSError, EOFError, lane.LaneError) as exc:
             _close(sock)
-            raise broke(exc) from None
+            raise broke(exc, self.lane) from None
         except BaseException:
             _close(sock)  # interrupted: nothing is known of what is left on it
             raise

@@ -25,6 +25,7 @@ from tensorwire._transport.lane import (
     frame,
     late,
     sizes,
+    unacknowledged,
 )
 from tensorwire.wire import lane
 from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE
@@ -105,6 +106,7 @@ class AsyncLaneMethod:
                 sock = writer.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    unacknowledged(sock, lane)
                 writer.write(OPENING)
                 if lane.tls is not None:
                     await writer.start_tls(lane.tls, server_hostname=lane.server_name)
@@ -135,7 +137,7 @@ class AsyncLaneMethod:
         except TimeoutError:
             raise late() from None
         except (OSError, asyncio.IncompleteReadError, lane.LaneError) as exc:
-            raise broke(exc) from None
+            raise broke(exc, self.lane) from None
         finally:
             if not done:  # cut short: closing it cancels the call on the server
                 writer.transport.abort()

@@ -233,6 +233,7 @@ class Transport:
             self._data_tls,
             None if named is None else split_address(named)[0],
             methods["OpenLane"],
+            resolve=lambda: replicas(where),
         )
         lane.keepalive = keepalive([*CHANNEL_OPTIONS, *CLIENT_OPTIONS, *self._options])
         self._lanes.append(lane)
