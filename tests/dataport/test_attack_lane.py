@@ -172,6 +172,20 @@ def test_a_grant_is_its_tokens_and_no_more(server: TensorwireServer) -> None:
 CALL = "/tensorwire.v1.TensorService/Call"
 
 
+def test_a_grant_is_the_matched_tokens_when_names_repeat(engine) -> None:  # type: ignore[no-untyped-def]
+    # Rotation: two lines may share a name. The broad one comes first; the narrow
+    # token's lane must be the narrow line's, not the first line with its name.
+    rotated = "bob * bob-broad-token-0123456789abcdef;bob call bob-narrow-token-0123456789abcdef"
+    with served(engine, tokens=rotated) as running:
+        with opened(running, "bob-narrow-token-0123456789abcdef") as sock:
+            code, message = call(sock, infer_body())
+            assert grpc.StatusCode(code_of(code)) is grpc.StatusCode.PERMISSION_DENIED
+            assert "lacks the 'infer' scope" in message
+        with opened(running, "bob-broad-token-0123456789abcdef") as sock:
+            code, _ = call(sock, infer_body())
+            assert grpc.StatusCode(code_of(code)) is grpc.StatusCode.OK
+
+
 def code_of(number: int) -> tuple[int, str]:
     return next(c.value for c in grpc.StatusCode if c.value[0] == number)
 

@@ -41,7 +41,7 @@ from tensorwire.wire.lane import (
 )
 from tensorwire_server.transport.grants import Grant, Grants
 from tensorwire_server.transport.lane_context import LaneContext, lane_metadata
-from tensorwire_server.transport.security import Tokens
+from tensorwire_server.transport.security import Identity, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,11 @@ class LaneServer:
         self.answered = 0
         self.closed = False
 
-    def grant(self, name: str) -> tuple[bytes, float]:
-        """A grant for the caller named ``name`` (the gate authenticated it; "" on a
-        server without tokens), and the seconds it stays good."""
-        identity = self.tokens.named(name) if self.tokens else None
+    def grant(self, identity: Identity | None) -> tuple[bytes, float]:
+        """A grant for ``identity``, the one the gate matched the caller's token to
+        (None on a server without tokens), and the seconds it stays good. Its identity,
+        not its name: two token lines may share a name (rotation) with other scopes."""
+        name = identity.name if identity is not None else ""
         return self.grants.issue(identity, name), self.grants.seconds
 
     def adopt(self, sock: socket.socket) -> None:
