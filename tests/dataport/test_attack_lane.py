@@ -258,3 +258,28 @@ def test_the_lane_speaks_tls_when_grpc_does(engine, tmp_path: Path) -> None:  # 
             np.testing.assert_array_equal(c.infer("identity", SMALL)["output"], SMALL)
             np.testing.assert_array_equal(c.infer("identity", SMALL)["output"], SMALL)
         assert secured.lane.answered == 2
+
+
+def test_a_client_that_never_reads_holds_bounded_server_memory(server: TensorwireServer) -> None:
+    # Pings (each answered by a pong) sent and never read: past the transport's
+    # high-water mark the server stops reading the connection, so the client's sends
+    # block, rather than buffering its unread answers without bound.
+    assert server.lane is not None
+    pings = lane.PING * 4096
+    limit = 64 << 20
+    with opened(server) as sock:
+        sock.settimeout(1.0)
+        sent = 0
+        while sent < limit:
+            try:
+                sent += sock.send(pings)
+            except TimeoutError:  # blocked: stopped for good, or only slow to read?
+                if any(getattr(c, "writing_paused", False) for c in server.lane.connections):
+                    break
+        assert sent < limit
+        (held,) = [c for c in server.lane.connections if c.writing_paused]
+        assert held.transport is not None
+        assert held.transport.get_write_buffer_size() <= 1 << 20
+        assert len(held.buffer) <= 1 << 20
+        serves(server)  # the others are served meanwhile
+    serves(server)

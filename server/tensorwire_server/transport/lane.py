@@ -193,7 +193,9 @@ class LaneConnection(asyncio.Protocol):
         #: Calls in flight, by id, with their contexts.
         self.calls: dict[int, tuple[asyncio.Task[None], LaneContext]] = {}
         self.last = time.monotonic()
-        self.paused = False
+        #: The transport holds more unsent bytes than its high-water mark: the client
+        #: is not reading its answers (or pongs), so nothing more is read or parsed.
+        self.writing_paused = False
         self.gone = False
         self._timer: asyncio.TimerHandle | None = None
         self._pending: tuple[int, float, str, bytes, int] | None = None  # a frame's head
@@ -241,6 +243,33 @@ class LaneConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self._parse()
+
+    def pause_writing(self) -> None:
+        # A client that sends and never reads would grow the transport's buffer
+        # without bound: stop reading it (its sends then block) until it drains.
+        self.writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._resume()
+
+    def _held(self) -> bool:
+        """Whether to read and parse no more for now."""
+        return self.writing_paused
+
+    def _resume(self) -> None:
+        """Read again, and parse what is buffered, unless still held."""
+        transport = self.transport
+        if self._held() or transport is None or transport.is_closing():
+            return
+        transport.resume_reading()
+        self._parse()
+
+    def _parse(self) -> None:
+        """Parse and start what is buffered; a malformed frame closes the connection."""
         try:
             self._frames()
         except lane.LaneError as exc:
@@ -250,6 +279,8 @@ class LaneConnection(asyncio.Protocol):
     def _frames(self) -> None:
         buffer = self.buffer
         while self.transport is not None and not self.transport.is_closing():
+            if self._held():
+                return
             if self.grant is None:
                 if len(buffer) < HELLO.size:
                     return
@@ -303,7 +334,6 @@ class LaneConnection(asyncio.Protocol):
         self.calls[call_id] = (task, context)
         self.last = time.monotonic()
         if len(self.calls) >= MAX_IN_FLIGHT and self.transport is not None:
-            self.paused = True
             self.transport.pause_reading()
 
     async def _call(self, call_id: int, method: str, body: bytes, context: LaneContext) -> None:
@@ -341,9 +371,8 @@ class LaneConnection(asyncio.Protocol):
         context.done()
         self.calls.pop(call_id, None)
         self.last = time.monotonic()
-        if self.paused and len(self.calls) < MAX_IN_FLIGHT and transport is not None:
-            self.paused = False
-            transport.resume_reading()
+        if len(self.calls) < MAX_IN_FLIGHT:  # room again: read, and parse what waits
+            self._resume()
 
 
 async def _one(body: bytes) -> AsyncIterator[bytes]:
