@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -282,4 +283,40 @@ def test_a_client_that_never_reads_holds_bounded_server_memory(server: Tensorwir
         assert held.transport.get_write_buffer_size() <= 1 << 20
         assert len(held.buffer) <= 1 << 20
         serves(server)  # the others are served meanwhile
+    serves(server)
+
+
+def test_calls_in_flight_are_bounded_whatever_one_read_holds(
+    server: TensorwireServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A thousand requests in one write: one read buffers hundreds of them, yet no more
+    # than MAX_IN_FLIGHT run at once; the rest wait in the buffer, and all are answered.
+    most = 0
+    start = server_lane.LaneConnection._start
+
+    def counted(self: server_lane.LaneConnection, *args: object) -> None:
+        nonlocal most
+        start(self, *args)  # type: ignore[arg-type]
+        most = max(most, len(self.calls))
+
+    monkeypatch.setattr(server_lane.LaneConnection, "_start", counted)
+    body = infer_body()
+    count = 1000
+    frames = b"".join(
+        b"".join(lane.request_frame(i, INFER, 20.0, b"", body)) for i in range(1, count + 1)
+    )
+    with opened(server) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(frames,))
+        sender.start()
+        answered: dict[int, int] = {}
+        for _ in range(count):
+            head = sock.recv(RESPONSE.size, socket.MSG_WAITALL)
+            _, call_id, code, d, m, b = RESPONSE.unpack(head)
+            if d + m + b:
+                sock.recv(d + m + b, socket.MSG_WAITALL)
+            answered[call_id] = code
+        sender.join(TIMEOUT)
+    assert sorted(answered) == list(range(1, count + 1))
+    assert set(answered.values()) == {0}
+    assert 1 <= most <= server_lane.MAX_IN_FLIGHT
     serves(server)

@@ -257,8 +257,9 @@ class LaneConnection(asyncio.Protocol):
         self._resume()
 
     def _held(self) -> bool:
-        """Whether to read and parse no more for now."""
-        return self.writing_paused
+        """Whether to read and parse no more for now: its answers wait to be sent, or
+        it has MAX_IN_FLIGHT calls running (what one read buffered waits its turn)."""
+        return self.writing_paused or len(self.calls) >= MAX_IN_FLIGHT
 
     def _resume(self) -> None:
         """Read again, and parse what is buffered, unless still held."""
