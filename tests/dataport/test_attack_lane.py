@@ -320,3 +320,18 @@ def test_calls_in_flight_are_bounded_whatever_one_read_holds(
     assert set(answered.values()) == {0}
     assert 1 <= most <= server_lane.MAX_IN_FLIGHT
     serves(server)
+
+
+def test_a_connection_in_use_outlives_its_idle_time(
+    server: TensorwireServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Idle counts from its last call, not from its grant: calls more often than
+    # IDLE_SECONDS keep the connection; once they stop, it is closed.
+    monkeypatch.setattr(server_lane, "IDLE_SECONDS", 1.0)
+    with opened(server) as sock:
+        began = time.monotonic()
+        while time.monotonic() - began < 3.5:
+            code, _ = call(sock, infer_body())  # on the same connection all along
+            assert code == 0
+            time.sleep(0.1)
+        assert closed_by_server(sock)

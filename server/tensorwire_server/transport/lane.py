@@ -236,10 +236,13 @@ class LaneConnection(asyncio.Protocol):
         self._timer = self.server.loop.call_later(seconds, self._expire)
 
     def _expire(self) -> None:
-        if self.grant is None or not self.calls:
+        # Idle is since its last call began or ended, not since its grant: a busy
+        # connection lives on between its calls.
+        idle = time.monotonic() - self.last
+        if self.grant is None or (not self.calls and idle >= IDLE_SECONDS):
             self.close()  # no grant in time, or idle too long
         else:
-            self._arm(IDLE_SECONDS)
+            self._arm(IDLE_SECONDS if self.calls else IDLE_SECONDS - idle)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
