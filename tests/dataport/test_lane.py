@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 from conftest import TOY_MODELS, engine_server, on_device
@@ -260,3 +261,31 @@ def test_keepalive_notices_a_stopped_server_on_the_lane_as_grpc_does() -> None:
             assert asyncio.run(long_call(target, proc)) < 6
         finally:
             proc.send_signal(signal.SIGCONT)
+
+
+def test_one_deadline_for_grant_and_call_and_an_overloaded_grant_detours(
+    server: TensorwireServer,
+) -> None:
+    # The grant's call spends part of the deadline: gRPC gets only what is left; a
+    # grant refused for overload keeps the next calls off the lane for a while.
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        method = client._transport._methods["Infer"]
+        asked: list[float | None] = []
+        given: list[float | None] = []
+        fallback = method.fallback
+
+        def overloaded(request: bytes, timeout: float | None = None, metadata: object = None):  # type: ignore[no-untyped-def]
+            asked.append(timeout)
+            time.sleep(0.3)
+            raise client_lane.LaneRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+
+        def grpc_call(request: bytes, timeout: float | None = None, metadata: object = None):  # type: ignore[no-untyped-def]
+            given.append(timeout)
+            return fallback(request, timeout=timeout, metadata=metadata)
+
+        method.lane.open_lane = overloaded
+        method.fallback = grpc_call
+        for _ in range(2):
+            np.testing.assert_array_equal(client.infer("identity", SMALL)["output"], SMALL)
+        assert len(asked) == 1  # the second call went straight to gRPC
+        assert given[0] is not None and given[0] <= TIMEOUT - 0.3

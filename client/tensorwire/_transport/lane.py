@@ -85,8 +85,17 @@ class LaneRpcError(grpc.RpcError):
         return ()
 
 
-#: A grant's call that ended so keeps a client off the lane for a while (growing).
-_REFUSALS: Final = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+#: A grant's call that ended so keeps a client off the lane for a while (growing): a
+#: refusal, or an overloaded server's (each call would otherwise pay a failing grant's
+#: call before its gRPC one).
+_REFUSALS: Final = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
 #: Status codes by their number on the wire.
 CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
 _IDS = itertools.count(1)
@@ -186,11 +195,15 @@ class Lane:
         self.port = response.port
         self.max_request = response.max_request_bytes
 
-    def refused(self, error: grpc.RpcError | None) -> None:
-        """No lane now: gRPC for a while (a server without one: for long; one that
-        answered the grant's call with a passing status, such as a starting server's
-        UNAVAILABLE: only this call, which gRPC then answers as it would)."""
+    def refused(self, error: grpc.RpcError | None, spent: bool = False) -> None:
+        """No lane now: gRPC for a while (a server without one: for long; one refusing
+        or overloaded: a while, growing; one that answered the grant's call with a
+        passing status, such as a starting server's UNAVAILABLE: only this call, which
+        gRPC then answers as it would). ``spent``: the call's own deadline cut the
+        grant's call short, which says nothing of the server."""
         code = getattr(error, "code", lambda: None)()
+        if spent and code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return
         if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
             self.detours.unreachable(None)
         elif error is None or code in _REFUSALS:
@@ -218,32 +231,37 @@ class LaneMethod:
         self.deserialize = deserialize
 
     def __call__(self, request: bytes, timeout: float | None = None, metadata: Any = None) -> Any:
+        # One deadline for the whole call: the grant, the connection and the call (or
+        # gRPC's) each get what the steps before them left.
+        at = None if timeout is None else time.monotonic() + timeout
         lane = self.lane
         if lane.usable(len(request)):
-            sock = lane.take() or self._open(timeout, metadata)
+            sock = lane.take() or self._open(at, metadata)
             if sock is not None:
-                return self._call(sock, request, timeout, metadata)
-        return self.fallback(request, timeout=timeout, metadata=metadata)
+                return self._call(sock, request, left(at), metadata)
+        return self.fallback(request, timeout=remaining(at), metadata=metadata)
 
-    def _open(self, timeout: float | None, metadata: Any) -> socket.socket | None:
-        """A new connection with a fresh grant; None when none can be had now."""
+    def _open(self, at: float | None, metadata: Any) -> socket.socket | None:
+        """A new connection with a fresh grant, within the deadline ``at``; None when
+        none can be had now."""
         lane = self.lane
         try:
             grant = lane.open_lane(
-                _OPEN_LANE_REQUEST, timeout=_within(timeout), metadata=credentials(metadata)
+                _OPEN_LANE_REQUEST, timeout=_within(left(at)), metadata=credentials(metadata)
             ).message
         except grpc.RpcError as exc:
-            lane.refused(exc)
+            lane.refused(exc, spent=at is not None and time.monotonic() >= at)
             return None
         lane.granted(grant)
         try:
-            sock = socket.create_connection((lane.host, grant.port), timeout=CONNECT_SECONDS)
+            wait = min(CONNECT_SECONDS, _within(left(at)))
+            sock = socket.create_connection((lane.host, grant.port), timeout=wait)
         except OSError:
             lane.detours.unreachable(None)  # nothing listens there, or no route
             return None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(_within(timeout))
+            sock.settimeout(_within(left(at)))
             sock.sendall(OPENING)
             if lane.tls is not None:
                 sock = lane.tls.wrap_socket(sock, server_hostname=lane.server_name)
@@ -358,6 +376,20 @@ def lane_methods(
         if name != "OpenLane":
             out[name] = kind(method_path(name), methods[name], lane, receiver(cls))
     return out
+
+
+def left(at: float | None) -> float | None:
+    """Seconds until the deadline ``at`` (None: none; 0 or less: passed)."""
+    return None if at is None else at - time.monotonic()
+
+
+def remaining(at: float | None) -> float | None:
+    """What is left of the deadline ``at`` for the next step; the deadline's error
+    when nothing is."""
+    wait = left(at)
+    if wait is not None and wait <= 0:
+        raise late()
+    return wait
 
 
 def _within(timeout: float | None) -> float:

@@ -24,6 +24,8 @@ from tensorwire._transport.lane import (
     credentials,
     frame,
     late,
+    left,
+    remaining,
     sizes,
 )
 from tensorwire.wire import lane
@@ -76,32 +78,34 @@ class AsyncLaneMethod:
     async def __call__(
         self, request: bytes, timeout: float | None = None, metadata: Any = None
     ) -> Any:
+        # One deadline for the whole call, as lane.LaneMethod keeps it.
+        at = None if timeout is None else time.monotonic() + timeout
         lane = self.lane
         if lane.usable(len(request)):
-            conn = lane.take() or await self._open(timeout, metadata)
+            conn = lane.take() or await self._open(at, metadata)
             if conn is not None:
-                return await self._call(conn, request, timeout, metadata)
-        return await self.fallback(request, timeout=timeout, metadata=metadata)
+                return await self._call(conn, request, left(at), metadata)
+        return await self.fallback(request, timeout=remaining(at), metadata=metadata)
 
-    async def _open(self, timeout: float | None, metadata: Any) -> Stream | None:
+    async def _open(self, at: float | None, metadata: Any) -> Stream | None:
         lane = self.lane
         try:
-            wait = _within(timeout)
+            wait = _within(left(at))
             given = credentials(metadata)
             granted = await lane.open_lane(_OPEN_LANE_REQUEST, timeout=wait, metadata=given)
             grant = granted.message
         except grpc.RpcError as exc:
-            lane.refused(exc)
+            lane.refused(exc, spent=at is not None and time.monotonic() >= at)
             return None
         lane.granted(grant)
         try:
-            async with asyncio.timeout(CONNECT_SECONDS):
+            async with asyncio.timeout(min(CONNECT_SECONDS, _within(left(at)))):
                 reader, writer = await asyncio.open_connection(lane.host, grant.port)
         except (OSError, TimeoutError):
             lane.detours.unreachable(None)
             return None
         try:
-            async with asyncio.timeout(_within(timeout)):
+            async with asyncio.timeout(_within(left(at))):
                 sock = writer.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -122,6 +126,9 @@ class AsyncLaneMethod:
         self, conn: Stream, request: bytes, timeout: float | None, metadata: Any
     ) -> Any:
         reader, writer = conn
+        if timeout is not None and timeout <= 0:
+            self.lane.give(conn)
+            raise late()  # as gRPC answers a call with no time left
         done = False
         watch = Watch(self.lane.keepalive)
         try:
