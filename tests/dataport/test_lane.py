@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import threading
@@ -289,3 +290,25 @@ def test_one_deadline_for_grant_and_call_and_an_overloaded_grant_detours(
             np.testing.assert_array_equal(client.infer("identity", SMALL)["output"], SMALL)
         assert len(asked) == 1  # the second call went straight to gRPC
         assert given[0] is not None and given[0] <= TIMEOUT - 0.3
+
+
+def test_pooled_connections_past_descriptor_1024_are_reused(server: TensorwireServer) -> None:
+    # select() refuses descriptors past 1024; the pool's check must not drop them.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("this process may not open 1200 descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [open(os.devnull) for _ in range(1100)]  # noqa: SIM115
+    try:
+        with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+            client.infer("identity", SMALL)
+            pooled = lane_of(client).idle[0][1]
+            assert pooled.fileno() >= 1024
+            client.infer("identity", SMALL)
+            assert lane_of(client).idle[0][1] is pooled  # taken and given back, not dropped
+    finally:
+        for f in filler:
+            f.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -431,8 +431,13 @@ def _quiet(sock: socket.socket) -> bool:
     try:
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return False
-        readable, _, _ = select.select([sock], [], [], 0)
-        return not readable
+        # poll, not select: select refuses descriptors past 1024 (a busy process).
+        # Windows has no poll, and its select has no such limit.
+        if not hasattr(select, "poll"):
+            return not select.select([sock], [], [], 0)[0]
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
 
