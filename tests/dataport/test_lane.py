@@ -312,3 +312,43 @@ def test_pooled_connections_past_descriptor_1024_are_reused(server: TensorwireSe
         for f in filler:
             f.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_forked_child_leaves_its_parents_pooled_connections(server: TensorwireServer) -> None:
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        client.infer("identity", SMALL)
+        lane = lane_of(client)
+        assert len(lane.idle) == 1
+        pid = os.fork()
+        if pid == 0:  # the child: nothing of the parent's pool is offered
+            os._exit(0 if lane.take() is None and not lane.idle else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        pooled = lane.idle[0][1]
+        client.infer("identity", SMALL)  # the parent's connection still serves it
+        assert lane.idle[0][1] is pooled
+
+
+def test_an_answer_to_another_call_breaks_the_connection_not_the_call(
+    server: TensorwireServer,
+) -> None:
+    # Another process (a fork's) sends calls on a pooled connection: the next call
+    # there reads an answer with another call's id. It fails as a broken lane would
+    # (UNAVAILABLE, retried: answered) and the connection goes. The others' calls fill
+    # the server's MAX_IN_FLIGHT and sleep, so this call's answer comes after theirs.
+    from tensorwire._messages import infer_request
+    from tensorwire.wire import lane as wire_lane
+
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        client.infer("identity", SMALL)
+        lane = lane_of(client)
+        ((_, shared),) = lane.idle
+        other = infer_request("sleeper", {"x": np.array(1.0)}, None, 0, False).finish()  # type: ignore[arg-type]
+        for n in range(4):
+            shared.sendall(b"".join(wire_lane.request_frame((1 << 40) + n, INFER, 9.0, b"", other)))
+        np.testing.assert_array_equal(client.infer("identity", SMALL)["output"], SMALL)
+        assert shared.fileno() == -1  # closed
+        assert all(conn is not shared for _, conn in lane.idle)
+
+
+INFER = "/tensorwire.v1.TensorService/Infer"

@@ -113,10 +113,21 @@ def late() -> LaneRpcError:
     return LaneRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
 
-def frame(method: str, request: bytes, timeout: float | None, metadata: Any) -> list[bytes]:
-    """A call's request frame: the metadata without the token (the grant stands for it)."""
+def frame(
+    method: str, request: bytes, timeout: float | None, metadata: Any
+) -> tuple[int, list[bytes]]:
+    """A call's id and request frame: the metadata without the token (the grant
+    stands for it)."""
     pairs = [(k, v) for k, v in metadata or () if k != "authorization" and isinstance(v, str)]
-    return lane.request_frame(next(_IDS), method, timeout, lane.pairs(pairs), request)
+    call_id = next(_IDS)
+    return call_id, lane.request_frame(call_id, method, timeout, lane.pairs(pairs), request)
+
+
+def check_answers(head: bytes | bytearray, call_id: int) -> None:
+    """LaneError unless the response frame ``head`` answers call ``call_id``: another
+    answer means another process or thread shares the connection (a fork's)."""
+    if RESPONSE.unpack_from(head)[1] != call_id:
+        raise lane.LaneError("an answer to another call: the connection is shared")
 
 
 def credentials(metadata: Any) -> Any:
@@ -162,6 +173,9 @@ class Lane:
         self.detours: Detours[None] = Detours()
         self.idle: list[tuple[float, Any]] = []
         self.lock = threading.Lock()
+        #: The process the pooled connections belong to: a fork's child shares its
+        #: parent's sockets, and must not use them.
+        self.pid = os.getpid()
         self.closed = False
         #: Keepalive interval and timeout in seconds: the channel's (set_keepalive).
         self.keepalive = (60.0, 20.0)
@@ -170,8 +184,20 @@ class Lane:
         """Whether a request of ``size`` bytes should try the lane now."""
         return not self.closed and size <= self.max_request and self.detours.open(None)
 
+    def forked(self) -> list[tuple[float, Any]]:
+        """After a fork, in the child: the parent's idle connections, no longer this
+        pool's (empty in the process that made them)."""
+        if os.getpid() == self.pid:
+            return []
+        with self.lock:
+            self.pid = os.getpid()
+            inherited, self.idle = self.idle, []
+        return inherited
+
     def take(self) -> Any:
         """An idle connection (None: none); the stale ones go."""
+        for _, conn in self.forked():
+            _close(conn)  # this process's descriptor only: the parent's stays open
         now = time.monotonic()
         while True:
             with self.lock:
@@ -283,7 +309,7 @@ class LaneMethod:
             raise late()  # as gRPC answers a call with no time left
         at = None if timeout is None else time.monotonic() + timeout
         watch = Watch(self.lane.keepalive)
-        head, body = frame(self.path, request, timeout, metadata)
+        call_id, (head, body) = frame(self.path, request, timeout, metadata)
         try:
             sock.settimeout(timeout)
             if len(body) < 65536:
@@ -297,6 +323,7 @@ class LaneMethod:
                 while len(got) >= RESPONSE.size and got[:4] == lane.PONG_MAGIC:
                     del got[: RESPONSE.size]  # the server is alive: wait on
             total = RESPONSE.size + sizes(bytes(got[: RESPONSE.size]))
+            check_answers(got, call_id)
             if len(got) < total:
                 buf = bytearray(total)
                 buf[: len(got)] = got

@@ -21,6 +21,7 @@ from tensorwire._transport.lane import (
     _within,
     answer,
     broke,
+    check_answers,
     credentials,
     frame,
     late,
@@ -37,7 +38,15 @@ Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 class AsyncLane(Lane):
     """Lane with asyncio streams as its connections."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: A fork's child: its parent's connections, kept unused (at most POOLED).
+        self.inherited: list[tuple[float, Any]] = []
+
     def take(self) -> Any:
+        # A fork's child leaves its parent's connections alone: closing a transport
+        # would touch the event loop's selector, which it shares with the parent.
+        self.inherited.extend(self.forked())
         now = time.monotonic()
         while True:
             with self.lock:
@@ -133,11 +142,14 @@ class AsyncLaneMethod:
         watch = Watch(self.lane.keepalive)
         try:
             async with asyncio.timeout(timeout):
-                writer.writelines(frame(self.path, request, timeout, metadata))
+                call_id, pieces = frame(self.path, request, timeout, metadata)
+                writer.writelines(pieces)
                 head = await _head(reader, writer, watch)
                 while head[:4] == lane.PONG_MAGIC:  # the server is alive: wait on
                     head = await _head(reader, writer, watch)
-                rest = await reader.readexactly(sizes(head))
+                size = sizes(head)
+                check_answers(head, call_id)
+                rest = await reader.readexactly(size)
             done = True
         except TimeoutError:
             raise late() from None
