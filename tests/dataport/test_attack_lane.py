@@ -335,3 +335,43 @@ def test_a_connection_in_use_outlives_its_idle_time(
             assert code == 0
             time.sleep(0.1)
         assert closed_by_server(sock)
+
+
+def test_a_stopping_server_sends_the_answers_it_wrote(engine) -> None:  # type: ignore[no-untyped-def]
+    # A client slow to read a large answer when the server stops: the answer was
+    # written (the call finished), so it is sent whole before the connection closes.
+    from tensorwire import _messages
+
+    running = TensorwireServer(Settings(port=0, device=str(engine.device)), engine)
+    running.start()
+    stopper = threading.Thread(target=running.stop, args=(5.0,))
+    try:
+        assert running.dataport is not None and running.lane is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # little in the kernel
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", running.dataport.port))
+        sock.sendall(OPENING + HELLO.pack(HELLO_MAGIC, grant(running, "")))
+        assert sock.recv(len(ACCEPTED), socket.MSG_WAITALL) == ACCEPTED
+        big = np.ones((1, 3 << 19), np.float32)  # 6 MiB each way: more than the kernel holds
+        body = _messages.infer_request("identity", {"input": big}, None, 0, False).finish()  # type: ignore[arg-type]
+        sock.sendall(b"".join(lane.request_frame(5, INFER, 20.0, b"", body)))
+        began = time.monotonic()
+        while running.lane.answered < 1 and time.monotonic() - began < TIMEOUT:
+            time.sleep(0.01)
+        stopper.start()  # its answer is written, mostly not yet sent: stop now
+        _, call_id, code, d, m, b = RESPONSE.unpack(sock.recv(RESPONSE.size, socket.MSG_WAITALL))
+        assert (call_id, code) == (5, 0)
+        rest = bytearray()
+        while len(rest) < d + m + b:
+            piece = sock.recv(1 << 16)
+            if not piece:
+                break
+            rest += piece
+        assert len(rest) == d + m + b > len(big.tobytes())
+        sock.close()
+    finally:
+        if stopper.ident is None:
+            running.stop(None)
+        else:
+            stopper.join(TIMEOUT)

@@ -181,6 +181,22 @@ class LaneServer:
         for conn in list(self.connections):
             conn.close(shutdown=True)
 
+    async def drain(self, wait: float = 1.0) -> None:
+        """Close every connection once the answers written to it are sent, up to
+        ``wait`` seconds (then at once, as ``close``); accept no more. The server's
+        stop has let its calls finish: their answers must not be cut off."""
+        self.closed = True
+        held = list(self.connections)
+        for conn in held:
+            conn.finish()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                while not all(conn.lost for conn in held):
+                    await asyncio.sleep(0.01)
+        for conn in held:
+            if not conn.lost:
+                conn.close(shutdown=True)
+
 
 class LaneConnection(asyncio.Protocol):
     """One lane connection: its grant, its frames, its calls in flight."""
@@ -197,6 +213,8 @@ class LaneConnection(asyncio.Protocol):
         #: is not reading its answers (or pongs), so nothing more is read or parsed.
         self.writing_paused = False
         self.gone = False
+        #: Its transport is closed for good (connection_lost ran).
+        self.lost = False
         self._timer: asyncio.TimerHandle | None = None
         self._pending: tuple[int, float, str, bytes, int] | None = None  # a frame's head
 
@@ -208,6 +226,7 @@ class LaneConnection(asyncio.Protocol):
         self._arm(HELLO_SECONDS)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self.server.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -229,6 +248,15 @@ class LaneConnection(asyncio.Protocol):
             with contextlib.suppress(OSError, AttributeError):
                 sock.shutdown(socket.SHUT_RDWR)
         self.transport.abort()
+
+    def finish(self) -> None:
+        """Close it once what was written to it is sent; it reads nothing more."""
+        self.gone = True
+        self.server.connections.discard(self)
+        if self.transport is None:
+            self.lost = True  # connection_made will close it, and nothing was written
+            return
+        self.transport.close()
 
     def _arm(self, seconds: float) -> None:
         if self._timer is not None:
