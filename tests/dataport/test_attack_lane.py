@@ -10,7 +10,7 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -375,3 +375,31 @@ def test_a_stopping_server_sends_the_answers_it_wrote(engine) -> None:  # type: 
             running.stop(None)
         else:
             stopper.join(TIMEOUT)
+
+
+def test_a_new_connection_may_present_its_grant_before_it_is_evicted(engine) -> None:  # type: ignore[no-untyped-def]
+    # At the cap, a connection just made (no grant yet) is spared for FRESH_SECONDS:
+    # the next newcomer evicts an idle granted one, as the data port's budget does.
+    alice = "alice-token-0123456789abcdef"
+    with served(engine, tokens=TOKENS, fast_lane_connections=3) as running:
+        assert running.lane is not None
+        lane_server = running.lane
+
+        def ungranted() -> int:
+            return sum(c.grant is None for c in list(lane_server.connections))
+
+        def until(done: Callable[[], bool]) -> None:
+            began = time.monotonic()
+            while not done() and time.monotonic() - began < TIMEOUT:
+                time.sleep(0.01)
+
+        held = [opened(running) for _ in range(3)]  # the cap: granted, idle
+        ticket = grant(running, alice)
+        newcomer = connect(running)
+        until(lambda: ungranted() == 1)
+        crowd = connect(running)
+        until(lambda: ungranted() == 2)
+        newcomer.sendall(HELLO.pack(HELLO_MAGIC, ticket))
+        assert newcomer.recv(len(ACCEPTED), socket.MSG_WAITALL) == ACCEPTED
+        for sock in [*held, newcomer, crowd]:
+            sock.close()

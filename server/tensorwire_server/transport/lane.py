@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 HELLO_SECONDS: Final = 3.0
 #: Seconds a connection may sit idle (no call in flight) before it is closed.
 IDLE_SECONDS: Final = 300.0
+#: Seconds a new connection without its grant yet is spared while older ones wait
+#: (dataport/budgets.FRESH_SECONDS): one still without it after this most likely
+#: never will present it.
+FRESH_SECONDS: Final = 1.0
 #: Calls one connection may have in flight before the server stops reading it.
 MAX_IN_FLIGHT: Final = 4
 #: The largest request frame body the lane takes (the client sends larger requests,
@@ -140,15 +144,25 @@ class LaneServer:
             sock.close()
 
     def _room(self) -> bool:
-        """Whether a new connection may be held: past the cap, the one idle longest
-        (or still without a grant) goes; none idle: refused."""
+        """Whether a new connection may be held: past the cap, one goes, by the data
+        port's rule (dataport/budgets.Budget._victim, which this package may not
+        import): the oldest still without a grant past FRESH_SECONDS, else the one idle
+        longest, else the oldest without a grant; none idle: refused. A connection
+        just made is not evicted by the next one before it could present its grant."""
         if len(self.connections) < self.max_connections:
             return True
         idle = [c for c in self.connections if not c.calls]
         if not idle:
             log.warning("fast lane: refused a connection: all %d are busy", self.max_connections)
             return False
-        min(idle, key=lambda c: (c.grant is not None, c.last)).close()
+        stale = time.monotonic() - FRESH_SECONDS
+        waiting = [c for c in idle if c.grant is None]
+        victims = (
+            [c for c in waiting if c.last <= stale]
+            or [c for c in idle if c.grant is not None]
+            or waiting
+        )
+        min(victims, key=lambda c: c.last).close()
         return True
 
     async def handler(self, method: str) -> Handler | None:
