@@ -35,6 +35,7 @@ from tensorwire._transport.methods import RESPONSES, method_path
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import lane
 from tensorwire.wire.codec import receiver
+from tensorwire.wire.dataport import DataPortError, recv_exact
 from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE, RESPONSE_MAGIC
 
 #: The environment variable that turns the lane off where ``fast_lane`` is not given
@@ -292,10 +293,10 @@ class LaneMethod:
             if lane.tls is not None:
                 sock = lane.tls.wrap_socket(sock, server_hostname=lane.server_name)
             sock.sendall(HELLO.pack(HELLO_MAGIC, grant.grant))
-            if _recv_exact(sock, len(ACCEPTED)) == ACCEPTED:
+            if recv_exact(sock, len(ACCEPTED)) == ACCEPTED:
                 lane.detours.accepted(None)
                 return sock
-        except (OSError, EOFError):
+        except (OSError, EOFError, DataPortError):
             pass
         _close(sock)
         lane.refused(None)  # it answered, but not as a lane: gRPC, a while
@@ -440,16 +441,6 @@ def _arm(sock: socket.socket, at: float | None) -> None:
         if left <= 0:
             raise TimeoutError("the call's deadline passed")
         sock.settimeout(left)
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    got = b""
-    while len(got) < size:
-        piece = sock.recv(size - len(got))
-        if not piece:
-            raise EOFError("the lane connection closed")
-        got += piece
-    return got
 
 
 def _quiet(sock: socket.socket) -> bool:
