@@ -185,6 +185,20 @@ class Lane:
         """Whether a request of ``size`` bytes should try the lane now."""
         return not self.closed and size <= self.max_request and self.detours.open(None)
 
+    # The pool's three hooks, for blocking sockets (lane_aio.AsyncLane: streams).
+    def fresh(self, conn: Any) -> bool:
+        """Whether idle ``conn`` may carry a call (a server that closed it made it
+        readable)."""
+        return _quiet(conn)
+
+    def discard(self, conn: Any) -> None:
+        """Close ``conn``: no longer the pool's."""
+        _close(conn)
+
+    def disown(self, conn: Any) -> None:
+        """Let go of ``conn``, a fork's parent's, without a word on it."""
+        _close(conn)  # this process's descriptor only: the parent's stays open
+
     def forked(self) -> list[tuple[float, Any]]:
         """After a fork, in the child: the parent's idle connections, no longer this
         pool's (empty in the process that made them)."""
@@ -198,16 +212,16 @@ class Lane:
     def take(self) -> Any:
         """An idle connection (None: none); the stale ones go."""
         for _, conn in self.forked():
-            _close(conn)  # this process's descriptor only: the parent's stays open
+            self.disown(conn)
         now = time.monotonic()
         while True:
             with self.lock:
                 if not self.idle:
                     return None
                 since, conn = self.idle.pop()
-            if now - since < IDLE_SECONDS and _quiet(conn):
+            if now - since < IDLE_SECONDS and self.fresh(conn):
                 return conn
-            _close(conn)
+            self.discard(conn)
 
     def give(self, conn: Any) -> None:
         """Keep ``conn`` for the next call (or close it: the pool is full, or closed)."""
@@ -215,7 +229,7 @@ class Lane:
             if not self.closed and len(self.idle) < POOLED:
                 self.idle.append((time.monotonic(), conn))
                 return
-        _close(conn)
+        self.discard(conn)
 
     def granted(self, response: Any) -> None:
         """Learn where the lane is from a grant (an OpenLaneResponse)."""
@@ -242,7 +256,7 @@ class Lane:
             self.closed = True
             idle, self.idle = self.idle, []
         for _, conn in idle:
-            _close(conn)
+            self.discard(conn)
 
 
 class LaneMethod:

@@ -14,8 +14,6 @@ import grpc
 from tensorwire._transport.connections import CONNECT_SECONDS
 from tensorwire._transport.lane import (
     _OPEN_LANE_REQUEST,
-    IDLE_SECONDS,
-    POOLED,
     Lane,
     Watch,
     _within,
@@ -41,38 +39,19 @@ class AsyncLane(Lane):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         #: A fork's child: its parent's connections, kept unused (at most POOLED).
-        self.inherited: list[tuple[float, Any]] = []
+        self.inherited: list[Any] = []
 
-    def take(self) -> Any:
-        # A fork's child leaves its parent's connections alone: closing a transport
-        # would touch the event loop's selector, which it shares with the parent.
-        self.inherited.extend(self.forked())
-        now = time.monotonic()
-        while True:
-            with self.lock:
-                if not self.idle:
-                    return None
-                since, conn = self.idle.pop()
-            reader, writer = conn
-            if now - since < IDLE_SECONDS and not (
-                reader.at_eof() or writer.is_closing() or reader._buffer
-            ):
-                return conn
-            writer.transport.abort()
+    def fresh(self, conn: Any) -> bool:
+        reader, writer = conn
+        return not (reader.at_eof() or writer.is_closing() or reader._buffer)
 
-    def give(self, conn: Any) -> None:
-        with self.lock:
-            if not self.closed and len(self.idle) < POOLED:
-                self.idle.append((time.monotonic(), conn))
-                return
+    def discard(self, conn: Any) -> None:
         conn[1].transport.abort()
 
-    def close(self) -> None:
-        with self.lock:
-            self.closed = True
-            idle, self.idle = self.idle, []
-        for _, (_, writer) in idle:
-            writer.transport.abort()
+    def disown(self, conn: Any) -> None:
+        # Kept, unused: closing a transport would touch the event loop's selector,
+        # which a fork's child shares with its parent.
+        self.inherited.append(conn)
 
 
 class AsyncLaneMethod:
