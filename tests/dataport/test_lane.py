@@ -352,3 +352,34 @@ def test_an_answer_to_another_call_breaks_the_connection_not_the_call(
 
 
 INFER = "/tensorwire.v1.TensorService/Infer"
+
+
+def test_one_deadline_and_the_overload_detour_on_the_async_client(server: TensorwireServer) -> None:
+    async def main() -> tuple[list[float | None], list[float | None]]:
+        async with tw.AsyncClient(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+            method = client._transport._methods["Infer"]
+            asked: list[float | None] = []
+            given: list[float | None] = []
+            fallback = method.fallback
+
+            async def overloaded(request: bytes, timeout: float | None = None, **_: object) -> None:
+                asked.append(timeout)
+                await asyncio.sleep(0.3)
+                raise client_lane.LaneRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+
+            async def grpc_call(
+                request: bytes, timeout: float | None = None, metadata: object = None
+            ) -> object:
+                given.append(timeout)
+                return await fallback(request, timeout=timeout, metadata=metadata)
+
+            method.lane.open_lane = overloaded
+            method.fallback = grpc_call
+            for _ in range(2):
+                out = (await client.infer("identity", SMALL))["output"]
+                np.testing.assert_array_equal(out, SMALL)
+            return asked, given
+
+    asked, given = asyncio.run(main())
+    assert len(asked) == 1  # the second call went straight to gRPC
+    assert given[0] is not None and given[0] <= TIMEOUT - 0.3
