@@ -33,6 +33,10 @@ class Call:
     method: str
     request_id: str
     caller: str = ""
+    #: The identity the gate matched the caller's token to (None: no tokens, or not
+    #: yet checked): a fast-lane grant is bound to it, not to its name, which another
+    #: token's line may share (rotation).
+    identity: Any = field(default=None, repr=False)
     target: str = ""  # model or function
     #: The version of the model that answered (0: no model ran).
     version: int = 0

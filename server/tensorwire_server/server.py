@@ -474,8 +474,9 @@ def serve(settings: Settings) -> None:
 
 
 async def _closed(lane: LaneServer) -> None:
-    """Close ``lane``'s connections, on the loop that serves them."""
-    lane.close()
+    """Close ``lane``'s connections, on the loop that serves them, once the answers
+    written to them are sent (up to a second)."""
+    await lane.drain(1.0)
 
 
 def _tracer() -> Tracer | None:

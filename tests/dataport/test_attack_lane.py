@@ -8,8 +8,9 @@ from __future__ import annotations
 import contextlib
 import random
 import socket
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -172,6 +173,20 @@ def test_a_grant_is_its_tokens_and_no_more(server: TensorwireServer) -> None:
 CALL = "/tensorwire.v1.TensorService/Call"
 
 
+def test_a_grant_is_the_matched_tokens_when_names_repeat(engine) -> None:  # type: ignore[no-untyped-def]
+    # Rotation: two lines may share a name. The broad one comes first; the narrow
+    # token's lane must be the narrow line's, not the first line with its name.
+    rotated = "bob * bob-broad-token-0123456789abcdef;bob call bob-narrow-token-0123456789abcdef"
+    with served(engine, tokens=rotated) as running:
+        with opened(running, "bob-narrow-token-0123456789abcdef") as sock:
+            code, message = call(sock, infer_body())
+            assert grpc.StatusCode(code_of(code)) is grpc.StatusCode.PERMISSION_DENIED
+            assert "lacks the 'infer' scope" in message
+        with opened(running, "bob-broad-token-0123456789abcdef") as sock:
+            code, _ = call(sock, infer_body())
+            assert grpc.StatusCode(code_of(code)) is grpc.StatusCode.OK
+
+
 def code_of(number: int) -> tuple[int, str]:
     return next(c.value for c in grpc.StatusCode if c.value[0] == number)
 
@@ -244,3 +259,147 @@ def test_the_lane_speaks_tls_when_grpc_does(engine, tmp_path: Path) -> None:  # 
             np.testing.assert_array_equal(c.infer("identity", SMALL)["output"], SMALL)
             np.testing.assert_array_equal(c.infer("identity", SMALL)["output"], SMALL)
         assert secured.lane.answered == 2
+
+
+def test_a_client_that_never_reads_holds_bounded_server_memory(server: TensorwireServer) -> None:
+    # Pings (each answered by a pong) sent and never read: past the transport's
+    # high-water mark the server stops reading the connection, so the client's sends
+    # block, rather than buffering its unread answers without bound.
+    assert server.lane is not None
+    pings = lane.PING * 4096
+    limit = 64 << 20
+    with opened(server) as sock:
+        sock.settimeout(1.0)
+        sent = 0
+        while sent < limit:
+            try:
+                sent += sock.send(pings)
+            except TimeoutError:  # blocked: stopped for good, or only slow to read?
+                if any(getattr(c, "writing_paused", False) for c in server.lane.connections):
+                    break
+        assert sent < limit
+        (held,) = [c for c in server.lane.connections if c.writing_paused]
+        assert held.transport is not None
+        assert held.transport.get_write_buffer_size() <= 1 << 20
+        assert len(held.buffer) <= 1 << 20
+        serves(server)  # the others are served meanwhile
+    serves(server)
+
+
+def test_calls_in_flight_are_bounded_whatever_one_read_holds(
+    server: TensorwireServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A thousand requests in one write: one read buffers hundreds of them, yet no more
+    # than MAX_IN_FLIGHT run at once; the rest wait in the buffer, and all are answered.
+    most = 0
+    start = server_lane.LaneConnection._start
+
+    def counted(self: server_lane.LaneConnection, *args: object) -> None:
+        nonlocal most
+        start(self, *args)  # type: ignore[arg-type]
+        most = max(most, len(self.calls))
+
+    monkeypatch.setattr(server_lane.LaneConnection, "_start", counted)
+    body = infer_body()
+    count = 1000
+    frames = b"".join(
+        b"".join(lane.request_frame(i, INFER, 20.0, b"", body)) for i in range(1, count + 1)
+    )
+    with opened(server) as sock:
+        sender = threading.Thread(target=sock.sendall, args=(frames,))
+        sender.start()
+        answered: dict[int, int] = {}
+        for _ in range(count):
+            head = sock.recv(RESPONSE.size, socket.MSG_WAITALL)
+            _, call_id, code, d, m, b = RESPONSE.unpack(head)
+            if d + m + b:
+                sock.recv(d + m + b, socket.MSG_WAITALL)
+            answered[call_id] = code
+        sender.join(TIMEOUT)
+    assert sorted(answered) == list(range(1, count + 1))
+    assert set(answered.values()) == {0}
+    assert 1 <= most <= server_lane.MAX_IN_FLIGHT
+    serves(server)
+
+
+def test_a_connection_in_use_outlives_its_idle_time(
+    server: TensorwireServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Idle counts from its last call, not from its grant: calls more often than
+    # IDLE_SECONDS keep the connection; once they stop, it is closed.
+    monkeypatch.setattr(server_lane, "IDLE_SECONDS", 1.0)
+    with opened(server) as sock:
+        began = time.monotonic()
+        while time.monotonic() - began < 3.5:
+            code, _ = call(sock, infer_body())  # on the same connection all along
+            assert code == 0
+            time.sleep(0.1)
+        assert closed_by_server(sock)
+
+
+def test_a_stopping_server_sends_the_answers_it_wrote(engine) -> None:  # type: ignore[no-untyped-def]
+    # A client slow to read a large answer when the server stops: the answer was
+    # written (the call finished), so it is sent whole before the connection closes.
+    from tensorwire import _messages
+
+    running = TensorwireServer(Settings(port=0, device=str(engine.device)), engine)
+    running.start()
+    stopper = threading.Thread(target=running.stop, args=(5.0,))
+    try:
+        assert running.dataport is not None and running.lane is not None
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)  # little in the kernel
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", running.dataport.port))
+        sock.sendall(OPENING + HELLO.pack(HELLO_MAGIC, grant(running, "")))
+        assert sock.recv(len(ACCEPTED), socket.MSG_WAITALL) == ACCEPTED
+        big = np.ones((1, 3 << 19), np.float32)  # 6 MiB each way: more than the kernel holds
+        body = _messages.infer_request("identity", {"input": big}, None, 0, False).finish()  # type: ignore[arg-type]
+        sock.sendall(b"".join(lane.request_frame(5, INFER, 20.0, b"", body)))
+        began = time.monotonic()
+        while running.lane.answered < 1 and time.monotonic() - began < TIMEOUT:
+            time.sleep(0.01)
+        stopper.start()  # its answer is written, mostly not yet sent: stop now
+        _, call_id, code, d, m, b = RESPONSE.unpack(sock.recv(RESPONSE.size, socket.MSG_WAITALL))
+        assert (call_id, code) == (5, 0)
+        rest = bytearray()
+        while len(rest) < d + m + b:
+            piece = sock.recv(1 << 16)
+            if not piece:
+                break
+            rest += piece
+        assert len(rest) == d + m + b > len(big.tobytes())
+        sock.close()
+    finally:
+        if stopper.ident is None:
+            running.stop(None)
+        else:
+            stopper.join(TIMEOUT)
+
+
+def test_a_new_connection_may_present_its_grant_before_it_is_evicted(engine) -> None:  # type: ignore[no-untyped-def]
+    # At the cap, a connection just made (no grant yet) is spared for FRESH_SECONDS:
+    # the next newcomer evicts an idle granted one, as the data port's budget does.
+    alice = "alice-token-0123456789abcdef"
+    with served(engine, tokens=TOKENS, fast_lane_connections=3) as running:
+        assert running.lane is not None
+        lane_server = running.lane
+
+        def ungranted() -> int:
+            return sum(c.grant is None for c in list(lane_server.connections))
+
+        def until(done: Callable[[], bool]) -> None:
+            began = time.monotonic()
+            while not done() and time.monotonic() - began < TIMEOUT:
+                time.sleep(0.01)
+
+        held = [opened(running) for _ in range(3)]  # the cap: granted, idle
+        ticket = grant(running, alice)
+        newcomer = connect(running)
+        until(lambda: ungranted() == 1)
+        crowd = connect(running)
+        until(lambda: ungranted() == 2)
+        newcomer.sendall(HELLO.pack(HELLO_MAGIC, ticket))
+        assert newcomer.recv(len(ACCEPTED), socket.MSG_WAITALL) == ACCEPTED
+        for sock in [*held, newcomer, crowd]:
+            sock.close()

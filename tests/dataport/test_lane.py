@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 
+import grpc
 import numpy as np
 import pytest
 from conftest import TOY_MODELS, engine_server, on_device
@@ -260,3 +262,124 @@ def test_keepalive_notices_a_stopped_server_on_the_lane_as_grpc_does() -> None:
             assert asyncio.run(long_call(target, proc)) < 6
         finally:
             proc.send_signal(signal.SIGCONT)
+
+
+def test_one_deadline_for_grant_and_call_and_an_overloaded_grant_detours(
+    server: TensorwireServer,
+) -> None:
+    # The grant's call spends part of the deadline: gRPC gets only what is left; a
+    # grant refused for overload keeps the next calls off the lane for a while.
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        method = client._transport._methods["Infer"]
+        asked: list[float | None] = []
+        given: list[float | None] = []
+        fallback = method.fallback
+
+        def overloaded(request: bytes, timeout: float | None = None, metadata: object = None):  # type: ignore[no-untyped-def]
+            asked.append(timeout)
+            time.sleep(0.3)
+            raise client_lane.LaneRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+
+        def grpc_call(request: bytes, timeout: float | None = None, metadata: object = None):  # type: ignore[no-untyped-def]
+            given.append(timeout)
+            return fallback(request, timeout=timeout, metadata=metadata)
+
+        method.lane.open_lane = overloaded
+        method.fallback = grpc_call
+        for _ in range(2):
+            np.testing.assert_array_equal(client.infer("identity", SMALL)["output"], SMALL)
+        assert len(asked) == 1  # the second call went straight to gRPC
+        assert given[0] is not None and given[0] <= TIMEOUT - 0.3
+
+
+def test_pooled_connections_past_descriptor_1024_are_reused(server: TensorwireServer) -> None:
+    # select() refuses descriptors past 1024; the pool's check must not drop them.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("this process may not open 1200 descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    filler = [open(os.devnull) for _ in range(1100)]  # noqa: SIM115
+    try:
+        with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+            client.infer("identity", SMALL)
+            pooled = lane_of(client).idle[0][1]
+            assert pooled.fileno() >= 1024
+            client.infer("identity", SMALL)
+            assert lane_of(client).idle[0][1] is pooled  # taken and given back, not dropped
+    finally:
+        for f in filler:
+            f.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_forked_child_leaves_its_parents_pooled_connections(server: TensorwireServer) -> None:
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        client.infer("identity", SMALL)
+        lane = lane_of(client)
+        assert len(lane.idle) == 1
+        pid = os.fork()
+        if pid == 0:  # the child: nothing of the parent's pool is offered
+            os._exit(0 if lane.take() is None and not lane.idle else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        pooled = lane.idle[0][1]
+        client.infer("identity", SMALL)  # the parent's connection still serves it
+        assert lane.idle[0][1] is pooled
+
+
+def test_an_answer_to_another_call_breaks_the_connection_not_the_call(
+    server: TensorwireServer,
+) -> None:
+    # Another process (a fork's) sends calls on a pooled connection: the next call
+    # there reads an answer with another call's id. It fails as a broken lane would
+    # (UNAVAILABLE, retried: answered) and the connection goes. The others' calls fill
+    # the server's MAX_IN_FLIGHT and sleep, so this call's answer comes after theirs.
+    from tensorwire._messages import infer_request
+    from tensorwire.wire import lane as wire_lane
+
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        client.infer("identity", SMALL)
+        lane = lane_of(client)
+        ((_, shared),) = lane.idle
+        other = infer_request("sleeper", {"x": np.array(1.0)}, None, 0, False).finish()  # type: ignore[arg-type]
+        for n in range(4):
+            shared.sendall(b"".join(wire_lane.request_frame((1 << 40) + n, INFER, 9.0, b"", other)))
+        np.testing.assert_array_equal(client.infer("identity", SMALL)["output"], SMALL)
+        assert shared.fileno() == -1  # closed
+        assert all(conn is not shared for _, conn in lane.idle)
+
+
+INFER = "/tensorwire.v1.TensorService/Infer"
+
+
+def test_one_deadline_and_the_overload_detour_on_the_async_client(server: TensorwireServer) -> None:
+    async def main() -> tuple[list[float | None], list[float | None]]:
+        async with tw.AsyncClient(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+            method = client._transport._methods["Infer"]
+            asked: list[float | None] = []
+            given: list[float | None] = []
+            fallback = method.fallback
+
+            async def overloaded(request: bytes, timeout: float | None = None, **_: object) -> None:
+                asked.append(timeout)
+                await asyncio.sleep(0.3)
+                raise client_lane.LaneRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "busy")
+
+            async def grpc_call(
+                request: bytes, timeout: float | None = None, metadata: object = None
+            ) -> object:
+                given.append(timeout)
+                return await fallback(request, timeout=timeout, metadata=metadata)
+
+            method.lane.open_lane = overloaded
+            method.fallback = grpc_call
+            for _ in range(2):
+                out = (await client.infer("identity", SMALL))["output"]
+                np.testing.assert_array_equal(out, SMALL)
+            return asked, given
+
+    asked, given = asyncio.run(main())
+    assert len(asked) == 1  # the second call went straight to gRPC
+    assert given[0] is not None and given[0] <= TIMEOUT - 0.3

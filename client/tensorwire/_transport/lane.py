@@ -36,6 +36,7 @@ from tensorwire.errors import TensorwireError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import lane
 from tensorwire.wire.codec import receiver
+from tensorwire.wire.dataport import DataPortError, recv_exact
 from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE, RESPONSE_MAGIC
 
 #: The environment variable that turns the lane off where ``fast_lane`` is not given
@@ -89,8 +90,17 @@ class LaneRpcError(grpc.RpcError):
         return ()
 
 
-#: A grant's call that ended so keeps a client off the lane for a while (growing).
-_REFUSALS: Final = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+#: A grant's call that ended so keeps a client off the lane for a while (growing): a
+#: refusal, or an overloaded server's (each call would otherwise pay a failing grant's
+#: call before its gRPC one).
+_REFUSALS: Final = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+    }
+)
 #: Status codes by their number on the wire.
 CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
 _IDS = itertools.count(1)
@@ -123,10 +133,21 @@ def late() -> LaneRpcError:
     return LaneRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
 
 
-def frame(method: str, request: bytes, timeout: float | None, metadata: Any) -> list[bytes]:
-    """A call's request frame: the metadata without the token (the grant stands for it)."""
+def frame(
+    method: str, request: bytes, timeout: float | None, metadata: Any
+) -> tuple[int, list[bytes]]:
+    """A call's id and request frame: the metadata without the token (the grant
+    stands for it)."""
     pairs = [(k, v) for k, v in metadata or () if k != "authorization" and isinstance(v, str)]
-    return lane.request_frame(next(_IDS), method, timeout, lane.pairs(pairs), request)
+    call_id = next(_IDS)
+    return call_id, lane.request_frame(call_id, method, timeout, lane.pairs(pairs), request)
+
+
+def check_answers(head: bytes | bytearray, call_id: int) -> None:
+    """LaneError unless the response frame ``head`` answers call ``call_id``: another
+    answer means another process or thread shares the connection (a fork's)."""
+    if RESPONSE.unpack_from(head)[1] != call_id:
+        raise lane.LaneError("an answer to another call: the connection is shared")
 
 
 def credentials(metadata: Any) -> Any:
@@ -181,6 +202,9 @@ class Lane:
         self.detours: Detours[None] = Detours()
         self.idle: list[tuple[float, Any]] = []
         self.lock = threading.Lock()
+        #: The process the pooled connections belong to: a fork's child shares its
+        #: parent's sockets, and must not use them.
+        self.pid = os.getpid()
         self.closed = False
         #: Keepalive interval and timeout in seconds: the channel's (set_keepalive).
         self.keepalive = (60.0, 20.0)
@@ -211,17 +235,43 @@ class Lane:
             self._one = (now, one)
         return one
 
+    # The pool's three hooks, for blocking sockets (lane_aio.AsyncLane: streams).
+    def fresh(self, conn: Any) -> bool:
+        """Whether idle ``conn`` may carry a call (a server that closed it made it
+        readable)."""
+        return _quiet(conn)
+
+    def discard(self, conn: Any) -> None:
+        """Close ``conn``: no longer the pool's."""
+        _close(conn)
+
+    def disown(self, conn: Any) -> None:
+        """Let go of ``conn``, a fork's parent's, without a word on it."""
+        _close(conn)  # this process's descriptor only: the parent's stays open
+
+    def forked(self) -> list[tuple[float, Any]]:
+        """After a fork, in the child: the parent's idle connections, no longer this
+        pool's (empty in the process that made them)."""
+        if os.getpid() == self.pid:
+            return []
+        with self.lock:
+            self.pid = os.getpid()
+            inherited, self.idle = self.idle, []
+        return inherited
+
     def take(self) -> Any:
         """An idle connection (None: none); the stale ones go."""
+        for _, conn in self.forked():
+            self.disown(conn)
         now = time.monotonic()
         while True:
             with self.lock:
                 if not self.idle:
                     return None
                 since, conn = self.idle.pop()
-            if now - since < IDLE_SECONDS and _quiet(conn):
+            if now - since < IDLE_SECONDS and self.fresh(conn):
                 return conn
-            _close(conn)
+            self.discard(conn)
 
     def give(self, conn: Any) -> None:
         """Keep ``conn`` for the next call (or close it: the pool is full, or closed)."""
@@ -229,18 +279,22 @@ class Lane:
             if not self.closed and len(self.idle) < POOLED:
                 self.idle.append((time.monotonic(), conn))
                 return
-        _close(conn)
+        self.discard(conn)
 
     def granted(self, response: Any) -> None:
         """Learn where the lane is from a grant (an OpenLaneResponse)."""
         self.port = response.port
         self.max_request = response.max_request_bytes
 
-    def refused(self, error: grpc.RpcError | None) -> None:
-        """No lane now: gRPC for a while (a server without one: for long; one that
-        answered the grant's call with a passing status, such as a starting server's
-        UNAVAILABLE: only this call, which gRPC then answers as it would)."""
+    def refused(self, error: grpc.RpcError | None, spent: bool = False) -> None:
+        """No lane now: gRPC for a while (a server without one: for long; one refusing
+        or overloaded: a while, growing; one that answered the grant's call with a
+        passing status, such as a starting server's UNAVAILABLE: only this call, which
+        gRPC then answers as it would). ``spent``: the call's own deadline cut the
+        grant's call short, which says nothing of the server."""
         code = getattr(error, "code", lambda: None)()
+        if spent and code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return
         if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
             self.detours.unreachable(None)
         elif error is None or code in _REFUSALS:
@@ -252,7 +306,7 @@ class Lane:
             self.closed = True
             idle, self.idle = self.idle, []
         for _, conn in idle:
-            _close(conn)
+            self.discard(conn)
 
 
 class LaneMethod:
@@ -268,41 +322,46 @@ class LaneMethod:
         self.deserialize = deserialize
 
     def __call__(self, request: bytes, timeout: float | None = None, metadata: Any = None) -> Any:
+        # One deadline for the whole call: the grant, the connection and the call (or
+        # gRPC's) each get what the steps before them left.
+        at = None if timeout is None else time.monotonic() + timeout
         lane = self.lane
         if lane.usable(len(request)):
-            sock = lane.take() or self._open(timeout, metadata)
+            sock = lane.take() or self._open(at, metadata)
             if sock is not None:
-                return self._call(sock, request, timeout, metadata)
-        return self.fallback(request, timeout=timeout, metadata=metadata)
+                return self._call(sock, request, left(at), metadata)
+        return self.fallback(request, timeout=remaining(at), metadata=metadata)
 
-    def _open(self, timeout: float | None, metadata: Any) -> socket.socket | None:
-        """A new connection with a fresh grant; None when none can be had now."""
+    def _open(self, at: float | None, metadata: Any) -> socket.socket | None:
+        """A new connection with a fresh grant, within the deadline ``at``; None when
+        none can be had now."""
         lane = self.lane
         try:
             grant = lane.open_lane(
-                _OPEN_LANE_REQUEST, timeout=_within(timeout), metadata=credentials(metadata)
+                _OPEN_LANE_REQUEST, timeout=_within(left(at)), metadata=credentials(metadata)
             ).message
         except grpc.RpcError as exc:
-            lane.refused(exc)
+            lane.refused(exc, spent=at is not None and time.monotonic() >= at)
             return None
         lane.granted(grant)
         try:
-            sock = socket.create_connection((lane.host, grant.port), timeout=CONNECT_SECONDS)
+            wait = min(CONNECT_SECONDS, _within(left(at)))
+            sock = socket.create_connection((lane.host, grant.port), timeout=wait)
         except OSError:
             lane.detours.unreachable(None)  # nothing listens there, or no route
             return None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             unacknowledged(sock, lane)
-            sock.settimeout(_within(timeout))
+            sock.settimeout(_within(left(at)))
             sock.sendall(OPENING)
             if lane.tls is not None:
                 sock = lane.tls.wrap_socket(sock, server_hostname=lane.server_name)
             sock.sendall(HELLO.pack(HELLO_MAGIC, grant.grant))
-            if _recv_exact(sock, len(ACCEPTED)) == ACCEPTED:
+            if recv_exact(sock, len(ACCEPTED)) == ACCEPTED:
                 lane.detours.accepted(None)
                 return sock
-        except (OSError, EOFError):
+        except (OSError, EOFError, DataPortError):
             pass
         _close(sock)
         lane.refused(None)  # it answered, but not as a lane: gRPC, a while
@@ -316,7 +375,7 @@ class LaneMethod:
             raise late()  # as gRPC answers a call with no time left
         at = None if timeout is None else time.monotonic() + timeout
         watch = Watch(self.lane.keepalive)
-        head, body = frame(self.path, request, timeout, metadata)
+        call_id, (head, body) = frame(self.path, request, timeout, metadata)
         try:
             sock.settimeout(timeout)
             if len(body) < 65536:
@@ -330,6 +389,7 @@ class LaneMethod:
                 while len(got) >= RESPONSE.size and got[:4] == lane.PONG_MAGIC:
                     del got[: RESPONSE.size]  # the server is alive: wait on
             total = RESPONSE.size + sizes(bytes(got[: RESPONSE.size]))
+            check_answers(got, call_id)
             if len(got) < total:
                 buf = bytearray(total)
                 buf[: len(got)] = got
@@ -411,6 +471,20 @@ def lane_methods(
     return out
 
 
+def left(at: float | None) -> float | None:
+    """Seconds until the deadline ``at`` (None: none; 0 or less: passed)."""
+    return None if at is None else at - time.monotonic()
+
+
+def remaining(at: float | None) -> float | None:
+    """What is left of the deadline ``at`` for the next step; the deadline's error
+    when nothing is."""
+    wait = left(at)
+    if wait is not None and wait <= 0:
+        raise late()
+    return wait
+
+
 def _within(timeout: float | None) -> float:
     """A grant's and a connection's wait: ANSWER_SECONDS, or less when the call has less."""
     return ANSWER_SECONDS if timeout is None else max(min(timeout, ANSWER_SECONDS), 0.001)
@@ -434,24 +508,19 @@ def _arm(sock: socket.socket, at: float | None) -> None:
         sock.settimeout(left)
 
 
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    got = b""
-    while len(got) < size:
-        piece = sock.recv(size - len(got))
-        if not piece:
-            raise EOFError("the lane connection closed")
-        got += piece
-    return got
-
-
 def _quiet(sock: socket.socket) -> bool:
     """Whether an idle connection has nothing to read: a server that closed it (idle,
     evicted, stopped) made it readable."""
     try:
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return False
-        readable, _, _ = select.select([sock], [], [], 0)
-        return not readable
+        # poll, not select: select refuses descriptors past 1024 (a busy process).
+        # Windows has no poll, and its select has no such limit.
+        if not hasattr(select, "poll"):
+            return not select.select([sock], [], [], 0)[0]
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLPRI)
+        return not poller.poll(0)
     except (OSError, ValueError):
         return False
 

@@ -14,16 +14,17 @@ import grpc
 from tensorwire._transport.connections import CONNECT_SECONDS
 from tensorwire._transport.lane import (
     _OPEN_LANE_REQUEST,
-    IDLE_SECONDS,
-    POOLED,
     Lane,
     Watch,
     _within,
     answer,
     broke,
+    check_answers,
     credentials,
     frame,
     late,
+    left,
+    remaining,
     sizes,
     unacknowledged,
 )
@@ -36,33 +37,22 @@ Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 class AsyncLane(Lane):
     """Lane with asyncio streams as its connections."""
 
-    def take(self) -> Any:
-        now = time.monotonic()
-        while True:
-            with self.lock:
-                if not self.idle:
-                    return None
-                since, conn = self.idle.pop()
-            reader, writer = conn
-            if now - since < IDLE_SECONDS and not (
-                reader.at_eof() or writer.is_closing() or reader._buffer
-            ):
-                return conn
-            writer.transport.abort()
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: A fork's child: its parent's connections, kept unused (at most POOLED).
+        self.inherited: list[Any] = []
 
-    def give(self, conn: Any) -> None:
-        with self.lock:
-            if not self.closed and len(self.idle) < POOLED:
-                self.idle.append((time.monotonic(), conn))
-                return
+    def fresh(self, conn: Any) -> bool:
+        reader, writer = conn
+        return not (reader.at_eof() or writer.is_closing() or reader._buffer)
+
+    def discard(self, conn: Any) -> None:
         conn[1].transport.abort()
 
-    def close(self) -> None:
-        with self.lock:
-            self.closed = True
-            idle, self.idle = self.idle, []
-        for _, (_, writer) in idle:
-            writer.transport.abort()
+    def disown(self, conn: Any) -> None:
+        # Kept, unused: closing a transport would touch the event loop's selector,
+        # which a fork's child shares with its parent.
+        self.inherited.append(conn)
 
 
 class AsyncLaneMethod:
@@ -77,32 +67,34 @@ class AsyncLaneMethod:
     async def __call__(
         self, request: bytes, timeout: float | None = None, metadata: Any = None
     ) -> Any:
+        # One deadline for the whole call, as lane.LaneMethod keeps it.
+        at = None if timeout is None else time.monotonic() + timeout
         lane = self.lane
         if lane.usable(len(request)):
-            conn = lane.take() or await self._open(timeout, metadata)
+            conn = lane.take() or await self._open(at, metadata)
             if conn is not None:
-                return await self._call(conn, request, timeout, metadata)
-        return await self.fallback(request, timeout=timeout, metadata=metadata)
+                return await self._call(conn, request, left(at), metadata)
+        return await self.fallback(request, timeout=remaining(at), metadata=metadata)
 
-    async def _open(self, timeout: float | None, metadata: Any) -> Stream | None:
+    async def _open(self, at: float | None, metadata: Any) -> Stream | None:
         lane = self.lane
         try:
-            wait = _within(timeout)
+            wait = _within(left(at))
             given = credentials(metadata)
             granted = await lane.open_lane(_OPEN_LANE_REQUEST, timeout=wait, metadata=given)
             grant = granted.message
         except grpc.RpcError as exc:
-            lane.refused(exc)
+            lane.refused(exc, spent=at is not None and time.monotonic() >= at)
             return None
         lane.granted(grant)
         try:
-            async with asyncio.timeout(CONNECT_SECONDS):
+            async with asyncio.timeout(min(CONNECT_SECONDS, _within(left(at)))):
                 reader, writer = await asyncio.open_connection(lane.host, grant.port)
         except (OSError, TimeoutError):
             lane.detours.unreachable(None)
             return None
         try:
-            async with asyncio.timeout(_within(timeout)):
+            async with asyncio.timeout(_within(left(at))):
                 sock = writer.get_extra_info("socket")
                 if sock is not None:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -124,15 +116,21 @@ class AsyncLaneMethod:
         self, conn: Stream, request: bytes, timeout: float | None, metadata: Any
     ) -> Any:
         reader, writer = conn
+        if timeout is not None and timeout <= 0:
+            self.lane.give(conn)
+            raise late()  # as gRPC answers a call with no time left
         done = False
         watch = Watch(self.lane.keepalive)
         try:
             async with asyncio.timeout(timeout):
-                writer.writelines(frame(self.path, request, timeout, metadata))
+                call_id, pieces = frame(self.path, request, timeout, metadata)
+                writer.writelines(pieces)
                 head = await _head(reader, writer, watch)
                 while head[:4] == lane.PONG_MAGIC:  # the server is alive: wait on
                     head = await _head(reader, writer, watch)
-                rest = await reader.readexactly(sizes(head))
+                size = sizes(head)
+                check_answers(head, call_id)
+                rest = await reader.readexactly(size)
             done = True
         except TimeoutError:
             raise late() from None

@@ -160,6 +160,7 @@ class Gate(_Interceptor):
         """The call is ``identity``'s: refused unless it holds ``scope``."""
         method = call.method
         call.caller = identity.name
+        call.identity = identity
         if scope != AUTHENTICATED and scope not in identity.scopes:
             log.info("%s: token %r lacks scope %r", method, identity.name, scope)
             return Reject(

@@ -41,7 +41,7 @@ from tensorwire.wire.lane import (
 )
 from tensorwire_server.transport.grants import Grant, Grants
 from tensorwire_server.transport.lane_context import LaneContext, lane_metadata
-from tensorwire_server.transport.security import Tokens
+from tensorwire_server.transport.security import Identity, Tokens
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ log = logging.getLogger(__name__)
 HELLO_SECONDS: Final = 3.0
 #: Seconds a connection may sit idle (no call in flight) before it is closed.
 IDLE_SECONDS: Final = 300.0
+#: Seconds a new connection without its grant yet is spared while older ones wait
+#: (dataport/budgets.FRESH_SECONDS): one still without it after this most likely
+#: never will present it.
+FRESH_SECONDS: Final = 1.0
 #: Calls one connection may have in flight before the server stops reading it.
 MAX_IN_FLIGHT: Final = 4
 #: The largest request frame body the lane takes (the client sends larger requests,
@@ -103,10 +107,11 @@ class LaneServer:
         self.answered = 0
         self.closed = False
 
-    def grant(self, name: str) -> tuple[bytes, float]:
-        """A grant for the caller named ``name`` (the gate authenticated it; "" on a
-        server without tokens), and the seconds it stays good."""
-        identity = self.tokens.named(name) if self.tokens else None
+    def grant(self, identity: Identity | None) -> tuple[bytes, float]:
+        """A grant for ``identity``, the one the gate matched the caller's token to
+        (None on a server without tokens), and the seconds it stays good. Its identity,
+        not its name: two token lines may share a name (rotation) with other scopes."""
+        name = identity.name if identity is not None else ""
         return self.grants.issue(identity, name), self.grants.seconds
 
     def adopt(self, sock: socket.socket) -> None:
@@ -139,15 +144,25 @@ class LaneServer:
             sock.close()
 
     def _room(self) -> bool:
-        """Whether a new connection may be held: past the cap, the one idle longest
-        (or still without a grant) goes; none idle: refused."""
+        """Whether a new connection may be held: past the cap, one goes, by the data
+        port's rule (dataport/budgets.Budget._victim, which this package may not
+        import): the oldest still without a grant past FRESH_SECONDS, else the one idle
+        longest, else the oldest without a grant; none idle: refused. A connection
+        just made is not evicted by the next one before it could present its grant."""
         if len(self.connections) < self.max_connections:
             return True
         idle = [c for c in self.connections if not c.calls]
         if not idle:
             log.warning("fast lane: refused a connection: all %d are busy", self.max_connections)
             return False
-        min(idle, key=lambda c: (c.grant is not None, c.last)).close()
+        stale = time.monotonic() - FRESH_SECONDS
+        waiting = [c for c in idle if c.grant is None]
+        victims = (
+            [c for c in waiting if c.last <= stale]
+            or [c for c in idle if c.grant is not None]
+            or waiting
+        )
+        min(victims, key=lambda c: c.last).close()
         return True
 
     async def handler(self, method: str) -> Handler | None:
@@ -180,6 +195,22 @@ class LaneServer:
         for conn in list(self.connections):
             conn.close(shutdown=True)
 
+    async def drain(self, wait: float = 1.0) -> None:
+        """Close every connection once the answers written to it are sent, up to
+        ``wait`` seconds (then at once, as ``close``); accept no more. The server's
+        stop has let its calls finish: their answers must not be cut off."""
+        self.closed = True
+        held = list(self.connections)
+        for conn in held:
+            conn.finish()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(wait):
+                while not all(conn.lost for conn in held):
+                    await asyncio.sleep(0.01)
+        for conn in held:
+            if not conn.lost:
+                conn.close(shutdown=True)
+
 
 class LaneConnection(asyncio.Protocol):
     """One lane connection: its grant, its frames, its calls in flight."""
@@ -192,8 +223,12 @@ class LaneConnection(asyncio.Protocol):
         #: Calls in flight, by id, with their contexts.
         self.calls: dict[int, tuple[asyncio.Task[None], LaneContext]] = {}
         self.last = time.monotonic()
-        self.paused = False
+        #: The transport holds more unsent bytes than its high-water mark: the client
+        #: is not reading its answers (or pongs), so nothing more is read or parsed.
+        self.writing_paused = False
         self.gone = False
+        #: Its transport is closed for good (connection_lost ran).
+        self.lost = False
         self._timer: asyncio.TimerHandle | None = None
         self._pending: tuple[int, float, str, bytes, int] | None = None  # a frame's head
 
@@ -205,6 +240,7 @@ class LaneConnection(asyncio.Protocol):
         self._arm(HELLO_SECONDS)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
         self.server.connections.discard(self)
         if self._timer is not None:
             self._timer.cancel()
@@ -227,19 +263,59 @@ class LaneConnection(asyncio.Protocol):
                 sock.shutdown(socket.SHUT_RDWR)
         self.transport.abort()
 
+    def finish(self) -> None:
+        """Close it once what was written to it is sent; it reads nothing more."""
+        self.gone = True
+        self.server.connections.discard(self)
+        if self.transport is None:
+            self.lost = True  # connection_made will close it, and nothing was written
+            return
+        self.transport.close()
+
     def _arm(self, seconds: float) -> None:
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self.server.loop.call_later(seconds, self._expire)
 
     def _expire(self) -> None:
-        if self.grant is None or not self.calls:
+        # Idle is since its last call began or ended, not since its grant: a busy
+        # connection lives on between its calls.
+        idle = time.monotonic() - self.last
+        if self.grant is None or (not self.calls and idle >= IDLE_SECONDS):
             self.close()  # no grant in time, or idle too long
         else:
-            self._arm(IDLE_SECONDS)
+            self._arm(IDLE_SECONDS if self.calls else IDLE_SECONDS - idle)
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
+        self._parse()
+
+    def pause_writing(self) -> None:
+        # A client that sends and never reads would grow the transport's buffer
+        # without bound: stop reading it (its sends then block) until it drains.
+        self.writing_paused = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        self._resume()
+
+    def _held(self) -> bool:
+        """Whether to read and parse no more for now: its answers wait to be sent, or
+        it has MAX_IN_FLIGHT calls running (what one read buffered waits its turn)."""
+        return self.writing_paused or len(self.calls) >= MAX_IN_FLIGHT
+
+    def _resume(self) -> None:
+        """Read again, and parse what is buffered, unless still held."""
+        transport = self.transport
+        if self._held() or transport is None or transport.is_closing():
+            return
+        transport.resume_reading()
+        self._parse()
+
+    def _parse(self) -> None:
+        """Parse and start what is buffered; a malformed frame closes the connection."""
         try:
             self._frames()
         except lane.LaneError as exc:
@@ -249,6 +325,8 @@ class LaneConnection(asyncio.Protocol):
     def _frames(self) -> None:
         buffer = self.buffer
         while self.transport is not None and not self.transport.is_closing():
+            if self._held():
+                return
             if self.grant is None:
                 if len(buffer) < HELLO.size:
                     return
@@ -302,7 +380,6 @@ class LaneConnection(asyncio.Protocol):
         self.calls[call_id] = (task, context)
         self.last = time.monotonic()
         if len(self.calls) >= MAX_IN_FLIGHT and self.transport is not None:
-            self.paused = True
             self.transport.pause_reading()
 
     async def _call(self, call_id: int, method: str, body: bytes, context: LaneContext) -> None:
@@ -340,9 +417,8 @@ class LaneConnection(asyncio.Protocol):
         context.done()
         self.calls.pop(call_id, None)
         self.last = time.monotonic()
-        if self.paused and len(self.calls) < MAX_IN_FLIGHT and transport is not None:
-            self.paused = False
-            transport.resume_reading()
+        if len(self.calls) < MAX_IN_FLIGHT:  # room again: read, and parse what waits
+            self._resume()
 
 
 async def _one(body: bytes) -> AsyncIterator[bytes]:

@@ -132,13 +132,6 @@ class Tokens:
     def __len__(self) -> int:
         return len(self._digests)
 
-    def named(self, name: str) -> Identity | None:
-        """The identity a token's line names ``name`` (a fast-lane grant's)."""
-        for _, identity in self._digests:
-            if identity.name == name:
-                return identity
-        return None
-
     def identify(self, token: str) -> Identity | None:
         """The identity ``token`` belongs to, or None. Every entry is compared, in
         constant time, so the time taken says nothing about which one (nearly) matched."""

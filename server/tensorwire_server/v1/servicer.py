@@ -95,7 +95,7 @@ class TensorServicer:
         if lane is None:
             raise FailedPreconditionError("the server's fast lane is off: call over gRPC")
         call = calls.current()
-        grant, seconds = lane.grant(call.caller if call is not None else "")
+        grant, seconds = lane.grant(call.identity if call is not None else None)
         return Encoder(
             pb.OpenLaneResponse(
                 grant=grant,
