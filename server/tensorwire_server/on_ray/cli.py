@@ -17,6 +17,7 @@ from typing import Any
 
 from tensorwire_server.cli import build_parser, settings_from
 from tensorwire_server.on_ray.autoscale import Scaling
+from tensorwire_server.settings import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -78,6 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refusal(args: argparse.Namespace, settings: Settings) -> str | None:
+    """Why these flags cannot make a fleet (checked before joining the cluster: a
+    replica that fails to start is retried for ever); None: they can."""
+    if args.dns and settings.port == 0:
+        return (
+            "--dns needs a fixed --port: a name carries addresses, not ports, and "
+            "replicas on port 0 each take a different one"
+        )
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Deploy, keep the fleet until a signal, drain it."""
     argv = sys.argv[1:] if argv is None else argv
@@ -96,8 +108,11 @@ def main(argv: list[str] | None = None) -> int:
             up_seconds=args.scale_up_seconds,
             down_seconds=args.scale_down_seconds,
         )
+        refused = _refusal(args, settings)
     except ValueError as exc:
-        print(f"tensorwire on Ray: {exc}", file=sys.stderr)
+        refused = str(exc)
+    if refused:
+        print(f"tensorwire on Ray: {refused}", file=sys.stderr)
         return 2
     try:
         import ray as imported

@@ -69,6 +69,8 @@ class Fleet:
     dns: Responder | None = None
     list_file: Path | None = None
     members: list[Member] = field(default_factory=list)
+    #: Replicas off the list, draining: they still hold their ports and resources.
+    draining: list[Member] = field(default_factory=list)
     quarantine: dict[str, float] = field(default_factory=dict)
     _published: tuple[str, ...] = ()
     _drains: list[threading.Thread] = field(default_factory=list)
@@ -117,9 +119,11 @@ class Fleet:
         return [n for n in alive if self.quarantine.get(n["NodeID"], 0.0) <= now]
 
     def _add(self) -> bool:
-        """Start a replica on the node holding fewest (that has room); False: none has."""
+        """Start a replica on the node holding fewest (that has room); False: none has.
+        Replicas draining count until they end: they hold their ports (a new replica
+        there would take the next, outside the name) and their share of the node."""
         held: dict[str, int] = {}
-        for m in self.members:
+        for m in [*self.members, *self.draining]:
             held[m.node_id] = held.get(m.node_id, 0) + 1
         room = []
         for node in self._nodes():
@@ -202,6 +206,7 @@ class Fleet:
         """Take ``member`` off the list now; drain it and end it once clients have
         had UNLIST_SECONDS to resolve the list again."""
         self.members.remove(member)
+        self.draining.append(member)
         address = member.placed.address if member.placed else "?"
         log.info("scaling down: draining %s", address)
 
@@ -211,7 +216,10 @@ class Fleet:
                 ray.get(member.actor.drain.remote(self.drain_grace), timeout=self.drain_grace + 30)
             except ray.exceptions.RayError as exc:  # GetTimeoutError is one
                 log.warning("draining %s: %s", address, exc)
-            ray.kill(member.actor, no_restart=True)
+            try:
+                ray.kill(member.actor, no_restart=True)
+            finally:
+                self.draining.remove(member)  # its node has room again
             log.info("replica %s stopped", address)
 
         thread = threading.Thread(target=drain, name=f"drain-{address}", daemon=True)
