@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from support.netns import CLIENT_IP, SERVER_IP, Hosts, two_hosts
-from support.servers import TESTS
+from support.servers import TESTS, server_env
 
 HEAD_IP, WORKER_IP = SERVER_IP, CLIENT_IP
 #: The name the fleet answers for, and its gRPC port on every node.
@@ -179,15 +179,16 @@ def ray_cluster() -> Iterator[Cluster]:
     if os.geteuid() != 0 or not Path("/usr/bin/unshare").exists():
         pytest.skip("a Ray cluster in namespaces needs root, iproute2 and unshare")
     with two_hosts() as hosts, tempfile.TemporaryDirectory(prefix="tw-ray-") as tmp:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server"), str(TESTS)]),
-            "RAY_USAGE_STATS_ENABLED": "0",
+        # A server's environment (REST on any free port: the benchmark's Ray Serve
+        # proxy takes 8000 on the head), this checkout's packages first on the path.
+        env = server_env(
+            PYTHONPATH=os.pathsep.join([str(ROOT / "client"), str(ROOT / "server"), str(TESTS)]),
+            RAY_USAGE_STATS_ENABLED="0",
             # Ray keeps files under ~/.ray (Serve writes an auth token there, which
             # every later cluster then demands): this cluster's own home instead.
-            "HOME": tmp,
-            "RAY_DEDUP_LOGS": "0",
-        }
+            HOME=tmp,
+            RAY_DEDUP_LOGS="0",
+        )
         cluster = Cluster(hosts, Path(tmp), env)
         (cluster.tmp / "resolv.conf").write_text(f"nameserver {HEAD_IP}\noptions timeout:1\n")
         try:
