@@ -135,6 +135,9 @@ def test_the_command_checks_its_flags_and_the_servers_before_it_joins_a_cluster(
     assert "--model expects NAME=SOURCE" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--", "--no-such-flag"])
+    # Replicas bind their nodes' addresses: plain text only when asked for.
+    assert main(["--", "--device", "cpu"]) == 2
+    assert "give --tls-cert and --tls-key" in capsys.readouterr().err
     # Replicas on port 0 each take another port: no name can carry them.
     assert main(["--dns", "tw.ray", "--", "--port", "0", "--insecure"]) == 2
     assert "--dns needs a fixed --port" in capsys.readouterr().err

@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
 def _refusal(args: argparse.Namespace, settings: Settings) -> str | None:
     """Why these flags cannot make a fleet (checked before joining the cluster: a
     replica that fails to start is retried for ever); None: they can."""
+    if settings.tls_cert is None and not settings.insecure:
+        # The server refuses plain text off loopback, and replicas bind node addresses.
+        return (
+            "replicas listen on their nodes' addresses, reachable from other machines: "
+            "give --tls-cert and --tls-key after '--', or --insecure if a trusted "
+            "network protects the cluster"
+        )
     if args.dns and settings.port == 0:
         return (
             "--dns needs a fixed --port: a name carries addresses, not ports, and "
