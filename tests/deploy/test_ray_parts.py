@@ -124,7 +124,7 @@ def test_the_autoscaler_grows_on_load_shrinks_when_idle_and_keeps_its_bounds() -
 
 
 def test_the_command_checks_its_flags_and_the_servers_before_it_joins_a_cluster(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tensorwire_server.on_ray.cli import main
 
@@ -138,6 +138,11 @@ def test_the_command_checks_its_flags_and_the_servers_before_it_joins_a_cluster(
     # Replicas bind their nodes' addresses: plain text only when asked for.
     assert main(["--", "--device", "cpu"]) == 2
     assert "give --tls-cert and --tls-key" in capsys.readouterr().err
+    # Tokens from the environment would travel inside every actor's arguments.
+    monkeypatch.setenv("TENSORWIRE_TOKENS", "ops * " + "t" * 32)
+    assert main(["--", "--insecure"]) == 2
+    assert "give --tokens-file" in capsys.readouterr().err
+    monkeypatch.delenv("TENSORWIRE_TOKENS")
     # Replicas on port 0 each take another port: no name can carry them.
     assert main(["--dns", "tw.ray", "--", "--port", "0", "--insecure"]) == 2
     assert "--dns needs a fixed --port" in capsys.readouterr().err

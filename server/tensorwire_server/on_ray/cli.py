@@ -89,6 +89,14 @@ def _refusal(args: argparse.Namespace, settings: Settings) -> str | None:
             "give --tls-cert and --tls-key after '--', or --insecure if a trusted "
             "network protects the cluster"
         )
+    if settings.tokens is not None:
+        # Settings are every replica's creation arguments, which Ray keeps (pickled,
+        # in its GCS) where anyone with the cluster's address can read them; a path is
+        # harmless there, and each node reads the file itself.
+        return (
+            "tokens from TENSORWIRE_TOKENS would be kept in Ray's GCS with every "
+            "replica's arguments: give --tokens-file FILE after '--' (on every node)"
+        )
     if args.dns and settings.port == 0:
         return (
             "--dns needs a fixed --port: a name carries addresses, not ports, and "
