@@ -11,6 +11,8 @@ import pytest
 
 from tensorwire_server.on_ray.autoscale import Autoscaler, Scaling
 from tensorwire_server.on_ray.dns import MAX_REPLY, Responder, answer, record
+from tensorwire_server.on_ray.replica import port_clash, slot_port
+from tensorwire_server.settings import Settings
 
 
 def query(name: str, qtype: int = 1, ident: int = 0x1234) -> bytes:
@@ -105,6 +107,17 @@ def test_an_address_that_is_no_ipv4_is_left_out_and_the_name_answers_on() -> Non
                 assert (rcode, sorted(ips)) == (0, ["10.0.0.1", "10.0.0.2"])
     finally:
         dns.close()
+
+
+def test_replicas_on_one_node_take_fixed_ports_by_slot_that_never_overlap() -> None:
+    settings = Settings(port=50051, data_port=50053, metrics_port=9100, http_port=8000)
+    assert [slot_port(settings.port, slot) for slot in range(3)] == [50051, 50052, 50053]
+    assert slot_port(0, 2) == 0  # any port stays any
+    assert port_clash(settings, 2) is None
+    clash = port_clash(settings, 3)  # 50051..50053 and the data port's 50053..50055
+    assert clash is not None and "--port 50051 and --data-port 50053 overlap" in clash
+    assert port_clash(Settings(port=65535), 2) is not None
+    assert port_clash(Settings(port=0, data_port=0, http_port=None), 16) is None
 
 
 def test_the_autoscaler_grows_on_load_shrinks_when_idle_and_keeps_its_bounds() -> None:

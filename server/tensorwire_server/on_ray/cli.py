@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "--per-node",
         type=int,
         help="replicas one node may hold (default: its GPUs with --num-gpus, else 1); "
-        "each beyond the first listens on the next free port",
+        "the Nth (from 0) listens on each fixed port + N",
     )
     parser.add_argument(
         "--dns",
@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     # After ray: fleet imports it.
     from tensorwire_server.on_ray.dns import Responder
     from tensorwire_server.on_ray.fleet import Fleet, Placement
+    from tensorwire_server.on_ray.replica import port_clash
 
     ray.init(address=args.address, logging_level=logging.WARNING)
     gpus = args.num_gpus
@@ -148,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         if gpus
         else 1
     )
+    clash = port_clash(settings, per_node)
+    if clash:
+        print(f"tensorwire on Ray: {clash}", file=sys.stderr)
+        ray.shutdown()
+        return 2
     dns = None
     if args.dns:
         host, _, port = (args.dns_address or f"{ray.util.get_node_ip_address()}:53").rpartition(":")

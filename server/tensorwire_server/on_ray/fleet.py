@@ -53,6 +53,7 @@ class Member:
     actor: Any
     node_id: str
     started: float
+    slot: int = 0  # its place on its node: its ports are the configured ones + slot
     placed: Placed | None = None
     pending: Any = None  # the ObjectRef of its where(), until it serves
     missed: int = 0
@@ -137,13 +138,15 @@ class Fleet:
         if not room:
             return False
         node = min(room, key=lambda n: (held.get(n["NodeID"], 0), n["NodeManagerAddress"]))
+        taken = {m.slot for m in [*self.members, *self.draining] if m.node_id == node["NodeID"]}
+        slot = min(set(range(self.placement.per_node)) - taken)
         actor = self._remote.options(
             num_cpus=self.placement.num_cpus,
             num_gpus=self.placement.num_gpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
             max_restarts=0,
-        ).remote(self.settings, node["NodeManagerAddress"], node["NodeID"])
-        member = Member(actor, node["NodeID"], time.monotonic(), pending=actor.where.remote())
+        ).remote(self.settings, node["NodeManagerAddress"], node["NodeID"], slot)
+        member = Member(actor, node["NodeID"], time.monotonic(), slot, pending=actor.where.remote())
         self.members.append(member)
         log.info("starting a replica on %s", node["NodeManagerAddress"])
         return True
@@ -250,11 +253,7 @@ class Fleet:
         log.info("replicas: %s", ", ".join(addresses) or "none")
         if self.dns is not None:
             # A name carries addresses, not ports: the replicas on the first port.
-            first = [
-                m.placed.ip
-                for m in self.members
-                if m.placed and m.placed.port == self.settings.port
-            ]
+            first = [m.placed.ip for m in self.members if m.placed and m.slot == 0]
             self.dns.set_addresses(first)
         if self.list_file is not None:
             # The list, and beside it every replica's ports (data, metrics, health).
