@@ -132,8 +132,10 @@ def test_the_autoscaler_grows_on_load_shrinks_when_idle_and_keeps_its_bounds() -
     assert scale.decide(9.0, 3, 3) == -1
     assert scale.decide(10.0, 2, 3) == 0  # 3 > 4 * 1 / 2: two are needed
     assert scale.decide(10.0, 4, 0) == -1  # above the maximum: at once
-    with pytest.raises(ValueError, match="minimum <= maximum"):
+    with pytest.raises(ValueError, match="--replicas <= --max-replicas"):
         Scaling(minimum=3, maximum=2)
+    with pytest.raises(ValueError, match="need 1 <= --replicas"):
+        Scaling(minimum=0, maximum=2)  # no replica would read no load: never 0
 
 
 def test_the_command_checks_its_flags_and_the_servers_before_it_joins_a_cluster(
@@ -142,7 +144,9 @@ def test_the_command_checks_its_flags_and_the_servers_before_it_joins_a_cluster(
     from tensorwire_server.on_ray.cli import main
 
     assert main(["--replicas", "3", "--max-replicas", "2", "--", "--device", "cpu"]) == 2
-    assert "minimum <= maximum" in capsys.readouterr().err
+    assert "--replicas <= --max-replicas" in capsys.readouterr().err
+    assert main(["--replicas", "0", "--max-replicas", "2", "--", "--insecure"]) == 2
+    assert "need 1 <= --replicas" in capsys.readouterr().err
     # The server's flags are tensorwire-server's own, checked by its own parser.
     assert main(["--", "--model", "no-equals-sign"]) == 2
     assert "--model expects NAME=SOURCE" in capsys.readouterr().err

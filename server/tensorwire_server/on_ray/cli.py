@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--address", default="auto", help="the Ray cluster to join (default: auto, this node's)"
     )
-    parser.add_argument("--replicas", type=int, default=1, help="replicas at least (1)")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas at least (1; never 0)")
     parser.add_argument(
         "--max-replicas", type=int, help="replicas at most, added on load (default: --replicas)"
     )
