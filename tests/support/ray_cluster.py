@@ -80,10 +80,9 @@ class Cluster:
 
     def spawn(self, key: str, namespace: str, *argv: str) -> subprocess.Popen[Any]:
         log = open(self.tmp / f"{key}.log", "ab")  # noqa: SIM115 - the child holds it
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, *argv],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-            cwd=self.tmp,
+        proc = self.hosts.run(
+            namespace, *argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True, cwd=self.tmp,
         )  # fmt: skip
         log.close()
         self.procs[key] = proc
@@ -105,11 +104,7 @@ class Cluster:
 
     def link(self, up: bool) -> None:
         """Cut (or mend) the worker node's link, in its own namespace."""
-        subprocess.run(
-            ["ip", "netns", "exec", self.hosts.client, "ip", "link", "set",
-             self.hosts.client_link, "up" if up else "down"],
-            check=True, capture_output=True, timeout=30,
-        )  # fmt: skip
+        self.hosts.link(up)
 
     def log(self, key: str) -> str:
         return (self.tmp / f"{key}.log").read_text(errors="replace")
@@ -197,9 +192,9 @@ def ray_cluster() -> Iterator[Cluster]:
                 "--port=6379", "--num-cpus=1", "--object-store-memory=80000000",
                 "--include-dashboard=false", f"--temp-dir={cluster.tmp / 'ray'}", "--block",
             )  # fmt: skip
-            _wait_for_line(cluster, "head", "block forever", 120)
+            wait_for_line(cluster, "head", "block forever", 120)
             cluster.start_worker()
-            _wait_for_line(cluster, "worker", "block forever", 120)
+            wait_for_line(cluster, "worker", "block forever", 120)
             yield cluster
         finally:
             cluster.close()
@@ -222,7 +217,9 @@ def fleet(cluster: Cluster, *args: str, server: tuple[str, ...] = ()) -> Iterato
         cluster.procs.pop("fleet", None)
 
 
-def _wait_for_line(cluster: Cluster, key: str, text: str, timeout: float) -> None:
+def wait_for_line(cluster: Cluster, key: str, text: str, timeout: float = 180) -> None:
+    """Wait until process ``key``'s log holds ``text``; fail if it ends first or
+    ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if text in cluster.log(key):
