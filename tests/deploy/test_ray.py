@@ -60,7 +60,10 @@ def test_the_fleet_grows_on_load_and_shrinks_when_idle_and_no_call_fails(
 ) -> None:
     with fleet(
         cluster, "--replicas", "1", "--max-replicas", "2", "--target-load", "2",
-        "--scale-up-seconds", "1", "--scale-down-seconds", "4", server=("--insecure",),
+        "--scale-up-seconds", "1", "--scale-down-seconds", "4",
+        # Callers re-resolve the name as their connections age: within the load's 45 s
+        # even when the new replica takes half a minute to start on a busy machine.
+        server=("--insecure", "--max-connection-age", "10"),
     ) as deployed:  # fmt: skip
         deployed.wait_for(1)
         # Callers through scale-up, a while on two replicas, then scale-down.
