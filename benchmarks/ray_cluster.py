@@ -33,10 +33,10 @@ from support.ray_cluster import (  # noqa: E402
     NAME,
     PORT,
     WORKER_IP,
-    Cluster,
     end_session,
     fleet,
     ray_cluster,
+    wait_for_line,
 )
 
 TARGET = f"{NAME}:{PORT}"
@@ -74,11 +74,8 @@ def serve_app() -> None:
 
     serve.run(Ingress.bind(), name="tw", route_prefix="/tw")
     print("serve ready", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    finally:
-        serve.shutdown()
+    while True:  # until the benchmark ends this process's session
+        time.sleep(3600)
 
 
 class Results(dict[str, Any]):
@@ -90,14 +87,6 @@ class Results(dict[str, Any]):
 
     def add(self, key: str, value: float) -> None:
         self[key] = [*self.get(key, []), value]
-
-
-def wait_line(cluster: Cluster, key: str, text: str, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while text not in cluster.log(key):
-        if time.monotonic() > deadline or cluster.procs[key].poll() is not None:
-            raise RuntimeError(cluster.log(key)[-3000:])
-        time.sleep(0.5)
 
 
 def main() -> None:
@@ -117,7 +106,7 @@ def main() -> None:
             "single", cluster.hosts.client, sys.executable, "-m", "tensorwire_server",
             "--host", WORKER_IP, "--port", str(SINGLE_PORT), "--device", "cpu", "--insecure",
         )  # fmt: skip
-        wait_line(cluster, "single", "server serving")
+        wait_for_line(cluster, "single", "server serving")
         single_at = f"{WORKER_IP}:{SINGLE_PORT}"
         big = {"timeout": 600, "mib": args.mib, "repeats": 3}
         out.add("single_mib_s", cluster.client("roundtrip", single_at, **big)["mib_s"])
@@ -143,7 +132,7 @@ def main() -> None:
                     "serve", cluster.hosts.server, sys.executable, __file__, "--serve-app"
                 )
                 try:
-                    wait_line(cluster, "serve", "serve ready")
+                    wait_for_line(cluster, "serve", "serve ready")
                     for _ in range(2):
                         for key, target, raw in (
                             ("info_direct", WORKER, "direct"),

@@ -6,6 +6,7 @@ deploys its own fleet and ends it (drained). Skipped without root, namespaces or
 
 from __future__ import annotations
 
+import select
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,6 +20,14 @@ pytestmark = pytest.mark.timeout(900)
 
 TARGET = f"{NAME}:{PORT}"
 HEAD, WORKER = f"{HEAD_IP}:{PORT}", f"{WORKER_IP}:{PORT}"
+
+
+def first_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The first line ``proc`` prints, waiting ``timeout`` seconds at most."""
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no line in {timeout} s"
+    return proc.stdout.readline()
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +60,10 @@ def test_the_fleet_grows_on_load_and_shrinks_when_idle_and_no_call_fails(
 ) -> None:
     with fleet(
         cluster, "--replicas", "1", "--max-replicas", "2", "--target-load", "2",
-        "--scale-up-seconds", "1", "--scale-down-seconds", "4", server=("--insecure",),
+        "--scale-up-seconds", "1", "--scale-down-seconds", "4",
+        # Callers re-resolve the name as their connections age: within the load's 45 s
+        # even when the new replica takes half a minute to start on a busy machine.
+        server=("--insecure", "--max-connection-age", "10"),
     ) as deployed:  # fmt: skip
         deployed.wait_for(1)
         # Callers through scale-up, a while on two replicas, then scale-down.
@@ -96,13 +108,13 @@ def test_a_node_lost_and_back(cluster: Cluster, tmp_path: Path) -> None:
             cluster.client_argv("session", WORKER, {"wait_file": str(flag), "deadline": 30}),
             stdout=subprocess.PIPE, text=True, env=cluster.env,
         )  # fmt: skip
-        assert pinned.stdout is not None
-        assert "opened" in pinned.stdout.readline()
-        load = subprocess.Popen(
-            cluster.client_argv("load", TARGET, {"threads": 4, "seconds": 30, "deadline": 60}),
-            stdout=subprocess.PIPE, text=True, env=cluster.env,
-        )  # fmt: skip
+        load: subprocess.Popen[str] | None = None
         try:
+            assert "opened" in first_line(pinned, timeout=120)
+            load = subprocess.Popen(
+                cluster.client_argv("load", TARGET, {"threads": 4, "seconds": 30, "deadline": 60}),
+                stdout=subprocess.PIPE, text=True, env=cluster.env,
+            )  # fmt: skip
             time.sleep(3)
             cluster.link(False)
             flag.touch()
@@ -112,8 +124,9 @@ def test_a_node_lost_and_back(cluster: Cluster, tmp_path: Path) -> None:
         finally:
             cluster.link(True)
             for proc in (pinned, load):
-                proc.kill()
-                proc.wait()
+                if proc is not None:
+                    proc.kill()
+                    proc.wait()
         json = __import__("json")
         report = json.loads(load_out.strip().splitlines()[-1])
         assert report["failed"] == {} and report["ok"] > 0, report  # idempotent calls finish

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 from support.netns import CLIENT_IP, SERVER_IP, Hosts, two_hosts
-from support.servers import TESTS
+from support.servers import TESTS, server_env
 
 HEAD_IP, WORKER_IP = SERVER_IP, CLIENT_IP
 #: The name the fleet answers for, and its gRPC port on every node.
@@ -80,10 +80,9 @@ class Cluster:
 
     def spawn(self, key: str, namespace: str, *argv: str) -> subprocess.Popen[Any]:
         log = open(self.tmp / f"{key}.log", "ab")  # noqa: SIM115 - the child holds it
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, *argv],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-            cwd=self.tmp,
+        proc = self.hosts.run(
+            namespace, *argv, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+            start_new_session=True, cwd=self.tmp,
         )  # fmt: skip
         log.close()
         self.procs[key] = proc
@@ -105,11 +104,7 @@ class Cluster:
 
     def link(self, up: bool) -> None:
         """Cut (or mend) the worker node's link, in its own namespace."""
-        subprocess.run(
-            ["ip", "netns", "exec", self.hosts.client, "ip", "link", "set",
-             self.hosts.client_link, "up" if up else "down"],
-            check=True, capture_output=True, timeout=30,
-        )  # fmt: skip
+        self.hosts.link(up)
 
     def log(self, key: str) -> str:
         return (self.tmp / f"{key}.log").read_text(errors="replace")
@@ -179,15 +174,16 @@ def ray_cluster() -> Iterator[Cluster]:
     if os.geteuid() != 0 or not Path("/usr/bin/unshare").exists():
         pytest.skip("a Ray cluster in namespaces needs root, iproute2 and unshare")
     with two_hosts() as hosts, tempfile.TemporaryDirectory(prefix="tw-ray-") as tmp:
-        env = {
-            **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ROOT / "client"), str(ROOT / "server"), str(TESTS)]),
-            "RAY_USAGE_STATS_ENABLED": "0",
+        # A server's environment (REST on any free port: the benchmark's Ray Serve
+        # proxy takes 8000 on the head), this checkout's packages first on the path.
+        env = server_env(
+            PYTHONPATH=os.pathsep.join([str(ROOT / "client"), str(ROOT / "server"), str(TESTS)]),
+            RAY_USAGE_STATS_ENABLED="0",
             # Ray keeps files under ~/.ray (Serve writes an auth token there, which
             # every later cluster then demands): this cluster's own home instead.
-            "HOME": tmp,
-            "RAY_DEDUP_LOGS": "0",
-        }
+            HOME=tmp,
+            RAY_DEDUP_LOGS="0",
+        )
         cluster = Cluster(hosts, Path(tmp), env)
         (cluster.tmp / "resolv.conf").write_text(f"nameserver {HEAD_IP}\noptions timeout:1\n")
         try:
@@ -196,9 +192,9 @@ def ray_cluster() -> Iterator[Cluster]:
                 "--port=6379", "--num-cpus=1", "--object-store-memory=80000000",
                 "--include-dashboard=false", f"--temp-dir={cluster.tmp / 'ray'}", "--block",
             )  # fmt: skip
-            _wait_for_line(cluster, "head", "block forever", 120)
+            wait_for_line(cluster, "head", "block forever", 120)
             cluster.start_worker()
-            _wait_for_line(cluster, "worker", "block forever", 120)
+            wait_for_line(cluster, "worker", "block forever", 120)
             yield cluster
         finally:
             cluster.close()
@@ -221,7 +217,9 @@ def fleet(cluster: Cluster, *args: str, server: tuple[str, ...] = ()) -> Iterato
         cluster.procs.pop("fleet", None)
 
 
-def _wait_for_line(cluster: Cluster, key: str, text: str, timeout: float) -> None:
+def wait_for_line(cluster: Cluster, key: str, text: str, timeout: float = 180) -> None:
+    """Wait until process ``key``'s log holds ``text``; fail if it ends first or
+    ``timeout`` seconds pass."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if text in cluster.log(key):

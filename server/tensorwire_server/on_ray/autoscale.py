@@ -24,9 +24,10 @@ class Scaling:
     down_seconds: float = 30.0
 
     def __post_init__(self) -> None:
-        if not 0 <= self.minimum <= self.maximum or self.maximum < 1:
+        # At least one: the fleet scales on its replicas' load, and none reads none.
+        if not 1 <= self.minimum <= self.maximum:
             raise ValueError(
-                f"replicas: need 0 <= minimum <= maximum, maximum >= 1 "
+                f"replicas: need 1 <= --replicas <= --max-replicas "
                 f"(got {self.minimum}..{self.maximum})"
             )
         if self.target_load <= 0 or self.up_seconds < 0 or self.down_seconds < 0:

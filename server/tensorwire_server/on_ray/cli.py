@@ -17,6 +17,7 @@ from typing import Any
 
 from tensorwire_server.cli import build_parser, settings_from
 from tensorwire_server.on_ray.autoscale import Scaling
+from tensorwire_server.settings import Settings
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--address", default="auto", help="the Ray cluster to join (default: auto, this node's)"
     )
-    parser.add_argument("--replicas", type=int, default=1, help="replicas at least (1)")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas at least (1; never 0)")
     parser.add_argument(
         "--max-replicas", type=int, help="replicas at most, added on load (default: --replicas)"
     )
@@ -60,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "--per-node",
         type=int,
         help="replicas one node may hold (default: its GPUs with --num-gpus, else 1); "
-        "each beyond the first listens on the next free port",
+        "the Nth (from 0) listens on each fixed port + N",
     )
     parser.add_argument(
         "--dns",
@@ -76,6 +77,32 @@ def _parser() -> argparse.ArgumentParser:
         "--replicas-file", type=Path, help="keep the replicas' addresses here, one a line"
     )
     return parser
+
+
+def _refusal(args: argparse.Namespace, settings: Settings) -> str | None:
+    """Why these flags cannot make a fleet (checked before joining the cluster: a
+    replica that fails to start is retried for ever); None: they can."""
+    if settings.tls_cert is None and not settings.insecure:
+        # The server refuses plain text off loopback, and replicas bind node addresses.
+        return (
+            "replicas listen on their nodes' addresses, reachable from other machines: "
+            "give --tls-cert and --tls-key after '--', or --insecure if a trusted "
+            "network protects the cluster"
+        )
+    if settings.tokens is not None:
+        # Settings are every replica's creation arguments, which Ray keeps (pickled,
+        # in its GCS) where anyone with the cluster's address can read them; a path is
+        # harmless there, and each node reads the file itself.
+        return (
+            "tokens from TENSORWIRE_TOKENS would be kept in Ray's GCS with every "
+            "replica's arguments: give --tokens-file FILE after '--' (on every node)"
+        )
+    if args.dns and settings.port == 0:
+        return (
+            "--dns needs a fixed --port: a name carries addresses, not ports, and "
+            "replicas on port 0 each take a different one"
+        )
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
             up_seconds=args.scale_up_seconds,
             down_seconds=args.scale_down_seconds,
         )
+        refused = _refusal(args, settings)
     except ValueError as exc:
-        print(f"tensorwire on Ray: {exc}", file=sys.stderr)
+        refused = str(exc)
+    if refused:
+        print(f"tensorwire on Ray: {refused}", file=sys.stderr)
         return 2
     try:
         import ray as imported
@@ -108,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     # After ray: fleet imports it.
     from tensorwire_server.on_ray.dns import Responder
     from tensorwire_server.on_ray.fleet import Fleet, Placement
+    from tensorwire_server.on_ray.replica import port_clash
 
     ray.init(address=args.address, logging_level=logging.WARNING)
     gpus = args.num_gpus
@@ -118,6 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         if gpus
         else 1
     )
+    clash = port_clash(settings, per_node)
+    if clash:
+        print(f"tensorwire on Ray: {clash}", file=sys.stderr)
+        ray.shutdown()
+        return 2
     dns = None
     if args.dns:
         host, _, port = (args.dns_address or f"{ray.util.get_node_ip_address()}:53").rpartition(":")

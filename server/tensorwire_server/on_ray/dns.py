@@ -6,7 +6,10 @@ data routes every few seconds (docs/deploy.md, "Ray").
 
 It answers A queries for its name only, and refuses nothing else loudly: any other
 question gets NXDOMAIN (or an empty answer for another type of record of its name),
-and a malformed datagram is dropped.
+and a malformed datagram is dropped. Replies fit in 512 bytes (plain UDP DNS): with
+more addresses than fit, each reply carries as many as do, starting one further along
+the list each time, so that every replica gets its share of the clients. No TC bit:
+it serves no TCP to retry over, and a partial list is a whole answer here.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +26,9 @@ log = logging.getLogger(__name__)
 TTL = 1
 _A, _IN = 1, 1
 _NXDOMAIN, _NOTIMP = 3, 4
+#: The largest reply: what a UDP DNS message may hold without EDNS.
+MAX_REPLY = 512
+_RECORD = 16  # a pointer to the name, type, class, TTL, length, 4 address bytes
 
 
 def _labels(name: str) -> bytes:
@@ -48,15 +54,24 @@ def _question(packet: bytes) -> tuple[bytes, int, int, int]:
         at += 1 + size
         if size == 0:
             break
+        if at - 12 > 255:
+            raise ValueError("name longer than 255 bytes")
     if at + 4 > len(packet):
         raise ValueError("truncated question")
     qtype, qclass = struct.unpack_from("!HH", packet, at)
     return packet[12:at].lower(), qtype, qclass, at + 4
 
 
-def answer(packet: bytes, name: bytes, ips: Iterable[str]) -> bytes | None:
+def record(ip: str) -> bytes:
+    """The A record of IPv4 address ``ip`` for the question's name; OSError: not one."""
+    # 0xC00C points at the question's name, at offset 12.
+    return struct.pack("!HHHIH", 0xC00C, _A, _IN, TTL, 4) + socket.inet_pton(socket.AF_INET, ip)
+
+
+def answer(packet: bytes, name: bytes, records: Sequence[bytes], start: int = 0) -> bytes | None:
     """The response to the query ``packet`` for the name ``name`` (wire form) whose
-    A records are ``ips``; None: not a query this answers at all."""
+    A records (``record``) are ``records``: as many as fit in MAX_REPLY, from
+    ``start`` on round the list; None: not a query this answers at all."""
     if len(packet) < 12:
         return None
     ident, flags, questions = struct.unpack_from("!HHH", packet)
@@ -68,20 +83,20 @@ def answer(packet: bytes, name: bytes, ips: Iterable[str]) -> bytes | None:
         return None
     opcode = (flags >> 11) & 0xF
     rcode = 0
-    records = b""
-    count = 0
+    chosen: list[bytes] = []
     if opcode != 0:
         rcode = _NOTIMP
     elif qname != name:
         rcode = _NXDOMAIN
-    elif qtype == _A and qclass == _IN:
-        for ip in ips:
-            # 0xC00C points at the question's name, at offset 12.
-            records += struct.pack("!HHHIH", 0xC00C, _A, _IN, TTL, 4) + socket.inet_aton(ip)
-            count += 1
+    elif qtype == _A and qclass == _IN and records:
+        room = (MAX_REPLY - end) // _RECORD
+        first = start % len(records)
+        chosen = [*records[first:], *records[:first]][:room]
     # QR, the query's opcode and RD, AA (ours is the authority), RA off.
-    head = struct.pack("!HHHHHH", ident, 0x8000 | (flags & 0x7900) | 0x0400 | rcode, 1, count, 0, 0)
-    return head + packet[12:end] + records
+    head = struct.pack(
+        "!HHHHHH", ident, 0x8000 | (flags & 0x7900) | 0x0400 | rcode, 1, len(chosen), 0, 0
+    )
+    return head + packet[12:end] + b"".join(chosen)
 
 
 class Responder:
@@ -91,7 +106,8 @@ class Responder:
     def __init__(self, name: str, host: str, port: int) -> None:
         self.name = name.rstrip(".")
         self._wire = _labels(self.name).lower()
-        self._ips: tuple[str, ...] = ()
+        self._records: tuple[bytes, ...] = ()
+        self._turn = 0
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.bind((host, port))
         self.port: int = self._sock.getsockname()[1]
@@ -101,8 +117,15 @@ class Responder:
         self._thread.start()
 
     def set_addresses(self, ips: Iterable[str]) -> None:
-        """Answer with these addresses from now on (each once, in this order)."""
-        self._ips = tuple(dict.fromkeys(ips))
+        """Answer with these addresses from now on (each once, in this order); any
+        that is no IPv4 address is logged and left out."""
+        records = []
+        for ip in dict.fromkeys(ips):
+            try:
+                records.append(record(ip))
+            except OSError:
+                log.error("DNS %s: %r is no IPv4 address, left out of the answers", self.name, ip)
+        self._records = tuple(records)
 
     def _serve(self) -> None:
         while not self._closed:
@@ -112,12 +135,16 @@ class Responder:
                 continue
             except OSError:
                 return  # closed
-            reply = answer(packet, self._wire, self._ips)
-            if reply is not None:
-                try:
-                    self._sock.sendto(reply, peer)
-                except OSError as exc:
-                    log.debug("no answer to %s: %s", peer, exc)
+            try:
+                reply = answer(packet, self._wire, self._records, self._turn)
+                if reply is None:
+                    continue
+                self._turn += 1
+                self._sock.sendto(reply, peer)
+            except OSError as exc:
+                log.debug("no answer to %s: %s", peer, exc)
+            except Exception:  # a bug here must not end the name: log it, answer on
+                log.exception("DNS %s: answering %s", self.name, peer)
 
     def close(self) -> None:
         """Stop answering."""

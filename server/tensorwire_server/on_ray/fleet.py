@@ -53,6 +53,7 @@ class Member:
     actor: Any
     node_id: str
     started: float
+    slot: int = 0  # its place on its node: its ports are the configured ones + slot
     placed: Placed | None = None
     pending: Any = None  # the ObjectRef of its where(), until it serves
     missed: int = 0
@@ -69,6 +70,8 @@ class Fleet:
     dns: Responder | None = None
     list_file: Path | None = None
     members: list[Member] = field(default_factory=list)
+    #: Replicas off the list, draining: they still hold their ports and resources.
+    draining: list[Member] = field(default_factory=list)
     quarantine: dict[str, float] = field(default_factory=dict)
     _published: tuple[str, ...] = ()
     _drains: list[threading.Thread] = field(default_factory=list)
@@ -117,9 +120,11 @@ class Fleet:
         return [n for n in alive if self.quarantine.get(n["NodeID"], 0.0) <= now]
 
     def _add(self) -> bool:
-        """Start a replica on the node holding fewest (that has room); False: none has."""
+        """Start a replica on the node holding fewest (that has room); False: none has.
+        Replicas draining count until they end: they hold their ports (a new replica
+        there would take the next, outside the name) and their share of the node."""
         held: dict[str, int] = {}
-        for m in self.members:
+        for m in [*self.members, *self.draining]:
             held[m.node_id] = held.get(m.node_id, 0) + 1
         room = []
         for node in self._nodes():
@@ -133,13 +138,15 @@ class Fleet:
         if not room:
             return False
         node = min(room, key=lambda n: (held.get(n["NodeID"], 0), n["NodeManagerAddress"]))
+        taken = {m.slot for m in [*self.members, *self.draining] if m.node_id == node["NodeID"]}
+        slot = min(set(range(self.placement.per_node)) - taken)
         actor = self._remote.options(
             num_cpus=self.placement.num_cpus,
             num_gpus=self.placement.num_gpus,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False),
             max_restarts=0,
-        ).remote(self.settings, node["NodeManagerAddress"], node["NodeID"])
-        member = Member(actor, node["NodeID"], time.monotonic(), pending=actor.where.remote())
+        ).remote(self.settings, node["NodeManagerAddress"], node["NodeID"], slot)
+        member = Member(actor, node["NodeID"], time.monotonic(), slot, pending=actor.where.remote())
         self.members.append(member)
         log.info("starting a replica on %s", node["NodeManagerAddress"])
         return True
@@ -202,6 +209,7 @@ class Fleet:
         """Take ``member`` off the list now; drain it and end it once clients have
         had UNLIST_SECONDS to resolve the list again."""
         self.members.remove(member)
+        self.draining.append(member)
         address = member.placed.address if member.placed else "?"
         log.info("scaling down: draining %s", address)
 
@@ -211,7 +219,10 @@ class Fleet:
                 ray.get(member.actor.drain.remote(self.drain_grace), timeout=self.drain_grace + 30)
             except ray.exceptions.RayError as exc:  # GetTimeoutError is one
                 log.warning("draining %s: %s", address, exc)
-            ray.kill(member.actor, no_restart=True)
+            try:
+                ray.kill(member.actor, no_restart=True)
+            finally:
+                self.draining.remove(member)  # its node has room again
             log.info("replica %s stopped", address)
 
         thread = threading.Thread(target=drain, name=f"drain-{address}", daemon=True)
@@ -242,11 +253,7 @@ class Fleet:
         log.info("replicas: %s", ", ".join(addresses) or "none")
         if self.dns is not None:
             # A name carries addresses, not ports: the replicas on the first port.
-            first = [
-                m.placed.ip
-                for m in self.members
-                if m.placed and m.placed.port == self.settings.port
-            ]
+            first = [m.placed.ip for m in self.members if m.placed and m.slot == 0]
             self.dns.set_addresses(first)
         if self.list_file is not None:
             # The list, and beside it every replica's ports (data, metrics, health).

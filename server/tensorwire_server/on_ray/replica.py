@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass, replace
+from itertools import pairwise
 
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
-#: Ports tried above a configured one when replicas share a node (one per GPU there).
-PORTS_PER_NODE = 16
 #: Seconds a client keeps one connection to a replica unless ``--max-connection-age``
 #: says otherwise: it then resolves the fleet's name again and finds replicas added.
 CONNECTION_AGE = 30.0
@@ -32,34 +30,55 @@ class Placed:
     http_port: int | None = None
 
 
-def free_port(ip: str, first: int) -> int:
-    """The first of ``first`` and the PORTS_PER_NODE - 1 ports above it that nothing on
-    ``ip`` listens on; 0 stays 0 (any)."""
-    if first == 0:
-        return 0
-    for port in range(first, first + PORTS_PER_NODE):
-        with socket.socket() as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                probe.bind((ip, port))
-            except OSError:
-                continue
-            return port
-    raise OSError(f"ports {first} to {first + PORTS_PER_NODE - 1} on {ip} are all taken")
+def slot_port(first: int, slot: int) -> int:
+    """The port of replica ``slot`` (0, 1, ...) on its node for a configured port
+    ``first``: ``first + slot``; 0 stays 0 (any). The fleet gives every replica on a
+    node its own slot, so they never contend for a port (gRPC binds with
+    SO_REUSEPORT: two servers could both take one and share its connections)."""
+    return first + slot if first else 0
+
+
+def _configured(settings: Settings) -> dict[str, int]:
+    """The fixed ports of ``settings`` by flag (those on 0, any, left out)."""
+    ports = {
+        "--port": settings.port,
+        "--health-port": settings.health_port or 0,
+        "--data-port": settings.data_port if settings.data_plane else 0,
+        "--metrics-port": settings.metrics_port or 0,
+        "--http-port": settings.http_port or 0,
+    }
+    return {flag: port for flag, port in ports.items() if port}
+
+
+def port_clash(settings: Settings, per_node: int) -> str | None:
+    """Why ``per_node`` replicas of ``settings`` on one node would take one port
+    twice (each fixed port P is P to P + per_node - 1 there); None: they would not."""
+    ranges = sorted((port, flag) for flag, port in _configured(settings).items())
+    for (low, flag), (high, other) in pairwise(ranges):
+        if high < low + per_node:
+            return (
+                f"{flag} {low} and {other} {high} overlap with {per_node} replicas a node "
+                f"(each takes its port plus its slot, 0 to {per_node - 1}): space them "
+                f"{per_node} apart"
+            )
+    if ranges and ranges[-1][0] + per_node - 1 > 65535:
+        return f"{ranges[-1][1]} {ranges[-1][0]} + {per_node - 1} is past port 65535"
+    return None
 
 
 class ReplicaServer:
     """The body of the Ray actor ``fleet`` starts: a TensorwireServer with
     ``settings``, its host replaced by the node's address, serving from its first
-    call until ``drain``. The metrics endpoint is always on (port 0 if none is set):
+    call until ``drain``; it is replica ``slot`` on its node (``slot_port``). The
+    metrics endpoint is always on (port 0 if none is set):
     the fleet and Prometheus read each replica's load there."""
 
-    def __init__(self, settings: Settings, ip: str, node_id: str) -> None:
-        port = free_port(ip, settings.port)
-        health = None if settings.health_port is None else free_port(ip, settings.health_port)
-        data = free_port(ip, settings.data_port) if settings.data_plane else settings.data_port
-        metrics = 0 if not settings.metrics_port else free_port(ip, settings.metrics_port)
-        http = None if settings.http_port is None else free_port(ip, settings.http_port)
+    def __init__(self, settings: Settings, ip: str, node_id: str, slot: int = 0) -> None:
+        port = slot_port(settings.port, slot)
+        health = None if settings.health_port is None else slot_port(settings.health_port, slot)
+        data = slot_port(settings.data_port, slot) if settings.data_plane else settings.data_port
+        metrics = slot_port(settings.metrics_port or 0, slot)
+        http = None if settings.http_port is None else slot_port(settings.http_port, slot)
         self.settings = replace(
             settings,
             host=ip,
