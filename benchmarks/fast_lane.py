@@ -2,7 +2,11 @@
 the bare floors, every server its own process on 127.0.0.1.
 
     .venv/bin/python benchmarks/fast_lane.py [--calls 2000] [--clients 32] [--seconds 6]
-        [--rounds 30] [--json results.json]
+        [--rounds 30] [--two-hosts | --only-two-hosts] [--host-rounds 2] [--json out.json]
+
+``--two-hosts`` (root and iproute2) first measures 1 and 2 across two network
+namespaces over a veth pair, servers in one and callers in the other, against torch
+RPC over TCP (benchmarks/lane_two_hosts.py); ``--only-two-hosts`` measures just that.
 
 1. Sequential [1, 16] float32 round trips, p50 and p99, sampled in turn so that drift
    on a shared machine hits all alike: a raw TCP ping-pong (Python sockets, 64 B), a
