@@ -134,7 +134,7 @@ def same_host(args: argparse.Namespace, results: dict[str, Any]) -> None:
         raw, ping = pinger("127.0.0.1", echo_port)
         payload = SMALL.tobytes()
         aio_channel = grpc.insecure_channel(f"127.0.0.1:{aio_port}", options=cp.OPTIONS)
-        aio = aio_channel.unary_unary(peers.ECHO_METHOD)
+        aio = aio_channel.unary_unary(peers.ECHO_METHOD, None, None)  # bytes in, bytes out
         with (
             tw.Client(address, timeout=60, fast_lane=False) as grpc_only,
             tw.Client(address, timeout=60) as lane,
