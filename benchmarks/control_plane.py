@@ -69,8 +69,8 @@ def quantiles(samples: list[float]) -> dict[str, float]:
     return {"p50_us": q[49] * 1e6, "p99_us": q[98] * 1e6}
 
 
-def sequential(calls: int, parties: dict[str, Callable[[], object]]) -> dict[str, dict[str, float]]:
-    """p50/p99 of each party's calls, taken in turn, after a warm-up."""
+def sample(calls: int, parties: dict[str, Callable[[], object]]) -> dict[str, list[float]]:
+    """Seconds of each party's calls, taken in turn, after a warm-up."""
     for _ in range(200):
         for fn in parties.values():
             fn()
@@ -80,7 +80,12 @@ def sequential(calls: int, parties: dict[str, Callable[[], object]]) -> dict[str
             began = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - began)
-    return {name: quantiles(s) for name, s in samples.items()}
+    return samples
+
+
+def sequential(calls: int, parties: dict[str, Callable[[], object]]) -> dict[str, dict[str, float]]:
+    """p50/p99 of each party's calls, taken in turn, after a warm-up."""
+    return {name: quantiles(s) for name, s in sample(calls, parties).items()}
 
 
 def rpc_latency(calls: int, tcp: bool = True) -> dict[str, float]:

@@ -2,7 +2,11 @@
 the bare floors, every server its own process on 127.0.0.1.
 
     .venv/bin/python benchmarks/fast_lane.py [--calls 2000] [--clients 32] [--seconds 6]
-        [--rounds 30] [--json results.json]
+        [--rounds 30] [--two-hosts | --only-two-hosts] [--host-rounds 2] [--json out.json]
+
+``--two-hosts`` (root and iproute2) first measures 1 and 2 across two network
+namespaces over a veth pair, servers in one and callers in the other, against torch
+RPC over TCP (benchmarks/lane_two_hosts.py); ``--only-two-hosts`` measures just that.
 
 1. Sequential [1, 16] float32 round trips, p50 and p99, sampled in turn so that drift
    on a shared machine hits all alike: a raw TCP ping-pong (Python sockets, 64 B), a
@@ -28,6 +32,7 @@ import socket
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -45,15 +50,30 @@ import tensorwire as tw
 SMALL = np.ones((1, 16), np.float32)
 
 
-def tcp_echo(port_out: Connection) -> None:
+def tcp_echo(port_out: Connection, host: str = "127.0.0.1") -> None:
     """Accept one connection; echo whatever arrives (the floor of a round trip)."""
-    with socket.create_server(("127.0.0.1", 0)) as server:
+    with socket.create_server((host, 0)) as server:
         port_out.send(server.getsockname()[1])
         conn, _ = server.accept()
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with conn:
             while data := conn.recv(65536):
                 conn.sendall(data)
+
+
+def pinger(host: str, port: int) -> tuple[socket.socket, Callable[[], None]]:
+    """A connection to ``tcp_echo`` and one 64 B round trip on it."""
+    raw = socket.create_connection((host, port))
+    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    payload = SMALL.tobytes()
+
+    def ping() -> None:
+        raw.sendall(payload)
+        got = 0
+        while got < len(payload):
+            got += len(raw.recv(65536))
+
+    return raw, ping
 
 
 def sizes(address: str, rounds: int) -> dict[str, dict[str, float]]:
@@ -85,9 +105,25 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=6.0)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--no-rpc", action="store_true", help="skip torch.distributed.rpc")
+    parser.add_argument("--two-hosts", action="store_true", help="also across two namespaces")
+    parser.add_argument("--only-two-hosts", action="store_true", help="skip the same host")
+    parser.add_argument("--host-rounds", type=int, default=2, help="two hosts: lane/RPC turns")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     results: dict[str, Any] = {}
+    if args.two_hosts or args.only_two_hosts:
+        import lane_two_hosts  # root and iproute2; imports tests/support/netns.py
+
+        results["two_hosts"] = lane_two_hosts.run(args)
+        lane_two_hosts.report(results["two_hosts"], args)
+    if not args.only_two_hosts:
+        same_host(args, results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1, default=str))
+
+
+def same_host(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Every party its own process on 127.0.0.1; adds to ``results`` and prints."""
 
     echo, echo_port = cp.start(tcp_echo)
     aio_echo, aio_port = cp.start(peers.grpc_aio_echo_server)
@@ -95,18 +131,10 @@ def main() -> None:
         "cpu", batching=False, env={"TENSORWIRE_ACCESS_LOG": "none"}
     )
     try:
-        raw = socket.create_connection(("127.0.0.1", echo_port))
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw, ping = pinger("127.0.0.1", echo_port)
         payload = SMALL.tobytes()
-
-        def ping() -> None:
-            raw.sendall(payload)
-            got = 0
-            while got < len(payload):
-                got += len(raw.recv(65536))
-
         aio_channel = grpc.insecure_channel(f"127.0.0.1:{aio_port}", options=cp.OPTIONS)
-        aio = aio_channel.unary_unary(peers.ECHO_METHOD)
+        aio = aio_channel.unary_unary(peers.ECHO_METHOD, None, None)  # bytes in, bytes out
         with (
             tw.Client(address, timeout=60, fast_lane=False) as grpc_only,
             tw.Client(address, timeout=60) as lane,
@@ -147,8 +175,6 @@ def main() -> None:
         for proc in (echo, aio_echo):
             proc.kill()
     report(results, args)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1, default=str))
 
 
 def report(results: dict[str, Any], args: argparse.Namespace) -> None:

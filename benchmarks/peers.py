@@ -58,7 +58,7 @@ def grpc_echo_server(port_out: Connection) -> None:
     server.wait_for_termination()
 
 
-def grpc_aio_echo_server(port_out: Connection) -> None:
+def grpc_aio_echo_server(port_out: Connection, host: str = "127.0.0.1") -> None:
     """The same echo on grpc.aio: one event loop, no thread hand-offs."""
     import asyncio
 
@@ -76,7 +76,7 @@ def grpc_aio_echo_server(port_out: Connection) -> None:
         server.add_generic_rpc_handlers(
             (grpc.method_handlers_generic_handler("bench.Echo", {"Echo": handler}),)
         )
-        port_out.send(server.add_insecure_port("127.0.0.1:0"))
+        port_out.send(server.add_insecure_port(f"{host}:0"))
         await server.start()
         await server.wait_for_termination()
 
@@ -87,15 +87,17 @@ def _identity(tensor: object) -> object:
     return tensor
 
 
-def rpc_latency_worker(rank: int, port: int, calls: int, out: Connection, tcp: bool = True) -> None:
+def rpc_latency_worker(
+    rank: int, port: int, calls: int, out: Connection, tcp: bool = True, master: str = "127.0.0.1"
+) -> None:
     """torch.distributed.rpc forced onto TCP (TensorPipe's uv transport, basic channel,
     as between two hosts; ``tcp=False``: its defaults, shared memory on one host): rank
     0 times ``calls`` sequential round trips of a [1, 16] float32 tensor to an identity
-    on rank 1; sends the times in seconds."""
+    on rank 1; sends the times in seconds. ``master``: rank 0's address."""
     import torch
     import torch.distributed.rpc as rpc
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR=master, MASTER_PORT=str(port))
     forced: dict[str, object] = {"_transports": ["uv"], "_channels": ["basic"]} if tcp else {}
     options = rpc.TensorPipeRpcBackendOptions(num_worker_threads=4, rpc_timeout=600, **forced)
     rpc.init_rpc(f"w{rank}", rank=rank, world_size=2, rpc_backend_options=options)

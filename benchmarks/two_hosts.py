@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import socket
 import ssl
@@ -22,11 +23,12 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from netns import SERVER_IP, Hosts, two_hosts  # noqa: E402
+from support.netns import SERVER_IP, Hosts, two_hosts  # noqa: E402
 
 ECHO_PORT = 50999
 
@@ -101,18 +103,25 @@ def in_client(hosts: Hosts, *args: str) -> float:
     return float(out.strip().splitlines()[-1])
 
 
-def serve_tensorwire(hosts: Hosts, tls: list[str]) -> tuple[subprocess.Popen[str], str]:
+def serve_tensorwire(
+    hosts: Hosts, tls: list[str], extra: Sequence[str] = (), env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """A tensorwire server in the server namespace (``extra`` flags, ``env`` added to
+    this one's environment) and its address, once its models are loaded."""
     flags = tls or ["--insecure"]
     proc = hosts.run(
         hosts.server,
         sys.executable, "-m", "tensorwire_server", "--host", SERVER_IP, "--port", "0",
-        "--device", "cpu", *flags,
-        stderr=subprocess.PIPE,
+        "--device", "cpu", "--log-level", "INFO", *flags, *extra,
+        stderr=subprocess.PIPE, env={**os.environ, **(env or {})},
     )  # fmt: skip
+    address = ""
     for line in proc.stderr:  # type: ignore[union-attr]
         if m := re.search(r"listening on (\S+)", line):
+            address = m.group(1)
+        if "server serving" in line:  # the models are loaded: the first call is served
             threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
-            return proc, m.group(1)
+            return proc, address
     raise RuntimeError("the tensorwire server did not start")
 
 
