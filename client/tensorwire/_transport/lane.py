@@ -18,7 +18,6 @@ Blocking sockets here (Client); lane_aio.py is AsyncClient's twin.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import select
 import socket
@@ -31,13 +30,22 @@ from typing import Any, Final
 import grpc
 
 from tensorwire._transport.connections import ANSWER_SECONDS, CONNECT_SECONDS, Detours
+from tensorwire._transport.lane_frames import (
+    LaneRpcError,
+    answer,
+    check_answers,
+    credentials,
+    frame,
+    late,
+    sizes,
+)
 from tensorwire._transport.methods import RESPONSES, method_path
 from tensorwire.errors import TensorwireError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import lane
 from tensorwire.wire.codec import receiver
 from tensorwire.wire.dataport import DataPortError, recv_exact
-from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE, RESPONSE_MAGIC
+from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE
 
 #: The environment variable that turns the lane off where ``fast_lane`` is not given
 #: ("0", "false", "off", "no"): how a test run or a deployment keeps calls on gRPC.
@@ -65,31 +73,6 @@ def wanted(fast_lane: bool | None) -> bool:
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
 
 
-class LaneRpcError(grpc.RpcError):
-    """A lane call's status, read as a grpc error is (code, details, trailing
-    metadata), so that the transport handles it exactly as gRPC's."""
-
-    def __init__(
-        self, code: grpc.StatusCode, details: str, trailing: Sequence[tuple[str, str]] = ()
-    ) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self._code = code
-        self._details = details
-        self._trailing = tuple(trailing)
-
-    def code(self) -> grpc.StatusCode:
-        return self._code
-
-    def details(self) -> str:
-        return self._details
-
-    def trailing_metadata(self) -> Any:
-        return self._trailing
-
-    def initial_metadata(self) -> tuple[tuple[str, str], ...]:
-        return ()
-
-
 #: A grant's call that ended so keeps a client off the lane for a while (growing): a
 #: refusal, or an overloaded server's (each call would otherwise pay a failing grant's
 #: call before its gRPC one).
@@ -101,9 +84,6 @@ _REFUSALS: Final = frozenset(
         grpc.StatusCode.DEADLINE_EXCEEDED,
     }
 )
-#: Status codes by their number on the wire.
-CODES: Final = {code.value[0]: code for code in grpc.StatusCode}
-_IDS = itertools.count(1)
 
 
 def broke(exc: BaseException, lane: Lane) -> LaneRpcError:
@@ -126,54 +106,6 @@ def unacknowledged(sock: socket.socket, lane: Lane) -> None:
     is cut is then UNAVAILABLE in that time, not silent until the call's deadline."""
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(lane.keepalive[1] * 1000))
-
-
-def late() -> LaneRpcError:
-    """The status of a call whose deadline passed on the lane (gRPC's own words)."""
-    return LaneRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-
-
-def frame(
-    method: str, request: bytes, timeout: float | None, metadata: Any
-) -> tuple[int, list[bytes]]:
-    """A call's id and request frame: the metadata without the token (the grant
-    stands for it)."""
-    pairs = [(k, v) for k, v in metadata or () if k != "authorization" and isinstance(v, str)]
-    call_id = next(_IDS)
-    return call_id, lane.request_frame(call_id, method, timeout, lane.pairs(pairs), request)
-
-
-def check_answers(head: bytes | bytearray, call_id: int) -> None:
-    """LaneError unless the response frame ``head`` answers call ``call_id``: another
-    answer means another process or thread shares the connection (a fork's)."""
-    if RESPONSE.unpack_from(head)[1] != call_id:
-        raise lane.LaneError("an answer to another call: the connection is shared")
-
-
-def credentials(metadata: Any) -> Any:
-    """A call's metadata as its grant's call takes it: the token only. The grant is
-    no part of the call (its trace, its session), only its way there."""
-    kept = [(k, v) for k, v in metadata or () if k == "authorization"]
-    return kept or None
-
-
-def answer(head: bytes, rest: memoryview, deserialize: Callable[[bytes], Any]) -> Any:
-    """The result of a response frame (``head`` and the bytes after it): the response,
-    or its LaneRpcError raised."""
-    _, _, code, d, m, _ = RESPONSE.unpack(head)
-    if code == 0:
-        return deserialize(rest[d + m :])  # type: ignore[arg-type]
-    details = bytes(rest[:d]).decode(errors="replace")
-    trailing = lane.unpairs(rest[d : d + m])
-    raise LaneRpcError(CODES.get(code, grpc.StatusCode.UNKNOWN), details, trailing)
-
-
-def sizes(head: bytes) -> int:
-    """The bytes a response frame holds after its head; LaneError if it is not one."""
-    magic, _, _, d, m, b = RESPONSE.unpack(head)
-    if magic != RESPONSE_MAGIC:
-        raise lane.LaneError("not a response frame")
-    return int(d + m + b)
 
 
 class Lane:

@@ -17,16 +17,18 @@ from tensorwire._transport.lane import (
     Lane,
     Watch,
     _within,
-    answer,
     broke,
+    left,
+    remaining,
+    unacknowledged,
+)
+from tensorwire._transport.lane_frames import (
+    answer,
     check_answers,
     credentials,
     frame,
     late,
-    left,
-    remaining,
     sizes,
-    unacknowledged,
 )
 from tensorwire.wire import lane
 from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE
