@@ -105,7 +105,7 @@ def test_a_node_lost_and_back(cluster: Cluster, tmp_path: Path) -> None:
         deployed.wait_for(2)
         flag = tmp_path / "cut"
         pinned = subprocess.Popen(
-            cluster.client_argv("session", WORKER, {"wait_file": str(flag), "deadline": 30}),
+            cluster.client_argv("session", WORKER, {"wait_file": str(flag), "deadline": 50}),
             stdout=subprocess.PIPE, text=True, env=cluster.env,
         )  # fmt: skip
         load: subprocess.Popen[str] | None = None

@@ -407,11 +407,12 @@ def _identity_parts(nbytes: int) -> list[bytes]:
 
 def _counter(server: TensorwireServer, method: str, code: str) -> float:
     total = 0.0
-    for metric in server.metrics.requests.collect():
+    # Through the registry, as a scrape reads it: calls are tallied until it is read.
+    for metric in server.metrics.registry.collect():
         for sample in metric.samples:
             labels = sample.labels
             if (
-                sample.name.endswith("_total")
+                sample.name == "tensorwire_requests_total"
                 and labels.get("code") == code
                 and labels.get("method", "").endswith(method)
             ):

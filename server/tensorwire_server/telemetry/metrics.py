@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Final
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -23,6 +23,7 @@ from tensorwire_server.settings import AccessLog
 from tensorwire_server.telemetry import access_log
 from tensorwire_server.telemetry.devices import GpuCollector
 from tensorwire_server.telemetry.metrics_endpoint import MetricsListener
+from tensorwire_server.telemetry.tally import TallyRegistry
 from tensorwire_server.telemetry.tracing import Tracer
 
 #: Latency buckets of the per-model histograms: 100 µs to 10 s.
@@ -34,14 +35,17 @@ MODEL_BUCKETS: Final = (
 
 class Metrics:
     """The server's Prometheus metrics, in a registry of its own (tests run several
-    servers in one process)."""
+    servers in one process). Each call's record is tallied as plain numbers and
+    folded into the metrics when they are read (tally.py)."""
 
     def __init__(self, device: Any, access: AccessLog, tracer: Tracer | None = None) -> None:
         #: Which finished calls write an access record (the setting access_log).
         self.access = access
         #: Makes the calls' spans, where tracing is on.
         self.tracer = tracer
-        self.registry = CollectorRegistry()
+        self._live: dict[int, Call] = {}
+        self.registry = TallyRegistry()
+        self._tally = self.registry.tally
         r = self.registry
         self.requests = Counter(
             "tensorwire_requests",
@@ -92,6 +96,8 @@ class Metrics:
             registry=r,
         )
         self.running = Gauge("tensorwire_in_flight", "RPCs being worked on.", registry=r)
+        # Read at each scrape: the calls begun and not yet ended (begin, end).
+        self.running.set_function(lambda: len(self._live))
         # The server points these at its sessions.
         self.sessions = Gauge("tensorwire_sessions", "Sessions open.", registry=r)
         self.session_bytes = Gauge(
@@ -139,11 +145,10 @@ class Metrics:
             registry=r,
         )
         self._models: dict[tuple[str, int], tuple[Any, ...]] = {}
-        self._live: dict[int, Call] = {}
         self._bytes_in = self.payload.labels("in")
         self._bytes_out = self.payload.labels("out")
         # Bounded: methods are the server's, targets known names or "unknown".
-        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, str], tuple[Any, Any, Any]] = {}
         self.memory = _DeviceMemory(device)
         r.register(self.memory)
         self._http: MetricsListener | None = None  # the HTTP endpoint, once served
@@ -163,21 +168,24 @@ class Metrics:
             counted = children[key] = (
                 self.requests.labels(call.method, call.target, code),
                 self.latency.labels(call.method),
+                self.batch.labels(call.target),
             )
-        counted[0].inc()
-        counted[1].observe(seconds)
-        self._bytes_in.inc(call.bytes_in)
-        self._bytes_out.inc(call.bytes_out)
-        if call.batch and code == "OK":
-            self.batch.labels(call.target).observe(call.batch)
-        if call.version:
-            self._model(call, seconds)
+        tally = self._tally
+        with tally.lock:
+            tally.inc(counted[0])
+            tally.observe(counted[1], seconds)
+            tally.inc(self._bytes_in, call.bytes_in)
+            tally.inc(self._bytes_out, call.bytes_out)
+            if call.batch and code == "OK":
+                tally.observe(counted[2], call.batch)
+            if call.version:
+                self._model(call, seconds)
         if self.access == "none" or (self.access == "errors" and code == "OK"):
             return
         access_log.write(call, code, seconds)
 
     def _model(self, call: Call, seconds: float) -> None:
-        """Record an inference in its model's metrics."""
+        """Record an inference in its model's metrics (the tally's lock held)."""
         key = (call.target, call.version)
         children = self._models.get(key)
         if children is None:
@@ -192,24 +200,23 @@ class Metrics:
             )
         queue, compute, latency, bytes_in, bytes_out, batch = children
         spans = call.timeline
-        queue.observe(spans.total((timeline.QUEUE, timeline.BATCH)))
-        compute.observe(spans.total(timeline.COMPUTE))
-        latency.observe(seconds)
-        bytes_in.inc(call.bytes_in)
-        bytes_out.inc(call.bytes_out)
+        tally = self._tally
+        tally.observe(queue, spans.total((timeline.QUEUE, timeline.BATCH)))
+        tally.observe(compute, spans.total(timeline.COMPUTE))
+        tally.observe(latency, seconds)
+        tally.inc(bytes_in, call.bytes_in)
+        tally.inc(bytes_out, call.bytes_out)
         if call.batch:
-            batch.observe(call.batch)
+            tally.observe(batch, call.batch)
 
     def begin(self, call: Call) -> None:
         """Count ``call`` as running until ``end``."""
-        self.running.inc()
         self._live[id(call)] = call
         if self.tracer is not None:
             self.tracer.begin(call)
 
     def end(self, call: Call) -> None:
         """``call`` no longer runs."""
-        self.running.dec()
         self._live.pop(id(call), None)
 
     def count_models(self, is_model: Callable[[str], bool]) -> None:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Hashable
 from typing import Any, Final
 
 import grpc
+import grpc.aio
 
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire.codec import Encoder, Received, receiver
@@ -62,10 +63,14 @@ def _unary(
 
     async def infer(request: Any, context: rpc.Context) -> bytes:
         # A batched model's requests wait for their batch on the loop, not on threads.
-        async with rpc.statuses(method, context):
+        try:  # rpc.statuses, written out
             if isinstance(request, Received) and servicer.batched(request):
                 servicer.admit(request, unary=True)
                 return finish(await servicer.infer_batched(request, compute.run))
+        except grpc.aio.AbortError:
+            raise  # the call already has its status
+        except Exception as exc:
+            await rpc.failed(method, context, exc)
         return await handle(request, context)
 
     return infer

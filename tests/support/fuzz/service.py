@@ -17,8 +17,13 @@ from tensorwire.wire import streaming
 from tensorwire_server.engine.functions import FUNCTIONS
 
 SERVICE = pb.DESCRIPTOR.services_by_name["TensorService"]
-#: Seconds any one request may take: a malformed request is refused at once.
-CALL_TIMEOUT = 10.0
+#: Seconds any one request may take: a malformed request is refused at once, but one
+#: that asked for the data port and never connects waits for its ticket (the server's
+#: TICKET_SECONDS, 10 s) and is then told so; past that, the server's answer would race
+#: the caller's own deadline.
+CALL_TIMEOUT = 15.0
+#: What the server answers a stream whose ticket no data connection presented.
+UNCLAIMED_TICKET = "no data connection presented the ticket"
 #: How much the server's RSS may grow over the storm: allocator slack, far below what
 #: keeping the storm's payloads (its large uploads alone are 128 MiB) would cost.
 RSS_SLACK = 64 << 20
