@@ -27,7 +27,7 @@ SERVICERS = ("tensorwire_server.v1.servicer", "tensorwire_server.kserve.servicer
 #: The most hand-written modules one folder of the server may hold.
 MAX_MODULES = 12
 #: The server's shared vocabulary: modules at its root that any package may import.
-SHARED = ("settings", "limits", "named", "identities", "calls", "timeline")
+SHARED = ("settings", "limits", "named", "identities", "calls", "timeline", "eviction")
 #: What each server package may import of the others (each package's docstring says
 #: why); the shared modules above are allowed to all, and the root's other modules
 #: (server, the composition root; cli; probe) to none.

@@ -286,7 +286,6 @@ class TensorwireServer:
             tls=self.dataport.tls,
             max_request_bytes=min(receive_limit(settings), MAX_LANE_REQUEST),
             max_connections=settings.fast_lane_connections,
-            tokens=tokens,
             port=self.dataport.port,
         )
         self.dataport.lane = lane.adopt

@@ -32,7 +32,8 @@ from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import framing, streaming
 from tensorwire.wire.dataport import ACCEPTED, REQUEST, REQUEST_MAGIC, recv_exact
 from tensorwire_server.dataport import same_host
-from tensorwire_server.dataport.budgets import FRESH_SECONDS, Budget
+from tensorwire_server.dataport.budgets import Budget
+from tensorwire_server.eviction import FRESH_SECONDS
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 

@@ -22,11 +22,8 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Final
 
-#: Seconds an anonymous connection is kept ahead of idle ones: a client presents its
-#: ticket within a round trip or two of connecting (TLS included).
-FRESH_SECONDS: Final = 1.0
+from tensorwire_server.eviction import victim
 
 
 @dataclass(eq=False)
@@ -74,20 +71,13 @@ class Budget:
             return connection, evicted
 
     def _victim(self) -> Connection | None:
-        """The connection to make room with (oldest first, never a busy one): an
-        anonymous one past FRESH_SECONDS, else an idle one, else an anonymous one."""
-        stale = time.monotonic() - FRESH_SECONDS
-        idle = fresh = None
-        for connection in self._connections:
-            if connection.busy:
-                continue
-            if connection.known:
-                idle = idle or connection
-            elif connection.since <= stale:
-                return connection
-            else:
-                fresh = fresh or connection
-        return idle or fresh
+        """The connection to make room with (eviction.victim's rule)."""
+        return victim(
+            self._connections,
+            busy=lambda c: c.busy,
+            known=lambda c: c.known,
+            since=lambda c: c.since,
+        )
 
     def claim(self, connection: Connection) -> bool:
         """Mark ``connection`` busy before it claims a ticket; False when it was

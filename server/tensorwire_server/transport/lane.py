@@ -39,9 +39,10 @@ from tensorwire.wire.lane import (
     REQUEST,
     REQUEST_MAGIC,
 )
+from tensorwire_server.eviction import victim
 from tensorwire_server.transport.grants import Grant, Grants
 from tensorwire_server.transport.lane_context import LaneContext, lane_metadata
-from tensorwire_server.transport.security import Identity, Tokens
+from tensorwire_server.transport.security import Identity
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,6 @@ log = logging.getLogger(__name__)
 HELLO_SECONDS: Final = 3.0
 #: Seconds a connection may sit idle (no call in flight) before it is closed.
 IDLE_SECONDS: Final = 300.0
-#: Seconds a new connection without its grant yet is spared while older ones wait
-#: (dataport/budgets.FRESH_SECONDS): one still without it after this most likely
-#: never will present it.
-FRESH_SECONDS: Final = 1.0
 #: Calls one connection may have in flight before the server stops reading it.
 MAX_IN_FLIGHT: Final = 4
 #: The largest request frame body the lane takes (the client sends larger requests,
@@ -86,15 +83,12 @@ class LaneServer:
         max_request_bytes: int,
         max_connections: int = 256,
         *,
-        tokens: Tokens,
         port: int,
     ) -> None:
         """``intercept``: the gate's ``intercept_service``; ``handlers``: the server's
-        generic handlers, in the order gRPC asks them; ``tokens``: the server's (the
-        identities grants are bound to); ``port``: the data port's."""
+        generic handlers, in the order gRPC asks them; ``port``: the data port's."""
         self.loop = loop
         self.grants = grants
-        self.tokens = tokens
         self.port = port
         self.tls = tls
         self.max_request_bytes = max_request_bytes
@@ -144,25 +138,21 @@ class LaneServer:
             sock.close()
 
     def _room(self) -> bool:
-        """Whether a new connection may be held: past the cap, one goes, by the data
-        port's rule (dataport/budgets.Budget._victim, which this package may not
-        import): the oldest still without a grant past FRESH_SECONDS, else the one idle
-        longest, else the oldest without a grant; none idle: refused. A connection
-        just made is not evicted by the next one before it could present its grant."""
+        """Whether a new connection may be held: past the cap, one goes by the data
+        port's rule (eviction.victim; a grant stands for a ticket), or, every one
+        busy, the newcomer is refused."""
         if len(self.connections) < self.max_connections:
             return True
-        idle = [c for c in self.connections if not c.calls]
-        if not idle:
+        chosen = victim(
+            self.connections,
+            busy=lambda c: bool(c.calls),
+            known=lambda c: c.grant is not None,
+            since=lambda c: c.last,
+        )
+        if chosen is None:
             log.warning("fast lane: refused a connection: all %d are busy", self.max_connections)
             return False
-        stale = time.monotonic() - FRESH_SECONDS
-        waiting = [c for c in idle if c.grant is None]
-        victims = (
-            [c for c in waiting if c.last <= stale]
-            or [c for c in idle if c.grant is not None]
-            or waiting
-        )
-        min(victims, key=lambda c: c.last).close()
+        chosen.close()
         return True
 
     async def handler(self, method: str) -> Handler | None:
