@@ -130,7 +130,8 @@ def build_parser(prog: str = "tensorwire-server") -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-same-host",
         action="store_true",
-        help="do not offer clients on this host shared memory on the data port",
+        help="do not offer clients on this host shared memory on the data port, nor "
+        "the fast lane's Unix socket",
     )
     parser.add_argument(
         "--data-plane-connections",

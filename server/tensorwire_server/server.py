@@ -287,6 +287,7 @@ class TensorwireServer:
             max_request_bytes=min(receive_limit(settings), MAX_LANE_REQUEST),
             max_connections=settings.fast_lane_connections,
             port=self.dataport.port,
+            local=settings.same_host,
         )
         self.dataport.lane = lane.adopt
         return lane

@@ -116,7 +116,8 @@ class Settings:
     data_port: int = 0
     #: Same-host transfers on the data port (Linux): clients on this host (in this
     #: network namespace) pass shared memory as file descriptors over an abstract
-    #: Unix socket, with the same tickets, instead of sending bytes (docs/security.md).
+    #: Unix socket, with the same tickets, instead of sending bytes (docs/security.md);
+    #: and the fast lane listens on an abstract Unix socket of its own for them.
     same_host: bool = True
     #: Connections each data-plane listener (the data port, the same-host socket)
     #: holds at once. Past it, a new one takes the place of the connection that has

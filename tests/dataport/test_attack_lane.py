@@ -62,18 +62,34 @@ def grant(server: TensorwireServer, token: str) -> bytes:
     return bytes(response.grant)
 
 
-def connect(server: TensorwireServer) -> socket.socket:
-    assert server.dataport is not None
-    sock = socket.create_connection(("127.0.0.1", server.dataport.port), timeout=TIMEOUT)
+#: Where a lane connection opens: the data port, or the lane's Unix socket (this host).
+PATHS = ("tcp", "unix")
+
+
+def connect(server: TensorwireServer, via: str = "tcp") -> socket.socket:
+    """A connection that sent the lane's opening: to the data port, or (``via``
+    "unix") to the lane's abstract Unix socket."""
+    assert server.dataport is not None and server.lane is not None
+    if via == "unix":
+        assert server.lane.local_name
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        sock.connect("\0" + server.lane.local_name)
+    else:
+        sock = socket.create_connection(("127.0.0.1", server.dataport.port), timeout=TIMEOUT)
     sock.sendall(OPENING)
     return sock
 
 
-def opened(server: TensorwireServer, token: str = "alice-token-0123456789abcdef") -> socket.socket:
-    """A lane connection the server accepted."""
-    sock = connect(server)
+def opened(
+    server: TensorwireServer, token: str = "alice-token-0123456789abcdef", via: str = "tcp"
+) -> socket.socket:
+    """A lane connection the server accepted (on the Unix socket, with its proof)."""
+    sock = connect(server, via)
     sock.sendall(HELLO.pack(HELLO_MAGIC, grant(server, token)))
     assert sock.recv(len(ACCEPTED), socket.MSG_WAITALL) == ACCEPTED
+    if via == "unix":
+        assert len(sock.recv(lane.GRANT_BYTES, socket.MSG_WAITALL)) == lane.GRANT_BYTES
     return sock
 
 
@@ -117,21 +133,22 @@ def serves(server: TensorwireServer) -> None:
         np.testing.assert_array_equal(c.infer("identity", SMALL)["output"], SMALL)
 
 
-def test_random_bytes_and_bad_grants_are_closed(server: TensorwireServer) -> None:
+@pytest.mark.parametrize("via", PATHS)
+def test_random_bytes_and_bad_grants_are_closed(server: TensorwireServer, via: str) -> None:
     rng = random.Random(33)
     for size in (1, 3, 19, 20, 64, 4096):
-        with connect(server) as sock:
+        with connect(server, via) as sock:
             sock.sendall(rng.randbytes(size))
             assert closed_by_server(sock)
     good = grant(server, "alice-token-0123456789abcdef")
-    with connect(server) as sock:  # a grant with the wrong magic
+    with connect(server, via) as sock:  # a grant with the wrong magic
         sock.sendall(HELLO.pack(b"TWD1", good))
         assert closed_by_server(sock)
     replayed = good  # still good: a wrong opening spends no grant; once, though
-    first = connect(server)
+    first = connect(server, via)
     first.sendall(HELLO.pack(HELLO_MAGIC, replayed))
     assert first.recv(4, socket.MSG_WAITALL) == ACCEPTED
-    with connect(server) as again:
+    with connect(server, via) as again:
         again.sendall(HELLO.pack(HELLO_MAGIC, replayed))
         assert closed_by_server(again)
     first.close()
@@ -140,7 +157,7 @@ def test_random_bytes_and_bad_grants_are_closed(server: TensorwireServer) -> Non
     try:
         lapsed = grant(server, "alice-token-0123456789abcdef")
         time.sleep(0.2)
-        with connect(server) as sock:
+        with connect(server, via) as sock:
             sock.sendall(HELLO.pack(HELLO_MAGIC, lapsed))
             assert closed_by_server(sock)
     finally:
@@ -191,7 +208,8 @@ def code_of(number: int) -> tuple[int, str]:
     return next(c.value for c in grpc.StatusCode if c.value[0] == number)
 
 
-def test_frames_past_limits_close_the_connection(server: TensorwireServer) -> None:
+@pytest.mark.parametrize("via", PATHS)
+def test_frames_past_limits_close_the_connection(server: TensorwireServer, via: str) -> None:
     assert server.lane is not None
     head = lane.REQUEST
     for frame in (
@@ -201,7 +219,7 @@ def test_frames_past_limits_close_the_connection(server: TensorwireServer) -> No
         head.pack(b"XXXX", 1, 1.0, 10, 0, 0),  # not a frame
         head.pack(b"TWQ1", 1, 1.0, 4, 5, 0) + b"/a/b" + b"\xff\xff\xff\xff\xff",  # bad pairs
     ):
-        with opened(server) as sock:
+        with opened(server, via=via) as sock:
             sock.sendall(frame)
             assert closed_by_server(sock)
     serves(server)
@@ -223,18 +241,19 @@ def test_fuzzed_requests_get_statuses_and_the_server_goes_on(server: TensorwireS
     serves(server)
 
 
-def test_slow_and_idle_connections_are_bounded(server: TensorwireServer) -> None:
+@pytest.mark.parametrize("via", PATHS)
+def test_slow_and_idle_connections_are_bounded(server: TensorwireServer, via: str) -> None:
     assert server.lane is not None
-    held = [connect(server) for _ in range(40)]  # no grant: anonymous, evicted first
-    held += [opened(server) for _ in range(30)]  # granted, idle
+    held = [connect(server, via) for _ in range(40)]  # no grant: anonymous, evicted first
+    held += [opened(server, via=via) for _ in range(30)]  # granted, idle
     time.sleep(0.2)
     assert len(server.lane.connections) <= 24  # fast_lane_connections
     serves(server)  # an honest client still gets in (the idlest go)
-    with connect(server) as slow:  # the opening, then nothing: closed by HELLO_SECONDS
+    with connect(server, via) as slow:  # the opening, then nothing: closed by HELLO_SECONDS
         began = time.monotonic()
         assert closed_by_server(slow)
         assert time.monotonic() - began < server_lane.HELLO_SECONDS + 5
-    half = opened(server)
+    half = opened(server, via=via)
     half.sendall(lane.REQUEST.pack(b"TWQ1", 9, 1.0, len(INFER), 0, 1000) + INFER.encode())
     serves(server)  # half a frame holds nothing but its own connection
     for sock in [*held, half]:

@@ -23,7 +23,7 @@ from support.servers import spawn_server
 
 import tensorwire as tw
 from tensorwire._transport import lane as client_lane
-from tensorwire._transport import lane_aio
+from tensorwire._transport import lane_aio, lane_pool
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
 
@@ -166,7 +166,7 @@ def test_many_threads_and_tasks_each_get_their_own_answer(server: TensorwireServ
         for t in threads:
             t.join()
         assert not failures
-        assert len(lane_of(client).idle) <= client_lane.POOLED
+        assert len(lane_of(client).idle) <= lane_pool.POOLED
 
     async def tasks() -> None:
         async with tw.AsyncClient(address(server), timeout=TIMEOUT, fast_lane=True) as client:
@@ -218,7 +218,7 @@ def test_fallback_to_grpc_where_there_is_no_lane(engine, monkeypatch) -> None:  
         with tw.Client(address(server), timeout=TIMEOUT, fast_lane=False) as client:
             assert not hasattr(client._transport._methods["Infer"], "lane")
             client.infer("identity", SMALL)
-        monkeypatch.setenv(client_lane.ENV, "0")
+        monkeypatch.setenv(lane_pool.ENV, "0")
         with tw.Client(address(server), timeout=TIMEOUT) as client:
             assert not hasattr(client._transport._methods["Infer"], "lane")
         with tw.Client(

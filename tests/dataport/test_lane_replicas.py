@@ -25,7 +25,8 @@ SMALL = np.ones((1, 16), np.float32)
 @pytest.fixture(scope="module")
 def server() -> Iterator[TensorwireServer]:
     engine = build_engine(on_device(Settings(device="cpu", models=TOY_MODELS)))
-    with contextlib.contextmanager(engine_server)(engine) as running:
+    # Replicas are other hosts: no lane Unix socket (same_host off), the data port's TCP.
+    with contextlib.contextmanager(engine_server)(engine, same_host=False) as running:
         yield running
 
 

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-#: The client's own switch (tensorwire._transport.lane.ENV), read where a client is made.
+#: The client's own switch (tensorwire._transport.lane_pool.ENV), read where a client is made.
 ENV = "TENSORWIRE_FAST_LANE"
 
 

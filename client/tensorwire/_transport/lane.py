@@ -17,19 +17,14 @@ Blocking sockets here (Client); lane_aio.py is AsyncClient's twin.
 
 from __future__ import annotations
 
-import contextlib
-import os
-import select
 import socket
-import ssl
-import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import grpc
 
-from tensorwire._transport.connections import ANSWER_SECONDS, CONNECT_SECONDS, Detours
+from tensorwire._transport.connections import ANSWER_SECONDS, CONNECT_SECONDS
 from tensorwire._transport.lane_frames import (
     LaneRpcError,
     answer,
@@ -39,51 +34,17 @@ from tensorwire._transport.lane_frames import (
     late,
     sizes,
 )
+from tensorwire._transport.lane_pool import Lane, _close, wanted
 from tensorwire._transport.methods import RESPONSES, method_path
-from tensorwire.errors import TensorwireError
 from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import lane
 from tensorwire.wire.codec import receiver
 from tensorwire.wire.dataport import DataPortError, recv_exact
-from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE
+from tensorwire.wire.lane import ACCEPTED, GRANT_BYTES, HELLO, HELLO_MAGIC, OPENING, RESPONSE
 
-#: The environment variable that turns the lane off where ``fast_lane`` is not given
-#: ("0", "false", "off", "no"): how a test run or a deployment keeps calls on gRPC.
-ENV: Final = "TENSORWIRE_FAST_LANE"
-#: Idle connections kept per server: as many as calls a client makes at once, up to
-#: this (each new one costs a grant's gRPC call and a connect); past it, closed when done.
-POOLED: Final = 64
-#: Seconds an idle connection is kept: less than the server's 300, so that the
-#: client, not the server, ends an idle connection, and never sends on one the server
-#: is closing.
-IDLE_SECONDS: Final = 240.0
-#: Seconds between resolutions of a lane's target name: a fleet that grows behind the
-#: name is seen this soon, and its calls then go to gRPC's round robin.
-RESOLVE_SECONDS: Final = 5.0
-#: A grant's gRPC call: the serialized OpenLaneRequest, timeout, metadata -> response.
-OpenLane = Callable[..., Any]
+__all__ = ["Lane", "LaneMethod", "keepalive", "lane_methods", "wanted"]
+
 _OPEN_LANE_REQUEST: Final = pb.OpenLaneRequest().SerializeToString()
-
-
-def wanted(fast_lane: bool | None) -> bool:
-    """Whether a client uses the lane: ``fast_lane`` when given, else the environment
-    (on unless TENSORWIRE_FAST_LANE says 0, false, off or no)."""
-    if fast_lane is not None:
-        return fast_lane
-    return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
-
-
-#: A grant's call that ended so keeps a client off the lane for a while (growing): a
-#: refusal, or an overloaded server's (each call would otherwise pay a failing grant's
-#: call before its gRPC one).
-_REFUSALS: Final = frozenset(
-    {
-        grpc.StatusCode.UNAUTHENTICATED,
-        grpc.StatusCode.PERMISSION_DENIED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-    }
-)
 
 
 def broke(exc: BaseException, lane: Lane) -> LaneRpcError:
@@ -106,139 +67,6 @@ def unacknowledged(sock: socket.socket, lane: Lane) -> None:
     is cut is then UNAVAILABLE in that time, not silent until the call's deadline."""
     if hasattr(socket, "TCP_USER_TIMEOUT"):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(lane.keepalive[1] * 1000))
-
-
-class Lane:
-    """A client's lane to one server: where it is, its idle connections, its grant's
-    gRPC method, and when to try it again after it could not be had."""
-
-    def __init__(
-        self,
-        host: str,
-        tls: ssl.SSLContext | None,
-        server_name: str | None,
-        open_lane: OpenLane,
-        resolve: Callable[[], list[str]] | None = None,
-    ) -> None:
-        self.host = host
-        #: The addresses the target resolves to now ([]: one server); None: it names
-        #: one server for good (an IP address).
-        self.resolve = resolve
-        self._one: tuple[float, bool] = (-RESOLVE_SECONDS, True)
-        self.tls = tls
-        self.server_name = server_name or host
-        self.open_lane = open_lane
-        #: The data port and the largest request the server takes, from a grant.
-        self.port = 0
-        self.max_request = 1 << 20
-        self.detours: Detours[None] = Detours()
-        self.idle: list[tuple[float, Any]] = []
-        self.lock = threading.Lock()
-        #: The process the pooled connections belong to: a fork's child shares its
-        #: parent's sockets, and must not use them.
-        self.pid = os.getpid()
-        self.closed = False
-        #: Keepalive interval and timeout in seconds: the channel's (set_keepalive).
-        self.keepalive = (60.0, 20.0)
-
-    def usable(self, size: int) -> bool:
-        """Whether a request of ``size`` bytes should try the lane now."""
-        return (
-            not self.closed
-            and size <= self.max_request
-            and self.one_server()
-            and self.detours.open(None)
-        )
-
-    def one_server(self) -> bool:
-        """Whether the target reaches one server, its name resolved again every
-        RESOLVE_SECONDS: behind a name of several replicas a lane would hold every
-        call on whichever replica its connections reached (and a grant is good only
-        on the replica that gave it), so gRPC's round robin carries those calls."""
-        if self.resolve is None:
-            return True
-        when, one = self._one
-        now = time.monotonic()
-        if now - when > RESOLVE_SECONDS:
-            try:
-                one = len(self.resolve()) <= 1
-            except (OSError, TensorwireError):
-                one = False  # it does not resolve now: gRPC says so in its words
-            self._one = (now, one)
-        return one
-
-    # The pool's three hooks, for blocking sockets (lane_aio.AsyncLane: streams).
-    def fresh(self, conn: Any) -> bool:
-        """Whether idle ``conn`` may carry a call (a server that closed it made it
-        readable)."""
-        return _quiet(conn)
-
-    def discard(self, conn: Any) -> None:
-        """Close ``conn``: no longer the pool's."""
-        _close(conn)
-
-    def disown(self, conn: Any) -> None:
-        """Let go of ``conn``, a fork's parent's, without a word on it."""
-        _close(conn)  # this process's descriptor only: the parent's stays open
-
-    def forked(self) -> list[tuple[float, Any]]:
-        """After a fork, in the child: the parent's idle connections, no longer this
-        pool's (empty in the process that made them)."""
-        if os.getpid() == self.pid:
-            return []
-        with self.lock:
-            self.pid = os.getpid()
-            inherited, self.idle = self.idle, []
-        return inherited
-
-    def take(self) -> Any:
-        """An idle connection (None: none); the stale ones go."""
-        for _, conn in self.forked():
-            self.disown(conn)
-        now = time.monotonic()
-        while True:
-            with self.lock:
-                if not self.idle:
-                    return None
-                since, conn = self.idle.pop()
-            if now - since < IDLE_SECONDS and self.fresh(conn):
-                return conn
-            self.discard(conn)
-
-    def give(self, conn: Any) -> None:
-        """Keep ``conn`` for the next call (or close it: the pool is full, or closed)."""
-        with self.lock:
-            if not self.closed and len(self.idle) < POOLED:
-                self.idle.append((time.monotonic(), conn))
-                return
-        self.discard(conn)
-
-    def granted(self, response: Any) -> None:
-        """Learn where the lane is from a grant (an OpenLaneResponse)."""
-        self.port = response.port
-        self.max_request = response.max_request_bytes
-
-    def refused(self, error: grpc.RpcError | None, spent: bool = False) -> None:
-        """No lane now: gRPC for a while (a server without one: for long; one refusing
-        or overloaded: a while, growing; one that answered the grant's call with a
-        passing status, such as a starting server's UNAVAILABLE: only this call, which
-        gRPC then answers as it would). ``spent``: the call's own deadline cut the
-        grant's call short, which says nothing of the server."""
-        code = getattr(error, "code", lambda: None)()
-        if spent and code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return
-        if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
-            self.detours.unreachable(None)
-        elif error is None or code in _REFUSALS:
-            self.detours.refused(None)
-
-    def close(self) -> None:
-        """Close every idle connection, and each one given from now on."""
-        with self.lock:
-            self.closed = True
-            idle, self.idle = self.idle, []
-        for _, conn in idle:
-            self.discard(conn)
 
 
 class LaneMethod:
@@ -276,6 +104,9 @@ class LaneMethod:
             lane.refused(exc, spent=at is not None and time.monotonic() >= at)
             return None
         lane.granted(grant)
+        local = connect_local(lane, grant, left(at))
+        if local is not None:
+            return self._open_local(local, grant)
         try:
             wait = min(CONNECT_SECONDS, _within(left(at)))
             sock = socket.create_connection((lane.host, grant.port), timeout=wait)
@@ -297,6 +128,21 @@ class LaneMethod:
             pass
         _close(sock)
         lane.refused(None)  # it answered, but not as a lane: gRPC, a while
+        return None
+
+    def _open_local(self, sock: socket.socket, grant: Any) -> socket.socket | None:
+        """``sock``, connected to the server's Unix socket, once the server proved
+        itself with the grant's ``local_proof``; None when it did not: the data port
+        from now on (this call goes by gRPC: its grant is spent)."""
+        try:
+            sock.sendall(OPENING + HELLO.pack(HELLO_MAGIC, grant.grant))
+            if recv_exact(sock, len(ACCEPTED) + GRANT_BYTES) == ACCEPTED + grant.local_proof:
+                self.lane.detours.accepted(None)
+                return sock
+        except (OSError, EOFError, DataPortError):
+            pass
+        _close(sock)
+        self.lane.far = grant.local_socket
         return None
 
     def _call(
@@ -403,6 +249,24 @@ def lane_methods(
     return out
 
 
+def connect_local(lane: Lane, grant: Any, timeout: float | None) -> socket.socket | None:
+    """A blocking socket connected to the Unix socket ``grant`` names (timeout:
+    the call's); None where there is none, or it is not here (then never again)."""
+    address = lane.local_address(grant)
+    if address is None:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(_within(timeout))
+        sock.connect(address)
+        return sock
+    except OSError as exc:  # the grant is still good: the data port takes it
+        _close(sock)
+        if isinstance(exc, (ConnectionRefusedError, FileNotFoundError)):
+            lane.far = grant.local_socket  # not on this host (or namespace)
+        return None  # else a full backlog, say: the Unix socket again next time
+
+
 def left(at: float | None) -> float | None:
     """Seconds until the deadline ``at`` (None: none; 0 or less: passed)."""
     return None if at is None else at - time.monotonic()
@@ -438,25 +302,3 @@ def _arm(sock: socket.socket, at: float | None) -> None:
         if left <= 0:
             raise TimeoutError("the call's deadline passed")
         sock.settimeout(left)
-
-
-def _quiet(sock: socket.socket) -> bool:
-    """Whether an idle connection has nothing to read: a server that closed it (idle,
-    evicted, stopped) made it readable."""
-    try:
-        if isinstance(sock, ssl.SSLSocket) and sock.pending():
-            return False
-        # poll, not select: select refuses descriptors past 1024 (a busy process).
-        # Windows has no poll, and its select has no such limit.
-        if not hasattr(select, "poll"):
-            return not select.select([sock], [], [], 0)[0]
-        poller = select.poll()
-        poller.register(sock, select.POLLIN | select.POLLPRI)
-        return not poller.poll(0)
-    except (OSError, ValueError):
-        return False
-
-
-def _close(sock: Any) -> None:
-    with contextlib.suppress(OSError):
-        sock.close()

@@ -31,7 +31,7 @@ from tensorwire._transport.lane_frames import (
     sizes,
 )
 from tensorwire.wire import lane
-from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE
+from tensorwire.wire.lane import ACCEPTED, GRANT_BYTES, HELLO, HELLO_MAGIC, OPENING, RESPONSE
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -89,6 +89,17 @@ class AsyncLaneMethod:
             lane.refused(exc, spent=at is not None and time.monotonic() >= at)
             return None
         lane.granted(grant)
+        address = lane.local_address(grant)
+        if address is not None:
+            try:
+                async with asyncio.timeout(min(CONNECT_SECONDS, _within(left(at)))):
+                    reader, writer = await asyncio.open_unix_connection(address)
+            except (ConnectionRefusedError, FileNotFoundError):  # not on this host
+                lane.far = grant.local_socket  # (or namespace): the data port takes it
+            except (OSError, TimeoutError):
+                pass  # a full backlog, say: the data port now, the Unix socket next time
+            else:
+                return await self._open_local(reader, writer, grant, at)
         try:
             async with asyncio.timeout(min(CONNECT_SECONDS, _within(left(at)))):
                 reader, writer = await asyncio.open_connection(lane.host, grant.port)
@@ -112,6 +123,28 @@ class AsyncLaneMethod:
             pass
         writer.transport.abort()
         lane.refused(None)
+        return None
+
+    async def _open_local(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        grant: Any,
+        at: float | None,
+    ) -> Stream | None:
+        """The connection to the server's Unix socket, once the server proved itself
+        with the grant's ``local_proof`` (lane.LaneMethod._open_local's twin)."""
+        try:
+            async with asyncio.timeout(_within(left(at))):
+                writer.write(OPENING + HELLO.pack(HELLO_MAGIC, grant.grant))
+                got = await reader.readexactly(len(ACCEPTED) + GRANT_BYTES)
+            if got == ACCEPTED + grant.local_proof:
+                self.lane.detours.accepted(None)
+                return reader, writer
+        except (OSError, EOFError, TimeoutError, asyncio.IncompleteReadError):
+            pass
+        writer.transport.abort()
+        self.lane.far = grant.local_socket
         return None
 
     async def _call(

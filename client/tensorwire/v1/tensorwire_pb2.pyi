@@ -379,18 +379,20 @@ class UnloadResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class DataTransfer(_message.Message):
-    __slots__ = ("ticket", "port", "payload_bytes", "expires_in_seconds", "local_socket")
+    __slots__ = ("ticket", "port", "payload_bytes", "expires_in_seconds", "local_socket", "local_proof")
     TICKET_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PROOF_FIELD_NUMBER: _ClassVar[int]
     ticket: bytes
     port: int
     payload_bytes: int
     expires_in_seconds: float
     local_socket: str
-    def __init__(self, ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., expires_in_seconds: _Optional[float] = ..., local_socket: _Optional[str] = ...) -> None: ...
+    local_proof: bytes
+    def __init__(self, ticket: _Optional[bytes] = ..., port: _Optional[int] = ..., payload_bytes: _Optional[int] = ..., expires_in_seconds: _Optional[float] = ..., local_socket: _Optional[str] = ..., local_proof: _Optional[bytes] = ...) -> None: ...
 
 class InferRequestPart(_message.Message):
     __slots__ = ("header", "chunk", "data")
@@ -710,13 +712,17 @@ class OpenLaneRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class OpenLaneResponse(_message.Message):
-    __slots__ = ("grant", "port", "expires_in_seconds", "max_request_bytes")
+    __slots__ = ("grant", "port", "expires_in_seconds", "max_request_bytes", "local_socket", "local_proof")
     GRANT_FIELD_NUMBER: _ClassVar[int]
     PORT_FIELD_NUMBER: _ClassVar[int]
     EXPIRES_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PROOF_FIELD_NUMBER: _ClassVar[int]
     grant: bytes
     port: int
     expires_in_seconds: float
     max_request_bytes: int
-    def __init__(self, grant: _Optional[bytes] = ..., port: _Optional[int] = ..., expires_in_seconds: _Optional[float] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
+    local_socket: str
+    local_proof: bytes
+    def __init__(self, grant: _Optional[bytes] = ..., port: _Optional[int] = ..., expires_in_seconds: _Optional[float] = ..., max_request_bytes: _Optional[int] = ..., local_socket: _Optional[str] = ..., local_proof: _Optional[bytes] = ...) -> None: ...

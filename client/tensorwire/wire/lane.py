@@ -10,6 +10,14 @@ data port (TLS when gRPC has it) and sends, in this order:
     HELLO     b"TWLG", the 16-byte grant
     server -> ACCEPTED b"TWOK" (or the connection closes: not a live grant)
 
+On the server's host (Linux), a grant may also name an abstract Unix stream socket
+(``OpenLaneResponse.local_socket``): a client that can connect to it sends the same
+OPENING and HELLO there, with no TLS (the kernel carries the bytes; the grant came over
+the channel's own TLS); the server answers ACCEPTED and the grant's 16-byte
+``local_proof``, which the client checks before it sends a call. It skips the loopback
+TCP stack: about half a small call's round trip in the kernel. One it cannot reach
+(another host or network namespace) goes to the data port.
+
 Then the connection carries calls, each a REQUEST frame and its RESPONSE frame:
 
     REQUEST   b"TWQ1", call id (uint64), timeout in seconds (float64; negative: none),

@@ -9,6 +9,7 @@ a loop holds no memory: an identity past its share loses its oldest grant.
 
 from __future__ import annotations
 
+import hmac
 import secrets
 import threading
 import time
@@ -43,6 +44,13 @@ class Grants:
         self.seconds = seconds
         self._grants: OrderedDict[bytes, Grant] = OrderedDict()
         self._lock = threading.Lock()
+        self._key = secrets.token_bytes(32)
+
+    def proof(self, grant: bytes) -> bytes:
+        """What the server answers a grant with on its Unix socket: known only to it
+        and to the caller it sent the grant to (over the channel), so that client
+        knows it reached this server, not a process that took the name later."""
+        return hmac.digest(self._key, grant, "sha256")[:GRANT_BYTES]
 
     def issue(self, identity: Identity | None, name: str) -> bytes:
         """A new grant for ``identity`` (named ``name``: "" for the anonymous caller)."""

@@ -4,6 +4,9 @@ and handlers as gRPC's calls.
 
 The data port's thread reads a connection's plain-text opening; a lane's it hands to
 ``LaneServer.adopt``, which serves it on the loop (TLS there when the server has it).
+On Linux the lane also listens on an abstract Unix stream socket of its own (a random
+name, which grants carry): a client on this host connects there, skipping loopback
+TCP, and its connection is read on the loop from its first byte, opening included.
 The connection presents a grant (grants.py) and then sends calls. Each call is looked
 up in the server's own gRPC handlers, wrapped by the ``Gate`` exactly as gRPC's
 interceptor wraps it, and run with a ``LaneContext`` (lane_context.py) in place of
@@ -21,8 +24,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import socket
 import ssl
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, Final, NamedTuple
@@ -36,6 +41,7 @@ from tensorwire.wire.lane import (
     HELLO_MAGIC,
     MAX_METADATA,
     MAX_METHOD,
+    OPENING,
     REQUEST,
     REQUEST_MAGIC,
 )
@@ -84,9 +90,12 @@ class LaneServer:
         max_connections: int = 256,
         *,
         port: int,
+        local: bool = False,
     ) -> None:
         """``intercept``: the gate's ``intercept_service``; ``handlers``: the server's
-        generic handlers, in the order gRPC asks them; ``port``: the data port's."""
+        generic handlers, in the order gRPC asks them; ``port``: the data port's;
+        ``local``: listen on an abstract Unix socket too (Linux), for this host's
+        clients."""
         self.loop = loop
         self.grants = grants
         self.port = port
@@ -100,6 +109,12 @@ class LaneServer:
         #: Calls answered on the lane (tests, benchmarks).
         self.answered = 0
         self.closed = False
+        #: The abstract Unix socket's name (no leading NUL), which grants carry; "": none.
+        self.local_name = ""
+        self._local: socket.socket | None = None
+        if local and hasattr(socket, "AF_UNIX") and sys.platform == "linux":
+            self._local, self.local_name = _listen_local(max(max_connections, 128))
+            loop.call_soon_threadsafe(loop.add_reader, self._local.fileno(), self._accept_local)
 
     def grant(self, identity: Identity | None) -> tuple[bytes, float]:
         """A grant for ``identity``, the one the gate matched the caller's token to
@@ -115,23 +130,40 @@ class LaneServer:
         except RuntimeError:  # the loop is closed: the server is stopping
             sock.close()
 
-    def _adopt(self, sock: socket.socket) -> None:
+    def _accept_local(self) -> None:
+        """Take the connections waiting on the Unix socket (the loop saw it readable)."""
+        listener = self._local
+        for _ in range(64):  # then let the loop run: more wait their turn
+            if listener is None or self.closed:
+                return
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # out of descriptors: the next readiness tries again
+                log.warning("fast lane: the Unix socket could not accept: %s", exc)
+                return
+            self._adopt(sock, local=True)
+
+    def _adopt(self, sock: socket.socket, local: bool = False) -> None:
         if self.closed or not self._room():
             sock.close()
             return
         sock.setblocking(False)
-        conn = LaneConnection(self)
+        conn = LaneConnection(self, opening=local)
         self.connections.add(conn)
-        self.loop.create_task(self._connect(sock, conn))
+        self.loop.create_task(self._connect(sock, conn, None if local else self.tls))
 
-    async def _connect(self, sock: socket.socket, conn: LaneConnection) -> None:
+    async def _connect(
+        self, sock: socket.socket, conn: LaneConnection, tls: ssl.SSLContext | None
+    ) -> None:
         try:
             async with asyncio.timeout(HELLO_SECONDS):
                 await self.loop.connect_accepted_socket(
                     lambda: conn,
                     sock,
-                    ssl=self.tls,
-                    ssl_handshake_timeout=HELLO_SECONDS if self.tls is not None else None,
+                    ssl=tls,
+                    ssl_handshake_timeout=HELLO_SECONDS if tls is not None else None,
                 )
         except (OSError, TimeoutError, ssl.SSLError, ValueError):
             self.connections.discard(conn)
@@ -178,10 +210,19 @@ class LaneServer:
             self._guarded[method] = found
         return found
 
+    def _stop_listening(self) -> None:
+        """Close the Unix socket (on the loop: its reader goes first)."""
+        listener, self._local = self._local, None
+        if listener is not None:
+            with contextlib.suppress(ValueError, RuntimeError):  # the loop is closing
+                self.loop.remove_reader(listener.fileno())
+            listener.close()
+
     def close(self) -> None:
         """Close every connection (their calls are cancelled); accept no more. Each is
         shut down at once, not when the loop next runs: the server may be stopping it."""
         self.closed = True
+        self._stop_listening()
         for conn in list(self.connections):
             conn.close(shutdown=True)
 
@@ -190,6 +231,7 @@ class LaneServer:
         ``wait`` seconds (then at once, as ``close``); accept no more. The server's
         stop has let its calls finish: their answers must not be cut off."""
         self.closed = True
+        self._stop_listening()
         held = list(self.connections)
         for conn in held:
             conn.finish()
@@ -205,10 +247,15 @@ class LaneServer:
 class LaneConnection(asyncio.Protocol):
     """One lane connection: its grant, its frames, its calls in flight."""
 
-    def __init__(self, server: LaneServer) -> None:
+    def __init__(self, server: LaneServer, opening: bool = False) -> None:
+        """``opening``: its first bytes are the lane's OPENING, still to be read (a
+        Unix socket's; the data port's thread read a TCP connection's)."""
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.grant: Grant | None = None
+        self.opening = opening
+        #: A Unix socket's connection (the server proves itself after ACCEPTED).
+        self.local = opening
         self.buffer = bytearray()
         #: Calls in flight, by id, with their contexts.
         self.calls: dict[int, tuple[asyncio.Task[None], LaneContext]] = {}
@@ -317,6 +364,13 @@ class LaneConnection(asyncio.Protocol):
         while self.transport is not None and not self.transport.is_closing():
             if self._held():
                 return
+            if self.opening:
+                if len(buffer) < len(OPENING):
+                    return
+                if buffer[: len(OPENING)] != OPENING:
+                    raise lane.LaneError("not a lane connection")
+                del buffer[: len(OPENING)]
+                self.opening = False
             if self.grant is None:
                 if len(buffer) < HELLO.size:
                     return
@@ -326,7 +380,10 @@ class LaneConnection(asyncio.Protocol):
                 if claimed is None:
                     raise lane.LaneError("no live grant")
                 self.grant = claimed
-                self.transport.write(ACCEPTED)
+                if self.local:  # the client checks it reached the server that granted
+                    self.transport.write(ACCEPTED + self.server.grants.proof(grant))
+                else:
+                    self.transport.write(ACCEPTED)
                 self._arm(IDLE_SECONDS)
                 continue
             if self._pending is None:
@@ -414,3 +471,18 @@ class LaneConnection(asyncio.Protocol):
 async def _one(body: bytes) -> AsyncIterator[bytes]:
     """A unary call's request, as the gate reads it from gRPC: one message."""
     yield body
+
+
+def _listen_local(backlog: int) -> tuple[socket.socket, str]:
+    """A listening, non-blocking abstract Unix stream socket with a random name, and
+    the name: it exists only in this network namespace and as long as the server."""
+    name = f"tensorwire-lane-{secrets.token_hex(16)}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind("\0" + name)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock, name

@@ -102,6 +102,8 @@ class TensorServicer:
                 port=lane.port,
                 expires_in_seconds=seconds,
                 max_request_bytes=lane.max_request_bytes,
+                local_socket=lane.local_name,
+                local_proof=lane.grants.proof(grant) if lane.local_name else b"",
             )
         )
 
