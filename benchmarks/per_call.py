@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from tensorwire._messages import infer_request
+from tensorwire_server.lane.context import LaneContext
 from tensorwire_server.server import create_server
 from tensorwire_server.settings import Settings
-from tensorwire_server.transport.lane_context import LaneContext
 
 METHOD = "/tensorwire.v1.TensorService/Infer"
 

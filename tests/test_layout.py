@@ -39,8 +39,11 @@ LAYERS: dict[str, set[str]] = {
     "core": {"engine", "models", "regions", "device"},
     "telemetry": set(),
     "transport": {"telemetry"},
+    # The fast lane: its connections run the transport's gate and the v1 handlers the
+    # root hands it, and know nothing of the protocols themselves.
+    "lane": {"transport"},
     "dataport": {"regions"},
-    "v1": {"core", "transport", "dataport", "engine", "models"},
+    "v1": {"core", "transport", "dataport", "lane", "engine", "models"},
     "kserve": {"core", "transport", "engine", "models", "regions", "device"},
     # The v2 protocol over HTTP/REST: kserve's protocol, codec and messages, behind
     # transport's gate; it answers nothing kserve does not.

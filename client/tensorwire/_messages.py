@@ -302,8 +302,10 @@ def parameters_request(trainer: str) -> Encoder[pb.ParametersRequest]:
 def owned(received: Received[Any], tensors: Sequence[pb.NamedTensor]) -> dict[str, np.ndarray]:
     """A response's arrays by name, each the caller's own."""
     arrays = received.named(tensors, "output")
-    if received.owned:  # a stream's buffers: already private and writable
-        return dict(arrays)
+    if received.owned:  # private, writable buffers (a stream's, a lane answer's)
+        # Only an unaligned view is copied: an aligned array is what NumPy and torch
+        # expect (a lane answer's payloads sit wherever the frame put them).
+        return {name: view if view.flags.aligned else np.array(view) for name, view in arrays}
     # One copy: the received bytes are gRPC's and immutable; the caller gets its own.
     return {name: np.array(view) for name, view in arrays}
 

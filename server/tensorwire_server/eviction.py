@@ -1,6 +1,6 @@
 """Which side-channel connection makes room for a newcomer when a listener holds its
 most: the one rule the data port's budget (dataport/budgets) and the fast lane's
-server (transport/lane) follow, so that both side channels treat an anonymous
+server (lane/listener.py) follow, so that both side channels treat an anonymous
 flood and a pooled client alike (docs/security.md).
 
 Only a busy connection is worth keeping at the expense of a new one. A newcomer takes

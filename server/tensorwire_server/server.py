@@ -23,6 +23,8 @@ from tensorwire_server.core.loading import ModelControl, load_all
 from tensorwire_server.core.service import Service
 from tensorwire_server.dataport.listener import DataPort
 from tensorwire_server.engine.engine import Engine
+from tensorwire_server.lane.grants import Grants
+from tensorwire_server.lane.listener import MAX_LANE_REQUEST, LaneServer
 from tensorwire_server.models.registry import server_devices
 from tensorwire_server.rest import RestServer
 from tensorwire_server.rest.endpoints import Endpoints
@@ -34,9 +36,7 @@ from tensorwire_server.telemetry.tracing import Tracer
 from tensorwire_server.transport.admission import Quotas
 from tensorwire_server.transport.executor import Compute
 from tensorwire_server.transport.gate import Gate
-from tensorwire_server.transport.grants import Grants
 from tensorwire_server.transport.heap import HeapTrimmer
-from tensorwire_server.transport.lane import MAX_LANE_REQUEST, LaneServer
 from tensorwire_server.transport.lifecycle import Lifecycle
 from tensorwire_server.transport.security import (
     Tokens,

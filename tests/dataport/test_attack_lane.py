@@ -26,9 +26,9 @@ from tensorwire.v1 import tensorwire_pb2_grpc as pb_grpc
 from tensorwire.wire import lane
 from tensorwire.wire.codec import Encoder
 from tensorwire.wire.lane import ACCEPTED, HELLO, HELLO_MAGIC, OPENING, RESPONSE
+from tensorwire_server.lane import connection as server_lane
 from tensorwire_server.server import TensorwireServer, build_engine
 from tensorwire_server.settings import Settings
-from tensorwire_server.transport import lane as server_lane
 
 TIMEOUT = 20
 SMALL = np.ones((1, 16), np.float32)

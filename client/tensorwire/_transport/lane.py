@@ -89,7 +89,9 @@ class LaneMethod:
         if lane.usable(len(request)):
             sock = lane.take() or self._open(at, metadata)
             if sock is not None:
-                return self._call(sock, request, left(at), metadata)
+                if len(request) <= lane.max_request:
+                    return self._call(sock, request, left(at), metadata)
+                lane.give(sock)  # past what the grant said the server takes
         return self.fallback(request, timeout=remaining(at), metadata=metadata)
 
     def _open(self, at: float | None, metadata: Any) -> socket.socket | None:

@@ -75,7 +75,9 @@ class AsyncLaneMethod:
         if lane.usable(len(request)):
             conn = lane.take() or await self._open(at, metadata)
             if conn is not None:
-                return await self._call(conn, request, left(at), metadata)
+                if len(request) <= lane.max_request:
+                    return await self._call(conn, request, left(at), metadata)
+                lane.give(conn)  # past what the grant said the server takes
         return await self.fallback(request, timeout=remaining(at), metadata=metadata)
 
     async def _open(self, at: float | None, metadata: Any) -> Stream | None:

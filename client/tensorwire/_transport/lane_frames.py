@@ -4,6 +4,7 @@ status (``LaneRpcError``), so that the transport handles it exactly as gRPC's.""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any, Final
@@ -11,6 +12,7 @@ from typing import Any, Final
 import grpc
 
 from tensorwire.wire import lane
+from tensorwire.wire.codec import Received
 from tensorwire.wire.lane import RESPONSE, RESPONSE_MAGIC
 
 
@@ -78,7 +80,12 @@ def answer(head: bytes, rest: memoryview, deserialize: Callable[[bytes], Any]) -
     or its LaneRpcError raised."""
     _, _, code, d, m, _ = RESPONSE.unpack(head)
     if code == 0:
-        return deserialize(rest[d + m :])  # type: ignore[arg-type]
+        result = deserialize(rest[d + m :])  # type: ignore[arg-type]
+        if isinstance(result, Received) and result.payloads is not None and not rest.readonly:
+            # A large answer's payloads are views of this call's own writable buffer,
+            # which nothing else holds: the caller's already (no copy into new arrays).
+            result = dataclasses.replace(result, owned=True)
+        return result
     details = bytes(rest[:d]).decode(errors="replace")
     trailing = lane.unpairs(rest[d : d + m])
     raise LaneRpcError(CODES.get(code, grpc.StatusCode.UNKNOWN), details, trailing)

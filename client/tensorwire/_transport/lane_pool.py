@@ -35,6 +35,10 @@ IDLE_SECONDS: Final = 240.0
 RESOLVE_SECONDS: Final = 5.0
 #: Whether a connection may go to the server's abstract Unix socket (Linux).
 LOCAL: Final = sys.platform == "linux" and hasattr(socket, "AF_UNIX")
+#: The largest request tried on the lane before a grant says the server's limit (a
+#: server's default, 8 MiB): a call past the grant's limit gives its connection back
+#: and goes by gRPC.
+FIRST_MAX_REQUEST: Final = 8 << 20
 #: A grant's gRPC call: the serialized OpenLaneRequest, timeout, metadata -> response.
 OpenLane = Callable[..., Any]
 
@@ -82,7 +86,7 @@ class Lane:
         self.open_lane = open_lane
         #: The data port and the largest request the server takes, from a grant.
         self.port = 0
-        self.max_request = 1 << 20
+        self.max_request = FIRST_MAX_REQUEST
         self.detours: Detours[None] = Detours()
         self.idle: list[tuple[float, Any]] = []
         self.lock = threading.Lock()

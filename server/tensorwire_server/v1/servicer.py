@@ -17,10 +17,10 @@ from tensorwire_server.core.service import Caller, Service
 from tensorwire_server.dataport.listener import DataPort
 from tensorwire_server.engine.engine import Inference
 from tensorwire_server.engine.programs import PlanStep, ProgramPlan
+from tensorwire_server.lane.listener import LaneServer
 from tensorwire_server.models.batching import Runner
 from tensorwire_server.named import Named
 from tensorwire_server.transport import rpc
-from tensorwire_server.transport.lane import LaneServer
 from tensorwire_server.v1.describe import (
     info_to_wire,
     model_to_wire,
