@@ -242,6 +242,26 @@ def test_fuzzed_requests_get_statuses_and_the_server_goes_on(server: TensorwireS
 
 
 @pytest.mark.parametrize("via", PATHS)
+def test_a_large_bodys_head_alone_holds_no_buffer(server: TensorwireServer, via: str) -> None:
+    """A body is read into a buffer of its own only once a quarter of it came: a head
+    that declares 8 MiB and stalls holds what was sent, not 8 MiB."""
+    assert server.lane is not None
+    size = server.lane.max_request_bytes
+    with opened(server, via=via) as sock:
+        held = set(server.lane.connections)
+        sock.sendall(lane.REQUEST.pack(b"TWQ1", 3, 5.0, len(INFER), 0, size) + INFER.encode())
+        sock.sendall(bytes(4096))
+        time.sleep(0.2)
+        bodies = [c._body for c in held if c._pending is not None]
+        assert bodies == [None]  # parsed, waiting, nothing allocated
+        sock.sendall(bytes(size // 4))
+        time.sleep(0.2)
+        bodies = [c._body for c in held if c._pending is not None]
+        assert len(bodies) == 1 and bodies[0] is not None and len(bodies[0]) == size
+    serves(server)
+
+
+@pytest.mark.parametrize("via", PATHS)
 def test_slow_and_idle_connections_are_bounded(server: TensorwireServer, via: str) -> None:
     assert server.lane is not None
     held = [connect(server, via) for _ in range(40)]  # no grant: anonymous, evicted first

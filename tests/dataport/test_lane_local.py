@@ -199,3 +199,30 @@ def test_a_wrong_opening_on_the_unix_socket_is_closed(server: TensorwireServer) 
             assert sock.recv(64) == b""  # closed, nothing said
     with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
         np.testing.assert_array_equal(client.infer("identity", SMALL)["output"], SMALL)
+
+
+@pytest.mark.parametrize("size", [100 << 10, 1 << 20, (2 << 20) - 4096])  # below streaming
+def test_large_calls_answer_the_callers_own_arrays(server: TensorwireServer, size: int) -> None:
+    """Bodies read straight into their own buffers, answers kept as the caller's arrays
+    (views of the call's own receive buffer, or copies where not aligned)."""
+    x = np.arange(size // 4, dtype=np.float32)
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        before = server.lane.answered  # type: ignore[union-attr]
+        first = client.infer("identity", x)["output"]
+        second = client.infer("identity", x + 1)["output"]
+        assert server.lane.answered - before == 2  # type: ignore[union-attr]
+        np.testing.assert_array_equal(first, x)
+        np.testing.assert_array_equal(second, x + 1)
+        assert first.flags.writeable and first.flags.aligned
+        first[:] = -1  # the caller's own: no other answer shares it
+        np.testing.assert_array_equal(second, x + 1)
+        np.testing.assert_array_equal(client.infer("identity", x)["output"], x)
+
+    async def calls() -> None:
+        async with tw.AsyncClient(address(server), timeout=TIMEOUT, fast_lane=True) as aclient:
+            outs = await asyncio.gather(*(aclient.infer("identity", x + i) for i in range(3)))
+            for i, out in enumerate(outs):
+                np.testing.assert_array_equal(out["output"], x + i)
+                assert out["output"].flags.writeable
+
+    asyncio.run(calls())

@@ -254,7 +254,10 @@ class LaneConnection(asyncio.BufferedProtocol):
                     return
                 body, self._body = self._body, None
             elif len(buffer) < size:
-                if size >= DIRECT_BYTES:  # the rest straight into a buffer of its own
+                # The rest straight into a buffer of its own, once a quarter came: a
+                # head alone (a few bytes) allocates nothing, so a caller holds at
+                # most four times what it sent (and never past max_request_bytes).
+                if size >= DIRECT_BYTES and len(buffer) >= size // 4:
                     self._body = bytearray(size)
                     self._body[: len(buffer)] = buffer
                     self._filled = len(buffer)
