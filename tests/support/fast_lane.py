@@ -1,5 +1,5 @@
 """``pytest --fast-lane off`` (or TENSORWIRE_FAST_LANE=0): every client the tests make
-keeps its calls on gRPC, so that CI runs the client-facing tests over both paths (the
+keeps its calls on gRPC, so that CI runs the whole suite over both paths (the
 fast lane is on by default: a plain run takes it; issue 33)."""
 
 from __future__ import annotations
