@@ -188,8 +188,9 @@ async def _head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, watc
     must then answer in time (the call's own deadline is the caller's to keep)."""
     while True:
         try:
-            wait = watch.wait(time.monotonic())
-            return await asyncio.wait_for(reader.readexactly(RESPONSE.size), wait)
+            # A timeout scope, not wait_for: wait_for makes a task of every read.
+            async with asyncio.timeout(watch.wait(time.monotonic())):
+                return await reader.readexactly(RESPONSE.size)
         except TimeoutError:
             if watch.pinged is not None:
                 raise OSError("the server stopped answering keepalive pings") from None
