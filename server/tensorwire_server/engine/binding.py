@@ -95,7 +95,7 @@ def invoke(model: Model, module: torch.nn.Module, tensors: list[tuple[str, torch
     """Call ``module`` with bound inputs: by name for a variadic model, else in order."""
     if model.variadic:
         return module(**dict(tensors))
-    return module(*(t for _, t in tensors))
+    return module(*[t for _, t in tensors])
 
 
 def declared_dtype(tensor: torch.Tensor, name: str, declared: tuple[IOSpec, ...]) -> torch.Tensor:
