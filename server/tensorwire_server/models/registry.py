@@ -331,8 +331,8 @@ class ModelRegistry:
 
     def batched(self, name: str) -> bool:
         """Whether a version of ``name`` serving batches its requests."""
-        entry = self._entries.get(name)
-        return entry is not None and any(s.batcher is not None for s in entry.versions.values())
+        entry = self._entries.get(name)  # a list, not a generator: asked on every Infer
+        return entry is not None and any([s.batcher is not None for s in entry.versions.values()])
 
     def names(self) -> list[str]:
         """The models with a version serving, sorted."""

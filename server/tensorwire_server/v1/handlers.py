@@ -50,8 +50,9 @@ def _unary(
         return servicer.kind(short, request) if short in PLACED else None
 
     def finish(encoder: Encoder[Any]) -> bytes:
-        servicer.answered(encoder)
-        rpc.one_message(encoder.payload_bytes, servicer.unary_limit, f"{method}Stream")
+        payload_bytes = encoder.payload_bytes  # a sum over its tensors: once
+        servicer.answered(encoder, payload_bytes)
+        rpc.one_message(payload_bytes, servicer.unary_limit, f"{method}Stream")
         return encoder.finish()
 
     def answer(request: Received[Any]) -> bytes:

@@ -84,11 +84,12 @@ class TensorServicer:
         return (method, call.target, call.bytes_in.bit_length())
 
     @staticmethod
-    def answered(response: Encoder[Any]) -> None:
-        """Tell the call's record how many bytes its answer carries."""
+    def answered(response: Encoder[Any], payload_bytes: int | None = None) -> None:
+        """Tell the call's record how many bytes its answer carries (``payload_bytes``,
+        when the caller counted them already)."""
         call = calls.current()
         if call is not None:
-            call.bytes_out = response.payload_bytes
+            call.bytes_out = response.payload_bytes if payload_bytes is None else payload_bytes
 
     def OpenLane(self, request: Received[pb.OpenLaneRequest]) -> Encoder[pb.OpenLaneResponse]:
         lane = self.lane
