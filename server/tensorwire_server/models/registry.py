@@ -176,7 +176,7 @@ class ServedVersion:
         """Count a request out."""
         with self._lock:
             self._in_flight -= 1
-            if self._in_flight == 0:
+            if self._in_flight == 0 and self.retired:  # only retire() waits
                 self._drained.notify_all()
 
     def retire(self, timeout: float | None) -> bool:

@@ -96,10 +96,16 @@ class HeapTrimmer:
         with self._changed:
             while not self._stopped:
                 # Wait for a quiet moment after requests ran since the last trim.
-                if self._running or self._generation == self._trimmed_at:
-                    self._waiting = True
+                if self._generation == self._trimmed_at:
+                    self._waiting = True  # until a request ends (``idle`` wakes it)
                     self._changed.wait()
                     self._waiting = False
+                    continue
+                if self._running:
+                    # Look again in a while, not at the next request's end: with calls
+                    # back to back there is always one running when this thread gets
+                    # the GIL, and it would be woken at the end of every call.
+                    self._changed.wait(self.idle_seconds)
                     continue
                 generation = self._generation
                 self._changed.wait(self.idle_seconds)
