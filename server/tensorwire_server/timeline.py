@@ -130,10 +130,10 @@ class phase:
     ) -> None:
         self.name = name
         self.attributes = attributes
-        timelines = _GROUP.get()
+        timelines: list[Timeline] | tuple[Timeline, ...] | None = _GROUP.get()
         if timelines is None:
             found = _CURRENT.get()
-            timelines = [found] if found is not None else []
+            timelines = (found,) if found is not None else ()
         self.timelines = timelines
         self.device = device
         self.events: tuple[Any, Any] | None = None

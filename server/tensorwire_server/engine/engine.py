@@ -12,6 +12,7 @@ import platform
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -477,7 +478,12 @@ _DEVICE_FAULTS = (Fault.OUT_OF_MEMORY, Fault.STICKY, Fault.UNKNOWN)
 def _no_grad(export: Export) -> Any:
     """Inference mode when results leave as arrays. Results a session keeps come from
     no_grad instead: inference-mode tensors could never enter autograd later."""
-    return torch.inference_mode() if export is as_array else torch.no_grad()
+    return _inference_mode() if export is as_array else torch.no_grad()
+
+
+# torch.inference_mode()'s __enter__ makes and enters this guard (torch is pinned):
+# made directly, a small call spends ~1.5 µs less.
+_inference_mode = partial(torch._C._InferenceMode, True)
 
 
 _NO_AUTOCAST = nullcontext()  # reusable: it holds nothing
