@@ -157,7 +157,7 @@ class phase:
             self.start = time.perf_counter_ns()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
         if self.timelines:
             end = time.perf_counter_ns()
             attributes = self.attributes

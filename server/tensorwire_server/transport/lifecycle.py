@@ -43,18 +43,20 @@ class InFlight:
 
     def __init__(self, heap: HeapTrimmer | None = None) -> None:
         self._count = 0
-        self._idle = threading.Condition()
+        # Entering and leaving take the plain lock: a Condition's ``with`` is Python code.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
         self._waiters = 0  # in wait_idle: only they need a notify (a few µs a call)
         self._heap = heap
 
     def __enter__(self) -> None:
-        with self._idle:
+        with self._lock:
             self._count += 1
         if self._heap is not None:
             self._heap.busy()
 
     def __exit__(self, *_: object) -> None:
-        with self._idle:
+        with self._lock:
             self._count -= 1
             if not self._count and self._waiters:
                 self._idle.notify_all()

@@ -111,8 +111,10 @@ class TensorServicer:
 
     def Infer(self, request: Received[pb.InferRequest]) -> Encoder[pb.InferResponse]:
         caller = _caller()
-        request = self._with_handles(request, caller)
         message = request.message
+        # Only a handle needs the resolver: most requests carry data alone.
+        if any([nt.tensor.handle for nt in message.inputs]):
+            request = self._with_handles(request, caller)
         inference = self.service.infer(
             caller,
             message.model,
