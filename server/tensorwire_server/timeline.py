@@ -130,10 +130,10 @@ class phase:
     ) -> None:
         self.name = name
         self.attributes = attributes
-        timelines = _GROUP.get()
+        timelines: list[Timeline] | tuple[Timeline, ...] | None = _GROUP.get()
         if timelines is None:
             found = _CURRENT.get()
-            timelines = [found] if found is not None else []
+            timelines = (found,) if found is not None else ()
         self.timelines = timelines
         self.device = device
         self.events: tuple[Any, Any] | None = None
@@ -157,7 +157,7 @@ class phase:
             self.start = time.perf_counter_ns()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: object, exc: object, tb: object) -> None:
         if self.timelines:
             end = time.perf_counter_ns()
             attributes = self.attributes

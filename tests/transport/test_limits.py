@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent import futures
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -16,6 +17,8 @@ from support.raw_streams import chunk_part, header_part, send_parts
 
 from tensorwire import Client, ResourceExhaustedError
 from tensorwire.v1 import tensorwire_pb2 as pb
+from tensorwire.wire.codec import Received
+from tensorwire_server.limits import Limits, _named_tensors
 from tensorwire_server.settings import Settings
 
 
@@ -132,3 +135,56 @@ def test_limits_must_be_positive() -> None:
         Settings(max_request_bytes=0)
     with pytest.raises(ValueError, match="shutdown_grace must not be negative"):
         Settings(shutdown_grace=-1)
+
+
+def _walked(limits: Limits, request: Received[pb.InferRequest]) -> int | str:
+    """``Limits.received`` by ``tensors_in``'s generic walk (the path every message
+    took before the InferRequest's own), or the message it refused with."""
+    import tensorwire_server.limits as module
+
+    saved = dict(module._NAMED_FIELD)
+    module._NAMED_FIELD[request.message.DESCRIPTOR.full_name] = None
+    try:
+        return _outcome(limits, request)
+    finally:
+        module._NAMED_FIELD.clear()
+        module._NAMED_FIELD.update(saved)
+
+
+def _outcome(limits: Limits, request: Received[pb.InferRequest]) -> int | str:
+    try:
+        return limits.received(request)
+    except ResourceExhaustedError as exc:
+        return exc.message
+
+
+def test_an_infer_requests_tensors_are_checked_as_the_generic_walk_checks_them() -> None:
+    limits = Limits(max_request_bytes=1 << 20, max_tensor_elements=100, max_stream_seconds=1.0)
+    limits = replace(limits, max_request_tensors=3)
+    data = np.ones(4, np.float32).tobytes()
+
+    def named(name: str, shape: list[int], with_tensor: bool = True) -> pb.NamedTensor:
+        if not with_tensor:
+            return pb.NamedTensor(name=name)
+        return pb.NamedTensor(name=name, tensor=pb.Tensor(dtype=1, shape=shape, data=data))
+
+    cases = [
+        [],
+        [named("x", [1, 4])],
+        [named("", [2, 2]), named("", [4])],
+        [named("x", [1, 4]), named("big", [11, 10])],  # over max_tensor_elements, named
+        [named("", [101])],  # over it, by position
+        [named("", [-5, 3]), named("", [0, 1 << 40])],
+        [named("a", [1]), named("b", [], False), named("c", [1]), named("d", [1])],
+        [named(str(i), [1]) for i in range(4)],  # over max_request_tensors
+        [named("", [1], False), named("é\n", [200])],
+    ]
+    for inputs in cases:
+        request = Received(pb.InferRequest(model="m", inputs=inputs, outputs=["y"]))
+        assert _named_tensors(request.message.DESCRIPTOR) == "inputs"
+        assert _outcome(limits, request) == _walked(limits, request)
+    refused = Received(pb.InferRequest(model="m", inputs=[named("big", [11, 10])]))
+    assert "inputs 'big': 110 elements" in str(_outcome(limits, refused))
+    # Messages of any other shape are walked.
+    assert _named_tensors(pb.GradRequest.DESCRIPTOR) is None
+    assert _named_tensors(pb.CallRequest.DESCRIPTOR) is None

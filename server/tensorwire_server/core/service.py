@@ -262,12 +262,17 @@ class Service:
         try:
             yield
         except NotFoundError as exc:
-            engine = self.engine
-            if name in engine.registry or name not in engine.functions:
+            better = self._function_named(name, instead)
+            if better is None:
                 raise
-            raise NotFoundError(
-                f"{shown(name)} is an allowlisted function, not a model: {instead}"
-            ) from exc
+            raise better from exc
+
+    def _function_named(self, name: str, instead: str) -> NotFoundError | None:
+        """``_a_model``'s error for ``name``, if it names a function and no model."""
+        engine = self.engine
+        if name in engine.registry or name not in engine.functions:
+            return None
+        return NotFoundError(f"{shown(name)} is an allowlisted function, not a model: {instead}")
 
     @property
     def _control(self) -> ModelControl:
@@ -290,7 +295,7 @@ class Service:
         """Run ``model`` forward (batched with other requests where configured) within
         the caller's deadline; ``keep``: its outputs stay in the session as handles;
         ``export``: what becomes of each output instead (it runs alone)."""
-        with self._a_model(model, "run it with Call"):
+        try:  # _a_model, written out: every small call passes here
             return self.engine.infer(
                 model,
                 inputs,
@@ -299,6 +304,11 @@ class Service:
                 caller.deadline,
                 self._keeper(caller) if keep else export,
             )
+        except NotFoundError as exc:
+            better = self._function_named(model, "run it with Call")
+            if better is None:
+                raise
+            raise better from exc
 
     async def infer_async(
         self,

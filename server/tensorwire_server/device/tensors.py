@@ -81,6 +81,13 @@ def to_numpy(tensor: torch.Tensor, name: str) -> np.ndarray:
         raise InvalidArgumentError(
             f"output {name!r} has {tensor.dim()} dimensions; at most {MAX_DIMS} can travel"
         )
+    if tensor.is_cpu and tensor.dtype != torch.bfloat16:
+        # numpy(force=True) is detach().cpu().resolve_conj().resolve_neg().numpy() in
+        # one call (torch documents it so): a few µs less of a small call's CPU.
+        try:
+            return tensor.numpy(force=True)
+        except TypeError as exc:
+            raise FailedPreconditionError(f"output {name!r}: {tensor.dtype} cannot travel") from exc
     host = _to_host(tensor.detach().resolve_conj().resolve_neg())
     if host.dtype == torch.bfloat16:
         return host.view(torch.int16).numpy().view(_BFLOAT16)

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +50,7 @@ class Instance:
     #: Requests running on it that were not batched (for balancing).
     busy: int = 0
 
-    @contextmanager
-    def context(self) -> Iterator[Crossing]:
+    def context(self) -> AbstractContextManager[Crossing]:
         """Make this instance's stream the current one, ordered against the stream
         that was current (the ambient one: the device's default stream on a worker).
 
@@ -61,10 +60,14 @@ class Instance:
         and outputs made here read there before they are written. So this stream
         waits for the ambient one on entry, the ambient one for this on exit, and
         tensors that cross are recorded on the stream that reads them (``Crossing``)
-        so the caching allocator does not hand their blocks on early."""
+        so the caching allocator does not hand their blocks on early. Without a
+        stream (the CPU) nothing changes: one shared object, no generator."""
         if self.stream is None:
-            yield _SAME_STREAM
-            return
+            return _NO_STREAM
+        return self._on_stream()
+
+    @contextmanager
+    def _on_stream(self) -> Iterator[Crossing]:
         ambient = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(ambient)
         try:
@@ -99,6 +102,21 @@ class Crossing:
 
 
 _SAME_STREAM = Crossing()
+
+
+class _SameStream:
+    """``Instance.context`` without a stream: ``_SAME_STREAM``, and nothing to undo."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Crossing:
+        return _SAME_STREAM
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NO_STREAM = _SameStream()
 
 
 #: Runs one forward pass of a version on an instance: bound inputs in, arrays out.
@@ -158,7 +176,7 @@ class ServedVersion:
         """Count a request out."""
         with self._lock:
             self._in_flight -= 1
-            if self._in_flight == 0:
+            if self._in_flight == 0 and self.retired:  # only retire() waits
                 self._drained.notify_all()
 
     def retire(self, timeout: float | None) -> bool:
@@ -174,7 +192,10 @@ class ServedVersion:
 
     def pick(self) -> Instance:
         """The instance with the fewest unbatched requests running."""
-        return min(self.instances, key=lambda i: i.busy)
+        instances = self.instances
+        if len(instances) == 1:
+            return instances[0]
+        return min(instances, key=lambda i: i.busy)
 
     def run(
         self,
@@ -196,10 +217,22 @@ class ServedVersion:
                 )
             self._running += 1
         try:
-            with self.alone(inputs) as instance:
+            # ``alone``, written out: a generator context manager costs a few µs.
+            instance = self.pick()
+            instance.busy += 1
+            rows = _rows(inputs, self.config)
+            started = time.monotonic()
+            ok = False
+            try:
                 if forward is None:
-                    return self._forward(self, instance, inputs), _rows(inputs, self.config)
-                return forward(instance, inputs), _rows(inputs, self.config)
+                    outputs = self._forward(self, instance, inputs)
+                else:
+                    outputs = forward(instance, inputs)
+                ok = True
+                return outputs, rows
+            finally:
+                instance.busy -= 1
+                self.stats.ran(rows, time.monotonic() - started, ok)
         finally:
             with self._lock:
                 self._running -= 1
@@ -217,8 +250,7 @@ class ServedVersion:
             ok = True
         finally:
             instance.busy -= 1
-            self.stats.executed(_rows(inputs, self.config), time.monotonic() - started)
-            self.stats.answered(ok)
+            self.stats.ran(_rows(inputs, self.config), time.monotonic() - started, ok)
 
     def queued(self) -> int:
         """Requests waiting in the batcher's queue."""
@@ -252,6 +284,22 @@ class ModelEntry:
         )
 
 
+class _InFlight:
+    """``ModelRegistry.using``'s block: counts its version out when it ends (a class,
+    not a generator: it is on every request's path)."""
+
+    __slots__ = ("served",)
+
+    def __init__(self, served: ServedVersion) -> None:
+        self.served = served
+
+    def __enter__(self) -> ServedVersion:
+        return self.served
+
+    def __exit__(self, *exc: object) -> None:
+        self.served.exit()
+
+
 def server_devices(setting: str) -> list[torch.device]:
     """The devices a server with ``device=setting`` places instances on by default:
     every visible GPU for auto (when there is one) and cuda, else the one named."""
@@ -283,27 +331,21 @@ class ModelRegistry:
 
     def batched(self, name: str) -> bool:
         """Whether a version of ``name`` serving batches its requests."""
-        entry = self._entries.get(name)
-        return entry is not None and any(s.batcher is not None for s in entry.versions.values())
+        entry = self._entries.get(name)  # a list, not a generator: asked on every Infer
+        return entry is not None and any([s.batcher is not None for s in entry.versions.values()])
 
     def names(self) -> list[str]:
         """The models with a version serving, sorted."""
         return sorted(n for n, e in self._entries.items() if e.versions)
 
-    @contextmanager
-    def using(self, name: str, version: int = 0) -> Iterator[ServedVersion]:
+    def using(self, name: str, version: int = 0) -> AbstractContextManager[ServedVersion]:
         """The version to run (the newest serving when ``version`` is 0), counted in
         flight while the block runs so that unloading it waits for the request."""
         for _ in range(3):  # a version retired between lookup and entry: look again
             served = self._find(name, version)
             if served.enter():
-                break
-        else:
-            raise NotFoundError(f"model {shown(name)} is being unloaded")
-        try:
-            yield served
-        finally:
-            served.exit()
+                return _InFlight(served)
+        raise NotFoundError(f"model {shown(name)} is being unloaded")
 
     def _find(self, name: str, version: int) -> ServedVersion:
         entry = self._entries.get(name)

@@ -49,6 +49,16 @@ class VersionStats:
             self._compute += seconds
             self._batches[rows] += 1
 
+    def ran(self, rows: int, seconds: float, ok: bool) -> None:
+        """``executed`` and ``answered`` of one request's own pass, under one lock."""
+        with self._lock:
+            self._executions += 1
+            self._inferences += rows
+            self._compute += seconds
+            self._batches[rows] += 1
+            self._requests += 1
+            self._failures += not ok
+
     def answered(self, ok: bool, queued: float = 0.0) -> None:
         """One request answered, after ``queued`` seconds in the model's queue."""
         with self._lock:

@@ -31,6 +31,8 @@ MODEL_BUCKETS: Final = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
+#: The phases the per-model queue time adds up.
+_QUEUED: Final = (timeline.QUEUE, timeline.BATCH)
 
 
 class Metrics:
@@ -199,10 +201,16 @@ class Metrics:
                 self.model_batch.labels(*labels),
             )
         queue, compute, latency, bytes_in, bytes_out, batch = children
-        spans = call.timeline
+        # Timeline.total of both, in one pass over the spans.
+        queued = computed = 0
+        for name, start, end, _ in call.timeline.spans:
+            if name in _QUEUED:
+                queued += end - start
+            elif name in timeline.COMPUTE:
+                computed += end - start
         tally = self._tally
-        tally.observe(queue, spans.total((timeline.QUEUE, timeline.BATCH)))
-        tally.observe(compute, spans.total(timeline.COMPUTE))
+        tally.observe(queue, queued / 1e9)
+        tally.observe(compute, computed / 1e9)
         tally.observe(latency, seconds)
         tally.inc(bytes_in, call.bytes_in)
         tally.inc(bytes_out, call.bytes_out)

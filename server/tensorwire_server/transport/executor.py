@@ -80,7 +80,8 @@ class Compute:
         ``kind`` costs little there, else on a worker thread; what it returns or raises.
         DEADLINE_EXCEEDED, without running it, when the call's deadline passed while it
         waited for a worker."""
-        if self.inline(kind):
+        on_loop = self.loop_costs.get(kind) if kind is not None else None
+        if (on_loop is not None and on_loop < self.inline_below) or self.inline(kind):
             began = time.thread_time()
             try:
                 return _on_time(fn, args)

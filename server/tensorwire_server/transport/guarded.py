@@ -199,9 +199,24 @@ def guarded(gate: Gatekeeper, method: str, handler: Handler) -> Handler:
                 reject = Reject(grpc.StatusCode.RESOURCE_EXHAUSTED, entered)
             else:
                 run.keys = entered
-        await check(run, reject, context)
+        if reject is not None or not counted_in(run, context):
+            await check(run, reject, context)
         call.timeline.add(timeline.GATE, call.timeline.start, time.perf_counter_ns())
         return run
+
+    def counted_in(run: _Run, context: Context) -> bool:
+        """``check`` of an admitted call whose deadline has not passed, without a
+        coroutine (every call passes here): its deadline set and counted in; False,
+        having done nothing, when its deadline passed."""
+        remaining = rpc.remaining(context)
+        if remaining is not None:
+            if remaining <= 0:
+                return False
+            run.call.deadline = time.monotonic() + remaining
+        if counter is not None:
+            counter.__enter__()
+            run.counted = True
+        return True
 
     async def check(run: _Run, reject: Reject | None, context: Context) -> None:
         """Abort the call if the gate said so or its deadline passed; else set the
@@ -244,8 +259,10 @@ def guarded(gate: Gatekeeper, method: str, handler: Handler) -> Handler:
             if public:
                 async with asyncio.timeout(_PUBLIC_READ_SECONDS), gate.public_reads:
                     raw = await _read_public(requests, gate.heap)
-            else:
-                raw = await _read_one(requests)
+            else:  # _read_one, written out
+                raw = await anext(aiter(requests), None)
+                if raw is not None:
+                    await anext(aiter(requests), None)  # the end, which came with it
         except TimeoutError:
             late = f"{method}: no request message within {_PUBLIC_READ_SECONDS:g} s"
             await rpc.abort(context, grpc.StatusCode.DEADLINE_EXCEEDED, late)

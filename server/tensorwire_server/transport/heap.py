@@ -50,7 +50,9 @@ class HeapTrimmer:
         self.release = tuple(release)
         #: What trims: glibc's malloc_trim unless given (None where there is none).
         self._trim = trim or _malloc_trim()
-        self._changed = threading.Condition()
+        # Busy and idle take the plain lock: a Condition's own ``with`` is Python code.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._running = 0
         self._generation = 0  # requests started so far: a new one means "not idle"
         self._trimmed_at = 0  # the generation last trimmed after (none ran yet)
@@ -63,7 +65,7 @@ class HeapTrimmer:
 
     def busy(self) -> None:
         """A request started."""
-        with self._changed:
+        with self._lock:
             self._running += 1
             self._generation += 1
 
@@ -72,7 +74,7 @@ class HeapTrimmer:
         when it already times a quiet moment, which it checks when that ends): a
         server answering one call after another would otherwise wake it for each, a
         thread switch on every small call's way."""
-        with self._changed:
+        with self._lock:
             self._running -= 1
             if not self._running and self._waiting:
                 self._changed.notify_all()
@@ -96,10 +98,16 @@ class HeapTrimmer:
         with self._changed:
             while not self._stopped:
                 # Wait for a quiet moment after requests ran since the last trim.
-                if self._running or self._generation == self._trimmed_at:
-                    self._waiting = True
+                if self._generation == self._trimmed_at:
+                    self._waiting = True  # until a request ends (``idle`` wakes it)
                     self._changed.wait()
                     self._waiting = False
+                    continue
+                if self._running:
+                    # Look again in a while, not at the next request's end: with calls
+                    # back to back there is always one running when this thread gets
+                    # the GIL, and it would be woken at the end of every call.
+                    self._changed.wait(self.idle_seconds)
                     continue
                 generation = self._generation
                 self._changed.wait(self.idle_seconds)

@@ -43,19 +43,22 @@ class InFlight:
 
     def __init__(self, heap: HeapTrimmer | None = None) -> None:
         self._count = 0
-        self._idle = threading.Condition()
+        # Entering and leaving take the plain lock: a Condition's ``with`` is Python code.
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._waiters = 0  # in wait_idle: only they need a notify (a few µs a call)
         self._heap = heap
 
     def __enter__(self) -> None:
-        with self._idle:
+        with self._lock:
             self._count += 1
         if self._heap is not None:
             self._heap.busy()
 
     def __exit__(self, *_: object) -> None:
-        with self._idle:
+        with self._lock:
             self._count -= 1
-            if not self._count:
+            if not self._count and self._waiters:
                 self._idle.notify_all()
         if self._heap is not None:
             self._heap.idle()
@@ -63,4 +66,8 @@ class InFlight:
     def wait_idle(self, timeout: float | None) -> bool:
         """Wait until none run, at most ``timeout`` seconds; whether none run."""
         with self._idle:
-            return self._idle.wait_for(lambda: not self._count, timeout)
+            self._waiters += 1
+            try:
+                return self._idle.wait_for(lambda: not self._count, timeout)
+            finally:
+                self._waiters -= 1

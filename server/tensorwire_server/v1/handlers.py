@@ -50,8 +50,9 @@ def _unary(
         return servicer.kind(short, request) if short in PLACED else None
 
     def finish(encoder: Encoder[Any]) -> bytes:
-        servicer.answered(encoder)
-        rpc.one_message(encoder.payload_bytes, servicer.unary_limit, f"{method}Stream")
+        payload_bytes = encoder.payload_bytes  # a sum over its tensors: once
+        servicer.answered(encoder, payload_bytes)
+        rpc.one_message(payload_bytes, servicer.unary_limit, f"{method}Stream")
         return encoder.finish()
 
     def answer(request: Received[Any]) -> bytes:
@@ -64,9 +65,12 @@ def _unary(
     async def infer(request: Any, context: rpc.Context) -> bytes:
         # A batched model's requests wait for their batch on the loop, not on threads.
         try:  # rpc.statuses, written out
-            if isinstance(request, Received) and servicer.batched(request):
-                servicer.admit(request, unary=True)
-                return finish(await servicer.infer_batched(request, compute.run))
+            if isinstance(request, Received):
+                if servicer.batched(request):
+                    servicer.admit(request, unary=True)
+                    return finish(await servicer.infer_batched(request, compute.run))
+                # ``handle``'s work, without its coroutine: the same mapping here.
+                return await compute.run(answer, request, kind=prepare(request))
         except grpc.aio.AbortError:
             raise  # the call already has its status
         except Exception as exc:

@@ -84,11 +84,12 @@ class TensorServicer:
         return (method, call.target, call.bytes_in.bit_length())
 
     @staticmethod
-    def answered(response: Encoder[Any]) -> None:
-        """Tell the call's record how many bytes its answer carries."""
+    def answered(response: Encoder[Any], payload_bytes: int | None = None) -> None:
+        """Tell the call's record how many bytes its answer carries (``payload_bytes``,
+        when the caller counted them already)."""
         call = calls.current()
         if call is not None:
-            call.bytes_out = response.payload_bytes
+            call.bytes_out = response.payload_bytes if payload_bytes is None else payload_bytes
 
     def OpenLane(self, request: Received[pb.OpenLaneRequest]) -> Encoder[pb.OpenLaneResponse]:
         lane = self.lane
@@ -112,8 +113,10 @@ class TensorServicer:
 
     def Infer(self, request: Received[pb.InferRequest]) -> Encoder[pb.InferResponse]:
         caller = _caller()
-        request = self._with_handles(request, caller)
         message = request.message
+        # Only a handle needs the resolver: most requests carry data alone.
+        if any([nt.tensor.handle for nt in message.inputs]):
+            request = self._with_handles(request, caller)
         inference = self.service.infer(
             caller,
             message.model,
