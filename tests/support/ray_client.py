@@ -77,7 +77,10 @@ def stats(target: str, opts: dict[str, Any]) -> dict[str, Any]:
     counts = {}
     for address in target.split(","):
         with client(address, opts, timeout=20) as one:
-            counts[address] = sum(s.requests for s in one.model_statistics("mlp"))
+            try:
+                counts[address] = sum(s.requests for s in one.model_statistics("mlp"))
+            except tw.UnavailableError:  # a replica just listed, not answering yet
+                counts[address] = 0  # (whoever polls asks again, within its own bound)
     return {"requests": counts}
 
 
