@@ -159,6 +159,13 @@ def build_parser(prog: str = "tensorwire-server") -> argparse.ArgumentParser:
         help="fast-lane connections held at once (default 256)",
     )
     parser.add_argument(
+        "--fast-lane-spin",
+        type=float,
+        metavar="SECONDS",
+        help="poll without sleeping this long after each fast-lane answer, so a caller's "
+        "next call finds the server awake (default 0.0005; 0: never)",
+    )
+    parser.add_argument(
         "--max-connection-age",
         type=float,
         metavar="SECONDS",

@@ -25,6 +25,7 @@ from tensorwire_server.dataport.listener import DataPort
 from tensorwire_server.engine.engine import Engine
 from tensorwire_server.lane.grants import Grants
 from tensorwire_server.lane.listener import MAX_LANE_REQUEST, LaneServer
+from tensorwire_server.lane.spin import SpinningSelector
 from tensorwire_server.models.registry import server_devices
 from tensorwire_server.rest import RestServer
 from tensorwire_server.rest.endpoints import Endpoints
@@ -113,7 +114,9 @@ class TensorwireServer:
 
     def __init__(self, settings: Settings, engine: Engine | None = None) -> None:
         self.settings = settings
-        self._loop = asyncio.new_event_loop()
+        # The loop's selector polls a moment after each fast-lane answer (lane/spin.py).
+        self._selector = SpinningSelector(settings.fast_lane_spin if settings.fast_lane else 0.0)
+        self._loop = asyncio.SelectorEventLoop(self._selector)
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="tensorwire-loop", daemon=True
         )
@@ -288,6 +291,7 @@ class TensorwireServer:
             max_connections=settings.fast_lane_connections,
             port=self.dataport.port,
             local=settings.same_host,
+            warm=self._selector.warm,
         )
         self.dataport.lane = lane.adopt
         return lane

@@ -66,6 +66,9 @@ class Listener(Protocol):
     async def handler(self, method: str) -> Any:
         """The gate-wrapped handler of ``method``; None: not on the lane."""
 
+    def warm(self) -> None:
+        """A call was answered (the event loop polls a moment: lane/spin.py)."""
+
 
 class LaneConnection(asyncio.BufferedProtocol):
     """One lane connection: its grant, its frames, its calls in flight.
@@ -325,6 +328,7 @@ class LaneConnection(asyncio.BufferedProtocol):
             else:  # not joined (writelines would): a copy of the whole answer saved
                 transport.write(head)
                 transport.write(body)
+            self.server.warm()  # the caller's next call may come at once
         # Its budgets go once its answer is written, as gRPC's done callback does.
         context.done()
         self.calls.pop(call_id, None)

@@ -77,11 +77,13 @@ class LaneServer:
         *,
         port: int,
         local: bool = False,
+        warm: Callable[[], None] = lambda: None,
     ) -> None:
         """``intercept``: the gate's ``intercept_service``; ``handlers``: the server's
         generic handlers, in the order gRPC asks them; ``port``: the data port's;
         ``local``: listen on an abstract Unix socket too (Linux), for this host's
-        clients."""
+        clients; ``warm``: told of each answer (the loop's SpinningSelector)."""
+        self.warm = warm
         self.loop = loop
         self.grants = grants
         self.port = port
