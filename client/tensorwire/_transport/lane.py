@@ -17,6 +17,7 @@ Blocking sockets here (Client); lane_aio.py is AsyncClient's twin.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -251,6 +252,11 @@ def lane_methods(
     return out
 
 
+#: The send buffer a Unix-socket connection asks for (the server's twin: its
+#: lane/listener.py LOCAL_BUFFER; the kernel caps it at net.core.wmem_max).
+LOCAL_BUFFER: Final = 4 << 20
+
+
 def connect_local(lane: Lane, grant: Any, timeout: float | None) -> socket.socket | None:
     """A blocking socket connected to the Unix socket ``grant`` names (timeout:
     the call's); None where there is none, or it is not here (then never again)."""
@@ -258,6 +264,8 @@ def connect_local(lane: Lane, grant: Any, timeout: float | None) -> socket.socke
     if address is None:
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with contextlib.suppress(OSError):  # a large request in one send (capped by the kernel)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)
     try:
         sock.settimeout(_within(timeout))
         sock.connect(address)

@@ -5,6 +5,7 @@ closes it, which cancels the call's work on the server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from typing import Any
@@ -14,6 +15,7 @@ import grpc
 from tensorwire._transport.connections import CONNECT_SECONDS
 from tensorwire._transport.lane import (
     _OPEN_LANE_REQUEST,
+    LOCAL_BUFFER,
     Lane,
     Watch,
     _within,
@@ -101,6 +103,9 @@ class AsyncLaneMethod:
             except (OSError, TimeoutError):
                 pass  # a full backlog, say: the data port now, the Unix socket next time
             else:
+                sock = writer.get_extra_info("socket")
+                with contextlib.suppress(OSError, AttributeError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)
                 return await self._open_local(reader, writer, grant, at)
         try:
             async with asyncio.timeout(min(CONNECT_SECONDS, _within(left(at)))):

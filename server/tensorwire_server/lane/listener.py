@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 SERVICE: Final = "/tensorwire.v1.TensorService/"
 NOT_ON_LANE: Final = frozenset({SERVICE + "OpenLane"})
 
+#: The send buffer a Unix-socket connection asks for (the kernel caps it at its
+#: net.core.wmem_max): a large answer goes in one send, not the transport's buffer
+#: and a send per wake-up. What it holds is bounded as before (MAX_IN_FLIGHT answers).
+LOCAL_BUFFER: Final = 4 << 20
+
 Handler = Any  # grpc.RpcMethodHandler, as the gate returns it
 
 
@@ -134,6 +139,8 @@ class LaneServer:
             except OSError as exc:  # out of descriptors: the next readiness tries again
                 log.warning("fast lane: the Unix socket could not accept: %s", exc)
                 return
+            with contextlib.suppress(OSError):  # an answer up to 4 MiB in one send
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)
             self._adopt(sock, local=True)
 
     def _adopt(self, sock: socket.socket, local: bool = False) -> None:
