@@ -17,6 +17,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import tensorwire_server
+from tensorwire.wire import lane as lane_wire
 from tensorwire.wire.protocol import CHANNEL_OPTIONS
 from tensorwire_server import kserve
 from tensorwire_server.core.loading import ModelControl, load_all
@@ -24,7 +25,7 @@ from tensorwire_server.core.service import Service
 from tensorwire_server.dataport.listener import DataPort
 from tensorwire_server.engine.engine import Engine
 from tensorwire_server.lane.grants import Grants
-from tensorwire_server.lane.listener import MAX_LANE_REQUEST, LaneServer
+from tensorwire_server.lane.listener import LaneServer
 from tensorwire_server.lane.spin import SpinningSelector
 from tensorwire_server.models.registry import server_devices
 from tensorwire_server.rest import RestServer
@@ -287,7 +288,7 @@ class TensorwireServer:
             (self._tensor_handler,),
             Grants(),
             tls=self.dataport.tls,
-            max_request_bytes=min(receive_limit(settings), MAX_LANE_REQUEST),
+            max_request_bytes=min(receive_limit(settings), lane_wire.MAX_REQUEST),
             max_connections=settings.fast_lane_connections,
             port=self.dataport.port,
             local=settings.same_host,

@@ -258,6 +258,12 @@ def test_a_large_bodys_head_alone_holds_no_buffer(server: TensorwireServer, via:
         time.sleep(0.2)
         bodies = [c._body for c in held if c._pending is not None]
         assert len(bodies) == 1 and bodies[0] is not None and len(bodies[0]) == size
+        (ours,) = [c for c in held if c._pending is not None]
+    # Its client killed mid-body: the connection goes, and its buffer with it.
+    deadline = time.monotonic() + TIMEOUT
+    while not ours.lost and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ours.lost and ours._body is None and ours not in server.lane.connections
     serves(server)
 
 

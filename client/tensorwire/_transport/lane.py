@@ -41,7 +41,15 @@ from tensorwire.v1 import tensorwire_pb2 as pb
 from tensorwire.wire import lane
 from tensorwire.wire.codec import receiver
 from tensorwire.wire.dataport import DataPortError, recv_exact
-from tensorwire.wire.lane import ACCEPTED, GRANT_BYTES, HELLO, HELLO_MAGIC, OPENING, RESPONSE
+from tensorwire.wire.lane import (
+    ACCEPTED,
+    GRANT_BYTES,
+    HELLO,
+    HELLO_MAGIC,
+    LOCAL_SEND_BUFFER,
+    OPENING,
+    RESPONSE,
+)
 
 __all__ = ["Lane", "LaneMethod", "keepalive", "lane_methods", "wanted"]
 
@@ -252,11 +260,6 @@ def lane_methods(
     return out
 
 
-#: The send buffer a Unix-socket connection asks for (the server's twin: its
-#: lane/listener.py LOCAL_BUFFER; the kernel caps it at net.core.wmem_max).
-LOCAL_BUFFER: Final = 4 << 20
-
-
 def connect_local(lane: Lane, grant: Any, timeout: float | None) -> socket.socket | None:
     """A blocking socket connected to the Unix socket ``grant`` names (timeout:
     the call's); None where there is none, or it is not here (then never again)."""
@@ -265,7 +268,7 @@ def connect_local(lane: Lane, grant: Any, timeout: float | None) -> socket.socke
         return None
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     with contextlib.suppress(OSError):  # a large request in one send (capped by the kernel)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_SEND_BUFFER)
     try:
         sock.settimeout(_within(timeout))
         sock.connect(address)

@@ -15,7 +15,6 @@ import grpc
 from tensorwire._transport.connections import CONNECT_SECONDS
 from tensorwire._transport.lane import (
     _OPEN_LANE_REQUEST,
-    LOCAL_BUFFER,
     Lane,
     Watch,
     _within,
@@ -33,7 +32,15 @@ from tensorwire._transport.lane_frames import (
     sizes,
 )
 from tensorwire.wire import lane
-from tensorwire.wire.lane import ACCEPTED, GRANT_BYTES, HELLO, HELLO_MAGIC, OPENING, RESPONSE
+from tensorwire.wire.lane import (
+    ACCEPTED,
+    GRANT_BYTES,
+    HELLO,
+    HELLO_MAGIC,
+    LOCAL_SEND_BUFFER,
+    OPENING,
+    RESPONSE,
+)
 
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -105,7 +112,7 @@ class AsyncLaneMethod:
             else:
                 sock = writer.get_extra_info("socket")
                 with contextlib.suppress(OSError, AttributeError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_SEND_BUFFER)
                 return await self._open_local(reader, writer, grant, at)
         try:
             async with asyncio.timeout(min(CONNECT_SECONDS, _within(left(at)))):

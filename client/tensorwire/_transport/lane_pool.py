@@ -19,6 +19,7 @@ import grpc
 
 from tensorwire._transport.connections import Detours
 from tensorwire.errors import TensorwireError
+from tensorwire.wire.lane import MAX_REQUEST
 
 #: The environment variable that turns the lane off where ``fast_lane`` is not given
 #: ("0", "false", "off", "no"): how a test run or a deployment keeps calls on gRPC.
@@ -35,10 +36,6 @@ IDLE_SECONDS: Final = 240.0
 RESOLVE_SECONDS: Final = 5.0
 #: Whether a connection may go to the server's abstract Unix socket (Linux).
 LOCAL: Final = sys.platform == "linux" and hasattr(socket, "AF_UNIX")
-#: The largest request tried on the lane before a grant says the server's limit (a
-#: server's default, 8 MiB): a call past the grant's limit gives its connection back
-#: and goes by gRPC.
-FIRST_MAX_REQUEST: Final = 8 << 20
 #: A grant's gRPC call: the serialized OpenLaneRequest, timeout, metadata -> response.
 OpenLane = Callable[..., Any]
 
@@ -86,7 +83,9 @@ class Lane:
         self.open_lane = open_lane
         #: The data port and the largest request the server takes, from a grant.
         self.port = 0
-        self.max_request = FIRST_MAX_REQUEST
+        # Before a grant says the server's limit: the lane's own (a call past a
+        # grant's gives its connection back and goes by gRPC).
+        self.max_request = MAX_REQUEST
         self.detours: Detours[None] = Detours()
         self.idle: list[tuple[float, Any]] = []
         self.lock = threading.Lock()

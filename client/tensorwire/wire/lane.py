@@ -52,6 +52,12 @@ OPENING: Final = b"TWL1"
 #: What the client sends once secured: magic and grant.
 HELLO: Final = struct.Struct("<4s16s")
 HELLO_MAGIC: Final = b"TWLG"
+#: The largest request body a server takes on the lane (a grant may say less: its
+#: ``max_request_bytes``); larger calls go by gRPC.
+MAX_REQUEST: Final = 8 << 20
+#: The send buffer both ends of a Unix-socket connection ask for (the kernel caps it at
+#: net.core.wmem_max): a request or answer of a few MiB goes in one send.
+LOCAL_SEND_BUFFER: Final = 4 << 20
 #: Random bytes in a grant.
 GRANT_BYTES: Final = 16
 #: The server's answer to a live grant (the data port's own ACCEPTED).

@@ -42,10 +42,6 @@ HELLO_SECONDS: Final = 3.0
 IDLE_SECONDS: Final = 300.0
 #: Calls one connection may have in flight before the server stops reading it.
 MAX_IN_FLIGHT: Final = 4
-#: The largest request frame body the lane takes (the client sends larger requests,
-#: and those of the streaming threshold or more, through gRPC): with the connection
-#: cap and MAX_IN_FLIGHT, what bounds the bytes lane calls hold before admission.
-MAX_LANE_REQUEST: Final = 8 << 20
 #: Bodies from this size on are read straight into a buffer of their own (the kernel's
 #: one copy), and answers from this size on are written without being joined to their
 #: head: smaller ones are cheaper copied than given a system call of their own.

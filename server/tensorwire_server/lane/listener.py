@@ -32,30 +32,24 @@ from typing import Any, Final, NamedTuple
 
 import grpc
 
-from tensorwire.wire.lane import MAX_METHOD
+from tensorwire.wire.lane import LOCAL_SEND_BUFFER, MAX_METHOD
 from tensorwire_server.eviction import victim
 from tensorwire_server.lane.connection import (
     DIRECT_BYTES,
     HELLO_SECONDS,
     MAX_IN_FLIGHT,
-    MAX_LANE_REQUEST,
     LaneConnection,
 )
 from tensorwire_server.lane.grants import Grants
 from tensorwire_server.transport.security import Identity
 
-__all__ = ["HELLO_SECONDS", "MAX_IN_FLIGHT", "MAX_LANE_REQUEST", "LaneConnection", "LaneServer"]
+__all__ = ["HELLO_SECONDS", "MAX_IN_FLIGHT", "LaneConnection", "LaneServer"]
 
 log = logging.getLogger(__name__)
 
 #: The methods the lane carries: every unary TensorService method but OpenLane itself.
 SERVICE: Final = "/tensorwire.v1.TensorService/"
 NOT_ON_LANE: Final = frozenset({SERVICE + "OpenLane"})
-
-#: The send buffer a Unix-socket connection asks for (the kernel caps it at its
-#: net.core.wmem_max): a large answer goes in one send, not the transport's buffer
-#: and a send per wake-up. What it holds is bounded as before (MAX_IN_FLIGHT answers).
-LOCAL_BUFFER: Final = 4 << 20
 
 Handler = Any  # grpc.RpcMethodHandler, as the gate returns it
 
@@ -140,7 +134,7 @@ class LaneServer:
                 log.warning("fast lane: the Unix socket could not accept: %s", exc)
                 return
             with contextlib.suppress(OSError):  # an answer up to 4 MiB in one send
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_BUFFER)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, LOCAL_SEND_BUFFER)
             self._adopt(sock, local=True)
 
     def _adopt(self, sock: socket.socket, local: bool = False) -> None:
