@@ -313,20 +313,23 @@ class LaneConnection(asyncio.BufferedProtocol):
         self._answer(call_id, context, response)
 
     def _answer(self, call_id: int, context: LaneContext, response: bytes) -> None:
-        code, details = context.status()
-        transport = self.transport
-        if transport is not None and not transport.is_closing():
-            meta = lane.pairs(context.trailing)
-            head, body = lane.response_frame(call_id, code.value[0], details, meta, response)
-            self.server.answered += 1  # before: its client may look at once
-            if len(body) < DIRECT_BYTES:
-                transport.write(head + body)  # one system call
-            else:  # not joined (writelines would): a copy of the whole answer saved
-                transport.write(head)
-                transport.write(body)
-            self.server.warm()  # the caller's next call may come at once
-        # Its budgets go once its answer is written, as gRPC's done callback does.
-        context.done()
+        try:
+            code, details = context.status()
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                meta = lane.pairs(context.trailing)
+                head, body = lane.response_frame(call_id, code.value[0], details, meta, response)
+                self.server.answered += 1  # before: its client may look at once
+                if len(body) < DIRECT_BYTES:
+                    transport.write(head + body)  # one system call
+                else:  # not joined (writelines would): a copy of the whole answer saved
+                    transport.write(head)
+                    transport.write(body)
+                self.server.warm()  # the caller's next call may come at once
+        finally:
+            # Its budgets go, and the gate records it, once its answer is written
+            # (as gRPC's done callback does), however the writing went.
+            context.done()
         self.calls.pop(call_id, None)
         self.last = time.monotonic()
         if len(self.calls) < MAX_IN_FLIGHT:  # room again: read, and parse what waits
