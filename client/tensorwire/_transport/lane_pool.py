@@ -24,6 +24,13 @@ from tensorwire.wire.lane import MAX_REQUEST
 #: The environment variable that turns the lane off where ``fast_lane`` is not given
 #: ("0", "false", "off", "no"): how a test run or a deployment keeps calls on gRPC.
 ENV: Final = "TENSORWIRE_FAST_LANE"
+#: The environment variable that sets how long a blocking call polls its connection
+#: for the answer before it sleeps (seconds, 0 to 0.01; 0: it sleeps at once): the
+#: name of the server's own ``fast_lane_spin``, which each end reads for itself.
+SPIN_ENV: Final = "TENSORWIRE_FAST_LANE_SPIN"
+#: A small call's answer comes within a few hundred µs; a caller that sleeps for it
+#: pays the wake-up of an idle CPU (~100 µs on a VM: docs/performance.md).
+SPIN_SECONDS: Final = 0.001
 #: Idle connections kept per server: as many as calls a client makes at once, up to
 #: this (each new one costs a grant's gRPC call and a connect); past it, closed when done.
 POOLED: Final = 64
@@ -46,6 +53,21 @@ def wanted(fast_lane: bool | None) -> bool:
     if fast_lane is not None:
         return fast_lane
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def spin_seconds() -> float:
+    """How long a blocking call polls for its answer: TENSORWIRE_FAST_LANE_SPIN's
+    seconds where it is set, else SPIN_SECONDS."""
+    given = os.environ.get(SPIN_ENV, "").strip()
+    if not given:
+        return SPIN_SECONDS
+    try:
+        seconds = float(given)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 0.01:
+        raise ValueError(f"{SPIN_ENV} must be 0 to 0.01 seconds, not {given!r}")
+    return seconds
 
 
 #: A grant's call that ended so keeps a client off the lane for a while (growing): a
@@ -99,6 +121,11 @@ class Lane:
         #: (another host, another network namespace): its connections go to the data
         #: port. A server started again names another.
         self.far = ""
+        #: Seconds a call polls for its answer before it sleeps (lane.py).
+        self.spin = spin_seconds()
+        #: Calls running on this lane now (blocking ones): only a lone caller polls,
+        #: so that callers on other threads are not kept from the GIL.
+        self.calling = 0
 
     def local_address(self, grant: Any) -> str | None:
         """The Unix socket (abstract: a leading NUL) a grant's connection tries first;

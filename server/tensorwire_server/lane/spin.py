@@ -14,9 +14,17 @@ do never polls (its timeout is 0 anyway).
 
 from __future__ import annotations
 
+import os
 import selectors
 import time
 from typing import Any
+
+
+def _no_yield() -> None:
+    """Where the platform has no sched_yield (Windows): poll on."""
+
+
+sched_yield = getattr(os, "sched_yield", _no_yield)
 
 
 class SpinningSelector(selectors.DefaultSelector):
@@ -45,6 +53,7 @@ class SpinningSelector(selectors.DefaultSelector):
                         return ready
                     if time.monotonic() >= end:
                         break
+                    sched_yield()  # to whatever else would run here (the caller, say)
                 if timeout is not None:  # what is left of the loop's own timeout
                     timeout = max(0.0, timeout - (time.monotonic() - now))
         return super().select(timeout)
