@@ -363,7 +363,7 @@ def test_calls_in_flight_are_bounded_whatever_one_read_holds(
         sender.join(TIMEOUT)
     assert sorted(answered) == list(range(1, count + 1))
     assert set(answered.values()) == {0}
-    assert 1 <= most <= server_lane.MAX_IN_FLIGHT
+    assert most <= server_lane.MAX_IN_FLIGHT  # (a call answered in its first step: 0)
     serves(server)
 
 

@@ -178,6 +178,36 @@ def test_many_threads_and_tasks_each_get_their_own_answer(server: TensorwireServ
     asyncio.run(tasks())
 
 
+def test_a_batched_models_calls_wait_for_their_batch_and_each_gets_its_rows(
+    engine, server: TensorwireServer
+) -> None:  # type: ignore[no-untyped-def]
+    # A lane call runs its first step as its frame is parsed (connection._start); a
+    # batched model's call waits there for its batch and goes on as a task.
+    xs = [np.full((1 + k % 3, 16), k / 10, np.float32) for k in range(16)]
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=False) as grpc_client:
+        expected = [grpc_client.infer("mlp", x)["output"] for x in xs]
+    before = on_lane(server)
+    with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
+        failures: list[BaseException] = []
+
+        def caller(k: int) -> None:
+            try:
+                for _ in range(5):
+                    got = client.infer("mlp", xs[k])["output"]
+                    np.testing.assert_allclose(got, expected[k], rtol=1e-5, atol=1e-6)
+            except BaseException as exc:
+                failures.append(exc)
+
+        threads = [threading.Thread(target=caller, args=(k,)) for k in range(len(xs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures
+    assert on_lane(server) >= before + 5 * len(xs)
+    assert engine.registry.batched("mlp")
+
+
 def test_sessions_and_remote_tensors_on_the_lane(server: TensorwireServer) -> None:
     before = on_lane(server)
     with tw.Client(address(server), timeout=TIMEOUT, fast_lane=True) as client:
