@@ -335,16 +335,35 @@ def test_calls_in_flight_are_bounded_whatever_one_read_holds(
     server: TensorwireServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A thousand requests in one write: one read buffers hundreds of them, yet no more
-    # than MAX_IN_FLIGHT run at once; the rest wait in the buffer, and all are answered.
+    # than MAX_IN_FLIGHT run at once, and no turn of the loop (a read, a resumption)
+    # starts more than TURN_CALLS, though most are answered within their first step:
+    # the rest wait in the buffer, other connections are served between turns, and
+    # all are answered.
     most = 0
+    started = 0  # in the loop's callback running now
+    most_in_turn = 0
     start = server_lane.LaneConnection._start
+    updated = server_lane.LaneConnection.buffer_updated
+    resume = server_lane.LaneConnection._resume
 
     def counted(self: server_lane.LaneConnection, *args: object) -> None:
-        nonlocal most
+        nonlocal most, started, most_in_turn
         start(self, *args)  # type: ignore[arg-type]
         most = max(most, len(self.calls))
+        started += 1
+        most_in_turn = max(most_in_turn, started)
+
+    def turn(run: Callable[..., None]) -> Callable[..., None]:
+        def one(self: server_lane.LaneConnection, *args: object) -> None:
+            nonlocal started
+            started = 0
+            run(self, *args)
+
+        return one
 
     monkeypatch.setattr(server_lane.LaneConnection, "_start", counted)
+    monkeypatch.setattr(server_lane.LaneConnection, "buffer_updated", turn(updated))
+    monkeypatch.setattr(server_lane.LaneConnection, "_resume", turn(resume))
     body = infer_body()
     count = 1000
     frames = b"".join(
@@ -364,6 +383,7 @@ def test_calls_in_flight_are_bounded_whatever_one_read_holds(
     assert sorted(answered) == list(range(1, count + 1))
     assert set(answered.values()) == {0}
     assert most <= server_lane.MAX_IN_FLIGHT  # (a call answered in its first step: 0)
+    assert 1 <= most_in_turn <= server_lane.TURN_CALLS
     serves(server)
 
 

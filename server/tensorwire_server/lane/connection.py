@@ -44,6 +44,10 @@ HELLO_SECONDS: Final = 3.0
 IDLE_SECONDS: Final = 300.0
 #: Calls one connection may have in flight before the server stops reading it.
 MAX_IN_FLIGHT: Final = 4
+#: Calls one turn of the loop starts on a connection (one read, one resumption): the
+#: calls answered in their first step (``_start``) would otherwise let a client that
+#: sends many frames at once hold the loop from every other connection.
+TURN_CALLS: Final = MAX_IN_FLIGHT
 #: Bodies from this size on are read straight into a buffer of their own (the kernel's
 #: one copy), and answers from this size on are written without being joined to their
 #: head: smaller ones are cheaper copied than given a system call of their own.
@@ -101,6 +105,8 @@ class LaneConnection(asyncio.BufferedProtocol):
         self._filled = 0
         #: A call's first step runs now (``_start``): its answer must not parse.
         self._eager = False
+        #: Calls started in this turn of the loop (TURN_CALLS).
+        self._turn = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -164,6 +170,7 @@ class LaneConnection(asyncio.BufferedProtocol):
         return self.server.scratch
 
     def buffer_updated(self, nbytes: int) -> None:
+        self._turn = 0
         if self._body is not None:
             self._filled += nbytes
         else:
@@ -182,12 +189,15 @@ class LaneConnection(asyncio.BufferedProtocol):
         self._resume()
 
     def _held(self) -> bool:
-        """Whether to read and parse no more for now: its answers wait to be sent, or
-        it has MAX_IN_FLIGHT calls running (what one read buffered waits its turn)."""
-        return self.writing_paused or len(self.calls) >= MAX_IN_FLIGHT
+        """Whether to read and parse no more for now: its answers wait to be sent, it
+        has MAX_IN_FLIGHT calls running, or it started TURN_CALLS in this turn of the
+        loop (what one read buffered waits its turn)."""
+        calls = len(self.calls)
+        return self.writing_paused or calls >= MAX_IN_FLIGHT or self._turn >= TURN_CALLS
 
     def _resume(self) -> None:
         """Read again, and parse what is buffered, unless still held."""
+        self._turn = 0
         transport = self.transport
         if self._held() or transport is None or transport.is_closing():
             return
@@ -286,6 +296,11 @@ class LaneConnection(asyncio.BufferedProtocol):
             lane_metadata(meta), None if timeout < 0 else timeout, self.grant.identity
         )
         self.last = time.monotonic()
+        self._turn += 1
+        if self._turn >= TURN_CALLS and self.transport is not None:
+            # Its turn is up: what else it sent waits for the loop's next turn.
+            self.transport.pause_reading()
+            self.server.loop.call_soon(self._resume)
         call = self._call(call_id, method, body, context)
         # Its first step now, in a context of its own as a task's would be: a call
         # that does not wait (a small one, Compute running it on the loop) is answered
