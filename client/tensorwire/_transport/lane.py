@@ -29,11 +29,10 @@ from tensorwire._transport.connections import ANSWER_SECONDS, CONNECT_SECONDS
 from tensorwire._transport.lane_frames import (
     LaneRpcError,
     answer,
-    check_answers,
     credentials,
     frame,
     late,
-    sizes,
+    opened,
 )
 from tensorwire._transport.lane_pool import Lane, _close, wanted
 from tensorwire._transport.methods import RESPONSES, method_path
@@ -54,6 +53,9 @@ from tensorwire.wire.lane import (
 __all__ = ["Lane", "LaneMethod", "keepalive", "lane_methods", "wanted"]
 
 _OPEN_LANE_REQUEST: Final = pb.OpenLaneRequest().SerializeToString()
+#: The most bytes one receive takes. An answer larger than this (one that can carry
+#: payloads outside protobuf: codec.INLINE_LIMIT) is read into a writable buffer.
+_PIECE: Final = 65536
 
 
 def broke(exc: BaseException, lane: Lane) -> LaneRpcError:
@@ -172,18 +174,25 @@ class LaneMethod:
             else:
                 sock.sendall(head)
                 sock.sendall(body)
-            got = bytearray()
-            while len(got) < RESPONSE.size:
-                got += self._receive(sock, at, watch)
-                while len(got) >= RESPONSE.size and got[:4] == lane.PONG_MAGIC:
-                    del got[: RESPONSE.size]  # the server is alive: wait on
-            total = RESPONSE.size + sizes(bytes(got[: RESPONSE.size]))
-            check_answers(got, call_id)
-            if len(got) < total:
+            # The answer's head, past any PONGs (the server is alive: wait on). Its
+            # first bytes usually hold the whole of a small answer: they are kept as
+            # they came, with no copy into a buffer.
+            got = b""
+            while True:
+                while len(got) < RESPONSE.size:
+                    got += self._receive(sock, at, watch)
+                if got[:4] != lane.PONG_MAGIC:
+                    break
+                got = got[RESPONSE.size :]
+            fields = opened(got, call_id)
+            total = RESPONSE.size + fields[3]
+            if len(got) < total or total > _PIECE:
+                # The rest into one writable buffer of the answer's size, which the
+                # answer's large payloads then view (no copies: Received.owned).
                 buf = bytearray(total)
-                buf[: len(got)] = got
+                done = min(len(got), total)
+                buf[:done] = got[:done]
                 view = memoryview(buf)
-                done = len(got)
                 while done < total:
                     _arm(sock, at)
                     n = sock.recv_into(view[done:])
@@ -204,8 +213,7 @@ class LaneMethod:
             self.lane.give(sock)
         else:  # a PONG may still be on its way: not a connection to reuse
             _close(sock)
-        view = memoryview(got)
-        return answer(bytes(view[: RESPONSE.size]), view[RESPONSE.size :], self.deserialize)
+        return answer(fields, memoryview(got)[RESPONSE.size : total], self.deserialize)
 
     @staticmethod
     def _receive(sock: socket.socket, at: float | None, watch: Watch) -> bytes:
@@ -218,7 +226,7 @@ class LaneMethod:
             wait = watch.wait(now)
             sock.settimeout(wait if at is None else min(at - now, wait))
             try:
-                piece = sock.recv(65536)
+                piece = sock.recv(_PIECE)
             except TimeoutError:
                 if at is not None and time.monotonic() >= at:
                     raise
