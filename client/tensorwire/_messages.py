@@ -144,9 +144,15 @@ def info_request() -> Encoder[pb.InfoRequest]:
 def infer_request(
     model: str, inputs: Inputs, outputs: Sequence[str] | None, version: int, keep: bool
 ) -> Encoder[pb.InferRequest]:
-    request = pb.InferRequest(
-        model=model, outputs=list(outputs or ()), version=checked_version(version), keep=keep
-    )
+    request = pb.InferRequest(model=model)
+    # Only the fields given: each keyword protobuf takes costs, even a default.
+    version = checked_version(version)
+    if version:
+        request.version = version
+    if outputs:
+        request.outputs.extend(list(outputs))
+    if keep:
+        request.keep = keep
     encoder = Encoder(request)
     _inputs(encoder, inputs)
     return encoder
