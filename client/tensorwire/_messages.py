@@ -70,7 +70,12 @@ def named_inputs(inputs: Inputs) -> list[tuple[str, np.ndarray | Handle]]:
 def remote_values(value: Any) -> Iterator[Any]:
     """Every remote tensor (anything with a Handle) in ``value``, through tuples,
     lists and mapping values."""
-    return (leaf for leaf in leaves(value) if as_handle(leaf) is not None)
+    # A plain array (most arguments) is never remote: no attribute lookup to fail.
+    return (
+        leaf
+        for leaf in leaves(value)
+        if type(leaf) is not np.ndarray and as_handle(leaf) is not None
+    )
 
 
 def checked_version(version: int) -> int:

@@ -171,7 +171,8 @@ class Encoder(Generic[M]):
     def tensor(self, out: pb.Tensor, arr: np.ndarray | Handle) -> None:
         """Describe ``arr`` in ``out`` and queue its bytes, or name a handle."""
         self._placeholders()
-        handle = as_handle(arr)
+        # A plain array (most tensors) carries no handle: no attribute lookup to fail.
+        handle = None if type(arr) is np.ndarray else as_handle(arr)
         if handle is not None:
             out.handle = handle.id
             out.dtype = WIRE_BY_NAME.get(handle.dtype, pb.DTYPE_UNSPECIFIED)  # type: ignore[assignment]
