@@ -101,7 +101,7 @@ class LaneMethod:
             sock = lane.take() or self._open(at, metadata)
             if sock is not None:
                 if len(request) <= lane.max_request:
-                    return self._call(sock, request, left(at), metadata)
+                    return self._call(sock, request, at, metadata)
                 lane.give(sock)  # past what the grant said the server takes
         return self.fallback(request, timeout=remaining(at), metadata=metadata)
 
@@ -158,13 +158,12 @@ class LaneMethod:
         self.lane.far = grant.local_socket
         return None
 
-    def _call(
-        self, sock: socket.socket, request: bytes, timeout: float | None, metadata: Any
-    ) -> Any:
+    def _call(self, sock: socket.socket, request: bytes, at: float | None, metadata: Any) -> Any:
+        """The call on ``sock``, within the deadline ``at`` (the one ``__call__`` set)."""
+        timeout = left(at)
         if timeout is not None and timeout <= 0:
             self.lane.give(sock)
             raise late()  # as gRPC answers a call with no time left
-        at = None if timeout is None else time.monotonic() + timeout
         watch = Watch(self.lane.keepalive)
         call_id, (head, body) = frame(self.path, request, timeout, metadata)
         try:
@@ -177,7 +176,7 @@ class LaneMethod:
             # The answer's head, past any PONGs (the server is alive: wait on). Its
             # first bytes usually hold the whole of a small answer: they are kept as
             # they came, with no copy into a buffer.
-            got = b""
+            got: bytes | bytearray = b""
             # The send's timeout, when no longer than the keepalive interval, also
             # bounds the first wait: the socket is not set again (a system call).
             armed = timeout is not None and timeout <= watch.interval
