@@ -177,13 +177,9 @@ class LaneMethod:
             # first bytes usually hold the whole of a small answer: they are kept as
             # they came, with no copy into a buffer.
             got: bytes | bytearray = b""
-            # The send's timeout, when no longer than the keepalive interval, also
-            # bounds the first wait: the socket is not set again (a system call).
-            armed = timeout is not None and timeout <= watch.interval
             while True:
                 while len(got) < RESPONSE.size:
-                    got += self._receive(sock, at, watch, armed)
-                    armed = False
+                    got += self._receive(sock, at, watch)
                 if got[:4] != lane.PONG_MAGIC:
                     break
                 got = got[RESPONSE.size :]
@@ -219,19 +215,15 @@ class LaneMethod:
         return answer(fields, memoryview(got)[RESPONSE.size : total], self.deserialize)
 
     @staticmethod
-    def _receive(sock: socket.socket, at: float | None, watch: Watch, armed: bool) -> bytes:
+    def _receive(sock: socket.socket, at: float | None, watch: Watch) -> bytes:
         """The next bytes of the answer, within the deadline ``at``; pinging a server
-        that says nothing for a keepalive interval, which must then answer in time.
-        ``armed``: the socket's timeout already ends by then (give or take the
-        send's microseconds: a wait past ``at`` is the deadline's error all the same)."""
+        that says nothing for a keepalive interval, which must then answer in time."""
         while True:
-            if not armed:
-                now = time.monotonic()
-                if at is not None and at <= now:
-                    raise TimeoutError("the call's deadline passed")
-                wait = watch.wait(now)
-                sock.settimeout(wait if at is None else min(at - now, wait))
-            armed = False
+            now = time.monotonic()
+            if at is not None and at <= now:
+                raise TimeoutError("the call's deadline passed")
+            wait = watch.wait(now)
+            sock.settimeout(wait if at is None else min(at - now, wait))
             try:
                 piece = sock.recv(_PIECE)
             except TimeoutError:
