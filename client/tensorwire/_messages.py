@@ -70,7 +70,12 @@ def named_inputs(inputs: Inputs) -> list[tuple[str, np.ndarray | Handle]]:
 def remote_values(value: Any) -> Iterator[Any]:
     """Every remote tensor (anything with a Handle) in ``value``, through tuples,
     lists and mapping values."""
-    return (leaf for leaf in leaves(value) if as_handle(leaf) is not None)
+    # A plain array (most arguments) is never remote: no attribute lookup to fail.
+    return (
+        leaf
+        for leaf in leaves(value)
+        if type(leaf) is not np.ndarray and as_handle(leaf) is not None
+    )
 
 
 def checked_version(version: int) -> int:
@@ -144,9 +149,15 @@ def info_request() -> Encoder[pb.InfoRequest]:
 def infer_request(
     model: str, inputs: Inputs, outputs: Sequence[str] | None, version: int, keep: bool
 ) -> Encoder[pb.InferRequest]:
-    request = pb.InferRequest(
-        model=model, outputs=list(outputs or ()), version=checked_version(version), keep=keep
-    )
+    request = pb.InferRequest(model=model)
+    # Only the fields given: each keyword protobuf takes costs, even a default.
+    version = checked_version(version)
+    if version:
+        request.version = version
+    if outputs:
+        request.outputs.extend(list(outputs))
+    if keep:
+        request.keep = keep
     encoder = Encoder(request)
     _inputs(encoder, inputs)
     return encoder

@@ -3,7 +3,7 @@ the server in one round trip by ``Client.run``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -129,13 +129,18 @@ def leaves(value: Any) -> Iterator[Any]:
     """Every value inside ``value`` that is not a list, tuple or mapping: the
     arguments a call's nested lists and dicts hold."""
     if isinstance(value, list | tuple):
-        for item in value:
-            yield from leaves(item)
+        items: Iterable[Any] = value
     elif isinstance(value, Mapping):
-        for item in value.values():
-            yield from leaves(item)
+        items = value.values()
     else:
         yield value
+        return
+    for item in items:
+        # A leaf is yielded here, not by a generator of its own (one per argument).
+        if isinstance(item, list | tuple | Mapping):
+            yield from leaves(item)
+        else:
+            yield item
 
 
 def _refs(value: Any) -> Iterator[Ref]:

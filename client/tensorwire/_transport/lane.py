@@ -31,11 +31,10 @@ from tensorwire._transport.connections import ANSWER_SECONDS, CONNECT_SECONDS
 from tensorwire._transport.lane_frames import (
     LaneRpcError,
     answer,
-    check_answers,
     credentials,
     frame,
     late,
-    sizes,
+    opened,
 )
 from tensorwire._transport.lane_pool import Lane, _close, wanted
 from tensorwire._transport.methods import RESPONSES, method_path
@@ -56,6 +55,9 @@ from tensorwire.wire.lane import (
 __all__ = ["Lane", "LaneMethod", "keepalive", "lane_methods", "wanted"]
 
 _OPEN_LANE_REQUEST: Final = pb.OpenLaneRequest().SerializeToString()
+#: The most bytes one receive takes. An answer larger than this (one that can carry
+#: payloads outside protobuf: codec.INLINE_LIMIT) is read into a writable buffer.
+_PIECE: Final = 65536
 
 
 def broke(exc: BaseException, lane: Lane) -> LaneRpcError:
@@ -101,7 +103,7 @@ class LaneMethod:
             sock = lane.take() or self._open(at, metadata)
             if sock is not None:
                 if len(request) <= lane.max_request:
-                    return self._call(sock, request, left(at), metadata)
+                    return self._call(sock, request, at, metadata)
                 lane.give(sock)  # past what the grant said the server takes
         return self.fallback(request, timeout=remaining(at), metadata=metadata)
 
@@ -158,31 +160,26 @@ class LaneMethod:
         self.lane.far = grant.local_socket
         return None
 
-    def _call(
-        self, sock: socket.socket, request: bytes, timeout: float | None, metadata: Any
-    ) -> Any:
+    def _call(self, sock: socket.socket, request: bytes, at: float | None, metadata: Any) -> Any:
+        """The call on ``sock``, within the deadline ``at`` (the one ``__call__`` set);
+        it polls for its answer (``_polled``) when it is its lane's only call."""
         lane = self.lane
         with lane.lock:
             lane.calling += 1
             alone = lane.calling == 1
         try:
-            return self._exchange(sock, request, timeout, metadata, lane.spin if alone else 0.0)
+            return self._exchange(sock, request, at, metadata, lane.spin if alone else 0.0)
         finally:
             with lane.lock:
                 lane.calling -= 1
 
     def _exchange(
-        self,
-        sock: socket.socket,
-        request: bytes,
-        timeout: float | None,
-        metadata: Any,
-        spin: float,
+        self, sock: socket.socket, request: bytes, at: float | None, metadata: Any, spin: float
     ) -> Any:
+        timeout = left(at)
         if timeout is not None and timeout <= 0:
             self.lane.give(sock)
             raise late()  # as gRPC answers a call with no time left
-        at = None if timeout is None else time.monotonic() + timeout
         watch = Watch(self.lane.keepalive)
         call_id, (head, body) = frame(self.path, request, timeout, metadata)
         try:
@@ -192,20 +189,27 @@ class LaneMethod:
             else:
                 sock.sendall(head)
                 sock.sendall(body)
-            got = bytearray()
+            # The answer's head, past any PONGs (the server is alive: wait on). Its
+            # first bytes usually hold the whole of a small answer: they are kept as
+            # they came, with no copy into a buffer.
+            got: bytes | bytearray = b""
             if spin:
-                got += _polled(sock, spin if at is None else min(spin, at - time.monotonic()))
-            while len(got) < RESPONSE.size:
-                got += self._receive(sock, at, watch)
-                while len(got) >= RESPONSE.size and got[:4] == lane.PONG_MAGIC:
-                    del got[: RESPONSE.size]  # the server is alive: wait on
-            total = RESPONSE.size + sizes(bytes(got[: RESPONSE.size]))
-            check_answers(got, call_id)
-            if len(got) < total:
+                got = _polled(sock, spin if at is None else min(spin, at - time.monotonic()))
+            while True:
+                while len(got) < RESPONSE.size:
+                    got += self._receive(sock, at, watch)
+                if got[:4] != lane.PONG_MAGIC:
+                    break
+                got = got[RESPONSE.size :]
+            fields = opened(got, call_id)
+            total = RESPONSE.size + fields[3]
+            if len(got) < total or total > _PIECE:
+                # The rest into one writable buffer of the answer's size, which the
+                # answer's large payloads then view (no copies: Received.owned).
                 buf = bytearray(total)
-                buf[: len(got)] = got
+                done = min(len(got), total)
+                buf[:done] = got[:done]
                 view = memoryview(buf)
-                done = len(got)
                 while done < total:
                     _arm(sock, at)
                     n = sock.recv_into(view[done:])
@@ -226,8 +230,7 @@ class LaneMethod:
             self.lane.give(sock)
         else:  # a PONG may still be on its way: not a connection to reuse
             _close(sock)
-        view = memoryview(got)
-        return answer(bytes(view[: RESPONSE.size]), view[RESPONSE.size :], self.deserialize)
+        return answer(fields, memoryview(got)[RESPONSE.size : total], self.deserialize)
 
     @staticmethod
     def _receive(sock: socket.socket, at: float | None, watch: Watch) -> bytes:
@@ -240,7 +243,7 @@ class LaneMethod:
             wait = watch.wait(now)
             sock.settimeout(wait if at is None else min(at - now, wait))
             try:
-                piece = sock.recv(65536)
+                piece = sock.recv(_PIECE)
             except TimeoutError:
                 if at is not None and time.monotonic() >= at:
                     raise
@@ -267,7 +270,7 @@ def _polled(sock: socket.socket, seconds: float) -> bytes:
     try:
         while True:
             try:
-                piece = recv(65536)
+                piece = recv(_PIECE)
             except (BlockingIOError, ssl.SSLWantReadError):
                 if time.perf_counter() >= end:
                     return b""

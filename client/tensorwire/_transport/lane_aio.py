@@ -25,11 +25,10 @@ from tensorwire._transport.lane import (
 )
 from tensorwire._transport.lane_frames import (
     answer,
-    check_answers,
     credentials,
     frame,
     late,
-    sizes,
+    opened,
 )
 from tensorwire.wire import lane
 from tensorwire.wire.lane import (
@@ -177,9 +176,8 @@ class AsyncLaneMethod:
                 head = await _head(reader, writer, watch)
                 while head[:4] == lane.PONG_MAGIC:  # the server is alive: wait on
                     head = await _head(reader, writer, watch)
-                size = sizes(head)
-                check_answers(head, call_id)
-                rest = await reader.readexactly(size)
+                fields = opened(head, call_id)
+                rest = await reader.readexactly(fields[3])
             done = True
         except TimeoutError:
             raise late() from None
@@ -192,7 +190,7 @@ class AsyncLaneMethod:
             self.lane.give(conn)
         else:  # a PONG may still be on its way: not a connection to reuse
             writer.transport.abort()
-        return answer(head, memoryview(rest), self.deserialize)
+        return answer(fields, memoryview(rest), self.deserialize)
 
 
 async def _head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, watch: Watch) -> bytes:

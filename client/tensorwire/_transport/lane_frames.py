@@ -56,16 +56,25 @@ def frame(
 ) -> tuple[int, list[bytes]]:
     """A call's id and request frame: the metadata without the token (the grant
     stands for it)."""
-    pairs = [(k, v) for k, v in metadata or () if k != "authorization" and isinstance(v, str)]
     call_id = next(_IDS)
+    if not metadata:  # most calls: no token, no session, no trace
+        return call_id, lane.request_frame(call_id, method, timeout, b"", request)
+    pairs = [(k, v) for k, v in metadata if k != "authorization" and isinstance(v, str)]
     return call_id, lane.request_frame(call_id, method, timeout, lane.pairs(pairs), request)
 
 
-def check_answers(head: bytes | bytearray, call_id: int) -> None:
-    """LaneError unless the response frame ``head`` answers call ``call_id``: another
-    answer means another process or thread shares the connection (a fork's)."""
-    if RESPONSE.unpack_from(head)[1] != call_id:
+def opened(head: bytes | bytearray, call_id: int) -> tuple[int, int, int, int]:
+    """The fields of the response frame at the start of ``head`` that answers call
+    ``call_id``: its status code, the lengths of its status message and trailing
+    metadata, and the bytes it holds after its head (read once: ``answer`` takes
+    them). LaneError if it is not a response, or answers another call: then another
+    process or thread shares the connection (a fork's)."""
+    magic, answered, code, d, m, b = RESPONSE.unpack_from(head)
+    if magic != RESPONSE_MAGIC:
+        raise lane.LaneError("not a response frame")
+    if answered != call_id:
         raise lane.LaneError("an answer to another call: the connection is shared")
+    return code, d, m, int(d + m + b)
 
 
 def credentials(metadata: Any) -> Any:
@@ -75,12 +84,14 @@ def credentials(metadata: Any) -> Any:
     return kept or None
 
 
-def answer(head: bytes, rest: memoryview, deserialize: Callable[[bytes], Any]) -> Any:
-    """The result of a response frame (``head`` and the bytes after it): the response,
-    or its LaneRpcError raised."""
-    _, _, code, d, m, _ = RESPONSE.unpack(head)
+def answer(
+    fields: tuple[int, int, int, int], rest: memoryview, deserialize: Callable[[bytes], Any]
+) -> Any:
+    """The result of a response frame (``fields``: what ``opened`` read of its head;
+    ``rest``: the bytes after its head): the response, or its LaneRpcError raised."""
+    code, d, m, size = fields
     if code == 0:
-        result = deserialize(rest[d + m :])  # type: ignore[arg-type]
+        result = deserialize(rest[d + m : size])  # type: ignore[arg-type]
         if isinstance(result, Received) and result.payloads is not None and not rest.readonly:
             # A large answer's payloads are views of this call's own writable buffer,
             # which nothing else holds: the caller's already (no copy into new arrays).
@@ -89,11 +100,3 @@ def answer(head: bytes, rest: memoryview, deserialize: Callable[[bytes], Any]) -
     details = bytes(rest[:d]).decode(errors="replace")
     trailing = lane.unpairs(rest[d : d + m])
     raise LaneRpcError(CODES.get(code, grpc.StatusCode.UNKNOWN), details, trailing)
-
-
-def sizes(head: bytes) -> int:
-    """The bytes a response frame holds after its head; LaneError if it is not one."""
-    magic, _, _, d, m, b = RESPONSE.unpack(head)
-    if magic != RESPONSE_MAGIC:
-        raise lane.LaneError("not a response frame")
-    return int(d + m + b)

@@ -235,15 +235,18 @@ class Lane:
             self.discard(conn)
 
 
+#: poll, not select: select refuses descriptors past 1024 (a busy process). Windows
+#: has no poll, and its select has no such limit.
+_POLL: Final = hasattr(select, "poll")
+
+
 def _quiet(sock: socket.socket) -> bool:
     """Whether an idle connection has nothing to read: a server that closed it (idle,
     evicted, stopped) made it readable."""
     try:
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             return False
-        # poll, not select: select refuses descriptors past 1024 (a busy process).
-        # Windows has no poll, and its select has no such limit.
-        if not hasattr(select, "poll"):
+        if not _POLL:
             return not select.select([sock], [], [], 0)[0]
         poller = select.poll()
         poller.register(sock, select.POLLIN | select.POLLPRI)

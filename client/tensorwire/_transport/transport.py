@@ -46,6 +46,10 @@ M = TypeVar("M", bound=Message)
 #: loopback (docs/performance.md): below it the unary path's lower setup cost wins.
 DEFAULT_STREAM_THRESHOLD: Final = 2 << 20
 
+#: The reporter of every call without a progress callback: it has nothing to report
+#: and no callback whose error it could keep, so one serves them all.
+_SILENT: Final = Reporter(None)
+
 
 class Transport:
     """Target, timeout, retries, credentials, channels and attempts; ``_GRPC`` (grpc or
@@ -130,6 +134,8 @@ class Transport:
         self._channel = self._open_channel(where)
         self._lanes: list[Lane] = []
         self._methods = self._laned(self._bind_methods(self._channel), where)
+        # The route of every call that names none (most): made once, not per call.
+        self._route = Route(self._methods, self.metadata)
         self._data = DataRoutes(
             where,
             self._data_on,
@@ -265,7 +271,7 @@ class Transport:
         seconds = self.timeout if isinstance(timeout, UseClientDefault) else timeout
         deadline = None if seconds is None else time.monotonic() + seconds
         spec = METHODS[send.method]
-        route = send.route or Route(self._methods, self.metadata)
+        route = send.route or self._route
         streamed = spec.streamed and (
             route.stream or send.encoder.payload_bytes >= self.stream_threshold
         )
@@ -273,7 +279,7 @@ class Transport:
         return CallState(
             send.method,
             send.encoder,
-            Reporter(send.progress),
+            _SILENT if send.progress is None else Reporter(send.progress),
             deadline,
             streamed,
             methods=route.methods,

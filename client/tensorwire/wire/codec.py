@@ -156,15 +156,23 @@ class Encoder(Generic[M]):
 
     message: M
     _slots: list[tuple[pb.Tensor, memoryview]] = field(default_factory=list)
+    # The payload bytes queued, counted as they are: a call asks before it is sent
+    # (whether to stream) and again as it is (whether to splice), each attempt.
+    _queued: int = field(default=0, init=False, repr=False)
+    # The message's Tensors hold their payloads, not placeholders (a small message
+    # finished): kept so for the next attempt, put back before anything else.
+    _inlined: bool = field(default=False, init=False, repr=False)
 
     @property
     def payload_bytes(self) -> int:
         """The tensor payload bytes queued so far."""
-        return sum(data.nbytes for _, data in self._slots)
+        return self._queued
 
     def tensor(self, out: pb.Tensor, arr: np.ndarray | Handle) -> None:
         """Describe ``arr`` in ``out`` and queue its bytes, or name a handle."""
-        handle = as_handle(arr)
+        self._placeholders()
+        # A plain array (most tensors) carries no handle: no attribute lookup to fail.
+        handle = None if type(arr) is np.ndarray else as_handle(arr)
         if handle is not None:
             out.handle = handle.id
             out.dtype = WIRE_BY_NAME.get(handle.dtype, pb.DTYPE_UNSPECIFIED)  # type: ignore[assignment]
@@ -186,6 +194,7 @@ class Encoder(Generic[M]):
         data = memoryview(wire.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
         out.data = framing.placeholder(len(self._slots))
         self._slots.append((out, data))
+        self._queued += data.nbytes
 
     def named(self, out: pb.NamedTensor, name: str, arr: np.ndarray | Handle) -> None:
         """Fill ``out`` with ``name`` and ``arr``."""
@@ -220,22 +229,31 @@ class Encoder(Generic[M]):
 
     def finish(self) -> bytes:
         """Serialize the message, whose tensors were all filled by this encoder."""
-        if self.payload_bytes < INLINE_LIMIT:
-            for out, data in self._slots:
-                out.data = data.tobytes()
-            raw = bytes(self.message.SerializeToString())
-            # Put the placeholders back: the message may yet be sent as a stream.
-            for index, (out, _) in enumerate(self._slots):
-                out.data = framing.placeholder(index)
-            return raw
+        if self._queued < INLINE_LIMIT:
+            if not self._inlined:  # a retry finds them in place
+                for out, data in self._slots:
+                    out.data = data.tobytes()
+                self._inlined = True
+            return bytes(self.message.SerializeToString())
+        self._placeholders()
         small = self.message.SerializeToString()
         return framing.put_payloads(small, self.message.DESCRIPTOR, self._payloads())
 
     def header(self) -> tuple[bytes, list[memoryview]]:
         """The message as a stream header (every Tensor's data empty) and the
         payloads in the order their chunks follow it."""
+        self._placeholders()
         small = self.message.SerializeToString()
         return framing.strip_payloads(small, self.message.DESCRIPTOR, self._payloads())
+
+    def _placeholders(self) -> None:
+        """Put the placeholders back where ``finish`` wrote a small message's
+        payloads: a new tensor is numbered among them, and a stream's header
+        (a retry that streams) and the splicing read them."""
+        if self._inlined:
+            for index, (out, _) in enumerate(self._slots):
+                out.data = framing.placeholder(index)
+            self._inlined = False
 
     def _payloads(self) -> list[memoryview]:
         return [data for _, data in self._slots]
