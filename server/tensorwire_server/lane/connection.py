@@ -371,8 +371,8 @@ class LaneConnection(asyncio.BufferedProtocol):
                     transport.write(body)
                 self.server.warm()  # the caller's next call may come at once
         finally:
-            # Its budgets go, and the gate records it, once its answer is written
-            # (as gRPC's done callback does), however the writing went.
+            # Its budgets go once its answer is written (as gRPC's done callback
+            # does), however the writing went.
             context.done()
         self.calls.pop(call_id, None)
         self.last = time.monotonic()

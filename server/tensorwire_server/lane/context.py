@@ -51,10 +51,6 @@ class LaneContext:
         "trailing",
     )
 
-    #: Its answer is written in the step its handler returns, and ``done`` follows at
-    #: once: the gate records the call from there (guarded._Running), after the write.
-    ends_when_answered: Final = True
-
     def __init__(
         self,
         metadata: tuple[tuple[str, str], ...],

@@ -357,12 +357,7 @@ class _Running:
             elif exc is not None and isinstance(exc, Exception):
                 _let_go(exc)
         finally:
-            # A call whose context ends it once its answer is written (the lane's:
-            # its done callbacks run right after the write) is recorded then, so its
-            # caller does not wait for the record. gRPC sends after the handler
-            # returns, and a slow reader must not hold a drain: recorded now.
-            if kind is not None or not getattr(self.context, "ends_when_answered", False):
-                self.end(self.run, self.context)
+            self.end(self.run, self.context)
             self.run.leave()
 
 
