@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Generic, Self, TypeVar
 import grpc
 import numpy as np
 
+from tensorwire import _described as described
 from tensorwire import _messages as messages
 from tensorwire._flow import Flow, Route, Send
 from tensorwire._session import Held, SessionKeeper, SessionState
@@ -198,7 +199,7 @@ class BaseClient(Generic[RT, TR]):
 
     def _info_flow(self, timeout: Timeout) -> Flow[ServerInfo]:
         received = yield Send("Info", messages.info_request(), timeout)
-        return messages.server_info(received)
+        return described.server_info(received)
 
     def _infer_flow(
         self,
@@ -304,11 +305,11 @@ class BaseClient(Generic[RT, TR]):
     ) -> Flow[list[VersionStatistics]]:
         request = messages.model_statistics_request(model, version)
         received = yield Send("ModelStatistics", request, timeout)
-        return [messages.statistics_from_wire(s) for s in received.message.statistics]
+        return [described.statistics_from_wire(s) for s in received.message.statistics]
 
     def _load_model_flow(self, model: str, timeout: Timeout) -> Flow[ModelInfo]:
         received = yield Send("Load", messages.load_request(model), timeout)
-        return messages.model_info_from_wire(received.message.model)
+        return described.model_info_from_wire(received.message.model)
 
     def _unload_model_flow(self, model: str, version: int, timeout: Timeout) -> Flow[None]:
         yield Send("Unload", messages.unload_request(model, version), timeout)
@@ -337,7 +338,7 @@ class BaseClient(Generic[RT, TR]):
     def _session_info_flow(self, timeout: Timeout) -> Flow[SessionInfo]:
         request = messages.describe_session_request()
         _, received = yield from self._session.call("DescribeSession", request, timeout)
-        return messages.session_info(received)
+        return described.session_info(received)
 
     # ------------------------------------------------------------------ programs
 
@@ -381,7 +382,7 @@ class BaseClient(Generic[RT, TR]):
             model=model,
             optimizer=optimizer,
             loss=loss,
-            parameters=tuple(messages.tensor_spec_from_wire(p) for p in m.parameters),
+            parameters=tuple(described.tensor_spec_from_wire(p) for p in m.parameters),
             nbytes=m.bytes,
         )
 
