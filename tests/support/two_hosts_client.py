@@ -1,6 +1,7 @@
 """The client half of tests/dataport/test_two_hosts.py, run inside the client's namespace:
 one identity round trip of ``MIB`` MiB to ``ADDRESS`` over TLS with the CA at ``CA``;
-prints what happened as one JSON line.
+prints what happened as one JSON line: the outcome, ``seconds`` until it (the answer,
+or the call's error), and ``closed``, the seconds until the client was closed.
 
     python tests/support/two_hosts_client.py ADDRESS CA MIB TIMEOUT
 """
@@ -25,6 +26,10 @@ def main() -> None:
             out = client.infer("identity", array)["output"]
         except tw.TensorwireError as exc:
             report = {"ok": False, "error": type(exc).__name__, "message": str(exc)}
+            # The call's own end: closing the client afterwards waits for gRPC's channel
+            # to finish the cancelled call, which over a cut link can take its
+            # transport's keepalive timeout (counted in "closed").
+            report["seconds"] = time.monotonic() - began
         else:
             report = {
                 "ok": bool(np.array_equal(out, array)),
@@ -34,7 +39,8 @@ def main() -> None:
                 # namespace it does not answer, and the client said so to itself.
                 "same_host_refused": bool(client._transport._data.same_host.detours.avoided()),
             }
-    report["seconds"] = time.monotonic() - began
+    report.setdefault("seconds", time.monotonic() - began)
+    report["closed"] = time.monotonic() - began
     print(json.dumps(report), flush=True)
 
 
