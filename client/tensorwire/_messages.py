@@ -60,12 +60,7 @@ def named_inputs(inputs: Inputs) -> list[tuple[str, np.ndarray | Handle]]:
 def remote_values(value: Any) -> Iterator[Any]:
     """Every remote tensor (anything with a Handle) in ``value``, through tuples,
     lists and mapping values."""
-    # A plain array (most arguments) is never remote: no attribute lookup to fail.
-    return (
-        leaf
-        for leaf in leaves(value)
-        if type(leaf) is not np.ndarray and as_handle(leaf) is not None
-    )
+    return (leaf for leaf in leaves(value) if as_handle(leaf) is not None)
 
 
 def checked_version(version: int) -> int:
@@ -145,7 +140,7 @@ def infer_request(
     if version:
         request.version = version
     if outputs:
-        request.outputs.extend(list(outputs))
+        request.outputs.extend(outputs)
     if keep:
         request.keep = keep
     encoder = Encoder(request)

@@ -262,7 +262,6 @@ def _polled(sock: socket.socket, seconds: float) -> bytes:
     (b"": not yet; the caller then sleeps in recv). Polling costs the CPU it spins on,
     and saves the wake-up of a sleeping one, which on a VM costs about as much as a
     small call's whole server side (docs/performance.md)."""
-    yield_cpu = getattr(os, "sched_yield", _no_yield)
     waits = sock.gettimeout()
     sock.settimeout(0.0)
     recv = sock.recv
@@ -274,7 +273,7 @@ def _polled(sock: socket.socket, seconds: float) -> bytes:
             except (BlockingIOError, ssl.SSLWantReadError):
                 if time.perf_counter() >= end:
                     return b""
-                yield_cpu()  # to whatever else would run here (the server, say)
+                _yield_cpu()  # to whatever else would run here (the server, say)
                 continue
             if not piece:
                 raise EOFError("the server closed the connection")
@@ -285,6 +284,9 @@ def _polled(sock: socket.socket, seconds: float) -> bytes:
 
 def _no_yield() -> None:
     """Where the platform has no sched_yield (Windows): poll on."""
+
+
+_yield_cpu = getattr(os, "sched_yield", _no_yield)
 
 
 class Watch:

@@ -88,10 +88,11 @@ def answer(
     fields: tuple[int, int, int, int], rest: memoryview, deserialize: Callable[[bytes], Any]
 ) -> Any:
     """The result of a response frame (``fields``: what ``opened`` read of its head;
-    ``rest``: the bytes after its head): the response, or its LaneRpcError raised."""
-    code, d, m, size = fields
+    ``rest``: the frame's bytes after its head, no more): the response, or its
+    LaneRpcError raised."""
+    code, d, m, _ = fields
     if code == 0:
-        result = deserialize(rest[d + m : size])  # type: ignore[arg-type]
+        result = deserialize(rest[d + m :])  # type: ignore[arg-type]
         if isinstance(result, Received) and result.payloads is not None and not rest.readonly:
             # A large answer's payloads are views of this call's own writable buffer,
             # which nothing else holds: the caller's already (no copy into new arrays).

@@ -54,6 +54,8 @@ Arg = np.ndarray | Handle | Ref | bool | int | float | str | None | Sequence["Ar
 
 def as_handle(value: Any) -> Handle | None:
     """The Handle ``value`` is or carries (a client's RemoteTensor has ``.handle``)."""
+    if type(value) is np.ndarray:  # most tensors: no attribute lookup to fail
+        return None
     if isinstance(value, Handle):
         return value
     handle = getattr(value, "handle", None)
@@ -171,8 +173,7 @@ class Encoder(Generic[M]):
     def tensor(self, out: pb.Tensor, arr: np.ndarray | Handle) -> None:
         """Describe ``arr`` in ``out`` and queue its bytes, or name a handle."""
         self._placeholders()
-        # A plain array (most tensors) carries no handle: no attribute lookup to fail.
-        handle = None if type(arr) is np.ndarray else as_handle(arr)
+        handle = as_handle(arr)
         if handle is not None:
             out.handle = handle.id
             out.dtype = WIRE_BY_NAME.get(handle.dtype, pb.DTYPE_UNSPECIFIED)  # type: ignore[assignment]
